@@ -1,0 +1,1 @@
+"""The ``moec`` command line: thin typer commands over the moec library."""

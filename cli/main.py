@@ -1,0 +1,86 @@
+"""``moec``: the command line. Commands stay thin; the work is in the ``moec`` package.
+
+Heavy imports (moec, torch) happen inside the commands so that ``moec --help`` is instant.
+Exit codes: 0 success, 1 a spec or run error (one clean message per problem), 2 usage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="moec",
+    help="Compile Mixture-of-Experts models from one YAML spec.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"moec {version('moec')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Compile Mixture-of-Experts models from one YAML spec."""
+
+
+@app.command()
+def validate(
+    specs: List[Path] = typer.Argument(..., help="Spec files to check.", show_default=False),
+    resolved: bool = typer.Option(False, "--resolved", help="Print each spec with every default filled in."),
+) -> None:
+    """Check specs; print every problem as FILE:LINE:COL: KEY: MESSAGE."""
+    from cli.output import print_resolved, print_spec_error, print_valid
+    from moec import SpecError, load_spec
+
+    failed = 0
+    for path in specs:
+        try:
+            spec = load_spec(path)
+        except SpecError as err:
+            print_spec_error(err)
+            failed += 1
+            continue
+        if resolved:
+            print_resolved(spec, several=len(specs) > 1)
+        else:
+            print_valid(path, spec)
+    if failed:
+        typer.echo(f"{failed} of {len(specs)} spec(s) invalid", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def schema(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+) -> None:
+    """Print the JSON Schema of a spec, for editor autocompletion (see docs/editor.md)."""
+    import json
+
+    from moec import json_schema
+
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {output}", err=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Checks that need more than one section of a resolved spec.
+
+Each check yields ``(key_path, message)``; ``moec.schema.validate`` turns them into
+located :class:`SpecIssue` objects and reports all of them together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+from moec.schema.spec import Spec
+
+Finding = tuple[tuple, str]
+MAX_PARAMS = 10**13  # 10T: far past any model this compiler targets, far short of overflow
+MAX_DFT_LEN = 4096  # beyond this a DFT matmul costs more memory than it is worth
+
+
+def run_checks(spec: Spec) -> list[Finding]:
+    findings: list[Finding] = []
+    for check in (
+        _sharding_axes,
+        _parallel_divisibility,
+        _batch_divisibility,
+        _sequence_fits,
+        _future_leaks,
+        _data_matches_model,
+        _options_are_used,
+        _size_is_sane,
+    ):
+        findings.extend(check(spec))
+    return findings
+
+
+def axis_size(spec: Spec, axes: list[str]) -> int:
+    return math.prod(spec.mesh.axes.get(axis, 1) for axis in axes)
+
+
+def _axis_roles(spec: Spec) -> Iterator[tuple[tuple, str, str]]:
+    """``(path, axis, role)`` for every axis the sharding section names."""
+    sharding = spec.sharding
+    for role in ("batch", "sequence", "experts", "fsdp"):
+        for i, axis in enumerate(getattr(sharding, role)):
+            yield ("sharding", role, i), axis, role
+    if sharding.tensor is not None:
+        yield ("sharding", "tensor", "axis"), sharding.tensor.axis, "tensor"
+    if sharding.pipeline is not None:
+        yield ("sharding", "pipeline", "axis"), sharding.pipeline.axis, "pipeline"
+
+
+# Roles that may share an axis: FSDP shards over data-parallel ranks; expert-parallel
+# ranks may also take different slices of the batch.
+_COMPATIBLE = {frozenset({"batch", "fsdp"}), frozenset({"batch", "experts"})}
+
+
+def _sharding_axes(spec: Spec) -> Iterator[Finding]:
+    roles_of: dict[str, list[str]] = {}
+    for path, axis, role in _axis_roles(spec):
+        if axis not in spec.mesh.axes:
+            yield path, f"axis '{axis}' is not in the mesh (mesh axes: {', '.join(spec.mesh.axes)})"
+            continue
+        if role in roles_of.get(axis, []):
+            yield path, f"axis '{axis}' is listed twice for {role}"
+            continue
+        for other in roles_of.get(axis, []):
+            if frozenset({role, other}) not in _COMPATIBLE:
+                yield path, f"axis '{axis}' already splits {other}; it cannot also split {role}"
+        roles_of.setdefault(axis, []).append(role)
+    for i, axis in enumerate(spec.sharding.fsdp):
+        if axis in spec.mesh.axes and axis not in spec.sharding.batch:
+            yield ("sharding", "fsdp", i), f"FSDP axis '{axis}' must also split the batch (add it to sharding.batch)"
+    for axis, size in spec.mesh.axes.items():
+        if size > 1 and axis not in roles_of:
+            yield ("mesh", "axes", axis), f"axis '{axis}' has size {size} but splits nothing; name it in the sharding section"
+
+
+def _layer_path(block: int, layer: int, *rest) -> tuple:
+    return ("model", "blocks", block, "layers", layer, *rest)
+
+
+def _parallel_divisibility(spec: Spec) -> Iterator[Finding]:
+    ep = axis_size(spec, spec.sharding.experts)
+    tp = axis_size(spec, [spec.sharding.tensor.axis]) if spec.sharding.tensor else 1
+    for b, i, layer in spec.model.layers():
+        checks: list[tuple[tuple, int, int, str]] = []
+        if layer.kind == "attention":
+            checks += [(("heads",), layer.heads, tp, "tensor-parallel"), (("kv_heads",), layer.kv_heads, tp, "tensor-parallel")]
+            if layer.rope is not None and layer.head_dim % 2:
+                yield _layer_path(b, i, "head_dim"), f"must be even for RoPE, got {layer.head_dim}"
+        elif layer.kind == "mlp":
+            checks.append((("hidden",), layer.hidden, tp, "tensor-parallel"))
+        elif layer.kind in ("moe", "spectral_moe"):
+            moe, prefix = (layer, ()) if layer.kind == "moe" else (layer.moe, ("moe",))
+            checks.append((prefix + ("experts",), moe.experts, ep, "expert-parallel"))
+            checks.append((prefix + ("expert", "hidden"), moe.expert.hidden, tp, "tensor-parallel"))
+        for rest, value, size, what in checks:
+            if value % size:
+                yield _layer_path(b, i, *rest), f"must be divisible by the {what} size ({size}), got {value}"
+    if spec.sharding.pipeline is not None:
+        stages = axis_size(spec, [spec.sharding.pipeline.axis])
+        if spec.model.num_layers < stages:
+            yield ("sharding", "pipeline", "axis"), f"{stages} pipeline stages but only {spec.model.num_layers} blocks"
+
+
+def _batch_divisibility(spec: Spec) -> Iterator[Finding]:
+    dp = axis_size(spec, spec.sharding.batch)
+    micro = spec.sharding.pipeline.microbatches if spec.sharding.pipeline else 1
+    unit = dp * spec.train.grad_accum * micro
+    if spec.train.batch % unit:
+        parts = f"data-parallel size {dp} x grad_accum {spec.train.grad_accum}" + (f" x microbatches {micro}" if micro > 1 else "")
+        yield ("train", "batch"), f"must be divisible by {unit} ({parts}), got {spec.train.batch}"
+
+
+def _sequence_fits(spec: Spec) -> Iterator[Finding]:
+    seq = spec.train.seq_len
+    if seq > spec.model.max_seq_len:
+        yield ("train", "seq_len"), f"must be <= model.max_seq_len ({spec.model.max_seq_len}), got {seq}"
+    cp = axis_size(spec, spec.sharding.sequence)
+    if seq % cp:
+        yield ("train", "seq_len"), f"must be divisible by the context-parallel size ({cp}), got {seq}"
+    for b, i, layer in spec.model.layers():
+        if layer.kind != "spectral_moe":
+            continue
+        if seq < 2:
+            yield ("train", "seq_len"), f"must be >= 2 for a spectral_moe layer (model.blocks[{b}].layers[{i}]), got {seq}"
+        if spec.schedule.kernels.spectral_moe == "dft" and seq > MAX_DFT_LEN:
+            yield ("schedule", "kernels", "spectral_moe"), f"'dft' is limited to sequences of {MAX_DFT_LEN}; train.seq_len is {seq} (use 'fft' or 'auto')"
+
+
+def _future_leaks(spec: Spec) -> Iterator[Finding]:
+    """Every task is next-step prediction: a layer that sees the whole sequence must not feed per-position targets."""
+    if spec.model.head.pool != "none":
+        return
+    for b, i, layer in spec.model.layers():
+        if layer.kind == "spectral_moe" or (layer.kind == "attention" and not layer.causal):
+            what = "spectral_moe mixes the whole sequence" if layer.kind == "spectral_moe" else "non-causal attention sees later positions"
+            yield ("model", "head", "pool"), (
+                f"{what} (model.blocks[{b}].layers[{i}]), so per-position next-step targets would leak the future; set pool: last"
+            )
+            return
+
+
+def _data_matches_model(spec: Spec) -> Iterator[Finding]:
+    data, inputs, head = spec.train.data, spec.model.inputs, spec.model.head
+    path = ("train", "data", "kind")
+    if data.kind in ("text", "random_tokens") and inputs.kind != "tokens":
+        yield path, f"'{data.kind}' data needs token inputs, but model.inputs.kind is '{inputs.kind}'"
+    if data.kind == "text" and inputs.kind == "tokens" and inputs.vocab < 256:
+        yield ("model", "inputs", "vocab"), f"must be >= 256 for byte-level text data, got {inputs.vocab}"
+    wanted_dims = {"signals": 1, "trajectories": 3}.get(data.kind)
+    if wanted_dims is not None:
+        if inputs.kind != "continuous":
+            yield path, f"'{data.kind}' data needs continuous inputs, but model.inputs.kind is '{inputs.kind}'"
+        elif inputs.dims != wanted_dims:
+            yield ("model", "inputs", "dims"), f"must be {wanted_dims} for '{data.kind}' data, got {inputs.dims}"
+    if head.kind == "regression" and inputs.kind == "continuous" and head.out_dims != inputs.dims:
+        yield ("model", "head", "out_dims"), f"must equal inputs.dims ({inputs.dims}) to predict the next value, got {head.out_dims}"
+
+
+def _options_are_used(spec: Spec) -> Iterator[Finding]:
+    """Options that only matter for layers the model does not have."""
+    kinds = {layer.kind for _, _, layer in spec.model.layers()}
+    has_moe = bool(kinds & {"moe", "spectral_moe"})
+    optimizer = spec.train.optimizer
+    for group in ("lr_router", "lr_experts"):
+        if not has_moe and getattr(optimizer, group) != optimizer.lr:
+            yield ("train", "optimizer", group), "is set but the model has no moe or spectral_moe layer"
+    for op in ("moe", "spectral_moe"):
+        if getattr(spec.schedule.kernels, op) != "auto" and op not in kinds:
+            yield ("schedule", "kernels", op), f"chooses a kernel for '{op}', but the model has no {op} layer"
+
+
+def _size_is_sane(spec: Spec) -> Iterator[Finding]:
+    params = estimate_params(spec)
+    if params > MAX_PARAMS:
+        yield ("model",), f"has about {params:.3g} parameters, over the {MAX_PARAMS:.0e} limit"
+
+
+def estimate_params(spec: Spec) -> int:
+    """Parameter count from the spec alone (weights only; norms and biases included)."""
+    model, d = spec.model, spec.model.d_model
+    total = model.inputs.vocab * d if model.inputs.kind == "tokens" else model.inputs.dims * d
+    total += model.max_seq_len * d if model.position == "learned" else 0
+    for block in model.blocks:
+        per_block = sum(_layer_params(layer, d) + 2 * d for layer in block.layers)
+        total += block.repeat * per_block
+    out = model.inputs.vocab if model.head.kind == "lm" else model.head.out_dims
+    tied = model.head.kind == "lm" and model.head.tie_embeddings
+    return total + (0 if tied else out * d) + 2 * d
+
+
+def _ffn_params(width: int, hidden: int, activation: str) -> int:
+    gates = 2 if activation in ("swiglu", "geglu", "reglu") else 1
+    return (gates + 1) * width * hidden
+
+
+def _layer_params(layer, d: int) -> int:
+    if layer.kind == "attention":
+        return d * layer.head_dim * (layer.heads * 2 + layer.kv_heads * 2)
+    if layer.kind == "mlp":
+        return _ffn_params(d, layer.hidden, layer.activation)
+    moe, width = (layer, d) if layer.kind == "moe" else (layer.moe, 2 * d)
+    total = width * moe.experts + moe.experts * _ffn_params(width, moe.expert.hidden, moe.expert.activation)
+    if moe.shared_experts is not None:
+        total += moe.shared_experts.count * _ffn_params(width, moe.shared_experts.hidden, moe.expert.activation)
+    return total

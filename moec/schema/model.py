@@ -1,0 +1,272 @@
+"""The ``model`` section: inputs, blocks of layers (attention, MLP, MoE, spectral MoE), head.
+
+Fields left ``null`` are derived when the spec is resolved (``moec validate --resolved``
+prints them filled in); their descriptions say from what.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, model_validator
+
+from moec.schema.base import MAX_DIM, Base, Dim, NonNegFloat, PosFloat, PosInt, Prob, field_error
+
+Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu"]
+GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
+DEFAULT_HIDDEN = "Default: 4 * width, or 8/3 * width rounded up to a multiple of 8 for gated activations."
+
+
+class Norm(Base):
+    """A normalisation layer."""
+
+    kind: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    eps: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-5
+
+
+class Rope(Base):
+    """Rotary position embedding on queries and keys."""
+
+    theta: PosFloat = 10000.0
+
+
+class Attention(Base):
+    """Multi-head self-attention; ``kv_heads < heads`` is grouped-query attention."""
+
+    kind: Literal["attention"]
+    name: str | None = Field(None, description="Parameter-name prefix; default: the kind.")
+    heads: PosInt
+    kv_heads: PosInt | None = Field(None, description="Default: heads (plain MHA).")
+    head_dim: Dim | None = Field(None, description="Default: d_model // heads.")
+    rope: Rope | None = Field(default_factory=Rope, description="null disables RoPE.")
+    causal: bool = True
+    bias: bool = False
+    dropout: Prob = 0.0
+
+
+class Mlp(Base):
+    """A dense feed-forward layer."""
+
+    kind: Literal["mlp"]
+    name: str | None = Field(None, description="Parameter-name prefix; default: the kind.")
+    hidden: Dim | None = Field(None, description=DEFAULT_HIDDEN)
+    activation: Activation = "gelu"
+    bias: bool = False
+    dropout: Prob = 0.0
+
+
+class Noise(Base):
+    """Exploration noise added to router logits while training."""
+
+    kind: Literal["none", "gaussian", "gumbel"] = "none"
+    std: NonNegFloat = Field(1.0, description="Scale of the noise (std for gaussian, beta for gumbel).")
+
+
+class Sinkhorn(Base):
+    """Sinkhorn-Knopp balancing of the token x expert assignment."""
+
+    iters: Annotated[int, Field(ge=1, le=100)] = 5
+    tau: PosFloat = Field(0.7, description="Temperature of the kernel exp(logits / tau).")
+
+
+class Router(Base):
+    """How tokens choose experts."""
+
+    kind: Literal["topk", "sinkhorn", "sigmoid_bias"] = "topk"
+    temperature: PosFloat = 1.0
+    noise: Noise = Field(default_factory=Noise)
+    normalize: bool = Field(True, description="Renormalise the chosen experts' weights to sum to 1.")
+    sinkhorn: Sinkhorn | None = Field(None, description="Only with kind: sinkhorn (default iters 5, tau 0.7).")
+    bias_update_rate: NonNegFloat | None = Field(
+        None, description="Only with kind: sigmoid_bias: step of the selection-only balancing bias (default 1e-3)."
+    )
+
+    @model_validator(mode="after")
+    def _options_match_kind(self) -> "Router":
+        if self.sinkhorn is not None and self.kind != "sinkhorn":
+            raise field_error("sinkhorn", f"is used only by kind 'sinkhorn', but the router kind is '{self.kind}'")
+        if self.bias_update_rate is not None and self.kind != "sigmoid_bias":
+            raise field_error("bias_update_rate", f"is used only by kind 'sigmoid_bias', but the router kind is '{self.kind}'")
+        return self
+
+
+class Capacity(Base):
+    """Per-expert capacity. ``dropless`` sends every token to its experts."""
+
+    mode: Literal["dropless", "capacity"] = "dropless"
+    factor: PosFloat | None = Field(None, description="Only with mode: capacity. C = floor(factor * tokens * top_k / experts).")
+    drop_policy: Literal["zero", "renormalize"] | None = Field(
+        None, description="Only with mode: capacity. zero: a dropped choice adds nothing; renormalize: kept weights are rescaled to sum to 1."
+    )
+
+    @model_validator(mode="after")
+    def _options_match_mode(self) -> "Capacity":
+        for name in ("factor", "drop_policy"):
+            if getattr(self, name) is not None and self.mode != "capacity":
+                raise field_error(name, f"is used only with mode 'capacity', but mode is '{self.mode}'")
+        return self
+
+
+class AuxLoss(Base):
+    """Weights of the router's auxiliary losses (0 disables one)."""
+
+    load_balance: NonNegFloat = 0.01
+    z_loss: NonNegFloat = 0.0
+
+
+class ExpertFfn(Base):
+    """One expert: a feed-forward network; all experts share the shape."""
+
+    hidden: Dim | None = Field(None, description=DEFAULT_HIDDEN + " Spectral experts use 2 * d_model as their width.")
+    activation: Activation = "swiglu"
+    bias: bool = False
+
+
+class SharedExperts(Base):
+    """Experts every token passes through, added to the routed output."""
+
+    count: PosInt
+    hidden: Dim | None = Field(None, description="Default: the routed experts' hidden size.")
+
+
+class MoeConfig(Base):
+    """Router, experts, capacity and auxiliary losses of one MoE layer."""
+
+    experts: PosInt
+    top_k: PosInt
+    expert: ExpertFfn = Field(default_factory=ExpertFfn)
+    router: Router = Field(default_factory=Router)
+    capacity: Capacity = Field(default_factory=Capacity)
+    shared_experts: SharedExperts | None = None
+    aux: AuxLoss = Field(default_factory=AuxLoss)
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> "MoeConfig":
+        if self.top_k > self.experts:
+            raise field_error("top_k", f"must be <= experts ({self.experts}), got {self.top_k}")
+        return self
+
+
+class Moe(MoeConfig):
+    """A token-routed mixture-of-experts feed-forward layer."""
+
+    kind: Literal["moe"]
+    name: str | None = Field(None, description="Parameter-name prefix; default: the kind.")
+
+
+class SpectralMoe(Base):
+    """rfft over the sequence -> (MoE on spectral tokens) x depth, shared weights -> irfft."""
+
+    kind: Literal["spectral_moe"]
+    name: str | None = Field(None, description="Parameter-name prefix; default: the kind.")
+    depth: Annotated[int, Field(ge=1, le=64)] = 1
+    fft_norm: Literal["ortho", "forward", "backward"] = "ortho"
+    band: Literal["embedding", "index_feature", "none"] = Field(
+        "embedding", description="What the router sees of a token's frequency band besides its content."
+    )
+    moe: MoeConfig
+
+
+Layer = Annotated[Union[Attention, Mlp, Moe, SpectralMoe], Field(discriminator="kind")]
+
+
+class Block(Base):
+    """A residual block: each layer is wrapped as x + layer(norm(x)) (pre_norm) or norm(x + layer(x))."""
+
+    repeat: PosInt = 1
+    norm: Norm = Field(default_factory=Norm)
+    residual: Literal["pre_norm", "post_norm"] = "pre_norm"
+    layers: Annotated[list[Layer], Field(min_length=1, max_length=64)]
+
+    @model_validator(mode="after")
+    def _unique_layer_names(self) -> "Block":
+        seen: set[str] = set()
+        for index, layer in enumerate(self.layers):
+            name = layer.name or layer.kind
+            if name in seen:
+                raise field_error(f"layers.{index}.name", f"two layers in this block are named '{name}'; give one a distinct 'name'")
+            seen.add(name)
+        return self
+
+
+class TokenInputs(Base):
+    """Integer token ids in [0, vocab)."""
+
+    kind: Literal["tokens"]
+    vocab: Dim
+
+
+class ContinuousInputs(Base):
+    """Real-valued vectors of ``dims`` channels per position."""
+
+    kind: Literal["continuous"]
+    dims: Annotated[int, Field(ge=1, le=4096)]
+
+
+Inputs = Annotated[Union[TokenInputs, ContinuousInputs], Field(discriminator="kind")]
+
+
+class LmHead(Base):
+    """Logits over the vocabulary; trained with cross-entropy on the next token."""
+
+    kind: Literal["lm"]
+    tie_embeddings: bool = False
+    pool: Literal["none", "last"] = Field("none", description="last: predict only from the final position.")
+
+
+class RegressionHead(Base):
+    """A linear read-out; trained with MSE on the next value."""
+
+    kind: Literal["regression"]
+    out_dims: Annotated[int, Field(ge=1, le=4096)] | None = Field(None, description="Default: inputs.dims.")
+    pool: Literal["none", "last"] = Field("none", description="last: predict only from the final position.")
+
+
+Head = Annotated[Union[LmHead, RegressionHead], Field(discriminator="kind")]
+
+
+class Init(Base):
+    """Deterministic initialisation from the train seed."""
+
+    std: PosFloat = 0.02
+    scale_by_depth: bool = Field(True, description="Output projections use std / sqrt(2 * layers).")
+
+
+class Model(Base):
+    """The network: inputs -> blocks -> final norm -> head."""
+
+    d_model: Annotated[int, Field(ge=1, le=MAX_DIM)]
+    max_seq_len: Dim
+    inputs: Inputs
+    position: Literal["none", "learned"] = Field("none", description="learned: a position embedding of max_seq_len rows.")
+    blocks: Annotated[list[Block], Field(min_length=1, max_length=256)]
+    final_norm: Norm | None = Field(default_factory=Norm)
+    head: Head
+    init: Init = Field(default_factory=Init)
+
+    @model_validator(mode="after")
+    def _head_matches_inputs(self) -> "Model":
+        if self.head.kind == "lm" and self.inputs.kind != "tokens":
+            raise field_error("head.kind", "an 'lm' head needs token inputs; use kind 'regression' for continuous inputs")
+        if self.head.kind == "regression" and self.inputs.kind != "continuous":
+            raise field_error("head.kind", "a 'regression' head needs continuous inputs; use kind 'lm' for token inputs")
+        for b, i, layer in self.layers():
+            if layer.kind != "attention":
+                continue
+            where = f"blocks.{b}.layers.{i}"
+            if layer.head_dim is None and self.d_model % layer.heads:
+                raise field_error(f"{where}.heads", f"must divide d_model ({self.d_model}), got {layer.heads}; or set head_dim")
+            if layer.kv_heads is not None and layer.heads % layer.kv_heads:
+                raise field_error(f"{where}.kv_heads", f"must divide heads ({layer.heads}), got {layer.kv_heads}")
+        return self
+
+    def layers(self):
+        """``(block_index, layer_index, layer)`` for every layer as written (before ``repeat``)."""
+        for b, block in enumerate(self.blocks):
+            for i, layer in enumerate(block.layers):
+                yield b, i, layer
+
+    @property
+    def num_layers(self) -> int:
+        """Blocks after ``repeat`` is unrolled."""
+        return sum(block.repeat for block in self.blocks)

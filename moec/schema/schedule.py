@@ -1,0 +1,98 @@
+"""The ``schedule`` section: precision, compilation, kernel choice, tiles, checkpointing."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from moec.schema.base import Base, PosInt, field_error
+
+DType = Literal["fp32", "bf16", "fp16"]
+
+
+class Precision(Base):
+    """Storage and arithmetic dtypes."""
+
+    params: DType = Field("fp32", description="Master weights.")
+    compute: DType = Field("fp32", description="Matmuls and activations (autocast).")
+    accumulate: Literal["fp32", "bf16"] = Field("fp32", description="Matmul accumulators and reductions.")
+    reduce: DType = Field("fp32", description="Gradient reduction across data-parallel ranks.")
+
+    @model_validator(mode="after")
+    def _accumulate_not_narrower(self) -> "Precision":
+        if self.compute == "fp32" and self.accumulate != "fp32":
+            raise field_error("accumulate", "cannot be narrower than compute (fp32)")
+        return self
+
+
+class Compile(Base):
+    """``torch.compile`` options."""
+
+    enabled: bool = True
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    fullgraph: bool = True
+    dynamic: bool = False
+    backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+
+    @model_validator(mode="after")
+    def _no_options_when_off(self) -> "Compile":
+        if not self.enabled:
+            ignored = sorted(self.model_fields_set - {"enabled"})
+            if ignored:
+                raise field_error(ignored[0], "is ignored because compile.enabled is false; remove it or enable compilation")
+        return self
+
+
+class Kernels(Base):
+    """Implementation choice per fused op; ``auto`` picks the best one the device supports."""
+
+    moe: Literal["auto", "eager", "grouped_mm", "bmm", "triton"] = "auto"
+    spectral_moe: Literal["auto", "fft", "dft"] = Field("auto", description="dft: a matmul with the DFT matrix (short sequences).")
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+
+
+def _power_of_two(low: int, high: int):
+    return Annotated[int, Field(ge=low, le=high, description=f"A power of two in [{low}, {high}].")]
+
+
+class Tiles(Base):
+    """Tile hints for Triton kernels."""
+
+    BM: _power_of_two(16, 256) = 128
+    BN: _power_of_two(16, 256) = 128
+    BK: _power_of_two(16, 128) = 32
+    warps: _power_of_two(1, 16) = 4
+    stages: Annotated[int, Field(ge=1, le=8)] = 3
+
+    @model_validator(mode="after")
+    def _powers_of_two(self) -> "Tiles":
+        for name in ("BM", "BN", "BK", "warps"):
+            value = getattr(self, name)
+            if value & (value - 1):
+                raise field_error(name, f"must be a power of two, got {value}")
+        return self
+
+
+class ActivationCheckpointing(Base):
+    """Recompute activations in the backward pass to save memory."""
+
+    mode: Literal["none", "full", "selective"] = "none"
+    every: PosInt = Field(1, description="Checkpoint every n-th block.")
+
+
+class Schedule(Base):
+    """How the model is executed; never what it computes."""
+
+    precision: Precision = Field(default_factory=Precision)
+    compile: Compile = Field(default_factory=Compile)
+    kernels: Kernels = Field(default_factory=Kernels)
+    tiles: Tiles | None = Field(None, description="Only with a triton or auto kernel.")
+    activation_checkpointing: ActivationCheckpointing = Field(default_factory=ActivationCheckpointing)
+    deterministic: bool = Field(False, description="Fixed reduction orders and deterministic algorithms.")
+
+    @model_validator(mode="after")
+    def _tiles_need_triton(self) -> "Schedule":
+        if self.tiles is not None and self.kernels.moe not in ("auto", "triton"):
+            raise field_error("tiles", f"are used only by triton kernels, but kernels.moe is '{self.kernels.moe}'")
+        return self

@@ -1,0 +1,102 @@
+"""The whole spec, and the resolution of derived defaults."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, PrivateAttr
+
+from moec.schema.base import Base
+from moec.schema.model import GATED_ACTIVATIONS, Model
+from moec.schema.parallel import Mesh, Sharding
+from moec.schema.schedule import Schedule
+from moec.schema.train import Train
+
+SCHEMA_VERSION = 1
+
+# Printable text on one line: a name ends up in file names, headers and run directories.
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class Spec(Base):
+    """A moec spec: model, mesh, sharding, schedule and training recipe."""
+
+    version: Literal[1] = Field(description="Schema version of this spec.")
+    name: Name
+    description: str = ""
+    model: Model
+    mesh: Mesh = Field(default_factory=Mesh)
+    sharding: Sharding = Field(default_factory=Sharding)
+    schedule: Schedule = Field(default_factory=Schedule)
+    train: Train
+
+    # Where the spec came from: set by moec.load_spec, used for `# file:line` provenance.
+    _source: object = PrivateAttr(default=None)
+
+    @property
+    def source(self):
+        """The :class:`moec.schema.loader.LoadedYaml` this spec was read from, if any."""
+        return self._source
+
+
+def resolve(spec: Spec) -> Spec:
+    """Fill every derived default (``null`` in the schema) with its concrete value."""
+    data = spec.model_dump(mode="python")
+    model = data["model"]
+    d_model = model["d_model"]
+    for block in model["blocks"]:
+        for layer in block["layers"]:
+            _resolve_layer(layer, d_model)
+    if model["head"]["kind"] == "regression" and model["head"]["out_dims"] is None:
+        model["head"]["out_dims"] = model["inputs"]["dims"]
+    optimizer = data["train"]["optimizer"]
+    for group in ("lr_router", "lr_experts"):
+        if optimizer[group] is None:
+            optimizer[group] = optimizer["lr"]
+    checkpoint = data["train"]["checkpoint"]
+    if checkpoint["dir"] is None:
+        checkpoint["dir"] = f"runs/{_path_safe(spec.name)}"
+    return Spec.model_validate(data)
+
+
+def _resolve_layer(layer: dict, d_model: int) -> None:
+    layer["name"] = layer["name"] or layer["kind"]
+    if layer["kind"] == "attention":
+        layer["kv_heads"] = layer["kv_heads"] or layer["heads"]
+        layer["head_dim"] = layer["head_dim"] or max(1, d_model // layer["heads"])
+    elif layer["kind"] == "mlp":
+        layer["hidden"] = layer["hidden"] or _default_hidden(d_model, layer["activation"])
+    elif layer["kind"] == "moe":
+        _resolve_moe(layer, d_model)
+    elif layer["kind"] == "spectral_moe":
+        # Spectral experts see the real view of complex tokens: 2 * d_model channels.
+        _resolve_moe(layer["moe"], 2 * d_model)
+
+
+def _resolve_moe(moe: dict, width: int) -> None:
+    expert = moe["expert"]
+    expert["hidden"] = expert["hidden"] or _default_hidden(width, expert["activation"])
+    router = moe["router"]
+    if router["kind"] == "sinkhorn" and router["sinkhorn"] is None:
+        router["sinkhorn"] = {"iters": 5, "tau": 0.7}
+    if router["kind"] == "sigmoid_bias" and router["bias_update_rate"] is None:
+        router["bias_update_rate"] = 1e-3
+    capacity = moe["capacity"]
+    if capacity["mode"] == "capacity":
+        capacity["factor"] = capacity["factor"] or 1.25
+        capacity["drop_policy"] = capacity["drop_policy"] or "zero"
+    shared = moe["shared_experts"]
+    if shared is not None and shared["hidden"] is None:
+        shared["hidden"] = expert["hidden"]
+
+
+def _default_hidden(width: int, activation: str) -> int:
+    # Gated FFNs keep the parameter count of a 4x FFN: 2/3 * 4 * width, rounded up to 8.
+    if activation in GATED_ACTIVATIONS:
+        return -(-(8 * width // 3) // 8) * 8
+    return 4 * width
+
+
+def _path_safe(name: str) -> str:
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("._")
+    return safe or "run"

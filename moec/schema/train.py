@@ -1,0 +1,123 @@
+"""The ``train`` section: the recipe that turns a model into a run."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, model_validator
+
+from moec.schema.base import MAX_STEPS, Base, Dim, NonNegFloat, NonNegInt, PosFloat, PosInt, field_error
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+LearningRate = Annotated[float, Field(gt=0.0, le=10.0)]
+
+
+class Optimizer(Base):
+    """AdamW with optional per-group learning rates."""
+
+    kind: Literal["adamw"] = "adamw"
+    lr: LearningRate
+    lr_router: LearningRate | None = Field(None, description="Default: lr.")
+    lr_experts: LearningRate | None = Field(None, description="Default: lr.")
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        (0.9, 0.95), strict=False
+    )
+    eps: PosFloat = 1e-8
+    weight_decay: NonNegFloat = 0.1
+    no_decay: list[Literal["norms", "biases", "embeddings", "router"]] = Field(
+        default_factory=lambda: ["norms", "biases"], description="Parameter groups trained without weight decay."
+    )
+
+
+class LrSchedule(Base):
+    """Linear warmup, then decay to ``min_lr_ratio * lr``."""
+
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: NonNegInt = 0
+    min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+
+
+class TextData(Base):
+    """Byte-level text from local files, split into train/validation by file."""
+
+    kind: Literal["text"]
+    files: Annotated[list[str], Field(min_length=1)] = Field(
+        default_factory=lambda: ["stdlib:**/*.py"],
+        description="Glob patterns; 'stdlib:' is the Python standard library's directory.",
+    )
+    val_fraction: Fraction = 0.05
+
+
+class SignalsData(Base):
+    """Synthetic 1-D geometric signals generated from the seed."""
+
+    kind: Literal["signals"]
+    patterns: Annotated[list[Literal["sine", "harmonics", "spiral"]], Field(min_length=1)] = Field(
+        default_factory=lambda: ["sine", "harmonics", "spiral"]
+    )
+    noise: NonNegFloat = 0.0
+    val_fraction: Fraction = 0.1
+
+
+class TrajectoriesData(Base):
+    """Synthetic 3-D trajectories generated from the seed."""
+
+    kind: Literal["trajectories"]
+    patterns: Annotated[list[Literal["helix", "orbit", "lissajous", "lorenz"]], Field(min_length=1)] = Field(
+        default_factory=lambda: ["helix", "orbit", "lissajous", "lorenz"]
+    )
+    noise: NonNegFloat = 0.0
+    val_fraction: Fraction = 0.1
+
+
+class RandomTokensData(Base):
+    """Uniform random tokens (benchmarks only: there is nothing to learn)."""
+
+    kind: Literal["random_tokens"]
+
+
+Data = Annotated[Union[TextData, SignalsData, TrajectoriesData, RandomTokensData], Field(discriminator="kind")]
+
+
+class CheckpointPolicy(Base):
+    """When checkpoints are written and which are kept."""
+
+    every: NonNegInt = Field(0, description="Steps between checkpoints; 0: only at the end.")
+    keep_last: PosInt = 3
+    keep_best: bool = True
+    dir: str | None = Field(None, description="Default: runs/<name>.")
+
+
+class Eval(Base):
+    """Held-out evaluation."""
+
+    every: NonNegInt = Field(0, description="Steps between evaluations; 0: only at the end.")
+    batches: PosInt = 8
+
+
+class Train(Base):
+    """Seed, data, optimiser and schedule of a training run."""
+
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    steps: Annotated[int, Field(ge=1, le=MAX_STEPS)]
+    batch: PosInt = Field(description="Global batch in sequences per optimizer step.")
+    seq_len: Dim
+    grad_accum: PosInt = 1
+    optimizer: Optimizer
+    lr_schedule: LrSchedule = Field(default_factory=LrSchedule)
+    grad_clip: PosFloat | None = Field(1.0, description="Max global grad norm; null disables clipping.")
+    data: Data
+    checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
+    eval: Eval = Field(default_factory=Eval)
+
+    @model_validator(mode="after")
+    def _counts_fit(self) -> "Train":
+        if self.lr_schedule.warmup_steps > self.steps:
+            raise field_error("lr_schedule.warmup_steps", f"must be <= steps ({self.steps}), got {self.lr_schedule.warmup_steps}")
+        if self.batch % self.grad_accum:
+            raise field_error("grad_accum", f"must divide batch ({self.batch}), got {self.grad_accum}")
+        for name in ("checkpoint", "eval"):
+            every = getattr(self, name).every
+            if every > self.steps:
+                raise field_error(f"{name}.every", f"must be <= steps ({self.steps}), got {every}")
+        return self

@@ -1,0 +1,178 @@
+"""``load_spec``: YAML text -> validated, resolved, frozen :class:`Spec`, or one SpecError with every issue."""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from pathlib import Path as FsPath
+
+from pydantic import BaseModel, ValidationError
+
+from moec.schema.checks import run_checks
+from moec.schema.errors import SpecError, SpecIssue, did_you_mean
+from moec.schema.loader import LoadedYaml, load_yaml_file, load_yaml_text
+from moec.schema.spec import Spec, resolve
+
+
+def load_spec(path: str | FsPath) -> Spec:
+    """Load, validate and resolve the spec at ``path``; raises :class:`SpecError`."""
+    return validate_loaded(load_yaml_file(path))
+
+
+def load_spec_text(text: str, file: str = "<spec>") -> Spec:
+    return validate_loaded(load_yaml_text(text, file=file))
+
+
+def validate_loaded(loaded: LoadedYaml) -> Spec:
+    if not isinstance(loaded.data, dict):
+        kind = type(loaded.data).__name__
+        raise SpecError([SpecIssue(f"a spec must be a mapping with 'version', 'name', 'model' and 'train', got a {kind}", file=loaded.file, line=1, column=1)])
+    try:
+        spec = resolve(Spec.model_validate(loaded.data))
+    except ValidationError as err:
+        raise SpecError([_issue_from_pydantic(error, loaded) for error in err.errors()]) from None
+    findings = run_checks(spec)
+    if findings:
+        raise SpecError([_located(loaded, path, message) for path, message in findings])
+    spec._source = loaded
+    return spec
+
+
+def _located(loaded: LoadedYaml, path: tuple, message: str, at_key: bool = False) -> SpecIssue:
+    where = loaded.locate(path, at_key=at_key) or (None, None)
+    return SpecIssue(message, path=path, file=loaded.file, line=where[0], column=where[1])
+
+
+def _issue_from_pydantic(error: dict, loaded: LoadedYaml) -> SpecIssue:
+    loc = tuple(error["loc"])
+    if error["type"] == "moec_field":
+        loc += tuple(int(part) if part.isdigit() else part for part in error["ctx"]["field"].split("."))
+    path, at_key = _data_path(loc, loaded.data)
+    if error["type"] in ("extra_forbidden", "missing"):
+        at_key = True
+    if error["type"] == "union_tag_invalid":
+        path += ("kind",)
+    return _located(loaded, path, _message(error, loc), at_key=at_key)
+
+
+def _data_path(loc: tuple, data: object) -> tuple[tuple, bool]:
+    """Map a pydantic location to a key path in the YAML data.
+
+    Pydantic inserts discriminator tags (``'attention'``) and ``'[key]'`` markers into
+    locations; neither is a key in the file, so both are dropped here.
+    """
+    path: list = []
+    cursor = data
+    at_key = False
+    for part in loc:
+        if part == "[key]":
+            at_key = True
+        elif isinstance(cursor, dict) and part in cursor:
+            path.append(part)
+            cursor = cursor[part]
+        elif isinstance(cursor, list) and isinstance(part, int) and 0 <= part < len(cursor):
+            path.append(part)
+            cursor = cursor[part]
+        elif isinstance(cursor, dict) and cursor.get("kind") == part:
+            continue  # a discriminator tag
+        else:
+            path.append(part)  # a key that is missing from the file
+            cursor = None
+    return tuple(path), at_key
+
+
+_UNIONS = (typing.Union, types.UnionType)
+_QUOTED = re.compile(r"'([^']*)'")
+
+
+def _message(error: dict, loc: tuple) -> str:
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "moec_field":
+        return error["msg"]
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        return f"unknown key '{loc[-1]}'" + did_you_mean(str(loc[-1]), allowed) + _listing("allowed keys", allowed)
+    if kind == "literal_error":
+        expected = _QUOTED.findall(ctx.get("expected", ""))
+        return f"must be one of {ctx.get('expected')}, got {value!r}" + did_you_mean(str(value), expected)
+    if kind == "union_tag_invalid":
+        expected = _QUOTED.findall(ctx.get("expected_tags", ""))
+        return f"unknown kind '{ctx.get('tag')}'; expected one of {ctx.get('expected_tags')}" + did_you_mean(str(ctx.get("tag")), expected)
+    if kind == "union_tag_not_found":
+        return "needs a 'kind' key to say which variant this is"
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"must be {bounds[kind]} {limit}, got {value!r}"
+    types = {
+        "int_type": "an integer", "float_type": "a number", "bool_type": "true or false", "string_type": "a string",
+        "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
+        "model_attributes_type": "a mapping", "int_from_float": "an integer",
+    }
+    if kind in types:
+        return f"must be {types[kind]}, got {_describe(value)}"
+    if kind in ("too_short", "too_long"):
+        bound = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
+        word = "at least" if kind == "too_short" else "at most"
+        return f"must have {word} {bound} item(s), got {ctx.get('actual_length')}"
+    if kind == "string_pattern_mismatch":
+        return f"must be printable text on one line, got {value!r}"
+    return error["msg"][0].lower() + error["msg"][1:]
+
+
+def _describe(value: object) -> str:
+    names = {str: "text", bool: "a boolean", int: "an integer", float: "a number", list: "a list", dict: "a mapping", type(None): "null"}
+    shown = repr(value) if not isinstance(value, (dict, list)) else ""
+    return f"{names.get(type(value), type(value).__name__)} {shown}".strip()
+
+
+def _listing(label: str, names: list[str]) -> str:
+    return f" ({label}: {', '.join(names)})" if names and len(names) <= 16 else ""
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the model at a pydantic location (following tags through unions)."""
+    tp: object = Spec
+    for part in loc:
+        tp = _step(_unwrap(tp), part)
+        if tp is None:
+            return []
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return list(tp.model_fields)
+    return []
+
+
+def _unwrap(tp: object) -> object:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in _UNIONS:
+            members = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+            if len(members) != 1:
+                return tp
+            tp = members[0]
+        else:
+            return tp
+
+
+def _step(tp: object, part: object) -> object:
+    origin = typing.get_origin(tp)
+    if origin in _UNIONS:
+        for member in typing.get_args(tp):
+            fields = getattr(member, "model_fields", {})
+            kind = fields.get("kind")
+            if kind is not None and part in typing.get_args(kind.annotation):
+                return member
+        return None
+    if origin in (list, tuple):
+        return typing.get_args(tp)[0] if isinstance(part, int) else None
+    if origin is dict:
+        return typing.get_args(tp)[1]
+    if isinstance(tp, type) and issubclass(tp, BaseModel) and part in tp.model_fields:
+        return tp.model_fields[part].annotation
+    return None
