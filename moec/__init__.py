@@ -3,10 +3,20 @@
 Public API (stable names)::
 
     spec = moec.load_spec("specs/spectral_moe.yaml")   # raises moec.SpecError
+    ref = moec.reference_model(spec)                    # eager interpreter of the unfused graph
+    out = ref(*ref.example_inputs(batch=2, seq=64))     # .output and .aux_loss
 """
 
 from moec.schema import Spec, SpecError, SpecIssue, json_schema, load_spec, load_spec_text
 
 __version__ = "0.1.0"
 
-__all__ = ["Spec", "SpecError", "SpecIssue", "__version__", "json_schema", "load_spec", "load_spec_text"]
+
+def reference_model(spec, fused: bool = False, device="cpu"):
+    """The eager reference interpreter of ``spec`` as an ``nn.Module`` (imports torch)."""
+    from moec.backends.reference import reference_model as build
+
+    return build(spec, fused=fused, device=device)
+
+
+__all__ = ["Spec", "SpecError", "SpecIssue", "__version__", "json_schema", "load_spec", "load_spec_text", "reference_model"]

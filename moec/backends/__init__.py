@@ -1,0 +1,1 @@
+"""Backends: turn a (fused) graph into something that runs."""

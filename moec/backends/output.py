@@ -1,0 +1,13 @@
+"""What every backend's model returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ModelOutput:
+    output: torch.Tensor  # logits [B,S,V] / predictions [B,S,out] (S is 1 with pool: last)
+    aux_loss: torch.Tensor  # scalar: the weighted sum of every MoE layer's aux losses

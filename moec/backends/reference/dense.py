@@ -1,0 +1,89 @@
+"""Reference kernels for the dense ops: plain eager PyTorch, written for clarity.
+
+Each kernel takes ``(ctx, attrs, *inputs)`` and returns a tensor or a tuple of tensors.
+``ctx`` carries the symbol values (``B``, ``S``) and whether the model is training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+def embed(ctx, attrs, tokens, table):
+    return F.embedding(tokens, table)
+
+
+def linear(ctx, attrs, x, weight, bias=None):
+    return F.linear(x, weight, bias)
+
+
+def pos_embed(ctx, attrs, x, table):
+    return x + table[: x.shape[1]]
+
+
+def rmsnorm(ctx, attrs, x, weight):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + attrs["eps"]) * weight
+
+
+def layernorm(ctx, attrs, x, weight, bias):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, attrs["eps"])
+
+
+def rope(ctx, attrs, x):
+    """Rotary embedding, rotate-half convention (as HF Llama): pairs (i, i + head_dim/2)."""
+    heads, head_dim, theta = attrs["heads"], attrs["head_dim"], attrs["theta"]
+    batch, seq, _ = x.shape
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=x.device), inv_freq)  # [S, hd/2]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    xh = x.view(batch, seq, heads, head_dim)
+    x1, x2 = xh[..., : head_dim // 2], xh[..., head_dim // 2 :]
+    rotated = torch.cat([-x2, x1], -1)
+    return (xh * cos[:, None, :] + rotated * sin[:, None, :]).reshape(batch, seq, heads * head_dim)
+
+
+def attention(ctx, attrs, q, k, v):
+    """Scaled dot-product attention with grouped KV heads and an optional causal mask."""
+    heads, kv_heads, head_dim = attrs["heads"], attrs["kv_heads"], attrs["head_dim"]
+    batch, seq, _ = q.shape
+    q = q.view(batch, seq, heads, head_dim).transpose(1, 2)
+    k = k.view(batch, seq, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    v = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+    if attrs["causal"]:
+        mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    out = scores.softmax(-1) @ v
+    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+def activation(ctx, attrs, x):
+    return ACTIVATIONS[attrs["fn"]](x)
+
+
+def glu(ctx, attrs, gate, up):
+    return ACTIVATIONS[attrs["fn"]](gate) * up
+
+
+def add(ctx, attrs, a, b):
+    return a + b
+
+
+def select_last(ctx, attrs, x):
+    return x[:, -1:, :]
+
+
+def constant(ctx, attrs):
+    return torch.tensor(attrs["value"], dtype=torch.float32, device=ctx.device)
+
+
+KERNELS = {
+    "embed": embed, "linear": linear, "pos_embed": pos_embed, "rmsnorm": rmsnorm, "layernorm": layernorm,
+    "rope": rope, "attention": attention, "activation": activation, "glu": glu, "add": add,
+    "select_last": select_last, "constant": constant,
+}

@@ -1,0 +1,98 @@
+"""The reference interpreter: executes a graph node by node in eager PyTorch.
+
+It is the ground truth every optimised backend is tested against. Parameters live in an
+``nn.Module`` tree whose state_dict keys are the graph's parameter names, initialised
+deterministically from the spec seed (see :func:`init_parameter`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moec.backends.output import ModelOutput
+from moec.backends.reference import dense, fused, routing
+from moec.ir.graph import Graph, Node
+
+KERNELS = {**dense.KERNELS, **routing.KERNELS, **fused.KERNELS}
+
+
+@dataclass
+class Context:
+    training: bool
+    device: torch.device
+    symbols: dict[str, int]
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """A per-parameter seed: the same weights whatever the build order, machine or backend."""
+    digest = hashlib.sha256(f"moec:{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_parameter(node: Node, seed: int, device="cpu") -> torch.Tensor:
+    shape, init = tuple(node.attr["shape"]), node.attr["init"]
+    if init == "ones":
+        return torch.ones(shape, device=device)
+    if init == "zeros":
+        return torch.zeros(shape, device=device)
+    generator = torch.Generator().manual_seed(parameter_seed(seed, node.attr["name"]))
+    return (torch.randn(shape, generator=generator) * node.attr["std"]).to(device)
+
+
+class ReferenceModel(nn.Module):
+    """``forward(inputs) -> ModelOutput(output, aux_loss)`` by interpreting ``graph``."""
+
+    def __init__(self, graph: Graph, seed: int, device="cpu"):
+        super().__init__()
+        self.graph = graph
+        self._holders: dict[str, tuple[nn.Module, str]] = {}
+        for node in graph.params():
+            value = init_parameter(node, seed, device)
+            holder, leaf = self._holder(node.attr["name"])
+            if node.attr["trainable"]:
+                holder.register_parameter(leaf, nn.Parameter(value))
+            else:
+                holder.register_buffer(leaf, value)
+            self._holders[node.name] = (holder, leaf)
+        self.input_node = next(node for node in graph.nodes if node.op == "input")
+
+    def _holder(self, dotted: str) -> tuple[nn.Module, str]:
+        """The (sub)module that owns ``a.b.c``, creating ``a`` and ``a.b`` as needed."""
+        *path, leaf = dotted.split(".")
+        module: nn.Module = self
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        return module, leaf
+
+    def example_inputs(self, batch: int = 2, seq: int = 16, seed: int = 0) -> tuple[torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        attrs = self.input_node.attr
+        device = next(iter(self.state_dict().values())).device
+        if attrs["dtype"] == "i64":
+            vocab = self.state_dict()["embed.weight"].shape[0]
+            return (torch.randint(0, vocab, (batch, seq), generator=generator).to(device),)
+        return (torch.randn((batch, seq, attrs["shape"][2]), generator=generator).to(device),)
+
+    def forward(self, inputs: torch.Tensor) -> ModelOutput:
+        ctx = Context(training=self.training, device=inputs.device, symbols={"B": inputs.shape[0], "S": inputs.shape[1]})
+        values: dict[str, tuple] = {}
+        for node in self.graph.nodes:
+            values[node.name] = self._run(node, ctx, values, inputs)
+        prediction, aux = (values[ref.node][ref.index] for ref in self.graph.outputs)
+        return ModelOutput(output=prediction, aux_loss=aux)
+
+    def _run(self, node: Node, ctx: Context, values: dict, inputs: torch.Tensor) -> tuple:
+        if node.op == "input":
+            return (inputs,)
+        if node.op == "param":
+            holder, leaf = self._holders[node.name]
+            return (getattr(holder, leaf),)
+        args = [values[ref.node][ref.index] for ref in node.inputs]
+        result = KERNELS[node.op](ctx, node.attr, *args)
+        return result if isinstance(result, tuple) else (result,)

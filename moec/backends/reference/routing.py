@@ -1,0 +1,193 @@
+"""Reference kernels for routing, experts, aux losses and the spectral transform.
+
+Written as the definition of the semantics (docs/semantics.md): per-expert loops, stable
+sorts, fixed reduction orders. Shapes: B batch, S sequence, E experts, k top_k, D width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moec.backends.reference.dense import ACTIVATIONS
+
+GATED = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+
+
+def noise(ctx, attrs, logits):
+    """Exploration noise while training; the identity in eval mode."""
+    if not ctx.training:
+        return logits
+    if attrs["kind"] == "gaussian":
+        return logits + attrs["std"] * torch.randn_like(logits)
+    uniform = torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)
+    return logits - attrs["std"] * torch.log(-torch.log(uniform))
+
+
+def softmax(ctx, attrs, logits):
+    return torch.softmax(logits / attrs["temperature"], dim=-1)
+
+
+def sigmoid(ctx, attrs, logits):
+    return torch.sigmoid(logits / attrs["temperature"])
+
+
+def sinkhorn(ctx, attrs, logits):
+    """Balance the [tokens, experts] kernel exp(logits / (temperature * tau)) in log space.
+
+    Each iteration makes every token's row sum to 1, then every expert's column sum to
+    N/E, over all N = B*S tokens of the batch. Returns the balanced matrix P.
+    """
+    shape = logits.shape
+    log_k = logits.reshape(-1, shape[-1]) / (attrs["temperature"] * attrs["tau"])
+    tokens, experts = log_k.shape
+    row = torch.zeros(tokens, 1, device=logits.device)
+    col = torch.zeros(1, experts, device=logits.device)
+    for _ in range(attrs["iters"]):
+        row = -torch.logsumexp(log_k + col, dim=1, keepdim=True)
+        col = math.log(tokens / experts) - torch.logsumexp(log_k + row, dim=0, keepdim=True)
+    return torch.exp(log_k + row + col).reshape(shape)
+
+
+def topk(ctx, attrs, scores, selection_bias=None):
+    """The k highest (scores + bias) per token, ties to the lower expert; weights are the unbiased scores."""
+    select = scores if selection_bias is None else scores + selection_bias
+    indices = torch.sort(select, dim=-1, descending=True, stable=True).indices[..., : attrs["k"]]
+    return scores.gather(-1, indices), indices
+
+
+def renormalize(ctx, attrs, weights):
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def capacity_of(tokens: int, factor: float, top_k: int, experts: int) -> int:
+    """C = max(1, floor(factor * tokens * top_k / experts))."""
+    return max(1, math.floor(factor * tokens * top_k / experts))
+
+
+def capacity(ctx, attrs, scores, indices, weights):
+    """Each expert keeps the C (token, choice) pairs with the highest router score.
+
+    Order-agnostic (Switch / `m` style): a token's position in the batch does not matter
+    except to break exact ties (lower token index first). Dropped choices get weight 0;
+    with drop_policy 'renormalize' a token's kept weights are rescaled to sum to 1.
+    """
+    experts = attrs["experts"]
+    flat_idx = indices.reshape(-1)
+    choice_scores = scores.gather(-1, indices).reshape(-1)
+    tokens = indices.shape[0] * indices.shape[1]
+    limit = capacity_of(tokens, attrs["factor"], attrs["top_k"], experts)
+    kept = torch.zeros_like(flat_idx, dtype=torch.bool)
+    for expert in range(experts):
+        slots = torch.nonzero(flat_idx == expert).squeeze(-1)
+        order = torch.sort(choice_scores[slots].detach(), descending=True, stable=True).indices
+        kept[slots[order[:limit]]] = True
+    kept = kept.reshape(indices.shape)
+    weights = weights * kept
+    if attrs["drop_policy"] == "renormalize":
+        total = weights.sum(-1, keepdim=True)
+        weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), weights)
+    return weights, kept
+
+
+def dispatch(ctx, attrs, h, indices):
+    """Each token once per chosen expert: [B,S,D] -> [B,S,k,D]."""
+    return h.unsqueeze(-2).expand(*indices.shape, h.shape[-1])
+
+
+def expert_ffn(ctx, attrs, x, indices, *rest):
+    """Row (b, s, j) goes through expert indices[b, s, j]; a dropped row gives 0."""
+    kept = rest[0] if attrs["masked"] else None
+    params = list(rest[1:] if attrs["masked"] else rest)
+    weights = unpack_expert_params(params, attrs["activation"], attrs["bias"])
+    out = torch.zeros_like(x)
+    for expert in range(attrs["experts"]):
+        mask = indices == expert if kept is None else (indices == expert) & kept
+        rows = x[mask]
+        out[mask] = ffn(rows, attrs["activation"], *(w[expert] if w is not None else None for w in weights))
+    return out
+
+
+def unpack_expert_params(params: list, activation: str, bias: bool) -> tuple:
+    """(w_up, w_gate, w_down, b_up, b_down) with None for what the expert does not have."""
+    w_up = params.pop(0)
+    w_gate = params.pop(0) if activation in GATED else None
+    w_down = params.pop(0)
+    b_up, b_down = (params.pop(0), params.pop(0)) if bias else (None, None)
+    return w_up, w_gate, w_down, b_up, b_down
+
+
+def ffn(x, activation, w_up, w_gate, w_down, b_up=None, b_down=None):
+    """down(act(gate(x)) * up(x)) for gated activations, else down(act(up(x)))."""
+    up = torch.nn.functional.linear(x, w_up, b_up)
+    if activation in GATED:
+        hidden = ACTIVATIONS[GATED[activation]](torch.nn.functional.linear(x, w_gate)) * up
+    else:
+        hidden = ACTIVATIONS[activation](up)
+    return torch.nn.functional.linear(hidden, w_down, b_down)
+
+
+def combine(ctx, attrs, y, weights):
+    """sum_j weights[..., j] * y[..., j, :], summed in choice order j = 0, 1, ..."""
+    out = weights[..., 0, None] * y[..., 0, :]
+    for j in range(1, y.shape[-2]):
+        out = out + weights[..., j, None] * y[..., j, :]
+    return out
+
+
+def load_balance_loss(ctx, attrs, scores, indices):
+    """weight * E * sum_e (c_e / N) * P_e  (Switch / HF Mixtral convention; = top_k when balanced).
+
+    c_e: tokens whose top-k includes expert e (before capacity drops); P_e: the mean over
+    the N = B*S tokens of the router scores normalised to sum to 1 per token.
+    """
+    experts = attrs["experts"]
+    probs = scores / scores.sum(-1, keepdim=True)
+    tokens = probs.shape[0] * probs.shape[1]
+    mean_prob = probs.reshape(tokens, experts).mean(0)
+    counts = torch.nn.functional.one_hot(indices.reshape(-1), experts).sum(0).to(probs.dtype)
+    return attrs["weight"] * experts * torch.sum(counts / tokens * mean_prob)
+
+
+def z_loss(ctx, attrs, logits):
+    """weight * mean over tokens of logsumexp(logits)^2 (ST-MoE), on the raw router logits."""
+    return attrs["weight"] * torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def rfft(ctx, attrs, x):
+    return torch.fft.rfft(x, dim=1, norm=attrs["norm"])
+
+
+def irfft(ctx, attrs, spectrum):
+    return torch.fft.irfft(spectrum, n=ctx.symbols["S"], dim=1, norm=attrs["norm"])
+
+
+def complex_to_real(ctx, attrs, spectrum):
+    """[B,F,D] complex -> [B,F,2D]: real parts, then imaginary parts."""
+    return torch.cat([spectrum.real, spectrum.imag], dim=-1)
+
+
+def real_to_complex(ctx, attrs, z):
+    half = z.shape[-1] // 2
+    return torch.complex(z[..., :half].contiguous(), z[..., half:].contiguous())
+
+
+def band_embed(ctx, attrs, z, table):
+    return z + table[: z.shape[1]]
+
+
+def band_index(ctx, attrs, z):
+    """Append the frequency index f / (F - 1) in [0, 1] as one more channel."""
+    bins = z.shape[1]
+    index = torch.arange(bins, dtype=z.dtype, device=z.device) / max(bins - 1, 1)
+    return torch.cat([z, index[None, :, None].expand(z.shape[0], bins, 1)], dim=-1)
+
+
+KERNELS = {
+    "noise": noise, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "topk": topk,
+    "renormalize": renormalize, "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
+    "combine": combine, "load_balance_loss": load_balance_loss, "z_loss": z_loss, "rfft": rfft, "irfft": irfft,
+    "complex_to_real": complex_to_real, "real_to_complex": real_to_complex, "band_embed": band_embed,
+    "band_index": band_index,
+}

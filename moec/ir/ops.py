@@ -1,0 +1,327 @@
+"""The closed op vocabulary: for each op, its attributes and its shape rule.
+
+A shape rule takes the input types and the attributes and returns the output types, or
+raises :class:`ShapeError`. ``infer_shapes`` and the verifier both use these rules, so a
+graph whose recorded types disagree with its ops cannot pass verification.
+
+Semantics of every op are in docs/semantics.md; the reference interpreter implements them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from moec.ir.graph import AttrValue, Dim, TensorType
+
+
+class ShapeError(ValueError):
+    """Input types that an op cannot accept."""
+
+
+Rule = Callable[[Sequence[TensorType], dict[str, AttrValue]], tuple[TensorType, ...]]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    min_inputs: int
+    max_inputs: int
+    required: frozenset[str]
+    optional: frozenset[str]
+    rule: Rule
+    fused: bool = False
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def op(name: str, inputs: int | tuple[int, int], required: str = "", optional: str = "", fused: bool = False):
+    low, high = (inputs, inputs) if isinstance(inputs, int) else inputs
+
+    def register(rule: Rule) -> Rule:
+        OPS[name] = OpDef(name, low, high, frozenset(required.split()), frozenset(optional.split()), rule, fused)
+        return rule
+
+    return register
+
+
+def _same(t: TensorType, dtype: str | None = None) -> tuple[TensorType, ...]:
+    return (TensorType(t.shape, dtype or t.dtype),)
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise ShapeError(message)
+
+
+def _float(t: TensorType, what: str) -> None:
+    _expect(t.dtype == "f32", f"{what} must be f32, got {t}")
+
+
+def _last(t: TensorType, size: Dim, what: str) -> None:
+    _expect(t.rank >= 1 and t.shape[-1] == size, f"{what}: last dim must be {size}, got {t}")
+
+
+# --- sources ---------------------------------------------------------------------------
+
+
+@op("input", 0, required="name dtype shape")
+def _input(types, attrs):
+    return (TensorType(tuple(attrs["shape"]), str(attrs["dtype"])),)
+
+
+@op("param", 0, required="name shape init std trainable", optional="group")
+def _param(types, attrs):
+    shape = tuple(attrs["shape"])
+    _expect(all(isinstance(d, int) and d > 0 for d in shape), f"parameter shapes are concrete, got {shape}")
+    return (TensorType(shape, "f32"),)
+
+
+@op("constant", 0, required="value")
+def _constant(types, attrs):
+    return (TensorType((), "f32"),)
+
+
+# --- dense -----------------------------------------------------------------------------
+
+
+@op("embed", 2)
+def _embed(types, attrs):
+    tokens, table = types
+    _expect(tokens.dtype == "i64" and table.rank == 2, f"embed takes i64 ids and a [V,D] table, got {tokens}, {table}")
+    return (TensorType(tokens.shape + (table.shape[1],), "f32"),)
+
+
+@op("linear", (2, 3))
+def _linear(types, attrs):
+    x, weight = types[0], types[1]
+    _float(x, "linear input")
+    _expect(weight.rank == 2, f"linear weight must be [out, in], got {weight}")
+    _last(x, weight.shape[1], "linear input")
+    if len(types) == 3:
+        _expect(types[2].shape == (weight.shape[0],), f"linear bias must be [{weight.shape[0]}], got {types[2]}")
+    return (TensorType(x.shape[:-1] + (weight.shape[0],), "f32"),)
+
+
+@op("pos_embed", 2)
+def _pos_embed(types, attrs):
+    x, table = types
+    _expect(x.rank == 3 and table.rank == 2 and table.shape[1] == x.shape[2], f"pos_embed takes [B,S,D] and [L,D], got {x}, {table}")
+    return _same(x)
+
+
+@op("rmsnorm", 2, required="eps")
+def _rmsnorm(types, attrs):
+    x, weight = types
+    _last(x, weight.shape[0], "rmsnorm input")
+    return _same(x)
+
+
+@op("layernorm", 3, required="eps")
+def _layernorm(types, attrs):
+    x, weight, bias = types
+    _last(x, weight.shape[0], "layernorm input")
+    _expect(bias.shape == weight.shape, f"layernorm bias must match weight, got {bias}")
+    return _same(x)
+
+
+@op("rope", 1, required="heads head_dim theta")
+def _rope(types, attrs):
+    (x,) = types
+    _last(x, attrs["heads"] * attrs["head_dim"], "rope input")
+    _expect(attrs["head_dim"] % 2 == 0, f"rope needs an even head_dim, got {attrs['head_dim']}")
+    return _same(x)
+
+
+@op("attention", 3, required="heads kv_heads head_dim causal")
+def _attention(types, attrs):
+    q, k, v = types
+    heads, kv, hd = attrs["heads"], attrs["kv_heads"], attrs["head_dim"]
+    _last(q, heads * hd, "attention q")
+    _last(k, kv * hd, "attention k")
+    _last(v, kv * hd, "attention v")
+    _expect(heads % kv == 0, f"heads ({heads}) must be a multiple of kv_heads ({kv})")
+    return _same(q)
+
+
+@op("activation", 1, required="fn")
+def _activation(types, attrs):
+    return _same(types[0])
+
+
+@op("glu", 2, required="fn")
+def _glu(types, attrs):
+    gate, up = types
+    _expect(gate.shape == up.shape, f"glu gate and up must match, got {gate}, {up}")
+    return _same(gate)
+
+
+@op("add", 2)
+def _add(types, attrs):
+    a, b = types
+    _expect(a.shape == b.shape and a.dtype == b.dtype, f"add needs equal types, got {a} and {b}")
+    return _same(a)
+
+
+@op("select_last", 1)
+def _select_last(types, attrs):
+    (x,) = types
+    _expect(x.rank == 3, f"select_last takes [B,S,D], got {x}")
+    return (TensorType((x.shape[0], 1, x.shape[2]), x.dtype),)
+
+
+# --- routing ---------------------------------------------------------------------------
+
+
+@op("noise", 1, required="kind std")
+def _noise(types, attrs):
+    return _same(types[0])
+
+
+@op("softmax", 1, required="temperature")
+def _softmax(types, attrs):
+    return _same(types[0])
+
+
+@op("sigmoid", 1, required="temperature")
+def _sigmoid(types, attrs):
+    return _same(types[0])
+
+
+@op("sinkhorn", 1, required="iters tau temperature")
+def _sinkhorn(types, attrs):
+    return _same(types[0])
+
+
+@op("topk", (1, 2), required="k")
+def _topk(types, attrs):
+    scores = types[0]
+    _expect(scores.rank == 3, f"topk takes scores [B,S,E], got {scores}")
+    _expect(attrs["k"] <= scores.shape[-1], f"k ({attrs['k']}) exceeds experts ({scores.shape[-1]})")
+    if len(types) == 2:
+        _expect(types[1].shape == (scores.shape[-1],), f"selection bias must be [{scores.shape[-1]}], got {types[1]}")
+    out = scores.shape[:-1] + (attrs["k"],)
+    return TensorType(out, "f32"), TensorType(out, "i64")
+
+
+@op("renormalize", 1)
+def _renormalize(types, attrs):
+    return _same(types[0])
+
+
+@op("capacity", 3, required="factor experts top_k drop_policy")
+def _capacity(types, attrs):
+    scores, indices, weights = types
+    _expect(indices.shape == weights.shape and indices.dtype == "i64", f"capacity takes indices and weights of one shape, got {indices}, {weights}")
+    _last(scores, attrs["experts"], "capacity scores")
+    return TensorType(weights.shape, "f32"), TensorType(weights.shape, "bool")
+
+
+@op("dispatch", 2)
+def _dispatch(types, attrs):
+    h, indices = types
+    _expect(h.shape[:-1] == indices.shape[:-1], f"dispatch: tokens {h} and indices {indices} disagree")
+    return (TensorType(indices.shape + (h.shape[-1],), "f32"),)
+
+
+@op("expert_ffn", (4, 7), required="experts activation masked bias")
+def _expert_ffn(types, attrs):
+    x, indices = types[0], types[1]
+    weights = types[3:] if attrs["masked"] else types[2:]
+    w_up = weights[0]
+    _expect(w_up.rank == 3 and w_up.shape[0] == attrs["experts"], f"expert weights are [E,H,D], got {w_up}")
+    _last(x, w_up.shape[2], "expert_ffn input")
+    _expect(x.shape[:-1] == indices.shape, f"expert_ffn: rows {x} and indices {indices} disagree")
+    return _same(x)
+
+
+@op("combine", 2)
+def _combine(types, attrs):
+    y, weights = types
+    _expect(y.shape[:-1] == weights.shape, f"combine: expert outputs {y} and weights {weights} disagree")
+    return (TensorType(y.shape[:-2] + (y.shape[-1],), "f32"),)
+
+
+@op("load_balance_loss", 2, required="experts top_k weight")
+def _load_balance(types, attrs):
+    return (TensorType((), "f32"),)
+
+
+@op("z_loss", 1, required="weight")
+def _z_loss(types, attrs):
+    return (TensorType((), "f32"),)
+
+
+# --- spectral --------------------------------------------------------------------------
+
+
+def bins(seq: Dim) -> Dim:
+    """rfft bins of a length-``seq`` signal."""
+    return seq // 2 + 1 if isinstance(seq, int) else ("F" if seq == "S" else f"({seq})//2+1")
+
+
+@op("rfft", 1, required="norm")
+def _rfft(types, attrs):
+    (x,) = types
+    _expect(x.rank == 3 and x.dtype == "f32", f"rfft takes real [B,S,D], got {x}")
+    return (TensorType((x.shape[0], bins(x.shape[1]), x.shape[2]), "c64"),)
+
+
+@op("irfft", 1, required="norm")
+def _irfft(types, attrs):
+    (x,) = types
+    _expect(x.rank == 3 and x.dtype == "c64" and x.shape[1] == "F", f"irfft takes complex [B,F,D], got {x}")
+    return (TensorType((x.shape[0], "S", x.shape[2]), "f32"),)
+
+
+@op("complex_to_real", 1)
+def _complex_to_real(types, attrs):
+    (x,) = types
+    _expect(x.dtype == "c64", f"complex_to_real takes c64, got {x}")
+    return (TensorType(x.shape[:-1] + (2 * x.shape[-1],), "f32"),)
+
+
+@op("real_to_complex", 1)
+def _real_to_complex(types, attrs):
+    (x,) = types
+    _expect(x.dtype == "f32" and x.shape[-1] % 2 == 0, f"real_to_complex takes f32 with an even last dim, got {x}")
+    return (TensorType(x.shape[:-1] + (x.shape[-1] // 2,), "c64"),)
+
+
+@op("band_embed", 2)
+def _band_embed(types, attrs):
+    z, table = types
+    _expect(table.rank == 2 and table.shape[1] == z.shape[-1], f"band table must be [bins, {z.shape[-1]}], got {table}")
+    return _same(z)
+
+
+@op("band_index", 1)
+def _band_index(types, attrs):
+    (z,) = types
+    return (TensorType(z.shape[:-1] + (z.shape[-1] + 1,), "f32"),)
+
+
+# --- fused -----------------------------------------------------------------------------
+
+# `slots` names the role of each input in order (h, router_in, w_router, w_up, ...).
+MOE_ATTRS = (
+    "slots experts top_k router temperature noise noise_std normalize sinkhorn_iters sinkhorn_tau "
+    "capacity capacity_factor drop_policy activation bias load_balance z_loss shared"
+)
+
+
+@op("moe", (5, 14), required=MOE_ATTRS, fused=True)
+def _moe(types, attrs):
+    h = types[0]
+    _float(h, "moe input")
+    _expect(len(attrs["slots"]) == len(types), f"moe has {len(types)} inputs but {len(attrs['slots'])} slots")
+    return _same(h) + (TensorType((), "f32"),)
+
+
+@op("spectral_moe", (5, 14), required=MOE_ATTRS + " depth fft_norm band", fused=True)
+def _spectral_moe(types, attrs):
+    x = types[0]
+    _expect(x.rank == 3 and x.dtype == "f32", f"spectral_moe takes real [B,S,D], got {x}")
+    _expect(len(attrs["slots"]) == len(types), f"spectral_moe has {len(types)} inputs but {len(attrs['slots'])} slots")
+    return _same(x) + (TensorType((), "f32"),)

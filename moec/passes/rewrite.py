@@ -1,0 +1,61 @@
+"""Helpers shared by rewriting passes: replacing a set of nodes with one, and ordering."""
+
+from __future__ import annotations
+
+import heapq
+
+from moec.ir.graph import Graph, Namespace, Node, Ref, renamed_inputs
+
+
+def single_user(graph: Graph, name: str) -> str | None:
+    users = graph.users[name]
+    return users[0] if len(users) == 1 else None
+
+
+def only_used_inside(graph: Graph, absorbed: set[str], roots: set[str]) -> bool:
+    """No node of ``absorbed`` except the ``roots`` is read from outside the set."""
+    for name in absorbed - roots:
+        if any(user not in absorbed for user in graph.users[name]):
+            return False
+    return True
+
+
+def replace_subgraph(graph: Graph, absorbed: set[str], new_node: Node, mapping: dict[Ref, Ref]) -> Graph:
+    """Drop ``absorbed``, add ``new_node``, redirect reads of old outputs per ``mapping``."""
+    roots = {ref.node for ref in mapping}
+    nodes = []
+    for node in graph.nodes:
+        if node.name in roots and new_node not in nodes:
+            nodes.append(new_node)  # where the first root was; the sort below fixes any order
+        if node.name not in absorbed:
+            nodes.append(renamed_inputs(node, mapping))
+    outputs = tuple(mapping.get(ref, ref) for ref in graph.outputs)
+    return graph.with_nodes(stable_toposort(nodes), outputs=outputs)
+
+
+def fresh_name(graph: Graph, prefix: str) -> str:
+    names = Namespace(taken=(node.name for node in graph.nodes))
+    names.counter = len(graph.nodes)
+    return names.fresh(prefix)
+
+
+def stable_toposort(nodes: list[Node]) -> list[Node]:
+    """Topological order that keeps the given order wherever the dependencies allow."""
+    position = {node.name: i for i, node in enumerate(nodes)}
+    waiting = {node.name: {ref.node for ref in node.inputs if ref.node in position} for node in nodes}
+    readers: dict[str, list[str]] = {node.name: [] for node in nodes}
+    for node in nodes:
+        for dep in waiting[node.name]:
+            readers[dep].append(node.name)
+    ready = [position[name] for name, deps in waiting.items() if not deps]
+    heapq.heapify(ready)
+    ordered: list[Node] = []
+    while ready:
+        node = nodes[heapq.heappop(ready)]
+        ordered.append(node)
+        for reader in readers[node.name]:
+            waiting[reader].discard(node.name)
+            if not waiting[reader]:
+                heapq.heappush(ready, position[reader])
+    assert len(ordered) == len(nodes), "cycle in graph"
+    return ordered

@@ -1,0 +1,32 @@
+"""``infer_shapes``: give every node its output types, checking each op's inputs.
+
+A mismatch is reported as a spec error at the spec line the node came from.
+"""
+
+from __future__ import annotations
+
+from moec.ir.graph import Graph
+from moec.ir.ops import OPS, ShapeError
+from moec.schema.errors import SpecError, SpecIssue
+
+
+def infer_shapes(graph: Graph) -> tuple[Graph, bool]:
+    types: dict[str, tuple] = {}
+    nodes = []
+    for node in graph.nodes:
+        inputs = [types[ref.node][ref.index] for ref in node.inputs]
+        try:
+            result = tuple(OPS[node.op].rule(inputs, node.attr))
+        except ShapeError as err:
+            raise SpecError([_issue(node, str(err))]) from None
+        types[node.name] = result
+        nodes.append(node if node.types == result else node.with_(types=result))
+    changed = not graph.typed or any(a is not b for a, b in zip(nodes, graph.nodes))
+    return graph.with_nodes(nodes, typed=True), changed
+
+
+def _issue(node, message: str) -> SpecIssue:
+    origin = node.origin
+    if origin is None:
+        return SpecIssue(f"{node.op}: {message}")
+    return SpecIssue(f"{node.op}: {message}", path=origin.path, file=origin.file or "<spec>", line=origin.line)

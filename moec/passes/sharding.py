@@ -1,0 +1,119 @@
+"""``annotate_sharding``: DTensor-style placements from the spec's mesh and sharding rules.
+
+Every parameter and activation gets ``placement``: one entry per mesh axis, in mesh order,
+each ``Replicate()``, ``Shard(d)`` or ``Partial()``. Nodes also get their pipeline ``stage``
+when the spec pipelines. Tensor-parallel groups follow the spec's column / row lists.
+"""
+
+from __future__ import annotations
+
+import re
+
+from moec.ir.graph import Graph, Node
+from moec.schema.errors import SpecError, SpecIssue
+from moec.schema.spec import Spec
+
+# Parameter-name suffix -> tensor-parallel group (see moec.schema.parallel.TpGroup).
+_TP_GROUPS = [
+    (r"\.experts\.(w_up|w_gate|b_up)$", "experts.up"),
+    (r"\.experts\.(w_down|b_down)$", "experts.down"),
+    (r"\.(wq|wk|wv|bq|bk|bv)$", "attention.qkv"),
+    (r"\.(wo|bo)$", "attention.out"),
+    (r"\.(w_up|w_gate|b_up)$", "mlp.up"),
+    (r"\.(w_down|b_down)$", "mlp.down"),
+    (r"^embed\.weight$", "embed"),
+    (r"^head\.weight$", "head"),
+]
+
+
+def annotate_sharding(spec: Spec, graph: Graph) -> tuple[Graph, bool]:
+    if spec.mesh.world_size == 1:
+        return graph, False  # one device: every tensor is whole, nothing to annotate
+    axes = list(spec.mesh.axes)
+    stages = _stage_of(spec, graph)
+    nodes, issues = [], []
+    for node in graph.nodes:
+        placement = _param_placement(spec, node, axes, issues) if node.op == "param" else _activation_placement(spec, node, axes)
+        meta = dict(node.meta) | {"placement": tuple(placement)}
+        if stages is not None:
+            meta["stage"] = stages[node.name]
+        nodes.append(node.with_(meta=meta))
+    if issues:
+        raise SpecError(issues)
+    new = graph.with_nodes(nodes)
+    return new, new.nodes != graph.nodes
+
+
+def _tp_group(name: str) -> str | None:
+    for pattern, group in _TP_GROUPS:
+        if re.search(pattern, name):
+            return group
+    return None
+
+
+def _param_placement(spec: Spec, node: Node, axes: list[str], issues: list) -> list[str]:
+    sharding, shape = spec.sharding, node.attr["shape"]
+    placement = ["Replicate()"] * len(axes)
+    is_expert = ".experts." in node.attr["name"]
+    for axis in sharding.experts:
+        if is_expert:
+            placement[axes.index(axis)] = "Shard(0)"
+    tensor = sharding.tensor
+    group = _tp_group(node.attr["name"]) if tensor is not None else None
+    if group is not None and (group in tensor.column or group in tensor.row):
+        # torch weights are [out, in] (experts: [E, out, in]): columns split out, rows split in.
+        dim = (0 if group in tensor.column else 1) + (1 if is_expert else 0)
+        dim = min(dim, len(shape) - 1)
+        placement[axes.index(tensor.axis)] = f"Shard({dim})"
+    for axis in sharding.fsdp:
+        taken = {p for p in placement if p.startswith("Shard")}
+        placement[axes.index(axis)] = "Shard(1)" if "Shard(0)" in taken and len(shape) > 1 else "Shard(0)"
+    _check_divisible(spec, node, axes, placement, issues)
+    return placement
+
+
+def _check_divisible(spec, node, axes, placement, issues) -> None:
+    shape = node.attr["shape"]
+    for axis, item in zip(axes, placement):
+        if not item.startswith("Shard") or axis in spec.sharding.fsdp:
+            continue  # FSDP2 pads uneven shards
+        dim = int(item[6:-1])
+        size = spec.mesh.axes[axis]
+        if shape[dim] % size:
+            origin = node.origin
+            issues.append(SpecIssue(f"parameter {node.attr['name']} dim {dim} ({shape[dim]}) does not split over {axis} ({size})",
+                                    path=origin.path, file=origin.file or "<spec>", line=origin.line))
+
+
+def _activation_placement(spec: Spec, node: Node, axes: list[str]) -> list[str]:
+    placement = ["Replicate()"] * len(axes)
+    types = node.types or ()
+    if not types or types[0].rank == 0:
+        # A scalar (aux loss) is a per-rank partial value until it is reduced.
+        return ["Partial()" if axis in spec.sharding.batch else "Replicate()" for axis in axes]
+    for axis in spec.sharding.batch:
+        placement[axes.index(axis)] = "Shard(0)"
+    for axis in spec.sharding.sequence:
+        if types[0].rank >= 2:
+            placement[axes.index(axis)] = "Shard(1)"
+    return placement
+
+
+def _stage_of(spec: Spec, graph: Graph) -> dict[str, int] | None:
+    """Contiguous pipeline stages: block i goes to stage i * stages // layers."""
+    if spec.sharding.pipeline is None:
+        return None
+    stages = spec.mesh.axes[spec.sharding.pipeline.axis]
+    layers = spec.model.num_layers
+    result: dict[str, int] = {}
+    for node in graph.nodes:
+        found = re.match(r"^blocks\.(\d+)\.", node.attr.get("name", "")) if node.op == "param" else None
+        if found:
+            stage = int(found.group(1)) * stages // layers
+        elif node.op == "param" and node.attr["name"].startswith(("head.", "final_norm.")):
+            stage = stages - 1
+        else:
+            stage = max((result[ref.node] for ref in node.inputs if graph[ref.node].op != "param"), default=0)
+            stage = max([stage] + [result[ref.node] for ref in node.inputs if graph[ref.node].op == "param"])
+        result[node.name] = stage
+    return result
