@@ -62,6 +62,20 @@ def validate(
 
 
 @app.command()
+def build(
+    spec: Path = typer.Argument(..., help="The spec to compile.", show_default=False),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default: build/<spec name>)."),
+    dump_ir: bool = typer.Option(False, "--dump-ir", help="Print the graph after every pass, with its time and op changes."),
+    graph: bool = typer.Option(False, "--graph", help="Also render graph.dot to graph.svg (needs Graphviz's dot)."),
+    disable_pass: List[str] = typer.Option([], "--disable-pass", help="Skip a pass by name (repeatable)."),
+) -> None:
+    """Compile a spec: lower, run the passes, write ir.txt and graph.dot."""
+    from cli.build import run_build
+
+    run_build(spec, output, dump_ir=dump_ir, render_svg=graph, disable=tuple(disable_pass))
+
+
+@app.command()
 def schema(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:

@@ -46,6 +46,7 @@ class Origin:
     path: tuple = ()
     file: str | None = None
     line: int | None = None
+    column: int | None = None
 
     def __str__(self) -> str:
         from moec.schema.errors import format_path

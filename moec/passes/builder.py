@@ -18,7 +18,8 @@ class GraphBuilder:
         if self.source is None:
             return Origin(path=path)
         where = self.source.locate(path)
-        return Origin(path=path, file=self.source.file, line=where[0] if where else None)
+        line, column = where or (None, None)
+        return Origin(path=path, file=self.source.file, line=line, column=column)
 
     def add(self, op: str, inputs: list[Ref], path: tuple, outputs: int = 1, **attrs: AttrValue) -> Ref | tuple[Ref, ...]:
         name = self.names.fresh(op)

@@ -97,8 +97,8 @@ def _rewrite(graph: Graph, irfft: Node, rfft: Node, steps: list[Node], band, aux
     attrs = {"slots": tuple(slots), "depth": len(steps), "fft_norm": rfft.attr["norm"], "band": kind, **moe_attrs}
     name = fresh_name(graph, "spectral_moe")
     node = Node(name=name, op="spectral_moe", inputs=tuple(inputs), attrs=_freeze(attrs), origin=irfft.origin)
+    aux_ref = Ref(aux_root) if aux_root != steps[0].name else Ref(aux_root, 1)  # depth 1: the moe's aux output
     if graph.typed:
-        node = node.with_(types=(irfft.types[0], graph[aux_root].types[0]))
-    aux_ref = Ref(aux_root) if aux_root != steps[0].name else Ref(aux_root, 1)
+        node = node.with_(types=(irfft.types[0], graph.type_of(aux_ref)))
     mapping = {irfft.out(): Ref(name, 0), aux_ref: Ref(name, 1)}
     return replace_subgraph(graph, absorbed, node, mapping)

@@ -29,4 +29,4 @@ def _issue(node, message: str) -> SpecIssue:
     origin = node.origin
     if origin is None:
         return SpecIssue(f"{node.op}: {message}")
-    return SpecIssue(f"{node.op}: {message}", path=origin.path, file=origin.file or "<spec>", line=origin.line)
+    return SpecIssue(f"{node.op}: {message}", path=origin.path, file=origin.file or "<spec>", line=origin.line, column=origin.column)

@@ -82,7 +82,8 @@ def _check_divisible(spec, node, axes, placement, issues) -> None:
         if shape[dim] % size:
             origin = node.origin
             issues.append(SpecIssue(f"parameter {node.attr['name']} dim {dim} ({shape[dim]}) does not split over {axis} ({size})",
-                                    path=origin.path, file=origin.file or "<spec>", line=origin.line))
+                                    path=origin.path, file=origin.file or "<spec>", line=origin.line,
+                                    column=origin.column))
 
 
 def _activation_placement(spec: Spec, node: Node, axes: list[str]) -> list[str]:
