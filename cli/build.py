@@ -13,34 +13,41 @@ from cli.output import print_spec_error
 
 def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: bool, disable: tuple[str, ...]) -> None:
     from moec import SpecError, load_spec
-    from moec.passes import PASS_NAMES, run_pipeline
+    from moec.backends.torch.build import compile_spec
+    from moec.passes import PASS_NAMES
 
     unknown = [name for name in disable if name not in PASS_NAMES]
     if unknown:
         raise typer.BadParameter(f"unknown pass {unknown[0]!r}; passes are: {', '.join(PASS_NAMES)}", param_hint="--disable-pass")
     try:
         spec = load_spec(spec_path)
-        compiled = run_pipeline(spec, disable=disable)
     except SpecError as err:
         print_spec_error(err)
         raise typer.Exit(1) from None
-    except ValueError as err:  # a pass that cannot be disabled
-        raise typer.BadParameter(str(err), param_hint="--disable-pass") from None
+    try:
+        program = compile_spec(spec, disable=disable)
+    except SpecError as err:
+        print_spec_error(err)
+        raise typer.Exit(1) from None
+    except ValueError as err:  # a pass that cannot be disabled, or a kernel the backend lacks
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2 if "disable" in str(err) else 1) from None
     if dump_ir:
-        _dump(compiled)
+        _dump(program)
     out_dir = output or Path("build") / _dir_name(spec.name)
-    written = _write(compiled, out_dir, render_svg)
-    _summary(spec_path, compiled, written)
+    written = _write(program, out_dir, render_svg)
+    parameters = _instantiate_on_meta(spec, program, out_dir)
+    _summary(spec_path, program, written, parameters)
 
 
 def _dir_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("._") or "model"
 
 
-def _dump(compiled) -> None:
+def _dump(program) -> None:
     from moec.ir import print_graph
 
-    for record in compiled.log:
+    for record in program.log:
         state = "skipped" if record.skipped else ("changed" if record.changed else "unchanged")
         typer.echo(f"=== after {record.name} ({record.seconds * 1e3:.2f} ms, {state}) "
                    f"added {_ops(record.added)} removed {_ops(record.removed)}")
@@ -58,11 +65,18 @@ def _brief(counts: dict[str, int]) -> str:
     return f"{sum(counts.values())} nodes of {len(counts)} ops"
 
 
-def _write(compiled, out_dir: Path, render_svg: bool) -> list[Path]:
+def _write(program, out_dir: Path, render_svg: bool) -> list[Path]:
+    import json
+
     from moec.ir import print_graph, to_dot
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"ir.txt": print_graph(compiled.graph), "graph.dot": to_dot(compiled.graph)}
+    files = {
+        "model.py": program.source,
+        "manifest.json": json.dumps(program.manifest, indent=2) + "\n",
+        "ir.txt": print_graph(program.graph),
+        "graph.dot": to_dot(program.graph),
+    }
     written = []
     for name, text in files.items():
         (out_dir / name).write_text(text, encoding="utf-8")
@@ -77,7 +91,20 @@ def _write(compiled, out_dir: Path, render_svg: bool) -> list[Path]:
     return written
 
 
-def _summary(spec_path: Path, compiled, written: list[Path]) -> None:
+def _instantiate_on_meta(spec, program, out_dir: Path) -> int:
+    """Load the written model.py and build the model on the meta device: proves it constructs."""
+    import torch
+
+    from moec.backends.torch.build import load_program
+
+    module = load_program(program.source, out_dir / "model.py")
+    model = module.Model(device="meta", dtype=torch.float32)
+    count = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    assert count == program.manifest["parameters"]["total"], "generated model disagrees with the graph"
+    return count
+
+
+def _summary(spec_path: Path, compiled, written: list[Path], parameters: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -89,5 +116,33 @@ def _summary(spec_path: Path, compiled, written: list[Path]) -> None:
         table.add_row(record.name, ms, str(record.nodes), _brief(record.added), _brief(record.removed))
     console = Console(soft_wrap=True)
     console.print(table)
-    fused = sum(1 for node in compiled.graph if node.op in ("moe", "spectral_moe"))
-    console.print(f"{fused} fused MoE node(s); wrote " + ", ".join(str(path) for path in written))
+    console.print(_facts_table(compiled.manifest, compiled.graph))
+    console.print("wrote " + ", ".join(str(path) for path in written))
+
+
+def _facts_table(manifest: dict, graph):
+    from rich.table import Table
+
+    params, flops, memory = manifest["parameters"], manifest["flops_per_token"], manifest["memory_per_device"]
+    fused = sum(1 for node in graph if node.op in ("moe", "spectral_moe"))
+    mesh = " x ".join(f"{axis} {size}" for axis, size in memory["mesh"].items())
+    table = Table(show_header=False, title="model", title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("parameters", f"{_human(params['total'])} ({params['total']:,})"),
+        ("active per token", f"{_human(params['active_per_token'])}"),
+        ("fused MoE nodes", str(fused)),
+        (f"FLOPs/token fwd (S={flops['seq_len']})", f"{_human(flops['forward'])}"),
+        (f"memory/device, {mesh}", f"{memory['total_gib']:.2f} GiB (params + grads + AdamW)"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _human(count: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return f"{count:.0f}"

@@ -3,6 +3,8 @@
 Public API (stable names)::
 
     spec = moec.load_spec("specs/spectral_moe.yaml")   # raises moec.SpecError
+    program = moec.compile_spec(spec)                   # .graph, .source (model.py), .manifest
+    model = moec.build_model(spec, device="cpu")        # the generated nn.Module, weights from the seed
     ref = moec.reference_model(spec)                    # eager interpreter of the unfused graph
     out = ref(*ref.example_inputs(batch=2, seq=64))     # .output and .aux_loss
 """
@@ -12,6 +14,20 @@ from moec.schema import Spec, SpecError, SpecIssue, json_schema, load_spec, load
 __version__ = "0.1.0"
 
 
+def compile_spec(spec, disable: tuple[str, ...] = ()):
+    """Spec -> Program with ``.graph`` (fused IR), ``.source`` (model.py) and ``.manifest``."""
+    from moec.backends.torch.build import compile_spec as compile_
+
+    return compile_(spec, disable=disable)
+
+
+def build_model(spec, device="cpu", dtype=None):
+    """The generated ``nn.Module``, weights from the spec seed; ``device="meta"`` allocates nothing."""
+    from moec.backends.torch.build import build_model as build
+
+    return build(spec, device=device, dtype=dtype)
+
+
 def reference_model(spec, fused: bool = False, device="cpu"):
     """The eager reference interpreter of ``spec`` as an ``nn.Module`` (imports torch)."""
     from moec.backends.reference import reference_model as build
@@ -19,4 +35,4 @@ def reference_model(spec, fused: bool = False, device="cpu"):
     return build(spec, fused=fused, device=device)
 
 
-__all__ = ["Spec", "SpecError", "SpecIssue", "__version__", "json_schema", "load_spec", "load_spec_text", "reference_model"]
+__all__ = ["Spec", "SpecError", "SpecIssue", "__version__", "build_model", "compile_spec", "json_schema", "load_spec", "load_spec_text", "reference_model"]

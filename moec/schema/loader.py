@@ -37,6 +37,7 @@ class LoadedYaml:
     data: object
     marks: dict[tuple, Mark] = field(default_factory=dict)
     file: str = "<spec>"
+    text: str = ""  # the document as read, for its sha256 in build provenance
 
     def locate(self, path: tuple, at_key: bool = False) -> tuple[int, int] | None:
         """Line and column of the deepest prefix of ``path`` that exists in the file."""
@@ -88,7 +89,7 @@ def load_yaml_text(text: str, file: str = "<spec>") -> LoadedYaml:
     data = walker.walk(root, (), None, depth=0)
     if walker.issues:
         raise SpecError(walker.issues)
-    return LoadedYaml(data=data, marks=walker.marks, file=file)
+    return LoadedYaml(data=data, marks=walker.marks, file=file, text=text)
 
 
 def load_yaml_file(path: str | FsPath) -> LoadedYaml:

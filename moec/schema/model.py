@@ -6,11 +6,37 @@ prints them filled in); their descriptions say from what.
 
 from __future__ import annotations
 
+import keyword
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from moec.schema.base import MAX_DIM, Base, Dim, NonNegFloat, PosFloat, PosInt, Prob, field_error
+
+# Attributes of torch.nn.Module (and `training`): a layer named like one would shadow it.
+_MODULE_ATTRIBUTES = frozenset(
+    "T_destination add_module apply bfloat16 buffers call_super_init children compile cpu cuda double dump_patches "
+    "eval extra_repr float forward get_buffer get_extra_state get_parameter get_submodule half ipu load_state_dict "
+    "modules mtia named_buffers named_children named_modules named_parameters parameters register_backward_hook "
+    "register_buffer register_forward_hook register_forward_pre_hook register_full_backward_hook "
+    "register_full_backward_pre_hook register_load_state_dict_post_hook register_load_state_dict_pre_hook "
+    "register_module register_parameter register_state_dict_post_hook register_state_dict_pre_hook requires_grad_ "
+    "set_extra_state set_submodule share_memory state_dict to to_empty train type xpu zero_grad training".split()
+)
+
+
+def _check_layer_name(name: str | None) -> str | None:
+    """Layer names become parameter-name prefixes and attribute names in generated code."""
+    if name is not None and (keyword.iskeyword(name) or name in _MODULE_ATTRIBUTES):
+        raise ValueError(f"'{name}' is reserved (a Python keyword or torch.nn.Module attribute); choose another name")
+    return name
+
+
+LayerName = Annotated[
+    str,
+    Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", max_length=64, description="Parameter-name prefix; default: the kind."),
+    AfterValidator(_check_layer_name),
+]
 
 Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu"]
 GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
@@ -34,7 +60,7 @@ class Attention(Base):
     """Multi-head self-attention; ``kv_heads < heads`` is grouped-query attention."""
 
     kind: Literal["attention"]
-    name: str | None = Field(None, description="Parameter-name prefix; default: the kind.")
+    name: LayerName | None = None
     heads: PosInt
     kv_heads: PosInt | None = Field(None, description="Default: heads (plain MHA).")
     head_dim: Dim | None = Field(None, description="Default: d_model // heads.")
@@ -48,7 +74,7 @@ class Mlp(Base):
     """A dense feed-forward layer."""
 
     kind: Literal["mlp"]
-    name: str | None = Field(None, description="Parameter-name prefix; default: the kind.")
+    name: LayerName | None = None
     hidden: Dim | None = Field(None, description=DEFAULT_HIDDEN)
     activation: Activation = "gelu"
     bias: bool = False
@@ -151,14 +177,14 @@ class Moe(MoeConfig):
     """A token-routed mixture-of-experts feed-forward layer."""
 
     kind: Literal["moe"]
-    name: str | None = Field(None, description="Parameter-name prefix; default: the kind.")
+    name: LayerName | None = None
 
 
 class SpectralMoe(Base):
     """rfft over the sequence -> (MoE on spectral tokens) x depth, shared weights -> irfft."""
 
     kind: Literal["spectral_moe"]
-    name: str | None = Field(None, description="Parameter-name prefix; default: the kind.")
+    name: LayerName | None = None
     depth: Annotated[int, Field(ge=1, le=64)] = 1
     fft_norm: Literal["ortho", "forward", "backward"] = "ortho"
     band: Literal["embedding", "index_feature", "none"] = Field(

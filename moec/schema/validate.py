@@ -119,7 +119,11 @@ def _message(error: dict, loc: tuple) -> str:
         word = "at least" if kind == "too_short" else "at most"
         return f"must have {word} {bound} item(s), got {ctx.get('actual_length')}"
     if kind == "string_pattern_mismatch":
+        if ctx.get("pattern", "").startswith("^[A-Za-z]["):
+            return f"must be an identifier (a letter, then letters, digits or _), got {value!r}"
         return f"must be printable text on one line, got {value!r}"
+    if kind == "value_error":
+        return error["msg"].removeprefix("Value error, ")
     return error["msg"][0].lower() + error["msg"][1:]
 
 

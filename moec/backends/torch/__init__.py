@@ -1,0 +1,1 @@
+"""The torch backend: fused graph -> a readable, torch.compile-able ``model.py``."""

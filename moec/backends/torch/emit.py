@@ -1,0 +1,213 @@
+"""The torch backend's emitter: fused graph -> the source of a readable ``model.py``.
+
+The program is assembled from structured pieces — a header, sorted imports, helper
+functions copied from ``snippets``, one function per distinct fused MoE configuration, and
+one ``nn.Module`` class whose ``forward`` has one statement per graph node with its shape
+and spec provenance. Nothing from the spec is pasted as code: names are checked
+identifiers (the schema's ``LayerName``) and every other string goes in through ``repr``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+from moec.backends.torch import codegen_moe, snippets
+from moec.backends.torch.ops import EXPRESSIONS, SNIPPETS_USED_BY
+from moec.ir.graph import Graph, Node, Ref
+
+IMPORTS = [
+    "from __future__ import annotations",
+    "",
+    "import math",
+    "",
+    "import torch",
+    "import torch.nn.functional as F",
+    "from torch import nn",
+    "",
+    "from moec.backends.output import ModelOutput",
+    "from moec.backends.torch import runtime",
+]
+
+
+def class_name(spec_name: str) -> str:
+    """``token_routed_tiny`` -> ``TokenRoutedTiny``; anything else becomes a safe identifier."""
+    words = re.findall(r"[A-Za-z0-9]+", spec_name)
+    name = "".join(word[:1].upper() + word[1:] for word in words)
+    return name if name[:1].isalpha() else "Model" + name
+
+
+def comment_safe(text: str) -> str:
+    """Text for a ``#`` comment: one line, printable (escape anything else)."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
+def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto") -> str:
+    fused = _FusedFunctions(moe_kernel, spectral_kernel)
+    forward = _forward(graph, fused)
+    helpers = _helpers(graph, fused)
+    lines = [f"# {comment_safe(line)}" if line else "#" for line in header]
+    lines += [""] + IMPORTS + ["", f"SPEC_NAME = {spec_name!r}", ""]
+    for block in helpers + fused.sources:
+        lines += ["", *block, ""]
+    lines += ["", *_module_class(graph, class_name(spec_name), forward), "", "", f"Model = {class_name(spec_name)}"]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+class _FusedFunctions:
+    """One generated function per distinct fused configuration, named moe_0, moe_1, ..."""
+
+    def __init__(self, moe_kernel: str, spectral_kernel: str):
+        self.moe_kernel, self.spectral_kernel = moe_kernel, spectral_kernel
+        self.names: dict[tuple, str] = {}
+        self.sources: list[list[str]] = []
+
+    def moe(self, attrs: dict) -> str:
+        key = ("moe", tuple(sorted(attrs.items())))
+        if key not in self.names:
+            name = f"moe_{sum(k[0] == 'moe' for k in self.names)}"
+            self.names[key] = name
+            kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs)
+            self.sources.append(codegen_moe.moe_function(name, attrs, kernel))
+        return self.names[key]
+
+    def spectral(self, attrs: dict) -> str:
+        key = ("spectral", tuple(sorted(attrs.items())))
+        if key not in self.names:
+            moe_name = self.moe(codegen_moe.spectral_moe_attrs(attrs))
+            name = f"spectral_moe_{sum(k[0] == 'spectral' for k in self.names)}"
+            self.names[key] = name
+            self.sources.append(codegen_moe.spectral_function(name, moe_name, attrs, self.spectral_kernel))
+        return self.names[key]
+
+
+def _helpers(graph: Graph, fused: _FusedFunctions) -> list[list[str]]:
+    used = {"make_parameters"}
+    for node in graph.nodes:
+        used |= SNIPPETS_USED_BY.get(node.op, set())
+        if node.op in ("moe", "spectral_moe"):
+            attrs = node.attr
+            used |= {"select_experts", "load_balance_loss"}
+            used |= {"sinkhorn"} if attrs["router"] == "sinkhorn" else set()
+            used |= {"capacity_keep"} if attrs["capacity"] else set()
+    if any(node.op == "spectral_moe" for node in graph.nodes):
+        used |= {"rfft_real", "irfft_real", "dft_matrices", "spectral_scales", "band_index"}
+    order = [name for name, fn in vars(snippets).items() if inspect.isfunction(fn) and fn.__module__ == snippets.__name__]
+    return [inspect.getsource(getattr(snippets, name)).rstrip().splitlines() for name in order if name in used]
+
+
+def param_expr(name: str) -> str:
+    """``blocks.3.moe.experts.w_up`` -> ``self.blocks[3].moe.experts.w_up``."""
+    parts = [f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".")]
+    return "self" + "".join(parts)
+
+
+def value_name(ref: Ref, graph: Graph) -> str:
+    node = graph[ref.node]
+    if node.op == "param":
+        return param_expr(node.attr["name"])
+    if node.op == "input":
+        return str(node.attr["name"])
+    return ref.node if ref.index == 0 else f"{ref.node}_{ref.index}"
+
+
+def _forward(graph: Graph, fused: _FusedFunctions) -> list[str]:
+    last_use = _last_uses(graph)
+    source = next(node for node in graph.nodes if node.op == "input").attr["name"]
+    lines = []
+    for index, node in enumerate(graph.nodes):
+        if node.op in ("param", "input"):
+            continue
+        args = [value_name(ref, graph) for ref in node.inputs]
+        expr = _expression(node, args, fused, source)
+        targets = ", ".join(value_name(Ref(node.name, i), graph) for i in range(len(node.types or (None,))))
+        shapes = ", ".join(str(t) for t in node.types or ())
+        where = f"  {comment_safe(node.origin)}" if node.origin is not None else ""
+        lines.append(f"        {targets} = {expr}  # {shapes}{where}")
+        # Parameters live on the module; the input is kept for constants' device.
+        dead = sorted({value_name(ref, graph) for ref in node.inputs
+                       if last_use.get(ref) == index and graph[ref.node].op not in ("param", "input")})
+        if dead:
+            lines.append(f"        del {', '.join(dead)}")
+    output, aux = (value_name(ref, graph) for ref in graph.outputs)
+    lines.append(f"        return ModelOutput(output={output}, aux_loss={aux})")
+    return lines
+
+
+def _expression(node: Node, args: list[str], fused: _FusedFunctions, source: str) -> str:
+    if node.op == "constant":
+        return f"torch.full((), {node.attr['value']!r}, device={source}.device)"
+    if node.op == "moe":
+        return f"{fused.moe(node.attr)}({', '.join(args)}, self.training)"
+    if node.op == "spectral_moe":
+        return f"{fused.spectral(node.attr)}({', '.join(args)}, self.training)"
+    emit = EXPRESSIONS.get(node.op)
+    if emit is None:
+        raise ValueError(f"the torch backend has no lowering for op '{node.op}'; do not disable the fusion passes that remove it")
+    return emit(node, *args)
+
+
+def _last_uses(graph: Graph) -> dict[Ref, int]:
+    last: dict[Ref, int] = {}
+    for index, node in enumerate(graph.nodes):
+        for ref in node.inputs:
+            last[ref] = index
+    for ref in graph.outputs:
+        last[ref] = len(graph.nodes)  # returned: never deleted
+    return last
+
+
+def _module_class(graph: Graph, name: str, forward: list[str]) -> list[str]:
+    source = next(node for node in graph.nodes if node.op == "input")
+    arg, dtype = source.attr["name"], source.attr["dtype"]
+    out_type, aux_type = (graph.type_of(ref) for ref in graph.outputs)
+    lines = [
+        f"class {name}(nn.Module):",
+        f'    """The model of spec SPEC_NAME: forward({arg}) -> ModelOutput(output, aux_loss)."""',
+        "",
+        "    def __init__(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:",
+        "        super().__init__()",
+        *_declarations(graph),
+        "",
+        f"    def forward(self, {arg}: torch.Tensor) -> ModelOutput:",
+        f'        """{arg}: {source.type} -> output {out_type}, aux_loss {aux_type}."""',
+        *forward,
+        "",
+        "    def example_inputs(self, batch: int = 2, seq: int = 64, seed: int = 0) -> tuple[torch.Tensor]:",
+        '        """Random inputs of the right kind for ``forward``."""',
+        "        generator = torch.Generator().manual_seed(seed)",
+        "        device = next(self.parameters()).device",
+    ]
+    if dtype == "i64":
+        vocab = graph["embed.weight"].attr["shape"][0]
+        lines.append(f"        return (torch.randint(0, {vocab}, (batch, seq), generator=generator).to(device),)")
+    else:
+        lines.append(f"        return (torch.randn(batch, seq, {source.attr['shape'][2]}, generator=generator).to(device),)")
+    return lines
+
+
+def _declarations(graph: Graph) -> list[str]:
+    """``__init__`` lines creating the parameter tree whose state_dict keys are the graph's names."""
+    leaves: dict[str, tuple[dict, dict]] = {}
+    for node in graph.params():
+        assert "." in node.attr["name"], f"parameter {node.attr['name']} has no owning module"
+        owner, leaf = node.attr["name"].rsplit(".", 1)
+        trainable, frozen = leaves.setdefault(owner, ({}, {}))
+        (trainable if node.attr["trainable"] else frozen)[leaf] = tuple(node.attr["shape"])
+    lines, made = [], set()
+    blocks = sorted({int(name.split(".")[1]) for name in leaves if name.startswith("blocks.")})
+    if blocks:
+        lines.append(f"        self.blocks = nn.ModuleList(nn.Module() for _ in range({len(blocks)}))")
+        made |= {"blocks"} | {f"blocks.{i}" for i in blocks}
+    for owner, (trainable, frozen) in leaves.items():
+        parts = owner.split(".")
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth])
+            if prefix not in made:
+                lines.append(f"        {param_expr(prefix)} = nn.Module()")
+                made.add(prefix)
+        shapes = ", ".join(f"{k!r}: {v!r}" for k, v in trainable.items())
+        extra = f", {{{', '.join(f'{k!r}: {v!r}' for k, v in frozen.items())}}}" if frozen else ""
+        lines.append(f"        {param_expr(owner)} = make_parameters(device, dtype, {{{shapes}}}{extra})")
+        made.add(owner)
+    return lines

@@ -1,0 +1,29 @@
+"""Per-op expressions of the torch backend for the dense (unfused) ops.
+
+Each entry maps ``(node, *argument_expressions)`` to one Python expression. Attribute
+values are numbers and booleans from the graph, written with ``repr``.
+"""
+
+from __future__ import annotations
+
+
+def _width(node) -> int:
+    return node.types[0].shape[-1]
+
+
+EXPRESSIONS = {
+    "embed": lambda n, tokens, table: f"F.embedding({tokens}, {table})",
+    "linear": lambda n, x, w, b=None: f"F.linear({x}, {w}{', ' + b if b else ''})",
+    "pos_embed": lambda n, x, table: f"{x} + {table}[: {x}.shape[1]]",
+    "rmsnorm": lambda n, x, w: f"F.rms_norm({x}, ({_width(n)},), {w}, {n.attr['eps']!r})",
+    "layernorm": lambda n, x, w, b: f"F.layer_norm({x}, ({_width(n)},), {w}, {b}, {n.attr['eps']!r})",
+    "rope": lambda n, x: f"rope({x}, {n.attr['heads']}, {n.attr['head_dim']}, {n.attr['theta']!r})",
+    "attention": lambda n, q, k, v: f"attention({q}, {k}, {v}, {n.attr['heads']}, {n.attr['kv_heads']}, {n.attr['head_dim']}, {n.attr['causal']})",
+    "activation": lambda n, x: f"F.{n.attr['fn']}({x})",
+    "glu": lambda n, gate, up: f"F.{n.attr['fn']}({gate}) * {up}",
+    "add": lambda n, x, y: f"{x} + {y}",
+    "select_last": lambda n, x: f"{x}[:, -1:, :]",
+}
+
+# Helper functions (from moec.backends.torch.snippets) that an op's expression calls.
+SNIPPETS_USED_BY = {"rope": {"rope"}, "attention": {"attention"}}

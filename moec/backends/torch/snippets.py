@@ -1,0 +1,143 @@
+"""Helper functions copied verbatim into generated programs (only those a program uses).
+
+They are ordinary, tested functions: the emitter copies their source with
+``inspect.getsource``, so what runs in ``model.py`` is exactly what is tested here. Each
+must depend only on ``math``, ``torch`` and ``F`` (torch.nn.functional). No data-dependent
+Python control flow: every branch is on shapes, dtypes or constants, so that
+``torch.compile(fullgraph=True)`` traces them without breaks or recompiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rope(x: torch.Tensor, heads: int, head_dim: int, theta: float) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention (HF Llama): dims i and i + head_dim/2 pair up."""
+    batch, seq, _ = x.shape
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=x.device), inv_freq)
+    cos = torch.cat([angles, angles], -1).cos().to(x.dtype)[:, None, :]  # (S, 1, hd)
+    sin = torch.cat([angles, angles], -1).sin().to(x.dtype)[:, None, :]
+    xh = x.view(batch, seq, heads, head_dim)
+    rotated = torch.cat([-xh[..., head_dim // 2 :], xh[..., : head_dim // 2]], -1)
+    return (xh * cos + rotated * sin).reshape(batch, seq, heads * head_dim)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, head_dim: int, causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention (torch SDPA) with grouped KV heads: (B,S,H*hd) -> (B,S,H*hd)."""
+    batch, seq, _ = q.shape
+    q = q.view(batch, seq, heads, head_dim).transpose(1, 2)
+    k = k.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+    v = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=heads != kv_heads)
+    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, tau: float, temperature: float) -> torch.Tensor:
+    """Log-space Sinkhorn over all tokens: rows sum to 1, then columns to N/E, ``iters`` times."""
+    log_k = logits / (temperature * tau)  # (N, E)
+    tokens, experts = log_k.shape
+    row = log_k.new_zeros(tokens, 1)
+    col = log_k.new_zeros(1, experts)
+    for _ in range(iters):
+        row = -torch.logsumexp(log_k + col, dim=1, keepdim=True)
+        col = math.log(tokens / experts) - torch.logsumexp(log_k + row, dim=0, keepdim=True)
+    return torch.exp(log_k + row + col)
+
+
+def select_experts(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token by (scores + bias), ties to the lower expert; weights are the unbiased scores."""
+    select = scores if bias is None else scores + bias
+    chosen = torch.sort(select, dim=-1, descending=True, stable=True).indices[:, :top_k]  # (N, k)
+    return scores.gather(-1, chosen), chosen
+
+
+def capacity_keep(choice_scores: torch.Tensor, flat_expert: torch.Tensor, experts: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert keeps its ``capacity`` highest-scoring (token, choice) slots.
+
+    Returns ``slots`` (E, C): indices into the N*k choices, with ``N*k`` (a sentinel past the
+    end) where an expert has fewer than C; and ``kept`` (N*k,) bool. Ties go to the lower slot.
+    """
+    total = flat_expert.shape[0]
+    mine = flat_expert[None, :] == torch.arange(experts, device=flat_expert.device)[:, None]  # (E, N*k)
+    ranked = torch.where(mine, choice_scores.detach()[None, :], float("-inf"))
+    top = torch.sort(ranked, dim=1, descending=True, stable=True)
+    valid = top.values[:, :capacity] > float("-inf")  # (E, C)
+    slots = torch.where(valid, top.indices[:, :capacity], total)
+    kept = torch.zeros(total + 1, dtype=torch.bool, device=flat_expert.device)
+    kept = kept.index_put((slots.reshape(-1),), torch.ones_like(slots.reshape(-1), dtype=torch.bool))
+    return slots, kept[:total]
+
+
+def load_balance_loss(scores: torch.Tensor, counts: torch.Tensor, experts: int) -> torch.Tensor:
+    """E * sum_e (c_e / N) * P_e with P_e the mean of the per-token normalised scores."""
+    probs = scores / scores.sum(-1, keepdim=True)
+    return experts * torch.sum(counts.to(probs.dtype) / scores.shape[0] * probs.mean(0))
+
+
+def dft_matrices(seq: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of 2*pi*n*f/S, shape (S, F): the real DFT as two matmuls."""
+    n = torch.arange(seq, dtype=torch.float64, device=device)
+    f = torch.arange(seq // 2 + 1, dtype=torch.float64, device=device)
+    angle = 2 * math.pi * torch.outer(n, f) / seq
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def spectral_scales(seq: int, norm: str) -> tuple[float, float]:
+    """(forward, inverse) scale factors of torch.fft's ``norm`` modes."""
+    if norm == "ortho":
+        return 1.0 / math.sqrt(seq), 1.0 / math.sqrt(seq)
+    if norm == "forward":
+        return 1.0 / seq, 1.0
+    return 1.0, 1.0 / seq
+
+
+def rfft_real(x: torch.Tensor, norm: str, use_dft: bool) -> torch.Tensor:
+    """rfft over dim 1 as a real view: (B,S,D) -> (B,F,2D) = [real parts, imaginary parts]."""
+    if not use_dft:
+        spectrum = torch.fft.rfft(x, dim=1, norm=norm)
+        return torch.cat([spectrum.real, spectrum.imag], dim=-1)
+    cos, sin = dft_matrices(x.shape[1], x.dtype, x.device)
+    scale = spectral_scales(x.shape[1], norm)[0]
+    real = torch.einsum("sf,bsd->bfd", cos, x) * scale
+    imag = -torch.einsum("sf,bsd->bfd", sin, x) * scale
+    return torch.cat([real, imag], dim=-1)
+
+
+def irfft_real(z: torch.Tensor, seq: int, norm: str, use_dft: bool) -> torch.Tensor:
+    """Inverse of ``rfft_real``: (B,F,2D) -> (B,S,D); like irfft, ignores imag at DC and Nyquist."""
+    width = z.shape[-1] // 2
+    if not use_dft:
+        spectrum = torch.complex(z[..., :width].contiguous(), z[..., width:].contiguous())
+        return torch.fft.irfft(spectrum, n=seq, dim=1, norm=norm)
+    cos, sin = dft_matrices(seq, z.dtype, z.device)
+    bins = seq // 2 + 1
+    weight = torch.full((bins,), 2.0, dtype=z.dtype, device=z.device)
+    weight[0] = 1.0
+    if seq % 2 == 0:
+        weight[-1] = 1.0
+    scale = spectral_scales(seq, norm)[1]
+    real = torch.einsum("sf,bfd->bsd", cos * weight, z[..., :width])
+    imag = torch.einsum("sf,bfd->bsd", sin * weight, z[..., width:])
+    return (real - imag) * scale
+
+
+def band_index(z: torch.Tensor) -> torch.Tensor:
+    """Append the frequency index f / (F - 1) as one more channel: (B,F,C) -> (B,F,C+1)."""
+    bins = z.shape[1]
+    index = torch.arange(bins, dtype=z.dtype, device=z.device) / max(bins - 1, 1)
+    return torch.cat([z, index[None, :, None].expand(z.shape[0], bins, 1)], dim=-1)
+
+
+def make_parameters(device, dtype, trainable: dict, frozen: dict | None = None) -> torch.nn.Module:
+    """A module holding uninitialised parameters (and non-trainable buffers) of the given shapes."""
+    module = torch.nn.Module()
+    for name, shape in trainable.items():
+        module.register_parameter(name, torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+    for name, shape in (frozen or {}).items():
+        module.register_buffer(name, torch.empty(shape, device=device, dtype=dtype))
+    return module
