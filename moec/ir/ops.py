@@ -319,7 +319,7 @@ def _moe(types, attrs):
     return _same(h) + (TensorType((), "f32"),)
 
 
-@op("spectral_moe", (5, 14), required=MOE_ATTRS + " depth fft_norm band", fused=True)
+@op("spectral_moe", (4, 14), required=MOE_ATTRS + " depth fft_norm band", fused=True)
 def _spectral_moe(types, attrs):
     x = types[0]
     _expect(x.rank == 3 and x.dtype == "f32", f"spectral_moe takes real [B,S,D], got {x}")

@@ -142,8 +142,9 @@ def _expression(node: Node, args: list[str], fused: _FusedFunctions, source: str
     if node.op == "spectral_moe":
         return f"{fused.spectral(node.attr)}({', '.join(args)}, self.training)"
     emit = EXPRESSIONS.get(node.op)
-    if emit is None:
-        raise ValueError(f"the torch backend has no lowering for op '{node.op}'; do not disable the fusion passes that remove it")
+    if emit is None:  # an unfused MoE / spectral op: only when a fusion pass was disabled
+        attrs = "{" + ", ".join(f"{key!r}: {value!r}" for key, value in node.attrs) + "}"
+        return f"runtime.reference_op({node.op!r}, {attrs}, self.training, {source}.shape[1]{''.join(', ' + a for a in args)})"
     return emit(node, *args)
 
 
