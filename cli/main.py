@@ -76,6 +76,39 @@ def build(
 
 
 @app.command()
+def train(
+    spec: Path = typer.Argument(..., help="The spec to train.", show_default=False),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="Continue from the latest checkpoint of the run (--resume), or from the one given (--resume PATH).",
+    ),
+    stop_at: Optional[int] = typer.Option(
+        None, "--stop-at", min=1, help="Stop after this step with a checkpoint, as if interrupted; the schedule still follows train.steps.",
+    ),
+    allow_spec_change: bool = typer.Option(False, "--allow-spec-change", help="Resume even though train/schedule fields changed."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: the spec's train.checkpoint.dir)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots at the end."),
+) -> None:
+    """Train a spec: metrics.jsonl, checkpoints and plots under the run directory."""
+    from cli.train import run_train
+
+    run_train(spec, resume=resume, allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
+              stop_at=stop_at)
+
+
+@app.command()
+def plot(run: Path = typer.Argument(..., help="A run directory with metrics.jsonl.", show_default=False)) -> None:
+    """Draw loss, expert-utilisation and throughput PNGs for a run."""
+    from moec.runtime.plots import plot_run
+
+    if not (run / "metrics.jsonl").is_file():
+        typer.echo(f"error: {run}: no metrics.jsonl (is it a run directory?)", err=True)
+        raise typer.Exit(1)
+    for path in plot_run(run):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
 def schema(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:
@@ -92,8 +125,24 @@ def schema(
         typer.echo(f"wrote {output}", err=True)
 
 
+def _normalize_resume(argv: list[str]) -> list[str]:
+    """``--resume`` alone means the latest checkpoint: give it that value explicitly.
+
+    typer's options always take a value, so ``--resume`` followed by nothing or by another
+    option gets ``latest`` inserted; ``--resume PATH`` and ``--resume=PATH`` pass through.
+    """
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("latest")
+    return out
+
+
 def main() -> None:
-    app()
+    import sys
+
+    app(args=_normalize_resume(sys.argv[1:]), prog_name="moec")
 
 
 if __name__ == "__main__":

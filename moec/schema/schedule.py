@@ -38,7 +38,9 @@ class Compile(Base):
     @model_validator(mode="after")
     def _no_options_when_off(self) -> "Compile":
         if not self.enabled:
-            ignored = sorted(self.model_fields_set - {"enabled"})
+            # Non-default values only: the resolved form of a spec sets every field.
+            ignored = sorted(name for name in self.model_fields_set - {"enabled"}
+                             if getattr(self, name) != type(self).model_fields[name].default)
             if ignored:
                 raise field_error(ignored[0], "is ignored because compile.enabled is false; remove it or enable compilation")
         return self

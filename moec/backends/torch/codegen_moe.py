@@ -60,8 +60,20 @@ def moe_function(name: str, attrs: dict, kernel: str) -> list[str]:
         lines += _ffn("x", "shared_", attrs["activation"], "shared", out="shared_out")
         lines.append("    out = out + shared_out  # shared experts see every token")
     lines += _aux(attrs)
-    lines.append("    return out.view(batch, seq, width), aux")
+    lines += _stats(attrs)
+    lines.append("    return out.view(batch, seq, width), aux, stats")
     return lines
+
+
+def _stats(attrs: dict) -> list[str]:
+    """Detached health numbers for the trainer: [tokens per expert..., dropped, entropy, lb, z]."""
+    dropped = "1.0 - kept.float().mean()" if attrs["capacity"] else "logits.new_zeros(())"
+    return [
+        "    probs = scores / scores.sum(-1, keepdim=True)",
+        "    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()",
+        f"    terms = [{dropped}, entropy, balance, z]",
+        "    stats = torch.cat([counts.to(logits.dtype), torch.stack(terms).to(logits.dtype)]).detach()",
+    ]
 
 
 def _router(attrs: dict) -> list[str]:
@@ -163,12 +175,11 @@ def _dense(attrs: dict) -> list[str]:
 
 
 def _aux(attrs: dict) -> list[str]:
-    terms = []
-    if attrs["load_balance"] > 0:
-        terms.append(f"{attrs['load_balance']!r} * load_balance_loss(scores, counts, {attrs['experts']})")
-    if attrs["z_loss"] > 0:
-        terms.append(f"{attrs['z_loss']!r} * torch.logsumexp(logits, dim=-1).pow(2).mean()")
-    return [f"    aux = {' + '.join(terms) if terms else 'logits.new_zeros(())'}"]
+    zero = "logits.new_zeros(())"
+    balance = f"{attrs['load_balance']!r} * load_balance_loss(scores, counts, {attrs['experts']})" if attrs["load_balance"] > 0 else zero
+    z = f"{attrs['z_loss']!r} * torch.logsumexp(logits, dim=-1).pow(2).mean()" if attrs["z_loss"] > 0 else zero
+    aux = " + ".join(name for name, weight in (("balance", attrs["load_balance"]), ("z", attrs["z_loss"])) if weight > 0)
+    return [f"    balance = {balance}", f"    z = {z}", f"    aux = {aux or zero}"]
 
 
 DFT_MAX_SEQ = 64  # kernels.spectral_moe 'auto': a DFT matmul up to this length, torch.fft above
@@ -187,12 +198,13 @@ def spectral_function(name: str, moe_name: str, attrs: dict, kernel: str) -> lis
         "    seq = x.shape[1]",
         f"    use_dft = {use_dft}  # DFT as matmuls for short sequences, else torch.fft",
         f"    z = rfft_real(x, {norm!r}, use_dft)  # (B, F, 2D): real parts, then imaginary parts",
-        "    aux = None",
+        "    aux = stats = None",
         f"    for _ in range({attrs['depth']}):",
-        f"        y, step_aux = {moe_name}(z, {router_in}, {moe_args}, training)",
+        f"        y, step_aux, step_stats = {moe_name}(z, {router_in}, {moe_args}, training)",
         "        z = z + y",
         "        aux = step_aux if aux is None else aux + step_aux",
-        f"    return irfft_real(z, seq, {norm!r}, use_dft), aux",
+        "        stats = step_stats if stats is None else stats + step_stats",
+        f"    return irfft_real(z, seq, {norm!r}, use_dft), aux, stats / {attrs['depth']}  # stats: mean over steps",
     ]
 
 

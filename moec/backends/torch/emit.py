@@ -114,6 +114,7 @@ def value_name(ref: Ref, graph: Graph) -> str:
 def _forward(graph: Graph, fused: _FusedFunctions) -> list[str]:
     last_use = _last_uses(graph)
     source = next(node for node in graph.nodes if node.op == "input").attr["name"]
+    stats: list[str] = []
     lines = []
     for index, node in enumerate(graph.nodes):
         if node.op in ("param", "input"):
@@ -121,6 +122,9 @@ def _forward(graph: Graph, fused: _FusedFunctions) -> list[str]:
         args = [value_name(ref, graph) for ref in node.inputs]
         expr = _expression(node, args, fused, source)
         targets = ", ".join(value_name(Ref(node.name, i), graph) for i in range(len(node.types or (None,))))
+        if node.op in ("moe", "spectral_moe"):
+            targets += f", stats_{len(stats)}"
+            stats.append(f"stats_{len(stats)}")
         shapes = ", ".join(str(t) for t in node.types or ())
         where = f"  {comment_safe(node.origin)}" if node.origin is not None else ""
         lines.append(f"        {targets} = {expr}  # {shapes}{where}")
@@ -130,8 +134,19 @@ def _forward(graph: Graph, fused: _FusedFunctions) -> list[str]:
         if dead:
             lines.append(f"        del {', '.join(dead)}")
     output, aux = (value_name(ref, graph) for ref in graph.outputs)
-    lines.append(f"        return ModelOutput(output={output}, aux_loss={aux})")
+    moe_stats = f"({', '.join(stats)}{',' if len(stats) == 1 else ''})"
+    lines.append(f"        return ModelOutput(output={output}, aux_loss={aux}, moe_stats={moe_stats})")
     return lines
+
+
+def moe_layers(graph: Graph) -> tuple[str, ...]:
+    """Names of the MoE layers, in forward order: the prefix of each one's router weight."""
+    names = []
+    for node in graph.nodes:
+        if node.op in ("moe", "spectral_moe"):
+            router = node.inputs[node.attr["slots"].index("router.weight")]
+            names.append(graph[router.node].attr["name"].removesuffix(".router.weight"))
+    return tuple(names)
 
 
 def _expression(node: Node, args: list[str], fused: _FusedFunctions, source: str) -> str:
@@ -164,7 +179,9 @@ def _module_class(graph: Graph, name: str, forward: list[str]) -> list[str]:
     out_type, aux_type = (graph.type_of(ref) for ref in graph.outputs)
     lines = [
         f"class {name}(nn.Module):",
-        f'    """The model of spec SPEC_NAME: forward({arg}) -> ModelOutput(output, aux_loss)."""',
+        f'    """The model of spec SPEC_NAME: forward({arg}) -> ModelOutput(output, aux_loss, moe_stats)."""',
+        "",
+        f"    MOE_LAYERS = {moe_layers(graph)!r}  # the layers of ModelOutput.moe_stats, in order",
         "",
         "    def __init__(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:",
         "        super().__init__()",

@@ -1,0 +1,41 @@
+"""``moec train``: load the spec, run the trainer, report; errors become one clean message."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from cli.output import print_spec_error
+
+EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at=None) -> None:
+    from moec import SpecError, load_spec
+    from moec.runtime.display import Display
+    from moec.runtime.plots import plot_run
+    from moec.runtime.trainer import Trainer, TrainingError
+
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as err:
+        print_spec_error(err)
+        raise typer.Exit(1) from None
+    display = Display()
+    try:
+        trainer = Trainer(spec, run_dir=run_dir, resume=resume, allow_spec_change=allow_spec_change, device=device, display=display)
+        if resume is not None:
+            display.log(f"resuming from {trainer.resumed_from} (step {trainer.start_step})")
+        result = trainer.run(stop_at=stop_at)
+    except (TrainingError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    if plots:
+        result.plots = plot_run(result.run_dir)
+    display.summary(trainer, result)
+    if result.interrupted and result.interrupted != "--stop-at":
+        typer.echo(f"stopped by {result.interrupted} at step {result.step}; resume with: moec train {spec_path} --resume", err=True)
+        sys.stdout.flush()
+        raise typer.Exit(EXIT_ON_SIGNAL.get(result.interrupted, 1))

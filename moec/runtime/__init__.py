@@ -1,0 +1,1 @@
+"""Running a compiled model: data, training loop, checkpoints, metrics, plots."""

@@ -1,0 +1,156 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+
+Layout: ``<run>/checkpoints/step_00000200/`` holds DCP's files (model weights, AdamW moments
+and steps, RNG states: tensors only) and ``meta.json`` (step, data position, spec sha256,
+the resolved spec, learning rates, validation loss). A checkpoint is written into a hidden
+``.tmp-*`` directory and renamed into place after ``meta.json`` is written, so a crash
+mid-save never leaves a directory that looks complete; leftovers are removed on resume.
+
+Nothing is unpickled from a checkpoint: DCP loads tensors, and everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+META = "meta.json"
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    meta: dict
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    names = {id(p): name for name, p in model.named_parameters()}
+    optim = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                optim[f"{names[id(param)]}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {"model": model.state_dict(), "optim": optim, "rng": rng}
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict) -> Path:
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(_tensor_state(model, optimizer), checkpoint_id=str(tmp))
+    (tmp / META).write_text(json.dumps(meta | {"step": step}, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)  # the commit point
+    _fsync_dir(root)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints, oldest first (directories without meta.json are ignored)."""
+    found = []
+    root = checkpoint_root(run_dir)
+    for path in sorted(root.glob("step_*")) if root.exists() else []:
+        meta_file = path / META
+        if meta_file.is_file():
+            meta = json.loads(meta_file.read_text())
+            found.append(CheckpointInfo(path, meta["step"], meta))
+    return found
+
+
+def remove_partial(run_dir: Path) -> list[Path]:
+    root = checkpoint_root(run_dir)
+    partial = sorted(root.glob(".tmp-*")) if root.exists() else []
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore model, optimizer moments and RNG in place; returns the checkpoint's meta."""
+    path = Path(path)
+    meta = json.loads((path / META).read_text())
+    state = _tensor_state(model, optimizer)
+    if not state["optim"]:  # a fresh optimizer has no moments yet: make the slots to load into
+        _init_optimizer_state(optimizer)
+        state = _tensor_state(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+    _restore_optimizer(model, optimizer, state["optim"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return meta
+
+
+def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            optimizer.state[param] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            }
+
+
+def _restore_optimizer(model, optimizer, flat: dict) -> None:
+    names = {id(p): name for name, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            slot = optimizer.state[param]
+            for key in list(slot):
+                slot[key].copy_(flat[f"{names[id(param)]}.{key}"])
+
+
+def prune(run_dir: Path, keep_last: int, best_step: int | None) -> None:
+    """Keep the newest ``keep_last`` checkpoints and the best one."""
+    complete = list_checkpoints(run_dir)
+    for info in complete[:-keep_last]:
+        if info.step != best_step:
+            shutil.rmtree(info.path, ignore_errors=True)
+
+
+def spec_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Key paths whose values differ between two resolved specs, as ``path: old -> new``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                out.append(f"{path}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+            else:
+                out.extend(spec_differences(old[key], new[key], path))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in spec_differences(a, b, f"{prefix}[{i}]")]
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]

@@ -1,0 +1,69 @@
+"""What the user sees while training: a rich progress bar, eval lines, a final summary."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from moec.runtime.metrics import summarize_health
+
+
+class Display:
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(log_path=False)
+
+    @contextlib.contextmanager
+    def progress(self, trainer):
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task = progress.add_task(trainer.spec.name, total=trainer.train.steps, completed=trainer.start_step, info="")
+            yield _Bar(progress, task, self.console)
+
+    def log(self, message: str) -> None:
+        self.console.log(message)
+
+    def log_eval(self, row: dict) -> None:
+        extra = (f"bits/byte {row['val_bits_per_byte']:.3f}" if "val_bits_per_byte" in row
+                 else f"mse {row['val_mse']:.5f} ({row['val_mse_over_last_value']:.3f} x last-value baseline)")
+        self.console.log(f"eval step {row['step']}: val loss {row['val_loss']:.4f}, {extra}")
+
+    def summary(self, trainer, result) -> None:
+        table = Table(title=f"moec train {trainer.spec.name}", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        rows = [
+            ("steps", f"{result.step} / {trainer.train.steps}" + (f" (stopped by {result.interrupted})" if result.interrupted else "")),
+            ("time", f"{result.seconds:.1f} s, {result.tokens_per_s:,.0f} tokens/s"),
+            ("final train loss", f"{result.final_train_loss:.4f}"),
+        ]
+        if result.last_eval:
+            rows.append(("last validation", _eval_text(result.last_eval, result.baseline_mse)))
+        if math.isfinite(result.best_val):
+            rows.append(("best validation loss", f"{result.best_val:.4f} (step {trainer.best_step})"))
+        rows += [("run directory", str(result.run_dir)), ("plots", ", ".join(str(p) for p in result.plots) or "-")]
+        for row in rows:
+            table.add_row(*row)
+        self.console.print(table)
+
+
+def _eval_text(row: dict, baseline: float | None) -> str:
+    if "val_bits_per_byte" in row:
+        return f"loss {row['val_loss']:.4f} = {row['val_bits_per_byte']:.3f} bits/byte"
+    return f"MSE {row['val_mse']:.5f} vs {baseline:.5f} repeating the last value ({baseline / row['val_mse']:.1f}x lower)"
+
+
+class _Bar:
+    def __init__(self, progress, task, console):
+        self.progress, self.task, self.console = progress, task, console
+
+    def update(self, row: dict, last_eval: dict) -> None:
+        health = summarize_health(row["moe"])
+        info = f"loss {row['task_loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:,.0f} tok/s"
+        if row["moe"]:
+            info += f"  drop {health['dropped']:.1%}  load max {health['max_load']:.2f} min {health['min_load']:.2f}"
+        self.progress.update(self.task, completed=row["step"], info=info)

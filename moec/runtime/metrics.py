@@ -1,0 +1,82 @@
+"""Per-step metrics: one JSON object per line in ``<run>/metrics.jsonl``.
+
+Train rows: ``{"kind": "train", "step", "loss", "task_loss", "aux_loss", "aux_load_balance",
+"aux_z", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes", "moe": {layer:
+{"utilization": [fraction of routed (token, choice) pairs per expert], "dropped_fraction",
+"gate_entropy"}}}``. Eval rows: ``{"kind": "eval", "step", "val_loss"}`` plus
+``val_bits_per_byte`` for byte-level text or ``val_mse`` for continuous data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def moe_health(layers: tuple[str, ...], stats: tuple) -> dict:
+    """Parse the generated model's stats vectors: [tokens per expert..., dropped, entropy, lb, z]."""
+    health = {}
+    for name, vector in zip(layers, stats):
+        values = vector.float().tolist()
+        counts, (dropped, entropy, balance, z) = values[:-4], values[-4:]
+        total = sum(counts) or 1.0
+        health[name] = {
+            "utilization": [round(c / total, 6) for c in counts],
+            "dropped_fraction": round(dropped, 6),
+            "gate_entropy": round(entropy, 6),
+            "aux_load_balance": balance,
+            "aux_z": z,
+        }
+    return health
+
+
+def summarize_health(health: dict) -> dict:
+    """Across layers: the mean dropped fraction and the most / least loaded expert's share x E."""
+    if not health:
+        return {"dropped": 0.0, "max_load": 1.0, "min_load": 1.0}
+    loads = [share * len(layer["utilization"]) for layer in health.values() for share in layer["utilization"]]
+    return {
+        "dropped": sum(layer["dropped_fraction"] for layer in health.values()) / len(health),
+        "max_load": max(loads),
+        "min_load": min(loads),
+    }
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+class MetricsWriter:
+    def __init__(self, path: Path, truncate_after: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after is not None and self.path.exists():
+            # Resuming: drop rows past the checkpoint, which the resumed run will write again.
+            rows = [row for row in read_metrics(self.path) if row["step"] <= truncate_after]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        elif truncate_after is None:
+            self.path.write_text("")
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row, allow_nan=True) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def bits_per_byte(nats_per_byte: float) -> float:
+    return nats_per_byte / math.log(2)

@@ -1,0 +1,266 @@
+"""``moec train``: the training loop, everything from the spec's ``train`` and ``schedule``.
+
+Step ``s`` reads batches ``s * grad_accum + i`` (i < grad_accum) of the dataset, so the data
+position is the step. Checkpoints hold the weights, AdamW state, RNG, step and spec; a run
+resumed from step N continues bit for bit as if it had not stopped (on the CPU, with
+``schedule.deterministic``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moec.backends.torch.build import build_model, compile_spec
+from moec.runtime import checkpoint as ckpt
+from moec.runtime.data import last_value_baseline, make_dataset
+from moec.runtime.diagnose import describe_nonfinite
+from moec.runtime.metrics import MetricsWriter, bits_per_byte, moe_health, peak_memory_bytes, summarize_health
+from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: the message is for the user (no traceback)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    interrupted: str | None = None
+    final_train_loss: float = math.nan
+    best_val: float = math.nan
+    baseline_mse: float | None = None
+    last_eval: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    plots: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, spec, run_dir: Path | None = None, resume: str | None = None, allow_spec_change: bool = False,
+                 device: str | None = None, display=None):
+        self.spec, self.train = spec, spec.train
+        self.run_dir = Path(run_dir or spec.train.checkpoint.dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.display = display
+        self.stop_signal: str | None = None
+        torch.manual_seed(self.train.seed)
+        if spec.schedule.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.program = compile_spec(spec)
+        self.model = build_model(spec, device=self.device, program=self.program).train()
+        self.step_fn = self._compiled(self.model)
+        self.optimizer = make_optimizer(self.model, self.program.graph, spec)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.data = make_dataset(spec)
+        self.token_model = spec.model.inputs.kind == "tokens"
+        self.start_step, self.best_val, self.best_step = 0, math.inf, None
+        if resume is not None:
+            self._resume(resume, allow_spec_change)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after=self.start_step if resume else None)
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def _compiled(self, model):
+        options = self.spec.schedule.compile
+        if not options.enabled:
+            return model
+        return torch.compile(model, mode=None if options.mode == "default" else options.mode, fullgraph=options.fullgraph,
+                             dynamic=options.dynamic, backend=options.backend)
+
+    def _resume(self, resume: str, allow_spec_change: bool) -> None:
+        ckpt.remove_partial(self.run_dir)
+        if resume == "latest":
+            found = ckpt.list_checkpoints(self.run_dir)
+            if not found:
+                raise TrainingError(f"nothing to resume: no complete checkpoint under {ckpt.checkpoint_root(self.run_dir)}")
+            path = found[-1].path
+        else:
+            path = Path(resume)
+            if not (path / ckpt.META).is_file():
+                raise TrainingError(f"{path} is not a complete checkpoint (no {ckpt.META})")
+        meta = json.loads((path / ckpt.META).read_text())
+        self._check_spec(meta["spec"], allow_spec_change)
+        ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.start_step = meta["step"]
+        self.best_val, self.best_step = meta.get("best_val", math.inf), meta.get("best_step")
+        self.resumed_from = path
+
+    def _check_spec(self, saved: dict, allow_spec_change: bool) -> None:
+        current = self.spec.model_dump(mode="json")
+        model_diff = ckpt.spec_differences(saved["model"], current["model"], "model")
+        if model_diff:
+            raise TrainingError("cannot resume: the model section changed since the checkpoint:\n  " + "\n  ".join(model_diff))
+        other = [d for key in ("train", "schedule", "mesh", "sharding") for d in ckpt.spec_differences(saved[key], current[key], key)]
+        if other and not allow_spec_change:
+            raise TrainingError("cannot resume: the spec changed since the checkpoint (pass --allow-spec-change to accept):\n  "
+                                + "\n  ".join(other))
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(self, stop_at: int | None = None) -> RunResult:
+        """Train to train.steps, or stop with a checkpoint after step ``stop_at`` (the schedule is unchanged)."""
+        result = RunResult(run_dir=self.run_dir, step=self.start_step)
+        if not self.token_model:
+            result.baseline_mse = last_value_baseline(self.data, self.train.eval.batches, self.train.batch)
+        started, tokens_seen = time.perf_counter(), 0
+        with self._signals(), (self.display.progress(self) if self.display else contextlib.nullcontext()) as bar:
+            for step in range(self.start_step, self.train.steps):
+                if stop_at is not None and step + 1 == stop_at:
+                    self.stop_signal = "--stop-at"
+                row = self._train_step(step)
+                tokens_seen += self.train.batch * self.train.seq_len
+                result.final_train_loss, result.step = row["task_loss"], step + 1
+                self.metrics.write(row)
+                if self._due(self.train.eval.every, step):
+                    result.last_eval = self._evaluate(step + 1, result)
+                if self._due(self.train.checkpoint.every, step) or self.stop_signal:
+                    self._save(step + 1)
+                if bar is not None:
+                    bar.update(row, result.last_eval)
+                if self.stop_signal:
+                    result.interrupted = self.stop_signal
+                    break
+        result.seconds = time.perf_counter() - started
+        result.tokens_per_s = tokens_seen / max(result.seconds, 1e-9)
+        result.best_val = self.best_val
+        return result
+
+    def _due(self, every: int, step: int) -> bool:
+        last = step + 1 == self.train.steps
+        return last or (every > 0 and (step + 1) % every == 0)
+
+    def _train_step(self, step: int) -> dict:
+        set_learning_rates(self.optimizer, self.base_lrs, lr_factor(step, self.spec))
+        accum, micro_batch = self.train.grad_accum, self.train.batch // self.train.grad_accum
+        start = time.perf_counter()
+        task_total = aux_total = 0.0
+        stats = None
+        for micro in range(accum):
+            batch = self.data.batch("train", step * accum + micro, micro_batch)
+            inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
+            with self._autocast():
+                out = self.step_fn(inputs)
+            task = self._task_loss(out.output, targets)
+            loss = task + out.aux_loss.float()
+            if not torch.isfinite(loss):
+                raise TrainingError(self._diverged_message(step, loss, inputs))
+            (loss / accum).backward()
+            task_total += task.item() / accum
+            aux_total += out.aux_loss.item() / accum
+            stats = out.moe_stats if stats is None else tuple(a + b for a, b in zip(stats, out.moe_stats))
+        clip = self.train.grad_clip if self.train.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        health = moe_health(self.model.MOE_LAYERS, stats or ())
+        self._update_selection_bias(health)
+        elapsed = time.perf_counter() - start
+        row = {
+            "kind": "train", "step": step + 1, "loss": task_total + aux_total, "task_loss": task_total, "aux_loss": aux_total,
+            "aux_load_balance": sum(layer.pop("aux_load_balance") for layer in health.values()) / accum,
+            "aux_z": sum(layer.pop("aux_z") for layer in health.values()) / accum,
+            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+            "tokens_per_s": self.train.batch * self.train.seq_len / max(elapsed, 1e-9),
+            "peak_memory_bytes": peak_memory_bytes(self.device), "moe": health,
+        }
+        return row
+
+    def _autocast(self):
+        dtype = AUTOCAST.get(self.spec.schedule.precision.compute)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _task_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.token_model:
+            return F.cross_entropy(output.float().reshape(-1, output.shape[-1]), targets.reshape(-1))
+        return F.mse_loss(output.float(), targets)
+
+    def _diverged_message(self, step: int, loss: torch.Tensor, inputs: torch.Tensor) -> str:
+        where = describe_nonfinite(self.program, self.model, inputs, self.train.seed)
+        found = ckpt.list_checkpoints(self.run_dir)
+        last = f"the last good checkpoint is {found[-1].path} (step {found[-1].step})" if found else "no checkpoint was written yet"
+        return f"loss is {loss.item()} at step {step + 1}: {where}; {last}"
+
+    def _update_selection_bias(self, health: dict) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts."""
+        rates = sigmoid_bias_rates(self.spec)
+        buffers = dict(self.model.named_buffers())
+        for layer, values in health.items():
+            rate = rates.get(layer)
+            if rate:
+                load = torch.tensor(values["utilization"], device=self.device)
+                buffers[f"{layer}.router.selection_bias"].add_(rate * torch.sign(1.0 / load.numel() - load))
+
+    @torch.no_grad()
+    def _evaluate(self, step: int, result: RunResult) -> dict:
+        self.model.eval()
+        losses = []
+        for index in range(self.train.eval.batches):
+            batch = self.data.batch("val", index, self.train.batch)
+            with self._autocast():
+                out = self.model(batch.inputs.to(self.device))
+            losses.append(self._task_loss(out.output, batch.targets.to(self.device)).item())
+        self.model.train()
+        val = sum(losses) / len(losses)
+        row = {"kind": "eval", "step": step, "val_loss": val}
+        if self.token_model:
+            row["val_bits_per_byte"] = bits_per_byte(val)
+        else:
+            row["val_mse"] = val
+            row["val_mse_over_last_value"] = val / result.baseline_mse if result.baseline_mse else math.nan
+        if val < self.best_val:
+            self.best_val, self.best_step = val, step
+        self.metrics.write(row)
+        if self.display:
+            self.display.log_eval(row)
+        return row
+
+    def _save(self, step: int) -> None:
+        meta = {"spec": self.spec.model_dump(mode="json"), "spec_sha256": self.program.manifest["spec"]["sha256"],
+                "data_position": step, "best_val": self.best_val if math.isfinite(self.best_val) else None,
+                "best_step": self.best_step, "lrs": [g["lr"] for g in self.optimizer.param_groups]}
+        path = ckpt.save_checkpoint(self.run_dir, step, self.model, self.optimizer, meta)
+        policy = self.train.checkpoint
+        ckpt.prune(self.run_dir, policy.keep_last, self.best_step if policy.keep_best else None)
+        if self.display:
+            self.display.log(f"checkpoint {path}")
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT / SIGTERM finish the current step, save a checkpoint and stop."""
+        def stop(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def sigmoid_bias_rates(spec) -> dict[str, float]:
+    """MoE layer name (as in MOE_LAYERS) -> bias update rate, for sigmoid_bias routers."""
+    rates, index = {}, 0
+    for block in spec.model.blocks:
+        for _ in range(block.repeat):
+            for layer in block.layers:
+                moe = layer if layer.kind == "moe" else getattr(layer, "moe", None)
+                if moe is not None and moe.router.kind == "sigmoid_bias":
+                    name = f"blocks.{index}.{layer.name}" + (".moe" if layer.kind == "spectral_moe" else "")
+                    rates[name] = moe.router.bias_update_rate
+            index += 1
+    return rates
