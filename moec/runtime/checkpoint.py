@@ -61,9 +61,14 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict) -> P
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
-    os.rename(tmp, final)  # the commit point
+    _commit(tmp, final)
     _fsync_dir(root)
     return final
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """The commit point: before it the checkpoint does not exist, after it it is complete."""
+    os.rename(tmp, final)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -160,8 +160,9 @@ class Trajectories(Dataset):
         kind = torch.randint(0, len(self.patterns), (size,), generator=generator)
         omega = _uniform(generator, (size, 1), 0.1, 0.4)
         phase = _uniform(generator, (size, 1), 0, 2 * math.pi)
+        rise = ((t - t.mean()) / t.shape[1] * 2).expand(size, -1)
         curves = {
-            "helix": torch.stack([torch.cos(omega * t + phase), torch.sin(omega * t + phase), (t - t.mean()) / t.shape[1] * 2], -1),
+            "helix": torch.stack([torch.cos(omega * t + phase), torch.sin(omega * t + phase), rise], -1),
             "orbit": torch.stack([1.2 * torch.cos(omega * t + phase), 0.6 * torch.sin(omega * t + phase), 0.3 * torch.sin(omega * t + phase)], -1),
             "lissajous": torch.stack([torch.sin(omega * t + phase), torch.sin(2 * omega * t), torch.sin(3 * omega * t + phase / 2)], -1),
             "lorenz": self._lorenz(generator, size),

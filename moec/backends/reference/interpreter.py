@@ -99,12 +99,12 @@ class ReferenceModel(nn.Module):
 
 
 def first_nonfinite(model: ReferenceModel, inputs: torch.Tensor) -> Node | None:
-    """The first node (in execution order) whose output holds a NaN or an infinity."""
+    """The first computed node (in execution order) whose output holds a NaN or an infinity."""
     ctx = Context(training=False, device=inputs.device, symbols={"B": inputs.shape[0], "S": inputs.shape[1]})
     values: dict[str, tuple] = {}
     with torch.no_grad():
         for node in model.graph.nodes:
             values[node.name] = model._run(node, ctx, values, inputs)
-            if any(torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all() for v in values[node.name]):
+            if node.op != "param" and any(torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all() for v in values[node.name]):
                 return node
     return None
