@@ -21,8 +21,8 @@ class Display:
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=False) as progress:
-            task = progress.add_task(trainer.spec.name, total=trainer.train.steps, completed=trainer.start_step, info="")
-            yield _Bar(progress, task, self.console)
+            task = progress.add_task("train", total=trainer.train.steps, completed=trainer.start_step, info="")
+            yield _Bar(progress, task, self.console, trainer.train.steps)
 
     def log(self, message: str) -> None:
         self.console.log(message)
@@ -58,8 +58,10 @@ def _eval_text(row: dict, baseline: float | None) -> str:
 
 
 class _Bar:
-    def __init__(self, progress, task, console):
+    def __init__(self, progress, task, console, steps: int):
         self.progress, self.task, self.console = progress, task, console
+        # Without a terminal (CI, a log file) the bar is drawn once at the end: log lines instead.
+        self.log_every = 0 if console.is_terminal else max(1, steps // 20)
 
     def update(self, row: dict, last_eval: dict) -> None:
         health = summarize_health(row["moe"])
@@ -67,3 +69,5 @@ class _Bar:
         if row["moe"]:
             info += f"  drop {health['dropped']:.1%}  load max {health['max_load']:.2f} min {health['min_load']:.2f}"
         self.progress.update(self.task, completed=row["step"], info=info)
+        if self.log_every and row["step"] % self.log_every == 0:
+            self.console.log(f"step {row['step']}: {info}")

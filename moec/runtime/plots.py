@@ -30,7 +30,15 @@ def _loss(plt, run_dir, train, evals) -> Path:
     ax.plot([r["step"] for r in train], [r["task_loss"] for r in train], lw=1, alpha=0.8, label="train (task loss)")
     if evals:
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", lw=2, label="validation")
+        ratio = evals[-1].get("val_mse_over_last_value")
+        if ratio:  # continuous data: the MSE of repeating the last value, for scale
+            ax.axhline(evals[-1]["val_mse"] / ratio, ls="--", color="gray", label="repeat-last-value baseline")
     ax.set_yscale("log")
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("step")
     ax.set_ylabel("loss (log scale)")
     ax.set_title(f"{run_dir.name}: loss")
