@@ -50,6 +50,10 @@ def _same(t: TensorType, dtype: str | None = None) -> tuple[TensorType, ...]:
     return (TensorType(t.shape, dtype or t.dtype),)
 
 
+def _elementwise(types, attrs):
+    return _same(types[0])
+
+
 def _expect(condition: bool, message: str) -> None:
     if not condition:
         raise ShapeError(message)
@@ -145,9 +149,7 @@ def _attention(types, attrs):
     return _same(q)
 
 
-@op("activation", 1, required="fn")
-def _activation(types, attrs):
-    return _same(types[0])
+op("activation", 1, required="fn")(_elementwise)
 
 
 @op("glu", 2, required="fn")
@@ -174,24 +176,10 @@ def _select_last(types, attrs):
 # --- routing ---------------------------------------------------------------------------
 
 
-@op("noise", 1, required="kind std")
-def _noise(types, attrs):
-    return _same(types[0])
-
-
-@op("softmax", 1, required="temperature")
-def _softmax(types, attrs):
-    return _same(types[0])
-
-
-@op("sigmoid", 1, required="temperature")
-def _sigmoid(types, attrs):
-    return _same(types[0])
-
-
-@op("sinkhorn", 1, required="iters tau temperature")
-def _sinkhorn(types, attrs):
-    return _same(types[0])
+# Router score ops keep their input's shape: [B,S,E] logits -> [B,S,E] scores.
+for _name, _required in (("noise", "kind std"), ("softmax", "temperature"), ("sigmoid", "temperature"),
+                         ("sinkhorn", "iters tau temperature"), ("renormalize", "")):
+    op(_name, 1, required=_required)(_elementwise)
 
 
 @op("topk", (1, 2), required="k")
@@ -203,11 +191,6 @@ def _topk(types, attrs):
         _expect(types[1].shape == (scores.shape[-1],), f"selection bias must be [{scores.shape[-1]}], got {types[1]}")
     out = scores.shape[:-1] + (attrs["k"],)
     return TensorType(out, "f32"), TensorType(out, "i64")
-
-
-@op("renormalize", 1)
-def _renormalize(types, attrs):
-    return _same(types[0])
 
 
 @op("capacity", 3, required="factor experts top_k drop_policy")

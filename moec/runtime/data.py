@@ -123,8 +123,8 @@ def _uniform(generator, size, low, high):
     return low + (high - low) * torch.rand(size, generator=generator, dtype=torch.float64)
 
 
-class Signals(Dataset):
-    """1-D: sine, three harmonics, and a spiral (growing radius) seen along one axis."""
+class _Synthetic(Dataset):
+    """Curves drawn per sample: pick a pattern, draw its parameters, add noise."""
 
     def __init__(self, seed, seq_len, pool_last, patterns: list[str], noise: float):
         super().__init__(seed, seq_len, pool_last)
@@ -133,6 +133,20 @@ class Signals(Dataset):
     def windows(self, generator, split, size):
         t = torch.arange(self.seq_len + 1, dtype=torch.float64)[None, :]
         kind = torch.randint(0, len(self.patterns), (size,), generator=generator)
+        curves = self.curves(generator, t, size)  # name -> [B, S+1, channels]
+        stacked = torch.stack([curves[name].expand(size, -1, -1) for name in self.patterns], 0)
+        picked = stacked[kind, torch.arange(size)]
+        picked = picked + self.noise * torch.randn(picked.shape, generator=generator, dtype=torch.float64)
+        return picked.float()
+
+    def curves(self, generator, t: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class Signals(_Synthetic):
+    """1-D: sine, three harmonics, and a spiral (growing radius) seen along one axis."""
+
+    def curves(self, generator, t, size):
         omega = _uniform(generator, (size, 1), 0.15, 0.6)  # radians per step: the last value is a poor guess
         phase = _uniform(generator, (size, 1), 0, 2 * math.pi)
         amplitude = _uniform(generator, (size, 1), 0.5, 1.5)
@@ -142,35 +156,22 @@ class Signals(Dataset):
                                       + 0.25 * torch.sin(3 * omega * t + 3 * phase)) / 1.75,
             "spiral": amplitude * (0.3 + 0.7 * t / t.shape[1]) * torch.cos(omega * t + phase),
         }
-        stacked = torch.stack([curves[name] for name in self.patterns], 0)  # [P, B, S+1]
-        signal = stacked[kind, torch.arange(size)]
-        signal = signal + self.noise * torch.randn(signal.shape, generator=generator, dtype=torch.float64)
-        return signal.float().unsqueeze(-1)
+        return {name: curve.unsqueeze(-1) for name, curve in curves.items()}
 
 
-class Trajectories(Dataset):
+class Trajectories(_Synthetic):
     """3-D: helix, elliptical orbit, Lissajous curve, Lorenz attractor (normalised)."""
 
-    def __init__(self, seed, seq_len, pool_last, patterns: list[str], noise: float):
-        super().__init__(seed, seq_len, pool_last)
-        self.patterns, self.noise = patterns, noise
-
-    def windows(self, generator, split, size):
-        t = torch.arange(self.seq_len + 1, dtype=torch.float64)[None, :]
-        kind = torch.randint(0, len(self.patterns), (size,), generator=generator)
+    def curves(self, generator, t, size):
         omega = _uniform(generator, (size, 1), 0.1, 0.4)
         phase = _uniform(generator, (size, 1), 0, 2 * math.pi)
         rise = ((t - t.mean()) / t.shape[1] * 2).expand(size, -1)
-        curves = {
+        return {
             "helix": torch.stack([torch.cos(omega * t + phase), torch.sin(omega * t + phase), rise], -1),
             "orbit": torch.stack([1.2 * torch.cos(omega * t + phase), 0.6 * torch.sin(omega * t + phase), 0.3 * torch.sin(omega * t + phase)], -1),
             "lissajous": torch.stack([torch.sin(omega * t + phase), torch.sin(2 * omega * t), torch.sin(3 * omega * t + phase / 2)], -1),
             "lorenz": self._lorenz(generator, size),
         }
-        stacked = torch.stack([curves[name].expand(size, -1, 3) for name in self.patterns], 0)
-        path = stacked[kind, torch.arange(size)]
-        path = path + self.noise * torch.randn(path.shape, generator=generator, dtype=torch.float64)
-        return path.float()
 
     def _lorenz(self, generator, size, dt: float = 0.01, substeps: int = 4) -> torch.Tensor:
         state = torch.randn(size, 3, generator=generator, dtype=torch.float64) * 5 + torch.tensor([0.0, 0.0, 25.0], dtype=torch.float64)
