@@ -192,3 +192,14 @@ def test_resume_flag_takes_an_optional_path():
     assert _normalize_resume(["train", "s.yaml", "--resume"]) == ["train", "s.yaml", "--resume", "latest"]
     assert _normalize_resume(["train", "s.yaml", "--resume", "--no-plots"]) == ["train", "s.yaml", "--resume", "latest", "--no-plots"]
     assert _normalize_resume(["train", "s.yaml", "--resume", "runs/x/checkpoints/step_2"])[-1] == "runs/x/checkpoints/step_2"
+
+
+def test_bf16_autocast_with_gradient_accumulation_keeps_fp32_master_weights(tmp_path):
+    text = quick_text(steps=6, every=3).replace("  deterministic: true", "  deterministic: true\n  precision: {compute: bf16}")
+    spec = moec.load_spec_text(text.replace("  batch: 8", "  batch: 8\n  grad_accum: 2"), file="bf16.yaml")
+    trainer = Trainer(spec, run_dir=tmp_path)
+    trainer.run()
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    train = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(train) == 6 and all(math.isfinite(r["loss"]) for r in train)
+    assert train[-1]["task_loss"] < train[0]["task_loss"] - 0.2
