@@ -69,7 +69,7 @@ def build(
     graph: bool = typer.Option(False, "--graph", help="Also render graph.dot to graph.svg (needs Graphviz's dot)."),
     disable_pass: List[str] = typer.Option([], "--disable-pass", help="Skip a pass by name (repeatable)."),
 ) -> None:
-    """Compile a spec: lower, run the passes, write ir.txt and graph.dot."""
+    """Compile a spec: write model.py, manifest.json, ir.txt and graph.dot; print a summary."""
     from cli.build import run_build
 
     run_build(spec, output, dump_ir=dump_ir, render_svg=graph, disable=tuple(disable_pass))
