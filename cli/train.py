@@ -24,6 +24,10 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
         print_spec_error(err)
         raise typer.Exit(1) from None
     display = Display()
+    if spec.mesh.world_size > 1:
+        mesh = " x ".join(f"{axis} {size}" for axis, size in spec.mesh.axes.items())
+        typer.echo(f"note: the spec's mesh has {spec.mesh.world_size} devices ({mesh}); this run uses one process, "
+                   "so the sharding section is not applied (distributed execution is not built yet)", err=True)
     try:
         trainer = Trainer(spec, run_dir=run_dir, resume=resume, allow_spec_change=allow_spec_change, device=device, display=display)
         if resume is not None:

@@ -53,6 +53,8 @@ class Trainer:
         self.spec, self.train = spec, spec.train
         self.run_dir = Path(run_dir or spec.train.checkpoint.dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainingError("--device cuda was asked for, but torch sees no CUDA device here")
         self.display = display
         self.stop_signal: str | None = None
         torch.manual_seed(self.train.seed)
