@@ -8,13 +8,14 @@ from pathlib import Path
 
 import typer
 
-from cli.output import print_spec_error
+from cli.output import human, print_spec_error
 
 
 def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: bool, disable: tuple[str, ...]) -> None:
     from moec import SpecError, load_spec
     from moec.backends.torch.build import compile_spec
     from moec.passes import PASS_NAMES
+    from moec.schema.spec import path_safe
 
     unknown = [name for name in disable if name not in PASS_NAMES]
     if unknown:
@@ -34,14 +35,10 @@ def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: b
         raise typer.Exit(2 if "disable" in str(err) else 1) from None
     if dump_ir:
         _dump(program)
-    out_dir = output or Path("build") / _dir_name(spec.name)
+    out_dir = output or Path("build") / path_safe(spec.name, fallback="model")
     written = _write(program, out_dir, render_svg)
     parameters = _instantiate_on_meta(spec, program, out_dir)
     _summary(spec_path, program, written, parameters)
-
-
-def _dir_name(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("._") or "model"
 
 
 def _dump(program) -> None:
@@ -130,19 +127,12 @@ def _facts_table(manifest: dict, graph):
     table.add_column(style="bold")
     table.add_column(justify="right")
     rows = [
-        ("parameters", f"{_human(params['total'])} ({params['total']:,})"),
-        ("active per token", f"{_human(params['active_per_token'])}"),
+        ("parameters", f"{human(params['total'], 2)} ({params['total']:,})"),
+        ("active per token", f"{human(params['active_per_token'], 2)}"),
         ("fused MoE nodes", str(fused)),
-        (f"FLOPs/token fwd (S={flops['seq_len']})", f"{_human(flops['forward'])}"),
+        (f"FLOPs/token fwd (S={flops['seq_len']})", f"{human(flops['forward'], 2)}"),
         (f"memory/device, {mesh}", f"{memory['total_gib']:.2f} GiB (params + grads + AdamW)"),
     ]
     for row in rows:
         table.add_row(*row)
     return table
-
-
-def _human(count: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= size:
-            return f"{count / size:.2f}{unit}"
-    return f"{count:.0f}"

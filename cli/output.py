@@ -17,7 +17,7 @@ def print_valid(path: Path, spec) -> None:
     from moec.schema.checks import estimate_params
 
     params = estimate_params(spec)
-    typer.echo(f"{path}: ok ({spec.name}, ~{_human(params)} parameters, {spec.mesh.world_size} device(s))")
+    typer.echo(f"{path}: ok ({spec.name}, ~{human(params)} parameters, {spec.mesh.world_size} device(s))")
 
 
 def print_resolved(spec, several: bool) -> None:
@@ -28,8 +28,9 @@ def print_resolved(spec, several: bool) -> None:
     typer.echo(resolved_yaml(spec), nl=False)
 
 
-def _human(count: int) -> str:
-    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+def human(count: float, decimals: int = 1) -> str:
+    """``120908427264`` -> ``120.9B`` (``decimals`` after the point; small counts as integers)."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= size:
-            return f"{count / size:.1f}{unit}"
-    return str(count)
+            return f"{count / size:.{decimals}f}{unit}"
+    return f"{count:.0f}"

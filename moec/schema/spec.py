@@ -55,7 +55,7 @@ def resolve(spec: Spec) -> Spec:
             optimizer[group] = optimizer["lr"]
     checkpoint = data["train"]["checkpoint"]
     if checkpoint["dir"] is None:
-        checkpoint["dir"] = f"runs/{_path_safe(spec.name)}"
+        checkpoint["dir"] = f"runs/{path_safe(spec.name)}"
     return Spec.model_validate(data)
 
 
@@ -97,6 +97,7 @@ def _default_hidden(width: int, activation: str) -> int:
     return 4 * width
 
 
-def _path_safe(name: str) -> str:
+def path_safe(name: str, fallback: str = "run") -> str:
+    """A spec name as one directory name: letters, digits, '-', '_' and '.' only."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("._")
-    return safe or "run"
+    return safe or fallback
