@@ -79,16 +79,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def read_checkpoint(path: Path) -> CheckpointInfo | None:
+    """The checkpoint at ``path``, or None when it is not complete (no meta.json)."""
+    meta_file = Path(path) / META
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    return CheckpointInfo(Path(path), meta["step"], meta)
+
+
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     """Complete checkpoints, oldest first (directories without meta.json are ignored)."""
-    found = []
     root = checkpoint_root(run_dir)
-    for path in sorted(root.glob("step_*")) if root.exists() else []:
-        meta_file = path / META
-        if meta_file.is_file():
-            meta = json.loads(meta_file.read_text())
-            found.append(CheckpointInfo(path, meta["step"], meta))
-    return found
+    found = [read_checkpoint(path) for path in (sorted(root.glob("step_*")) if root.exists() else [])]
+    return [info for info in found if info is not None]
 
 
 def remove_partial(run_dir: Path) -> list[Path]:
@@ -99,10 +103,9 @@ def remove_partial(run_dir: Path) -> list[Path]:
     return partial
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer moments and RNG in place; returns the checkpoint's meta."""
+def load_checkpoint(path: Path, model, optimizer) -> None:
+    """Restore model, optimizer moments and RNG in place (the meta is ``read_checkpoint``'s)."""
     path = Path(path)
-    meta = json.loads((path / META).read_text())
     state = _tensor_state(model, optimizer)
     if not state["optim"]:  # a fresh optimizer has no moments yet: make the slots to load into
         _init_optimizer_state(optimizer)
@@ -115,7 +118,6 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return meta
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

@@ -9,7 +9,6 @@ resumed from step N continues bit for bit as if it had not stopped (on the CPU, 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
@@ -23,7 +22,7 @@ from moec.backends.torch.build import build_model, compile_spec
 from moec.runtime import checkpoint as ckpt
 from moec.runtime.data import last_value_baseline, make_dataset
 from moec.runtime.diagnose import describe_nonfinite
-from moec.runtime.metrics import MetricsWriter, bits_per_byte, moe_health, peak_memory_bytes, summarize_health
+from moec.runtime.metrics import MetricsWriter, bits_per_byte, moe_health, peak_memory_bytes
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,17 +86,18 @@ class Trainer:
             found = ckpt.list_checkpoints(self.run_dir)
             if not found:
                 raise TrainingError(f"nothing to resume: no complete checkpoint under {ckpt.checkpoint_root(self.run_dir)}")
-            path = found[-1].path
+            info = found[-1]
         else:
-            path = Path(resume)
-            if not (path / ckpt.META).is_file():
-                raise TrainingError(f"{path} is not a complete checkpoint (no {ckpt.META})")
-        meta = json.loads((path / ckpt.META).read_text())
-        self._check_spec(meta["spec"], allow_spec_change)
-        ckpt.load_checkpoint(path, self.model, self.optimizer)
-        self.start_step = meta["step"]
-        self.best_val, self.best_step = meta.get("best_val", math.inf), meta.get("best_step")
-        self.resumed_from = path
+            info = ckpt.read_checkpoint(Path(resume))
+            if info is None:
+                raise TrainingError(f"{resume} is not a complete checkpoint (no {ckpt.META})")
+        self._check_spec(info.meta["spec"], allow_spec_change)
+        ckpt.load_checkpoint(info.path, self.model, self.optimizer)
+        self.start_step = info.step
+        # meta.json stores "no validation yet" as null (JSON has no infinity)
+        best = info.meta.get("best_val")
+        self.best_val, self.best_step = (math.inf if best is None else best), info.meta.get("best_step")
+        self.resumed_from = info.path
 
     def _check_spec(self, saved: dict, allow_spec_change: bool) -> None:
         current = self.spec.model_dump(mode="json")

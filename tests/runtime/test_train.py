@@ -1,6 +1,5 @@
 """Training runs: the loss drops, resume is exact, checkpoints survive crashes, bad resumes are refused."""
 
-import json
 import math
 import os
 import signal
@@ -71,6 +70,13 @@ def test_resume_is_bitwise_exact(full_run, tmp_path):
     assert losses(tmp_path) == losses(run_dir)  # exact float equality, every step
     assert [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"] == \
         [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+
+
+def test_resume_before_any_evaluation(tmp_path):
+    Trainer(quick_spec(steps=8, every=4), run_dir=tmp_path).run(stop_at=2)  # no eval yet: best_val is null
+    resumed = Trainer(quick_spec(steps=8, every=4), run_dir=tmp_path, resume=str(tmp_path / "checkpoints" / "step_00000002"))
+    assert resumed.best_val == math.inf and resumed.run().step == 8
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"] == [4, 8]
 
 
 def test_changed_specs_are_refused_with_the_difference(full_run):
