@@ -38,7 +38,7 @@ def passes_for(spec: Spec) -> list[tuple[str, Pass]]:
     ]
 
 
-PASS_NAMES = ("lower", "infer_shapes", "fuse_moe", "fuse_spectral", "annotate_sharding", "cse", "dce")
+PASS_NAMES = ("lower",) + tuple(name for name, _ in passes_for(spec=None))  # the list above is the one source
 
 
 @dataclass(frozen=True)

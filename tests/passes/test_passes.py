@@ -3,7 +3,7 @@
 import pytest
 
 import moec
-from moec.ir import Graph, Node, Ref, print_graph, verify
+from moec.ir import Graph, Node, Ref, verify
 from moec.passes import run_pipeline
 from moec.passes.cleanup import cse, dce
 from moec.passes.fuse_moe import fuse_moe
