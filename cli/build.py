@@ -37,8 +37,8 @@ def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: b
         _dump(program)
     out_dir = output or Path("build") / path_safe(spec.name, fallback="model")
     written = _write(program, out_dir, render_svg)
-    parameters = _instantiate_on_meta(spec, program, out_dir)
-    _summary(spec_path, program, written, parameters)
+    _check_constructs(spec, program, out_dir)
+    _summary(spec_path, program, written)
 
 
 def _dump(program) -> None:
@@ -88,20 +88,16 @@ def _write(program, out_dir: Path, render_svg: bool) -> list[Path]:
     return written
 
 
-def _instantiate_on_meta(spec, program, out_dir: Path) -> int:
-    """Load the written model.py and build the model on the meta device: proves it constructs."""
-    import torch
+def _check_constructs(spec, program, out_dir: Path) -> None:
+    """Build the written model.py on the meta device (nothing allocated): proves it constructs."""
+    from moec.backends.torch.build import build_model
 
-    from moec.backends.torch.build import load_program
-
-    module = load_program(program.source, out_dir / "model.py")
-    model = module.Model(device="meta", dtype=torch.float32)
+    model = build_model(spec, device="meta", program=program, path=out_dir / "model.py")
     count = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     assert count == program.manifest["parameters"]["total"], "generated model disagrees with the graph"
-    return count
 
 
-def _summary(spec_path: Path, compiled, written: list[Path], parameters: int) -> None:
+def _summary(spec_path: Path, compiled, written: list[Path]) -> None:
     from rich.console import Console
     from rich.table import Table
 

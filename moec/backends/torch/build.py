@@ -87,10 +87,14 @@ def load_program(source: str, path: Path | None = None) -> types.ModuleType:
     return module
 
 
-def build_model(spec, device="cpu", dtype: torch.dtype | None = None, program: Program | None = None) -> torch.nn.Module:
-    """The generated model with weights initialised from the spec seed (meta: shapes only)."""
+def build_model(spec, device="cpu", dtype: torch.dtype | None = None, program: Program | None = None,
+                path: Path | None = None) -> torch.nn.Module:
+    """The generated model with weights initialised from the spec seed (meta: shapes only).
+
+    The source runs from ``path`` (default: the cache), where tracebacks will point.
+    """
     program = program or compile_spec(spec)
-    module = load_program(program.source)
+    module = load_program(program.source, path)
     dtype = dtype or DTYPES[spec.schedule.precision.params]
     model = module.Model(device=device, dtype=dtype)
     if torch.device(device).type != "meta":
