@@ -66,6 +66,9 @@ class Trainer:
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.data = make_dataset(spec)
         self.token_model = spec.model.inputs.kind == "tokens"
+        buffers = dict(self.model.named_buffers())
+        self.selection_biases = {layer: (buffers[f"{layer}.router.selection_bias"], rate)
+                                 for layer, rate in sigmoid_bias_rates(spec).items()}
         self.start_step, self.best_val, self.best_step = 0, math.inf, None
         if resume is not None:
             self._resume(resume, allow_spec_change)
@@ -198,13 +201,9 @@ class Trainer:
 
     def _update_selection_bias(self, health: dict) -> None:
         """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts."""
-        rates = sigmoid_bias_rates(self.spec)
-        buffers = dict(self.model.named_buffers())
-        for layer, values in health.items():
-            rate = rates.get(layer)
-            if rate:
-                load = torch.tensor(values["utilization"], device=self.device)
-                buffers[f"{layer}.router.selection_bias"].add_(rate * torch.sign(1.0 / load.numel() - load))
+        for layer, (bias, rate) in self.selection_biases.items():
+            load = torch.tensor(health[layer]["utilization"], device=self.device)
+            bias.add_(rate * torch.sign(1.0 / load.numel() - load))
 
     @torch.no_grad()
     def _evaluate(self, step: int, result: RunResult) -> dict:
