@@ -13,13 +13,10 @@ from cli.output import human, print_spec_error
 
 def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: bool, disable: tuple[str, ...]) -> None:
     from moec import SpecError, load_spec
-    from moec.backends.torch.build import compile_spec
-    from moec.passes import PASS_NAMES
+    from moec.compile import compile_spec
+    from moec.passes import PipelineUsageError
     from moec.schema.spec import path_safe
 
-    unknown = [name for name in disable if name not in PASS_NAMES]
-    if unknown:
-        raise typer.BadParameter(f"unknown pass {unknown[0]!r}; passes are: {', '.join(PASS_NAMES)}", param_hint="--disable-pass")
     try:
         spec = load_spec(spec_path)
     except SpecError as err:
@@ -30,9 +27,8 @@ def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: b
     except SpecError as err:
         print_spec_error(err)
         raise typer.Exit(1) from None
-    except ValueError as err:  # a pass that cannot be disabled, or a kernel the backend lacks
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2 if "disable" in str(err) else 1) from None
+    except PipelineUsageError as err:  # an unknown pass, or one that cannot be disabled
+        raise typer.BadParameter(str(err), param_hint="--disable-pass") from None
     if dump_ir:
         _dump(program)
     out_dir = output or Path("build") / path_safe(spec.name, fallback="model")
@@ -90,7 +86,7 @@ def _write(program, out_dir: Path, render_svg: bool) -> list[Path]:
 
 def _check_constructs(spec, program, out_dir: Path) -> None:
     """Build the written model.py on the meta device (nothing allocated): proves it constructs."""
-    from moec.backends.torch.build import build_model
+    from moec.compile import build_model
 
     model = build_model(spec, device="meta", program=program, path=out_dir / "model.py")
     count = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())

@@ -14,23 +14,27 @@ from moec.schema import Spec, SpecError, SpecIssue, json_schema, load_spec, load
 __version__ = "0.1.0"
 
 
+# The entry points live in moec.compile, which imports torch: imported on first use, so that
+# `moec validate` and `moec --help` stay fast.
+
+
 def compile_spec(spec, disable: tuple[str, ...] = ()):
     """Spec -> Program with ``.graph`` (fused IR), ``.source`` (model.py) and ``.manifest``."""
-    from moec.backends.torch.build import compile_spec as compile_
+    from moec.compile import compile_spec as compile_
 
     return compile_(spec, disable=disable)
 
 
 def build_model(spec, device="cpu", dtype=None):
     """The generated ``nn.Module``, weights from the spec seed; ``device="meta"`` allocates nothing."""
-    from moec.backends.torch.build import build_model as build
+    from moec.compile import build_model as build
 
     return build(spec, device=device, dtype=dtype)
 
 
 def reference_model(spec, fused: bool = False, device="cpu"):
     """The eager reference interpreter of ``spec`` as an ``nn.Module`` (imports torch)."""
-    from moec.backends.reference import reference_model as build
+    from moec.compile import reference_model as build
 
     return build(spec, fused=fused, device=device)
 

@@ -20,6 +20,7 @@ import math
 import platform
 
 from moec.ir.graph import Graph, Node
+from moec.moe.params import EXPERT_PREFIX, ROUTER_WEIGHT
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -76,8 +77,8 @@ def _expert_fraction(graph: Graph) -> dict[str, float]:
     for node in graph.nodes:
         if node.op in ("moe", "spectral_moe"):
             for slot, ref in zip(node.attr["slots"], node.inputs):
-                if slot.startswith("experts."):
-                    fraction[ref.node] = node.attr["top_k"] / node.attr["experts"]
+                if slot.startswith(EXPERT_PREFIX):
+                    fraction[ref.node] = node.attr["moe"].top_k / node.attr["moe"].experts
     return fraction
 
 
@@ -106,11 +107,11 @@ def flops_per_token(spec, graph: Graph) -> float:
 
 
 def _moe_flops(graph: Graph, node: Node, seq: int) -> float:
-    attrs = node.attr
+    attrs, moe = node.attr, node.attr["moe"]
     per_slot = {slot: numel(graph[ref.node]) for slot, ref in zip(attrs["slots"], node.inputs) if graph[ref.node].op == "param"}
-    experts = sum(size for slot, size in per_slot.items() if slot.startswith("experts.w"))
+    experts = sum(size for slot, size in per_slot.items() if slot.startswith(EXPERT_PREFIX + "w"))
     shared = sum(size for slot, size in per_slot.items() if slot.startswith("shared."))
-    routed_token = 2 * (per_slot["router.weight"] + experts * attrs["top_k"] / attrs["experts"] + shared)
+    routed_token = 2 * (per_slot[ROUTER_WEIGHT] + experts * moe.top_k / moe.experts + shared)
     if node.op == "moe":
         return routed_token
     bins = seq // 2 + 1

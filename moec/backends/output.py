@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import torch
+
+
+class MoeStats(NamedTuple):
+    """Detached health numbers of one MoE layer for one forward pass (generated models only)."""
+
+    counts: torch.Tensor  # (E,) routed (token, choice) pairs per expert, before capacity drops
+    dropped: torch.Tensor  # () fraction of the routed choices that capacity dropped
+    entropy: torch.Tensor  # () mean entropy of the per-token normalised router scores
+    load_balance: torch.Tensor  # () the weighted load-balance term of the aux loss
+    z_loss: torch.Tensor  # () the weighted z-loss term
+
+
+def mean_stats(stats: Sequence[MoeStats]) -> MoeStats:
+    """Field-wise mean: over the steps of a spectral MoE, or the micro-batches of a training step."""
+    return MoeStats(*[torch.stack(list(values)).mean(0) for values in zip(*stats)])
 
 
 @dataclass
 class ModelOutput:
     output: torch.Tensor  # logits [B,S,V] / predictions [B,S,out] (S is 1 with pool: last)
     aux_loss: torch.Tensor  # scalar: the weighted sum of every MoE layer's aux losses
-    # Generated models only: one detached vector per MoE layer (names in the class's
-    # MOE_LAYERS): tokens per expert (E values), dropped fraction, gate entropy, and the
-    # weighted load-balance and z-loss terms. See moec.runtime.metrics.
-    moe_stats: tuple = ()
+    # Generated models only: one MoeStats per MoE layer, in the order of the class's MOE_LAYERS.
+    moe_stats: tuple[MoeStats, ...] = ()

@@ -12,7 +12,8 @@ from functools import cached_property
 from typing import Iterable, Iterator, Mapping
 
 Dim = int | str
-AttrValue = int | float | str | bool | None | tuple
+# An attribute is a primitive, a tuple of them, or a frozen dataclass of them (``MoeAttrs``).
+AttrValue = int | float | str | bool | None | tuple | object
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,11 @@ class Origin:
     file: str | None = None
     line: int | None = None
     column: int | None = None
+    label: str = ""  # the path as the spec's errors write it: model.blocks[0].layers[1]
 
     def __str__(self) -> str:
-        from moec.schema.errors import format_path
-
         where = f"{self.file}:{self.line} " if self.file and self.line else ""
-        return f"{where}{format_path(self.path)}"
+        return f"{where}{self.label or '/'.join(map(str, self.path))}"
 
 
 def _freeze(mapping: Mapping[str, AttrValue] | Iterable[tuple[str, AttrValue]]) -> tuple[tuple[str, AttrValue], ...]:
@@ -137,16 +137,20 @@ class Graph:
 
 
 class Namespace:
-    """Deterministic, readable SSA names: ``<prefix>_<n>`` with one counter for the graph."""
+    """Deterministic, readable SSA names: ``<prefix>_<n>`` with one counter per prefix (as torch.fx)."""
 
     def __init__(self, taken: Iterable[str] = ()):
         self.taken = set(taken)
-        self.counter = 0
+        self.counters: dict[str, int] = {}
+        for name in self.taken:  # continue past the names already there: add_7 -> the next add is add_8
+            prefix, _, number = name.rpartition("_")
+            if prefix and number.isdigit():
+                self.counters[prefix] = max(self.counters.get(prefix, 0), int(number) + 1)
 
     def fresh(self, prefix: str) -> str:
         while True:
-            name = f"{prefix}_{self.counter}"
-            self.counter += 1
+            name = f"{prefix}_{self.counters.get(prefix, 0)}"
+            self.counters[prefix] = self.counters.get(prefix, 0) + 1
             if name not in self.taken:
                 self.taken.add(name)
                 return name

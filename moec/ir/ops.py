@@ -287,14 +287,9 @@ def _band_index(types, attrs):
 
 # --- fused -----------------------------------------------------------------------------
 
-# `slots` names the role of each input in order (h, router_in, w_router, w_up, ...).
-MOE_ATTRS = (
-    "slots experts top_k router temperature noise noise_std normalize sinkhorn_iters sinkhorn_tau "
-    "capacity capacity_factor drop_policy activation bias load_balance z_loss shared"
-)
-
-
-@op("moe", (5, 14), required=MOE_ATTRS, fused=True)
+# `slots` names the role of each input in order (h, router_in, router.weight, ...); `moe` is
+# the layer's typed attributes (moec.moe.MoeAttrs), the same for every step of a spectral MoE.
+@op("moe", (5, 14), required="slots moe", fused=True)
 def _moe(types, attrs):
     h = types[0]
     _float(h, "moe input")
@@ -302,7 +297,7 @@ def _moe(types, attrs):
     return _same(h) + (TensorType((), "f32"),)
 
 
-@op("spectral_moe", (4, 14), required=MOE_ATTRS + " depth fft_norm band", fused=True)
+@op("spectral_moe", (4, 14), required="slots moe depth fft_norm band", fused=True)
 def _spectral_moe(types, attrs):
     x = types[0]
     _expect(x.rank == 3 and x.dtype == "f32", f"spectral_moe takes real [B,S,D], got {x}")

@@ -7,12 +7,17 @@ One node per line::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from moec.ir.graph import AttrValue, Graph, Node
 
 
 def format_attr(value: AttrValue) -> str:
+    if dataclasses.is_dataclass(value):  # a typed attribute: Name(field=value, ...), fields at their default left out
+        fields = ", ".join(f"{f.name}={format_attr(getattr(value, f.name))}" for f in dataclasses.fields(value)
+                           if f.default is dataclasses.MISSING or getattr(value, f.name) != f.default)
+        return f"{type(value).__name__}({fields})"
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, tuple):

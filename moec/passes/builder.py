@@ -5,6 +5,17 @@ from __future__ import annotations
 import math
 
 from moec.ir.graph import AttrValue, Namespace, Node, Origin, Ref, _freeze
+from moec.schema.errors import SpecIssue, format_path
+
+MOE_META = "moe"  # meta of the node that closes an MoE decomposition: its MoeAttrs
+MOE_AUX_META = "moe_aux"  # ... and the name of the node holding its aux loss
+
+
+def origin_issue(origin: Origin | None, message: str) -> SpecIssue:
+    """A spec error located where a node came from."""
+    if origin is None:
+        return SpecIssue(message)
+    return SpecIssue(message, path=origin.path, file=origin.file or "<spec>", line=origin.line, column=origin.column)
 
 
 class GraphBuilder:
@@ -15,17 +26,23 @@ class GraphBuilder:
         self.param_refs: dict[str, Ref] = {}
 
     def origin(self, path: tuple) -> Origin:
+        label = format_path(path)
         if self.source is None:
-            return Origin(path=path)
-        where = self.source.locate(path)
-        line, column = where or (None, None)
-        return Origin(path=path, file=self.source.file, line=line, column=column)
+            return Origin(path=path, label=label)
+        line, column = self.source.locate(path) or (None, None)
+        return Origin(path=path, file=self.source.file, line=line, column=column, label=label)
 
     def add(self, op: str, inputs: list[Ref], path: tuple, outputs: int = 1, **attrs: AttrValue) -> Ref | tuple[Ref, ...]:
         name = self.names.fresh(op)
         node = Node(name=name, op=op, inputs=tuple(inputs), attrs=_freeze(attrs), origin=self.origin(path))
         self.nodes.append(node)
         return node.out() if outputs == 1 else tuple(node.out(i) for i in range(outputs))
+
+    def mark_moe(self, out: Ref, aux: Ref, attrs) -> None:
+        """Record on ``out``'s node that it closes the decomposition of ``attrs`` (``fuse_moe`` reads it)."""
+        index = next(i for i, node in enumerate(self.nodes) if node.name == out.node)
+        node = self.nodes[index]
+        self.nodes[index] = node.with_(meta={**node.meta_dict, MOE_META: attrs, MOE_AUX_META: aux.node})
 
     def param(self, key: str, shape: tuple[int, ...], path: tuple, init: str = "normal", std: float = 0.0,
               group: str = "rest", trainable: bool = True) -> Ref:
@@ -37,6 +54,15 @@ class GraphBuilder:
         self.nodes.append(Node(name=name, op="param", attrs=_freeze(attrs), origin=self.origin(path)))
         self.param_refs[key] = Ref(name)
         return self.param_refs[key]
+
+    def declare(self, spec, prefix: str, path: tuple, decls) -> dict[str, Ref]:
+        """Parameters ``<prefix>.<slot>`` for ``moec.moe.ParamDecl`` s; returns slot -> value."""
+        params = {}
+        for decl in decls:
+            std = init_std(spec, output_projection=decl.output_projection) if decl.init == "normal" else 0.0
+            params[decl.slot] = self.param(f"{prefix}.{decl.slot}", decl.shape, path + ((decl.part,) if decl.part else ()), init=decl.init,
+                                           std=std, group=decl.group, trainable=decl.trainable)
+        return params
 
     def linear(self, x: Ref, key: str, out: int, width: int, path: tuple, std: float, bias_key: str | None = None,
                group: str = "rest") -> Ref:

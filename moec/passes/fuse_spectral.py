@@ -9,6 +9,7 @@ input is the step's value, optionally with the band features (``band_embed`` /
 from __future__ import annotations
 
 from moec.ir.graph import Graph, Node, Ref, _freeze
+from moec.moe.params import BAND_TABLE
 from moec.passes.rewrite import fresh_name, only_used_inside, replace_subgraph
 
 
@@ -91,7 +92,7 @@ def _aux_chain(graph: Graph, steps: list[Node], absorbed: set[str]) -> str | Non
 def _rewrite(graph: Graph, irfft: Node, rfft: Node, steps: list[Node], band, aux_root: str, absorbed: set[str]) -> Graph:
     kind, table = band
     moe = steps[0]
-    slots = ["x"] + (["band.weight"] if table is not None else []) + list(moe.attr["slots"][2:])
+    slots = ["x"] + ([BAND_TABLE] if table is not None else []) + list(moe.attr["slots"][2:])
     inputs = [rfft.inputs[0]] + ([table] if table is not None else []) + list(moe.inputs[2:])
     moe_attrs = {key: value for key, value in moe.attrs if key != "slots"}
     attrs = {"slots": tuple(slots), "depth": len(steps), "fft_norm": rfft.attr["norm"], "band": kind, **moe_attrs}

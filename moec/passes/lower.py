@@ -72,7 +72,7 @@ def _lower_layer(b, spec, layer, prefix, path, h, aux_terms) -> Ref:
     if layer.kind == "mlp":
         return lower_ffn(b, spec, h, prefix, path, d, layer.hidden, layer.activation, layer.bias)
     if layer.kind == "moe":
-        out, aux = lower_moe(b, spec, layer, h, h, prefix, path, d)
+        out, aux = lower_moe(b, spec, layer, h, prefix, path)
     else:
         out, aux = lower_spectral_moe(b, spec, layer, h, prefix, path)
     aux_terms.append(aux)

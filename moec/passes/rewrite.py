@@ -34,11 +34,8 @@ def replace_subgraph(graph: Graph, absorbed: set[str], new_node: Node, mapping: 
 
 
 def fresh_name(graph: Graph, prefix: str) -> str:
-    """``<prefix>_<n>`` with n past every numbered name so far: names grow in creation order."""
-    names = Namespace(taken=(node.name for node in graph.nodes))
-    suffixes = [int(name.rsplit("_", 1)[1]) for name in names.taken if name.rsplit("_", 1)[-1].isdigit()]
-    names.counter = max(suffixes, default=-1) + 1
-    return names.fresh(prefix)
+    """``<prefix>_<n>`` with n past every ``<prefix>_<m>`` in the graph: names grow in creation order."""
+    return Namespace(taken=(node.name for node in graph.nodes)).fresh(prefix)
 
 
 def stable_toposort(nodes: list[Node]) -> list[Node]:

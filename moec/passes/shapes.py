@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from moec.ir.graph import Graph
 from moec.ir.ops import OPS, ShapeError
-from moec.schema.errors import SpecError, SpecIssue
+from moec.passes.builder import origin_issue
+from moec.schema.errors import SpecError
 
 
 def infer_shapes(graph: Graph) -> tuple[Graph, bool]:
@@ -18,15 +19,9 @@ def infer_shapes(graph: Graph) -> tuple[Graph, bool]:
         try:
             result = tuple(OPS[node.op].rule(inputs, node.attr))
         except ShapeError as err:
-            raise SpecError([_issue(node, str(err))]) from None
+            raise SpecError([origin_issue(node.origin, f"{node.op}: {err}")]) from None
         types[node.name] = result
         nodes.append(node if node.types == result else node.with_(types=result))
     changed = not graph.typed or any(a is not b for a, b in zip(nodes, graph.nodes))
     return graph.with_nodes(nodes, typed=True), changed
 
-
-def _issue(node, message: str) -> SpecIssue:
-    origin = node.origin
-    if origin is None:
-        return SpecIssue(f"{node.op}: {message}")
-    return SpecIssue(f"{node.op}: {message}", path=origin.path, file=origin.file or "<spec>", line=origin.line, column=origin.column)

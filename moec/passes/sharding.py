@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 
 from moec.ir.graph import Graph, Node
-from moec.schema.errors import SpecError, SpecIssue
+from moec.passes.builder import origin_issue
+from moec.schema.errors import SpecError
 from moec.schema.spec import Spec
 
 # Parameter-name suffix -> tensor-parallel group (see moec.schema.parallel.TpGroup).
@@ -80,10 +81,8 @@ def _check_divisible(spec, node, axes, placement, issues) -> None:
         dim = int(item[6:-1])
         size = spec.mesh.axes[axis]
         if shape[dim] % size:
-            origin = node.origin
-            issues.append(SpecIssue(f"parameter {node.attr['name']} dim {dim} ({shape[dim]}) does not split over {axis} ({size})",
-                                    path=origin.path, file=origin.file or "<spec>", line=origin.line,
-                                    column=origin.column))
+            message = f"parameter {node.attr['name']} dim {dim} ({shape[dim]}) does not split over {axis} ({size})"
+            issues.append(origin_issue(node.origin, message))
 
 
 def _activation_placement(spec: Spec, node: Node, axes: list[str]) -> list[str]:

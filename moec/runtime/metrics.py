@@ -18,19 +18,18 @@ from pathlib import Path
 import torch
 
 
-def moe_health(layers: tuple[str, ...], stats: tuple) -> dict:
-    """Parse the generated model's stats vectors: [tokens per expert..., dropped, entropy, lb, z]."""
+def moe_health(layers: tuple[str, ...], stats) -> dict:
+    """Per MoE layer, from the generated model's ``MoeStats``: expert utilisation, drops, entropy, aux terms."""
     health = {}
-    for name, vector in zip(layers, stats):
-        values = vector.float().tolist()
-        counts, (dropped, entropy, balance, z) = values[:-4], values[-4:]
+    for name, layer in zip(layers, stats):
+        counts = layer.counts.float().tolist()
         total = sum(counts) or 1.0
         health[name] = {
             "utilization": [round(c / total, 6) for c in counts],
-            "dropped_fraction": round(dropped, 6),
-            "gate_entropy": round(entropy, 6),
-            "aux_load_balance": balance,
-            "aux_z": z,
+            "dropped_fraction": round(layer.dropped.item(), 6),
+            "gate_entropy": round(layer.entropy.item(), 6),
+            "aux_load_balance": layer.load_balance.item(),
+            "aux_z": layer.z_loss.item(),
         }
     return health
 

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moec.backends.torch.build import build_model, compile_spec
+from moec.backends.output import mean_stats
+from moec.compile import build_model, compile_spec
+from moec.moe import ROUTERS, SELECTION_BIAS
 from moec.runtime import checkpoint as ckpt
 from moec.runtime.data import last_value_baseline, make_dataset
 from moec.runtime.diagnose import describe_nonfinite
@@ -67,8 +69,8 @@ class Trainer:
         self.data = make_dataset(spec)
         self.token_model = spec.model.inputs.kind == "tokens"
         buffers = dict(self.model.named_buffers())
-        self.selection_biases = {layer: (buffers[f"{layer}.router.selection_bias"], rate)
-                                 for layer, rate in sigmoid_bias_rates(spec).items()}
+        self.selection_biases = {layer: (buffers[f"{layer}.{SELECTION_BIAS}"], moe.router.bias_update_rate)
+                                 for layer, moe in self.program.moe_layers() if ROUTERS[moe.router.kind].selection_bias}
         self.start_step, self.best_val, self.best_step = 0, math.inf, None
         if resume is not None:
             self._resume(resume, allow_spec_change)
@@ -151,7 +153,7 @@ class Trainer:
         accum, micro_batch = self.train.grad_accum, self.train.batch // self.train.grad_accum
         start = time.perf_counter()
         task_total = aux_total = 0.0
-        stats = None
+        stats = []
         for micro in range(accum):
             batch = self.data.batch("train", step * accum + micro, micro_batch)
             inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
@@ -164,18 +166,18 @@ class Trainer:
             (loss / accum).backward()
             task_total += task.item() / accum
             aux_total += out.aux_loss.item() / accum
-            stats = out.moe_stats if stats is None else tuple(a + b for a, b in zip(stats, out.moe_stats))
+            stats.append(out.moe_stats)
         clip = self.train.grad_clip if self.train.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        health = moe_health(self.model.MOE_LAYERS, stats or ())
+        health = moe_health(self.model.MOE_LAYERS, [mean_stats(layer) for layer in zip(*stats)])  # mean over micro-batches
         self._update_selection_bias(health)
         elapsed = time.perf_counter() - start
         row = {
             "kind": "train", "step": step + 1, "loss": task_total + aux_total, "task_loss": task_total, "aux_loss": aux_total,
-            "aux_load_balance": sum(layer.pop("aux_load_balance") for layer in health.values()) / accum,
-            "aux_z": sum(layer.pop("aux_z") for layer in health.values()) / accum,
+            "aux_load_balance": sum(layer.pop("aux_load_balance") for layer in health.values()),
+            "aux_z": sum(layer.pop("aux_z") for layer in health.values()),
             "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
             "tokens_per_s": self.train.batch * self.train.seq_len / max(elapsed, 1e-9),
             "peak_memory_bytes": peak_memory_bytes(self.device), "moe": health,
@@ -252,16 +254,3 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-
-def sigmoid_bias_rates(spec) -> dict[str, float]:
-    """MoE layer name (as in MOE_LAYERS) -> bias update rate, for sigmoid_bias routers."""
-    rates, index = {}, 0
-    for block in spec.model.blocks:
-        for _ in range(block.repeat):
-            for layer in block.layers:
-                moe = layer if layer.kind == "moe" else getattr(layer, "moe", None)
-                if moe is not None and moe.router.kind == "sigmoid_bias":
-                    name = f"blocks.{index}.{layer.name}" + (".moe" if layer.kind == "spectral_moe" else "")
-                    rates[name] = moe.router.bias_update_rate
-            index += 1
-    return rates

@@ -38,8 +38,11 @@ LayerName = Annotated[
     AfterValidator(_check_layer_name),
 ]
 
+# The names of moec.moe.ACTIVATIONS and ROUTERS (tests keep them equal); the registry says
+# what each one computes. Gated activations have a second input projection.
 Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu"]
 GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
+RouterKind = Literal["topk", "sinkhorn", "sigmoid_bias", "expert_choice"]
 DEFAULT_HIDDEN = "Default: 4 * width, or 8/3 * width rounded up to a multiple of 8 for gated activations."
 
 
@@ -98,7 +101,7 @@ class Sinkhorn(Base):
 class Router(Base):
     """How tokens choose experts."""
 
-    kind: Literal["topk", "sinkhorn", "sigmoid_bias"] = "topk"
+    kind: RouterKind = "topk"
     temperature: PosFloat = 1.0
     noise: Noise = Field(default_factory=Noise)
     normalize: bool = Field(True, description="Renormalise the chosen experts' weights to sum to 1.")
@@ -114,6 +117,11 @@ class Router(Base):
         if self.bias_update_rate is not None and self.kind != "sigmoid_bias":
             raise field_error("bias_update_rate", f"is used only by kind 'sigmoid_bias', but the router kind is '{self.kind}'")
         return self
+
+    @property
+    def expert_choice(self) -> bool:
+        """Each expert picks its best tokens of the batch, so a token's output depends on other tokens."""
+        return self.kind == "expert_choice"
 
 
 class Capacity(Base):
@@ -156,7 +164,13 @@ class SharedExperts(Base):
 
 
 class MoeConfig(Base):
-    """Router, experts, capacity and auxiliary losses of one MoE layer."""
+    """Router, experts, capacity and auxiliary losses of one MoE layer.
+
+    With ``router.kind: expert_choice`` each expert takes its C best tokens of the batch
+    (capacity mode, factor 1.0 by default, so C = tokens * top_k / experts: top_k experts per
+    token on average), weights are the softmax scores (no renormalisation) and the load is
+    balanced by construction (load_balance 0).
+    """
 
     experts: PosInt
     top_k: PosInt
@@ -170,6 +184,22 @@ class MoeConfig(Base):
     def _k_fits(self) -> "MoeConfig":
         if self.top_k > self.experts:
             raise field_error("top_k", f"must be <= experts ({self.experts}), got {self.top_k}")
+        return self
+
+    @model_validator(mode="after")
+    def _expert_choice_options(self) -> "MoeConfig":
+        """Expert choice: capacity-based by definition; no renormalisation; balanced without a loss."""
+        if not self.router.expert_choice:
+            return self
+        if "capacity" in self.model_fields_set and self.capacity.mode != "capacity":
+            raise field_error("capacity.mode", "expert_choice routing gives each expert C = floor(factor * tokens * top_k / "
+                              "experts) tokens: use mode 'capacity' (or leave capacity out for factor 1.0)")
+        if "normalize" in self.router.model_fields_set and self.router.normalize:
+            raise field_error("router.normalize", "does not apply to expert_choice: a token's weights are the scores of "
+                              "the experts that chose it; remove it")
+        if "load_balance" in self.aux.model_fields_set and self.aux.load_balance > 0:
+            raise field_error("aux.load_balance", "is constant under expert_choice (every expert takes the same number "
+                              "of tokens); set it to 0 or remove it")
         return self
 
 

@@ -82,6 +82,11 @@ def _resolve_moe(moe: dict, width: int) -> None:
     if router["kind"] == "sigmoid_bias" and router["bias_update_rate"] is None:
         router["bias_update_rate"] = 1e-3
     capacity = moe["capacity"]
+    if router["kind"] == "expert_choice":  # see MoeConfig: capacity-based, balanced by construction
+        capacity["mode"] = "capacity"
+        capacity["factor"] = capacity["factor"] or 1.0
+        router["normalize"] = False
+        moe["aux"]["load_balance"] = 0.0
     if capacity["mode"] == "capacity":
         capacity["factor"] = capacity["factor"] or 1.25
         capacity["drop_policy"] = capacity["drop_policy"] or "zero"

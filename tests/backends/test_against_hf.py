@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers.models.mixtral import modeling_mixtral as hf  # a dev dependency (pyproject's [dev])
 
-from moec.backends.torch.build import compile_spec, load_program
+from moec.backends.torch.loader import load_program
+from moec.compile import compile_spec
 from tests.passes.helpers import spec_with
 
 LAYER = """        - kind: moe
@@ -30,7 +31,7 @@ def test_generated_moe_matches_hf_mixtral_sparse_moe_block():
     program = load_program(compile_spec(spec_with(LAYER, name="mixtral")).source)
     gate, up = block.experts.gate_up_proj.detach().chunk(2, dim=1)  # HF: [E, 2I, D], gate first
     h = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(1))
-    out, aux, _ = program.moe_0(h, h, block.gate.weight.detach(), up, gate, block.experts.down_proj.detach(), False)
+    out, aux, _ = program.fused_moe_0(h, h, block.gate.weight.detach(), up, gate, block.experts.down_proj.detach(), False)
     with torch.no_grad():
         expected = block(h)
         logits = torch.nn.functional.linear(h.reshape(-1, 16), block.gate.weight)

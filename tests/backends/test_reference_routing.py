@@ -8,6 +8,7 @@ import torch
 
 from moec.backends.reference import dense
 from moec.backends.reference import routing as r
+from moec.backends.torch import snippets
 
 EVAL = SimpleNamespace(training=False, device=torch.device("cpu"), symbols={})
 
@@ -80,7 +81,7 @@ def test_capacity_renormalize_policy_rescales_a_tokens_kept_choices():
     # Expert 0 keeps token 0 (0.7 > 0.6); expert 1 keeps token 1 (0.4 > 0.3).
     assert kept.tolist() == [[[True, False], [False, True]]]
     torch.testing.assert_close(new_weights, torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
-    assert r.capacity_of(tokens=3, factor=0.1, top_k=1, experts=8) == 1  # never zero
+    assert snippets.capacity_of(tokens=3, factor=0.1, top_k=1, experts=8) == 1  # never zero
 
 
 def test_load_balance_loss_is_the_hf_mixtral_formula():

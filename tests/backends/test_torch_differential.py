@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import moec
-from moec.backends.reference.interpreter import init_parameter
-from moec.backends.torch.build import build_model, compile_spec
+from moec.backends.init import init_parameter
+from moec.compile import build_model, compile_spec
 from tests.passes.helpers import spec_with
 
 CPU_SPECS = ["gpt_oss_tiny", "moe_basics_tiny", "signals_sinkhorn", "token_routed_tiny", "spectral_moe"]

@@ -35,7 +35,7 @@ def test_disable_pass(tmp_path):
     assert result.exit_code == 0
     assert " = moe(" not in (tmp_path / "ir.txt").read_text() and re.search(r"fused MoE nodes\s*│\s*0 │", result.stdout)
     source = (tmp_path / "model.py").read_text()
-    assert "(skipped: fuse_moe)" in source and "runtime.reference_op('topk'" in source
+    assert "(skipped: fuse_moe, fuse_spectral)" in source and "runtime.reference_op('topk'" in source
     assert runner.invoke(app, ["build", "specs/token_routed_tiny.yaml", "--disable-pass", "fuse_all"]).exit_code == 2
     assert runner.invoke(app, ["build", "specs/token_routed_tiny.yaml", "--disable-pass", "infer_shapes"]).exit_code == 2
 

@@ -11,7 +11,7 @@ def tiny_graph() -> Graph:
     nodes = (
         Node("input_0", "input", attrs=(("name", "values"), ("dtype", "f32"), ("shape", ("B", "S", 4)))),
         Node("w", "param", attrs=(("name", "w"), ("shape", (3, 4)), ("init", "normal"), ("std", 0.02), ("trainable", True))),
-        Node("linear_1", "linear", inputs=(Ref("input_0"), Ref("w")), origin=Origin(("model", "head"), "x.yaml", 7)),
+        Node("linear_1", "linear", inputs=(Ref("input_0"), Ref("w")), origin=Origin(("model", "head"), "x.yaml", 7, label="model.head")),
         Node("constant_2", "constant", attrs=(("value", 0.0),)),
     )
     return Graph(nodes=nodes, outputs=(Ref("linear_1"), Ref("constant_2")))

@@ -6,6 +6,7 @@ import moec
 from moec.ir import Graph, Node, Ref, verify
 from moec.passes import run_pipeline
 from moec.passes.cleanup import cse, dce
+from moec.moe import AuxAttrs, CapacityAttrs, ExpertAttrs, MoeAttrs, RouterAttrs
 from moec.passes.fuse_moe import fuse_moe
 from moec.passes.fuse_spectral import fuse_spectral
 from moec.passes.lower import lower
@@ -54,8 +55,9 @@ def test_fuse_moe_turns_each_routing_chain_into_one_node():
         assert gone not in ops(fused)
     moe = next(node for node in fused.nodes if node.op == "moe")
     assert moe.attr["slots"] == ("h", "router_in", "router.weight", "experts.w_up", "experts.w_gate", "experts.w_down")
-    assert (moe.attr["experts"], moe.attr["top_k"], moe.attr["router"], moe.attr["activation"]) == (4, 2, "topk", "swiglu")
-    assert (moe.attr["capacity"], moe.attr["load_balance"], moe.attr["normalize"]) == (False, 0.01, True)
+    attrs = moe.attr["moe"]
+    assert (attrs.experts, attrs.top_k, attrs.router.kind, attrs.expert.activation) == (4, 2, "topk", "swiglu")
+    assert (attrs.capacity.mode, attrs.aux.load_balance, attrs.router.normalize) == ("dropless", 0.01, True)
     assert [str(t) for t in moe.types] == ["f32[B,S,16]", "f32[]"]
     again, changed_again = fuse_moe(fused)
     assert not changed_again and again is fused
@@ -74,11 +76,11 @@ def test_fuse_moe_records_capacity_noise_sinkhorn_and_shared_experts():
     fused, _ = fuse_moe(typed(spec_with(layer)))
     verify(fused)
     (moe,) = [node for node in fused.nodes if node.op == "moe"]
-    assert {k: moe.attr[k] for k in ("router", "noise", "noise_std", "sinkhorn_iters", "sinkhorn_tau", "capacity",
-                                      "capacity_factor", "drop_policy", "shared", "load_balance", "z_loss")} == {
-        "router": "sinkhorn", "noise": "gumbel", "noise_std": 0.3, "sinkhorn_iters": 3, "sinkhorn_tau": 0.5,
-        "capacity": True, "capacity_factor": 1.5, "drop_policy": "renormalize", "shared": True,
-        "load_balance": 0.02, "z_loss": 0.001}
+    assert moe.attr["moe"] == MoeAttrs(
+        experts=4, top_k=2,
+        router=RouterAttrs(kind="sinkhorn", noise="gumbel", noise_std=0.3, normalize=True, sinkhorn_iters=3, sinkhorn_tau=0.5),
+        expert=ExpertAttrs(activation="gelu"), capacity=CapacityAttrs(mode="capacity", factor=1.5, drop_policy="renormalize"),
+        aux=AuxAttrs(load_balance=0.02, z_loss=0.001), shared=True)
     assert moe.attr["slots"][-2:] == ("shared.w_up", "shared.w_down")
     assert "linear" not in {fused[ref.node].op for ref in moe.inputs[2:]}
 

@@ -11,8 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
-
+from moec.backends.torch import snippets
 
 def embed(ctx, attrs, tokens, table):
     return F.embedding(tokens, table)
@@ -48,26 +47,17 @@ def rope(ctx, attrs, x):
 
 
 def attention(ctx, attrs, q, k, v):
-    """Scaled dot-product attention with grouped KV heads and an optional causal mask."""
-    heads, kv_heads, head_dim = attrs["heads"], attrs["kv_heads"], attrs["head_dim"]
-    batch, seq, _ = q.shape
-    q = q.view(batch, seq, heads, head_dim).transpose(1, 2)
-    k = k.view(batch, seq, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
-    v = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
-    if attrs["causal"]:
-        mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
-    out = scores.softmax(-1) @ v
-    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+    """Scaled dot-product attention with grouped KV heads and an optional causal mask, written out."""
+    return snippets.attention_eager(q, k, v, attrs["heads"], attrs["kv_heads"], attrs["head_dim"], attrs["causal"])
 
 
 def activation(ctx, attrs, x):
-    return ACTIVATIONS[attrs["fn"]](x)
+    """``attrs["fn"]`` names a torch.nn.functional activation (moec.moe.ACTIVATIONS' ``fn``)."""
+    return getattr(F, attrs["fn"])(x)
 
 
 def glu(ctx, attrs, gate, up):
-    return ACTIVATIONS[attrs["fn"]](gate) * up
+    return getattr(F, attrs["fn"])(gate) * up
 
 
 def add(ctx, attrs, a, b):

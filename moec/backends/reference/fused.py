@@ -1,70 +1,58 @@
-"""Reference kernels for the fused ops, composed from the primitive kernels.
+"""Reference kernels for the fused ops: the shared decomposition, run eagerly.
 
-They call the primitive kernels in the order ``lower_moe`` writes the unfused graph, so
-interpreting the fused graph gives the same numbers as interpreting the unfused one.
+A fused node's reference is ``moec.moe.decompose`` (or ``decompose_spectral``) executed op
+by op with the primitive kernels, through a builder that computes each value as it is
+added. It is the same code that wrote the unfused graph, so interpreting the fused graph
+gives the same numbers as interpreting the unfused one, bit for bit.
 """
 
 from __future__ import annotations
 
-from moec.backends.reference import dense
-from moec.backends.reference import routing as r
+from moec.backends.reference import dense, routing
+from moec.ir.graph import Ref
+from moec.moe import BAND_TABLE, decompose, decompose_spectral, placeholders
 
-_SCORES = {"topk": "softmax", "sigmoid_bias": "sigmoid", "sinkhorn": "sinkhorn"}
+PRIMITIVES = {**dense.KERNELS, **routing.KERNELS}
+
+
+class _Eager:
+    """A decomposition builder that runs each op at once; refs name the computed values."""
+
+    def __init__(self, ctx, inputs: dict):
+        self.ctx = ctx
+        self.values = {ref.node: (value,) for ref, value in inputs.items()}
+
+    def add(self, op, inputs, path, outputs=1, **attrs):
+        name = f"{op}_{len(self.values)}"
+        result = PRIMITIVES[op](self.ctx, attrs, *(self.value(ref) for ref in inputs))
+        self.values[name] = result if isinstance(result, tuple) else (result,)
+        return Ref(name) if outputs == 1 else tuple(Ref(name, i) for i in range(outputs))
+
+    def mark_moe(self, out, aux, attrs) -> None:
+        pass
+
+    def value(self, ref: Ref):
+        return self.values[ref.node][ref.index]
+
+
+def _bind(ctx, attrs, inputs) -> tuple[_Eager, dict[str, Ref]]:
+    stand_ins = placeholders(attrs["slots"])
+    runner = _Eager(ctx, {stand_ins[slot]: value for slot, value in zip(attrs["slots"], inputs)})
+    return runner, stand_ins
 
 
 def moe(ctx, attrs, *inputs):
-    slots = dict(zip(attrs["slots"], inputs))
-    return moe_apply(ctx, attrs, slots["h"], slots["router_in"], slots)
-
-
-def moe_apply(ctx, attrs, h, router_in, params: dict):
-    logits = dense.linear(ctx, {}, router_in, params["router.weight"])
-    noisy = r.noise(ctx, {"kind": attrs["noise"], "std": attrs["noise_std"]}, logits) if attrs["noise"] != "none" else logits
-    scores = _scores(ctx, attrs, noisy)
-    weights, indices = r.topk(ctx, {"k": attrs["top_k"]}, scores, params.get("router.selection_bias"))
-    if attrs["normalize"]:
-        weights = r.renormalize(ctx, {}, weights)
-    kept = None
-    if attrs["capacity"]:
-        cap = {"factor": attrs["capacity_factor"], "experts": attrs["experts"], "top_k": attrs["top_k"], "drop_policy": attrs["drop_policy"]}
-        weights, kept = r.capacity(ctx, cap, scores, indices, weights)
-    dispatched = r.dispatch(ctx, {}, h, indices)
-    names = ["experts.w_up", "experts.w_gate", "experts.w_down", "experts.b_up", "experts.b_down"]
-    expert_params = [params[name] for name in names if name in params]
-    ffn_attrs = {"experts": attrs["experts"], "activation": attrs["activation"], "masked": kept is not None, "bias": attrs["bias"]}
-    expert_out = r.expert_ffn(ctx, ffn_attrs, dispatched, indices, *([kept] if kept is not None else []), *expert_params)
-    out = r.combine(ctx, {}, expert_out, weights)
-    if attrs["shared"]:
-        out = out + r.ffn(h, attrs["activation"], params["shared.w_up"], params.get("shared.w_gate"), params["shared.w_down"])
-    balance = r.load_balance_loss(ctx, {"experts": attrs["experts"], "top_k": attrs["top_k"], "weight": attrs["load_balance"]}, scores, indices)
-    z = r.z_loss(ctx, {"weight": attrs["z_loss"]}, logits)
-    return out, balance + z
-
-
-def _scores(ctx, attrs, logits):
-    kind = _SCORES[attrs["router"]]
-    if kind == "sinkhorn":
-        return r.sinkhorn(ctx, {"iters": attrs["sinkhorn_iters"], "tau": attrs["sinkhorn_tau"], "temperature": attrs["temperature"]}, logits)
-    return getattr(r, kind)(ctx, {"temperature": attrs["temperature"]}, logits)
+    runner, slots = _bind(ctx, attrs, inputs)
+    out, aux = decompose(runner, attrs["moe"], slots["h"], slots["router_in"], slots)
+    return runner.value(out), runner.value(aux)
 
 
 def spectral_moe(ctx, attrs, *inputs):
     """rfft -> real view -> depth x (z + moe(z)) with shared weights -> complex -> irfft."""
-    slots = dict(zip(attrs["slots"], inputs))
-    z = r.complex_to_real(ctx, {}, r.rfft(ctx, {"norm": attrs["fft_norm"]}, slots["x"]))
-    aux = None
-    for _ in range(attrs["depth"]):
-        if attrs["band"] == "embedding":
-            router_in = r.band_embed(ctx, {}, z, slots["band.weight"])
-        elif attrs["band"] == "index_feature":
-            router_in = r.band_index(ctx, {}, z)
-        else:
-            router_in = z
-        y, step_aux = moe_apply(ctx, attrs, z, router_in, slots)
-        z = z + y
-        aux = step_aux if aux is None else aux + step_aux
-    spectrum = r.real_to_complex(ctx, {}, z)
-    return r.irfft(ctx, {"norm": attrs["fft_norm"]}, spectrum), aux
+    runner, slots = _bind(ctx, attrs, inputs)
+    out, aux = decompose_spectral(runner, attrs["moe"], slots["x"], slots, depth=attrs["depth"],
+                                  fft_norm=attrs["fft_norm"], band=attrs["band"], table=slots.get(BAND_TABLE))
+    return runner.value(out), runner.value(aux)
 
 
 KERNELS = {"moe": moe, "spectral_moe": spectral_moe}

@@ -7,12 +7,12 @@ deterministically from the spec seed (see :func:`init_parameter`).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from moec.backends.init import init_parameter
 from moec.backends.output import ModelOutput
 from moec.backends.reference import dense, fused, routing
 from moec.ir.graph import Graph, Node
@@ -25,22 +25,6 @@ class Context:
     training: bool
     device: torch.device
     symbols: dict[str, int]
-
-
-def parameter_seed(seed: int, name: str) -> int:
-    """A per-parameter seed: the same weights whatever the build order, machine or backend."""
-    digest = hashlib.sha256(f"moec:{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def init_parameter(node: Node, seed: int, device="cpu") -> torch.Tensor:
-    shape, init = tuple(node.attr["shape"]), node.attr["init"]
-    if init == "ones":
-        return torch.ones(shape, device=device)
-    if init == "zeros":
-        return torch.zeros(shape, device=device)
-    generator = torch.Generator().manual_seed(parameter_seed(seed, node.attr["name"]))
-    return (torch.randn(shape, generator=generator) * node.attr["std"]).to(device)
 
 
 class ReferenceModel(nn.Module):

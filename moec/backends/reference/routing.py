@@ -9,20 +9,15 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from moec.backends.reference.dense import ACTIVATIONS
-
-GATED = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+from moec.backends.torch import snippets
+from moec.moe import ACTIVATIONS, ffn_slots
 
 
 def noise(ctx, attrs, logits):
     """Exploration noise while training; the identity in eval mode."""
-    if not ctx.training:
-        return logits
-    if attrs["kind"] == "gaussian":
-        return logits + attrs["std"] * torch.randn_like(logits)
-    uniform = torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)
-    return logits - attrs["std"] * torch.log(-torch.log(uniform))
+    return snippets.router_noise(logits, attrs["kind"], attrs["std"], ctx.training)
 
 
 def softmax(ctx, attrs, logits):
@@ -61,11 +56,6 @@ def renormalize(ctx, attrs, weights):
     return weights / weights.sum(-1, keepdim=True)
 
 
-def capacity_of(tokens: int, factor: float, top_k: int, experts: int) -> int:
-    """C = max(1, floor(factor * tokens * top_k / experts))."""
-    return max(1, math.floor(factor * tokens * top_k / experts))
-
-
 def capacity(ctx, attrs, scores, indices, weights):
     """Each expert keeps the C (token, choice) pairs with the highest router score.
 
@@ -77,7 +67,7 @@ def capacity(ctx, attrs, scores, indices, weights):
     flat_idx = indices.reshape(-1)
     choice_scores = scores.gather(-1, indices).reshape(-1)
     tokens = indices.shape[0] * indices.shape[1]
-    limit = capacity_of(tokens, attrs["factor"], attrs["top_k"], experts)
+    limit = snippets.capacity_of(tokens, attrs["factor"], attrs["top_k"], experts)
     kept = torch.zeros_like(flat_idx, dtype=torch.bool)
     for expert in range(experts):
         slots = torch.nonzero(flat_idx == expert).squeeze(-1)
@@ -86,8 +76,7 @@ def capacity(ctx, attrs, scores, indices, weights):
     kept = kept.reshape(indices.shape)
     weights = weights * kept
     if attrs["drop_policy"] == "renormalize":
-        total = weights.sum(-1, keepdim=True)
-        weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), weights)
+        weights = snippets.renormalize_kept(weights)
     return weights, kept
 
 
@@ -111,21 +100,16 @@ def expert_ffn(ctx, attrs, x, indices, *rest):
 
 def unpack_expert_params(params: list, activation: str, bias: bool) -> tuple:
     """(w_up, w_gate, w_down, b_up, b_down) with None for what the expert does not have."""
-    w_up = params.pop(0)
-    w_gate = params.pop(0) if activation in GATED else None
-    w_down = params.pop(0)
-    b_up, b_down = (params.pop(0), params.pop(0)) if bias else (None, None)
-    return w_up, w_gate, w_down, b_up, b_down
+    named = dict(zip(ffn_slots("", activation, bias), params))
+    return tuple(named.get(name) for name in ("w_up", "w_gate", "w_down", "b_up", "b_down"))
 
 
 def ffn(x, activation, w_up, w_gate, w_down, b_up=None, b_down=None):
-    """down(act(gate(x)) * up(x)) for gated activations, else down(act(up(x)))."""
-    up = torch.nn.functional.linear(x, w_up, b_up)
-    if activation in GATED:
-        hidden = ACTIVATIONS[GATED[activation]](torch.nn.functional.linear(x, w_gate)) * up
-    else:
-        hidden = ACTIVATIONS[activation](up)
-    return torch.nn.functional.linear(hidden, w_down, b_down)
+    """down(fn(gate(x)) * up(x)) for gated activations, else down(fn(up(x)))."""
+    kind = ACTIVATIONS[activation]
+    up = F.linear(x, w_up, b_up)
+    hidden = getattr(F, kind.fn)(F.linear(x, w_gate)) * up if kind.gated else getattr(F, kind.fn)(up)
+    return F.linear(hidden, w_down, b_down)
 
 
 def combine(ctx, attrs, y, weights):
@@ -179,9 +163,7 @@ def band_embed(ctx, attrs, z, table):
 
 def band_index(ctx, attrs, z):
     """Append the frequency index f / (F - 1) in [0, 1] as one more channel."""
-    bins = z.shape[1]
-    index = torch.arange(bins, dtype=z.dtype, device=z.device) / max(bins - 1, 1)
-    return torch.cat([z, index[None, :, None].expand(z.shape[0], bins, 1)], dim=-1)
+    return snippets.band_index(z)
 
 
 KERNELS = {

@@ -15,6 +15,7 @@ import re
 from moec.backends.torch import codegen_moe, snippets
 from moec.backends.torch.ops import EXPRESSIONS, SNIPPETS_USED_BY
 from moec.ir.graph import Graph, Node, Ref
+from moec.moe import ROUTER_WEIGHT
 
 IMPORTS = [
     "from __future__ import annotations",
@@ -25,7 +26,7 @@ IMPORTS = [
     "import torch.nn.functional as F",
     "from torch import nn",
     "",
-    "from moec.backends.output import ModelOutput",
+    "{output_import}",
     "from moec.backends.torch import runtime",
 ]
 
@@ -42,40 +43,48 @@ def comment_safe(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
 
 
-def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto") -> str:
-    fused = _FusedFunctions(moe_kernel, spectral_kernel)
+def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
+                 attention_kernel: str = "auto") -> str:
+    fused = _FusedFunctions(moe_kernel, spectral_kernel, attention_kernel)
     forward = _forward(graph, fused)
     helpers = _helpers(graph, fused)
     lines = [f"# {comment_safe(line)}" if line else "#" for line in header]
-    lines += [""] + IMPORTS + ["", f"SPEC_NAME = {spec_name!r}", ""]
+    lines += [""] + [line.format(output_import=_output_import(graph)) for line in IMPORTS] + ["", f"SPEC_NAME = {spec_name!r}", ""]
     for block in helpers + fused.sources:
         lines += ["", *block, ""]
     lines += ["", *_module_class(graph, class_name(spec_name), forward), "", "", f"Model = {class_name(spec_name)}"]
     return "\n".join(lines).rstrip() + "\n"
 
 
-class _FusedFunctions:
-    """One generated function per distinct fused configuration, named moe_0, moe_1, ..."""
+def _output_import(graph: Graph) -> str:
+    ops = {node.op for node in graph.nodes}
+    names = ["ModelOutput"] + (["MoeStats"] if ops & {"moe", "spectral_moe"} else []) + (["mean_stats"] if "spectral_moe" in ops else [])
+    return f"from moec.backends.output import {', '.join(names)}"
 
-    def __init__(self, moe_kernel: str, spectral_kernel: str):
+
+class _FusedFunctions:
+    """One generated function per distinct fused configuration: fused_moe_0, fused_moe_1, fused_spectral_moe_0, ..."""
+
+    def __init__(self, moe_kernel: str, spectral_kernel: str, attention_kernel: str = "auto"):
         self.moe_kernel, self.spectral_kernel = moe_kernel, spectral_kernel
+        self.attention = "attention_eager" if attention_kernel == "eager" else "attention"  # auto, sdpa: torch SDPA
         self.names: dict[tuple, str] = {}
         self.sources: list[list[str]] = []
 
     def moe(self, attrs: dict) -> str:
         key = ("moe", tuple(sorted(attrs.items())))
         if key not in self.names:
-            name = f"moe_{sum(k[0] == 'moe' for k in self.names)}"
+            name = f"fused_moe_{sum(k[0] == 'moe' for k in self.names)}"
             self.names[key] = name
-            kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs)
-            self.sources.append(codegen_moe.moe_function(name, attrs, kernel))
+            kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs["moe"])
+            self.sources.append(codegen_moe.moe_function(name, attrs["slots"], attrs["moe"], kernel))
         return self.names[key]
 
     def spectral(self, attrs: dict) -> str:
         key = ("spectral", tuple(sorted(attrs.items())))
         if key not in self.names:
-            moe_name = self.moe(codegen_moe.spectral_moe_attrs(attrs))
-            name = f"spectral_moe_{sum(k[0] == 'spectral' for k in self.names)}"
+            moe_name = self.moe({"slots": codegen_moe.inner_slots(attrs["slots"]), "moe": attrs["moe"]})
+            name = f"fused_spectral_moe_{sum(k[0] == 'spectral' for k in self.names)}"
             self.names[key] = name
             self.sources.append(codegen_moe.spectral_function(name, moe_name, attrs, self.spectral_kernel))
         return self.names[key]
@@ -84,14 +93,11 @@ class _FusedFunctions:
 def _helpers(graph: Graph, fused: _FusedFunctions) -> list[list[str]]:
     used = {"make_parameters"}
     for node in graph.nodes:
-        used |= SNIPPETS_USED_BY.get(node.op, set())
+        used |= SNIPPETS_USED_BY.get(node.op, set()) | ({fused.attention} if node.op == "attention" else set())
         if node.op in ("moe", "spectral_moe"):
-            attrs = node.attr
-            used |= {"select_experts", "load_balance_loss"}
-            used |= {"sinkhorn"} if attrs["router"] == "sinkhorn" else set()
-            used |= {"capacity_keep"} if attrs["capacity"] else set()
-    if any(node.op == "spectral_moe" for node in graph.nodes):
-        used |= {"rfft_real", "irfft_real", "dft_matrices", "spectral_scales", "band_index"}
+            used |= codegen_moe.helpers_for(node.attr["moe"])
+        if node.op == "spectral_moe":
+            used |= {"rfft_real", "irfft_real", "dft_matrices", "spectral_scales", "band_index"}
     order = [name for name, fn in vars(snippets).items() if inspect.isfunction(fn) and fn.__module__ == snippets.__name__]
     return [inspect.getsource(getattr(snippets, name)).rstrip().splitlines() for name in order if name in used]
 
@@ -144,8 +150,8 @@ def moe_layers(graph: Graph) -> tuple[str, ...]:
     names = []
     for node in graph.nodes:
         if node.op in ("moe", "spectral_moe"):
-            router = node.inputs[node.attr["slots"].index("router.weight")]
-            names.append(graph[router.node].attr["name"].removesuffix(".router.weight"))
+            router = node.inputs[node.attr["slots"].index(ROUTER_WEIGHT)]
+            names.append(graph[router.node].attr["name"].removesuffix("." + ROUTER_WEIGHT))
     return tuple(names)
 
 
@@ -156,6 +162,8 @@ def _expression(node: Node, args: list[str], fused: _FusedFunctions, source: str
         return f"{fused.moe(node.attr)}({', '.join(args)}, self.training)"
     if node.op == "spectral_moe":
         return f"{fused.spectral(node.attr)}({', '.join(args)}, self.training)"
+    if node.op == "attention":
+        return EXPRESSIONS["attention"](node, *args, fn=fused.attention)
     emit = EXPRESSIONS.get(node.op)
     if emit is None:  # an unfused MoE / spectral op: only when a fusion pass was disabled
         attrs = "{" + ", ".join(f"{key!r}: {value!r}" for key, value in node.attrs) + "}"

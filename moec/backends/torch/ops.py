@@ -18,7 +18,8 @@ EXPRESSIONS = {
     "rmsnorm": lambda n, x, w: f"F.rms_norm({x}, ({_width(n)},), {w}, {n.attr['eps']!r})",
     "layernorm": lambda n, x, w, b: f"F.layer_norm({x}, ({_width(n)},), {w}, {b}, {n.attr['eps']!r})",
     "rope": lambda n, x: f"rope({x}, {n.attr['heads']}, {n.attr['head_dim']}, {n.attr['theta']!r})",
-    "attention": lambda n, q, k, v: f"attention({q}, {k}, {v}, {n.attr['heads']}, {n.attr['kv_heads']}, {n.attr['head_dim']}, {n.attr['causal']})",
+    # fn: the snippet chosen by kernels.attention (attention = torch SDPA, attention_eager = written out)
+    "attention": lambda n, q, k, v, fn="attention": f"{fn}({q}, {k}, {v}, {n.attr['heads']}, {n.attr['kv_heads']}, {n.attr['head_dim']}, {n.attr['causal']})",
     "activation": lambda n, x: f"F.{n.attr['fn']}({x})",
     "glu": lambda n, gate, up: f"F.{n.attr['fn']}({gate}) * {up}",
     "add": lambda n, x, y: f"{x} + {y}",
@@ -26,4 +27,4 @@ EXPRESSIONS = {
 }
 
 # Helper functions (from moec.backends.torch.snippets) that an op's expression calls.
-SNIPPETS_USED_BY = {"rope": {"rope"}, "attention": {"attention"}}
+SNIPPETS_USED_BY = {"rope": {"rope"}}  # attention: the kernel's snippet, chosen by the emitter

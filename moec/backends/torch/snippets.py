@@ -37,6 +37,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_
     return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
 
 
+def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, head_dim: int, causal: bool) -> torch.Tensor:
+    """Attention written out (softmax(q k^T / sqrt(hd)) v, KV heads repeated): kernels.attention 'eager'."""
+    batch, seq, _ = q.shape
+    q = q.view(batch, seq, heads, head_dim).transpose(1, 2)
+    k = k.view(batch, seq, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    v = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+    if causal:
+        mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    out = scores.softmax(-1) @ v
+    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
 def sinkhorn(logits: torch.Tensor, iters: int, tau: float, temperature: float) -> torch.Tensor:
     """Log-space Sinkhorn over all tokens: rows sum to 1, then columns to N/E, ``iters`` times."""
     log_k = logits / (temperature * tau)  # (N, E)
@@ -49,11 +63,31 @@ def sinkhorn(logits: torch.Tensor, iters: int, tau: float, temperature: float) -
     return torch.exp(log_k + row + col)
 
 
+def router_noise(logits: torch.Tensor, kind: str, std: float, training: bool) -> torch.Tensor:
+    """Exploration noise on router logits while training: gaussian (std) or gumbel (scale std)."""
+    if not training or kind == "none":
+        return logits
+    if kind == "gaussian":
+        return logits + std * torch.randn_like(logits)
+    return logits - std * torch.log(-torch.log(torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)))
+
+
 def select_experts(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts per token by (scores + bias), ties to the lower expert; weights are the unbiased scores."""
     select = scores if bias is None else scores + bias
     chosen = torch.sort(select, dim=-1, descending=True, stable=True).indices[:, :top_k]  # (N, k)
     return scores.gather(-1, chosen), chosen
+
+
+def capacity_of(tokens: int, factor: float, top_k: int, experts: int) -> int:
+    """Slots per expert: C = max(1, floor(factor * tokens * top_k / experts))."""
+    return max(1, math.floor(factor * tokens * top_k / experts))
+
+
+def renormalize_kept(weights: torch.Tensor) -> torch.Tensor:
+    """drop_policy 'renormalize': a token's kept weights rescaled to sum to 1 (all dropped: stays 0)."""
+    total = weights.sum(-1, keepdim=True)
+    return torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), weights)
 
 
 def capacity_keep(choice_scores: torch.Tensor, flat_expert: torch.Tensor, experts: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:

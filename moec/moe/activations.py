@@ -1,0 +1,35 @@
+"""The activation registry: one entry per ``activation`` a spec may name.
+
+An entry says which ``torch.nn.functional`` function it applies and whether it is gated
+(``fn(gate(x)) * up(x)``, with a second input projection). Lowering, both backends and the
+parameter declarations read this table; the schema's ``Activation`` literal lists the same
+names (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ActivationKind:
+    name: str
+    fn: str  # the torch.nn.functional function (F.gelu, ...)
+    gated: bool  # fn(x @ w_gate.T) * (x @ w_up.T) instead of fn(x @ w_up.T)
+
+
+ACTIVATIONS = {
+    kind.name: kind
+    for kind in (
+        ActivationKind("gelu", fn="gelu", gated=False),
+        ActivationKind("relu", fn="relu", gated=False),
+        ActivationKind("silu", fn="silu", gated=False),
+        ActivationKind("swiglu", fn="silu", gated=True),  # Shazeer 2020
+        ActivationKind("geglu", fn="gelu", gated=True),
+        ActivationKind("reglu", fn="relu", gated=True),
+    )
+}
+
+
+def is_gated(activation: str) -> bool:
+    return ACTIVATIONS[activation].gated

@@ -1,0 +1,88 @@
+"""``MoeAttrs``: everything a backend needs to know about one MoE layer, typed and frozen.
+
+It is the attribute of the fused ``moe`` node (``moe=MoeAttrs(...)`` in ``ir.txt``) and the
+input of :func:`moec.moe.decompose`; :func:`moe_attrs` makes it from the spec's ``MoeConfig``
+and is the only place that reads MoE settings from a spec. Hidden sizes are not here: they
+are the shapes of the expert parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterAttrs:
+    kind: str  # a key of moec.moe.routers.ROUTERS
+    temperature: float = 1.0
+    noise: str = "none"  # none | gaussian | gumbel, on the logits while training
+    noise_std: float = 0.0
+    normalize: bool = False  # renormalise the chosen weights to sum to 1
+    sinkhorn_iters: int = 0
+    sinkhorn_tau: float = 0.0
+    bias_update_rate: float = 0.0  # selection-bias routers: the trainer's balancing step
+
+
+@dataclass(frozen=True)
+class CapacityAttrs:
+    mode: str = "dropless"  # dropless | capacity
+    factor: float = 0.0  # C = max(1, floor(factor * tokens * top_k / experts))
+    drop_policy: str = "none"  # zero | renormalize (capacity mode only)
+
+
+@dataclass(frozen=True)
+class ExpertAttrs:
+    activation: str  # a key of moec.moe.activations.ACTIVATIONS
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class AuxAttrs:
+    load_balance: float = 0.0
+    z_loss: float = 0.0
+
+
+@dataclass(frozen=True)
+class MoeAttrs:
+    experts: int
+    top_k: int
+    router: RouterAttrs
+    expert: ExpertAttrs
+    capacity: CapacityAttrs = CapacityAttrs()
+    aux: AuxAttrs = AuxAttrs()
+    shared: bool = False  # shared experts: one FFN every token passes through
+
+    @property
+    def choices(self) -> int:
+        """(token, expert) pairs per token that routing considers: top_k, or every expert for expert choice."""
+        from moec.moe.routers import ROUTERS
+
+        return self.experts if ROUTERS[self.router.kind].expert_choice else self.top_k
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity.mode == "dropless"
+
+
+def moe_attrs(cfg) -> MoeAttrs:
+    """The typed attributes of a resolved spec ``MoeConfig`` (``moec.schema.model``)."""
+    router, capacity = cfg.router, cfg.capacity
+    noisy = router.noise.kind != "none"
+    return MoeAttrs(
+        experts=cfg.experts,
+        top_k=cfg.top_k,
+        router=RouterAttrs(
+            kind=router.kind,
+            temperature=router.temperature,
+            noise=router.noise.kind,
+            noise_std=router.noise.std if noisy else 0.0,
+            normalize=router.normalize,
+            sinkhorn_iters=router.sinkhorn.iters if router.sinkhorn else 0,
+            sinkhorn_tau=router.sinkhorn.tau if router.sinkhorn else 0.0,
+            bias_update_rate=router.bias_update_rate or 0.0,
+        ),
+        expert=ExpertAttrs(activation=cfg.expert.activation, bias=cfg.expert.bias),
+        capacity=CapacityAttrs(mode=capacity.mode, factor=capacity.factor or 0.0, drop_policy=capacity.drop_policy or "none"),
+        aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss),
+        shared=cfg.shared_experts is not None,
+    )

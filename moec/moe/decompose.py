@@ -1,0 +1,88 @@
+"""``decompose``: an MoE layer as primitive ops, written once.
+
+Lowering calls it to build the unfused graph; ``fuse_moe`` calls it again on placeholders
+and accepts a match only when the graph holds exactly this subgraph; the reference
+interpreter runs it eagerly for a fused node. So lowering, fusion and the reference cannot
+drift apart. The ops (each one node; semantics in docs/semantics.md)::
+
+    logits  = linear(router_in, router.weight)        # [B,S,E]
+    noisy   = noise(logits)                           # only when the router has noise
+    scores  = <router score op>(noisy)                # softmax | sigmoid | sinkhorn: [B,S,E]
+    w, idx  = topk(scores [, selection_bias], k=choices)  # [B,S,k]
+    w       = renormalize(w)                          # router.normalize
+    w, kept = capacity(scores, idx, w)                # capacity mode only
+    xd      = dispatch(h, idx)                        # [B,S,k,D]
+    yd      = expert_ffn(xd, idx [, kept], experts.*) # [B,S,k,D]
+    out     = combine(yd, w) (+ shared experts' FFN)  # [B,S,D]
+    aux     = load_balance_loss(scores, idx) + z_loss(logits)
+
+A builder is anything with ``add(op, inputs, path, outputs=1, **attrs) -> Ref | tuple[Ref]``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from moec.ir.graph import Ref
+from moec.moe.activations import ACTIVATIONS
+from moec.moe.attrs import MoeAttrs
+from moec.moe.params import EXPERT_PREFIX, ROUTER_WEIGHT, SELECTION_BIAS, ffn_slots
+from moec.moe.routers import ROUTERS
+
+PLACEHOLDER = "@"  # prefix of the names that stand for a decomposition's inputs
+
+
+def placeholders(names: Sequence[str]) -> dict[str, Ref]:
+    """Stand-in values for the inputs of a decomposition (``@h``, ``@router.weight``, ...)."""
+    return {name: Ref(PLACEHOLDER + name) for name in names}
+
+
+def ffn(b, x: Ref, weights: Sequence[Ref], activation: str, bias: bool, path: tuple) -> Ref:
+    """``down(fn(gate(x)) * up(x))`` for gated activations, else ``down(fn(up(x)))``; ``weights`` as in ``ffn_slots``."""
+    kind = ACTIVATIONS[activation]
+    params = dict(zip(ffn_slots("", activation, bias), weights))
+    up = b.add("linear", [x, params["w_up"]] + ([params["b_up"]] if bias else []), path)
+    if kind.gated:
+        gate = b.add("linear", [x, params["w_gate"]], path)
+        hidden = b.add("glu", [gate, up], path, fn=kind.fn)
+    else:
+        hidden = b.add("activation", [up], path, fn=kind.fn)
+    return b.add("linear", [hidden, params["w_down"]] + ([params["b_down"]] if bias else []), path)
+
+
+def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, Ref], path: tuple = ()) -> tuple[Ref, Ref]:
+    """One MoE application on ``h``; ``params`` maps each slot of ``moe_slots(attrs)`` to its value.
+
+    Returns (output, weighted aux loss).
+    """
+    router, kind = attrs.router, ROUTERS[attrs.router.kind]
+    rpath = path + ("router",)
+    logits = b.add("linear", [router_in, params[ROUTER_WEIGHT]], rpath)
+    noisy = logits if router.noise == "none" else b.add("noise", [logits], rpath, kind=router.noise, std=router.noise_std)
+    scores = b.add(kind.score_op, [noisy], rpath, **kind.score_attrs(router))
+    select = [scores] + ([params[SELECTION_BIAS]] if kind.selection_bias else [])
+    weights, indices = b.add("topk", select, rpath, outputs=2, k=attrs.choices)
+    if router.normalize:
+        weights = b.add("renormalize", [weights], rpath)
+    kept = []
+    if not attrs.dropless:
+        capacity = attrs.capacity
+        weights, mask = b.add("capacity", [scores, indices, weights], path + ("capacity",), outputs=2, factor=capacity.factor,
+                              experts=attrs.experts, top_k=attrs.top_k, drop_policy=capacity.drop_policy)
+        kept = [mask]
+    dispatched = b.add("dispatch", [h, indices], path)
+    expert = attrs.expert
+    expert_params = [params[slot] for slot in ffn_slots(EXPERT_PREFIX, expert.activation, expert.bias)]
+    expert_out = b.add("expert_ffn", [dispatched, indices, *kept, *expert_params], path + ("expert",),
+                       experts=attrs.experts, activation=expert.activation, masked=bool(kept), bias=expert.bias)
+    out = b.add("combine", [expert_out, weights], path)
+    if attrs.shared:
+        spath = path + ("shared_experts",)
+        shared = ffn(b, h, [params[slot] for slot in ffn_slots("shared.", expert.activation, False)], expert.activation, False, spath)
+        out = b.add("add", [out, shared], spath)
+    apath = path + ("aux",)
+    # Both terms are always there (a weight of 0 included): backends skip a term whose weight is 0.
+    balance = b.add("load_balance_loss", [scores, indices], apath, experts=attrs.experts, top_k=attrs.top_k,
+                    weight=attrs.aux.load_balance)
+    z = b.add("z_loss", [logits], apath, weight=attrs.aux.z_loss)
+    return out, b.add("add", [balance, z], apath)

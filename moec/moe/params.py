@@ -1,0 +1,73 @@
+"""The parameters of an MoE layer: their slot names, shapes, initialisation and groups.
+
+A slot is a parameter's role in the layer and the suffix of its name
+(``blocks.3.moe.experts.w_up`` fills slot ``experts.w_up``). The fused ``moe`` node lists its
+inputs by slot (``h``, ``router_in``, then :func:`moe_slots` in order); lowering creates the
+parameters from :func:`moe_params`. Weights are torch-style ``[out, in]``, experts ``[E, out, in]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moec.moe.activations import is_gated
+from moec.moe.attrs import MoeAttrs
+from moec.moe.routers import ROUTERS
+
+ROUTER_WEIGHT = "router.weight"
+SELECTION_BIAS = "router.selection_bias"
+EXPERT_PREFIX = "experts."
+BAND_TABLE = "band.weight"  # spectral MoE: the learned band embedding
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    slot: str
+    shape: tuple[int, ...]
+    part: str  # the spec key under the layer it comes from: router | expert | shared_experts | "" (the layer)
+    group: str  # optimiser group (moec.runtime.optim)
+    init: str = "normal"  # normal | zeros
+    output_projection: bool = False  # std scaled by depth (writes into the residual stream)
+    trainable: bool = True
+
+
+def ffn_slots(prefix: str, activation: str, bias: bool) -> tuple[str, ...]:
+    """``w_up [, w_gate], w_down [, b_up, b_down]`` under ``prefix``."""
+    names = ["w_up"] + (["w_gate"] if is_gated(activation) else []) + ["w_down"] + (["b_up", "b_down"] if bias else [])
+    return tuple(f"{prefix}{name}" for name in names)
+
+
+def moe_slots(attrs: MoeAttrs) -> tuple[str, ...]:
+    """The parameter slots of an MoE layer, in the fused node's input order."""
+    slots = [ROUTER_WEIGHT] + ([SELECTION_BIAS] if ROUTERS[attrs.router.kind].selection_bias else [])
+    slots += ffn_slots(EXPERT_PREFIX, attrs.expert.activation, attrs.expert.bias)
+    if attrs.shared:
+        slots += ffn_slots("shared.", attrs.expert.activation, False)
+    return tuple(slots)
+
+
+def ffn_params(prefix: str, width: int, hidden: int, activation: str, bias: bool, part: str, group: str,
+               experts: int | None = None) -> list[ParamDecl]:
+    """An FFN's weights (``experts`` of them stacked when given); biases go to the ``bias`` group."""
+    lead = (experts,) if experts else ()
+    shapes = {"w_up": (hidden, width), "w_gate": (hidden, width), "w_down": (width, hidden), "b_up": (hidden,), "b_down": (width,)}
+    decls = []
+    for name in ffn_slots("", activation, bias):
+        is_bias = name.startswith("b_")
+        decls.append(ParamDecl(prefix + name, lead + shapes[name], part, "bias" if is_bias else group,
+                               init="zeros" if is_bias else "normal", output_projection=name == "w_down"))
+    return decls
+
+
+def moe_params(attrs: MoeAttrs, width: int, router_width: int, hidden: int, shared_hidden: int = 0) -> list[ParamDecl]:
+    """Declarations of :func:`moe_slots`: shapes for experts of ``hidden`` on tokens of ``width``."""
+    E = attrs.experts
+    decls = [ParamDecl(ROUTER_WEIGHT, (E, router_width), "router", "router")]
+    if ROUTERS[attrs.router.kind].selection_bias:
+        decls.append(ParamDecl(SELECTION_BIAS, (E,), "router", "router", init="zeros", trainable=False))
+    decls += ffn_params(EXPERT_PREFIX, width, hidden, attrs.expert.activation, attrs.expert.bias, "expert", "experts", E)
+    if attrs.shared:
+        # Shared experts of hidden H x count are one FFN of hidden count * H (their outputs add up).
+        decls += ffn_params("shared.", width, shared_hidden, attrs.expert.activation, False, "shared_experts", "rest")
+    assert tuple(d.slot for d in decls) == moe_slots(attrs)
+    return decls

@@ -1,0 +1,73 @@
+"""The router registry: one entry per ``router.kind`` a spec may name.
+
+An entry holds everything the compiler knows about a kind of router:
+
+- ``score_op`` and ``score_attrs``: the primitive op that turns router logits into scores
+  in the unfused graph (its reference kernel is ``moec.backends.reference.routing``'s
+  function of the same name), with its attributes;
+- ``emit_scores``: the expression the torch backend writes for the same scores;
+- ``helpers``: the ``moec.backends.torch.snippets`` functions that expression calls;
+- ``selection_bias``: a non-trainable per-expert bias added to the scores for selection
+  only (parameter ``router.selection_bias``, moved by the trainer towards even load);
+- ``expert_choice``: every expert picks its best tokens (the (token, expert) pairs are all
+  candidates, and capacity keeps each expert's C best) instead of every token its top_k.
+
+Adding a router kind is one entry here, its score kernel when no existing one fits, the
+name in the schema's ``Router.kind`` literal, and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from moec.moe.attrs import RouterAttrs
+
+
+@dataclass(frozen=True)
+class RouterKind:
+    name: str
+    doc: str
+    score_op: str
+    score_attrs: Callable[[RouterAttrs], dict]
+    emit_scores: Callable[[RouterAttrs, str], str]  # (router, logits expression) -> scores expression
+    helpers: frozenset[str] = field(default_factory=frozenset)
+    selection_bias: bool = False
+    expert_choice: bool = False
+
+
+def _temperature(router: RouterAttrs) -> dict:
+    return {"temperature": router.temperature}
+
+
+def _softmax(router: RouterAttrs, logits: str) -> str:
+    return f"torch.softmax({logits} / {router.temperature!r}, dim=-1)"
+
+
+ROUTERS = {
+    kind.name: kind
+    for kind in (
+        RouterKind(
+            "topk", "softmax over experts, each token takes its top_k (Switch, Mixtral)",
+            score_op="softmax", score_attrs=_temperature, emit_scores=_softmax,
+        ),
+        RouterKind(
+            "sigmoid_bias", "independent sigmoid scores; a selection-only bias balances the load (DeepSeek-V3)",
+            score_op="sigmoid", score_attrs=_temperature,
+            emit_scores=lambda r, logits: f"torch.sigmoid({logits} / {r.temperature!r})",
+            selection_bias=True,
+        ),
+        RouterKind(
+            "sinkhorn", "Sinkhorn-balanced assignment over the batch, then top_k (BASE layers, the m library)",
+            score_op="sinkhorn",
+            score_attrs=lambda r: {"iters": r.sinkhorn_iters, "tau": r.sinkhorn_tau, "temperature": r.temperature},
+            emit_scores=lambda r, logits: f"sinkhorn({logits}, {r.sinkhorn_iters}, {r.sinkhorn_tau!r}, {r.temperature!r})",
+            helpers=frozenset({"sinkhorn"}),
+        ),
+        RouterKind(
+            "expert_choice", "softmax scores; each expert takes its C best tokens of the batch (Zhou et al. 2022)",
+            score_op="softmax", score_attrs=_temperature, emit_scores=_softmax,
+            expert_choice=True,
+        ),
+    )
+}
