@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
+from moec.schema.errors import format_path
+from moec.schema.model import GATED_ACTIVATIONS
 from moec.schema.spec import Spec
 
 Finding = tuple[tuple, str]
@@ -26,6 +28,7 @@ def run_checks(spec: Spec) -> list[Finding]:
         _future_leaks,
         _data_matches_model,
         _options_are_used,
+        _kernels_serve_spec,
         _size_is_sane,
     ):
         findings.extend(check(spec))
@@ -132,12 +135,18 @@ def _future_leaks(spec: Spec) -> Iterator[Finding]:
     if spec.model.head.pool != "none":
         return
     for b, i, layer in spec.model.layers():
-        if layer.kind == "spectral_moe" or (layer.kind == "attention" and not layer.causal):
-            what = "spectral_moe mixes the whole sequence" if layer.kind == "spectral_moe" else "non-causal attention sees later positions"
-            yield ("model", "head", "pool"), (
-                f"{what} (model.blocks[{b}].layers[{i}]), so per-position next-step targets would leak the future; set pool: last"
-            )
-            return
+        if layer.kind == "moe" and layer.router.expert_choice:
+            what = "expert_choice routing lets each expert pick from every token of the batch, later positions included"
+        elif layer.kind == "spectral_moe":
+            what = "spectral_moe mixes the whole sequence"
+        elif layer.kind == "attention" and not layer.causal:
+            what = "non-causal attention sees later positions"
+        else:
+            continue
+        yield ("model", "head", "pool"), (
+            f"{what} (model.blocks[{b}].layers[{i}]), so per-position next-step targets would leak the future; set pool: last"
+        )
+        return
 
 
 def _data_matches_model(spec: Spec) -> Iterator[Finding]:
@@ -170,6 +179,27 @@ def _options_are_used(spec: Spec) -> Iterator[Finding]:
             yield ("schedule", "kernels", op), f"chooses a kernel for '{op}', but the model has no {op} layer"
 
 
+def _moe_configs(spec: Spec) -> Iterator[tuple[tuple, object]]:
+    for b, i, layer in spec.model.layers():
+        if layer.kind == "moe":
+            yield _layer_path(b, i), layer
+        elif layer.kind == "spectral_moe":
+            yield _layer_path(b, i, "moe"), layer.moe
+
+
+def _kernels_serve_spec(spec: Spec) -> Iterator[Finding]:
+    """A kernel choice that cannot run some layer of the model is refused here, not at build time."""
+    kernel, path = spec.schedule.kernels.moe, ("schedule", "kernels", "moe")
+    if kernel == "triton":
+        yield path, "'triton' has no implementation yet; use 'auto', 'grouped_mm', 'bmm' or 'eager'"
+    elif kernel == "bmm":
+        for where, moe in _moe_configs(spec):
+            if moe.capacity.mode != "capacity":
+                yield path, (f"'bmm' pads every expert to a fixed capacity, but {format_path(where)} is dropless "
+                             "(use 'grouped_mm', or capacity.mode 'capacity')")
+                return
+
+
 def _size_is_sane(spec: Spec) -> Iterator[Finding]:
     params = estimate_params(spec)
     if params > MAX_PARAMS:
@@ -190,7 +220,7 @@ def estimate_params(spec: Spec) -> int:
 
 
 def _ffn_params(width: int, hidden: int, activation: str) -> int:
-    gates = 2 if activation in ("swiglu", "geglu", "reglu") else 1
+    gates = 2 if activation in GATED_ACTIVATIONS else 1
     return (gates + 1) * width * hidden
 
 

@@ -49,9 +49,10 @@ class Compile(Base):
 class Kernels(Base):
     """Implementation choice per fused op; ``auto`` picks the best one the device supports."""
 
-    moe: Literal["auto", "eager", "grouped_mm", "bmm", "triton"] = "auto"
+    moe: Literal["auto", "eager", "grouped_mm", "bmm", "triton"] = Field(
+        "auto", description="auto: grouped_mm when dropless, bmm with capacity. bmm needs capacity mode; triton is planned.")
     spectral_moe: Literal["auto", "fft", "dft"] = Field("auto", description="dft: a matmul with the DFT matrix (short sequences).")
-    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    attention: Literal["auto", "sdpa", "eager"] = Field("auto", description="auto and sdpa: torch SDPA; eager: written out.")
 
 
 def _power_of_two(low: int, high: int):
@@ -89,12 +90,12 @@ class Schedule(Base):
     precision: Precision = Field(default_factory=Precision)
     compile: Compile = Field(default_factory=Compile)
     kernels: Kernels = Field(default_factory=Kernels)
-    tiles: Tiles | None = Field(None, description="Only with a triton or auto kernel.")
+    tiles: Tiles | None = Field(None, description="For Triton kernels (not available yet: refused).")
     activation_checkpointing: ActivationCheckpointing = Field(default_factory=ActivationCheckpointing)
     deterministic: bool = Field(False, description="Fixed reduction orders and deterministic algorithms.")
 
     @model_validator(mode="after")
     def _tiles_need_triton(self) -> "Schedule":
-        if self.tiles is not None and self.kernels.moe not in ("auto", "triton"):
-            raise field_error("tiles", f"are used only by triton kernels, but kernels.moe is '{self.kernels.moe}'")
+        if self.tiles is not None:
+            raise field_error("tiles", "are read only by Triton kernels, which moec does not have yet; remove them")
         return self
