@@ -16,7 +16,9 @@ drift apart. The ops (each one node; semantics in docs/semantics.md)::
     out     = combine(yd, w) (+ shared experts' FFN)  # [B,S,D]
     aux     = load_balance_loss(scores, idx) + z_loss(logits)
 
-A builder is anything with ``add(op, inputs, path, outputs=1, **attrs) -> Ref | tuple[Ref]``.
+A builder has ``add(op, inputs, path, outputs=1, **attrs) -> Ref | tuple[Ref]`` and
+``mark_moe(out, aux, attrs)``, told where each decomposition ends (lowering records it for
+``fuse_moe``; other builders ignore it).
 """
 
 from __future__ import annotations
@@ -85,4 +87,6 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     balance = b.add("load_balance_loss", [scores, indices], apath, experts=attrs.experts, top_k=attrs.top_k,
                     weight=attrs.aux.load_balance)
     z = b.add("z_loss", [logits], apath, weight=attrs.aux.z_loss)
-    return out, b.add("add", [balance, z], apath)
+    aux = b.add("add", [balance, z], apath)
+    b.mark_moe(out, aux, attrs)
+    return out, aux

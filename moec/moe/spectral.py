@@ -29,7 +29,6 @@ def decompose_spectral(b, attrs: MoeAttrs, x: Ref, params: Mapping[str, Ref], pa
         else:
             router_in = z
         y, aux = decompose(b, attrs, z, router_in, params, path + ("moe",))
-        b.mark_moe(y, aux, attrs)
         z = b.add("add", [z, y], path)
         total = aux if total is None else b.add("add", [total, aux], path)
     out = b.add("real_to_complex", [z], path)

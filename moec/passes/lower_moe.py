@@ -26,9 +26,7 @@ def lower_moe(b: GraphBuilder, spec, layer, h: Ref, prefix: str, path: tuple) ->
     shared = layer.shared_experts
     decls = moe_params(attrs, width, width, layer.expert.hidden, shared.count * shared.hidden if shared else 0)
     params = b.declare(spec, prefix, path, decls)
-    out, aux = decompose(b, attrs, h, h, params, path)
-    b.mark_moe(out, aux, attrs)
-    return out, aux
+    return decompose(b, attrs, h, h, params, path)
 
 
 def lower_spectral_moe(b: GraphBuilder, spec, layer, x: Ref, prefix: str, path: tuple) -> tuple[Ref, Ref]:
