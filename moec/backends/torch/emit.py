@@ -13,6 +13,8 @@ import inspect
 import re
 
 from moec.backends.torch import codegen_moe, snippets
+from moec.backends.torch.blocks import Segment, is_fused, segments
+from moec.backends.torch.modules import block_class, root_class
 from moec.backends.torch.ops import EXPRESSIONS, SNIPPETS_USED_BY
 from moec.ir.graph import Graph, Node, Ref
 from moec.moe import ROUTER_WEIGHT
@@ -46,13 +48,17 @@ def comment_safe(text: str) -> str:
 def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
                  attention_kernel: str = "auto") -> str:
     fused = _FusedFunctions(moe_kernel, spectral_kernel, attention_kernel)
-    forward = _forward(graph, fused)
+    cut = segments(graph)
+    forward, bodies = _forward(graph, fused, cut)
     helpers = _helpers(graph, fused)
     lines = [f"# {comment_safe(line)}" if line else "#" for line in header]
     lines += [""] + [line.format(output_import=_output_import(graph)) for line in IMPORTS] + ["", f"SPEC_NAME = {spec_name!r}", ""]
     for block in helpers + fused.sources:
         lines += ["", *block, ""]
-    lines += ["", *_module_class(graph, class_name(spec_name), forward), "", "", f"Model = {class_name(spec_name)}"]
+    for segment in cut:
+        if segment.block is not None:
+            lines += ["", *block_class(graph, segment, bodies[segment.block]), ""]
+    lines += ["", *root_class(graph, class_name(spec_name), forward, moe_layers(graph)), "", "", f"Model = {class_name(spec_name)}"]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -102,10 +108,79 @@ def _helpers(graph: Graph, fused: _FusedFunctions) -> list[list[str]]:
     return [inspect.getsource(getattr(snippets, name)).rstrip().splitlines() for name in order if name in used]
 
 
-def param_expr(name: str) -> str:
-    """``blocks.3.moe.experts.w_up`` -> ``self.blocks[3].moe.experts.w_up``."""
+def param_expr(name: str, owner: str = "") -> str:
+    """``blocks.3.moe.experts.w_up`` -> ``self.blocks[3].moe.experts.w_up`` (``self.moe.experts.w_up`` in ``blocks.3``)."""
+    name = name.removeprefix(owner + ".") if owner else name
     parts = [f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".")]
     return "self" + "".join(parts)
+
+
+class _Writer:
+    """Statements of one module's ``forward``: graph values by name, parameters relative to ``owner``."""
+
+    def __init__(self, graph: Graph, fused: _FusedFunctions, owner: str, anchor: str):
+        self.graph, self.fused, self.owner = graph, fused, owner
+        self.anchor = anchor  # a [B,S,...] value in scope: constants' device, unfused ops' sequence length
+        self.last_use = _last_uses(graph)
+        self.lines: list[str] = []
+
+    def name(self, ref: Ref) -> str:
+        node = self.graph[ref.node]
+        return param_expr(node.attr["name"], self.owner) if node.op == "param" else value_name(ref, self.graph)
+
+    def node(self, index: int, stats: list[str]) -> None:
+        node = self.graph.nodes[index]
+        expr = _expression(node, [self.name(ref) for ref in node.inputs], self.fused, self.anchor)
+        targets = ", ".join(value_name(Ref(node.name, i), self.graph) for i in range(len(node.types or (None,))))
+        if is_fused(node):
+            stats.append(f"stats_{len(stats)}")
+            targets += f", {stats[-1]}"
+        shapes = ", ".join(str(t) for t in node.types or ())
+        where = f"  {comment_safe(node.origin)}" if node.origin is not None else ""
+        self.lines.append(f"        {targets} = {expr}  # {shapes}{where}")
+        self.free([ref for ref in node.inputs if self.last_use.get(ref) == index])
+
+    def free(self, refs: list[Ref]) -> None:
+        """``del`` the values read for the last time (parameters live on the module; the input stays)."""
+        dead = sorted({value_name(ref, self.graph) for ref in refs if self.graph[ref.node].op not in ("param", "input")})
+        if dead:
+            self.lines.append(f"        del {', '.join(dead)}")
+
+
+def _tuple(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names)
+
+
+def _forward(graph: Graph, fused: _FusedFunctions, cut: list[Segment]) -> tuple[list[str], dict[int, list[str]]]:
+    """The root's forward, and each block's forward body by block index."""
+    source = next(node for node in graph.nodes if node.op == "input").attr["name"]
+    root, stats, bodies = _Writer(graph, fused, "", source), [], {}
+    for segment in cut:
+        if segment.block is None:
+            for index in segment.nodes:
+                root.node(index, stats)
+            continue
+        writer = _Writer(graph, fused, f"blocks.{segment.block}", value_name(segment.inputs[0], graph))
+        first = len(stats)
+        for index in segment.nodes:
+            writer.node(index, stats)
+        returned = [value_name(ref, graph) for ref in segment.outputs] + stats[first:]
+        writer.lines.append(f"        return {_tuple(returned)}")
+        bodies[segment.block] = writer.lines
+        args = ", ".join(root.name(ref) for ref in segment.inputs)
+        where = comment_safe(_block_origin(graph, segment))
+        root.lines.append(f"        {_tuple(returned)} = self.blocks[{segment.block}]({args})  # {where}")
+        root.free([ref for ref in segment.inputs if root.last_use.get(ref) in segment.span])
+    output, aux = (value_name(ref, graph) for ref in graph.outputs)
+    moe_stats = f"({', '.join(stats)}{',' if len(stats) == 1 else ''})"
+    root.lines.append(f"        return ModelOutput(output={output}, aux_loss={aux}, moe_stats={moe_stats})")
+    return root.lines, bodies
+
+
+def _block_origin(graph: Graph, segment: Segment) -> str:
+    """``blocks.3  specs/x.yaml:14 model.blocks[1].norm``: the block and where its first statement comes from."""
+    origin = graph.nodes[segment.nodes[0]].origin
+    return f"blocks.{segment.block}" + (f"  {origin}" if origin is not None else "")
 
 
 def value_name(ref: Ref, graph: Graph) -> str:
@@ -115,34 +190,6 @@ def value_name(ref: Ref, graph: Graph) -> str:
     if node.op == "input":
         return str(node.attr["name"])
     return ref.node if ref.index == 0 else f"{ref.node}_{ref.index}"
-
-
-def _forward(graph: Graph, fused: _FusedFunctions) -> list[str]:
-    last_use = _last_uses(graph)
-    source = next(node for node in graph.nodes if node.op == "input").attr["name"]
-    stats: list[str] = []
-    lines = []
-    for index, node in enumerate(graph.nodes):
-        if node.op in ("param", "input"):
-            continue
-        args = [value_name(ref, graph) for ref in node.inputs]
-        expr = _expression(node, args, fused, source)
-        targets = ", ".join(value_name(Ref(node.name, i), graph) for i in range(len(node.types or (None,))))
-        if node.op in ("moe", "spectral_moe"):
-            targets += f", stats_{len(stats)}"
-            stats.append(f"stats_{len(stats)}")
-        shapes = ", ".join(str(t) for t in node.types or ())
-        where = f"  {comment_safe(node.origin)}" if node.origin is not None else ""
-        lines.append(f"        {targets} = {expr}  # {shapes}{where}")
-        # Parameters live on the module; the input is kept for constants' device.
-        dead = sorted({value_name(ref, graph) for ref in node.inputs
-                       if last_use.get(ref) == index and graph[ref.node].op not in ("param", "input")})
-        if dead:
-            lines.append(f"        del {', '.join(dead)}")
-    output, aux = (value_name(ref, graph) for ref in graph.outputs)
-    moe_stats = f"({', '.join(stats)}{',' if len(stats) == 1 else ''})"
-    lines.append(f"        return ModelOutput(output={output}, aux_loss={aux}, moe_stats={moe_stats})")
-    return lines
 
 
 def moe_layers(graph: Graph) -> tuple[str, ...]:
@@ -155,9 +202,9 @@ def moe_layers(graph: Graph) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _expression(node: Node, args: list[str], fused: _FusedFunctions, source: str) -> str:
+def _expression(node: Node, args: list[str], fused: _FusedFunctions, anchor: str) -> str:
     if node.op == "constant":
-        return f"torch.full((), {node.attr['value']!r}, device={source}.device)"
+        return f"torch.full((), {node.attr['value']!r}, device={anchor}.device)"
     if node.op == "moe":
         return f"{fused.moe(node.attr)}({', '.join(args)}, self.training)"
     if node.op == "spectral_moe":
@@ -167,7 +214,7 @@ def _expression(node: Node, args: list[str], fused: _FusedFunctions, source: str
     emit = EXPRESSIONS.get(node.op)
     if emit is None:  # an unfused MoE / spectral op: only when a fusion pass was disabled
         attrs = "{" + ", ".join(f"{key!r}: {value!r}" for key, value in node.attrs) + "}"
-        return f"runtime.reference_op({node.op!r}, {attrs}, self.training, {source}.shape[1]{''.join(', ' + a for a in args)})"
+        return f"runtime.reference_op({node.op!r}, {attrs}, self.training, {anchor}.shape[1]{''.join(', ' + a for a in args)})"
     return emit(node, *args)
 
 
@@ -179,61 +226,3 @@ def _last_uses(graph: Graph) -> dict[Ref, int]:
     for ref in graph.outputs:
         last[ref] = len(graph.nodes)  # returned: never deleted
     return last
-
-
-def _module_class(graph: Graph, name: str, forward: list[str]) -> list[str]:
-    source = next(node for node in graph.nodes if node.op == "input")
-    arg, dtype = source.attr["name"], source.attr["dtype"]
-    out_type, aux_type = (graph.type_of(ref) for ref in graph.outputs)
-    lines = [
-        f"class {name}(nn.Module):",
-        f'    """The model of spec SPEC_NAME: forward({arg}) -> ModelOutput(output, aux_loss, moe_stats)."""',
-        "",
-        f"    MOE_LAYERS = {moe_layers(graph)!r}  # the layers of ModelOutput.moe_stats, in order",
-        "",
-        "    def __init__(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:",
-        "        super().__init__()",
-        *_declarations(graph),
-        "",
-        f"    def forward(self, {arg}: torch.Tensor) -> ModelOutput:",
-        f'        """{arg}: {source.type} -> output {out_type}, aux_loss {aux_type}."""',
-        *forward,
-        "",
-        "    def example_inputs(self, batch: int = 2, seq: int = 64, seed: int = 0) -> tuple[torch.Tensor]:",
-        '        """Random inputs of the right kind for ``forward``."""',
-        "        generator = torch.Generator().manual_seed(seed)",
-        "        device = next(self.parameters()).device",
-    ]
-    if dtype == "i64":
-        vocab = graph["embed.weight"].attr["shape"][0]
-        lines.append(f"        return (torch.randint(0, {vocab}, (batch, seq), generator=generator).to(device),)")
-    else:
-        lines.append(f"        return (torch.randn(batch, seq, {source.attr['shape'][2]}, generator=generator).to(device),)")
-    return lines
-
-
-def _declarations(graph: Graph) -> list[str]:
-    """``__init__`` lines creating the parameter tree whose state_dict keys are the graph's names."""
-    leaves: dict[str, tuple[dict, dict]] = {}
-    for node in graph.params():
-        assert "." in node.attr["name"], f"parameter {node.attr['name']} has no owning module"
-        owner, leaf = node.attr["name"].rsplit(".", 1)
-        trainable, frozen = leaves.setdefault(owner, ({}, {}))
-        (trainable if node.attr["trainable"] else frozen)[leaf] = tuple(node.attr["shape"])
-    lines, made = [], set()
-    blocks = sorted({int(name.split(".")[1]) for name in leaves if name.startswith("blocks.")})
-    if blocks:
-        lines.append(f"        self.blocks = nn.ModuleList(nn.Module() for _ in range({len(blocks)}))")
-        made |= {"blocks"} | {f"blocks.{i}" for i in blocks}
-    for owner, (trainable, frozen) in leaves.items():
-        parts = owner.split(".")
-        for depth in range(1, len(parts)):
-            prefix = ".".join(parts[:depth])
-            if prefix not in made:
-                lines.append(f"        {param_expr(prefix)} = nn.Module()")
-                made.add(prefix)
-        shapes = ", ".join(f"{k!r}: {v!r}" for k, v in trainable.items())
-        extra = f", {{{', '.join(f'{k!r}: {v!r}' for k, v in frozen.items())}}}" if frozen else ""
-        lines.append(f"        {param_expr(owner)} = make_parameters(device, dtype, {{{shapes}}}{extra})")
-        made.add(owner)
-    return lines
