@@ -66,6 +66,7 @@ def _write(program, out_dir: Path, render_svg: bool) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "model.py": program.source,
+        "parallel.py": program.parallel_source,
         "manifest.json": json.dumps(program.manifest, indent=2) + "\n",
         "ir.txt": print_graph(program.graph),
         "graph.dot": to_dot(program.graph),

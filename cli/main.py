@@ -88,12 +88,15 @@ def train(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: the spec's train.checkpoint.dir)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots at the end."),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1, help="Start this many local processes with torch's elastic launcher (the spec's mesh.world_size).",
+    ),
 ) -> None:
     """Train a spec: metrics.jsonl, checkpoints and plots under the run directory."""
     from cli.train import run_train
 
     run_train(spec, resume=resume, allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
-              stop_at=stop_at)
+              stop_at=stop_at, nproc=nproc)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from moec.backends.init import init_parameter
+from moec.backends.parallel import emit_parallel, parallel_plan
 from moec.backends.reference import ReferenceModel
 from moec.backends.torch.emit import emit_program
 from moec.backends.torch.loader import load_program
@@ -30,6 +31,7 @@ class Program:
     source: str  # model.py
     manifest: dict
     log: tuple
+    parallel_source: str = ""  # parallel.py: the DeviceMesh and the FSDP2 plan
 
     @property
     def sha256(self) -> str:
@@ -57,7 +59,9 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     source = emit_program(compiled.graph, spec_name=spec.name, header=header,
                           moe_kernel=kernels.moe, spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention)
     manifest = build_manifest(spec, compiled, versions())
-    return Program(spec=spec, graph=compiled.graph, source=source, manifest=manifest, log=compiled.log)
+    blocks = sum(block.repeat for block in spec.model.blocks)
+    parallel = emit_parallel(spec, parallel_plan(spec), blocks, header[:3])
+    return Program(spec=spec, graph=compiled.graph, source=source, manifest=manifest, log=compiled.log, parallel_source=parallel)
 
 
 def _header(spec, compiled, kernels) -> list[str]:
@@ -77,10 +81,12 @@ def _header(spec, compiled, kernels) -> list[str]:
 
 
 def build_model(spec, device="cpu", dtype: torch.dtype | None = None, program: Program | None = None,
-                path: Path | None = None) -> torch.nn.Module:
+                path: Path | None = None, mesh=None) -> torch.nn.Module:
     """The generated model with weights initialised from the spec seed (meta: shapes only).
 
-    The source runs from ``path`` (default: the cache), where tracebacks will point.
+    The source runs from ``path`` (default: the cache), where tracebacks will point. With a
+    ``mesh`` (``parallel_module(program).make_mesh(...)``), the generated ``parallel.py``
+    shards it (every rank initialises the full model from the seed first, so all agree).
     """
     program = program or compile_spec(spec)
     module = load_program(program.source, path)
@@ -89,7 +95,14 @@ def build_model(spec, device="cpu", dtype: torch.dtype | None = None, program: P
     if torch.device(device).type != "meta":
         initialise(model, program.graph, spec.train.seed)
     model.program = program
+    if mesh is not None:
+        model = parallel_module(program).parallelize(model, mesh)
     return model
+
+
+def parallel_module(program: Program, path: Path | None = None):
+    """The generated ``parallel.py`` as a module (``make_mesh``, ``parallelize``, ``MESH_AXES``, ...)."""
+    return load_program(program.parallel_source, path, filename="parallel.py")
 
 
 @torch.no_grad()

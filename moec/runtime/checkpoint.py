@@ -20,6 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 META = "meta.json"
 
@@ -36,34 +42,46 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    names = {id(p): name for name, p in model.named_parameters()}
-    optim = {}
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
-                optim[f"{names[id(param)]}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    """Model, AdamW moments (flat: ``<param>.<slot>``) and RNG; DTensors under FSDP2, so DCP can reshard them."""
+    if hasattr(model, "reshard"):  # FSDP2 leaves the root unsharded after a step: register the sharded params again
+        model.reshard()
+    state = get_optimizer_state_dict(model, optimizer)["state"]
+    optim = {f"{name}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
+             for name, slots in state.items() for key, value in slots.items()}
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    return {"model": model.state_dict(), "optim": optim, "rng": rng}
+    return {"model": get_model_state_dict(model), "optim": optim, "rng": rng}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict, dist_ctx=None) -> Path:
+    """Every rank calls this (DCP writes each rank's shards); rank 0 writes meta.json and commits."""
+    main = dist_ctx is None or dist_ctx.is_main
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # One directory for all ranks: named by the step alone when several processes write it.
+    tmp = root / (f".tmp-step_{step:08d}-{os.getpid()}" if dist_ctx is None or not dist_ctx.distributed else f".tmp-step_{step:08d}")
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier(dist_ctx)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(_tensor_state(model, optimizer), checkpoint_id=str(tmp))
-    (tmp / META).write_text(json.dumps(meta | {"step": step}, indent=1))
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    _commit(tmp, final)
-    _fsync_dir(root)
+    if main:
+        (tmp / META).write_text(json.dumps(meta | {"step": step}, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        _commit(tmp, final)
+        _fsync_dir(root)
+    _barrier(dist_ctx)
     return final
+
+
+def _barrier(dist_ctx) -> None:
+    if dist_ctx is not None:
+        dist_ctx.barrier()
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -113,7 +131,7 @@ def load_checkpoint(path: Path, model, optimizer) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
-    model.load_state_dict(state["model"])
+    set_model_state_dict(model, state["model"])
     _restore_optimizer(model, optimizer, state["optim"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -131,12 +149,12 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _restore_optimizer(model, optimizer, flat: dict) -> None:
-    names = {id(p): name for name, p in model.named_parameters()}
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            slot = optimizer.state[param]
-            for key in list(slot):
-                slot[key].copy_(flat[f"{names[id(param)]}.{key}"])
+    nested: dict[str, dict] = {}
+    for key, value in flat.items():
+        name, slot = key.rsplit(".", 1)
+        nested.setdefault(name, {})[slot] = value
+    groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
+    set_optimizer_state_dict(model, optimizer, {"state": nested, "param_groups": groups})
 
 
 def prune(run_dir: Path, keep_last: int, best_step: int | None) -> None:

@@ -69,6 +69,16 @@ class MetricsWriter:
             handle.write(json.dumps(row, allow_nan=True) + "\n")
 
 
+class _NoMetrics:
+    """What ranks other than 0 write to: nothing (rank 0 holds the run's metrics.jsonl)."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+
+NO_METRICS = _NoMetrics()
+
+
 def read_metrics(path: Path) -> list[dict]:
     rows = []
     for line in Path(path).read_text().splitlines():

@@ -13,18 +13,20 @@ import math
 import signal
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from moec.backends.output import mean_stats
-from moec.compile import build_model, compile_spec
+from moec.compile import build_model, compile_spec, parallel_module
 from moec.moe import ROUTERS, SELECTION_BIAS
 from moec.runtime import checkpoint as ckpt
 from moec.runtime.data import last_value_baseline, make_dataset
 from moec.runtime.diagnose import describe_nonfinite
-from moec.runtime.metrics import MetricsWriter, bits_per_byte, moe_health, peak_memory_bytes
+from moec.runtime.distributed import LaunchError, init_distributed, local_slice
+from moec.runtime.metrics import NO_METRICS, MetricsWriter, bits_per_byte, moe_health, peak_memory_bytes
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,15 +55,17 @@ class Trainer:
                  device: str | None = None, display=None):
         self.spec, self.train = spec, spec.train
         self.run_dir = Path(run_dir or spec.train.checkpoint.dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainingError("--device cuda was asked for, but torch sees no CUDA device here")
-        self.display = display
+        self.program = compile_spec(spec)
+        try:
+            self.dist = init_distributed(spec, parallel_module(self.program), device)
+        except LaunchError as err:
+            raise TrainingError(str(err)) from None
+        self.device = self.dist.device
+        self.display = display if self.dist.is_main else None
         self.stop_signal: str | None = None
         torch.manual_seed(self.train.seed)
         if spec.schedule.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.program = compile_spec(spec)
         self.model = build_model(spec, device=self.device, program=self.program).train()
         self.step_fn = self._compiled(self.model)
         self.optimizer = make_optimizer(self.model, self.program.graph, spec)
@@ -74,16 +78,24 @@ class Trainer:
         self.start_step, self.best_val, self.best_step = 0, math.inf, None
         if resume is not None:
             self._resume(resume, allow_spec_change)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after=self.start_step if resume else None)
+        truncate = self.start_step if resume else None
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after=truncate) if self.dist.is_main else NO_METRICS
 
     # --- setup -----------------------------------------------------------------------------
 
     def _compiled(self, model):
+        """torch.compile per the spec: the whole model, or under data parallelism each block's forward
+        (FSDP2's hooks run around the compiled blocks), then the generated parallel plan."""
         options = self.spec.schedule.compile
-        if not options.enabled:
-            return model
-        return torch.compile(model, mode=None if options.mode == "default" else options.mode, fullgraph=options.fullgraph,
-                             dynamic=options.dynamic, backend=options.backend)
+        compile_ = partial(torch.compile, mode=None if options.mode == "default" else options.mode,
+                           fullgraph=options.fullgraph, dynamic=options.dynamic, backend=options.backend)
+        if not self.dist.distributed:
+            return compile_(model) if options.enabled else model
+        if options.enabled:
+            for block in model.blocks:
+                block.forward = compile_(block.forward)
+        self.model = parallel_module(self.program).parallelize(model, self.dist.mesh)
+        return self.model
 
     def _resume(self, resume: str, allow_spec_change: bool) -> None:
         ckpt.remove_partial(self.run_dir)
@@ -156,7 +168,7 @@ class Trainer:
         stats = []
         for micro in range(accum):
             batch = self.data.batch("train", step * accum + micro, micro_batch)
-            inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
+            inputs, targets = (local_slice(t, self.dist).to(self.device) for t in (batch.inputs, batch.targets))
             with self._autocast():
                 out = self.step_fn(inputs)
             task = self._task_loss(out.output, targets)
@@ -168,14 +180,17 @@ class Trainer:
             aux_total += out.aux_loss.item() / accum
             stats.append(out.moe_stats)
         clip = self.train.grad_clip if self.train.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        health = moe_health(self.model.MOE_LAYERS, [mean_stats(layer) for layer in zip(*stats)])  # mean over micro-batches
+        layers = [self._global(mean_stats(layer)) for layer in zip(*stats)]  # mean over micro-batches, then ranks
+        health = moe_health(self.model.MOE_LAYERS, layers)
         self._update_selection_bias(health)
         elapsed = time.perf_counter() - start
         row = {
-            "kind": "train", "step": step + 1, "loss": task_total + aux_total, "task_loss": task_total, "aux_loss": aux_total,
+            "kind": "train", "step": step + 1, "loss": self.dist.mean(task_total + aux_total),
+            "task_loss": self.dist.mean(task_total), "aux_loss": self.dist.mean(aux_total),
             "aux_load_balance": sum(layer.pop("aux_load_balance") for layer in health.values()),
             "aux_z": sum(layer.pop("aux_z") for layer in health.values()),
             "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
@@ -183,6 +198,13 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.device), "moe": health,
         }
         return row
+
+    def _global(self, stats):
+        """A layer's stats averaged over the data-parallel ranks (each saw its slice of the batch)."""
+        if self.dist.distributed:
+            for value in stats:
+                torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
+        return stats
 
     def _autocast(self):
         dtype = AUTOCAST.get(self.spec.schedule.precision.compute)
@@ -213,11 +235,12 @@ class Trainer:
         losses = []
         for index in range(self.train.eval.batches):
             batch = self.data.batch("val", index, self.train.batch)
+            inputs, targets = (local_slice(t, self.dist).to(self.device) for t in (batch.inputs, batch.targets))
             with self._autocast():
-                out = self.model(batch.inputs.to(self.device))
-            losses.append(self._task_loss(out.output, batch.targets.to(self.device)).item())
+                out = self.model(inputs)
+            losses.append(self._task_loss(out.output, targets).item())
         self.model.train()
-        val = sum(losses) / len(losses)
+        val = self.dist.mean(sum(losses) / len(losses))
         row = {"kind": "eval", "step": step, "val_loss": val}
         if self.token_model:
             row["val_bits_per_byte"] = bits_per_byte(val)
@@ -235,9 +258,10 @@ class Trainer:
         meta = {"spec": self.spec.model_dump(mode="json"), "spec_sha256": self.program.manifest["spec"]["sha256"],
                 "data_position": step, "best_val": self.best_val if math.isfinite(self.best_val) else None,
                 "best_step": self.best_step, "lrs": [g["lr"] for g in self.optimizer.param_groups]}
-        path = ckpt.save_checkpoint(self.run_dir, step, self.model, self.optimizer, meta)
+        path = ckpt.save_checkpoint(self.run_dir, step, self.model, self.optimizer, meta, self.dist)
         policy = self.train.checkpoint
-        ckpt.prune(self.run_dir, policy.keep_last, self.best_step if policy.keep_best else None)
+        if self.dist.is_main:
+            ckpt.prune(self.run_dir, policy.keep_last, self.best_step if policy.keep_best else None)
         if self.display:
             self.display.log(f"checkpoint {path}")
 

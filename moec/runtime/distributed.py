@@ -1,0 +1,120 @@
+"""Running one training job on many processes: the process group, the mesh, the launcher.
+
+``moec train`` works unchanged under ``torchrun`` (it reads RANK / WORLD_SIZE / LOCAL_RANK),
+and ``moec train --nproc N`` starts torchrun's elastic launcher itself. gloo on the CPU,
+NCCL on CUDA with one device per local rank. The data-parallel coordinate of a rank says
+which slice of each global batch it reads, so a run on N processes sees exactly the batches
+of the single-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """The job cannot start or a rank failed: one line for the user."""
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    mesh: object = None  # DeviceMesh, when world_size > 1
+    dp_rank: int = 0  # position among the data-parallel ranks
+    dp_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def mean(self, value: float) -> float:
+        """The mean of a per-rank number over all ranks (losses of the ranks' batch slices)."""
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / self.world_size
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(spec, parallel, device: str | None, timeout_s: float = 120.0) -> DistContext:
+    """Join the process group torchrun set up; ``parallel`` is the generated parallel.py module."""
+    world = launched_world_size()
+    expected = spec.mesh.world_size
+    if world != expected:
+        raise LaunchError(f"the spec's mesh has world_size {expected}, but {world} process(es) were started "
+                          f"(use moec train --nproc {expected}, or torchrun --nproc-per-node {expected})")
+    if world == 1:
+        return DistContext(device=_device(device, 0))
+    if parallel.UNSUPPORTED:
+        raise LaunchError(f"this spec asks for {', '.join(parallel.UNSUPPORTED)}, which moec does not execute yet; "
+                          "train it with mesh axes of size 1 there")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _device(device, local_rank)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    mesh = parallel.make_mesh(dev.type)
+    dp_axes = tuple(parallel.DATA_PARALLEL)
+    dp_rank, dp_size = 0, 1
+    for axis in dp_axes:  # row-major over the data-parallel axes, in mesh order
+        size = mesh[axis].size()
+        dp_rank, dp_size = dp_rank * size + mesh[axis].get_local_rank(), dp_size * size
+    return DistContext(dist.get_rank(), world, dev, mesh, dp_rank, dp_size)
+
+
+def _device(requested: str | None, local_rank: int) -> torch.device:
+    if requested in (None, "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if requested == "cuda":
+        raise LaunchError("--device cuda was asked for, but torch sees no CUDA device here")
+    if requested not in (None, "cpu"):
+        raise LaunchError(f"unknown --device {requested!r}; use cpu or cuda")
+    return torch.device("cpu")
+
+
+def local_slice(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """This rank's rows of a global batch (the batch divides by the data-parallel size: validated)."""
+    if ctx.dp_size == 1:
+        return batch
+    rows = batch.shape[0] // ctx.dp_size
+    return batch[ctx.dp_rank * rows:(ctx.dp_rank + 1) * rows]
+
+
+def launch(nproc: int, argv: list[str]) -> None:
+    """Run ``moec <argv>`` on ``nproc`` local processes through torch's elastic launcher."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
+                          rdzv_endpoint="127.0.0.1:0", run_id=f"moec-{os.getpid()}", max_restarts=0, monitor_interval=0.5)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "cli.main", *argv)
+    except ChildFailedError as err:
+        ranks = ", ".join(f"rank {rank} (exit {failure.exitcode})" for rank, failure in sorted(err.failures.items()))
+        raise LaunchError(f"the job failed on {ranks}; each rank's error is printed above") from None
+

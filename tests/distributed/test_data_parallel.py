@@ -1,0 +1,98 @@
+"""Data parallelism on 2 CPU processes (gloo): DDP and FSDP2 against the single-process run.
+
+The MoE load-balance loss is left out of these specs: it is computed per rank on the rank's
+slice of the batch (the per-micro-batch convention of Megatron and torchtitan), so with it a
+2-rank run is the single-process run with 2 gradient-accumulation micro-batches, not with one.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import moec
+from cli.main import app
+from moec.runtime.metrics import read_metrics
+from moec.runtime.trainer import Trainer
+from tests.conftest import REPO
+from tests.runtime.helpers import quick_text
+
+MESHES = {
+    "ddp": "mesh: {world_size: 2, axes: {dp: 2}}\nsharding: {batch: [dp]}\n",
+    "fsdp": "mesh: {world_size: 2, axes: {fsdp: 2}}\nsharding: {batch: [fsdp], fsdp: [fsdp]}\n",
+}
+
+
+def spec_text(mesh: str = "") -> str:
+    text = quick_text(steps=5, every=3).replace("schedule:\n", mesh + "schedule:\n")
+    return text.replace("activation: swiglu}\n", "activation: swiglu}\n          aux: {load_balance: 0.0}\n")
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if row["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    Trainer(moec.load_spec_text(spec_text(), file="single.yaml"), run_dir=run_dir).run()
+    return run_dir
+
+
+def run_two_processes(tmp_path: Path, kind: str) -> Path:
+    spec = tmp_path / f"{kind}.yaml"
+    spec.write_text(spec_text(MESHES[kind]))
+    moec_script = Path(sys.executable).parent / "moec"
+    done = subprocess.run([str(moec_script), "train", str(spec), "--nproc", "2", "--run-dir", str(tmp_path / "run"), "--no-plots"],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(MESHES))
+def test_two_processes_give_the_single_process_losses(kind, single, tmp_path):
+    run_dir = run_two_processes(tmp_path, kind)
+    expected, got = train_losses(single), train_losses(run_dir)
+    assert len(got) == 5 and got == pytest.approx(expected, rel=1e-5)
+    evals = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals == pytest.approx([r["val_loss"] for r in read_metrics(single / "metrics.jsonl") if r["kind"] == "eval"], rel=1e-5)
+    if kind == "fsdp":  # a checkpoint written by 2 FSDP2 ranks resumes on 1 process: DCP reshards the DTensors
+        resumed = tmp_path / "resumed"
+        (tmp_path / "run" / "checkpoints" / "step_00000005").rename(tmp_path / "later")
+        (tmp_path / "run").rename(resumed)
+        spec = moec.load_spec_text(spec_text(), file="single.yaml")
+        Trainer(spec, run_dir=resumed, resume="latest", allow_spec_change=True).run()
+        assert train_losses(resumed) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_world_size_that_differs_from_the_mesh_is_one_line(tmp_path):
+    spec = tmp_path / "ddp.yaml"
+    spec.write_text(spec_text(MESHES["ddp"]))
+    result = CliRunner().invoke(app, ["train", str(spec), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert result.stderr == ("error: the spec's mesh has world_size 2, but 1 process(es) were started "
+                             "(use moec train --nproc 2, or torchrun --nproc-per-node 2)\n")
+
+
+def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
+    for kind, mesh in MESHES.items():
+        (tmp_path / f"{kind}.yaml").write_text(spec_text(mesh))
+        program = moec.compile_spec(moec.load_spec(tmp_path / f"{kind}.yaml"))
+        body = program.parallel_source.split("def parallelize")[1].splitlines()
+        where = f"{tmp_path / kind}.yaml"
+        if kind == "ddp":
+            assert body[2:4] == [
+                "    dp_mesh = mesh['dp']  # replicate over dp",
+                f"    replicate(model, device_mesh=dp_mesh)  # DDP: gradients all-reduced, averaged  # {where}:20 sharding.batch",
+            ]
+        else:  # the spec has no precision key: the comment points at its parent, schedule
+            assert body[2:7] == [
+                f"    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)  # {where}:21 schedule.precision",
+                "    dp_mesh = mesh['fsdp']  # FSDP: shard over fsdp",
+                "    for block in model.blocks:  # blocks.0 .. blocks.1, one unit each",
+                f"        fully_shard(block, mesh=dp_mesh, mp_policy=policy)  # {where}:20 sharding.fsdp",
+                "    fully_shard(model, mesh=dp_mesh, mp_policy=policy)  # the root: embeddings, final norm, head",
+            ]
