@@ -19,6 +19,7 @@ from moec.backends.torch.emit import emit_program
 from moec.backends.torch.loader import load_program
 from moec.ir.graph import Graph
 from moec.manifest import build_manifest, spec_record
+from moec.moe.params import EXPERT_PREFIX
 from moec.passes import run_pipeline
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,12 +57,25 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     compiled = run_pipeline(spec, disable=disable)
     kernels = spec.schedule.kernels
     header = _header(spec, compiled, kernels)
-    source = emit_program(compiled.graph, spec_name=spec.name, header=header,
-                          moe_kernel=kernels.moe, spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention)
+    experts = expert_owners(compiled.graph)
+    plan = parallel_plan(spec, tuple(experts))
+    source = emit_program(compiled.graph, spec_name=spec.name, header=header, moe_kernel=kernels.moe,
+                          spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention,
+                          expert_parallel=plan.experts is not None and not plan.unsupported)
     manifest = build_manifest(spec, compiled, versions())
     blocks = sum(block.repeat for block in spec.model.blocks)
-    parallel = emit_parallel(spec, parallel_plan(spec), blocks, header[:3])
+    parallel = emit_parallel(spec, plan, blocks, header[:3], experts=max(experts.values(), default=0))
     return Program(spec=spec, graph=compiled.graph, source=source, manifest=manifest, log=compiled.log, parallel_source=parallel)
+
+
+def expert_owners(graph: Graph) -> dict[str, int]:
+    """Module path of each MoE layer's routed experts (``blocks.0.moe.experts``) -> its expert count."""
+    owners = {}
+    for node in graph.nodes:
+        if node.op in ("moe", "spectral_moe"):
+            up = graph[node.inputs[node.attr["slots"].index(EXPERT_PREFIX + "w_up")].node]
+            owners[up.attr["name"].rsplit(".", 1)[0]] = node.attr["moe"].experts
+    return owners
 
 
 def _header(spec, compiled, kernels) -> list[str]:

@@ -118,3 +118,19 @@ def launch(nproc: int, argv: list[str]) -> None:
         ranks = ", ".join(f"rank {rank} (exit {failure.exitcode})" for rank, failure in sorted(err.failures.items()))
         raise LaunchError(f"the job failed on {ranks}; each rank's error is printed above") from None
 
+
+
+def clip_grad_norm(params: list, max_norm: float) -> float:
+    """``clip_grad_norm_`` that also works when gradients are DTensors on different meshes (expert
+    weights sharded over ep, the rest replicated or sharded over the data-parallel axes): each
+    gradient's norm is reduced over its own mesh, then the squares add up."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(hasattr(g, "device_mesh") for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    norms = [torch.linalg.vector_norm(g) for g in grads]
+    total = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm().item()
+    coefficient = max_norm / (total + 1e-6)
+    if coefficient < 1.0:
+        for g in grads:
+            g.mul_(coefficient)
+    return total

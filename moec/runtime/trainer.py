@@ -25,7 +25,7 @@ from moec.moe import ROUTERS, SELECTION_BIAS
 from moec.runtime import checkpoint as ckpt
 from moec.runtime.data import last_value_baseline, make_dataset
 from moec.runtime.diagnose import describe_nonfinite
-from moec.runtime.distributed import LaunchError, init_distributed, local_slice
+from moec.runtime.distributed import LaunchError, clip_grad_norm, init_distributed, local_slice
 from moec.runtime.metrics import NO_METRICS, MetricsWriter, bits_per_byte, moe_health, peak_memory_bytes
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
 
@@ -171,6 +171,7 @@ class Trainer:
             inputs, targets = (local_slice(t, self.dist).to(self.device) for t in (batch.inputs, batch.targets))
             with self._autocast():
                 out = self.step_fn(inputs)
+
             task = self._task_loss(out.output, targets)
             loss = task + out.aux_loss.float()
             if not torch.isfinite(loss):
@@ -179,9 +180,10 @@ class Trainer:
             task_total += task.item() / accum
             aux_total += out.aux_loss.item() / accum
             stats.append(out.moe_stats)
+        if self.dist.distributed:
+            parallel_module(self.program).reduce_gradients(self.model, self.dist.mesh)
         clip = self.train.grad_clip if self.train.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         layers = [self._global(mean_stats(layer)) for layer in zip(*stats)]  # mean over micro-batches, then ranks

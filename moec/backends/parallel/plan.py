@@ -26,6 +26,8 @@ class ParallelPlan:
     param_dtype: str
     reduce_dtype: str
     unsupported: tuple[str, ...]  # what the spec asks for that this plan cannot run yet
+    experts: str | None = None  # the expert-parallel axis
+    expert_modules: tuple[str, ...] = ()  # module paths holding routed experts' weights (blocks.0.moe.experts)
 
     @property
     def world_size(self) -> int:
@@ -36,14 +38,13 @@ class ParallelPlan:
         return self.replicate + self.shard
 
 
-def parallel_plan(spec) -> ParallelPlan:
+def parallel_plan(spec, expert_modules: tuple[str, ...] = ()) -> ParallelPlan:
     sharding, mesh = spec.sharding, spec.mesh.axes
     active = {axis for axis, size in mesh.items() if size > 1}
     shard = tuple(axis for axis in sharding.fsdp if axis in active)
     replicate = tuple(axis for axis in sharding.batch if axis in active and axis not in shard)
-    unsupported = []
-    if set(sharding.experts) & active:
-        unsupported.append("expert parallelism (sharding.experts)")
+    experts = [axis for axis in sharding.experts if axis in active]
+    unsupported = _expert_parallel_limits(spec, experts, replicate, shard) if experts else []
     if sharding.tensor is not None and sharding.tensor.axis in active:
         unsupported.append("tensor parallelism (sharding.tensor)")
     if sharding.pipeline is not None and sharding.pipeline.axis in active:
@@ -56,10 +57,27 @@ def parallel_plan(spec) -> ParallelPlan:
     if replicate and not shard and precision.reduce != precision.params:
         unsupported.append("a gradient reduction dtype other than the parameters' under DDP (schedule.precision.reduce)")
     return ParallelPlan(dict(mesh), replicate, shard, DTYPE_NAMES[precision.compute], DTYPE_NAMES[precision.reduce],
-                        tuple(unsupported))
+                        tuple(unsupported), experts[0] if experts else None, expert_modules if experts else ())
 
 
-def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str]) -> str:
+def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: tuple) -> list[str]:
+    """What of the spec's expert parallelism this plan cannot run yet."""
+    limits = []
+    if len(experts) > 1 or experts[0] not in replicate:
+        limits.append("expert parallelism over an axis that does not split the batch, or over several axes")
+    if shard:
+        limits.append("expert parallelism together with FSDP")
+    if spec.schedule.kernels.moe not in ("auto", "grouped_mm"):
+        limits.append(f"expert parallelism with kernels.moe '{spec.schedule.kernels.moe}' (it runs grouped_mm)")
+    for _, _, layer in spec.model.layers():
+        moe = layer if layer.kind == "moe" else getattr(layer, "moe", None)
+        if moe is not None and moe.expert.bias:
+            limits.append("expert parallelism with expert biases")
+            break
+    return limits
+
+
+def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], experts: int = 0) -> str:
     where = _locator(spec)
     shape, names = tuple(plan.axes.values()), tuple(plan.axes)
     lines = [f"# {line}" if line else "#" for line in header] + [
@@ -67,31 +85,88 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str]) -> s
         "from __future__ import annotations",
         "",
         "import torch",
+        "import torch.distributed as dist",
         "from torch.distributed._composable.replicate import replicate",
         "from torch.distributed.device_mesh import DeviceMesh, init_device_mesh",
         "from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard",
+        "from torch.distributed.tensor import Shard, distribute_tensor",
         "",
         f"MESH_SHAPE = {shape!r}  {where('mesh', 'axes')}",
         f"MESH_AXES = {names!r}",
         f"DATA_PARALLEL = {plan.data_parallel!r}  {where('sharding', 'batch')}: each rank reads its slice of the batch",
         f"UNSUPPORTED = {plan.unsupported!r}  # asked for by the spec, not executed yet",
+        *_placement(plan, experts, where),
         "",
         "",
         "def make_mesh(device_type: str) -> DeviceMesh:",
         f"    return init_device_mesh(device_type, MESH_SHAPE, mesh_dim_names=MESH_AXES)  {where('mesh')}",
         "",
         "",
+        *(shard_experts_source() + ["", ""] if plan.experts is not None else []),
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
         '    """Data parallelism over the batch axes (FSDP2 per block, then the root; or DDP)."""',
         *_apply(plan, blocks, where),
         "    return model",
+        *_expert_functions(plan),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _placement(plan: ParallelPlan, experts: int, where) -> list[str]:
+    if plan.experts is None:
+        return []
+    ranks = plan.axes[plan.experts]
+    per = experts // ranks
+    table = ", ".join(f"{r}: ({r * per}, {(r + 1) * per - 1})" for r in range(ranks))
+    return [f"EXPERT_PLACEMENT = {{{table}}}  # {plan.experts} rank -> (first, last) expert, contiguous  "
+            f"{where('sharding', 'experts')}"]
+
+
+def _expert_functions(plan: ParallelPlan) -> list[str]:
+    modules = ", ".join(_module_expr(path) for path in plan.expert_modules)
+    lines = ["", "", "def expert_modules(model: torch.nn.Module) -> list[torch.nn.Module]:",
+             f"    return [{modules}]", "", "",
+             "def reduce_gradients(model: torch.nn.Module, mesh: DeviceMesh) -> None:"]
+    if plan.experts is None:
+        return lines + ['    """Nothing to do: DDP / FSDP2 reduce the gradients during backward."""']
+    other = tuple(axis for axis in plan.data_parallel if axis != plan.experts)
+    size = " * ".join(str(plan.axes[a]) for a in plan.data_parallel)
+    lines += [
+        '    """Average over the data-parallel ranks. An expert\'s owner already holds the sum over its',
+        "    expert-parallel group (the all-to-all's backward brings every rank's rows), so experts are",
+        '    summed over the other batch axes only, then divided by all data-parallel ranks: averaging',
+        '    over ep as well would scale expert gradients by the ep size."""',
+        f"    data_parallel = {_flat(plan.data_parallel)}.get_group()  # {' x '.join(plan.data_parallel)}",
+        "    experts = {id(param) for module in expert_modules(model) for param in module.parameters()}",
+        "    for param in model.parameters():",
+        "        if param.grad is None:",
+        "            continue",
+        "        if id(param) not in experts:",
+        "            dist.all_reduce(param.grad, op=dist.ReduceOp.AVG, group=data_parallel)",
+        "            continue",
+        "        grad = param.grad.to_local()",
+    ]
+    if other:
+        lines.append(f"        dist.all_reduce(grad, group={_flat(other)}.get_group())  # sum over {' x '.join(other)}")
+    lines.append(f"        grad.div_({size})  # data-parallel ranks: {' x '.join(plan.data_parallel)}")
+    return lines
+
+
+def _module_expr(path: str) -> str:
+    return "model" + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in path.split("."))
 
 
 def _apply(plan: ParallelPlan, blocks: int, where) -> list[str]:
     if not plan.data_parallel:
         return ["    # no data-parallel axis larger than 1: every rank holds the whole model"]
+    if plan.experts is not None:
+        # DDP is not used here: its first forward replaces DTensor parameters that live on another
+        # mesh than its own (torch 2.13), so reduce_gradients averages the gradients itself.
+        return [
+            f"    ep_mesh = mesh[{plan.experts!r}]  # expert parallelism: routed rows travel by all-to-all  {where('sharding', 'experts')}",
+            "    for experts in expert_modules(model):",
+            "        shard_experts(experts, ep_mesh)  # this rank keeps its experts of EXPERT_PLACEMENT",
+        ]
     if not plan.shard:
         return [
             f"    dp_mesh = {_flat(plan.replicate)}  # replicate over {' x '.join(plan.replicate)}",
@@ -108,6 +183,16 @@ def _apply(plan: ParallelPlan, blocks: int, where) -> list[str]:
         f"    for block in model.blocks:  # blocks.0 .. blocks.{blocks - 1}, one unit each",
         f"        fully_shard(block, mesh=dp_mesh, mp_policy=policy)  {where('sharding', 'fsdp')}",
         "    fully_shard(model, mesh=dp_mesh, mp_policy=policy)  # the root: embeddings, final norm, head",
+    ]
+
+
+def shard_experts_source() -> list[str]:
+    return [
+        "def shard_experts(module: torch.nn.Module, ep_mesh: DeviceMesh) -> None:",
+        '    """The [E, ...] expert weights become DTensors sharded on dim 0: each rank keeps E / ep of them."""',
+        "    for name, param in list(module.named_parameters(recurse=False)):",
+        "        sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])",
+        "        module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))",
     ]
 
 

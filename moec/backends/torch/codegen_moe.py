@@ -26,8 +26,13 @@ def slot_arg(slot: str) -> str:
     return slot.replace(".", "_")
 
 
-def choose_kernel(requested: str, moe: MoeAttrs) -> str:
-    """``auto``: bmm for capacity, grouped_mm for dropless. The schema refuses what cannot serve a spec."""
+def choose_kernel(requested: str, moe: MoeAttrs, expert_parallel: bool = False) -> str:
+    """``auto``: bmm for capacity, grouped_mm for dropless (and under expert parallelism).
+
+    The schema refuses what cannot serve a spec; the parallel plan what cannot run distributed.
+    """
+    if requested == "auto" and expert_parallel:
+        return "grouped_mm"
     if requested == "auto":
         return "grouped_mm" if moe.dropless else "bmm"
     assert requested in KERNELS and not (requested == "bmm" and moe.dropless), f"kernel {requested} reached the backend"
@@ -43,14 +48,14 @@ def helpers_for(moe: MoeAttrs) -> set[str]:
     return used
 
 
-def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str) -> list[str]:
+def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, expert_parallel: bool = False) -> list[str]:
     args = ", ".join(slot_arg(s) for s in slots)
     E, k = moe.experts, moe.choices
     policy = f"capacity {moe.capacity.factor} ({moe.capacity.drop_policy})" if not moe.dropless else "dropless"
     picks = f"each expert picks from all {E}" if ROUTERS[moe.router.kind].expert_choice else f"top-{moe.top_k} of {E} experts"
     lines = [
         f"def {name}({args}, training: bool):",
-        f'    """{moe.router.kind} router, {picks}, {policy}, {moe.expert.activation} experts via {kernel}."""',
+        f'    """{moe.router.kind} router, {picks}, {policy}, {moe.expert.activation} experts via {kernel}{" across the expert-parallel group" if expert_parallel else ""}."""',
         "    batch, seq, width = h.shape",
         "    tokens = batch * seq",
         "    x = h.reshape(tokens, width)  # (N, D)",
@@ -63,7 +68,7 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str) 
     ]
     if not moe.dropless:
         lines += _capacity(moe)
-    lines += {"grouped_mm": _grouped, "bmm": _bmm, "eager": _dense}[kernel](moe)
+    lines += _expert_parallel(moe) if expert_parallel else {"grouped_mm": _grouped, "bmm": _bmm, "eager": _dense}[kernel](moe)
     lines.append("    out = weights[:, 0, None] * y[:, 0]  # combine: choices summed in order")
     lines += [f"    out = out + weights[:, {j}, None] * y[:, {j}]" for j in range(1, k)]
     if moe.shared:
@@ -143,6 +148,18 @@ def _grouped(moe: MoeAttrs) -> list[str]:
                   lambda a, w: f"runtime.grouped_mm({a}, {w}.transpose(1, 2), offsets)", bias)
     lines.append(f"    y = y_sorted[torch.argsort(order)].view(tokens, {k}, width)  # back to (token, choice)")
     return lines
+
+
+def _expert_parallel(moe: MoeAttrs) -> list[str]:
+    """The grouped path with the expert FFN across the expert-parallel group (moec.backends.torch.experts)."""
+    k, kind = moe.choices, ACTIVATIONS[moe.expert.activation]
+    gate = "experts_w_gate" if kind.gated else "None"
+    return [
+        "    order = torch.argsort(flat_expert, stable=True)  # sort-by-expert permutation",
+        f"    rows = x[order // {k}]  # (N*k, D) token rows in expert order",
+        f"    y_sorted = experts_ffn(rows, counts, experts_w_up, {gate}, experts_w_down, {kind.fn!r})  # all-to-all to the experts' ranks and back",
+        f"    y = y_sorted[torch.argsort(order)].view(tokens, {k}, width)  # back to (token, choice)",
+    ]
 
 
 def _bmm(moe: MoeAttrs) -> list[str]:

@@ -46,13 +46,16 @@ def comment_safe(text: str) -> str:
 
 
 def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
-                 attention_kernel: str = "auto") -> str:
-    fused = _FusedFunctions(moe_kernel, spectral_kernel, attention_kernel)
+                 attention_kernel: str = "auto", expert_parallel: bool = False) -> str:
+    fused = _FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel)
     cut = segments(graph)
     forward, bodies = _forward(graph, fused, cut)
     helpers = _helpers(graph, fused)
     lines = [f"# {comment_safe(line)}" if line else "#" for line in header]
-    lines += [""] + [line.format(output_import=_output_import(graph)) for line in IMPORTS] + ["", f"SPEC_NAME = {spec_name!r}", ""]
+    imports = [line.format(output_import=_output_import(graph)) for line in IMPORTS]
+    if expert_parallel:
+        imports.append("from moec.backends.torch.experts import experts_ffn")
+    lines += [""] + imports + ["", f"SPEC_NAME = {spec_name!r}", ""]
     for block in helpers + fused.sources:
         lines += ["", *block, ""]
     for segment in cut:
@@ -71,8 +74,8 @@ def _output_import(graph: Graph) -> str:
 class _FusedFunctions:
     """One generated function per distinct fused configuration: fused_moe_0, fused_moe_1, fused_spectral_moe_0, ..."""
 
-    def __init__(self, moe_kernel: str, spectral_kernel: str, attention_kernel: str = "auto"):
-        self.moe_kernel, self.spectral_kernel = moe_kernel, spectral_kernel
+    def __init__(self, moe_kernel: str, spectral_kernel: str, attention_kernel: str = "auto", expert_parallel: bool = False):
+        self.moe_kernel, self.spectral_kernel, self.expert_parallel = moe_kernel, spectral_kernel, expert_parallel
         self.attention = "attention_eager" if attention_kernel == "eager" else "attention"  # auto, sdpa: torch SDPA
         self.names: dict[tuple, str] = {}
         self.sources: list[list[str]] = []
@@ -82,8 +85,8 @@ class _FusedFunctions:
         if key not in self.names:
             name = f"fused_moe_{sum(k[0] == 'moe' for k in self.names)}"
             self.names[key] = name
-            kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs["moe"])
-            self.sources.append(codegen_moe.moe_function(name, attrs["slots"], attrs["moe"], kernel))
+            kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs["moe"], self.expert_parallel)
+            self.sources.append(codegen_moe.moe_function(name, attrs["slots"], attrs["moe"], kernel, self.expert_parallel))
         return self.names[key]
 
     def spectral(self, attrs: dict) -> str:

@@ -1,4 +1,4 @@
-"""Data parallelism on 2 CPU processes (gloo): DDP and FSDP2 against the single-process run.
+"""Data and expert parallelism on 2 and 4 CPU processes (gloo) against the single-process run.
 
 The MoE load-balance loss is left out of these specs: it is computed per rank on the rank's
 slice of the batch (the per-micro-batch convention of Megatron and torchtitan), so with it a
@@ -22,7 +22,10 @@ from tests.runtime.helpers import quick_text
 MESHES = {
     "ddp": "mesh: {world_size: 2, axes: {dp: 2}}\nsharding: {batch: [dp]}\n",
     "fsdp": "mesh: {world_size: 2, axes: {fsdp: 2}}\nsharding: {batch: [fsdp], fsdp: [fsdp]}\n",
+    "ep": "mesh: {world_size: 2, axes: {ep: 2}}\nsharding: {batch: [ep], experts: [ep]}\n",
+    "dp_ep": "mesh: {world_size: 4, axes: {dp: 2, ep: 2}}\nsharding: {batch: [dp, ep], experts: [ep]}\n",
 }
+PROCESSES = {"ddp": 2, "fsdp": 2, "ep": 2, "dp_ep": 4}
 
 
 def spec_text(mesh: str = "") -> str:
@@ -41,11 +44,12 @@ def single(tmp_path_factory):
     return run_dir
 
 
-def run_two_processes(tmp_path: Path, kind: str) -> Path:
+def run_processes(tmp_path: Path, kind: str) -> Path:
     spec = tmp_path / f"{kind}.yaml"
     spec.write_text(spec_text(MESHES[kind]))
     moec_script = Path(sys.executable).parent / "moec"
-    done = subprocess.run([str(moec_script), "train", str(spec), "--nproc", "2", "--run-dir", str(tmp_path / "run"), "--no-plots"],
+    done = subprocess.run([str(moec_script), "train", str(spec), "--nproc", str(PROCESSES[kind]), "--run-dir", str(tmp_path / "run"),
+                           "--no-plots"],
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path / "run"
@@ -53,13 +57,17 @@ def run_two_processes(tmp_path: Path, kind: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(MESHES))
-def test_two_processes_give_the_single_process_losses(kind, single, tmp_path):
-    run_dir = run_two_processes(tmp_path, kind)
+def test_several_processes_give_the_single_process_losses(kind, single, tmp_path):
+    run_dir = run_processes(tmp_path, kind)
     expected, got = train_losses(single), train_losses(run_dir)
     assert len(got) == 5 and got == pytest.approx(expected, rel=1e-5)
+    # The gradient norm covers every parameter: expert gradients reduced over the wrong ranks (scaled by
+    # the ep size) would change it, while AdamW's update (and so the loss) would hardly move.
+    norms = [[r["grad_norm"] for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "train"] for d in (single, run_dir)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)
     evals = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals == pytest.approx([r["val_loss"] for r in read_metrics(single / "metrics.jsonl") if r["kind"] == "eval"], rel=1e-5)
-    if kind == "fsdp":  # a checkpoint written by 2 FSDP2 ranks resumes on 1 process: DCP reshards the DTensors
+    if kind in ("fsdp", "dp_ep"):  # a checkpoint of sharded DTensors (FSDP2, experts over ep) resumes on 1 process
         resumed = tmp_path / "resumed"
         (tmp_path / "run" / "checkpoints" / "step_00000005").rename(tmp_path / "later")
         (tmp_path / "run").rename(resumed)

@@ -1,0 +1,58 @@
+"""Routed experts on rows sorted by expert, on this rank or across an expert-parallel group.
+
+``experts_ffn(rows, counts, w_up, w_gate, w_down, fn)``: ``rows`` (M, D) are the (token,
+choice) rows sorted by global expert id, ``counts`` (E,) how many rows each expert gets.
+With plain tensors every expert is local: one grouped GEMM per projection. With DTensor
+weights sharded ``Shard(0)`` over an expert-parallel mesh (rank r holds experts
+[r*E/P, (r+1)*E/P), contiguous), only the routed rows travel:
+
+1. exchange the per-expert counts (all-to-all of P x E/P integers);
+2. send each rank the rows of its experts (``all_to_all_single`` with autograd);
+3. regroup the received rows by local expert, grouped GEMMs with the local weights;
+4. send the results back (the reverse all-to-all) in the original row order.
+
+The split sizes are host integers, so this function is kept out of ``torch.compile``'s graph.
+Gradients: the reverse all-to-all carries every rank's row gradients to the expert's owner,
+so a local expert's gradient sums the contributions of all ranks' tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed.nn.functional import all_to_all_single
+
+from moec.backends.torch import runtime
+
+
+def local_ffn(rows: Tensor, group_sizes: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str) -> Tensor:
+    """down(fn(gate(x)) * up(x)) (or down(fn(up(x)))) per expert group of consecutive rows."""
+    offsets = torch.cumsum(group_sizes, 0).to(torch.int32)
+    up = runtime.grouped_mm(rows, w_up.transpose(1, 2), offsets)
+    act = getattr(F, fn)
+    hidden = act(runtime.grouped_mm(rows, w_gate.transpose(1, 2), offsets)) * up if w_gate is not None else act(up)
+    return runtime.grouped_mm(hidden, w_down.transpose(1, 2), offsets)
+
+
+@torch.compiler.disable
+def experts_ffn(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str) -> Tensor:
+    mesh = getattr(w_up, "device_mesh", None)
+    if mesh is None:
+        return local_ffn(rows, counts, w_up, w_gate, w_down, fn)
+    group = mesh.get_group()
+    ranks = mesh.size()
+    local = [w.to_local() if w is not None else None for w in (w_up, w_gate, w_down)]
+    send = counts.view(ranks, -1)  # (P, E/P): rows for each destination rank, per its local expert
+    received_counts = torch.empty_like(send)
+    dist.all_to_all_single(received_counts, send, group=group)  # (P, E/P): rows from each source, per my expert
+    send_sizes, receive_sizes = send.sum(1).tolist(), received_counts.sum(1).tolist()
+    received = all_to_all_single(rows.new_empty(sum(receive_sizes), rows.shape[1]), rows, receive_sizes, send_sizes, group)
+    # Received rows come by source rank, then local expert; group them by local expert (stable).
+    local_experts = torch.arange(send.shape[1], device=rows.device).repeat(ranks)
+    expert_of_row = torch.repeat_interleave(local_experts, received_counts.reshape(-1))
+    order = torch.argsort(expert_of_row, stable=True)
+    out = local_ffn(received[order], received_counts.sum(0), *local, fn)
+    back = torch.empty_like(out).index_copy(0, order, out)  # undo the grouping
+    return all_to_all_single(rows.new_empty(rows.shape), back, send_sizes, receive_sizes, group)
