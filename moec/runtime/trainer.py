@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moec.backends.output import mean_stats
+from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
 from moec.compile import build_model, compile_spec, parallel_module
 from moec.moe import ROUTERS, SELECTION_BIAS
 from moec.runtime import checkpoint as ckpt
@@ -164,6 +165,7 @@ class Trainer:
         set_learning_rates(self.optimizer, self.base_lrs, lr_factor(step, self.spec))
         accum, micro_batch = self.train.grad_accum, self.train.batch // self.train.grad_accum
         start = time.perf_counter()
+        EXPERT_ROWS_SENT["bytes"] = 0  # evaluation's all-to-alls are not this step's
         task_total = aux_total = 0.0
         stats = []
         for micro in range(accum):
@@ -199,7 +201,15 @@ class Trainer:
             "tokens_per_s": self.train.batch * self.train.seq_len / max(elapsed, 1e-9),
             "peak_memory_bytes": peak_memory_bytes(self.device), "moe": health,
         }
+        if self.dist.distributed and parallel_module(self.program).__dict__.get("EXPERT_PLACEMENT"):
+            row["expert_parallel_bytes_sent"] = self._all_to_all_bytes()
         return row
+
+    def _all_to_all_bytes(self) -> int:
+        """Bytes of routed rows this step's all-to-alls sent off-rank, summed over ranks (forward and backward)."""
+        sent = torch.tensor([2 * EXPERT_ROWS_SENT["bytes"]], dtype=torch.float64)
+        torch.distributed.all_reduce(sent)
+        return int(sent.item())
 
     def _global(self, stats):
         """A layer's stats averaged over the data-parallel ranks (each saw its slice of the batch)."""

@@ -65,6 +65,10 @@ def test_several_processes_give_the_single_process_losses(kind, single, tmp_path
     # the ep size) would change it, while AdamW's update (and so the loss) would hardly move.
     norms = [[r["grad_norm"] for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "train"] for d in (single, run_dir)]
     assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+    if kind in ("ep", "dp_ep"):  # only routed rows leave a rank: at most every (token, choice) row, there and back, fwd + bwd
+        every_row = 8 * 32 * 2 * 32 * 4 * 2 * 2 * 2  # batch x seq x top_k x d_model x fp32 x (there, back) x (fwd, bwd) x layers
+        sent = [r["expert_parallel_bytes_sent"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+        assert all(0 < b < every_row for b in sent), sent
     evals = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals == pytest.approx([r["val_loss"] for r in read_metrics(single / "metrics.jsonl") if r["kind"] == "eval"], rel=1e-5)
     if kind in ("fsdp", "dp_ep"):  # a checkpoint of sharded DTensors (FSDP2, experts over ep) resumes on 1 process
@@ -86,8 +90,8 @@ def test_a_world_size_that_differs_from_the_mesh_is_one_line(tmp_path):
 
 
 def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
-    for kind, mesh in MESHES.items():
-        (tmp_path / f"{kind}.yaml").write_text(spec_text(mesh))
+    for kind in ("ddp", "fsdp", "ep"):
+        (tmp_path / f"{kind}.yaml").write_text(spec_text(MESHES[kind]))
         program = moec.compile_spec(moec.load_spec(tmp_path / f"{kind}.yaml"))
         body = program.parallel_source.split("def parallelize")[1].splitlines()
         where = f"{tmp_path / kind}.yaml"
@@ -96,6 +100,14 @@ def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
                 "    dp_mesh = mesh['dp']  # replicate over dp",
                 f"    replicate(model, device_mesh=dp_mesh)  # DDP: gradients all-reduced, averaged  # {where}:20 sharding.batch",
             ]
+        elif kind == "ep":
+            assert body[2:5] == [
+                f"    ep_mesh = mesh['ep']  # expert parallelism: routed rows travel by all-to-all  # {where}:20 sharding.experts",
+                "    for experts in expert_modules(model):",
+                "        shard_experts(experts, ep_mesh)  # this rank keeps its experts of EXPERT_PLACEMENT",
+            ]
+            assert "EXPERT_PLACEMENT = {0: (0, 1), 1: (2, 3)}  # ep rank -> (first, last) expert, contiguous" in program.parallel_source
+            assert "experts_ffn(rows, counts, experts_w_up, experts_w_gate, experts_w_down, 'silu')" in program.source
         else:  # the spec has no precision key: the comment points at its parent, schedule
             assert body[2:7] == [
                 f"    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)  # {where}:21 schedule.precision",

@@ -26,6 +26,10 @@ from torch.distributed.nn.functional import all_to_all_single
 
 from moec.backends.torch import runtime
 
+# Bytes this process sent in the forward all-to-alls since the trainer last read it (rows there
+# and back); the backward sends the same amount again. Only routed rows travel, never the batch.
+SENT = {"bytes": 0}
+
 
 def local_ffn(rows: Tensor, group_sizes: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str) -> Tensor:
     """down(fn(gate(x)) * up(x)) (or down(fn(up(x)))) per expert group of consecutive rows."""
@@ -49,6 +53,8 @@ def experts_ffn(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | Non
     dist.all_to_all_single(received_counts, send, group=group)  # (P, E/P): rows from each source, per my expert
     send_sizes, receive_sizes = send.sum(1).tolist(), received_counts.sum(1).tolist()
     received = all_to_all_single(rows.new_empty(sum(receive_sizes), rows.shape[1]), rows, receive_sizes, send_sizes, group)
+    me = dist.get_rank(group)
+    SENT["bytes"] += 2 * (sum(send_sizes) - send_sizes[me]) * rows.shape[1] * rows.element_size()  # rows leaving this rank
     # Received rows come by source rank, then local expert; group them by local expert (stable).
     local_experts = torch.arange(send.shape[1], device=rows.device).repeat(ranks)
     expert_of_row = torch.repeat_interleave(local_experts, received_counts.reshape(-1))
