@@ -26,6 +26,7 @@ from moec.moe import ROUTERS, SELECTION_BIAS
 from moec.runtime import checkpoint as ckpt
 from moec.runtime.data import last_value_baseline, make_dataset
 from moec.runtime.diagnose import describe_nonfinite
+from moec.runtime.fit import check_fit
 from moec.runtime.distributed import LaunchError, clip_grad_norm, init_distributed, local_slice
 from moec.runtime.metrics import NO_METRICS, MetricsWriter, bits_per_byte, moe_health, peak_memory_bytes
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
@@ -67,6 +68,9 @@ class Trainer:
         torch.manual_seed(self.train.seed)
         if spec.schedule.deterministic:
             torch.use_deterministic_algorithms(True)
+        too_big = check_fit(spec, self.program.manifest, self.device, self.dist.dp_size)
+        if too_big:
+            raise TrainingError(too_big)
         self.model = build_model(spec, device=self.device, program=self.program).train()
         self.step_fn = self._compiled(self.model)
         self.optimizer = make_optimizer(self.model, self.program.graph, spec)
