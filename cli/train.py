@@ -26,6 +26,9 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
         print_spec_error(err)
         raise typer.Exit(1) from None
     if nproc is not None and launched_world_size() == 1:
+        if nproc != spec.mesh.world_size:
+            typer.echo(f"error: the spec's mesh has world_size {spec.mesh.world_size}, but --nproc is {nproc}", err=True)
+            raise typer.Exit(1)
         _launch(launch, LaunchError, nproc, spec_path, resume, allow_spec_change, run_dir, device, plots, stop_at)
         return
     main = int(os.environ.get("RANK", "0")) == 0

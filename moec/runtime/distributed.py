@@ -10,6 +10,7 @@ of the single-process run.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -115,8 +116,20 @@ def launch(nproc: int, argv: list[str]) -> None:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "cli.main", *argv)
     except ChildFailedError as err:
-        ranks = ", ".join(f"rank {rank} (exit {failure.exitcode})" for rank, failure in sorted(err.failures.items()))
-        raise LaunchError(f"the job failed on {ranks}; each rank's error is printed above") from None
+        rank, first = err.get_first_failure()
+        others = sorted(set(err.failures) - {rank})
+        tail = f"; the launcher stopped rank(s) {', '.join(map(str, others))}" if others else ""
+        raise LaunchError(f"rank {rank} failed first ({_exit_reason(first.exitcode)}){tail}; "
+                          "each rank's own error is printed above") from None
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 

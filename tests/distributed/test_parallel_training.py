@@ -87,6 +87,8 @@ def test_a_world_size_that_differs_from_the_mesh_is_one_line(tmp_path):
     assert result.exit_code == 1
     assert result.stderr == ("error: the spec's mesh has world_size 2, but 1 process(es) were started "
                              "(use moec train --nproc 2, or torchrun --nproc-per-node 2)\n")
+    result = CliRunner().invoke(app, ["train", str(spec), "--nproc", "3", "--run-dir", str(tmp_path / "run")])
+    assert (result.exit_code, result.stderr) == (1, "error: the spec's mesh has world_size 2, but --nproc is 3\n")
 
 
 def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
