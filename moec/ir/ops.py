@@ -90,7 +90,7 @@ def _constant(types, attrs):
 # --- dense -----------------------------------------------------------------------------
 
 
-@op("embed", 2)
+@op("embed", 2, optional="padding_idx")
 def _embed(types, attrs):
     tokens, table = types
     _expect(tokens.dtype == "i64" and table.rank == 2, f"embed takes i64 ids and a [V,D] table, got {tokens}, {table}")
@@ -119,6 +119,14 @@ def _pos_embed(types, attrs):
 def _rmsnorm(types, attrs):
     x, weight = types
     _last(x, weight.shape[0], "rmsnorm input")
+    return _same(x)
+
+
+@op("head_rmsnorm", 2, required="eps heads")
+def _head_rmsnorm(types, attrs):
+    """RMSNorm of each head's slice of [.., heads * head_dim] with one [head_dim] weight."""
+    x, weight = types
+    _last(x, attrs["heads"] * weight.shape[0], "head_rmsnorm input")
     return _same(x)
 
 
@@ -164,6 +172,14 @@ def _add(types, attrs):
     a, b = types
     _expect(a.shape == b.shape and a.dtype == b.dtype, f"add needs equal types, got {a} and {b}")
     return _same(a)
+
+
+@op("sigmoid_gate", 2)
+def _sigmoid_gate(types, attrs):
+    """x * sigmoid(g): x [.., D] scaled by a [.., 1] gate."""
+    x, gate = types
+    _expect(gate.shape == x.shape[:-1] + (1,), f"sigmoid_gate takes x {x} and a gate of shape [.., 1], got {gate}")
+    return _same(x)
 
 
 @op("select_last", 1)
@@ -231,6 +247,21 @@ def _load_balance(types, attrs):
     return (TensorType((), "f32"),)
 
 
+@op("balance_stats", 2, required="experts")
+def _balance_stats(types, attrs):
+    """[2, E]: the fraction of tokens routed to each expert, and each expert's mean router probability."""
+    scores, indices = types
+    _last(scores, attrs["experts"], "balance_stats scores")
+    return (TensorType((2, attrs["experts"]), "f32"),)
+
+
+@op("load_balance_pooled", 1, required="layers experts weight")
+def _load_balance_pooled(types, attrs):
+    (stats,) = types
+    _expect(stats.shape == (2, attrs["experts"]), f"load_balance_pooled takes summed balance stats [2, E], got {stats}")
+    return (TensorType((), "f32"),)
+
+
 @op("z_loss", 1, required="weight")
 def _z_loss(types, attrs):
     return (TensorType((), "f32"),)
@@ -289,15 +320,17 @@ def _band_index(types, attrs):
 
 # `slots` names the role of each input in order (h, router_in, router.weight, ...); `moe` is
 # the layer's typed attributes (moec.moe.MoeAttrs), the same for every step of a spectral MoE.
-@op("moe", (5, 14), required="slots moe", fused=True)
+@op("moe", (5, 24), required="slots moe", fused=True)
 def _moe(types, attrs):
     h = types[0]
     _float(h, "moe input")
     _expect(len(attrs["slots"]) == len(types), f"moe has {len(types)} inputs but {len(attrs['slots'])} slots")
-    return _same(h) + (TensorType((), "f32"),)
+    moe = attrs["moe"]
+    pooled = (TensorType((2, moe.experts), "f32"),) if moe.aux.pooled else ()  # balance statistics
+    return _same(h) + (TensorType((), "f32"),) + pooled
 
 
-@op("spectral_moe", (4, 14), required="slots moe depth fft_norm band", fused=True)
+@op("spectral_moe", (4, 24), required="slots moe depth fft_norm band", fused=True)
 def _spectral_moe(types, attrs):
     x = types[0]
     _expect(x.rank == 3 and x.dtype == "f32", f"spectral_moe takes real [B,S,D], got {x}")

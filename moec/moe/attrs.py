@@ -40,6 +40,11 @@ class ExpertAttrs:
 class AuxAttrs:
     load_balance: float = 0.0
     z_loss: float = 0.0
+    load_balance_scope: str = "layer"  # layer | model (the layer outputs its balance statistics; the model pools them)
+
+    @property
+    def pooled(self) -> bool:
+        return self.load_balance_scope == "model"
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class MoeAttrs:
     capacity: CapacityAttrs = CapacityAttrs()
     aux: AuxAttrs = AuxAttrs()
     shared: bool = False  # shared experts: one FFN every token passes through
+    shared_gate: bool = False  # the shared output scaled by sigmoid(h @ shared_gate.weight.T) (Qwen2-MoE)
 
     @property
     def choices(self) -> int:
@@ -83,6 +89,7 @@ def moe_attrs(cfg) -> MoeAttrs:
         ),
         expert=ExpertAttrs(activation=cfg.expert.activation, bias=cfg.expert.bias),
         capacity=CapacityAttrs(mode=capacity.mode, factor=capacity.factor or 0.0, drop_policy=capacity.drop_policy or "none"),
-        aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss),
+        aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss, load_balance_scope=cfg.aux.load_balance_scope),
         shared=cfg.shared_experts is not None,
+        shared_gate=cfg.shared_experts is not None and cfg.shared_experts.gate,
     )

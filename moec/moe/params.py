@@ -17,6 +17,7 @@ from moec.moe.routers import ROUTERS
 ROUTER_WEIGHT = "router.weight"
 SELECTION_BIAS = "router.selection_bias"
 EXPERT_PREFIX = "experts."
+SHARED_GATE = "shared_gate.weight"  # [1, width]: the shared experts' sigmoid gate
 BAND_TABLE = "band.weight"  # spectral MoE: the learned band embedding
 
 
@@ -43,6 +44,8 @@ def moe_slots(attrs: MoeAttrs) -> tuple[str, ...]:
     slots += ffn_slots(EXPERT_PREFIX, attrs.expert.activation, attrs.expert.bias)
     if attrs.shared:
         slots += ffn_slots("shared.", attrs.expert.activation, False)
+    if attrs.shared_gate:
+        slots.append(SHARED_GATE)
     return tuple(slots)
 
 
@@ -69,5 +72,7 @@ def moe_params(attrs: MoeAttrs, width: int, router_width: int, hidden: int, shar
     if attrs.shared:
         # Shared experts of hidden H x count are one FFN of hidden count * H (their outputs add up).
         decls += ffn_params("shared.", width, shared_hidden, attrs.expert.activation, False, "shared_experts", "rest")
+    if attrs.shared_gate:
+        decls.append(ParamDecl(SHARED_GATE, (1, width), "shared_experts", "rest"))
     assert tuple(d.slot for d in decls) == moe_slots(attrs)
     return decls

@@ -59,6 +59,16 @@ class Rope(Base):
     theta: PosFloat = 10000.0
 
 
+class QkNorm(Base):
+    """RMSNorm of the queries and keys after their projections, before RoPE."""
+
+    kind: Literal["rmsnorm"] = "rmsnorm"
+    scope: Literal["head", "projection"] = Field(
+        ..., description="head: one [head_dim] weight shared by the heads (Qwen3); projection: over the whole q / k projection (OLMoE)."
+    )
+    eps: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-6
+
+
 class Attention(Base):
     """Multi-head self-attention; ``kv_heads < heads`` is grouped-query attention."""
 
@@ -69,7 +79,8 @@ class Attention(Base):
     head_dim: Dim | None = Field(None, description="Default: d_model // heads.")
     rope: Rope | None = Field(default_factory=Rope, description="null disables RoPE.")
     causal: bool = True
-    bias: bool = False
+    bias: bool | Literal["qkv"] = Field(False, description="true: biases on q, k, v and the output projection; qkv: on q, k, v only (Qwen2).")
+    qk_norm: QkNorm | None = None
     dropout: Prob = 0.0
 
 
@@ -145,6 +156,10 @@ class AuxLoss(Base):
     """Weights of the router's auxiliary losses (0 disables one)."""
 
     load_balance: NonNegFloat = 0.01
+    load_balance_scope: Literal["layer", "model"] = Field(
+        "layer", description="layer: one load-balance loss per MoE layer, summed (Megatron, torchtitan); model: expert counts "
+        "and router probabilities pooled over all MoE layers, one product (HF transformers' load_balancing_loss_func)."
+    )
     z_loss: NonNegFloat = 0.0
 
 
@@ -161,6 +176,7 @@ class SharedExperts(Base):
 
     count: PosInt
     hidden: Dim | None = Field(None, description="Default: the routed experts' hidden size.")
+    gate: bool = Field(False, description="Scale the shared output by sigmoid(x @ w^T), w of shape [1, width] (Qwen2-MoE).")
 
 
 class MoeConfig(Base):
@@ -250,6 +266,15 @@ class TokenInputs(Base):
 
     kind: Literal["tokens"]
     vocab: Dim
+    pad_id: Annotated[int, Field(ge=0, le=MAX_DIM)] | None = Field(
+        None, description="Padding token: its embedding row gets no gradient (torch's padding_idx)."
+    )
+
+    @model_validator(mode="after")
+    def _pad_in_vocab(self) -> "TokenInputs":
+        if self.pad_id is not None and self.pad_id >= self.vocab:
+            raise field_error("pad_id", f"must be < vocab ({self.vocab}), got {self.pad_id}")
+        return self
 
 
 class ContinuousInputs(Base):

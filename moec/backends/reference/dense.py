@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from moec.backends.torch import snippets
 
 def embed(ctx, attrs, tokens, table):
-    return F.embedding(tokens, table)
+    """Rows of ``table``; the ``padding_idx`` row (when set) gets no gradient."""
+    return F.embedding(tokens, table, padding_idx=attrs.get("padding_idx"))
 
 
 def linear(ctx, attrs, x, weight, bias=None):
@@ -27,6 +28,16 @@ def pos_embed(ctx, attrs, x, table):
 
 def rmsnorm(ctx, attrs, x, weight):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + attrs["eps"]) * weight
+
+
+def head_rmsnorm(ctx, attrs, x, weight):
+    """rmsnorm of each head's [head_dim] slice, one weight shared by the heads (Qwen3's q_norm / k_norm)."""
+    heads = x.view(*x.shape[:-1], attrs["heads"], weight.shape[0])
+    return rmsnorm(ctx, attrs, heads, weight).reshape(x.shape)
+
+
+def sigmoid_gate(ctx, attrs, x, gate):
+    return x * torch.sigmoid(gate)
 
 
 def layernorm(ctx, attrs, x, weight, bias):
@@ -74,6 +85,6 @@ def constant(ctx, attrs):
 
 KERNELS = {
     "embed": embed, "linear": linear, "pos_embed": pos_embed, "rmsnorm": rmsnorm, "layernorm": layernorm,
-    "rope": rope, "attention": attention, "activation": activation, "glu": glu, "add": add,
+    "head_rmsnorm": head_rmsnorm, "sigmoid_gate": sigmoid_gate, "rope": rope, "attention": attention, "activation": activation, "glu": glu, "add": add,
     "select_last": select_last, "constant": constant,
 }

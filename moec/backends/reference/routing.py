@@ -134,6 +134,25 @@ def load_balance_loss(ctx, attrs, scores, indices):
     return attrs["weight"] * experts * torch.sum(counts / tokens * mean_prob)
 
 
+def balance_stats(ctx, attrs, scores, indices):
+    """[2, E]: row 0 f_e = c_e / N (c_e as in load_balance_loss), row 1 P_e (mean normalised score).
+
+    ``aux.load_balance_scope: model``: every MoE layer gives these and ``load_balance_pooled``
+    makes one loss of their sum.
+    """
+    experts = attrs["experts"]
+    probs = scores / scores.sum(-1, keepdim=True)
+    tokens = probs.shape[0] * probs.shape[1]
+    counts = torch.nn.functional.one_hot(indices.reshape(-1), experts).sum(0).to(probs.dtype)
+    return torch.stack([counts / tokens, probs.reshape(tokens, experts).mean(0)])
+
+
+def load_balance_pooled(ctx, attrs, stats):
+    """weight * E * sum_e (f_e summed over layers / L) * (P_e summed over layers / L): HF's load_balancing_loss_func."""
+    layers = attrs["layers"]
+    return attrs["weight"] * attrs["experts"] * torch.sum(stats[0] / layers * (stats[1] / layers))
+
+
 def z_loss(ctx, attrs, logits):
     """weight * mean over tokens of logsumexp(logits)^2 (ST-MoE), on the raw router logits."""
     return attrs["weight"] * torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -169,7 +188,8 @@ def band_index(ctx, attrs, z):
 KERNELS = {
     "noise": noise, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "topk": topk,
     "renormalize": renormalize, "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
-    "combine": combine, "load_balance_loss": load_balance_loss, "z_loss": z_loss, "rfft": rfft, "irfft": irfft,
+    "combine": combine, "load_balance_loss": load_balance_loss, "z_loss": z_loss,
+    "balance_stats": balance_stats, "load_balance_pooled": load_balance_pooled, "rfft": rfft, "irfft": irfft,
     "complex_to_real": complex_to_real, "real_to_complex": real_to_complex, "band_embed": band_embed,
     "band_index": band_index,
 }

@@ -68,10 +68,19 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str) 
     lines += [f"    out = out + weights[:, {j}, None] * y[:, {j}]" for j in range(1, k)]
     if moe.shared:
         lines += _ffn("x", "shared_", moe.expert.activation, "shared", out="shared_out")
+        if moe.shared_gate:
+            lines.append("    shared_out = shared_out * torch.sigmoid(F.linear(x, shared_gate_weight))  # (N, 1) gate")
         lines.append("    out = out + shared_out  # shared experts see every token")
     lines += _aux(moe)
     lines += _stats(moe)
-    lines.append("    return out.view(batch, seq, width), aux, stats")
+    if moe.aux.pooled:
+        lines += [
+            "    # aux.load_balance_scope 'model': the layer's share of the pooled loss, summed over layers by the model",
+            "    balance_stats = torch.stack([counts.to(scores.dtype) / tokens, (scores / scores.sum(-1, keepdim=True)).mean(0)])",
+            "    return out.view(batch, seq, width), aux, balance_stats, stats",
+        ]
+    else:
+        lines.append("    return out.view(batch, seq, width), aux, stats")
     return lines
 
 
@@ -178,9 +187,10 @@ def _dense(moe: MoeAttrs) -> list[str]:
 def _aux(moe: MoeAttrs) -> list[str]:
     zero = "logits.new_zeros(())"
     weights = moe.aux
-    balance = f"{weights.load_balance!r} * load_balance_loss(scores, counts, {moe.experts})" if weights.load_balance > 0 else zero
+    per_layer = weights.load_balance if not weights.pooled else 0.0  # pooled: the model computes it
+    balance = f"{per_layer!r} * load_balance_loss(scores, counts, {moe.experts})" if per_layer > 0 else zero
     z = f"{weights.z_loss!r} * torch.logsumexp(logits, dim=-1).pow(2).mean()" if weights.z_loss > 0 else zero
-    aux = " + ".join(name for name, weight in (("balance", weights.load_balance), ("z", weights.z_loss)) if weight > 0)
+    aux = " + ".join(name for name, weight in (("balance", per_layer), ("z", weights.z_loss)) if weight > 0)
     return [f"    balance = {balance}", f"    z = {z}", f"    aux = {aux or zero}"]
 
 
