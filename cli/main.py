@@ -88,12 +88,15 @@ def train(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: the spec's train.checkpoint.dir)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots at the end."),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="Start from these weights: a safetensors file (moec import hf) or a checkpoint directory.",
+    ),
 ) -> None:
     """Train a spec: metrics.jsonl, checkpoints and plots under the run directory."""
     from cli.train import run_train
 
     run_train(spec, resume=resume, allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
-              stop_at=stop_at)
+              stop_at=stop_at, init_from=init_from)
 
 
 @app.command()
@@ -123,6 +126,16 @@ def schema(
     else:
         output.write_text(text, encoding="utf-8")
         typer.echo(f"wrote {output}", err=True)
+
+
+def _register_interop() -> None:
+    from cli.interop import export_app, import_app
+
+    app.add_typer(import_app, name="import")
+    app.add_typer(export_app, name="export")
+
+
+_register_interop()
 
 
 def _normalize_resume(argv: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ from cli.output import print_spec_error
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
-def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at=None) -> None:
+def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at=None, init_from=None) -> None:
     from moec import SpecError, load_spec
     from moec.runtime.display import Display
     from moec.runtime.plots import plot_run
@@ -29,7 +29,8 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
         typer.echo(f"note: the spec's mesh has {spec.mesh.world_size} devices ({mesh}); this run uses one process, "
                    "so the sharding section is not applied (distributed execution is not built yet)", err=True)
     try:
-        trainer = Trainer(spec, run_dir=run_dir, resume=resume, allow_spec_change=allow_spec_change, device=device, display=display)
+        trainer = Trainer(spec, run_dir=run_dir, resume=resume, allow_spec_change=allow_spec_change, device=device, display=display,
+                          init_from=init_from)
         if resume is not None:
             display.log(f"resuming from {trainer.resumed_from} (step {trainer.start_step})")
         result = trainer.run(stop_at=stop_at)

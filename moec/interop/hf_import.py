@@ -59,7 +59,14 @@ def render_spec(spec: dict, weights: Path | None) -> str:
         f"# Weights: {weights.name if weights else 'none in the source directory; the spec seed initialises'}.",
         "# The train section is a placeholder: set data (the model's tokenizer is not byte-level) and the schedule.",
     ]
-    return "\n".join(lines) + "\n" + yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=120)
+    return "\n".join(lines) + "\n" + yaml.dump(spec, Dumper=_NoAliases, sort_keys=False, default_flow_style=None, width=120)
+
+
+class _NoAliases(yaml.SafeDumper):
+    """Repeated mappings written out in full (specs are read with anchors and aliases refused)."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
 
 
 def import_hf(directory: Path, spec_path: Path, shard_bytes: int = SHARD_BYTES) -> Imported:
