@@ -63,10 +63,12 @@ class Converter:
     def __init__(self, family: str, moe_layers: list[bool], experts: int):
         self.family, self.moe_layers, self.experts = family, moe_layers, experts
         self.tables = {has: _layer_table(family, has) for has in (False, True)}
+        self.tables[True]["mlp.gate.weight"] = "moe.router.weight"  # Mixtral in transformers v5 memory: mlp, not block_sparse_moe
         self.pending: dict[str, dict[int, torch.Tensor]] = {}
         proj = "|".join(EXPERT_PROJ.get(family, DEFAULT_EXPERT_PROJ))
-        self.per_expert = re.compile(rf"^{moe_module(family)}\.experts\.(\d+)\.({proj})\.weight$")
-        self.fused = re.compile(rf"^{moe_module(family)}\.experts\.(gate_up_proj|down_proj)$")
+        module = f"(?:{moe_module(family)}|mlp)"
+        self.per_expert = re.compile(rf"^{module}\.experts\.(\d+)\.({proj})\.weight$")
+        self.fused = re.compile(rf"^{module}\.experts\.(gate_up_proj|down_proj)$")
 
     def __call__(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         if name in GLOBAL:
