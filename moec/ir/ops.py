@@ -138,7 +138,8 @@ def _layernorm(types, attrs):
     return _same(x)
 
 
-@op("rope", 1, required="heads head_dim theta")
+# YaRN (rope.scaling): factor, original, beta_fast, beta_slow, truncate are all set or none.
+@op("rope", 1, required="heads head_dim theta", optional="factor original beta_fast beta_slow truncate")
 def _rope(types, attrs):
     (x,) = types
     _last(x, attrs["heads"] * attrs["head_dim"], "rope input")
@@ -146,9 +147,12 @@ def _rope(types, attrs):
     return _same(x)
 
 
-@op("attention", 3, required="heads kv_heads head_dim causal")
+@op("attention", (3, 4), required="heads kv_heads head_dim causal", optional="window")
 def _attention(types, attrs):
-    q, k, v = types
+    """q, k, v [, sinks [heads]]."""
+    q, k, v = types[:3]
+    if len(types) == 4:
+        _expect(types[3].shape == (attrs["heads"],), f"attention sinks must be [{attrs['heads']}], got {types[3]}")
     heads, kv, hd = attrs["heads"], attrs["kv_heads"], attrs["head_dim"]
     _last(q, heads * hd, "attention q")
     _last(k, kv * hd, "attention k")
@@ -164,6 +168,13 @@ op("activation", 1, required="fn")(_elementwise)
 def _glu(types, attrs):
     gate, up = types
     _expect(gate.shape == up.shape, f"glu gate and up must match, got {gate}, {up}")
+    return _same(gate)
+
+
+@op("clamped_glu", 2, required="limit alpha")
+def _clamped_glu(types, attrs):
+    gate, up = types
+    _expect(gate.shape == up.shape, f"clamped_glu gate and up must match, got {gate}, {up}")
     return _same(gate)
 
 
@@ -224,7 +235,7 @@ def _dispatch(types, attrs):
     return (TensorType(indices.shape + (h.shape[-1],), "f32"),)
 
 
-@op("expert_ffn", (4, 7), required="experts activation masked bias")
+@op("expert_ffn", (4, 9), required="experts activation masked bias", optional="limit alpha")
 def _expert_ffn(types, attrs):
     x, indices = types[0], types[1]
     weights = types[3:] if attrs["masked"] else types[2:]

@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 from moec.ir.graph import Ref
 from moec.moe.activations import ACTIVATIONS
 from moec.moe.attrs import MoeAttrs
-from moec.moe.params import EXPERT_PREFIX, ROUTER_WEIGHT, SELECTION_BIAS, SHARED_GATE, ffn_slots
+from moec.moe.params import EXPERT_PREFIX, ROUTER_BIAS, ROUTER_WEIGHT, SELECTION_BIAS, SHARED_GATE, ffn_slots
 from moec.moe.routers import ROUTERS
 
 PLACEHOLDER = "@"  # prefix of the names that stand for a decomposition's inputs
@@ -41,13 +41,19 @@ def placeholders(names: Sequence[str]) -> dict[str, Ref]:
     return {name: Ref(PLACEHOLDER + name) for name in names}
 
 
-def ffn(b, x: Ref, weights: Sequence[Ref], activation: str, bias: bool, path: tuple) -> Ref:
-    """``down(fn(gate(x)) * up(x))`` for gated activations, else ``down(fn(up(x)))``; ``weights`` as in ``ffn_slots``."""
+def ffn(b, x: Ref, weights: Sequence[Ref], activation: str, bias: bool, path: tuple, clamp: Mapping | None = None) -> Ref:
+    """``down(fn(gate(x)) * up(x))`` for gated activations, else ``down(fn(up(x)))``; ``weights`` as in ``ffn_slots``.
+
+    ``clamp``: ``limit`` and ``alpha`` of a clamped activation (``ExpertAttrs.clamp``).
+    """
     kind = ACTIVATIONS[activation]
     params = dict(zip(ffn_slots("", activation, bias), weights))
     up = b.add("linear", [x, params["w_up"]] + ([params["b_up"]] if bias else []), path)
-    if kind.gated:
-        gate = b.add("linear", [x, params["w_gate"]], path)
+    if kind.clamped:
+        gate = b.add("linear", [x, params["w_gate"]] + ([params["b_gate"]] if bias else []), path)
+        hidden = b.add("clamped_glu", [gate, up], path, **clamp)
+    elif kind.gated:
+        gate = b.add("linear", [x, params["w_gate"]] + ([params["b_gate"]] if bias else []), path)
         hidden = b.add("glu", [gate, up], path, fn=kind.fn)
     else:
         hidden = b.add("activation", [up], path, fn=kind.fn)
@@ -62,7 +68,7 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     """
     router, kind = attrs.router, ROUTERS[attrs.router.kind]
     rpath = path + ("router",)
-    logits = b.add("linear", [router_in, params[ROUTER_WEIGHT]], rpath)
+    logits = b.add("linear", [router_in, params[ROUTER_WEIGHT]] + ([params[ROUTER_BIAS]] if router.bias else []), rpath)
     noisy = logits if router.noise == "none" else b.add("noise", [logits], rpath, kind=router.noise, std=router.noise_std)
     scores = b.add(kind.score_op, [noisy], rpath, **kind.score_attrs(router))
     select = [scores] + ([params[SELECTION_BIAS]] if kind.selection_bias else [])
@@ -79,11 +85,12 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     expert = attrs.expert
     expert_params = [params[slot] for slot in ffn_slots(EXPERT_PREFIX, expert.activation, expert.bias)]
     expert_out = b.add("expert_ffn", [dispatched, indices, *kept, *expert_params], path + ("expert",),
-                       experts=attrs.experts, activation=expert.activation, masked=bool(kept), bias=expert.bias)
+                       experts=attrs.experts, activation=expert.activation, masked=bool(kept), bias=expert.bias, **expert.clamp)
     out = b.add("combine", [expert_out, weights], path)
     if attrs.shared:
         spath = path + ("shared_experts",)
-        shared = ffn(b, h, [params[slot] for slot in ffn_slots("shared.", expert.activation, False)], expert.activation, False, spath)
+        shared = ffn(b, h, [params[slot] for slot in ffn_slots("shared.", expert.activation, False)], expert.activation, False, spath,
+                     expert.clamp)
         if attrs.shared_gate:
             gate = b.add("linear", [h, params[SHARED_GATE]], spath)
             shared = b.add("sigmoid_gate", [shared, gate], spath)

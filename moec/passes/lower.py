@@ -103,10 +103,21 @@ def _lower_attention(b, spec, layer, prefix, path, h) -> Ref:
     if layer.qk_norm is not None:
         q, k = _qk_norm(b, layer, prefix, path + ("qk_norm",), q, k)
     if layer.rope is not None:
-        q = b.add("rope", [q], path + ("rope",), heads=layer.heads, head_dim=hd, theta=layer.rope.theta)
-        k = b.add("rope", [k], path + ("rope",), heads=layer.kv_heads, head_dim=hd, theta=layer.rope.theta)
-    a = b.add("attention", [q, k, v], path, heads=layer.heads, kv_heads=layer.kv_heads, head_dim=hd, causal=layer.causal)
+        yarn = _yarn_attrs(layer.rope.scaling)
+        q = b.add("rope", [q], path + ("rope",), heads=layer.heads, head_dim=hd, theta=layer.rope.theta, **yarn)
+        k = b.add("rope", [k], path + ("rope",), heads=layer.kv_heads, head_dim=hd, theta=layer.rope.theta, **yarn)
+    sinks = [b.param(f"{prefix}.sinks", (layer.heads,), path + ("sinks",), std=std, group="bias")] if layer.sinks else []
+    window = {} if layer.window is None else {"window": layer.window}
+    a = b.add("attention", [q, k, v, *sinks], path, heads=layer.heads, kv_heads=layer.kv_heads, head_dim=hd, causal=layer.causal,
+              **window)
     return b.linear(a, f"{prefix}.wo", d, q_width, path, out_std, bias + "o" if layer.bias is True else None)
+
+
+def _yarn_attrs(scaling) -> dict:
+    if scaling is None:
+        return {}
+    return {"factor": scaling.factor, "original": scaling.original_max_seq_len, "beta_fast": scaling.beta_fast,
+            "beta_slow": scaling.beta_slow, "truncate": scaling.truncate}
 
 
 def _qk_norm(b, layer, prefix, path, q, k) -> tuple[Ref, Ref]:

@@ -90,25 +90,29 @@ def expert_ffn(ctx, attrs, x, indices, *rest):
     kept = rest[0] if attrs["masked"] else None
     params = list(rest[1:] if attrs["masked"] else rest)
     weights = unpack_expert_params(params, attrs["activation"], attrs["bias"])
+    clamp = (attrs.get("limit"), attrs.get("alpha"))
     out = torch.zeros_like(x)
     for expert in range(attrs["experts"]):
         mask = indices == expert if kept is None else (indices == expert) & kept
         rows = x[mask]
-        out[mask] = ffn(rows, attrs["activation"], *(w[expert] if w is not None else None for w in weights))
+        out[mask] = ffn(rows, attrs["activation"], *(w[expert] if w is not None else None for w in weights), clamp=clamp)
     return out
 
 
 def unpack_expert_params(params: list, activation: str, bias: bool) -> tuple:
-    """(w_up, w_gate, w_down, b_up, b_down) with None for what the expert does not have."""
+    """(w_up, w_gate, w_down, b_up, b_down, b_gate) with None for what the expert does not have."""
     named = dict(zip(ffn_slots("", activation, bias), params))
-    return tuple(named.get(name) for name in ("w_up", "w_gate", "w_down", "b_up", "b_down"))
+    return tuple(named.get(name) for name in ("w_up", "w_gate", "w_down", "b_up", "b_down", "b_gate"))
 
 
-def ffn(x, activation, w_up, w_gate, w_down, b_up=None, b_down=None):
-    """down(fn(gate(x)) * up(x)) for gated activations, else down(fn(up(x)))."""
+def ffn(x, activation, w_up, w_gate, w_down, b_up=None, b_down=None, b_gate=None, clamp=(None, None)):
+    """down(fn(gate(x)) * up(x)) for gated activations, else down(fn(up(x))); clamped_glu for clamped ones."""
     kind = ACTIVATIONS[activation]
     up = F.linear(x, w_up, b_up)
-    hidden = getattr(F, kind.fn)(F.linear(x, w_gate)) * up if kind.gated else getattr(F, kind.fn)(up)
+    if kind.clamped:
+        hidden = snippets.clamped_glu(F.linear(x, w_gate, b_gate), up, *clamp)
+    else:
+        hidden = getattr(F, kind.fn)(F.linear(x, w_gate, b_gate)) * up if kind.gated else getattr(F, kind.fn)(up)
     return F.linear(hidden, w_down, b_down)
 
 

@@ -27,14 +27,20 @@ EXPRESSIONS = {
     "load_balance_pooled": lambda n, stats: (f"{n.attr['weight']!r} * {n.attr['experts']} * torch.sum({stats}[0] / {n.attr['layers']} "
                                             f"* ({stats}[1] / {n.attr['layers']}))"),
     "layernorm": lambda n, x, w, b: f"F.layer_norm({x}, ({_width(n)},), {w}, {b}, {n.attr['eps']!r})",
-    "rope": lambda n, x: f"rope({x}, {n.attr['heads']}, {n.attr['head_dim']}, {n.attr['theta']!r})",
+    "rope": lambda n, x: (f"rope({x}, {n.attr['heads']}, {n.attr['head_dim']}, {n.attr['theta']!r})" if "factor" not in n.attr else
+                          f"rope_yarn({x}, {n.attr['heads']}, {n.attr['head_dim']}, {n.attr['theta']!r}, {n.attr['factor']!r}, "
+                          f"{n.attr['original']!r}, {n.attr['beta_fast']!r}, {n.attr['beta_slow']!r}, {n.attr['truncate']!r})"),
     # fn: the snippet chosen by kernels.attention (attention = torch SDPA, attention_eager = written out)
     "attention": lambda n, q, k, v, fn="attention": f"{fn}({q}, {k}, {v}, {n.attr['heads']}, {n.attr['kv_heads']}, {n.attr['head_dim']}, {n.attr['causal']})",
     "activation": lambda n, x: f"F.{n.attr['fn']}({x})",
     "glu": lambda n, gate, up: f"F.{n.attr['fn']}({gate}) * {up}",
+    "clamped_glu": lambda n, gate, up: f"clamped_glu({gate}, {up}, {n.attr['limit']!r}, {n.attr['alpha']!r})",
     "add": lambda n, x, y: f"{x} + {y}",
     "select_last": lambda n, x: f"{x}[:, -1:, :]",
 }
 
 # Helper functions (from moec.backends.torch.snippets) that an op's expression calls.
-SNIPPETS_USED_BY = {"rope": {"rope"}}  # attention: the kernel's snippet, chosen by the emitter
+SNIPPETS_USED_BY = {
+    "rope": lambda n: {"rope_yarn", "yarn_frequencies"} if "factor" in n.attr else {"rope"},
+    "clamped_glu": lambda n: {"clamped_glu"},
+}  # attention: the kernel's snippet, chosen by the emitter
