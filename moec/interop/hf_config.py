@@ -42,6 +42,7 @@ FAMILIES = {  # architecture -> (family, model_type)
     "OlmoeForCausalLM": "olmoe",
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "GptOssForCausalLM": "gpt_oss",
 }
 MODEL_TYPES = {family: family for family in FAMILIES.values()}
 ARCHITECTURES = {family: arch for arch, family in FAMILIES.items()}
@@ -58,8 +59,11 @@ READS = {  # what each family reads (beyond INERT)
     "olmoe": f"{_COMMON} {_MOE} attention_bias clip_qkv norm_topk_prob",
     "llama": f"{_COMMON} attention_bias mlp_bias pretraining_tp",
     "qwen2": f"{_COMMON} sliding_window use_sliding_window layer_types",
+    "gpt_oss": f"{_COMMON} {_MOE} attention_bias layer_types sliding_window swiglu_limit swiglu_alpha experts_per_token "
+               "initial_context_length",
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+YARN_KEYS = {"rope_type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate"}
 
 
 def family_of(config: dict) -> str:
@@ -90,6 +94,14 @@ def _required(config: dict, family: str) -> None:
     need("use_sliding_window", lambda v: v is False, "sliding-window attention is not implemented for this family")
     if family == "mixtral":
         need("sliding_window", lambda v: v is None, "sliding-window attention is not implemented for this family")
+    if family == "gpt_oss":
+        need("layer_types", lambda v: set(v) <= {"full_attention", "sliding_attention"}, "layers are full or sliding attention")
+        need("experts_per_token", lambda v: v == config.get("num_experts_per_tok"), "it must equal num_experts_per_tok")
+        need("attention_bias", lambda v: v is True, "GPT-OSS attention has biases")
+        for key in ("rope_parameters", "rope_scaling"):
+            need(key, lambda v: v is None or v.get("rope_type") in ("default", "yarn") and set(v) <= YARN_KEYS,
+                 f"only plain RoPE or YaRN with the keys {sorted(YARN_KEYS)} is implemented")
+        return
     need("layer_types", lambda v: all(t == "full_attention" for t in v), "only full attention is implemented for this family")
     need("rope_parameters", lambda v: v is None or v.get("rope_type", "default") == "default" and set(v) <= {"rope_type", "rope_theta"},
          "only plain RoPE (rope_type 'default') is implemented for this family")
@@ -109,6 +121,18 @@ def rope_theta(config: dict) -> float:
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
+def rope_section(config: dict) -> dict:
+    """``{theta[, scaling: yarn]}`` from v5 ``rope_parameters`` or v4 ``rope_scaling`` + ``rope_theta``."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = {"theta": rope_theta(config)}
+    if params.get("rope_type") == "yarn":  # the defaults of HF's _compute_yarn_parameters
+        rope["scaling"] = {"kind": "yarn", "factor": float(params["factor"]),
+                           "original_max_seq_len": params["original_max_position_embeddings"],
+                           "beta_fast": float(params.get("beta_fast") or 32.0), "beta_slow": float(params.get("beta_slow") or 1.0),
+                           "truncate": bool(params.get("truncate", True))}
+    return rope
+
+
 def moe_layer_indices(config: dict, family: str) -> list[bool]:
     """For each decoder layer: does it have an MoE (else a dense MLP)?"""
     layers = config["num_hidden_layers"]
@@ -123,7 +147,7 @@ def model_section(config: dict, family: str) -> dict:
     d, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or d // heads
     attention = {"kind": "attention", "heads": heads, "kv_heads": config.get("num_key_value_heads") or heads,
-                 "head_dim": head_dim, "rope": {"theta": rope_theta(config)}}
+                 "head_dim": head_dim, "rope": rope_section(config)}
     if family in ("qwen2", "qwen2_moe") and config.get("qkv_bias", True):
         attention["bias"] = "qkv"
     elif config.get("attention_bias"):
@@ -132,11 +156,15 @@ def model_section(config: dict, family: str) -> dict:
         attention["qk_norm"] = {"scope": "head", "eps": config["rms_norm_eps"]}
     elif family == "olmoe":
         attention["qk_norm"] = {"scope": "projection", "eps": config["rms_norm_eps"]}
+    if family == "gpt_oss":
+        attention["sinks"] = True
     norm = {"kind": "rmsnorm", "eps": config["rms_norm_eps"]}
     layers = []
-    for has_moe in moe_layer_indices(config, family):
+    types = config.get("layer_types") or ["full_attention"] * config["num_hidden_layers"]
+    for has_moe, kind in zip(moe_layer_indices(config, family), types):
         ffn = _moe_layer(config, family) if has_moe else {"kind": "mlp", "hidden": config["intermediate_size"], "activation": "swiglu"}
-        layers.append([attention, ffn])
+        own = dict(attention, window=config["sliding_window"]) if kind == "sliding_attention" else attention
+        layers.append([own, ffn])
     blocks = []
     for layer in layers:  # consecutive equal layers: one block with repeat
         if blocks and blocks[-1]["layers"] == layer:
@@ -165,6 +193,10 @@ def _moe_layer(config: dict, family: str) -> dict:
         "expert": {"hidden": config.get("moe_intermediate_size") or config["intermediate_size"], "activation": "swiglu"},
         "router": {"kind": "topk", "normalize": True if family == "mixtral" else bool(config.get("norm_topk_prob", False))},
     }
+    if family == "gpt_oss":  # softmax over the top-k logits = the renormalised top-k of the full softmax
+        layer["expert"] |= {"activation": "clamped_swiglu", "bias": True, "swiglu_limit": float(config.get("swiglu_limit", 7.0)),
+                            "swiglu_alpha": float(config.get("swiglu_alpha", 1.702))}
+        layer["router"] |= {"normalize": True, "bias": True}
     if family == "qwen2_moe" and config.get("shared_expert_intermediate_size"):
         layer["shared_experts"] = {"count": 1, "hidden": config["shared_expert_intermediate_size"], "gate": True}
     # HF adds router_aux_loss_coef * load_balancing_loss_func(all layers) when output_router_logits is on.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moec.interop.hf_config import ARCHITECTURES
 
-EXPERT_KEY = {"mixtral": "num_local_experts", "qwen3_moe": "num_local_experts", "qwen2_moe": "num_experts", "olmoe": "num_experts"}
+EXPERT_KEY = {"gpt_oss": "num_local_experts", "mixtral": "num_local_experts", "qwen3_moe": "num_local_experts", "qwen2_moe": "num_experts", "olmoe": "num_experts"}
 
 
 class NotExportable(ValueError):
@@ -35,10 +35,15 @@ def unrolled(model) -> list[tuple[str, object, object]]:
 
 
 def _family(model, layers) -> str:
-    attentions = {repr(layers[i][2][0]) for i in range(len(layers))}
+    attentions = {repr(layers[i][2][0].model_copy(update={"window": None})) for i in range(len(layers))}
     if len(attentions) != 1:
-        raise NotExportable("model.blocks: every attention layer must be the same in an HF config")
+        raise NotExportable("model.blocks: every attention layer must be the same in an HF config (but for GPT-OSS's window)")
     attention = layers[0][2][0]
+    if attention.sinks:
+        return "gpt_oss"
+    windows = [i for i in range(len(layers)) if layers[i][2][0].window is not None]
+    if windows or attention.rope is not None and attention.rope.scaling is not None:
+        raise NotExportable(f"{layers[(windows or [0])[0]][0]}.layers[0]: sliding windows and YaRN export only as GPT-OSS (with sinks)")
     moes = [ffn for _, _, (_, ffn) in layers if ffn.kind == "moe"]
     if not moes:
         return "qwen2" if attention.bias == "qkv" else "llama"
@@ -62,7 +67,7 @@ def _check(model, layers, family: str) -> None:
     attention = layers[0][2][0]
     if attention.rope is None or not attention.causal or attention.dropout:
         refuse(f"{layers[0][0]}.layers[0]", "HF attention is causal, with RoPE and no dropout")
-    wants_bias = {"qwen2": "qkv", "qwen2_moe": "qkv", "mixtral": False}
+    wants_bias = {"qwen2": "qkv", "qwen2_moe": "qkv", "mixtral": False, "gpt_oss": True}
     if family in wants_bias and attention.bias != wants_bias[family]:
         refuse(f"{layers[0][0]}.layers[0].bias", f"must be {wants_bias[family]!r}")
     if family in ("qwen3_moe", "olmoe") and attention.bias is not False and attention.bias is not True:
@@ -73,10 +78,14 @@ def _check(model, layers, family: str) -> None:
             if ffn.activation != "swiglu" or ffn.bias or family in ("mixtral", "olmoe"):
                 refuse(path, "dense layers must be bias-free SwiGLU and exist only in Llama / Qwen families")
             continue
-        router = ffn.router
-        if (ffn.expert.activation, ffn.expert.bias, router.kind, router.temperature, router.noise.kind, ffn.capacity.mode) != (
-                "swiglu", False, "topk", 1.0, "none", "dropless"):
-            refuse(path, "HF MoE layers are dropless softmax top-k routers (temperature 1, no noise) over bias-free SwiGLU experts")
+        router, oss = ffn.router, family == "gpt_oss"
+        wanted = ("clamped_swiglu" if oss else "swiglu", oss, "topk", 1.0, "none", "dropless", oss)
+        if (ffn.expert.activation, ffn.expert.bias, router.kind, router.temperature, router.noise.kind, ffn.capacity.mode,
+                router.bias) != wanted:
+            refuse(path, "HF MoE layers are dropless softmax top-k routers (temperature 1, no noise) over SwiGLU experts "
+                   "(GPT-OSS: clamped, with expert and router biases; others: no biases)")
+        if oss and not router.normalize:
+            refuse(f"{path}.router.normalize", "GPT-OSS takes the softmax of the top-k logits (normalize: true)")
         if ffn.aux.z_loss or ffn.aux.load_balance_scope != "model":
             refuse(f"{path}.aux", "HF pools the load-balance loss over the model (load_balance_scope: model) and has no z-loss")
         if family == "mixtral" and not router.normalize:
@@ -109,13 +118,19 @@ def hf_config(spec) -> tuple[dict, str, list[bool]]:
         "max_position_embeddings": model.max_seq_len,
         "rms_norm_eps": layers[0][1].norm.eps,
         "hidden_act": "silu",
-        "rope_parameters": {"rope_type": "default", "rope_theta": attention.rope.theta},
+        "rope_parameters": _rope(attention.rope),
         "tie_word_embeddings": model.head.tie_embeddings,
         "pad_token_id": model.inputs.pad_id,
         "attention_dropout": 0.0,
     }
-    if family in ("llama", "qwen3_moe", "olmoe"):
+    if family in ("llama", "qwen3_moe", "olmoe", "gpt_oss"):
         config["attention_bias"] = attention.bias is True
+    if family == "gpt_oss":
+        windows = {ffn[0].window for _, _, ffn in layers} - {None}
+        if len(windows) > 1:
+            raise NotExportable("model.blocks: GPT-OSS has one sliding_window for every sliding layer")
+        config["layer_types"] = ["sliding_attention" if ffn[0].window else "full_attention" for _, _, ffn in layers]
+        config["sliding_window"] = windows.pop() if windows else None
     if family == "qwen2_moe":
         config["qkv_bias"] = True
     if any(moe_layers):
@@ -130,12 +145,22 @@ def hf_config(spec) -> tuple[dict, str, list[bool]]:
             config["norm_topk_prob"] = moe.router.normalize
         if family == "qwen2_moe":
             config["shared_expert_intermediate_size"] = moe.shared_experts.hidden
+        if family == "gpt_oss":
+            config |= {"swiglu_limit": moe.expert.swiglu_limit, "swiglu_alpha": moe.expert.swiglu_alpha}
         config["intermediate_size"] = dense[0].hidden if dense else moe.expert.hidden
     else:
         config["intermediate_size"] = dense[0].hidden
     if len({ffn.hidden for ffn in dense}) > 1:
         raise NotExportable("model.blocks: HF configs have one intermediate_size for every dense layer")
     return config, family, moe_layers
+
+
+def _rope(rope) -> dict:
+    if rope.scaling is None:
+        return {"rope_type": "default", "rope_theta": rope.theta}
+    yarn = rope.scaling
+    return {"rope_type": "yarn", "rope_theta": rope.theta, "factor": yarn.factor, "original_max_position_embeddings": yarn.original_max_seq_len,
+            "beta_fast": yarn.beta_fast, "beta_slow": yarn.beta_slow, "truncate": yarn.truncate}
 
 
 def export_hf(spec, weights, directory: Path, shard_bytes: int | None = None) -> Path:

@@ -37,6 +37,9 @@ LAYER = {
     "mlp.shared_expert.up_proj.weight": "moe.shared.w_up",
     "mlp.shared_expert.down_proj.weight": "moe.shared.w_down",
     "mlp.shared_expert_gate.weight": "moe.shared_gate.weight",
+    "self_attn.sinks": "attention.sinks",
+    "mlp.router.weight": "moe.router.weight",
+    "mlp.router.bias": "moe.router.bias",
     "mlp.gate_proj.weight": "mlp.w_gate",
     "mlp.up_proj.weight": "mlp.w_up",
     "mlp.down_proj.weight": "mlp.w_down",
@@ -69,6 +72,7 @@ class Converter:
         module = f"(?:{moe_module(family)}|mlp)"
         self.per_expert = re.compile(rf"^{module}\.experts\.(\d+)\.({proj})\.weight$")
         self.fused = re.compile(rf"^{module}\.experts\.(gate_up_proj|down_proj)$")
+        self.gpt_oss = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$") if family == "gpt_oss" else None
 
     def __call__(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         if name in GLOBAL:
@@ -82,6 +86,8 @@ class Converter:
         table = self.tables[self.moe_layers[index]]
         if rest in table:
             yield prefix + table[rest], tensor
+        elif self.gpt_oss and (m := self.gpt_oss.match(rest)):
+            yield from _gpt_oss_experts(prefix + "moe.experts.", m.group(1), bool(m.group(2)), tensor)
         elif m := self.per_expert.match(rest):
             key = prefix + "moe.experts." + EXPERT_PROJ.get(self.family, DEFAULT_EXPERT_PROJ)[m.group(2)]
             pieces = self.pending.setdefault(key, {})
@@ -105,6 +111,31 @@ class Converter:
             raise KeyError(f"experts missing from the checkpoint: {missing}")
 
 
+def _gpt_oss_experts(prefix: str, which: str, bias: bool, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """GPT-OSS: ``gate_up_proj`` [E, H, 2I] with gate and up interleaved (even, odd columns), ``down_proj`` [E, I, H]."""
+    if which == "down_proj":
+        yield prefix + ("b_down" if bias else "w_down"), tensor if bias else tensor.transpose(1, 2).contiguous()
+        return
+    gate, up = tensor[..., ::2], tensor[..., 1::2]
+    if bias:
+        yield prefix + "b_gate", gate.contiguous()
+        yield prefix + "b_up", up.contiguous()
+    else:
+        yield prefix + "w_gate", gate.transpose(1, 2).contiguous()
+        yield prefix + "w_up", up.transpose(1, 2).contiguous()
+
+
+def _gpt_oss_to_hf(prefix: str, state: dict, index: int) -> Iterator[tuple[str, torch.Tensor]]:
+    ours = f"blocks.{index}.moe.experts."
+    for bias, suffix in ((False, ""), (True, "_bias")):
+        gate, up = state[ours + ("b_gate" if bias else "w_gate")], state[ours + ("b_up" if bias else "w_up")]
+        if not bias:
+            gate, up = gate.transpose(1, 2), up.transpose(1, 2)
+        yield f"{prefix}mlp.experts.gate_up_proj{suffix}", torch.stack([gate, up], dim=-1).flatten(-2).contiguous()
+    yield f"{prefix}mlp.experts.down_proj", state[ours + "w_down"].transpose(1, 2).contiguous()
+    yield f"{prefix}mlp.experts.down_proj_bias", state[ours + "b_down"]
+
+
 def to_hf(family: str, moe_layers: list[bool], state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """moec state -> HF tensors (per-expert layout), one at a time."""
     inverse = {has: {ours: hf for hf, ours in _layer_table(family, has).items()} for has in (False, True)}
@@ -119,7 +150,10 @@ def to_hf(family: str, moe_layers: list[bool], state: dict[str, torch.Tensor]) -
             raise KeyError(f"parameter {name!r} has no Hugging Face name")
         index, rest = int(found.group(1)), found.group(2)
         prefix = f"model.layers.{index}."
-        if rest.startswith("moe.experts."):
+        if rest.startswith("moe.experts.") and family == "gpt_oss":
+            if rest == "moe.experts.w_up":  # one interleaved tensor from four of ours: emitted once per layer
+                yield from _gpt_oss_to_hf(prefix, state, index)
+        elif rest.startswith("moe.experts."):
             which = proj[rest.removeprefix("moe.experts.")]
             for e in range(tensor.shape[0]):
                 yield f"{prefix}{moe_module(family)}.experts.{e}.{which}.weight", tensor[e]

@@ -19,6 +19,9 @@ from moec.interop.hf_config import family_of, moe_layer_indices
 SMALL = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=96, max_position_embeddings=64, router_aux_loss_coef=0.02)
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=24)
+# original 16 < the test's 24 positions: the YaRN ramp and the sliding window (5) both act.
+YARN = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
+        "beta_slow": 1.0, "truncate": False}
 
 FAMILIES = {  # name -> config; renormalisation on and off where the family has the choice
     "mixtral": lambda: T.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2),
@@ -31,6 +34,9 @@ FAMILIES = {  # name -> config; renormalisation on and off where the family has 
     "olmoe": lambda: T.OlmoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, pad_token_id=1, eos_token_id=2),
     "olmoe-renorm": lambda: T.OlmoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, pad_token_id=1,
                                           eos_token_id=2),
+    "gpt_oss": lambda: T.GptOssConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=5,
+                                      layer_types=["sliding_attention", "full_attention", "sliding_attention"], swiglu_limit=0.7,
+                                      rope_parameters=YARN),
     "llama": lambda: T.LlamaConfig(**{k: v for k, v in SMALL.items() if k != "router_aux_loss_coef"}, tie_word_embeddings=True),
     "qwen2": lambda: T.Qwen2Config(**{k: v for k, v in SMALL.items() if k != "router_aux_loss_coef"}),
 }
