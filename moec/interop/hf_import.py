@@ -83,7 +83,7 @@ def import_hf(directory: Path, spec_path: Path, shard_bytes: int = SHARD_BYTES) 
 
         moe_layers = moe_layer_indices(config, family)
         experts = config.get("num_local_experts") or config.get("num_experts") or 0
-        convert = Converter(family, moe_layers, experts)
+        convert = Converter(family, moe_layers, experts, tied=bool(config.get("tie_word_embeddings", False)))
         writer = ShardWriter(spec_path.with_suffix(""), shard_bytes, metadata={"source": directory.name, "family": family})
         for file in files:
             with safe_open(str(file), "pt") as f:

@@ -63,8 +63,8 @@ def _layer_table(family: str, has_moe: bool) -> dict[str, str]:
 class Converter:
     """HF tensors in, moec tensors out; per-expert pieces are held until a layer's stack is complete."""
 
-    def __init__(self, family: str, moe_layers: list[bool], experts: int):
-        self.family, self.moe_layers, self.experts = family, moe_layers, experts
+    def __init__(self, family: str, moe_layers: list[bool], experts: int, tied: bool = False):
+        self.family, self.moe_layers, self.experts, self.tied = family, moe_layers, experts, tied
         self.tables = {has: _layer_table(family, has) for has in (False, True)}
         self.tables[True]["mlp.gate.weight"] = "moe.router.weight"  # Mixtral in transformers v5 memory: mlp, not block_sparse_moe
         self.pending: dict[str, dict[int, torch.Tensor]] = {}
@@ -75,6 +75,8 @@ class Converter:
         self.gpt_oss = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$") if family == "gpt_oss" else None
 
     def __call__(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        if name == "lm_head.weight" and self.tied:  # some checkpoints store the tied head too: it is embed.weight
+            return
         if name in GLOBAL:
             yield GLOBAL[name], tensor
             return

@@ -49,12 +49,9 @@ def ffn(b, x: Ref, weights: Sequence[Ref], activation: str, bias: bool, path: tu
     kind = ACTIVATIONS[activation]
     params = dict(zip(ffn_slots("", activation, bias), weights))
     up = b.add("linear", [x, params["w_up"]] + ([params["b_up"]] if bias else []), path)
-    if kind.clamped:
+    if kind.gated:
         gate = b.add("linear", [x, params["w_gate"]] + ([params["b_gate"]] if bias else []), path)
-        hidden = b.add("clamped_glu", [gate, up], path, **clamp)
-    elif kind.gated:
-        gate = b.add("linear", [x, params["w_gate"]] + ([params["b_gate"]] if bias else []), path)
-        hidden = b.add("glu", [gate, up], path, fn=kind.fn)
+        hidden = b.add("clamped_glu", [gate, up], path, **clamp) if kind.clamped else b.add("glu", [gate, up], path, fn=kind.fn)
     else:
         hidden = b.add("activation", [up], path, fn=kind.fn)
     return b.add("linear", [hidden, params["w_down"]] + ([params["b_down"]] if bias else []), path)
