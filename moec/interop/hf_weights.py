@@ -32,14 +32,12 @@ LAYER = {
     **{f"self_attn.{p}_proj.bias": f"attention.b{p}" for p in "qkvo"},
     "self_attn.q_norm.weight": "attention.q_norm.weight",
     "self_attn.k_norm.weight": "attention.k_norm.weight",
-    "{moe}.gate.weight": "moe.router.weight",
+    "{moe}.gate.weight": "moe.router.weight",  # GPT-OSS: mlp.router.{weight,bias} instead (ROUTER_GPT_OSS)
     "mlp.shared_expert.gate_proj.weight": "moe.shared.w_gate",
     "mlp.shared_expert.up_proj.weight": "moe.shared.w_up",
     "mlp.shared_expert.down_proj.weight": "moe.shared.w_down",
     "mlp.shared_expert_gate.weight": "moe.shared_gate.weight",
     "self_attn.sinks": "attention.sinks",
-    "mlp.router.weight": "moe.router.weight",
-    "mlp.router.bias": "moe.router.bias",
     "mlp.gate_proj.weight": "mlp.w_gate",
     "mlp.up_proj.weight": "mlp.w_up",
     "mlp.down_proj.weight": "mlp.w_down",
@@ -52,9 +50,14 @@ def moe_module(family: str) -> str:
     return "block_sparse_moe" if family == "mixtral" else "mlp"
 
 
+ROUTER_GPT_OSS = {"mlp.router.weight": "moe.router.weight", "mlp.router.bias": "moe.router.bias"}
+
+
 def _layer_table(family: str, has_moe: bool) -> dict[str, str]:
     ffn, moe = ("moe" if has_moe else "mlp"), moe_module(family)
     table = {hf.format(moe=moe): ours.format(ffn=ffn) for hf, ours in LAYER.items()}
+    if family == "gpt_oss":
+        table = {hf: ours for hf, ours in table.items() if ours != "moe.router.weight"} | ROUTER_GPT_OSS
     if has_moe:  # mlp.gate.weight is the router, not a dense gate projection
         table = {hf: ours for hf, ours in table.items() if not ours.startswith("mlp.")}
     return table
@@ -66,7 +69,8 @@ class Converter:
     def __init__(self, family: str, moe_layers: list[bool], experts: int, tied: bool = False):
         self.family, self.moe_layers, self.experts, self.tied = family, moe_layers, experts, tied
         self.tables = {has: _layer_table(family, has) for has in (False, True)}
-        self.tables[True]["mlp.gate.weight"] = "moe.router.weight"  # Mixtral in transformers v5 memory: mlp, not block_sparse_moe
+        if family == "mixtral":  # in transformers v5 memory: mlp, not block_sparse_moe
+            self.tables[True]["mlp.gate.weight"] = "moe.router.weight"
         self.pending: dict[str, dict[int, torch.Tensor]] = {}
         proj = "|".join(EXPERT_PROJ.get(family, DEFAULT_EXPERT_PROJ))
         module = f"(?:{moe_module(family)}|mlp)"
