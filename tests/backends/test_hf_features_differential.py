@@ -63,3 +63,26 @@ def test_pad_row_gets_no_gradient():
     model(ids).output.sum().backward()
     grad = model.embed.weight.grad
     assert grad[3].abs().max() == 0 and grad[5].abs().max() > 0
+
+
+GPT_OSS = """        - kind: attention
+          heads: 4
+          kv_heads: 2
+          bias: true
+          sinks: true
+          window: 3
+          rope: {theta: 150000, scaling: {kind: yarn, factor: 32, original_max_seq_len: 8, truncate: false}}
+        - kind: moe
+          experts: 4
+          top_k: 2
+          expert: {hidden: 8, activation: clamped_swiglu, bias: true, swiglu_limit: 0.5}
+          router: {bias: true}
+          aux: {load_balance: 0.01, load_balance_scope: model}
+"""
+
+
+@pytest.mark.parametrize("kernel", ["grouped_mm", "eager"])
+def test_gpt_oss_features_agree_with_the_reference(kernel):
+    """Sinks, a sliding window, YaRN, clamped SwiGLU experts with biases, a router bias."""
+    text = spec_with(GPT_OSS, name="oss", repeat=2).source.text.replace("train:\n", f"schedule:\n  kernels: {{moe: {kernel}}}\ntrain:\n")
+    assert_agree(moec.load_spec_text(text, file="oss.yaml"), seeds=(0, 1), shapes=((2, 16), (1, 3)))
