@@ -91,12 +91,15 @@ def train(
     nproc: Optional[int] = typer.Option(
         None, "--nproc", min=1, help="Start this many local processes with torch's elastic launcher (the spec's mesh.world_size).",
     ),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="Start from these weights: a safetensors file (moec import hf) or a checkpoint directory.",
+    ),
 ) -> None:
     """Train a spec: metrics.jsonl, checkpoints and plots under the run directory."""
     from cli.train import run_train
 
     run_train(spec, resume=resume, allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
-              stop_at=stop_at, nproc=nproc)
+              stop_at=stop_at, nproc=nproc, init_from=init_from)
 
 
 @app.command()
@@ -126,6 +129,16 @@ def schema(
     else:
         output.write_text(text, encoding="utf-8")
         typer.echo(f"wrote {output}", err=True)
+
+
+def _register_interop() -> None:
+    from cli.interop import export_app, import_app
+
+    app.add_typer(import_app, name="import")
+    app.add_typer(export_app, name="export")
+
+
+_register_interop()
 
 
 def _normalize_resume(argv: list[str]) -> list[str]:

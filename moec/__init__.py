@@ -25,11 +25,12 @@ def compile_spec(spec, disable: tuple[str, ...] = ()):
     return compile_(spec, disable=disable)
 
 
-def build_model(spec, device="cpu", dtype=None):
-    """The generated ``nn.Module``, weights from the spec seed; ``device="meta"`` allocates nothing."""
+def build_model(spec, device="cpu", dtype=None, weights=None):
+    """The generated ``nn.Module``, weights from the spec seed or a ``weights`` safetensors file
+    (``moec import hf``); ``device="meta"`` allocates nothing."""
     from moec.compile import build_model as build
 
-    return build(spec, device=device, dtype=dtype)
+    return build(spec, device=device, dtype=dtype, weights=weights)
 
 
 def reference_model(spec, fused: bool = False, device="cpu"):

@@ -95,18 +95,23 @@ def _header(spec, compiled, kernels) -> list[str]:
 
 
 def build_model(spec, device="cpu", dtype: torch.dtype | None = None, program: Program | None = None,
-                path: Path | None = None, mesh=None) -> torch.nn.Module:
+                path: Path | None = None, weights: Path | None = None, mesh=None) -> torch.nn.Module:
     """The generated model with weights initialised from the spec seed (meta: shapes only).
 
-    The source runs from ``path`` (default: the cache), where tracebacks will point. With a
-    ``mesh`` (``parallel_module(program).make_mesh(...)``), the generated ``parallel.py``
-    shards it (every rank initialises the full model from the seed first, so all agree).
+    ``weights``: a safetensors weights file (or its ``.index.json``), e.g. from ``moec import
+    hf``, loaded instead of the seed's values. The source runs from ``path`` (default: the
+    cache), where tracebacks will point. With a ``mesh`` (``parallel_module(program).make_mesh(...)``),
+    the generated ``parallel.py`` shards it (every rank holds the full model first, so all agree).
     """
     program = program or compile_spec(spec)
     module = load_program(program.source, path)
     dtype = dtype or DTYPES[spec.schedule.precision.params]
     model = module.Model(device=device, dtype=dtype)
-    if torch.device(device).type != "meta":
+    if weights is not None:
+        from moec.interop.weights import load_weights  # safetensors: the optional [hf] extra
+
+        load_weights(model, weights)
+    elif torch.device(device).type != "meta":
         initialise(model, program.graph, spec.train.seed)
     model.program = program
     if mesh is not None:

@@ -90,7 +90,7 @@ def _constant(types, attrs):
 # --- dense -----------------------------------------------------------------------------
 
 
-@op("embed", 2)
+@op("embed", 2, optional="padding_idx")
 def _embed(types, attrs):
     tokens, table = types
     _expect(tokens.dtype == "i64" and table.rank == 2, f"embed takes i64 ids and a [V,D] table, got {tokens}, {table}")
@@ -122,6 +122,14 @@ def _rmsnorm(types, attrs):
     return _same(x)
 
 
+@op("head_rmsnorm", 2, required="eps heads")
+def _head_rmsnorm(types, attrs):
+    """RMSNorm of each head's slice of [.., heads * head_dim] with one [head_dim] weight."""
+    x, weight = types
+    _last(x, attrs["heads"] * weight.shape[0], "head_rmsnorm input")
+    return _same(x)
+
+
 @op("layernorm", 3, required="eps")
 def _layernorm(types, attrs):
     x, weight, bias = types
@@ -130,7 +138,8 @@ def _layernorm(types, attrs):
     return _same(x)
 
 
-@op("rope", 1, required="heads head_dim theta")
+# YaRN (rope.scaling): factor, original, beta_fast, beta_slow, truncate are all set or none.
+@op("rope", 1, required="heads head_dim theta", optional="factor original beta_fast beta_slow truncate")
 def _rope(types, attrs):
     (x,) = types
     _last(x, attrs["heads"] * attrs["head_dim"], "rope input")
@@ -138,9 +147,12 @@ def _rope(types, attrs):
     return _same(x)
 
 
-@op("attention", 3, required="heads kv_heads head_dim causal")
+@op("attention", (3, 4), required="heads kv_heads head_dim causal", optional="window")
 def _attention(types, attrs):
-    q, k, v = types
+    """q, k, v [, sinks [heads]]."""
+    q, k, v = types[:3]
+    if len(types) == 4:
+        _expect(types[3].shape == (attrs["heads"],), f"attention sinks must be [{attrs['heads']}], got {types[3]}")
     heads, kv, hd = attrs["heads"], attrs["kv_heads"], attrs["head_dim"]
     _last(q, heads * hd, "attention q")
     _last(k, kv * hd, "attention k")
@@ -159,11 +171,26 @@ def _glu(types, attrs):
     return _same(gate)
 
 
+@op("clamped_glu", 2, required="limit alpha")
+def _clamped_glu(types, attrs):
+    gate, up = types
+    _expect(gate.shape == up.shape, f"clamped_glu gate and up must match, got {gate}, {up}")
+    return _same(gate)
+
+
 @op("add", 2)
 def _add(types, attrs):
     a, b = types
     _expect(a.shape == b.shape and a.dtype == b.dtype, f"add needs equal types, got {a} and {b}")
     return _same(a)
+
+
+@op("sigmoid_gate", 2)
+def _sigmoid_gate(types, attrs):
+    """x * sigmoid(g): x [.., D] scaled by a [.., 1] gate."""
+    x, gate = types
+    _expect(gate.shape == x.shape[:-1] + (1,), f"sigmoid_gate takes x {x} and a gate of shape [.., 1], got {gate}")
+    return _same(x)
 
 
 @op("select_last", 1)
@@ -208,7 +235,7 @@ def _dispatch(types, attrs):
     return (TensorType(indices.shape + (h.shape[-1],), "f32"),)
 
 
-@op("expert_ffn", (4, 7), required="experts activation masked bias")
+@op("expert_ffn", (4, 9), required="experts activation masked bias", optional="limit alpha")
 def _expert_ffn(types, attrs):
     x, indices = types[0], types[1]
     weights = types[3:] if attrs["masked"] else types[2:]
@@ -228,6 +255,21 @@ def _combine(types, attrs):
 
 @op("load_balance_loss", 2, required="experts top_k weight")
 def _load_balance(types, attrs):
+    return (TensorType((), "f32"),)
+
+
+@op("balance_stats", 2, required="experts")
+def _balance_stats(types, attrs):
+    """[2, E]: the fraction of tokens routed to each expert, and each expert's mean router probability."""
+    scores, indices = types
+    _last(scores, attrs["experts"], "balance_stats scores")
+    return (TensorType((2, attrs["experts"]), "f32"),)
+
+
+@op("load_balance_pooled", 1, required="layers experts weight")
+def _load_balance_pooled(types, attrs):
+    (stats,) = types
+    _expect(stats.shape == (2, attrs["experts"]), f"load_balance_pooled takes summed balance stats [2, E], got {stats}")
     return (TensorType((), "f32"),)
 
 
@@ -289,15 +331,17 @@ def _band_index(types, attrs):
 
 # `slots` names the role of each input in order (h, router_in, router.weight, ...); `moe` is
 # the layer's typed attributes (moec.moe.MoeAttrs), the same for every step of a spectral MoE.
-@op("moe", (5, 14), required="slots moe", fused=True)
+@op("moe", (5, 24), required="slots moe", fused=True)
 def _moe(types, attrs):
     h = types[0]
     _float(h, "moe input")
     _expect(len(attrs["slots"]) == len(types), f"moe has {len(types)} inputs but {len(attrs['slots'])} slots")
-    return _same(h) + (TensorType((), "f32"),)
+    moe = attrs["moe"]
+    pooled = (TensorType((2, moe.experts), "f32"),) if moe.aux.pooled else ()  # balance statistics
+    return _same(h) + (TensorType((), "f32"),) + pooled
 
 
-@op("spectral_moe", (4, 14), required="slots moe depth fft_norm band", fused=True)
+@op("spectral_moe", (4, 24), required="slots moe depth fft_norm band", fused=True)
 def _spectral_moe(types, attrs):
     x = types[0]
     _expect(x.rank == 3 and x.dtype == "f32", f"spectral_moe takes real [B,S,D], got {x}")

@@ -16,6 +16,7 @@ class ActivationKind:
     name: str
     fn: str  # the torch.nn.functional function (F.gelu, ...)
     gated: bool  # fn(x @ w_gate.T) * (x @ w_up.T) instead of fn(x @ w_up.T)
+    clamped: bool = False  # GPT-OSS: (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=l) (op clamped_glu)
 
 
 ACTIVATIONS = {
@@ -27,6 +28,7 @@ ACTIVATIONS = {
         ActivationKind("swiglu", fn="silu", gated=True),  # Shazeer 2020
         ActivationKind("geglu", fn="gelu", gated=True),
         ActivationKind("reglu", fn="relu", gated=True),
+        ActivationKind("clamped_swiglu", fn="sigmoid", gated=True, clamped=True),  # GPT-OSS; limit and alpha from the spec
     )
 }
 

@@ -21,6 +21,7 @@ class RouterAttrs:
     sinkhorn_iters: int = 0
     sinkhorn_tau: float = 0.0
     bias_update_rate: float = 0.0  # selection-bias routers: the trainer's balancing step
+    bias: bool = False  # a learned bias on the logits (parameter router.bias)
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,24 @@ class CapacityAttrs:
 class ExpertAttrs:
     activation: str  # a key of moec.moe.activations.ACTIVATIONS
     bias: bool = False
+    limit: float = 0.0  # clamped activations only (clamped_swiglu)
+    alpha: float = 0.0
+
+    @property
+    def clamp(self) -> dict:
+        """The ``clamped_glu`` attributes, empty for other activations."""
+        return {"limit": self.limit, "alpha": self.alpha} if self.limit else {}
 
 
 @dataclass(frozen=True)
 class AuxAttrs:
     load_balance: float = 0.0
     z_loss: float = 0.0
+    load_balance_scope: str = "layer"  # layer | model (the layer outputs its balance statistics; the model pools them)
+
+    @property
+    def pooled(self) -> bool:
+        return self.load_balance_scope == "model"
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class MoeAttrs:
     capacity: CapacityAttrs = CapacityAttrs()
     aux: AuxAttrs = AuxAttrs()
     shared: bool = False  # shared experts: one FFN every token passes through
+    shared_gate: bool = False  # the shared output scaled by sigmoid(h @ shared_gate.weight.T) (Qwen2-MoE)
 
     @property
     def choices(self) -> int:
@@ -80,9 +94,17 @@ def moe_attrs(cfg) -> MoeAttrs:
             sinkhorn_iters=router.sinkhorn.iters if router.sinkhorn else 0,
             sinkhorn_tau=router.sinkhorn.tau if router.sinkhorn else 0.0,
             bias_update_rate=router.bias_update_rate or 0.0,
+            bias=router.bias,
         ),
-        expert=ExpertAttrs(activation=cfg.expert.activation, bias=cfg.expert.bias),
+        expert=_expert_attrs(cfg.expert),
         capacity=CapacityAttrs(mode=capacity.mode, factor=capacity.factor or 0.0, drop_policy=capacity.drop_policy or "none"),
-        aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss),
+        aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss, load_balance_scope=cfg.aux.load_balance_scope),
         shared=cfg.shared_experts is not None,
+        shared_gate=cfg.shared_experts is not None and cfg.shared_experts.gate,
     )
+
+
+def _expert_attrs(expert) -> ExpertAttrs:
+    clamped = expert.activation == "clamped_swiglu"
+    return ExpertAttrs(activation=expert.activation, bias=expert.bias, limit=expert.swiglu_limit if clamped else 0.0,
+                       alpha=expert.swiglu_alpha if clamped else 0.0)

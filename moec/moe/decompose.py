@@ -13,11 +13,13 @@ drift apart. The ops (each one node; semantics in docs/semantics.md)::
     w, kept = capacity(scores, idx, w)                # capacity mode only
     xd      = dispatch(h, idx)                        # [B,S,k,D]
     yd      = expert_ffn(xd, idx [, kept], experts.*) # [B,S,k,D]
-    out     = combine(yd, w) (+ shared experts' FFN)  # [B,S,D]
+    out     = combine(yd, w) (+ shared experts' FFN [* sigmoid(h @ shared_gate.T)])  # [B,S,D]
     aux     = load_balance_loss(scores, idx) + z_loss(logits)
+    stats   = balance_stats(scores, idx)              # aux.load_balance_scope 'model': instead of
+                                                      # load_balance_loss; the model pools them
 
 A builder has ``add(op, inputs, path, outputs=1, **attrs) -> Ref | tuple[Ref]`` and
-``mark_moe(out, aux, attrs)``, told where each decomposition ends (lowering records it for
+``mark_moe(out, aux, attrs, balance=None)``, told where each decomposition ends (lowering records it for
 ``fuse_moe``; other builders ignore it).
 """
 
@@ -28,7 +30,7 @@ from typing import Mapping, Sequence
 from moec.ir.graph import Ref
 from moec.moe.activations import ACTIVATIONS
 from moec.moe.attrs import MoeAttrs
-from moec.moe.params import EXPERT_PREFIX, ROUTER_WEIGHT, SELECTION_BIAS, ffn_slots
+from moec.moe.params import EXPERT_PREFIX, ROUTER_BIAS, ROUTER_WEIGHT, SELECTION_BIAS, SHARED_GATE, ffn_slots
 from moec.moe.routers import ROUTERS
 
 PLACEHOLDER = "@"  # prefix of the names that stand for a decomposition's inputs
@@ -39,27 +41,31 @@ def placeholders(names: Sequence[str]) -> dict[str, Ref]:
     return {name: Ref(PLACEHOLDER + name) for name in names}
 
 
-def ffn(b, x: Ref, weights: Sequence[Ref], activation: str, bias: bool, path: tuple) -> Ref:
-    """``down(fn(gate(x)) * up(x))`` for gated activations, else ``down(fn(up(x)))``; ``weights`` as in ``ffn_slots``."""
+def ffn(b, x: Ref, weights: Sequence[Ref], activation: str, bias: bool, path: tuple, clamp: Mapping | None = None) -> Ref:
+    """``down(fn(gate(x)) * up(x))`` for gated activations, else ``down(fn(up(x)))``; ``weights`` as in ``ffn_slots``.
+
+    ``clamp``: ``limit`` and ``alpha`` of a clamped activation (``ExpertAttrs.clamp``).
+    """
     kind = ACTIVATIONS[activation]
     params = dict(zip(ffn_slots("", activation, bias), weights))
     up = b.add("linear", [x, params["w_up"]] + ([params["b_up"]] if bias else []), path)
     if kind.gated:
-        gate = b.add("linear", [x, params["w_gate"]], path)
-        hidden = b.add("glu", [gate, up], path, fn=kind.fn)
+        gate = b.add("linear", [x, params["w_gate"]] + ([params["b_gate"]] if bias else []), path)
+        hidden = b.add("clamped_glu", [gate, up], path, **clamp) if kind.clamped else b.add("glu", [gate, up], path, fn=kind.fn)
     else:
         hidden = b.add("activation", [up], path, fn=kind.fn)
     return b.add("linear", [hidden, params["w_down"]] + ([params["b_down"]] if bias else []), path)
 
 
-def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, Ref], path: tuple = ()) -> tuple[Ref, Ref]:
+def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, Ref], path: tuple = ()) -> tuple[Ref, ...]:
     """One MoE application on ``h``; ``params`` maps each slot of ``moe_slots(attrs)`` to its value.
 
-    Returns (output, weighted aux loss).
+    Returns (output, weighted aux loss), and with ``aux.load_balance_scope: model`` a third
+    value: the layer's balance statistics [2, E] (the model pools them into one loss).
     """
     router, kind = attrs.router, ROUTERS[attrs.router.kind]
     rpath = path + ("router",)
-    logits = b.add("linear", [router_in, params[ROUTER_WEIGHT]], rpath)
+    logits = b.add("linear", [router_in, params[ROUTER_WEIGHT]] + ([params[ROUTER_BIAS]] if router.bias else []), rpath)
     noisy = logits if router.noise == "none" else b.add("noise", [logits], rpath, kind=router.noise, std=router.noise_std)
     scores = b.add(kind.score_op, [noisy], rpath, **kind.score_attrs(router))
     select = [scores] + ([params[SELECTION_BIAS]] if kind.selection_bias else [])
@@ -76,13 +82,22 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     expert = attrs.expert
     expert_params = [params[slot] for slot in ffn_slots(EXPERT_PREFIX, expert.activation, expert.bias)]
     expert_out = b.add("expert_ffn", [dispatched, indices, *kept, *expert_params], path + ("expert",),
-                       experts=attrs.experts, activation=expert.activation, masked=bool(kept), bias=expert.bias)
+                       experts=attrs.experts, activation=expert.activation, masked=bool(kept), bias=expert.bias, **expert.clamp)
     out = b.add("combine", [expert_out, weights], path)
     if attrs.shared:
         spath = path + ("shared_experts",)
-        shared = ffn(b, h, [params[slot] for slot in ffn_slots("shared.", expert.activation, False)], expert.activation, False, spath)
+        shared = ffn(b, h, [params[slot] for slot in ffn_slots("shared.", expert.activation, False)], expert.activation, False, spath,
+                     expert.clamp)
+        if attrs.shared_gate:
+            gate = b.add("linear", [h, params[SHARED_GATE]], spath)
+            shared = b.add("sigmoid_gate", [shared, gate], spath)
         out = b.add("add", [out, shared], spath)
     apath = path + ("aux",)
+    if attrs.aux.pooled:
+        stats = b.add("balance_stats", [scores, indices], apath, experts=attrs.experts)
+        z = b.add("z_loss", [logits], apath, weight=attrs.aux.z_loss)
+        b.mark_moe(out, z, attrs, balance=stats)
+        return out, z, stats
     # Both terms are always there (a weight of 0 included): backends skip a term whose weight is 0.
     balance = b.add("load_balance_loss", [scores, indices], apath, experts=attrs.experts, top_k=attrs.top_k,
                     weight=attrs.aux.load_balance)

@@ -15,8 +15,10 @@ from moec.moe.attrs import MoeAttrs
 from moec.moe.routers import ROUTERS
 
 ROUTER_WEIGHT = "router.weight"
+ROUTER_BIAS = "router.bias"
 SELECTION_BIAS = "router.selection_bias"
 EXPERT_PREFIX = "experts."
+SHARED_GATE = "shared_gate.weight"  # [1, width]: the shared experts' sigmoid gate
 BAND_TABLE = "band.weight"  # spectral MoE: the learned band embedding
 
 
@@ -32,17 +34,22 @@ class ParamDecl:
 
 
 def ffn_slots(prefix: str, activation: str, bias: bool) -> tuple[str, ...]:
-    """``w_up [, w_gate], w_down [, b_up, b_down]`` under ``prefix``."""
-    names = ["w_up"] + (["w_gate"] if is_gated(activation) else []) + ["w_down"] + (["b_up", "b_down"] if bias else [])
+    """``w_up [, w_gate], w_down [, b_up [, b_gate], b_down]`` under ``prefix``."""
+    gated = is_gated(activation)
+    names = ["w_up"] + (["w_gate"] if gated else []) + ["w_down"]
+    names += (["b_up"] + (["b_gate"] if gated else []) + ["b_down"]) if bias else []
     return tuple(f"{prefix}{name}" for name in names)
 
 
 def moe_slots(attrs: MoeAttrs) -> tuple[str, ...]:
     """The parameter slots of an MoE layer, in the fused node's input order."""
-    slots = [ROUTER_WEIGHT] + ([SELECTION_BIAS] if ROUTERS[attrs.router.kind].selection_bias else [])
+    slots = [ROUTER_WEIGHT] + ([ROUTER_BIAS] if attrs.router.bias else [])
+    slots += [SELECTION_BIAS] if ROUTERS[attrs.router.kind].selection_bias else []
     slots += ffn_slots(EXPERT_PREFIX, attrs.expert.activation, attrs.expert.bias)
     if attrs.shared:
         slots += ffn_slots("shared.", attrs.expert.activation, False)
+    if attrs.shared_gate:
+        slots.append(SHARED_GATE)
     return tuple(slots)
 
 
@@ -50,7 +57,8 @@ def ffn_params(prefix: str, width: int, hidden: int, activation: str, bias: bool
                experts: int | None = None) -> list[ParamDecl]:
     """An FFN's weights (``experts`` of them stacked when given); biases go to the ``bias`` group."""
     lead = (experts,) if experts else ()
-    shapes = {"w_up": (hidden, width), "w_gate": (hidden, width), "w_down": (width, hidden), "b_up": (hidden,), "b_down": (width,)}
+    shapes = {"w_up": (hidden, width), "w_gate": (hidden, width), "w_down": (width, hidden), "b_up": (hidden,), "b_gate": (hidden,),
+              "b_down": (width,)}
     decls = []
     for name in ffn_slots("", activation, bias):
         is_bias = name.startswith("b_")
@@ -63,11 +71,15 @@ def moe_params(attrs: MoeAttrs, width: int, router_width: int, hidden: int, shar
     """Declarations of :func:`moe_slots`: shapes for experts of ``hidden`` on tokens of ``width``."""
     E = attrs.experts
     decls = [ParamDecl(ROUTER_WEIGHT, (E, router_width), "router", "router")]
+    if attrs.router.bias:
+        decls.append(ParamDecl(ROUTER_BIAS, (E,), "router", "bias", init="zeros"))
     if ROUTERS[attrs.router.kind].selection_bias:
         decls.append(ParamDecl(SELECTION_BIAS, (E,), "router", "router", init="zeros", trainable=False))
     decls += ffn_params(EXPERT_PREFIX, width, hidden, attrs.expert.activation, attrs.expert.bias, "expert", "experts", E)
     if attrs.shared:
         # Shared experts of hidden H x count are one FFN of hidden count * H (their outputs add up).
         decls += ffn_params("shared.", width, shared_hidden, attrs.expert.activation, False, "shared_experts", "rest")
+    if attrs.shared_gate:
+        decls.append(ParamDecl(SHARED_GATE, (1, width), "shared_experts", "rest"))
     assert tuple(d.slot for d in decls) == moe_slots(attrs)
     return decls

@@ -9,6 +9,7 @@ from moec.schema.errors import SpecIssue, format_path
 
 MOE_META = "moe"  # meta of the node that closes an MoE decomposition: its MoeAttrs
 MOE_AUX_META = "moe_aux"  # ... and the name of the node holding its aux loss
+MOE_BALANCE_META = "moe_balance"  # ... and of its balance statistics (aux.load_balance_scope: model)
 
 
 def origin_issue(origin: Origin | None, message: str) -> SpecIssue:
@@ -38,11 +39,14 @@ class GraphBuilder:
         self.nodes.append(node)
         return node.out() if outputs == 1 else tuple(node.out(i) for i in range(outputs))
 
-    def mark_moe(self, out: Ref, aux: Ref, attrs) -> None:
+    def mark_moe(self, out: Ref, aux: Ref, attrs, balance: Ref | None = None) -> None:
         """Record on ``out``'s node that it closes the decomposition of ``attrs`` (``fuse_moe`` reads it)."""
         index = next(i for i, node in enumerate(self.nodes) if node.name == out.node)
         node = self.nodes[index]
-        self.nodes[index] = node.with_(meta={**node.meta_dict, MOE_META: attrs, MOE_AUX_META: aux.node})
+        meta = {**node.meta_dict, MOE_META: attrs, MOE_AUX_META: aux.node}
+        if balance is not None:
+            meta[MOE_BALANCE_META] = balance.node
+        self.nodes[index] = node.with_(meta=meta)
 
     def param(self, key: str, shape: tuple[int, ...], path: tuple, init: str = "normal", std: float = 0.0,
               group: str = "rest", trainable: bool = True) -> Ref:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from moec.ir.graph import Graph, Namespace, Node, Ref, _freeze
 from moec.moe import MoeAttrs, decompose, moe_slots, placeholders
-from moec.passes.builder import MOE_AUX_META, MOE_META
+from moec.passes.builder import MOE_AUX_META, MOE_BALANCE_META, MOE_META
 from moec.passes.rewrite import fresh_name, only_used_inside, replace_subgraph
 
 
@@ -41,7 +41,7 @@ class _Expected:
         self.nodes[node.name] = node
         return node.out() if outputs == 1 else tuple(node.out(i) for i in range(outputs))
 
-    def mark_moe(self, out, aux, attrs) -> None:
+    def mark_moe(self, out, aux, attrs, balance=None) -> None:
         pass
 
 
@@ -51,20 +51,21 @@ class MoeMatch:
     slots: tuple[str, ...]
     nodes: set[str] = field(default_factory=set)  # the graph nodes the fused node replaces
     bound: dict[str, Ref] = field(default_factory=dict)  # placeholder name -> graph value
-    roots: tuple[str, str] = ("", "")  # (output node, aux node)
+    roots: tuple[str, ...] = ("", "")  # (output node, aux node[, balance statistics node])
 
 
 def match_moe(graph: Graph, root: Node) -> MoeMatch | None:
-    attrs, aux_root = root.meta_dict[MOE_META], root.meta_dict[MOE_AUX_META]
+    attrs = root.meta_dict[MOE_META]
+    roots = (root.name, root.meta_dict[MOE_AUX_META]) + ((root.meta_dict[MOE_BALANCE_META],) if MOE_BALANCE_META in root.meta_dict else ())
     slots = ("h", "router_in") + moe_slots(attrs)
     stand_ins = placeholders(slots)
     expected = _Expected()
-    out, aux = decompose(expected, attrs, stand_ins["h"], stand_ins["router_in"], stand_ins)
-    match = MoeMatch(attrs=attrs, slots=slots, roots=(root.name, aux_root))
+    wanted = decompose(expected, attrs, stand_ins["h"], stand_ins["router_in"], stand_ins)
+    match = MoeMatch(attrs=attrs, slots=slots, roots=roots)
     seen: dict[str, str] = {}  # expected node -> graph node
-    if aux_root not in graph.by_name:
+    if len(wanted) != len(roots) or any(name not in graph.by_name for name in roots):
         return None
-    if not (_walk(expected, graph, out, root.out(), seen, match) and _walk(expected, graph, aux, Ref(aux_root), seen, match)):
+    if not all(_walk(expected, graph, want, Ref(name), seen, match) for want, name in zip(wanted, roots)):
         return None
     if not only_used_inside(graph, match.nodes, set(match.roots)):
         return None
@@ -91,9 +92,8 @@ def _rewrite(graph: Graph, m: MoeMatch) -> Graph:
     name = fresh_name(graph, "moe")
     stand_ins = placeholders(m.slots)
     inputs = tuple(m.bound[stand_ins[slot].node] for slot in m.slots)
-    out_root, aux_root = m.roots
     combine = next(graph[n] for n in sorted(m.nodes) if graph[n].op == "combine")  # the layer's own line
     node = Node(name=name, op="moe", inputs=inputs, attrs=_freeze({"slots": m.slots, "moe": m.attrs}), origin=combine.origin)
-    node = node.with_(types=(graph[out_root].types[0], graph[aux_root].types[0])) if graph.typed else node
-    mapping = {Ref(out_root): Ref(name, 0), Ref(aux_root): Ref(name, 1)}
+    node = node.with_(types=tuple(graph[root].types[0] for root in m.roots)) if graph.typed else node
+    mapping = {Ref(root): Ref(name, i) for i, root in enumerate(m.roots)}
     return replace_subgraph(graph, m.nodes, node, mapping)

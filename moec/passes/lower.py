@@ -18,14 +18,17 @@ def lower(spec: Spec) -> Graph:
     model = spec.model
     x = _lower_inputs(b, spec)
     aux_terms: list[Ref] = []
+    balance: list[tuple[Ref, tuple, object]] = []  # aux.load_balance_scope 'model': (stats, path, layer) per MoE layer
     index = 0
     for entry, block in enumerate(model.blocks):
         for _ in range(block.repeat):
-            x = _lower_block(b, spec, block, entry, index, x, aux_terms)
+            x = _lower_block(b, spec, block, entry, index, x, aux_terms, balance)
             index += 1
     if model.final_norm is not None:
         x = _norm(b, x, model.final_norm, "final_norm", ("model", "final_norm"), model.d_model)
     prediction = _lower_head(b, spec, x)
+    if balance:
+        aux_terms.append(_pooled_load_balance(b, balance))
     aux = _sum(b, aux_terms, ("model",))
     return Graph(nodes=tuple(b.nodes), outputs=(prediction, aux), notes=(("spec", spec.name),))
 
@@ -36,7 +39,8 @@ def _lower_inputs(b: GraphBuilder, spec: Spec) -> Ref:
     if model.inputs.kind == "tokens":
         tokens = b.add("input", [], path, name="tokens", dtype="i64", shape=("B", "S"))
         table = b.param("embed.weight", (model.inputs.vocab, d), path, std=init_std(spec), group="embed")
-        x = b.add("embed", [tokens, table], path)
+        pad = {} if model.inputs.pad_id is None else {"padding_idx": model.inputs.pad_id}
+        x = b.add("embed", [tokens, table], path, **pad)
     else:
         values = b.add("input", [], path, name="values", dtype="f32", shape=("B", "S", model.inputs.dims))
         weight = b.param("input_proj.weight", (d, model.inputs.dims), path, std=init_std(spec), group="embed")
@@ -49,7 +53,15 @@ def _lower_inputs(b: GraphBuilder, spec: Spec) -> Ref:
     return x
 
 
-def _lower_block(b, spec, block, entry, index, x, aux_terms):
+def _pooled_load_balance(b, balance) -> Ref:
+    """One load-balance loss from every layer's statistics (the schema checks that the layers agree)."""
+    _, path, layer = balance[0]
+    stats = _sum(b, [ref for ref, _, _ in balance], path + ("aux", "load_balance_scope"))
+    return b.add("load_balance_pooled", [stats], path + ("aux", "load_balance_scope"), layers=len(balance),
+                 experts=layer.experts, weight=layer.aux.load_balance)
+
+
+def _lower_block(b, spec, block, entry, index, x, aux_terms, balance):
     for j, layer in enumerate(block.layers):
         path = ("model", "blocks", entry, "layers", j)
         prefix = f"blocks.{index}.{layer.name}"
@@ -57,22 +69,23 @@ def _lower_block(b, spec, block, entry, index, x, aux_terms):
         d = spec.model.d_model
         if block.residual == "pre_norm":
             h = _norm(b, x, block.norm, f"{prefix}_norm", norm_path, d)
-            y = _lower_layer(b, spec, layer, prefix, path, h, aux_terms)
+            y = _lower_layer(b, spec, layer, prefix, path, h, aux_terms, balance)
             x = b.add("add", [x, y], path)
         else:
-            y = _lower_layer(b, spec, layer, prefix, path, x, aux_terms)
+            y = _lower_layer(b, spec, layer, prefix, path, x, aux_terms, balance)
             x = _norm(b, b.add("add", [x, y], path), block.norm, f"{prefix}_norm", norm_path, d)
     return x
 
 
-def _lower_layer(b, spec, layer, prefix, path, h, aux_terms) -> Ref:
+def _lower_layer(b, spec, layer, prefix, path, h, aux_terms, balance) -> Ref:
     d = spec.model.d_model
     if layer.kind == "attention":
         return _lower_attention(b, spec, layer, prefix, path, h)
     if layer.kind == "mlp":
         return lower_ffn(b, spec, h, prefix, path, d, layer.hidden, layer.activation, layer.bias)
     if layer.kind == "moe":
-        out, aux = lower_moe(b, spec, layer, h, prefix, path)
+        out, aux, *stats = lower_moe(b, spec, layer, h, prefix, path)
+        balance += [(ref, path, layer) for ref in stats]
     else:
         out, aux = lower_spectral_moe(b, spec, layer, h, prefix, path)
     aux_terms.append(aux)
@@ -83,15 +96,42 @@ def _lower_attention(b, spec, layer, prefix, path, h) -> Ref:
     d, hd = spec.model.d_model, layer.head_dim
     q_width, kv_width = layer.heads * hd, layer.kv_heads * hd
     std, out_std = init_std(spec), init_std(spec, output_projection=True)
-    bias = f"{prefix}.b" if layer.bias else None
+    bias = f"{prefix}.b" if layer.bias else None  # true: q, k, v and o; "qkv": q, k, v only
     q = b.linear(h, f"{prefix}.wq", q_width, d, path, std, bias and bias + "q")
     k = b.linear(h, f"{prefix}.wk", kv_width, d, path, std, bias and bias + "k")
     v = b.linear(h, f"{prefix}.wv", kv_width, d, path, std, bias and bias + "v")
+    if layer.qk_norm is not None:
+        q, k = _qk_norm(b, layer, prefix, path + ("qk_norm",), q, k)
     if layer.rope is not None:
-        q = b.add("rope", [q], path + ("rope",), heads=layer.heads, head_dim=hd, theta=layer.rope.theta)
-        k = b.add("rope", [k], path + ("rope",), heads=layer.kv_heads, head_dim=hd, theta=layer.rope.theta)
-    a = b.add("attention", [q, k, v], path, heads=layer.heads, kv_heads=layer.kv_heads, head_dim=hd, causal=layer.causal)
-    return b.linear(a, f"{prefix}.wo", d, q_width, path, out_std, bias and bias + "o")
+        yarn = _yarn_attrs(layer.rope.scaling)
+        q = b.add("rope", [q], path + ("rope",), heads=layer.heads, head_dim=hd, theta=layer.rope.theta, **yarn)
+        k = b.add("rope", [k], path + ("rope",), heads=layer.kv_heads, head_dim=hd, theta=layer.rope.theta, **yarn)
+    sinks = [b.param(f"{prefix}.sinks", (layer.heads,), path + ("sinks",), std=std, group="bias")] if layer.sinks else []
+    window = {} if layer.window is None else {"window": layer.window}
+    a = b.add("attention", [q, k, v, *sinks], path, heads=layer.heads, kv_heads=layer.kv_heads, head_dim=hd, causal=layer.causal,
+              **window)
+    return b.linear(a, f"{prefix}.wo", d, q_width, path, out_std, bias + "o" if layer.bias is True else None)
+
+
+def _yarn_attrs(scaling) -> dict:
+    if scaling is None:
+        return {}
+    return {"factor": scaling.factor, "original": scaling.original_max_seq_len, "beta_fast": scaling.beta_fast,
+            "beta_slow": scaling.beta_slow, "truncate": scaling.truncate}
+
+
+def _qk_norm(b, layer, prefix, path, q, k) -> tuple[Ref, Ref]:
+    """RMSNorm of q and k: per head with one [head_dim] weight each, or over the whole projection."""
+    norm, hd = layer.qk_norm, layer.head_dim
+    out = []
+    for name, x, heads in (("q_norm", q, layer.heads), ("k_norm", k, layer.kv_heads)):
+        if norm.scope == "head":
+            weight = b.param(f"{prefix}.{name}.weight", (hd,), path, init="ones", group="norm")
+            out.append(b.add("head_rmsnorm", [x, weight], path, eps=norm.eps, heads=heads))
+        else:
+            weight = b.param(f"{prefix}.{name}.weight", (heads * hd,), path, init="ones", group="norm")
+            out.append(b.add("rmsnorm", [x, weight], path, eps=norm.eps))
+    return out[0], out[1]
 
 
 def _norm(b, x, norm, prefix, path, width) -> Ref:

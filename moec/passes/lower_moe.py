@@ -20,8 +20,8 @@ def lower_ffn(b: GraphBuilder, spec, h: Ref, prefix: str, path: tuple, width: in
     return ffn(b, h, list(params.values()), activation, bias, path)
 
 
-def lower_moe(b: GraphBuilder, spec, layer, h: Ref, prefix: str, path: tuple) -> tuple[Ref, Ref]:
-    """A token-routed MoE layer on ``h`` [.., d_model]; returns (output, weighted aux loss)."""
+def lower_moe(b: GraphBuilder, spec, layer, h: Ref, prefix: str, path: tuple) -> tuple[Ref, ...]:
+    """A token-routed MoE layer on ``h`` [.., d_model]; returns (output, weighted aux loss[, balance statistics])."""
     attrs, width = moe_attrs(layer), spec.model.d_model
     shared = layer.shared_experts
     decls = moe_params(attrs, width, width, layer.expert.hidden, shared.count * shared.hidden if shared else 0)

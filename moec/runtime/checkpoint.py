@@ -138,6 +138,15 @@ def load_checkpoint(path: Path, model, optimizer) -> None:
         torch.cuda.set_rng_state(state["rng"]["cuda"])
 
 
+def load_model_state(path: Path, model) -> None:
+    """Only the model's weights from a checkpoint (no optimizer, no RNG): for export and --init-from."""
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+
+
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for param in group["params"]:

@@ -54,7 +54,7 @@ class RunResult:
 
 class Trainer:
     def __init__(self, spec, run_dir: Path | None = None, resume: str | None = None, allow_spec_change: bool = False,
-                 device: str | None = None, display=None):
+                 device: str | None = None, display=None, init_from: Path | None = None):
         self.spec, self.train = spec, spec.train
         self.run_dir = Path(run_dir or spec.train.checkpoint.dir)
         self.program = compile_spec(spec)
@@ -72,6 +72,8 @@ class Trainer:
         if too_big:
             raise TrainingError(too_big)
         self.model = build_model(spec, device=self.device, program=self.program).train()
+        if init_from is not None and resume is None:  # weights only (moec import hf, or another run's checkpoint)
+            self._init_from(Path(init_from))
         self.step_fn = self._compiled(self.model)
         self.optimizer = make_optimizer(self.model, self.program.graph, spec)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
@@ -104,6 +106,16 @@ class Trainer:
                 block.forward = compile_(block.forward, **({"fullgraph": False} if expert_parallel else {}))
         self.model = parallel_module(self.program).parallelize(model, self.dist.mesh)
         return self.model
+
+    def _init_from(self, path: Path) -> None:
+        if not path.exists():
+            raise TrainingError(f"--init-from {path}: no such file or checkpoint")
+        if path.is_dir():
+            ckpt.load_model_state(path, self.model)
+        else:
+            from moec.interop.weights import load_weights
+
+            load_weights(self.model, path)
 
     def _resume(self, resume: str, allow_spec_change: bool) -> None:
         ckpt.remove_partial(self.run_dir)

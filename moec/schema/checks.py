@@ -29,6 +29,7 @@ def run_checks(spec: Spec) -> list[Finding]:
         _data_matches_model,
         _options_are_used,
         _kernels_serve_spec,
+        _pooled_load_balance,
         _size_is_sane,
     ):
         findings.extend(check(spec))
@@ -198,6 +199,27 @@ def _kernels_serve_spec(spec: Spec) -> Iterator[Finding]:
                 yield path, (f"'bmm' pads every expert to a fixed capacity, but {format_path(where)} is dropless "
                              "(use 'grouped_mm', or capacity.mode 'capacity')")
                 return
+
+
+def _pooled_load_balance(spec: Spec) -> Iterator[Finding]:
+    """``aux.load_balance_scope: model`` pools every MoE layer into one loss: the layers must agree on it."""
+    configs = list(_moe_configs(spec))
+    pooled = [(where, moe) for where, moe in configs if moe.aux.load_balance_scope == "model"]
+    if not pooled:
+        return
+    first_where, first = pooled[0]
+    for where, moe in configs:
+        path = where + ("aux", "load_balance_scope")
+        if where[-1] == "moe":
+            yield path, "'model' pools token-routed MoE layers; a spectral_moe layer routes frequency bands (use 'layer')"
+        elif moe.router.expert_choice:
+            yield path, "'model' does not apply to expert_choice (its load balance is constant)"
+        elif moe.aux.load_balance_scope != "model":
+            yield path, f"must be the same in every MoE layer: {format_path(first_where)} pools over the model"
+        elif (moe.experts, moe.top_k, moe.aux.load_balance) != (first.experts, first.top_k, first.aux.load_balance):
+            yield path, (f"pools with {format_path(first_where)}, so experts, top_k and aux.load_balance must match it "
+                         f"({first.experts}, {first.top_k}, {first.aux.load_balance}), got ({moe.experts}, {moe.top_k}, "
+                         f"{moe.aux.load_balance})")
 
 
 def _size_is_sane(spec: Spec) -> Iterator[Finding]:

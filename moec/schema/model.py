@@ -40,8 +40,8 @@ LayerName = Annotated[
 
 # The names of moec.moe.ACTIVATIONS and ROUTERS (tests keep them equal); the registry says
 # what each one computes. Gated activations have a second input projection.
-Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu"]
-GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
+Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu", "clamped_swiglu"]
+GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu", "clamped_swiglu")
 RouterKind = Literal["topk", "sinkhorn", "sigmoid_bias", "expert_choice"]
 DEFAULT_HIDDEN = "Default: 4 * width, or 8/3 * width rounded up to a multiple of 8 for gated activations."
 
@@ -53,10 +53,32 @@ class Norm(Base):
     eps: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-5
 
 
+class Yarn(Base):
+    """YaRN context extension of RoPE (Peng et al. 2023), as HF transformers' ``rope_type: yarn``."""
+
+    kind: Literal["yarn"]
+    factor: Annotated[float, Field(gt=1.0, le=1e6)]
+    original_max_seq_len: Dim = Field(..., description="The context length the model was pretrained with.")
+    beta_fast: PosFloat = 32.0
+    beta_slow: PosFloat = 1.0
+    truncate: bool = Field(True, description="Round the correction range to whole dimensions.")
+
+
 class Rope(Base):
     """Rotary position embedding on queries and keys."""
 
     theta: PosFloat = 10000.0
+    scaling: Yarn | None = Field(None, description="null: plain RoPE.")
+
+
+class QkNorm(Base):
+    """RMSNorm of the queries and keys after their projections, before RoPE."""
+
+    kind: Literal["rmsnorm"] = "rmsnorm"
+    scope: Literal["head", "projection"] = Field(
+        ..., description="head: one [head_dim] weight shared by the heads (Qwen3); projection: over the whole q / k projection (OLMoE)."
+    )
+    eps: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-6
 
 
 class Attention(Base):
@@ -69,8 +91,17 @@ class Attention(Base):
     head_dim: Dim | None = Field(None, description="Default: d_model // heads.")
     rope: Rope | None = Field(default_factory=Rope, description="null disables RoPE.")
     causal: bool = True
-    bias: bool = False
+    bias: bool | Literal["qkv"] = Field(False, description="true: biases on q, k, v and the output projection; qkv: on q, k, v only (Qwen2).")
+    qk_norm: QkNorm | None = None
+    sinks: bool = Field(False, description="A learned logit per head joins each softmax row and takes probability mass (GPT-OSS).")
+    window: Dim | None = Field(None, description="Sliding window: a query sees itself and the window - 1 keys before it. null: all.")
     dropout: Prob = 0.0
+
+    @model_validator(mode="after")
+    def _window_is_causal(self) -> "Attention":
+        if self.window is not None and not self.causal:
+            raise field_error("window", "a sliding window is implemented for causal attention only")
+        return self
 
 
 class Mlp(Base):
@@ -82,6 +113,12 @@ class Mlp(Base):
     activation: Activation = "gelu"
     bias: bool = False
     dropout: Prob = 0.0
+
+    @model_validator(mode="after")
+    def _not_clamped(self) -> "Mlp":
+        if self.activation == "clamped_swiglu":
+            raise field_error("activation", "'clamped_swiglu' is an expert activation (GPT-OSS); use 'swiglu' for a dense layer")
+        return self
 
 
 class Noise(Base):
@@ -105,6 +142,7 @@ class Router(Base):
     temperature: PosFloat = 1.0
     noise: Noise = Field(default_factory=Noise)
     normalize: bool = Field(True, description="Renormalise the chosen experts' weights to sum to 1.")
+    bias: bool = Field(False, description="A learned per-expert bias on the router logits (GPT-OSS).")
     sinkhorn: Sinkhorn | None = Field(None, description="Only with kind: sinkhorn (default iters 5, tau 0.7).")
     bias_update_rate: NonNegFloat | None = Field(
         None, description="Only with kind: sigmoid_bias: step of the selection-only balancing bias (default 1e-3)."
@@ -145,6 +183,10 @@ class AuxLoss(Base):
     """Weights of the router's auxiliary losses (0 disables one)."""
 
     load_balance: NonNegFloat = 0.01
+    load_balance_scope: Literal["layer", "model"] = Field(
+        "layer", description="layer: one load-balance loss per MoE layer, summed (Megatron, torchtitan); model: expert counts "
+        "and router probabilities pooled over all MoE layers, one product (HF transformers' load_balancing_loss_func)."
+    )
     z_loss: NonNegFloat = 0.0
 
 
@@ -153,7 +195,16 @@ class ExpertFfn(Base):
 
     hidden: Dim | None = Field(None, description=DEFAULT_HIDDEN + " Spectral experts use 2 * d_model as their width.")
     activation: Activation = "swiglu"
-    bias: bool = False
+    bias: bool = Field(False, description="Biases on every projection (up, gate when gated, down).")
+    swiglu_limit: PosFloat | None = Field(None, description="Only with clamped_swiglu: gate <= limit, -limit <= up <= limit (default 7).")
+    swiglu_alpha: PosFloat | None = Field(None, description="Only with clamped_swiglu: gate * sigmoid(alpha * gate) (default 1.702).")
+
+    @model_validator(mode="after")
+    def _clamp_options(self) -> "ExpertFfn":
+        for name in ("swiglu_limit", "swiglu_alpha"):
+            if getattr(self, name) is not None and self.activation != "clamped_swiglu":
+                raise field_error(name, f"is used only by activation 'clamped_swiglu', but the activation is '{self.activation}'")
+        return self
 
 
 class SharedExperts(Base):
@@ -161,6 +212,7 @@ class SharedExperts(Base):
 
     count: PosInt
     hidden: Dim | None = Field(None, description="Default: the routed experts' hidden size.")
+    gate: bool = Field(False, description="Scale the shared output by sigmoid(x @ w^T), w of shape [1, width] (Qwen2-MoE).")
 
 
 class MoeConfig(Base):
@@ -250,6 +302,15 @@ class TokenInputs(Base):
 
     kind: Literal["tokens"]
     vocab: Dim
+    pad_id: Annotated[int, Field(ge=0, le=MAX_DIM)] | None = Field(
+        None, description="Padding token: its embedding row gets no gradient (torch's padding_idx)."
+    )
+
+    @model_validator(mode="after")
+    def _pad_in_vocab(self) -> "TokenInputs":
+        if self.pad_id is not None and self.pad_id >= self.vocab:
+            raise field_error("pad_id", f"must be < vocab ({self.vocab}), got {self.pad_id}")
+        return self
 
 
 class ContinuousInputs(Base):

@@ -76,6 +76,9 @@ def _resolve_layer(layer: dict, d_model: int) -> None:
 def _resolve_moe(moe: dict, width: int) -> None:
     expert = moe["expert"]
     expert["hidden"] = expert["hidden"] or _default_hidden(width, expert["activation"])
+    if expert["activation"] == "clamped_swiglu":  # GPT-OSS's values
+        expert["swiglu_limit"] = expert["swiglu_limit"] or 7.0
+        expert["swiglu_alpha"] = expert["swiglu_alpha"] or 1.702
     router = moe["router"]
     if router["kind"] == "sinkhorn" and router["sinkhorn"] is None:
         router["sinkhorn"] = {"iters": 5, "tau": 0.7}

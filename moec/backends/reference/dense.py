@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from moec.backends.torch import snippets
 
 def embed(ctx, attrs, tokens, table):
-    return F.embedding(tokens, table)
+    """Rows of ``table``; the ``padding_idx`` row (when set) gets no gradient."""
+    return F.embedding(tokens, table, padding_idx=attrs.get("padding_idx"))
 
 
 def linear(ctx, attrs, x, weight, bias=None):
@@ -29,6 +30,16 @@ def rmsnorm(ctx, attrs, x, weight):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + attrs["eps"]) * weight
 
 
+def head_rmsnorm(ctx, attrs, x, weight):
+    """rmsnorm of each head's [head_dim] slice, one weight shared by the heads (Qwen3's q_norm / k_norm)."""
+    heads = x.view(*x.shape[:-1], attrs["heads"], weight.shape[0])
+    return rmsnorm(ctx, attrs, heads, weight).reshape(x.shape)
+
+
+def sigmoid_gate(ctx, attrs, x, gate):
+    return x * torch.sigmoid(gate)
+
+
 def layernorm(ctx, attrs, x, weight, bias):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, attrs["eps"])
 
@@ -36,6 +47,9 @@ def layernorm(ctx, attrs, x, weight, bias):
 def rope(ctx, attrs, x):
     """Rotary embedding, rotate-half convention (as HF Llama): pairs (i, i + head_dim/2)."""
     heads, head_dim, theta = attrs["heads"], attrs["head_dim"], attrs["theta"]
+    if "factor" in attrs:  # YaRN
+        return snippets.rope_yarn(x, heads, head_dim, theta, attrs["factor"], attrs["original"], attrs["beta_fast"],
+                                  attrs["beta_slow"], attrs["truncate"])
     batch, seq, _ = x.shape
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim)
     angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=x.device), inv_freq)  # [S, hd/2]
@@ -46,8 +60,10 @@ def rope(ctx, attrs, x):
     return (xh * cos[:, None, :] + rotated * sin[:, None, :]).reshape(batch, seq, heads * head_dim)
 
 
-def attention(ctx, attrs, q, k, v):
+def attention(ctx, attrs, q, k, v, sinks=None):
     """Scaled dot-product attention with grouped KV heads and an optional causal mask, written out."""
+    if sinks is not None or attrs.get("window") is not None:
+        return snippets.attention_local(q, k, v, attrs["heads"], attrs["kv_heads"], attrs["head_dim"], attrs.get("window"), sinks)
     return snippets.attention_eager(q, k, v, attrs["heads"], attrs["kv_heads"], attrs["head_dim"], attrs["causal"])
 
 
@@ -58,6 +74,10 @@ def activation(ctx, attrs, x):
 
 def glu(ctx, attrs, gate, up):
     return getattr(F, attrs["fn"])(gate) * up
+
+
+def clamped_glu(ctx, attrs, gate, up):
+    return snippets.clamped_glu(gate, up, attrs["limit"], attrs["alpha"])
 
 
 def add(ctx, attrs, a, b):
@@ -74,6 +94,6 @@ def constant(ctx, attrs):
 
 KERNELS = {
     "embed": embed, "linear": linear, "pos_embed": pos_embed, "rmsnorm": rmsnorm, "layernorm": layernorm,
-    "rope": rope, "attention": attention, "activation": activation, "glu": glu, "add": add,
+    "head_rmsnorm": head_rmsnorm, "sigmoid_gate": sigmoid_gate, "rope": rope, "attention": attention, "activation": activation, "glu": glu, "clamped_glu": clamped_glu, "add": add,
     "select_last": select_last, "constant": constant,
 }

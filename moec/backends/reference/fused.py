@@ -28,7 +28,7 @@ class _Eager:
         self.values[name] = result if isinstance(result, tuple) else (result,)
         return Ref(name) if outputs == 1 else tuple(Ref(name, i) for i in range(outputs))
 
-    def mark_moe(self, out, aux, attrs) -> None:
+    def mark_moe(self, out, aux, attrs, balance=None) -> None:
         pass
 
     def value(self, ref: Ref):
@@ -43,8 +43,7 @@ def _bind(ctx, attrs, inputs) -> tuple[_Eager, dict[str, Ref]]:
 
 def moe(ctx, attrs, *inputs):
     runner, slots = _bind(ctx, attrs, inputs)
-    out, aux = decompose(runner, attrs["moe"], slots["h"], slots["router_in"], slots)
-    return runner.value(out), runner.value(aux)
+    return tuple(runner.value(ref) for ref in decompose(runner, attrs["moe"], slots["h"], slots["router_in"], slots))
 
 
 def spectral_moe(ctx, attrs, *inputs):

@@ -90,25 +90,29 @@ def expert_ffn(ctx, attrs, x, indices, *rest):
     kept = rest[0] if attrs["masked"] else None
     params = list(rest[1:] if attrs["masked"] else rest)
     weights = unpack_expert_params(params, attrs["activation"], attrs["bias"])
+    clamp = (attrs.get("limit"), attrs.get("alpha"))
     out = torch.zeros_like(x)
     for expert in range(attrs["experts"]):
         mask = indices == expert if kept is None else (indices == expert) & kept
         rows = x[mask]
-        out[mask] = ffn(rows, attrs["activation"], *(w[expert] if w is not None else None for w in weights))
+        out[mask] = ffn(rows, attrs["activation"], *(w[expert] if w is not None else None for w in weights), clamp=clamp)
     return out
 
 
 def unpack_expert_params(params: list, activation: str, bias: bool) -> tuple:
-    """(w_up, w_gate, w_down, b_up, b_down) with None for what the expert does not have."""
+    """(w_up, w_gate, w_down, b_up, b_down, b_gate) with None for what the expert does not have."""
     named = dict(zip(ffn_slots("", activation, bias), params))
-    return tuple(named.get(name) for name in ("w_up", "w_gate", "w_down", "b_up", "b_down"))
+    return tuple(named.get(name) for name in ("w_up", "w_gate", "w_down", "b_up", "b_down", "b_gate"))
 
 
-def ffn(x, activation, w_up, w_gate, w_down, b_up=None, b_down=None):
-    """down(fn(gate(x)) * up(x)) for gated activations, else down(fn(up(x)))."""
+def ffn(x, activation, w_up, w_gate, w_down, b_up=None, b_down=None, b_gate=None, clamp=(None, None)):
+    """down(fn(gate(x)) * up(x)) for gated activations, else down(fn(up(x))); clamped_glu for clamped ones."""
     kind = ACTIVATIONS[activation]
     up = F.linear(x, w_up, b_up)
-    hidden = getattr(F, kind.fn)(F.linear(x, w_gate)) * up if kind.gated else getattr(F, kind.fn)(up)
+    if kind.clamped:
+        hidden = snippets.clamped_glu(F.linear(x, w_gate, b_gate), up, *clamp)
+    else:
+        hidden = getattr(F, kind.fn)(F.linear(x, w_gate, b_gate)) * up if kind.gated else getattr(F, kind.fn)(up)
     return F.linear(hidden, w_down, b_down)
 
 
@@ -132,6 +136,25 @@ def load_balance_loss(ctx, attrs, scores, indices):
     mean_prob = probs.reshape(tokens, experts).mean(0)
     counts = torch.nn.functional.one_hot(indices.reshape(-1), experts).sum(0).to(probs.dtype)
     return attrs["weight"] * experts * torch.sum(counts / tokens * mean_prob)
+
+
+def balance_stats(ctx, attrs, scores, indices):
+    """[2, E]: row 0 f_e = c_e / N (c_e as in load_balance_loss), row 1 P_e (mean normalised score).
+
+    ``aux.load_balance_scope: model``: every MoE layer gives these and ``load_balance_pooled``
+    makes one loss of their sum.
+    """
+    experts = attrs["experts"]
+    probs = scores / scores.sum(-1, keepdim=True)
+    tokens = probs.shape[0] * probs.shape[1]
+    counts = torch.nn.functional.one_hot(indices.reshape(-1), experts).sum(0).to(probs.dtype)
+    return torch.stack([counts / tokens, probs.reshape(tokens, experts).mean(0)])
+
+
+def load_balance_pooled(ctx, attrs, stats):
+    """weight * E * sum_e (f_e summed over layers / L) * (P_e summed over layers / L): HF's load_balancing_loss_func."""
+    layers = attrs["layers"]
+    return attrs["weight"] * attrs["experts"] * torch.sum(stats[0] / layers * (stats[1] / layers))
 
 
 def z_loss(ctx, attrs, logits):
@@ -169,7 +192,8 @@ def band_index(ctx, attrs, z):
 KERNELS = {
     "noise": noise, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "topk": topk,
     "renormalize": renormalize, "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
-    "combine": combine, "load_balance_loss": load_balance_loss, "z_loss": z_loss, "rfft": rfft, "irfft": irfft,
+    "combine": combine, "load_balance_loss": load_balance_loss, "z_loss": z_loss,
+    "balance_stats": balance_stats, "load_balance_pooled": load_balance_pooled, "rfft": rfft, "irfft": irfft,
     "complex_to_real": complex_to_real, "real_to_complex": real_to_complex, "band_embed": band_embed,
     "band_index": band_index,
 }

@@ -17,6 +17,7 @@ in order (deterministic; no atomic scatter-add).
 from __future__ import annotations
 
 from moec.moe import ACTIVATIONS, BAND_TABLE, ROUTERS, SELECTION_BIAS, MoeAttrs
+from moec.moe.params import ROUTER_BIAS
 
 KERNELS = ("grouped_mm", "bmm", "eager")
 
@@ -45,6 +46,7 @@ def helpers_for(moe: MoeAttrs) -> set[str]:
     used |= {"router_noise"} if moe.router.noise != "none" else set()
     used |= {"capacity_of", "capacity_keep"} if not moe.dropless else set()
     used |= {"renormalize_kept"} if moe.capacity.drop_policy == "renormalize" else set()
+    used |= {"clamped_glu"} if ACTIVATIONS[moe.expert.activation].clamped else set()
     return used
 
 
@@ -59,7 +61,7 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
         "    batch, seq, width = h.shape",
         "    tokens = batch * seq",
         "    x = h.reshape(tokens, width)  # (N, D)",
-        "    logits = F.linear(router_in.reshape(tokens, -1), router_weight)  # (N, E)",
+        f"    logits = F.linear(router_in.reshape(tokens, -1), router_weight{', router_bias' if ROUTER_BIAS in slots else ''})  # (N, E)",
     ]
     lines += _router(moe, SELECTION_BIAS in slots)
     lines += [
@@ -72,11 +74,20 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
     lines.append("    out = weights[:, 0, None] * y[:, 0]  # combine: choices summed in order")
     lines += [f"    out = out + weights[:, {j}, None] * y[:, {j}]" for j in range(1, k)]
     if moe.shared:
-        lines += _ffn("x", "shared_", moe.expert.activation, "shared", out="shared_out")
+        lines += _ffn("x", "shared_", moe.expert.activation, "shared", out="shared_out", clamp=moe.expert.clamp)
+        if moe.shared_gate:
+            lines.append("    shared_out = shared_out * torch.sigmoid(F.linear(x, shared_gate_weight))  # (N, 1) gate")
         lines.append("    out = out + shared_out  # shared experts see every token")
     lines += _aux(moe)
     lines += _stats(moe)
-    lines.append("    return out.view(batch, seq, width), aux, stats")
+    if moe.aux.pooled:
+        lines += [
+            "    # aux.load_balance_scope 'model': the layer's share of the pooled loss, summed over layers by the model",
+            "    balance_stats = torch.stack([counts.to(scores.dtype) / tokens, (scores / scores.sum(-1, keepdim=True)).mean(0)])",
+            "    return out.view(batch, seq, width), aux, balance_stats, stats",
+        ]
+    else:
+        lines.append("    return out.view(batch, seq, width), aux, stats")
     return lines
 
 
@@ -119,18 +130,25 @@ def _capacity(moe: MoeAttrs) -> list[str]:
     return lines
 
 
-def _ffn(rows: str, prefix: str, activation: str, param: str, out: str, gemm=None, bias: str = "") -> list[str]:
+def _ffn(rows: str, prefix: str, activation: str, param: str, out: str, gemm=None, bias: str = "", clamp: dict | None = None) -> list[str]:
     """Lines computing ``out = down(act(...up(rows)))`` with the given GEMM wrapper."""
     kind = ACTIVATIONS[activation]
     gemm = gemm or (lambda a, w: f"F.linear({a}, {w})")
     lines = [f"    {prefix}up = {gemm(rows, f'{param}_w_up')}{bias and f' + {bias}up'}"]
     if kind.gated:
-        lines.append(f"    {prefix}gate = {gemm(rows, f'{param}_w_gate')}")
+        lines.append(f"    {prefix}gate = {gemm(rows, f'{param}_w_gate')}{bias and f' + {bias}gate'}")
+    if kind.clamped:
+        lines.append(f"    {prefix}hidden = clamped_glu({prefix}gate, {prefix}up, {clamp['limit']!r}, {clamp['alpha']!r})")
+    elif kind.gated:
         lines.append(f"    {prefix}hidden = F.{kind.fn}({prefix}gate) * {prefix}up")
     else:
         lines.append(f"    {prefix}hidden = F.{kind.fn}({prefix}up)")
     lines.append(f"    {out} = {gemm(f'{prefix}hidden', f'{param}_w_down')}{bias and f' + {bias}down'}")
     return lines
+
+
+def _bias_parts(moe: MoeAttrs) -> list[str]:
+    return ["up"] + (["gate"] if ACTIVATIONS[moe.expert.activation].gated else []) + ["down"]
 
 
 def _grouped(moe: MoeAttrs) -> list[str]:
@@ -142,10 +160,10 @@ def _grouped(moe: MoeAttrs) -> list[str]:
     ]
     bias = ""
     if moe.expert.bias:
-        lines += ["    row_expert = flat_expert[order]", "    bias_up, bias_down = experts_b_up[row_expert], experts_b_down[row_expert]"]
+        lines += ["    row_expert = flat_expert[order]"] + [f"    bias_{p} = experts_b_{p}[row_expert]" for p in _bias_parts(moe)]
         bias = "bias_"
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_sorted",
-                  lambda a, w: f"runtime.grouped_mm({a}, {w}.transpose(1, 2), offsets)", bias)
+                  lambda a, w: f"runtime.grouped_mm({a}, {w}.transpose(1, 2), offsets)", bias, moe.expert.clamp)
     lines.append(f"    y = y_sorted[torch.argsort(order)].view(tokens, {k}, width)  # back to (token, choice)")
     return lines
 
@@ -170,9 +188,10 @@ def _bmm(moe: MoeAttrs) -> list[str]:
     ]
     bias = ""
     if moe.expert.bias:
-        lines.append("    bias_up, bias_down = experts_b_up[:, None, :], experts_b_down[:, None, :]")
+        lines += [f"    bias_{p} = experts_b_{p}[:, None, :]" for p in _bias_parts(moe)]
         bias = "bias_"
-    lines += _ffn("rows", "", moe.expert.activation, "experts", "y_ecd", lambda a, w: f"torch.bmm({a}, {w}.transpose(1, 2))", bias)
+    lines += _ffn("rows", "", moe.expert.activation, "experts", "y_ecd", lambda a, w: f"torch.bmm({a}, {w}.transpose(1, 2))", bias,
+                  moe.expert.clamp)
     lines += [
         f"    y = x.new_zeros(tokens * {k} + 1, width).index_put((slots.reshape(-1),), y_ecd.reshape(-1, width))",
         f"    y = y[:-1].view(tokens, {k}, width)  # each kept slot written once; the sentinel row dropped",
@@ -185,9 +204,10 @@ def _dense(moe: MoeAttrs) -> list[str]:
     lines = [f"    rows = x.unsqueeze(0).expand({E}, tokens, width)  # (E, N, D): every expert sees every token"]
     bias = ""
     if moe.expert.bias:
-        lines.append("    bias_up, bias_down = experts_b_up[:, None, :], experts_b_down[:, None, :]")
+        lines += [f"    bias_{p} = experts_b_{p}[:, None, :]" for p in _bias_parts(moe)]
         bias = "bias_"
-    lines += _ffn("rows", "", moe.expert.activation, "experts", "y_all", lambda a, w: f"torch.bmm({a}, {w}.transpose(1, 2))", bias)
+    lines += _ffn("rows", "", moe.expert.activation, "experts", "y_all", lambda a, w: f"torch.bmm({a}, {w}.transpose(1, 2))", bias,
+                  moe.expert.clamp)
     lines.append("    y = y_all.permute(1, 0, 2).gather(1, chosen.unsqueeze(-1).expand(-1, -1, width))  # (N, k, D)")
     return lines
 
@@ -195,9 +215,10 @@ def _dense(moe: MoeAttrs) -> list[str]:
 def _aux(moe: MoeAttrs) -> list[str]:
     zero = "logits.new_zeros(())"
     weights = moe.aux
-    balance = f"{weights.load_balance!r} * load_balance_loss(scores, counts, {moe.experts})" if weights.load_balance > 0 else zero
+    per_layer = weights.load_balance if not weights.pooled else 0.0  # pooled: the model computes it
+    balance = f"{per_layer!r} * load_balance_loss(scores, counts, {moe.experts})" if per_layer > 0 else zero
     z = f"{weights.z_loss!r} * torch.logsumexp(logits, dim=-1).pow(2).mean()" if weights.z_loss > 0 else zero
-    aux = " + ".join(name for name, weight in (("balance", weights.load_balance), ("z", weights.z_loss)) if weight > 0)
+    aux = " + ".join(name for name, weight in (("balance", per_layer), ("z", weights.z_loss)) if weight > 0)
     return [f"    balance = {balance}", f"    z = {z}", f"    aux = {aux or zero}"]
 
 

@@ -102,7 +102,8 @@ class _FusedFunctions:
 def _helpers(graph: Graph, fused: _FusedFunctions) -> list[list[str]]:
     used = {"make_parameters"}
     for node in graph.nodes:
-        used |= SNIPPETS_USED_BY.get(node.op, set()) | ({fused.attention} if node.op == "attention" else set())
+        used |= SNIPPETS_USED_BY[node.op](node) if node.op in SNIPPETS_USED_BY else set()
+        used |= {_attention_fn(node, fused)} if node.op == "attention" else set()
         if node.op in ("moe", "spectral_moe"):
             used |= codegen_moe.helpers_for(node.attr["moe"])
         if node.op == "spectral_moe":
@@ -212,6 +213,10 @@ def _expression(node: Node, args: list[str], fused: _FusedFunctions, anchor: str
         return f"{fused.moe(node.attr)}({', '.join(args)}, self.training)"
     if node.op == "spectral_moe":
         return f"{fused.spectral(node.attr)}({', '.join(args)}, self.training)"
+    if node.op == "attention" and _attention_fn(node, fused) == "attention_local":
+        sinks = args[3] if len(args) == 4 else "None"
+        return (f"attention_local({', '.join(args[:3])}, {node.attr['heads']}, {node.attr['kv_heads']}, {node.attr['head_dim']}, "
+                f"{node.attr.get('window')!r}, {sinks})")
     if node.op == "attention":
         return EXPRESSIONS["attention"](node, *args, fn=fused.attention)
     emit = EXPRESSIONS.get(node.op)
@@ -219,6 +224,11 @@ def _expression(node: Node, args: list[str], fused: _FusedFunctions, anchor: str
         attrs = "{" + ", ".join(f"{key!r}: {value!r}" for key, value in node.attrs) + "}"
         return f"runtime.reference_op({node.op!r}, {attrs}, self.training, {anchor}.shape[1]{''.join(', ' + a for a in args)})"
     return emit(node, *args)
+
+
+def _attention_fn(node: Node, fused: _FusedFunctions) -> str:
+    """Sinks or a sliding window: the written-out ``attention_local``; else the kernel's choice."""
+    return "attention_local" if len(node.inputs) == 4 or node.attr.get("window") is not None else fused.attention
 
 
 def _last_uses(graph: Graph) -> dict[Ref, int]:

@@ -11,20 +11,36 @@ def _width(node) -> int:
     return node.types[0].shape[-1]
 
 
+def _padding(node) -> str:
+    index = node.attr.get("padding_idx")
+    return "" if index is None else f", padding_idx={index!r}"
+
+
 EXPRESSIONS = {
-    "embed": lambda n, tokens, table: f"F.embedding({tokens}, {table})",
+    "embed": lambda n, tokens, table: f"F.embedding({tokens}, {table}{_padding(n)})",
     "linear": lambda n, x, w, b=None: f"F.linear({x}, {w}{', ' + b if b else ''})",
     "pos_embed": lambda n, x, table: f"{x} + {table}[: {x}.shape[1]]",
     "rmsnorm": lambda n, x, w: f"F.rms_norm({x}, ({_width(n)},), {w}, {n.attr['eps']!r})",
+    "head_rmsnorm": lambda n, x, w: (f"F.rms_norm({x}.unflatten(-1, ({n.attr['heads']}, -1)), ({_width(n) // n.attr['heads']},), "
+                                     f"{w}, {n.attr['eps']!r}).flatten(-2)"),
+    "sigmoid_gate": lambda n, x, g: f"{x} * torch.sigmoid({g})",
+    "load_balance_pooled": lambda n, stats: (f"{n.attr['weight']!r} * {n.attr['experts']} * torch.sum({stats}[0] / {n.attr['layers']} "
+                                            f"* ({stats}[1] / {n.attr['layers']}))"),
     "layernorm": lambda n, x, w, b: f"F.layer_norm({x}, ({_width(n)},), {w}, {b}, {n.attr['eps']!r})",
-    "rope": lambda n, x: f"rope({x}, {n.attr['heads']}, {n.attr['head_dim']}, {n.attr['theta']!r})",
+    "rope": lambda n, x: (f"rope({x}, {n.attr['heads']}, {n.attr['head_dim']}, {n.attr['theta']!r})" if "factor" not in n.attr else
+                          f"rope_yarn({x}, {n.attr['heads']}, {n.attr['head_dim']}, {n.attr['theta']!r}, {n.attr['factor']!r}, "
+                          f"{n.attr['original']!r}, {n.attr['beta_fast']!r}, {n.attr['beta_slow']!r}, {n.attr['truncate']!r})"),
     # fn: the snippet chosen by kernels.attention (attention = torch SDPA, attention_eager = written out)
     "attention": lambda n, q, k, v, fn="attention": f"{fn}({q}, {k}, {v}, {n.attr['heads']}, {n.attr['kv_heads']}, {n.attr['head_dim']}, {n.attr['causal']})",
     "activation": lambda n, x: f"F.{n.attr['fn']}({x})",
     "glu": lambda n, gate, up: f"F.{n.attr['fn']}({gate}) * {up}",
+    "clamped_glu": lambda n, gate, up: f"clamped_glu({gate}, {up}, {n.attr['limit']!r}, {n.attr['alpha']!r})",
     "add": lambda n, x, y: f"{x} + {y}",
     "select_last": lambda n, x: f"{x}[:, -1:, :]",
 }
 
 # Helper functions (from moec.backends.torch.snippets) that an op's expression calls.
-SNIPPETS_USED_BY = {"rope": {"rope"}}  # attention: the kernel's snippet, chosen by the emitter
+SNIPPETS_USED_BY = {
+    "rope": lambda n: {"rope_yarn", "yarn_frequencies"} if "factor" in n.attr else {"rope"},
+    "clamped_glu": lambda n: {"clamped_glu"},
+}  # attention: the kernel's snippet, chosen by the emitter

@@ -27,6 +27,37 @@ def rope(x: torch.Tensor, heads: int, head_dim: int, theta: float) -> torch.Tens
     return (xh * cos + rotated * sin).reshape(batch, seq, heads * head_dim)
 
 
+def yarn_frequencies(head_dim: int, theta: float, factor: float, original: int, beta_fast: float, beta_slow: float,
+                     truncate: bool) -> tuple[torch.Tensor, float]:
+    """YaRN inverse frequencies and the cos/sin scale (as HF transformers' ``_compute_yarn_parameters``)."""
+    def correction_dim(rotations: float) -> float:
+        return (head_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    high = high + 0.001 if low == high else high
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
+def rope_yarn(x: torch.Tensor, heads: int, head_dim: int, theta: float, factor: float, original: int, beta_fast: float,
+              beta_slow: float, truncate: bool) -> torch.Tensor:
+    """Rotary embedding with YaRN frequencies; cos and sin are scaled by 0.1 * ln(factor) + 1."""
+    batch, seq, _ = x.shape
+    inv_freq, scale = yarn_frequencies(head_dim, theta, factor, original, beta_fast, beta_slow, truncate)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=x.device), inv_freq.to(x.device))
+    cos = (torch.cat([angles, angles], -1).cos() * scale).to(x.dtype)[:, None, :]
+    sin = (torch.cat([angles, angles], -1).sin() * scale).to(x.dtype)[:, None, :]
+    xh = x.view(batch, seq, heads, head_dim)
+    rotated = torch.cat([-xh[..., head_dim // 2 :], xh[..., : head_dim // 2]], -1)
+    return (xh * cos + rotated * sin).reshape(batch, seq, heads * head_dim)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, head_dim: int, causal: bool) -> torch.Tensor:
     """Scaled dot-product attention (torch SDPA) with grouped KV heads: (B,S,H*hd) -> (B,S,H*hd)."""
     batch, seq, _ = q.shape
@@ -49,6 +80,38 @@ def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
         scores = scores.masked_fill(mask, float("-inf"))
     out = scores.softmax(-1) @ v
     return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                    window: int | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention written out, with an optional sliding window and per-head sink logits (GPT-OSS).
+
+    A query at i sees keys j with i - window < j <= i; a sink joins each softmax row and its share is dropped.
+    """
+    batch, seq, _ = q.shape
+    q = q.view(batch, seq, heads, head_dim).transpose(1, 2)
+    k = k.view(batch, seq, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    v = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+    pos = torch.arange(seq, device=q.device)
+    hidden = pos[None, :] > pos[:, None]  # (S, S) future keys
+    if window is not None:
+        hidden = hidden | (pos[None, :] <= pos[:, None] - window)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.view(1, heads, 1, 1).expand(batch, heads, seq, 1)], dim=-1)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        probs = scores.softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
+    out = probs @ v
+    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+def clamped_glu(gate: torch.Tensor, up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """GPT-OSS's clamped SwiGLU: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, tau: float, temperature: float) -> torch.Tensor:
