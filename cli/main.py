@@ -79,12 +79,14 @@ def build(
 def train(
     spec: Path = typer.Argument(..., help="The spec to train.", show_default=False),
     resume: Optional[str] = typer.Option(
-        None, "--resume", help="Continue from the latest checkpoint of the run (--resume), or from the one given (--resume PATH).",
+        None, "--resume", help="Continue from the latest checkpoint of the run (--resume; refused if it does not verify), "
+        "the newest one that verifies (--resume latest-valid), or the one given (--resume PATH).",
     ),
     stop_at: Optional[int] = typer.Option(
         None, "--stop-at", min=1, help="Stop after this step with a checkpoint, as if interrupted; the schedule still follows train.steps.",
     ),
     allow_spec_change: bool = typer.Option(False, "--allow-spec-change", help="Resume even though train/schedule fields changed."),
+    allow_data_change: bool = typer.Option(False, "--allow-data-change", help="Resume even though the training data's bytes changed."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: the spec's train.checkpoint.dir)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots at the end."),
@@ -93,7 +95,7 @@ def train(
     from cli.train import run_train
 
     run_train(spec, resume=resume, allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
-              stop_at=stop_at)
+              stop_at=stop_at, allow_data_change=allow_data_change)
 
 
 @app.command()
@@ -104,8 +106,26 @@ def plot(run: Path = typer.Argument(..., help="A run directory with metrics.json
     if not (run / "metrics.jsonl").is_file():
         typer.echo(f"error: {run}: no metrics.jsonl (is it a run directory?)", err=True)
         raise typer.Exit(1)
-    for path in plot_run(run):
+    notes: list[str] = []
+    try:
+        written = plot_run(run, notes)
+    except (ValueError, OSError, KeyError) as err:  # a damaged metrics.jsonl, an unwritable run directory
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
+        typer.echo(f"error: {_plot_error(run, err)}", err=True)
+        raise typer.Exit(1) from None
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    for path in written:
         typer.echo(f"wrote {path}")
+
+
+def _plot_error(run: Path, err: Exception) -> str:
+    if isinstance(err, OSError):
+        return f"cannot write plots in {run}: {err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+    if isinstance(err, KeyError):
+        return f"{run / 'metrics.jsonl'}: a row lacks the field {err}"
+    return str(err)
 
 
 @app.command()

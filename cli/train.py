@@ -12,11 +12,12 @@ from cli.output import print_spec_error
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
-def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at=None) -> None:
+def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at=None,
+              allow_data_change: bool = False) -> None:
     from moec import SpecError, load_spec
     from moec.runtime.display import Display
     from moec.runtime.plots import plot_run
-    from moec.runtime.trainer import Trainer, TrainingError
+    from moec.runtime.trainer import Aborted, Trainer, TrainingError
 
     try:
         spec = load_spec(spec_path)
@@ -28,18 +29,39 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
         mesh = " x ".join(f"{axis} {size}" for axis, size in spec.mesh.axes.items())
         typer.echo(f"note: the spec's mesh has {spec.mesh.world_size} devices ({mesh}); this run uses one process, "
                    "so the sharding section is not applied (distributed execution is not built yet)", err=True)
+    trainer = None
     try:
-        trainer = Trainer(spec, run_dir=run_dir, resume=resume, allow_spec_change=allow_spec_change, device=device, display=display)
+        trainer = Trainer(spec, run_dir=run_dir, resume=resume, allow_spec_change=allow_spec_change, device=device, display=display,
+                          allow_data_change=allow_data_change)
         if resume is not None:
             display.log(f"resuming from {trainer.resumed_from} (step {trainer.start_step})")
         result = trainer.run(stop_at=stop_at)
+    except Aborted as err:  # a second SIGINT / SIGTERM: exit with the signal's code, no traceback
+        sys.stdout.flush()
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_ON_SIGNAL.get(trainer.stop_signal if trainer else "SIGINT", 130)) from None
     except (TrainingError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+    except OSError as err:  # the run directory or the program cache cannot be written
+        typer.echo(f"error: {os_error_line(err)}", err=True)
+        raise typer.Exit(1) from None
     if plots:
-        result.plots = plot_run(result.run_dir)
+        notes: list[str] = []
+        try:
+            result.plots = plot_run(result.run_dir, notes)
+        except (OSError, ValueError) as err:  # training is done and saved; only the pictures are missing
+            typer.echo(f"warning: no plots: {os_error_line(err) if isinstance(err, OSError) else err}", err=True)
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
     display.summary(trainer, result)
     if result.interrupted and result.interrupted != "--stop-at":
         typer.echo(f"stopped by {result.interrupted} at step {result.step}; resume with: moec train {spec_path} --resume", err=True)
         sys.stdout.flush()
         raise typer.Exit(EXIT_ON_SIGNAL.get(result.interrupted, 1))
+
+
+def os_error_line(err: OSError) -> str:
+    """``PATH: reason`` for an OSError, one line."""
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or err}"
