@@ -33,7 +33,10 @@ def reseal(checkpoint: Path) -> None:
     manifest["files"] = {
         p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
         for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != ckpt.MANIFEST}
-    meta = json.loads((checkpoint / ckpt.META).read_text())
+    try:
+        meta = json.loads((checkpoint / ckpt.META).read_text())
+    except ValueError:
+        meta = None
     if isinstance(meta, dict) and isinstance(meta.get("step"), int):
         manifest["step"] = meta["step"]
     (checkpoint / ckpt.MANIFEST).write_text(json.dumps(manifest))
