@@ -63,5 +63,5 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
 
 def os_error_line(err: OSError) -> str:
     """``PATH: reason`` for an OSError, one line."""
-    where = f"{err.filename}: " if err.filename else ""
-    return f"{where}{err.strerror or err}"
+    where = f" {err.filename}" if err.filename else ""
+    return f"cannot write{where}: {err.strerror or err}"

@@ -1,0 +1,96 @@
+"""Unwritable paths are one line; SIGINT stops a long evaluation quickly; a second SIGINT exits 130."""
+
+import os
+import signal
+import time
+
+import moec
+from moec.runtime import checkpoint as ckpt
+from moec.runtime.metrics import read_metrics
+from moec.runtime.trainer import Aborted, Trainer
+from tests.hostile.helpers import moec_cli, write_spec
+from tests.runtime.helpers import quick_text
+
+import pytest
+
+
+def test_build_output_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = moec_cli("build", "specs/token_routed_tiny.yaml", "-o", tmp_path / "file" / "out")
+    assert result.exit_code == 1
+    assert result.stderr == f"error: cannot write the program: {tmp_path}/file/out: Not a directory\n"
+
+
+def test_an_unwritable_program_cache_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("MOEC_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    result = moec_cli("train", write_spec(tmp_path), "--run-dir", tmp_path / "run", "--no-plots")
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: cannot write {tmp_path}/file/cache/") and result.stderr.endswith(": Not a directory\n")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_run_directory_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "run").write_text("not a directory")
+    result = moec_cli("train", write_spec(tmp_path), "--run-dir", tmp_path / "run", "--no-plots")
+    assert result.exit_code == 1
+    assert result.stderr == f"error: cannot write {tmp_path}/run: File exists\n"
+    assert (tmp_path / "run").read_text() == "not a directory"
+
+
+def _long_eval_spec():
+    text = quick_text(steps=8, every=4).replace("eval: {every: 4, batches: 2}", "eval: {every: 4, batches: 5000}")
+    return moec.load_spec_text(text, file="long_eval.yaml")
+
+
+def _signal_during_eval(trainer, monkeypatch, count):
+    """Send SIGINT ``count`` times once the evaluation has drawn 3 batches; record batches drawn after."""
+    drawn = []
+    real_batch = trainer.data.batch
+
+    def batch(split, index, size):
+        if split == "val":
+            drawn.append(time.monotonic())
+            if len(drawn) == 3:
+                for _ in range(count):
+                    os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(split, index, size)
+
+    monkeypatch.setattr(trainer.data, "batch", batch)
+    return drawn
+
+
+def test_sigint_during_a_long_evaluation_stops_within_a_batch_and_saves(tmp_path, monkeypatch):
+    trainer = Trainer(_long_eval_spec(), run_dir=tmp_path)
+    drawn = _signal_during_eval(trainer, monkeypatch, count=1)
+    result = trainer.run()
+    assert result.interrupted == "SIGINT" and result.step == 4
+    assert len(drawn) == 3  # no batch after the signal: 4997 evaluation batches were not run
+    assert ckpt.verify_checkpoint(tmp_path / "checkpoints" / "step_00000004").step == 4
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # no eval row from a partial mean
+    resumed = Trainer(_long_eval_spec(), run_dir=tmp_path, resume="latest")
+    assert resumed.start_step == 4
+
+
+def test_a_second_sigint_aborts_at_once_and_the_cli_exits_130(tmp_path, monkeypatch):
+    spec_path = tmp_path / "long_eval.yaml"
+    spec_path.write_text(quick_text(steps=8, every=4).replace("eval: {every: 4, batches: 2}", "eval: {every: 4, batches: 5000}"))
+    from moec.runtime import data as data_mod
+
+    real_batch, drawn = data_mod.TextBytes.batch, []
+
+    def batch(self, split, index, size):
+        if split == "val":
+            drawn.append(index)
+            if len(drawn) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(self, split, index, size)
+
+    monkeypatch.setattr(data_mod.TextBytes, "batch", batch)
+    result = moec_cli("train", spec_path, "--run-dir", tmp_path / "run", "--no-plots")
+    assert result.exit_code == 130
+    assert result.stderr == "error: stopped by a second SIGINT without saving; no checkpoint was written yet\n"
+    assert len(drawn) == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
