@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Trainer:
             raise TrainingError("--device cuda was asked for, but torch sees no CUDA device here")
         self.display = display
         self.stop_signal: str | None = None
+        check_fits_memory(spec, self.device)
         torch.manual_seed(self.train.seed)
         if spec.schedule.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -317,6 +319,27 @@ def sigmoid_bias_rates(spec) -> dict[str, float]:
                     rates[name] = moe.router.bias_update_rate
             index += 1
     return rates
+
+
+BYTES_PER_PARAMETER = 16  # fp32 weight + gradient + AdamW's two moments
+
+
+def machine_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits_memory(spec, device: torch.device) -> None:
+    """Refuse before allocating anything a model whose weights + gradients + AdamW state exceed the memory."""
+    from moec.schema.checks import estimate_params
+
+    params = estimate_params(spec)
+    need, have = params * BYTES_PER_PARAMETER, machine_memory_bytes(device)
+    if need > have:
+        raise TrainingError(f"the model needs about {need / 2**30:.1f} GiB for weights, gradients and AdamW state "
+                            f"({params:,} parameters x {BYTES_PER_PARAMETER} bytes), more than the {have / 2**30:.1f} GiB "
+                            f"of memory on {device.type}")
 
 
 def checked_run_dir(value) -> Path:

@@ -200,3 +200,18 @@ def test_the_bounded_glob_matches_pythons_glob():
         expected = sorted({data_mod.Path(p) for p in pyglob.glob(pattern.replace("stdlib:", stdlib + "/"), recursive=True)
                            if data_mod.Path(p).is_file()})
         assert data_mod.expand_globs([pattern]) == expected and expected, pattern
+
+
+def test_a_model_larger_than_the_machines_memory_is_refused_before_building(monkeypatch):
+    from moec.runtime import trainer as trainer_mod
+
+    def never(*args, **kwargs):
+        raise AssertionError("nothing may be built")
+
+    monkeypatch.setattr(trainer_mod, "build_model", never)
+    monkeypatch.setattr(trainer_mod, "machine_memory_bytes", lambda device: 1 << 30)
+    spec = moec.load_spec("specs/token_routed.yaml")  # 18.2B parameters
+    with pytest.raises(trainer_mod.TrainingError) as caught:
+        trainer_mod.Trainer(spec, run_dir="runs/never", device="cpu")
+    assert str(caught.value) == ("the model needs about 271.9 GiB for weights, gradients and AdamW state (18,247,979,008 "
+                                 "parameters x 16 bytes), more than the 1.0 GiB of memory on cpu")
