@@ -211,16 +211,23 @@ def _fsync_dir(path: Path) -> None:
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """``step_*`` directories under the run, oldest first by the step in their name (nothing is read)."""
     root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), path) for path in root.iterdir() if (m := STEP_DIR.match(path.name)) and path.is_dir()]
+    try:
+        if not root.is_dir():
+            return []
+        found = [(int(m.group(1)), path) for path in root.iterdir() if (m := STEP_DIR.match(path.name)) and path.is_dir()]
+    except OSError as err:  # an unreadable run directory
+        raise CheckpointError(f"{root}: cannot read ({err.strerror})") from None
     return [path for _, path in sorted(found)]
 
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     """Checkpoints whose manifest and meta.json read cleanly, oldest first (files are not hashed: see verify)."""
     found = []
-    for path in checkpoint_dirs(run_dir):
+    try:
+        paths = checkpoint_dirs(run_dir)
+    except CheckpointError:
+        return []
+    for path in paths:
         try:
             found.append(_read_light(path))
         except CheckpointError:

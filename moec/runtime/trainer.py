@@ -118,7 +118,10 @@ class Trainer:
                 return ckpt.verify_checkpoint(Path(resume))
             except ckpt.CheckpointError as err:
                 raise TrainingError(f"cannot resume: {err}") from None
-        candidates = ckpt.checkpoint_dirs(self.run_dir)
+        try:
+            candidates = ckpt.checkpoint_dirs(self.run_dir)
+        except ckpt.CheckpointError as err:
+            raise TrainingError(f"cannot resume: {err}") from None
         if not candidates:
             raise TrainingError(f"nothing to resume: no complete checkpoint under {ckpt.checkpoint_root(self.run_dir)}")
         for path in reversed(candidates):

@@ -94,3 +94,20 @@ def test_a_second_sigint_aborts_at_once_and_the_cli_exits_130(tmp_path, monkeypa
     assert result.stderr == "error: stopped by a second SIGINT without saving; no checkpoint was written yet\n"
     assert len(drawn) == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_an_unreadable_checkpoint_directory_is_one_line(finished_run, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    spec_path, run_dir = finished_run
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "checkpoints":
+            raise PermissionError(13, "Permission denied")  # what chmod 000 gives a non-root user
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    result = moec_cli("train", spec_path, "--run-dir", run_dir, "--resume", "--no-plots")
+    assert result.exit_code == 1
+    assert result.stderr == f"error: cannot resume: {run_dir}/checkpoints: cannot read (Permission denied)\n"
