@@ -253,6 +253,15 @@ def verify_checkpoint(path: Path) -> CheckpointInfo:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory" + ("" if path.exists() else " (it does not exist)"))
     manifest = _read_json_object(path / MANIFEST)
+    _verify_files(path, manifest)
+    info = _read_light(path)
+    _verify_meta(info, manifest)
+    read_dcp_metadata(path / ".metadata")  # refuses a hostile pickle before DCP is asked to load anything
+    return info
+
+
+def _verify_files(path: Path, manifest: dict) -> None:
+    """The files on disk are exactly the manifest's, with its sizes and sha256s."""
     files = manifest.get("files")
     if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict) or not all(
             isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
@@ -269,23 +278,28 @@ def verify_checkpoint(path: Path) -> CheckpointInfo:
             raise CheckpointError(f"{path / name}: {size} bytes, but {MANIFEST} says {files[name]['size']} (truncated or replaced)")
         if _sha256(path / name) != files[name]["sha256"]:
             raise CheckpointError(f"{path / name}: sha256 does not match {MANIFEST} (damaged or replaced)")
-    info = _read_light(path)
+
+
+def _verify_meta(info: CheckpointInfo, manifest: dict) -> None:
+    """meta.json agrees with the manifest and the directory name, and has the fields a resume reads."""
+    meta_file = info.path / META
     if manifest.get("step") != info.step:
-        raise CheckpointError(f"{path / META}: step {info.step}, but {MANIFEST} says {manifest.get('step')!r}")
-    named = STEP_DIR.match(path.name)
+        raise CheckpointError(f"{meta_file}: step {info.step}, but {MANIFEST} says {manifest.get('step')!r}")
+    named = STEP_DIR.match(info.path.name)
     if named and int(named.group(1)) != info.step:
-        raise CheckpointError(f"{path / META}: step {info.step} does not match the directory name {path.name}")
+        raise CheckpointError(f"{meta_file}: step {info.step} does not match the directory name {info.path.name}")
     if info.meta.get("spec_sha256") != manifest.get("spec_sha256"):
-        raise CheckpointError(f"{path / META}: spec_sha256 does not match {MANIFEST}")
+        raise CheckpointError(f"{meta_file}: spec_sha256 does not match {MANIFEST}")
     spec = info.meta.get("spec")
     if not isinstance(spec, dict) or not all(isinstance(spec.get(key), dict) for key in ("model", "train", "schedule", "mesh", "sharding")):
-        raise CheckpointError(f"{path / META}: 'spec' is missing or is not a resolved spec")
-    best_val, best_step = info.meta.get("best_val"), info.meta.get("best_step")
-    if not (best_val is None or (isinstance(best_val, (int, float)) and not isinstance(best_val, bool))) or \
-            not (best_step is None or (isinstance(best_step, int) and not isinstance(best_step, bool))):
-        raise CheckpointError(f"{path / META}: best_val / best_step must be numbers or null")
-    read_dcp_metadata(path / ".metadata")
-    return info
+        raise CheckpointError(f"{meta_file}: 'spec' is missing or is not a resolved spec")
+    if not (_is_number_or_null(info.meta.get("best_val"), float) and _is_number_or_null(info.meta.get("best_step"), int)):
+        raise CheckpointError(f"{meta_file}: best_val / best_step must be numbers or null")
+
+
+def _is_number_or_null(value, kind) -> bool:
+    allowed = (int, float) if kind is float else (int,)
+    return value is None or (isinstance(value, allowed) and not isinstance(value, bool))
 
 
 def _checked_step(meta: dict, file: Path) -> int:
