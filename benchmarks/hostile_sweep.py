@@ -92,9 +92,9 @@ class Sweep:
         elif expect == "refuse" or (expect == "succeed" and rc == 0) or (isinstance(expect, int) and rc == expect):
             outcome = "clean"
         else:
-            outcome = "traceback" if rc not in (1, 2) else "clean"
+            outcome = "failed"  # a clean message, but it refused what should work (or exited with the wrong code)
         last = [line for line in err.strip().splitlines() if line.strip()]
-        self.results.append({"category": category, "case": case, "rc": rc, "outcome": outcome, "lost": lost,
+        self.results.append({"category": category, "case": case, "expect": expect, "rc": rc, "outcome": outcome, "lost": lost,
                              "message": last[-1][:300] if last else "", "note": note})
         print(f"{category:12} {case:40} rc={rc} {outcome}{' LOST' if lost else ''}  {last[-1][:150] if last else ''}", flush=True)
 
@@ -315,7 +315,7 @@ def bounds(s: Sweep):
     with open(d / "big.txt", "wb") as handle:
         handle.truncate(1 << 30)
     (d / "small.txt").write_text("hello world " * 200)
-    (d / "spec.yaml").write_text(quick(files=f"{d}/*.txt", steps=1))
+    (d / "spec.yaml").write_text(quick(files=f"{d}/*.txt", steps=2))
     cmd = [sys.executable, "-m", "cli.main", "train", str(d / "spec.yaml"), "--run-dir", str(d / "run"), "--no-plots"]
     proc = subprocess.Popen(cmd, cwd=s.checkout, env=s.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -405,14 +405,16 @@ def main() -> None:
     args.out.write_text(json.dumps(sweep.results, indent=1))
     table: dict = {}
     for row in sweep.results:
-        t = table.setdefault(row["category"], {"tried": 0, "clean": 0, "traceback": 0, "silent": 0, "hang": 0, "lost": 0, "other": 0})
+        t = table.setdefault(row["category"], {"tried": 0, "clean": 0, "traceback": 0, "silent": 0, "hang": 0, "failed": 0,
+                                               "lost": 0, "other": 0})
         t["tried"] += 1
         key = row["outcome"] if row["outcome"] in t else "other"
         t[key] += 1
         t["lost"] += bool(row["lost"])
-    print("| category | tried | clean | tracebacks | silently accepted | hangs | other | data lost |")
+    print("| category | tried | clean | tracebacks | silently accepted | hangs | refused what should work | other | data lost |")
     for name, t in table.items():
-        print(f"| {name} | {t['tried']} | {t['clean']} | {t['traceback']} | {t['silent']} | {t['hang']} | {t['other']} | {t['lost']} |")
+        print(f"| {name} | {t['tried']} | {t['clean']} | {t['traceback']} | {t['silent']} | {t['hang']} | {t['failed']} | "
+              f"{t['other']} | {t['lost']} |")
 
 
 if __name__ == "__main__":
