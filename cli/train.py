@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -12,8 +14,36 @@ from cli.output import print_spec_error
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
+class _Interrupted(Exception):
+    """SIGINT / SIGTERM outside the training loop (building, loading, plotting): stop with the signal's code."""
+
+
+@contextlib.contextmanager
+def _exit_cleanly_on_signals():
+    def interrupted(signum, frame):
+        raise _Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except _Interrupted as err:
+        sys.stdout.flush()
+        typer.echo(f"error: stopped by {err} outside the training loop (building, loading or reporting); checkpoints already written are kept", err=True)
+        raise typer.Exit(EXIT_ON_SIGNAL[str(err)]) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at=None,
               allow_data_change: bool = False) -> None:
+    """The training loop handles signals itself (finish the step, save); around it a signal exits 130 / 143."""
+    with _exit_cleanly_on_signals():
+        _run_train(spec_path, resume, allow_spec_change, run_dir, device, plots, stop_at, allow_data_change)
+
+
+def _run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at,
+               allow_data_change: bool) -> None:
     from moec import SpecError, load_spec
     from moec.runtime.display import Display
     from moec.runtime.plots import plot_run

@@ -111,3 +111,22 @@ def test_an_unreadable_checkpoint_directory_is_one_line(finished_run, tmp_path, 
     result = moec_cli("train", spec_path, "--run-dir", run_dir, "--resume", "--no-plots")
     assert result.exit_code == 1
     assert result.stderr == f"error: cannot resume: {run_dir}/checkpoints: cannot read (Permission denied)\n"
+
+
+def test_a_signal_after_the_loop_has_stopped_still_exits_130_without_a_traceback(tmp_path, monkeypatch):
+    # The second SIGINT often lands after the first one's save, while the summary is printed.
+    from moec.runtime import display as display_mod
+
+    spec_path = write_spec(tmp_path, steps=2, every=2)
+    real_summary = display_mod.Display.summary
+
+    def summary(self, trainer, result):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_summary(self, trainer, result)
+
+    monkeypatch.setattr(display_mod.Display, "summary", summary)
+    result = moec_cli("train", spec_path, "--run-dir", tmp_path / "run", "--no-plots")
+    assert result.exit_code == 130
+    assert result.stderr == "error: stopped by SIGINT outside the training loop (building, loading or reporting); checkpoints already written are kept\n"
+    assert ckpt.verify_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000002").step == 2  # the run's own save stands
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
