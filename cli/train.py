@@ -28,7 +28,8 @@ def _exit_cleanly_on_signals():
         yield
     except _Interrupted as err:
         sys.stdout.flush()
-        typer.echo(f"error: stopped by {err} outside the training loop (building, loading or reporting); checkpoints already written are kept", err=True)
+        typer.echo(f"error: stopped by {err} outside the training loop (building, loading or reporting); "
+                   "checkpoints already written are kept", err=True)
         raise typer.Exit(EXIT_ON_SIGNAL[str(err)]) from None
     finally:
         for sig, handler in previous.items():

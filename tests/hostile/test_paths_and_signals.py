@@ -127,6 +127,7 @@ def test_a_signal_after_the_loop_has_stopped_still_exits_130_without_a_traceback
     monkeypatch.setattr(display_mod.Display, "summary", summary)
     result = moec_cli("train", spec_path, "--run-dir", tmp_path / "run", "--no-plots")
     assert result.exit_code == 130
-    assert result.stderr == "error: stopped by SIGINT outside the training loop (building, loading or reporting); checkpoints already written are kept\n"
+    assert result.stderr == ("error: stopped by SIGINT outside the training loop (building, loading or reporting); "
+                             "checkpoints already written are kept\n")
     assert ckpt.verify_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000002").step == 2  # the run's own save stands
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
