@@ -200,8 +200,12 @@ class _Walker:
     def _scalar(self, node: yaml.ScalarNode, path: tuple) -> object:
         numeric = node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
         if numeric and node.style is None and ":" in node.value:
-            self.issues.append(self._issue(node, f"'{node.value}' is a YAML 1.1 base-60 number (it would read as "
-                                                 f"{self.loader.construct_object(node)}); write the number, or quote it for a string", path))
+            try:
+                reads_as = f" (it would read as {self.loader.construct_object(node)})"
+            except ValueError:
+                reads_as = ""
+            self.issues.append(self._issue(node, f"'{node.value}' is a YAML 1.1 base-60 number{reads_as}; write the number, "
+                                                 "or quote it for a string", path))
             return None
         try:
             return self.loader.construct_object(node, deep=True)
