@@ -159,10 +159,38 @@ def _normalize_resume(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
+def _exit_on_signal(signum, frame) -> None:
+    """Outside a command's own handling (``moec train`` saves first), SIGINT / SIGTERM end the process
+    with 130 / 143 at once: no KeyboardInterrupt traceback, and never a death by the signal, even when
+    a second Ctrl-C lands while the process is already exiting."""
+    import os
+    import signal
     import sys
 
-    app(args=_normalize_resume(sys.argv[1:]), prog_name="moec")
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(f"error: stopped by {signal.Signals(signum).name}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(130 if signum == signal.SIGINT else 143)
+
+
+def main() -> None:
+    import signal
+    import sys
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_on_signal)
+    try:
+        app(args=_normalize_resume(sys.argv[1:]), prog_name="moec")
+    finally:
+        # The command is done and has handled any signal itself. While the interpreter tears down,
+        # Python puts back the default handlers (a late Ctrl-C would kill the process by SIGINT,
+        # losing the exit status) but leaves SIG_IGN alone; a mask would not do, since torch's
+        # threads would take the signal.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

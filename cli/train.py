@@ -14,7 +14,7 @@ from cli.output import print_spec_error
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
-class _Interrupted(Exception):
+class _Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it
     """SIGINT / SIGTERM outside the training loop (building, loading, plotting): stop with the signal's code."""
 
 

@@ -143,12 +143,15 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict, data
                     "data_fingerprint": data_fingerprint, "files": _file_table(tmp)}
         _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1))  # last: it vouches for the rest
         _fsync_dir(tmp)
-    except BaseException as err:  # DCP wraps an OSError in its CheckpointException (a BaseException)
+    except BaseException as err:  # DCP wraps what went wrong in its CheckpointException (a BaseException)
         shutil.rmtree(tmp, ignore_errors=True)
         cause = root_oserror(err)
-        if cause is None:
-            raise
-        raise OSError(cause.errno, cause.strerror, str(final)) from None
+        if cause is not None:  # a full disk: the caller names the checkpoint and the last complete one
+            raise OSError(cause.errno, cause.strerror, str(final)) from None
+        inner = _innermost(err)
+        if inner is not err:  # e.g. a second SIGINT's abort raised inside torch.save: let it be itself
+            raise inner from None
+        raise
     if final.exists():
         shutil.rmtree(final)
     _commit(tmp, final)
@@ -366,10 +369,8 @@ def load_checkpoint(path: Path, model, optimizer) -> None:
     except CheckpointError:
         raise
     except BaseException as err:  # DCP's CheckpointException is a BaseException
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
-            raise
         inner = _innermost(err)
-        if isinstance(inner, CheckpointError):
+        if isinstance(inner, CheckpointError) or not isinstance(inner, Exception):  # ours, or an interrupt
             raise inner from None
         raise CheckpointError(f"{path}: DCP cannot load it into this model ({type(inner).__name__}: {_first_line(inner)})") from None
     model.load_state_dict(state["model"])

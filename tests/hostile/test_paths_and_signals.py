@@ -131,3 +131,37 @@ def test_a_signal_after_the_loop_has_stopped_still_exits_130_without_a_traceback
                              "checkpoints already written are kept\n")
     assert ckpt.verify_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000002").step == 2  # the run's own save stands
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_two_real_sigints_during_an_evaluation_exit_130_not_by_the_signal(tmp_path):
+    # End to end, as a user at a terminal: the process must exit with status 130, not be killed by SIGINT (-2).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import REPO
+
+    spec_path = tmp_path / "long_eval.yaml"
+    spec_path.write_text(quick_text(steps=8, every=4).replace("eval: {every: 4, batches: 2}", "eval: {every: 4, batches: 5000}"))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moec"), "train", str(spec_path), "--run-dir", str(run_dir),
+                             "--no-plots"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the 5000-batch evaluation after step 4
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - sent < 15 and "Traceback" not in err
+    assert err.splitlines()[-1] in (  # which one depends on where the second signal lands
+        "error: stopped by a second SIGINT without saving; no checkpoint was written yet",  # during the save
+        f"stopped by SIGINT at step 4; resume with: moec train {spec_path} --resume",  # after it: ignored while exiting
+        "error: stopped by SIGINT outside the training loop (building, loading or reporting); checkpoints already written are kept",
+    )
+    assert [r["step"] for r in read_metrics(metrics) if r["kind"] == "train"] == [1, 2, 3, 4]
