@@ -32,8 +32,13 @@ def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: b
     if dump_ir:
         _dump(program)
     out_dir = output or Path("build") / path_safe(spec.name, fallback="model")
-    written = _write(program, out_dir, render_svg)
-    _check_constructs(spec, program, out_dir)
+    try:
+        written = _write(program, out_dir, render_svg)
+        _check_constructs(spec, program, out_dir)
+    except OSError as err:  # -o under a file, a read-only or full disk, an unwritable MOEC_CACHE_DIR
+        where = f"{err.filename}: " if err.filename else f"{out_dir}: "
+        typer.echo(f"error: cannot write the program: {where}{err.strerror or err}", err=True)
+        raise typer.Exit(1) from None
     _summary(spec_path, program, written)
 
 
@@ -98,7 +103,9 @@ def _summary(spec_path: Path, compiled, written: list[Path]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"moec build {spec_path}", title_justify="left")
+    from rich.markup import escape
+
+    table = Table(title=f"moec build {escape(str(spec_path))}", title_justify="left")
     for column in ("pass", "ms", "nodes", "added", "removed"):
         table.add_column(column, justify="right" if column in ("ms", "nodes") else "left")
     for record in compiled.log:
@@ -107,7 +114,7 @@ def _summary(spec_path: Path, compiled, written: list[Path]) -> None:
     console = Console(soft_wrap=True)
     console.print(table)
     console.print(_facts_table(compiled.manifest, compiled.graph))
-    console.print("wrote " + ", ".join(str(path) for path in written))
+    console.print("wrote " + ", ".join(escape(str(path)) for path in written))
 
 
 def _facts_table(manifest: dict, graph):

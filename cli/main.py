@@ -79,12 +79,14 @@ def build(
 def train(
     spec: Path = typer.Argument(..., help="The spec to train.", show_default=False),
     resume: Optional[str] = typer.Option(
-        None, "--resume", help="Continue from the latest checkpoint of the run (--resume), or from the one given (--resume PATH).",
+        None, "--resume", help="Continue from the latest checkpoint of the run (--resume; refused if it does not verify), "
+        "the newest one that verifies (--resume latest-valid), or the one given (--resume PATH).",
     ),
     stop_at: Optional[int] = typer.Option(
         None, "--stop-at", min=1, help="Stop after this step with a checkpoint, as if interrupted; the schedule still follows train.steps.",
     ),
     allow_spec_change: bool = typer.Option(False, "--allow-spec-change", help="Resume even though train/schedule fields changed."),
+    allow_data_change: bool = typer.Option(False, "--allow-data-change", help="Resume even though the training data's bytes changed."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: the spec's train.checkpoint.dir)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots at the end."),
@@ -99,7 +101,7 @@ def train(
     from cli.train import run_train
 
     run_train(spec, resume=resume, allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
-              stop_at=stop_at, nproc=nproc, init_from=init_from)
+              stop_at=stop_at, nproc=nproc, init_from=init_from, allow_data_change=allow_data_change)
 
 
 @app.command()
@@ -110,8 +112,26 @@ def plot(run: Path = typer.Argument(..., help="A run directory with metrics.json
     if not (run / "metrics.jsonl").is_file():
         typer.echo(f"error: {run}: no metrics.jsonl (is it a run directory?)", err=True)
         raise typer.Exit(1)
-    for path in plot_run(run):
+    notes: list[str] = []
+    try:
+        written = plot_run(run, notes)
+    except (ValueError, OSError, KeyError) as err:  # a damaged metrics.jsonl, an unwritable run directory
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
+        typer.echo(f"error: {_plot_error(run, err)}", err=True)
+        raise typer.Exit(1) from None
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    for path in written:
         typer.echo(f"wrote {path}")
+
+
+def _plot_error(run: Path, err: Exception) -> str:
+    if isinstance(err, OSError):
+        return f"cannot write plots in {run}: {err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+    if isinstance(err, KeyError):
+        return f"{run / 'metrics.jsonl'}: a row lacks the field {err}"
+    return str(err)
 
 
 @app.command()
@@ -155,10 +175,38 @@ def _normalize_resume(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
+def _exit_on_signal(signum, frame) -> None:
+    """Outside a command's own handling (``moec train`` saves first), SIGINT / SIGTERM end the process
+    with 130 / 143 at once: no KeyboardInterrupt traceback, and never a death by the signal, even when
+    a second Ctrl-C lands while the process is already exiting."""
+    import os
+    import signal
     import sys
 
-    app(args=_normalize_resume(sys.argv[1:]), prog_name="moec")
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(f"error: stopped by {signal.Signals(signum).name}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(130 if signum == signal.SIGINT else 143)
+
+
+def main() -> None:
+    import signal
+    import sys
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_on_signal)
+    try:
+        app(args=_normalize_resume(sys.argv[1:]), prog_name="moec")
+    finally:
+        # The command is done and has handled any signal itself. While the interpreter tears down,
+        # Python puts back the default handlers (a late Ctrl-C would kill the process by SIGINT,
+        # losing the exit status) but leaves SIG_IGN alone; a mask would not do, since torch's
+        # threads would take the signal.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

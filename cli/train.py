@@ -1,8 +1,14 @@
-"""``moec train``: load the spec, run the trainer, report; errors become one clean message."""
+"""``moec train``: load the spec, run the trainer, report; errors become one clean message.
+
+With ``--nproc N`` the same command runs on N processes under torch's elastic launcher; each
+process (or each rank under torchrun) trains, and rank 0 alone reports.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,13 +19,33 @@ from cli.output import print_spec_error
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
+class _Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it
+    """SIGINT / SIGTERM outside the training loop (building, loading, plotting): stop with the signal's code."""
+
+
+@contextlib.contextmanager
+def _exit_cleanly_on_signals():
+    def interrupted(signum, frame):
+        raise _Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except _Interrupted as err:
+        sys.stdout.flush()
+        typer.echo(f"error: stopped by {err} outside the training loop (building, loading or reporting); "
+                   "checkpoints already written are kept", err=True)
+        raise typer.Exit(EXIT_ON_SIGNAL[str(err)]) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at=None, nproc=None,
-              init_from=None) -> None:
+              init_from=None, allow_data_change: bool = False) -> None:
+    """The training loop handles signals itself (finish the step, save); around it a signal exits 130 / 143."""
     from moec import SpecError, load_spec
-    from moec.runtime.display import Display
     from moec.runtime.distributed import LaunchError, launch, launched_world_size
-    from moec.runtime.plots import plot_run
-    from moec.runtime.trainer import Trainer, TrainingError
 
     try:
         spec = load_spec(spec_path)
@@ -30,26 +56,56 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
         if nproc != spec.mesh.world_size:
             typer.echo(f"error: the spec's mesh has world_size {spec.mesh.world_size}, but --nproc is {nproc}", err=True)
             raise typer.Exit(1)
-        _launch(launch, LaunchError, nproc, spec_path, resume, allow_spec_change, run_dir, device, plots, stop_at, init_from)
+        options = dict(resume=resume, allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
+                       stop_at=stop_at, init_from=init_from, allow_data_change=allow_data_change)
+        try:
+            launch(nproc, launch_argv(spec_path, **options))
+        except LaunchError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
         return
+    with _exit_cleanly_on_signals():
+        _run_train(spec, spec_path, resume, allow_spec_change, run_dir, device, plots, stop_at, init_from, allow_data_change)
+
+
+def _run_train(spec, spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at, init_from,
+               allow_data_change: bool) -> None:
+    from moec.runtime.display import Display
+    from moec.runtime.plots import plot_run
+    from moec.runtime.trainer import Aborted, Trainer, TrainingError
+
     main = int(os.environ.get("RANK", "0")) == 0
     display = Display() if main else None
+    trainer = None
     try:
         trainer = Trainer(spec, run_dir=run_dir, resume=resume, allow_spec_change=allow_spec_change, device=device, display=display,
-                          init_from=init_from)
+                          init_from=init_from, allow_data_change=allow_data_change)
         if resume is not None and main:
             display.log(f"resuming from {trainer.resumed_from} (step {trainer.start_step})")
         result = trainer.run(stop_at=stop_at)
+    except Aborted as err:  # a second SIGINT / SIGTERM: exit with the signal's code, no traceback
+        sys.stdout.flush()
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_ON_SIGNAL.get(trainer.stop_signal if trainer else "SIGINT", 130)) from None
     except (TrainingError, ValueError) as err:
         typer.echo(f"error: {err}" if main else f"error on rank {os.environ.get('RANK')}: {err}", err=True)
         raise typer.Exit(1) from None
+    except OSError as err:  # the run directory or the program cache cannot be written
+        typer.echo(f"error: {os_error_line(err)}", err=True)
+        raise typer.Exit(1) from None
     finally:
-        if "trainer" in locals():
+        if trainer is not None:
             trainer.dist.close()
     if not main:
         return
     if plots:
-        result.plots = plot_run(result.run_dir)
+        notes: list[str] = []
+        try:
+            result.plots = plot_run(result.run_dir, notes)
+        except (OSError, ValueError) as err:  # training is done and saved; only the pictures are missing
+            typer.echo(f"warning: no plots: {os_error_line(err) if isinstance(err, OSError) else err}", err=True)
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
     display.summary(trainer, result)
     if result.interrupted and result.interrupted != "--stop-at":
         typer.echo(f"stopped by {result.interrupted} at step {result.step}; resume with: moec train {spec_path} --resume", err=True)
@@ -57,18 +113,20 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
         raise typer.Exit(EXIT_ON_SIGNAL.get(result.interrupted, 1))
 
 
-def _launch(launch, LaunchError, nproc, spec_path, resume, allow_spec_change, run_dir, device, plots, stop_at, init_from) -> None:
-    """``moec train --nproc N``: the same command on N processes under torch's elastic launcher."""
+def launch_argv(spec_path: Path, resume, allow_spec_change, run_dir, device, plots, stop_at, init_from, allow_data_change) -> list[str]:
+    """The ``moec`` arguments each launched process runs: this command without ``--nproc``."""
     argv = ["train", str(spec_path)]
     argv += ["--resume", resume] if resume is not None else []
     argv += ["--allow-spec-change"] if allow_spec_change else []
+    argv += ["--allow-data-change"] if allow_data_change else []
     argv += ["--run-dir", str(run_dir)] if run_dir is not None else []
     argv += ["--device", device] if device is not None else []
     argv += ["--stop-at", str(stop_at)] if stop_at is not None else []
     argv += ["--init-from", str(init_from)] if init_from is not None else []
-    argv += [] if plots else ["--no-plots"]
-    try:
-        launch(nproc, argv)
-    except LaunchError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+    return argv + ([] if plots else ["--no-plots"])
+
+
+def os_error_line(err: OSError) -> str:
+    """``PATH: reason`` for an OSError, one line."""
+    where = f" {err.filename}" if err.filename else ""
+    return f"cannot write{where}: {err.strerror or err}"

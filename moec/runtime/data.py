@@ -18,16 +18,23 @@ window ``[B, 1(, dims)]`` when the model pools the last position.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import math
+import os
+import stat
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 MAX_TEXT_BYTES = 64 << 20  # read at most this much text: plenty for a CPU-sized model
+MAX_GLOB_ENTRIES = 200_000  # directory entries one pattern may visit (the stdlib is ~15,000)
+MAX_GLOB_SECONDS = 20.0
+MAX_GLOB_FILES = 100_000
 SPLITS = {"train": 0, "val": 1}
 
 
@@ -57,14 +64,55 @@ class Dataset:
     def windows(self, generator: torch.Generator, split: str, size: int) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def fingerprint(self) -> str:
+        """What the batches are drawn from; a resumed run must see the same (synthetic data: the spec says it all)."""
+        return hashlib.sha256(f"{type(self).__name__}:{self.seed}:{self.seq_len}".encode()).hexdigest()
+
 
 def expand_globs(patterns: list[str]) -> list[Path]:
+    """Files matching the patterns (``**`` recursive, hidden names skipped as glob does), bounded in work."""
     stdlib = sysconfig.get_paths()["stdlib"]
     files: set[Path] = set()
     for pattern in patterns:
-        pattern = pattern.replace("stdlib:", stdlib.rstrip("/") + "/", 1) if pattern.startswith("stdlib:") else pattern
-        files |= {Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()}
+        expanded = pattern.replace("stdlib:", stdlib.rstrip("/") + "/", 1) if pattern.startswith("stdlib:") else pattern
+        files |= set(_bounded_glob(expanded, pattern))
+        if len(files) > MAX_GLOB_FILES:
+            raise ValueError(f"train.data.files: the patterns match more than {MAX_GLOB_FILES} files; narrow them")
     return sorted(files)
+
+
+def _bounded_glob(pattern: str, shown: str) -> list[Path]:
+    if not glob.has_magic(pattern):
+        return [Path(pattern)] if Path(pattern).is_file() else []
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root, rest = Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:]
+    deep = "**" in rest
+    visited, started, found = 0, time.monotonic(), []
+    prefix = len(str(root).rstrip(os.sep)) + 1
+    for directory, dirs, names in os.walk(root):
+        below = directory[prefix:]
+        rel = tuple(below.split(os.sep)) if below else ()
+        visited += len(dirs) + len(names)
+        if visited > MAX_GLOB_ENTRIES or time.monotonic() - started > MAX_GLOB_SECONDS:
+            what = f"more than {MAX_GLOB_ENTRIES} directory entries" if visited > MAX_GLOB_ENTRIES else f"more than {MAX_GLOB_SECONDS:.0f} s"
+            raise ValueError(f"train.data.files: pattern {shown!r} takes {what} to expand; narrow it")
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if (deep or len(rel) + 1 < len(rest)) else []
+        found += [os.path.join(directory, name) for name in names if _match(rest, rel + (name,))]
+    return [Path(path) for path in found if os.path.isfile(path)]
+
+
+def _match(pattern: tuple, parts: tuple) -> bool:
+    """Component-wise glob match; ``**`` stands for any number of (non-hidden) directories."""
+    if not pattern:
+        return not parts
+    head, tail = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_match(tail, parts[i:]) for i in range(len(parts))) if tail else bool(parts)
+    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], head) and _match(tail, parts[1:])
 
 
 def is_validation_file(path: Path, root: str, fraction: float) -> bool:
@@ -79,7 +127,7 @@ class TextBytes(Dataset):
         super().__init__(seed, seq_len, pool_last)
         paths = expand_globs(files)
         if not paths:
-            raise ValueError(f"no files match {files}")
+            raise ValueError(f"train.data.files: no files match {files}")
         root = sysconfig.get_paths()["stdlib"]
         parts = {"train": [], "val": []}
         for path in paths:
@@ -88,26 +136,60 @@ class TextBytes(Dataset):
             parts["val"], parts["train"] = paths[:1], paths[1:] or paths[:1]  # too few files to split by hash
         self.files = parts
         self.data = {split: self._read(split_paths) for split, split_paths in parts.items()}
+        digest = hashlib.sha256()
+        for split in ("train", "val"):
+            digest.update(f"{split}:{self.data[split].numel()}:".encode())
+            digest.update(self.data[split].numpy().tobytes())
+        self._fingerprint = digest.hexdigest()
         for split, data in self.data.items():
             if data.numel() <= seq_len + 1:
                 raise ValueError(f"{split} text has {data.numel()} bytes; need more than seq_len + 1 = {seq_len + 1}")
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the bytes the batches come from (both splits, after the byte budget)."""
+        return self._fingerprint
+
     @staticmethod
     def _read(paths: list[Path]) -> torch.Tensor:
-        chunks, total = [], 0
+        """Up to MAX_TEXT_BYTES in all, streamed: a huge file is read only as far as the budget."""
+        buffer, total = bytearray(), 0
         for path in paths:
-            raw = path.read_bytes()[: MAX_TEXT_BYTES - total]
-            chunks.append(raw + b"\n")
-            total += len(raw) + 1
+            buffer += _read_text_file(path, MAX_TEXT_BYTES - total) + b"\n"
+            total = len(buffer)
             if total >= MAX_TEXT_BYTES:
                 break
-        return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).clone()
+        return torch.frombuffer(buffer, dtype=torch.uint8).clone() if buffer else torch.zeros(0, dtype=torch.uint8)
 
     def windows(self, generator, split, size):
         data = self.data[split]
         starts = torch.randint(0, data.numel() - self.seq_len - 1, (size,), generator=generator)
         offsets = torch.arange(self.seq_len + 1)
         return data[starts[:, None] + offsets[None, :]].long()
+
+
+def _read_text_file(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file; unreadable or special files are one clean error."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+    except OSError as err:
+        raise ValueError(f"train.data.files: cannot read {path}: {err.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"train.data.files: {path} is not a regular file")
+        chunks, left = [], limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as err:
+        raise ValueError(f"train.data.files: cannot read {path}: {err.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 class RandomTokens(Dataset):

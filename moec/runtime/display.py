@@ -6,6 +6,7 @@ import contextlib
 import math
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -25,7 +26,7 @@ class Display:
             yield _Bar(progress, task, self.console, trainer.train.steps)
 
     def log(self, message: str) -> None:
-        self.console.log(message)
+        self.console.log(escape(message))  # paths and spec names are user text, never markup
 
     def log_eval(self, row: dict) -> None:
         extra = (f"bits/byte {row['val_bits_per_byte']:.3f}" if "val_bits_per_byte" in row
@@ -33,7 +34,7 @@ class Display:
         self.console.log(f"eval step {row['step']}: val loss {row['val_loss']:.4f}, {extra}")
 
     def summary(self, trainer, result) -> None:
-        table = Table(title=f"moec train {trainer.spec.name}", show_header=False, title_justify="left")
+        table = Table(title=f"moec train {escape(trainer.spec.name)}", show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column()
         rows = [
@@ -47,7 +48,7 @@ class Display:
             rows.append(("best validation loss", f"{result.best_val:.4f} (step {trainer.best_step})"))
         rows += [("run directory", str(result.run_dir)), ("plots", ", ".join(str(p) for p in result.plots) or "-")]
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(escape(cell) for cell in row))
         self.console.print(table)
 
 

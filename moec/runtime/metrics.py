@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -54,19 +55,39 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class MetricsWriter:
+    """Appends one JSON line per row; never leaves a half line, never rewrites in place.
+
+    Resuming keeps the rows up to the checkpoint's step: the file is rewritten to a temporary
+    file and renamed over the old one, so a kill mid-rewrite leaves the old file, not an empty
+    one. A failed append (a full disk) is cut back to the last complete line before the
+    OSError propagates.
+    """
+
     def __init__(self, path: Path, truncate_after: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.skipped: list[str] = []  # torn last lines dropped on resume, for the user to see
         if truncate_after is not None and self.path.exists():
             # Resuming: drop rows past the checkpoint, which the resumed run will write again.
-            rows = [row for row in read_metrics(self.path) if row["step"] <= truncate_after]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            rows = [row for row in read_metrics(self.path, self.skipped) if row.get("step", 0) <= truncate_after]
+            replace_atomically(self.path, "".join(json.dumps(row) + "\n" for row in rows))
         elif truncate_after is None:
-            self.path.write_text("")
+            replace_atomically(self.path, "")
 
     def write(self, row: dict) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(row, allow_nan=True) + "\n")
+        data = (json.dumps(row, allow_nan=True) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+            except OSError as err:
+                os.ftruncate(fd, start)  # freeing space always works: no torn line is left behind
+                raise OSError(err.errno, err.strerror, str(self.path)) from None
+        finally:
+            os.close(fd)
 
 
 class _NoMetrics:
@@ -79,11 +100,48 @@ class _NoMetrics:
 NO_METRICS = _NoMetrics()
 
 
-def read_metrics(path: Path) -> list[dict]:
+def replace_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it and rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class MetricsFileError(ValueError):
+    """metrics.jsonl is damaged before its last line; the message names the file and line."""
+
+
+def read_metrics(path: Path, skipped: list | None = None) -> list[dict]:
+    """Rows of a metrics.jsonl; a torn or unparsable last line (a crash or a full disk mid-write) is
+    skipped and reported in ``skipped`` as ``"FILE:LINE: ..."``, damage anywhere else is a
+    :class:`MetricsFileError`."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as err:
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
+            if number - 1 == last:
+                if skipped is not None:
+                    skipped.append(f"{path}:{number}: skipped a torn last line ({reason})")
+                continue
+            raise MetricsFileError(f"{path}:{number}: not a metrics row ({reason})") from None
+        rows.append(row)
     return rows
 
 

@@ -7,16 +7,16 @@ from pathlib import Path
 from moec.runtime.metrics import read_metrics
 
 
-def plot_run(run_dir: Path) -> list[Path]:
+def plot_run(run_dir: Path, notes: list | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    train = [r for r in rows if r["kind"] == "train"]
-    evals = [r for r in rows if r["kind"] == "eval"]
+    rows = read_metrics(run_dir / "metrics.jsonl", notes)
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
     if not train:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} has no training rows")
     written = [_loss(plt, run_dir, train, evals), _throughput(plt, run_dir, train)]
@@ -41,7 +41,7 @@ def _loss(plt, run_dir, train, evals) -> Path:
     ax.yaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("step")
     ax.set_ylabel("loss (log scale)")
-    ax.set_title(f"{run_dir.name}: loss")
+    ax.set_title(f"{_title(run_dir)}: loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return _save(plt, fig, run_dir / "loss.png")
@@ -52,7 +52,7 @@ def _throughput(plt, run_dir, train) -> Path:
     ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"{run_dir.name}: throughput")
+    ax.set_title(f"{_title(run_dir)}: throughput")
     ax.grid(True, alpha=0.3)
     return _save(plt, fig, run_dir / "throughput.png")
 
@@ -71,8 +71,12 @@ def _utilisation(plt, run_dir, train) -> Path:
         ax.set_ylabel(f"{layer}\nexpert", fontsize=8)
         fig.colorbar(image, ax=ax, label="load x E (1 = even)")
     axes[-1, 0].set_xlabel("step")
-    fig.suptitle(f"{run_dir.name}: expert utilisation per MoE layer")
+    fig.suptitle(f"{_title(run_dir)}: expert utilisation per MoE layer")
     return _save(plt, fig, run_dir / "experts.png")
+
+
+def _title(run_dir: Path) -> str:
+    return run_dir.name.replace("$", r"\$")  # a '$' would start matplotlib mathtext
 
 
 def _save(plt, fig, path: Path) -> Path:

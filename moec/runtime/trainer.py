@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ class TrainingError(RuntimeError):
     """A run that cannot go on: the message is for the user (no traceback)."""
 
 
+class Aborted(TrainingError):
+    """A second SIGINT / SIGTERM: stop now, without finishing the step or saving."""
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -54,9 +59,9 @@ class RunResult:
 
 class Trainer:
     def __init__(self, spec, run_dir: Path | None = None, resume: str | None = None, allow_spec_change: bool = False,
-                 device: str | None = None, display=None, init_from: Path | None = None):
+                 device: str | None = None, display=None, init_from: Path | None = None, allow_data_change: bool = False):
         self.spec, self.train = spec, spec.train
-        self.run_dir = Path(run_dir or spec.train.checkpoint.dir)
+        self.run_dir = checked_run_dir(spec.train.checkpoint.dir if run_dir is None else run_dir)
         self.program = compile_spec(spec)
         try:
             self.dist = init_distributed(spec, parallel_module(self.program), device)
@@ -84,9 +89,12 @@ class Trainer:
                                  for layer, moe in self.program.moe_layers() if ROUTERS[moe.router.kind].selection_bias}
         self.start_step, self.best_val, self.best_step = 0, math.inf, None
         if resume is not None:
-            self._resume(resume, allow_spec_change)
+            self._resume(resume, allow_spec_change, allow_data_change)
         truncate = self.start_step if resume else None
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after=truncate) if self.dist.is_main else NO_METRICS
+        for note in getattr(self.metrics, "skipped", ()):
+            if self.display:
+                self.display.log(note)
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -117,24 +125,48 @@ class Trainer:
 
             load_weights(self.model, path)
 
-    def _resume(self, resume: str, allow_spec_change: bool) -> None:
+    def _resume(self, resume: str, allow_spec_change: bool, allow_data_change: bool) -> None:
         ckpt.remove_partial(self.run_dir)
-        if resume == "latest":
-            found = ckpt.list_checkpoints(self.run_dir)
-            if not found:
-                raise TrainingError(f"nothing to resume: no complete checkpoint under {ckpt.checkpoint_root(self.run_dir)}")
-            info = found[-1]
-        else:
-            info = ckpt.read_checkpoint(Path(resume))
-            if info is None:
-                raise TrainingError(f"{resume} is not a complete checkpoint (no {ckpt.META})")
+        info = self._find_checkpoint(resume)
         self._check_spec(info.meta["spec"], allow_spec_change)
-        ckpt.load_checkpoint(info.path, self.model, self.optimizer)
+        saved_data = info.manifest.get("data_fingerprint")
+        if saved_data != self.data.fingerprint and not allow_data_change:
+            raise TrainingError(f"cannot resume from {info.path}: the training data changed since the checkpoint (fingerprint "
+                                f"{str(saved_data)[:12]} -> {self.data.fingerprint[:12]}); pass --allow-data-change to accept")
+        try:
+            ckpt.load_checkpoint(info.path, self.model, self.optimizer)
+        except ckpt.CheckpointError as err:
+            raise TrainingError(f"cannot resume: {err}") from None
         self.start_step = info.step
         # meta.json stores "no validation yet" as null (JSON has no infinity)
         best = info.meta.get("best_val")
         self.best_val, self.best_step = (math.inf if best is None else best), info.meta.get("best_step")
         self.resumed_from = info.path
+
+    def _find_checkpoint(self, resume: str) -> ckpt.CheckpointInfo:
+        """``latest``: the newest checkpoint, verified (a damaged one is refused); ``latest-valid``: the
+        newest one that verifies, skipping damaged ones with a note; anything else: that path, verified."""
+        if resume not in ("latest", "latest-valid"):
+            try:
+                return ckpt.verify_checkpoint(Path(resume))
+            except ckpt.CheckpointError as err:
+                raise TrainingError(f"cannot resume: {err}") from None
+        try:
+            candidates = ckpt.checkpoint_dirs(self.run_dir)
+        except ckpt.CheckpointError as err:
+            raise TrainingError(f"cannot resume: {err}") from None
+        if not candidates:
+            raise TrainingError(f"nothing to resume: no complete checkpoint under {ckpt.checkpoint_root(self.run_dir)}")
+        for path in reversed(candidates):
+            try:
+                return ckpt.verify_checkpoint(path)
+            except ckpt.CheckpointError as err:
+                if resume == "latest":
+                    raise TrainingError(f"cannot resume: {err}; --resume latest-valid resumes from the newest checkpoint "
+                                        "that verifies") from None
+                if self.display:
+                    self.display.log(f"skipping a damaged checkpoint: {err}")
+        raise TrainingError(f"nothing to resume: no checkpoint under {ckpt.checkpoint_root(self.run_dir)} verifies")
 
     def _check_spec(self, saved: dict, allow_spec_change: bool) -> None:
         current = self.spec.model_dump(mode="json")
@@ -161,11 +193,14 @@ class Trainer:
                 row = self._train_step(step)
                 tokens_seen += self.train.batch * self.train.seq_len
                 result.final_train_loss, result.step = row["task_loss"], step + 1
-                self.metrics.write(row)
-                if self._due(self.train.eval.every, step):
-                    result.last_eval = self._evaluate(step + 1, result)
-                if self._due(self.train.checkpoint.every, step) or self.stop_signal:
-                    self._save(step + 1)
+                try:
+                    self.metrics.write(row)
+                    if self._due(self.train.eval.every, step) and not self._signalled:
+                        result.last_eval = self._evaluate(step + 1, result) or result.last_eval
+                    if self._due(self.train.checkpoint.every, step) or self.stop_signal:
+                        self._save(step + 1)
+                except OSError as err:  # a full disk or a run directory gone read-only: stop cleanly
+                    raise TrainingError(self._write_failed(err)) from None
                 if bar is not None:
                     bar.update(row, result.last_eval)
                 if self.stop_signal:
@@ -175,6 +210,10 @@ class Trainer:
         result.tokens_per_s = tokens_seen / max(result.seconds, 1e-9)
         result.best_val = self.best_val
         return result
+
+    @property
+    def _signalled(self) -> bool:
+        return self.stop_signal not in (None, "--stop-at")
 
     def _due(self, every: int, step: int) -> bool:
         last = step + 1 == self.train.steps
@@ -250,9 +289,17 @@ class Trainer:
 
     def _diverged_message(self, step: int, loss: torch.Tensor, inputs: torch.Tensor) -> str:
         where = describe_nonfinite(self.program, self.model, inputs, self.train.seed)
+        return f"loss is {loss.item()} at step {step + 1}: {where}; {self._last_checkpoint('good')}"
+
+    def _last_checkpoint(self, what: str = "complete") -> str:
         found = ckpt.list_checkpoints(self.run_dir)
-        last = f"the last good checkpoint is {found[-1].path} (step {found[-1].step})" if found else "no checkpoint was written yet"
-        return f"loss is {loss.item()} at step {step + 1}: {where}; {last}"
+        return f"the last {what} checkpoint is {found[-1].path} (step {found[-1].step})" if found else "no checkpoint was written yet"
+
+    def _write_failed(self, err: OSError) -> str:
+        where = err.filename or self.run_dir
+        if err.errno in ckpt.NO_SPACE:
+            return f"no space left on the device writing {where}; {self._last_checkpoint()}"
+        return f"cannot write {where}: {err.strerror or err}; {self._last_checkpoint()}"
 
     def _update_selection_bias(self, health: dict) -> None:
         """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts."""
@@ -261,10 +308,14 @@ class Trainer:
             bias.add_(rate * torch.sign(1.0 / load.numel() - load))
 
     @torch.no_grad()
-    def _evaluate(self, step: int, result: RunResult) -> dict:
+    def _evaluate(self, step: int, result: RunResult) -> dict | None:
+        """The validation row, or None when a signal arrived mid-way (a partial mean is not written)."""
         self.model.eval()
         losses = []
         for index in range(self.train.eval.batches):
+            if self._signalled:  # SIGINT during a long evaluation: stop within one batch
+                self.model.train()
+                return None
             batch = self.data.batch("val", index, self.train.batch)
             inputs, targets = (local_slice(t, self.dist).to(self.device) for t in (batch.inputs, batch.targets))
             with self._autocast():
@@ -289,18 +340,24 @@ class Trainer:
         meta = {"spec": self.spec.model_dump(mode="json"), "spec_sha256": self.program.manifest["spec"]["sha256"],
                 "data_position": step, "best_val": self.best_val if math.isfinite(self.best_val) else None,
                 "best_step": self.best_step, "lrs": [g["lr"] for g in self.optimizer.param_groups]}
-        path = ckpt.save_checkpoint(self.run_dir, step, self.model, self.optimizer, meta, self.dist)
         policy = self.train.checkpoint
+        best = self.best_step if policy.keep_best else None
         if self.dist.is_main:
-            ckpt.prune(self.run_dir, policy.keep_last, self.best_step if policy.keep_best else None)
+            ckpt.prune_before_save(self.run_dir, policy.keep_last, best)
+        path = ckpt.save_checkpoint(self.run_dir, step, self.model, self.optimizer, meta, self.data.fingerprint, self.dist)
+        if self.dist.is_main:
+            ckpt.prune(self.run_dir, policy.keep_last, best)
         if self.display:
             self.display.log(f"checkpoint {path}")
 
     @contextlib.contextmanager
     def _signals(self):
-        """SIGINT / SIGTERM finish the current step, save a checkpoint and stop."""
+        """SIGINT / SIGTERM finish the current step, save a checkpoint and stop; a second one aborts at once."""
         def stop(signum, frame):
-            self.stop_signal = signal.Signals(signum).name
+            name = signal.Signals(signum).name
+            if self._signalled:
+                raise Aborted(f"stopped by a second {name} without saving; {self._last_checkpoint()}")
+            self.stop_signal = name
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -309,3 +366,16 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+
+def checked_run_dir(value) -> Path:
+    """The run directory, refusing ones where a run would write over unrelated files."""
+    text = str(value).strip()
+    if not text:
+        raise TrainingError("the run directory is empty: set train.checkpoint.dir or --run-dir to a directory of its own")
+    path = Path(text).expanduser()
+    resolved = path.resolve()
+    home = Path.home().resolve()
+    if resolved == Path(resolved.anchor) or resolved == home or resolved in Path.cwd().resolve().parents or resolved == Path.cwd().resolve():
+        raise TrainingError(f"refusing run directory {text!r} (it is {resolved}): a run writes metrics.jsonl, plots and "
+                            "checkpoints there; use a directory of its own such as runs/<name>")
+    return path

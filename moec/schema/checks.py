@@ -16,6 +16,7 @@ from moec.schema.spec import Spec
 Finding = tuple[tuple, str]
 MAX_PARAMS = 10**13  # 10T: far past any model this compiler targets, far short of overflow
 MAX_DFT_LEN = 4096  # beyond this a DFT matmul costs more memory than it is worth
+MAX_LAYERS = 4096  # unrolled layers: 40x gpt_oss_120b's; a graph of ~100 nodes each stays cheap to build
 
 
 def run_checks(spec: Spec) -> list[Finding]:
@@ -223,36 +224,57 @@ def _pooled_load_balance(spec: Spec) -> Iterator[Finding]:
 
 
 def _size_is_sane(spec: Spec) -> Iterator[Finding]:
+    layers = sum(block.repeat * sum(getattr(layer, "depth", 1) for layer in block.layers) for block in spec.model.blocks)
+    if layers > MAX_LAYERS:
+        yield ("model", "blocks"), (f"unroll to {layers} layers (repeat x layers, a spectral_moe counted once per depth step), "
+                                    f"over the limit of {MAX_LAYERS}")
+        return  # counting parameters of a layer bomb is fine, but one message is enough
     params = estimate_params(spec)
     if params > MAX_PARAMS:
         yield ("model",), f"has about {params:.3g} parameters, over the {MAX_PARAMS:.0e} limit"
 
 
 def estimate_params(spec: Spec) -> int:
-    """Parameter count from the spec alone (weights only; norms and biases included)."""
+    """Every parameter and buffer the lowering creates, from the spec alone (exact: tested per spec)."""
     model, d = spec.model, spec.model.d_model
-    total = model.inputs.vocab * d if model.inputs.kind == "tokens" else model.inputs.dims * d
+    total = model.inputs.vocab * d if model.inputs.kind == "tokens" else model.inputs.dims * d + d
     total += model.max_seq_len * d if model.position == "learned" else 0
     for block in model.blocks:
-        per_block = sum(_layer_params(layer, d) + 2 * d for layer in block.layers)
-        total += block.repeat * per_block
-    out = model.inputs.vocab if model.head.kind == "lm" else model.head.out_dims
-    tied = model.head.kind == "lm" and model.head.tie_embeddings
-    return total + (0 if tied else out * d) + 2 * d
+        norm = _norm_params(block.norm, d)
+        total += block.repeat * sum(_layer_params(layer, spec) + norm for layer in block.layers)
+    total += _norm_params(model.final_norm, d) if model.final_norm is not None else 0
+    if model.head.kind == "lm":
+        return total + (0 if model.head.tie_embeddings else model.inputs.vocab * d)
+    return total + model.head.out_dims * (d + 1)
 
 
-def _ffn_params(width: int, hidden: int, activation: str) -> int:
+def _norm_params(norm, width: int) -> int:
+    return width if norm.kind == "rmsnorm" else 2 * width
+
+
+def _ffn_params(width: int, hidden: int, activation: str, bias: bool = False) -> int:
     gates = 2 if activation in GATED_ACTIVATIONS else 1
-    return (gates + 1) * width * hidden
+    return (gates + 1) * width * hidden + ((hidden + width) if bias else 0)
 
 
-def _layer_params(layer, d: int) -> int:
+def _layer_params(layer, spec: Spec) -> int:
+    d = spec.model.d_model
     if layer.kind == "attention":
-        return d * layer.head_dim * (layer.heads * 2 + layer.kv_heads * 2)
+        q, kv = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
+        return d * (2 * q + 2 * kv) + ((q + 2 * kv + d) if layer.bias else 0)
     if layer.kind == "mlp":
-        return _ffn_params(d, layer.hidden, layer.activation)
-    moe, width = (layer, d) if layer.kind == "moe" else (layer.moe, 2 * d)
-    total = width * moe.experts + moe.experts * _ffn_params(width, moe.expert.hidden, moe.expert.activation)
+        return _ffn_params(d, layer.hidden, layer.activation, layer.bias)
+    if layer.kind == "moe":
+        return _moe_params(layer, d, d)
+    width = 2 * d  # spectral: real and imaginary channels; the band table is shared by the depth steps
+    band = (spec.model.max_seq_len // 2 + 1) * width if layer.band == "embedding" else 0
+    return band + _moe_params(layer.moe, width, width + 1 if layer.band == "index_feature" else width)
+
+
+def _moe_params(moe, width: int, router_width: int) -> int:
+    expert = moe.expert
+    total = router_width * moe.experts + moe.experts * _ffn_params(width, expert.hidden, expert.activation, expert.bias)
+    total += moe.experts if moe.router.kind == "sigmoid_bias" else 0  # the selection-bias buffer
     if moe.shared_experts is not None:
-        total += moe.shared_experts.count * _ffn_params(width, moe.shared_experts.hidden, moe.expert.activation)
+        total += _ffn_params(width, moe.shared_experts.count * moe.shared_experts.hidden, expert.activation)
     return total

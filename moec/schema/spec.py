@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
+from pydantic_core import PydanticCustomError
 
 from moec.schema.base import Base
 from moec.schema.model import GATED_ACTIVATIONS, Model
@@ -29,6 +30,16 @@ class Spec(Base):
     sharding: Sharding = Field(default_factory=Sharding)
     schedule: Schedule = Field(default_factory=Schedule)
     train: Train
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, value):
+        # Literal[1] alone would take `true` and `1.0` (both == 1): a version is written as 1.
+        if type(value) is not int:
+            kind = {bool: "a boolean", float: "a number", str: "a string"}.get(type(value), type(value).__name__)
+            raise PydanticCustomError("moec_version", "must be the integer 1, got {kind} {value}",
+                                      {"kind": kind, "value": repr(value)})
+        return value
 
     # Where the spec came from: set by moec.load_spec, used for `# file:line` provenance.
     _source: object = PrivateAttr(default=None)

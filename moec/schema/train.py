@@ -79,6 +79,16 @@ class RandomTokensData(Base):
 Data = Annotated[Union[TextData, SignalsData, TrajectoriesData, RandomTokensData], Field(discriminator="kind")]
 
 
+def _root_like(text: str) -> bool:
+    import posixpath
+
+    stripped = text.strip()
+    if not stripped or "\x00" in stripped:
+        return True
+    norm = posixpath.normpath(stripped)
+    return norm in (".", "..", "/", "//", "~") or norm.startswith("../") and set(norm.split("/")) <= {".."}
+
+
 class CheckpointPolicy(Base):
     """When checkpoints are written and which are kept."""
 
@@ -86,6 +96,14 @@ class CheckpointPolicy(Base):
     keep_last: PosInt = 3
     keep_best: bool = True
     dir: str | None = Field(None, description="Default: runs/<name>.")
+
+    @model_validator(mode="after")
+    def _dir_of_its_own(self):
+        # A run writes metrics.jsonl, plots and checkpoints into this directory; "" or "." would
+        # write them among unrelated files, "/" or "~" over a whole tree.
+        if self.dir is not None and _root_like(self.dir):
+            raise field_error("dir", f"{self.dir!r} is not a directory of its own; use e.g. runs/<name>")
+        return self
 
 
 class Eval(Base):
