@@ -253,15 +253,14 @@ def _norm_params(norm, width: int) -> int:
 
 
 def _ffn_params(width: int, hidden: int, activation: str, bias: bool = False) -> int:
-    gates = 2 if activation in GATED_ACTIVATIONS else 1
-    return (gates + 1) * width * hidden + ((hidden + width) if bias else 0)
+    gates = 2 if activation in GATED_ACTIVATIONS else 1  # a gated FFN has a gate projection (and bias) too
+    return (gates + 1) * width * hidden + ((gates * hidden + width) if bias else 0)
 
 
 def _layer_params(layer, spec: Spec) -> int:
     d = spec.model.d_model
     if layer.kind == "attention":
-        q, kv = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
-        return d * (2 * q + 2 * kv) + ((q + 2 * kv + d) if layer.bias else 0)
+        return _attention_params(layer, d)
     if layer.kind == "mlp":
         return _ffn_params(d, layer.hidden, layer.activation, layer.bias)
     if layer.kind == "moe":
@@ -271,10 +270,22 @@ def _layer_params(layer, spec: Spec) -> int:
     return band + _moe_params(layer.moe, width, width + 1 if layer.band == "index_feature" else width)
 
 
+def _attention_params(layer, d: int) -> int:
+    q, kv = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
+    total = d * (2 * q + 2 * kv)
+    total += {True: q + 2 * kv + d, "qkv": q + 2 * kv}.get(layer.bias, 0)
+    total += layer.heads if layer.sinks else 0
+    if layer.qk_norm is not None:
+        total += 2 * layer.head_dim if layer.qk_norm.scope == "head" else q + kv
+    return total
+
+
 def _moe_params(moe, width: int, router_width: int) -> int:
     expert = moe.expert
     total = router_width * moe.experts + moe.experts * _ffn_params(width, expert.hidden, expert.activation, expert.bias)
     total += moe.experts if moe.router.kind == "sigmoid_bias" else 0  # the selection-bias buffer
+    total += moe.experts if moe.router.bias else 0
     if moe.shared_experts is not None:
         total += _ffn_params(width, moe.shared_experts.count * moe.shared_experts.hidden, expert.activation)
+        total += width if moe.shared_experts.gate else 0
     return total

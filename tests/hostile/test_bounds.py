@@ -6,7 +6,7 @@ import time
 import pytest
 
 import moec
-from moec.backends.torch.build import build_model
+from moec.compile import build_model
 from moec.runtime import data as data_mod
 from moec.schema.checks import estimate_params
 from tests.conftest import SPEC_FILES
@@ -92,6 +92,24 @@ def test_the_estimate_equals_the_built_count_for_every_bundled_spec(path):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_the_estimate_equals_the_built_count_for_every_layer_option(name):
     spec = _variant(VARIANTS[name])
+    assert estimate_params(spec) == _built_count(spec)
+
+
+HF_FEATURES = {  # the options the Hugging Face families brought (tests/interop)
+    "qkv_bias_head_qk_norm": "        - kind: attention\n          heads: 4\n          bias: qkv\n          qk_norm: {scope: head}\n",
+    "projection_qk_norm_sinks": "        - kind: attention\n          heads: 4\n          qk_norm: {scope: projection}\n          sinks: true\n",
+    "router_bias_gated_shared_expert_gate_bias": (
+        "        - kind: moe\n          experts: 4\n          top_k: 2\n          router: {bias: true}\n"
+        "          shared_experts: {count: 1, hidden: 8, gate: true}\n          expert: {hidden: 8, activation: swiglu, bias: true}\n"),
+    "gated_mlp_bias": "        - kind: mlp\n          activation: geglu\n          bias: true\n",
+}
+
+
+@pytest.mark.parametrize("name", list(HF_FEATURES))
+def test_the_estimate_counts_the_hf_family_options(name):
+    from tests.passes.helpers import spec_with
+
+    spec = spec_with(HF_FEATURES[name], name=name)
     assert estimate_params(spec) == _built_count(spec)
 
 
@@ -216,6 +234,6 @@ def test_a_model_larger_than_the_machines_memory_is_refused_before_building(monk
     spec = moec.load_spec_text(text, file="token_routed.yaml")
     with pytest.raises(trainer_mod.TrainingError) as caught:
         trainer_mod.Trainer(spec, run_dir="runs/never", device="cpu")
-    assert str(caught.value).startswith("token_routed.yaml:8: the run needs about 2")
-    assert str(caught.value).endswith(" GiB per device (parameters, gradients and AdamW 271.9 GiB, activations ~2.0 GiB) but cpu "
-                                      "has 1.0 GiB available; make the model smaller, or shard it over more devices (mesh, sharding.fsdp)")
+    assert str(caught.value) == ("token_routed.yaml:9: the run needs about 2319.9 GiB per device (parameters, gradients and AdamW "
+                                 "271.9 GiB, activations ~2048.0 GiB) but cpu has 1.0 GiB available; make the model smaller, "
+                                 "or shard it over more devices (mesh, sharding.fsdp)")
