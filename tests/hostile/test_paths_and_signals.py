@@ -7,7 +7,7 @@ import time
 import moec
 from moec.runtime import checkpoint as ckpt
 from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Aborted, Trainer
+from moec.runtime.trainer import Trainer
 from tests.hostile.helpers import moec_cli, write_spec
 from tests.runtime.helpers import quick_text
 

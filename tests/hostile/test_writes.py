@@ -12,9 +12,9 @@ from torch.distributed.checkpoint import filesystem as dcp_fs
 from moec.runtime import checkpoint as ckpt
 from moec.runtime import metrics
 from moec.runtime.metrics import MetricsWriter, read_metrics
-from moec.runtime.trainer import Trainer, TrainingError
+from moec.runtime.trainer import Trainer
 from tests.hostile.helpers import copy_run, moec_cli, tree_digest, write_spec
-from tests.runtime.helpers import quick_spec, quick_text
+from tests.runtime.helpers import quick_text
 
 import moec
 

@@ -6,7 +6,6 @@ Each kernel takes ``(ctx, attrs, *inputs)`` and returns a tensor or a tuple of t
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
