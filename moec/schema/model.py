@@ -81,6 +81,12 @@ class QkNorm(Base):
     eps: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-6
 
 
+def _no_dropout(dropout: float) -> None:
+    """Dropout is accepted by the schema but no backend applies it yet: refuse it rather than ignore it."""
+    if dropout > 0:
+        raise field_error("dropout", f"is not implemented yet (the model would train without it); remove it, got {dropout}")
+
+
 class Attention(Base):
     """Multi-head self-attention; ``kv_heads < heads`` is grouped-query attention."""
 
@@ -95,12 +101,13 @@ class Attention(Base):
     qk_norm: QkNorm | None = None
     sinks: bool = Field(False, description="A learned logit per head joins each softmax row and takes probability mass (GPT-OSS).")
     window: Dim | None = Field(None, description="Sliding window: a query sees itself and the window - 1 keys before it. null: all.")
-    dropout: Prob = 0.0
+    dropout: Prob = Field(0.0, description="Not implemented yet: only 0 is accepted.")
 
     @model_validator(mode="after")
     def _window_is_causal(self) -> "Attention":
         if self.window is not None and not self.causal:
             raise field_error("window", "a sliding window is implemented for causal attention only")
+        _no_dropout(self.dropout)
         return self
 
 
@@ -112,10 +119,11 @@ class Mlp(Base):
     hidden: Dim | None = Field(None, description=DEFAULT_HIDDEN)
     activation: Activation = "gelu"
     bias: bool = False
-    dropout: Prob = 0.0
+    dropout: Prob = Field(0.0, description="Not implemented yet: only 0 is accepted.")
 
     @model_validator(mode="after")
     def _not_clamped(self) -> "Mlp":
+        _no_dropout(self.dropout)
         if self.activation == "clamped_swiglu":
             raise field_error("activation", "'clamped_swiglu' is an expert activation (GPT-OSS); use 'swiglu' for a dense layer")
         return self
