@@ -63,7 +63,7 @@ class Trainer:
         self.run_dir = checked_run_dir(spec.train.checkpoint.dir if run_dir is None else run_dir)
         self.program = compile_spec(spec)
         try:
-            self.dist = init_distributed(spec, parallel_module(self.program), device)
+            self.dist = init_distributed(spec, parallel_module(self.program), device, spec.train.collective_timeout_s)
         except LaunchError as err:
             raise TrainingError(str(err)) from None
         self.device = self.dist.device

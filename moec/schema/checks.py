@@ -12,6 +12,7 @@ from typing import Iterator
 from moec.schema.errors import format_path
 from moec.schema.model import GATED_ACTIVATIONS
 from moec.schema.spec import Spec
+from moec.schema.train import DEFAULT_COLLECTIVE_TIMEOUT_S
 
 Finding = tuple[tuple, str]
 MAX_PARAMS = 10**13  # 10T: far past any model this compiler targets, far short of overflow
@@ -176,6 +177,8 @@ def _options_are_used(spec: Spec) -> Iterator[Finding]:
     for group in ("lr_router", "lr_experts"):
         if not has_moe and getattr(optimizer, group) != optimizer.lr:
             yield ("train", "optimizer", group), "is set but the model has no moe or spectral_moe layer"
+    if spec.mesh.world_size == 1 and spec.train.collective_timeout_s != DEFAULT_COLLECTIVE_TIMEOUT_S:
+        yield ("train", "collective_timeout_s"), "is used only when the mesh has more than one device (world_size is 1)"
     for op in ("moe", "spectral_moe"):
         if getattr(spec.schedule.kernels, op) != "auto" and op not in kinds:
             yield ("schedule", "kernels", op), f"chooses a kernel for '{op}', but the model has no {op} layer"

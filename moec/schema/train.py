@@ -113,6 +113,9 @@ class Eval(Base):
     batches: PosInt = 8
 
 
+DEFAULT_COLLECTIVE_TIMEOUT_S = 120.0
+
+
 class Train(Base):
     """Seed, data, optimiser and schedule of a training run."""
 
@@ -127,6 +130,9 @@ class Train(Base):
     data: Data
     checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
     eval: Eval = Field(default_factory=Eval)
+    collective_timeout_s: Annotated[float, Field(gt=0, le=86400)] = Field(
+        DEFAULT_COLLECTIVE_TIMEOUT_S, description="Multi-process runs: how long a rank waits for the others in a collective "
+        "before the job fails (a dead or hung rank ends the job instead of hanging it).")
 
     @model_validator(mode="after")
     def _counts_fit(self) -> "Train":

@@ -26,6 +26,7 @@ MESHES = {
     "dp_ep": "mesh: {world_size: 4, axes: {dp: 2, ep: 2}}\nsharding: {batch: [dp, ep], experts: [ep]}\n",
 }
 PROCESSES = {"ddp": 2, "fsdp": 2, "ep": 2, "dp_ep": 4}
+FINISHED: dict[str, list[float]] = {}  # kind -> losses of the run above, for the determinism test
 
 
 def spec_text(mesh: str = "") -> str:
@@ -45,6 +46,7 @@ def single(tmp_path_factory):
 
 
 def run_processes(tmp_path: Path, kind: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / f"{kind}.yaml"
     spec.write_text(spec_text(MESHES[kind]))
     moec_script = Path(sys.executable).parent / "moec"
@@ -59,6 +61,7 @@ def run_processes(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind", list(MESHES))
 def test_several_processes_give_the_single_process_losses(kind, single, tmp_path):
     run_dir = run_processes(tmp_path, kind)
+    FINISHED[kind] = train_losses(run_dir)
     expected, got = train_losses(single), train_losses(run_dir)
     assert len(got) == 5 and got == pytest.approx(expected, rel=1e-5)
     # The gradient norm covers every parameter: expert gradients reduced over the wrong ranks (scaled by
@@ -78,6 +81,14 @@ def test_several_processes_give_the_single_process_losses(kind, single, tmp_path
         spec = moec.load_spec_text(spec_text(), file="single.yaml")
         Trainer(spec, run_dir=resumed, resume="latest", allow_spec_change=True).run()
         assert train_losses(resumed) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_expert_parallel_runs_are_bitwise_identical(tmp_path):
+    """schedule.deterministic on the CPU: the all-to-all exchange and the reductions repeat exactly."""
+    first = FINISHED.get("ep") or train_losses(run_processes(tmp_path / "first", "ep"))
+    second = train_losses(run_processes(tmp_path / "second", "ep"))
+    assert second == first  # exact float equality, every step
 
 
 def test_a_world_size_that_differs_from_the_mesh_is_one_line(tmp_path):
