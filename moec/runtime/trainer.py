@@ -63,10 +63,12 @@ class Trainer:
         self.run_dir = checked_run_dir(spec.train.checkpoint.dir if run_dir is None else run_dir)
         self.program = compile_spec(spec)
         try:
-            self.dist = init_distributed(spec, parallel_module(self.program), device, spec.train.collective_timeout_s)
+            self.parallel = parallel_module(self.program)  # the generated parallel.py, loaded once
+            self.dist = init_distributed(spec, self.parallel, device, spec.train.collective_timeout_s)
         except LaunchError as err:
             raise TrainingError(str(err)) from None
         self.device = self.dist.device
+        self.expert_parallel = hasattr(self.parallel, "EXPERT_PLACEMENT")
         self.display = display if self.dist.is_main else None
         self.stop_signal: str | None = None
         torch.manual_seed(self.train.seed)
@@ -108,10 +110,10 @@ class Trainer:
         if options.enabled:
             # Under expert parallelism the all-to-all's split sizes are host integers: the exchange stays
             # out of the graph, so the blocks compile in pieces around it (fullgraph would refuse).
-            expert_parallel = bool(parallel_module(self.program).__dict__.get("EXPERT_PLACEMENT"))
+            expert_parallel = self.expert_parallel
             for block in model.blocks:
                 block.forward = compile_(block.forward, **({"fullgraph": False} if expert_parallel else {}))
-        self.model = parallel_module(self.program).parallelize(model, self.dist.mesh)
+        self.model = self.parallel.parallelize(model, self.dist.mesh)
         return self.model
 
     def _init_from(self, path: Path) -> None:
@@ -240,7 +242,7 @@ class Trainer:
             aux_total += out.aux_loss.item() / accum
             stats.append(out.moe_stats)
         if self.dist.distributed:
-            parallel_module(self.program).reduce_gradients(self.model, self.dist.mesh)
+            self.parallel.reduce_gradients(self.model, self.dist.mesh)
         clip = self.train.grad_clip if self.train.grad_clip is not None else math.inf
         grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
         self.optimizer.step()
@@ -258,7 +260,7 @@ class Trainer:
             "tokens_per_s": self.train.batch * self.train.seq_len / max(elapsed, 1e-9),
             "peak_memory_bytes": peak_memory_bytes(self.device), "moe": health,
         }
-        if self.dist.distributed and parallel_module(self.program).__dict__.get("EXPERT_PLACEMENT"):
+        if self.dist.distributed and self.expert_parallel:
             row["expert_parallel_bytes_sent"] = self._all_to_all_bytes()
         return row
 
