@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from moec.backends.torch.blocks import attribute_expr
+
 DTYPE_NAMES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
 
 
@@ -123,7 +125,7 @@ def _placement(plan: ParallelPlan, experts: int, where) -> list[str]:
 
 
 def _expert_functions(plan: ParallelPlan) -> list[str]:
-    modules = ", ".join(_module_expr(path) for path in plan.expert_modules)
+    modules = ", ".join(attribute_expr(path, "model") for path in plan.expert_modules)
     lines = ["", "", "def expert_modules(model: torch.nn.Module) -> list[torch.nn.Module]:",
              f"    return [{modules}]", "", "",
              "def reduce_gradients(model: torch.nn.Module, mesh: DeviceMesh) -> None:"]
@@ -150,10 +152,6 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
         lines.append(f"        dist.all_reduce(grad, group={_flat(other)}.get_group())  # sum over {' x '.join(other)}")
     lines.append(f"        grad.div_({size})  # data-parallel ranks: {' x '.join(plan.data_parallel)}")
     return lines
-
-
-def _module_expr(path: str) -> str:
-    return "model" + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in path.split("."))
 
 
 def _apply(plan: ParallelPlan, blocks: int, where) -> list[str]:

@@ -31,6 +31,11 @@ class Segment:
         return range(self.nodes[0], self.nodes[-1] + 1) if self.nodes else range(0)
 
 
+def attribute_expr(dotted: str, root: str = "self") -> str:
+    """``blocks.3.moe`` -> ``self.blocks[3].moe``: a module or parameter path as Python attribute access."""
+    return root + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in dotted.split("."))
+
+
 def block_of(param_name: str) -> int | None:
     found = _BLOCK.match(param_name)
     return int(found.group(1)) if found else None

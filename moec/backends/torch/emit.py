@@ -13,7 +13,7 @@ import inspect
 import re
 
 from moec.backends.torch import codegen_moe, snippets
-from moec.backends.torch.blocks import Segment, is_fused, segments
+from moec.backends.torch.blocks import Segment, attribute_expr, is_fused, segments
 from moec.backends.torch.modules import block_class, root_class
 from moec.backends.torch.ops import EXPRESSIONS, SNIPPETS_USED_BY
 from moec.ir.graph import Graph, Node, Ref
@@ -114,9 +114,7 @@ def _helpers(graph: Graph, fused: _FusedFunctions) -> list[list[str]]:
 
 def param_expr(name: str, owner: str = "") -> str:
     """``blocks.3.moe.experts.w_up`` -> ``self.blocks[3].moe.experts.w_up`` (``self.moe.experts.w_up`` in ``blocks.3``)."""
-    name = name.removeprefix(owner + ".") if owner else name
-    parts = [f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".")]
-    return "self" + "".join(parts)
+    return attribute_expr(name.removeprefix(owner + ".") if owner else name)
 
 
 class _Writer:

@@ -7,15 +7,10 @@ emitter. The root holds the blocks in ``self.blocks`` (an ``nn.ModuleList``).
 
 from __future__ import annotations
 
-from moec.backends.torch.blocks import Segment, block_of
+from moec.backends.torch.blocks import Segment, attribute_expr, block_of
 from moec.ir.graph import Graph
 
 INIT = "    def __init__(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:"
-
-
-def attribute_path(name: str) -> str:
-    """``blocks.3.moe`` -> ``self.blocks[3].moe``."""
-    return "self" + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split("."))
 
 
 def declarations(graph: Graph, block: int | None) -> list[str]:
@@ -36,11 +31,11 @@ def declarations(graph: Graph, block: int | None) -> list[str]:
         for depth in range(1, len(parts)):
             parent = ".".join(parts[:depth])
             if parent not in made:
-                lines.append(f"        {attribute_path(parent)} = nn.Module()")
+                lines.append(f"        {attribute_expr(parent)} = nn.Module()")
                 made.add(parent)
         shapes = ", ".join(f"{k!r}: {v!r}" for k, v in trainable.items())
         extra = f", {{{', '.join(f'{k!r}: {v!r}' for k, v in frozen.items())}}}" if frozen else ""
-        lines.append(f"        {attribute_path(owner)} = make_parameters(device, dtype, {{{shapes}}}{extra})")
+        lines.append(f"        {attribute_expr(owner)} = make_parameters(device, dtype, {{{shapes}}}{extra})")
         made.add(owner)
     return lines
 
