@@ -45,7 +45,7 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
               init_from=None, allow_data_change: bool = False) -> None:
     """The training loop handles signals itself (finish the step, save); around it a signal exits 130 / 143."""
     from moec import SpecError, load_spec
-    from moec.runtime.distributed import LaunchError, launch, launched_world_size
+    from moec.runtime.distributed import JobStopped, LaunchError, launch, launched_world_size
 
     try:
         spec = load_spec(spec_path)
@@ -59,7 +59,9 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
         options = dict(resume=resume, allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
                        stop_at=stop_at, init_from=init_from, allow_data_change=allow_data_change)
         try:
-            launch(nproc, launch_argv(spec_path, **options))
+            launch(nproc, launch_argv(spec_path, **options), shutdown_timeout_s=spec.train.collective_timeout_s)
+        except JobStopped as stopped:  # rank 0 said at which step and how to resume
+            raise typer.Exit(stopped.code) from None
         except LaunchError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None

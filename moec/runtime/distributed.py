@@ -23,6 +23,17 @@ class LaunchError(RuntimeError):
     """The job cannot start or a rank failed: one line for the user."""
 
 
+class JobStopped(RuntimeError):
+    """The job stopped on SIGINT / SIGTERM after its ranks saved a checkpoint: exit with ``code``."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+STOP_CODES = {130: "SIGINT", 143: "SIGTERM"}  # a rank's exit code after a signal it handled
+
+
 @dataclass
 class DistContext:
     rank: int = 0
@@ -98,6 +109,12 @@ def _device(requested: str | None, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def timed_out(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that waited past the process group's timeout (gloo raises a
+    RuntimeError naming it; NCCL's watchdog a DistBackendError)."""
+    return isinstance(err, dist.DistBackendError) or (isinstance(err, RuntimeError) and "Timed out waiting" in str(err))
+
+
 def local_slice(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """This rank's rows of a global batch (the batch divides by the data-parallel size: validated)."""
     if ctx.dp_size == 1:
@@ -106,17 +123,26 @@ def local_slice(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return batch[ctx.dp_rank * rows:(ctx.dp_rank + 1) * rows]
 
 
-def launch(nproc: int, argv: list[str]) -> None:
-    """Run ``moec <argv>`` on ``nproc`` local processes through torch's elastic launcher."""
+def launch(nproc: int, argv: list[str], shutdown_timeout_s: float = 120.0) -> None:
+    """Run ``moec <argv>`` on ``nproc`` local processes through torch's elastic launcher.
+
+    SIGINT / SIGTERM reach the launcher (the workers run in sessions of their own): it forwards the
+    signal to every worker and waits up to ``shutdown_timeout_s`` while they finish the step and save."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
-                          rdzv_endpoint="127.0.0.1:0", run_id=f"moec-{os.getpid()}", max_restarts=0, monitor_interval=0.5)
+                          rdzv_endpoint="127.0.0.1:0", run_id=f"moec-{os.getpid()}", max_restarts=0, monitor_interval=0.5,
+                          shutdown_timeout=int(shutdown_timeout_s))
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "cli.main", *argv)
+    except SignalException as err:
+        raise JobStopped(128 + err.sigval.value) from None
     except ChildFailedError as err:
         rank, first = err.get_first_failure()
+        if first.exitcode in STOP_CODES:  # a signal on one rank: all ranks stopped after one step, and saved
+            raise JobStopped(first.exitcode) from None
         others = sorted(set(err.failures) - {rank})
         tail = f"; the launcher stopped rank(s) {', '.join(map(str, others))}" if others else ""
         raise LaunchError(f"rank {rank} failed first ({_exit_reason(first.exitcode)}){tail}; "

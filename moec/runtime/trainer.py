@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,9 +26,10 @@ from moec.runtime import checkpoint as ckpt
 from moec.runtime.data import last_value_baseline, make_dataset
 from moec.runtime.diagnose import describe_nonfinite
 from moec.runtime.fit import check_fit
-from moec.runtime.distributed import LaunchError, clip_grad_norm, init_distributed, local_slice
+from moec.runtime.distributed import LaunchError, clip_grad_norm, init_distributed, local_slice, timed_out
 from moec.runtime.metrics import NO_METRICS, MetricsWriter, bits_per_byte, moe_health, peak_memory_bytes
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
+from moec.runtime.stopping import StopRequest
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,7 +70,7 @@ class Trainer:
         self.device = self.dist.device
         self.expert_parallel = hasattr(self.parallel, "EXPERT_PLACEMENT")
         self.display = display if self.dist.is_main else None
-        self.stop_signal: str | None = None
+        self.stop = StopRequest()
         torch.manual_seed(self.train.seed)
         if spec.schedule.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -187,25 +187,28 @@ class Trainer:
         if not self.token_model:
             result.baseline_mse = last_value_baseline(self.data, self.train.eval.batches, self.train.batch)
         started, tokens_seen = time.perf_counter(), 0
-        with self._signals(), (self.display.progress(self) if self.display else contextlib.nullcontext()) as bar:
+        self.stop = StopRequest()
+        with self.stop.handlers(self._aborted), self._collective_timeouts(result), \
+                (self.display.progress(self) if self.display else contextlib.nullcontext()) as bar:
             for step in range(self.start_step, self.train.steps):
                 if stop_at is not None and step + 1 == stop_at:
-                    self.stop_signal = "--stop-at"
+                    self.stop.plan()
                 row = self._train_step(step)
                 tokens_seen += self.train.batch * self.train.seq_len
                 result.final_train_loss, result.step = row["task_loss"], step + 1
+                self.stop.poll(self.dist.distributed, self.device)  # every rank stops after the same step
                 try:
                     self.metrics.write(row)
-                    if self._due(self.train.eval.every, step) and not self._signalled:
+                    if self._due(self.train.eval.every, step) and not self.stop.signalled:
                         result.last_eval = self._evaluate(step + 1, result) or result.last_eval
-                    if self._due(self.train.checkpoint.every, step) or self.stop_signal:
+                    if self._due(self.train.checkpoint.every, step) or self.stop.reason:
                         self._save(step + 1)
                 except OSError as err:  # a full disk or a run directory gone read-only: stop cleanly
                     raise TrainingError(self._write_failed(err)) from None
                 if bar is not None:
                     bar.update(row, result.last_eval)
-                if self.stop_signal:
-                    result.interrupted = self.stop_signal
+                if self.stop.reason:
+                    result.interrupted = self.stop.reason
                     break
         result.seconds = time.perf_counter() - started
         result.tokens_per_s = tokens_seen / max(result.seconds, 1e-9)
@@ -213,8 +216,9 @@ class Trainer:
         return result
 
     @property
-    def _signalled(self) -> bool:
-        return self.stop_signal not in (None, "--stop-at")
+    def stop_signal(self) -> str | None:
+        """The signal (or ``--stop-at``) this run stopped on."""
+        return self.stop.reason or self.stop.pending
 
     def _due(self, every: int, step: int) -> bool:
         last = step + 1 == self.train.steps
@@ -314,7 +318,7 @@ class Trainer:
         self.model.eval()
         losses = []
         for index in range(self.train.eval.batches):
-            if self._signalled:  # SIGINT during a long evaluation: stop within one batch
+            if self.stop.poll(self.dist.distributed, self.device):  # SIGINT during a long evaluation: stop within one batch
                 self.model.train()
                 return None
             batch = self.data.batch("val", index, self.train.batch)
@@ -352,20 +356,19 @@ class Trainer:
             self.display.log(f"checkpoint {path}")
 
     @contextlib.contextmanager
-    def _signals(self):
-        """SIGINT / SIGTERM finish the current step, save a checkpoint and stop; a second one aborts at once."""
-        def stop(signum, frame):
-            name = signal.Signals(signum).name
-            if self._signalled:
-                raise Aborted(f"stopped by a second {name} without saving; {self._last_checkpoint()}")
-            self.stop_signal = name
-
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def _collective_timeouts(self, result: RunResult):
+        """A rank that died or hangs leaves the others waiting in a collective: one line, not gloo's traceback."""
         try:
             yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        except RuntimeError as err:
+            if not (self.dist.distributed and timed_out(err)):
+                raise
+            raise TrainingError(f"a collective did not finish within train.collective_timeout_s "
+                                f"({self.train.collective_timeout_s:g} s) after step {result.step}: another rank died or "
+                                f"hangs; {self._last_checkpoint()}") from None
+
+    def _aborted(self, name: str) -> Aborted:
+        return Aborted(f"stopped by a second {name} without saving; {self._last_checkpoint()}")
 
 
 def checked_run_dir(value) -> Path:

@@ -115,7 +115,6 @@ def test_a_crash_between_writing_and_renaming_leaves_the_previous_checkpoint(tmp
 def test_a_nan_stops_the_run_naming_the_step_and_layer(tmp_path):
     trainer = Trainer(quick_spec(steps=8, every=2), run_dir=tmp_path)
     trainer.run(stop_at=2)
-    trainer.stop_signal = None
     with torch.no_grad():
         dict(trainer.model.named_parameters())["blocks.1.moe.experts.w_up"].fill_(float("nan"))
     trainer.start_step = 2
@@ -140,14 +139,17 @@ def test_kill_9_during_a_save_leaves_a_loadable_checkpoint_and_a_resumable_run(t
     run_dir = tmp_path / "run"
     root = ckpt.checkpoint_root(run_dir)
     proc = _spawn(spec_path, run_dir)
-    deadline, caught_mid_save = time.monotonic() + 120, False
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(ckpt.list_checkpoints(run_dir)) >= 2 and any(root.glob(".tmp-*")):
-            os.kill(proc.pid, signal.SIGKILL)  # while a checkpoint is half written
-            caught_mid_save = True
-            break
-        time.sleep(0.0005)
-    proc.wait(timeout=30)
+    deadline, caught_mid_save = time.monotonic() + 300, False  # generous: a loaded machine compiles slowly
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(ckpt.list_checkpoints(run_dir)) >= 2 and any(root.glob(".tmp-*")):
+                os.kill(proc.pid, signal.SIGKILL)  # while a checkpoint is half written
+                caught_mid_save = True
+                break
+            time.sleep(0.0005)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
     assert caught_mid_save, "never saw a save in progress"
     complete = ckpt.list_checkpoints(run_dir)
     trainer = Trainer(moec.load_spec(spec_path), run_dir=tmp_path / "probe")
