@@ -67,6 +67,8 @@ def _param_placement(spec: Spec, node: Node, axes: list[str], issues: list) -> l
         dim = min(dim, len(shape) - 1)
         placement[axes.index(tensor.axis)] = f"Shard({dim})"
     for axis in sharding.fsdp:
+        if is_expert and axis in sharding.experts:
+            continue  # an ep axis that is also an FSDP axis: the experts are split over it already
         taken = {p for p in placement if p.startswith("Shard")}
         placement[axes.index(axis)] = "Shard(1)" if "Shard(0)" in taken and len(shape) > 1 else "Shard(0)"
     _check_divisible(spec, node, axes, placement, issues)

@@ -24,8 +24,11 @@ MESHES = {
     "fsdp": "mesh: {world_size: 2, axes: {fsdp: 2}}\nsharding: {batch: [fsdp], fsdp: [fsdp]}\n",
     "ep": "mesh: {world_size: 2, axes: {ep: 2}}\nsharding: {batch: [ep], experts: [ep]}\n",
     "dp_ep": "mesh: {world_size: 4, axes: {dp: 2, ep: 2}}\nsharding: {batch: [dp, ep], experts: [ep]}\n",
+    "ep_fsdp": "mesh: {world_size: 2, axes: {ep: 2}}\nsharding: {batch: [ep], fsdp: [ep], experts: [ep]}\n",
+    "fsdp_ep": "mesh: {world_size: 4, axes: {fsdp: 2, ep: 2}}\nsharding: {batch: [fsdp, ep], fsdp: [fsdp, ep], experts: [ep]}\n",
 }
-PROCESSES = {"ddp": 2, "fsdp": 2, "ep": 2, "dp_ep": 4}
+PROCESSES = {"ddp": 2, "fsdp": 2, "ep": 2, "dp_ep": 4, "ep_fsdp": 2, "fsdp_ep": 4}
+EXPERT_PARALLEL = ("ep", "dp_ep", "ep_fsdp", "fsdp_ep")
 FINISHED: dict[str, list[float]] = {}  # kind -> losses of the run above, for the determinism test
 
 
@@ -68,13 +71,13 @@ def test_several_processes_give_the_single_process_losses(kind, single, tmp_path
     # the ep size) would change it, while AdamW's update (and so the loss) would hardly move.
     norms = [[r["grad_norm"] for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "train"] for d in (single, run_dir)]
     assert norms[1] == pytest.approx(norms[0], rel=1e-5)
-    if kind in ("ep", "dp_ep"):  # only routed rows leave a rank: at most every (token, choice) row, there and back, fwd + bwd
+    if kind in EXPERT_PARALLEL:  # only routed rows leave a rank: at most every (token, choice) row, there and back, fwd + bwd
         every_row = 8 * 32 * 2 * 32 * 4 * 2 * 2 * 2  # batch x seq x top_k x d_model x fp32 x (there, back) x (fwd, bwd) x layers
         sent = [r["expert_parallel_bytes_sent"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
         assert all(0 < b < every_row for b in sent), sent
     evals = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals == pytest.approx([r["val_loss"] for r in read_metrics(single / "metrics.jsonl") if r["kind"] == "eval"], rel=1e-5)
-    if kind in ("fsdp", "dp_ep"):  # a checkpoint of sharded DTensors (FSDP2, experts over ep) resumes on 1 process
+    if kind in ("fsdp", "dp_ep", "fsdp_ep"):  # a checkpoint of sharded DTensors (FSDP2, experts over ep) resumes on 1 process
         resumed = tmp_path / "resumed"
         (tmp_path / "run" / "checkpoints" / "step_00000005").rename(tmp_path / "later")
         (tmp_path / "run").rename(resumed)
@@ -103,7 +106,7 @@ def test_a_world_size_that_differs_from_the_mesh_is_one_line(tmp_path):
 
 
 def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
-    for kind in ("ddp", "fsdp", "ep"):
+    for kind in ("ddp", "fsdp", "ep", "fsdp_ep"):
         (tmp_path / f"{kind}.yaml").write_text(spec_text(MESHES[kind]))
         program = moec.compile_spec(moec.load_spec(tmp_path / f"{kind}.yaml"))
         body = program.parallel_source.split("def parallelize")[1].splitlines()
@@ -121,6 +124,20 @@ def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
             ]
             assert "EXPERT_PLACEMENT = {0: (0, 1), 1: (2, 3)}  # ep rank -> (first, last) expert, contiguous" in program.parallel_source
             assert "experts_ffn(rows, counts, experts_w_up, experts_w_gate, experts_w_down, 'silu')" in program.source
+        elif kind == "fsdp_ep":  # experts over ep, then FSDP over fsdp; everything else FSDP over fsdp x ep
+            assert body[5:15] == [
+                f"    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)  # {where}:21 schedule.precision",
+                "    dp_mesh = mesh[('fsdp', 'ep')]._flatten('fsdp_ep')  # FSDP: shard over fsdp x ep",
+                "    expert_mesh = mesh['fsdp']  # experts: FSDP over fsdp, sharded over ep already",
+                "    for experts in expert_modules(model):",
+                "        fully_shard(experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=False)",
+                "    gather_experts_around(model.blocks[0], model.blocks[0].moe.experts)",
+                "    gather_experts_around(model.blocks[1], model.blocks[1].moe.experts)",
+                "    for block in model.blocks:  # blocks.0 .. blocks.1, one unit each",
+                f"        fully_shard(block, mesh=dp_mesh, mp_policy=policy)  # {where}:20 sharding.fsdp",
+                "    fully_shard(model, mesh=dp_mesh, mp_policy=policy)  # the root: embeddings, final norm, head",
+            ]
+            assert program.parallel_source.endswith("            param.grad.to_local().div_(2)  # ep\n")
         else:  # the spec has no precision key: the comment points at its parent, schedule
             assert body[2:7] == [
                 f"    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)  # {where}:21 schedule.precision",

@@ -6,8 +6,10 @@ embeddings, final norm, head); a batch axis plus an FSDP axis is HSDP (``fully_s
 2-D mesh). Batch axes that are not FSDP axes replicate the model with DDP (the composable
 ``replicate``, which keeps the module tree): FSDP2's own ``replicate`` does not work with
 DCP's state-dict API in torch 2.13, and DDP's plain tensors reshard to any data-parallel size.
-Tensor, pipeline, context and expert parallelism are not executed yet: ``unsupported``
-names what a spec asks for that this plan cannot run.
+Expert parallelism shards the routed experts over ``sharding.experts``; with FSDP, the
+experts are also FSDP-sharded over the other FSDP axes (torchtitan's dp-shard-in-ep).
+Tensor, pipeline and context parallelism are not executed yet: ``unsupported`` names what a
+spec asks for that this plan cannot run.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ class ParallelPlan:
     def data_parallel(self) -> tuple[str, ...]:
         return self.replicate + self.shard
 
+    @property
+    def expert_fsdp(self) -> tuple[str, ...]:
+        """The FSDP axes that also shard the (expert-parallel) experts: all but the ep axis."""
+        return tuple(axis for axis in self.shard if axis != self.experts) if self.experts is not None else ()
+
 
 def parallel_plan(spec, expert_modules: tuple[str, ...] = ()) -> ParallelPlan:
     sharding, mesh = spec.sharding, spec.mesh.axes
@@ -65,10 +72,10 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = ()) -> ParallelPlan:
 def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: tuple) -> list[str]:
     """What of the spec's expert parallelism this plan cannot run yet."""
     limits = []
-    if len(experts) > 1 or experts[0] not in replicate:
+    if len(experts) > 1 or experts[0] not in replicate + shard:
         limits.append("expert parallelism over an axis that does not split the batch, or over several axes")
-    if shard:
-        limits.append("expert parallelism together with FSDP")
+    if shard and replicate:
+        limits.append("expert parallelism together with HSDP (an FSDP axis and a replicating batch axis)")
     if spec.schedule.kernels.moe not in ("auto", "grouped_mm"):
         limits.append(f"expert parallelism with kernels.moe '{spec.schedule.kernels.moe}' (it runs grouped_mm)")
     for _, _, layer in spec.model.layers():
@@ -105,8 +112,10 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         "",
         "",
         *(shard_experts_source() + ["", ""] if plan.experts is not None else []),
+        *(gather_experts_source() + ["", ""] if plan.expert_fsdp else []),
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
-        '    """Data parallelism over the batch axes (FSDP2 per block, then the root; or DDP)."""',
+        '    """Data parallelism over the batch axes (FSDP2 per block, then the root; or DDP)'
+        + ('; the routed experts split over the expert-parallel axis."""' if plan.experts is not None else '."""'),
         *_apply(plan, blocks, where),
         "    return model",
         *_expert_functions(plan),
@@ -128,9 +137,20 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
     modules = ", ".join(attribute_expr(path, "model") for path in plan.expert_modules)
     lines = ["", "", "def expert_modules(model: torch.nn.Module) -> list[torch.nn.Module]:",
              f"    return [{modules}]", "", "",
+             "def expert_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:",
+             "    return {param for module in expert_modules(model) for param in module.parameters()}", "", "",
              "def reduce_gradients(model: torch.nn.Module, mesh: DeviceMesh) -> None:"]
     if plan.experts is None:
         return lines + ['    """Nothing to do: DDP / FSDP2 reduce the gradients during backward."""']
+    if plan.expert_fsdp:
+        return lines + [
+            '    """FSDP averaged every gradient over its mesh. An expert\'s owner had already summed its',
+            "    expert-parallel group's contributions (the all-to-all's backward), so expert gradients are",
+            "    also divided by the ep size (FSDP's own divide factor would need PREMUL_SUM, which gloo lacks).\"\"\"",
+            "    for param in expert_parameters(model):",
+            "        if param.grad is not None:",
+            f"            param.grad.to_local().div_({plan.axes[plan.experts]})  # ep",
+        ]
     other = tuple(axis for axis in plan.data_parallel if axis != plan.experts)
     size = " * ".join(str(plan.axes[a]) for a in plan.data_parallel)
     lines += [
@@ -138,14 +158,15 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
         "    expert-parallel group (the all-to-all's backward brings every rank's rows), so experts are",
         '    summed over the other batch axes only, then divided by all data-parallel ranks: averaging',
         '    over ep as well would scale expert gradients by the ep size."""',
-        f"    data_parallel = {_flat(plan.data_parallel)}.get_group()  # {' x '.join(plan.data_parallel)}",
-        "    experts = {id(param) for module in expert_modules(model) for param in module.parameters()}",
+        *([] if plan.shard else [f"    data_parallel = {_flat(plan.data_parallel)}.get_group()  # {' x '.join(plan.data_parallel)}"]),
+        "    experts = expert_parameters(model)",
         "    for param in model.parameters():",
         "        if param.grad is None:",
         "            continue",
-        "        if id(param) not in experts:",
-        "            dist.all_reduce(param.grad, op=dist.ReduceOp.AVG, group=data_parallel)",
-        "            continue",
+        "        if param not in experts:",
+        *(["            continue  # FSDP reduced it"] if plan.shard else [
+          "            dist.all_reduce(param.grad, op=dist.ReduceOp.AVG, group=data_parallel)",
+          "            continue"]),
         "        grad = param.grad.to_local()",
     ]
     if other:
@@ -157,14 +178,10 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
 def _apply(plan: ParallelPlan, blocks: int, where) -> list[str]:
     if not plan.data_parallel:
         return ["    # no data-parallel axis larger than 1: every rank holds the whole model"]
-    if plan.experts is not None:
+    if plan.experts is not None and not plan.shard:
         # DDP is not used here: its first forward replaces DTensor parameters that live on another
         # mesh than its own (torch 2.13), so reduce_gradients averages the gradients itself.
-        return [
-            f"    ep_mesh = mesh[{plan.experts!r}]  # expert parallelism: routed rows travel by all-to-all  {where('sharding', 'experts')}",
-            "    for experts in expert_modules(model):",
-            "        shard_experts(experts, ep_mesh)  # this rank keeps its experts of EXPERT_PLACEMENT",
-        ]
+        return _shard_experts_lines(plan, where)
     if not plan.shard:
         return [
             f"    dp_mesh = {_flat(plan.replicate)}  # replicate over {' x '.join(plan.replicate)}",
@@ -174,13 +191,52 @@ def _apply(plan: ParallelPlan, blocks: int, where) -> list[str]:
         mesh, what = f"mesh[{plan.replicate + plan.shard!r}]", f"HSDP: replicate over {plan.replicate[0]}, shard over {plan.shard[0]}"
     else:
         mesh, what = _flat(plan.shard), "FSDP: shard over " + " x ".join(plan.shard)
-    return [
+    ignored = ""
+    lines = [
         f"    policy = MixedPrecisionPolicy(param_dtype={plan.param_dtype}, reduce_dtype={plan.reduce_dtype})  "
         f"{where('schedule', 'precision')}",
         f"    dp_mesh = {mesh}  # {what}",
+    ]
+    if plan.experts is not None:
+        lines = _shard_experts_lines(plan, where) + lines + _fsdp_experts_lines(plan)
+        ignored = ", ignored_params=expert_parameters(model)" if not plan.expert_fsdp else ""
+    return lines + [
         f"    for block in model.blocks:  # blocks.0 .. blocks.{blocks - 1}, one unit each",
-        f"        fully_shard(block, mesh=dp_mesh, mp_policy=policy)  {where('sharding', 'fsdp')}",
-        "    fully_shard(model, mesh=dp_mesh, mp_policy=policy)  # the root: embeddings, final norm, head",
+        f"        fully_shard(block, mesh=dp_mesh, mp_policy=policy{ignored})  {where('sharding', 'fsdp')}",
+        f"    fully_shard(model, mesh=dp_mesh, mp_policy=policy{ignored})  # the root: embeddings, final norm, head",
+    ]
+
+
+def _shard_experts_lines(plan: ParallelPlan, where) -> list[str]:
+    return [
+        f"    ep_mesh = mesh[{plan.experts!r}]  # expert parallelism: routed rows travel by all-to-all  {where('sharding', 'experts')}",
+        "    for experts in expert_modules(model):",
+        "        shard_experts(experts, ep_mesh)  # this rank keeps its experts of EXPERT_PLACEMENT",
+    ]
+
+
+def _fsdp_experts_lines(plan: ParallelPlan) -> list[str]:
+    """Experts under FSDP too: sharded over the FSDP axes other than ep, or left to reduce_gradients."""
+    if not plan.expert_fsdp:
+        return ["    # no FSDP axis besides ep: the experts stay out of FSDP; reduce_gradients averages them"]
+    owners = [path.split(".")[1] for path in plan.expert_modules]  # blocks.<i>.moe.experts
+    return [
+        f"    expert_mesh = {_flat(plan.expert_fsdp)}  # experts: FSDP over {' x '.join(plan.expert_fsdp)}, sharded over ep already",
+        "    for experts in expert_modules(model):",
+        "        fully_shard(experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=False)",
+        *[f"    gather_experts_around(model.blocks[{i}], model.blocks[{i}].{path.split('.', 2)[2]})"
+          for i, path in zip(owners, plan.expert_modules)],
+    ]
+
+
+def gather_experts_source() -> list[str]:
+    return [
+        "def gather_experts_around(block: torch.nn.Module, experts: torch.nn.Module) -> None:",
+        '    """The block reads the experts\' weights without calling the experts module, so FSDP\'s own hooks',
+        "    never run for it: all-gather them before the block; in training FSDP's end-of-backward callback",
+        '    reduce-scatters their gradients and reshards them, outside training the block\'s end reshards."""',
+        "    block.register_forward_pre_hook(lambda module, args: experts.unshard())",
+        "    block.register_forward_hook(lambda module, args, output: None if torch.is_grad_enabled() else experts.reshard())",
     ]
 
 

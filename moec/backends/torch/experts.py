@@ -40,13 +40,19 @@ def local_ffn(rows: Tensor, group_sizes: Tensor, w_up: Tensor, w_gate: Tensor | 
     return runtime.grouped_mm(hidden, w_down.transpose(1, 2), offsets)
 
 
+def expert_group(weight) -> tuple:
+    """The expert-parallel process group and its size: the mesh dim where the [E, ...] weight is
+    sharded on dim 0 (under FSDP the unsharded weight also has the FSDP dims, replicated)."""
+    mesh = weight.device_mesh
+    (dim,) = [i for i, placement in enumerate(weight.placements) if placement.is_shard(0)]
+    return mesh.get_group(dim), mesh.size(dim)
+
+
 @torch.compiler.disable
 def experts_ffn(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str) -> Tensor:
-    mesh = getattr(w_up, "device_mesh", None)
-    if mesh is None:
+    if getattr(w_up, "device_mesh", None) is None:
         return local_ffn(rows, counts, w_up, w_gate, w_down, fn)
-    group = mesh.get_group()
-    ranks = mesh.size()
+    group, ranks = expert_group(w_up)
     local = [w.to_local() if w is not None else None for w in (w_up, w_gate, w_down)]
     send = counts.view(ranks, -1)  # (P, E/P): rows for each destination rank, per its local expert
     received_counts = torch.empty_like(send)
