@@ -54,6 +54,14 @@ def peak_memory_bytes(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a recompilation builds another): flat after
+    warm-up means no step recompiles."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 class MetricsWriter:
     """Appends one JSON line per row; never leaves a half line, never rewrites in place.
 

@@ -27,7 +27,7 @@ from moec.runtime.data import last_value_baseline, make_dataset
 from moec.runtime.diagnose import describe_nonfinite
 from moec.runtime.fit import check_fit
 from moec.runtime.distributed import LaunchError, clip_grad_norm, init_distributed, local_slice, timed_out
-from moec.runtime.metrics import NO_METRICS, MetricsWriter, bits_per_byte, moe_health, peak_memory_bytes
+from moec.runtime.metrics import NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
 from moec.runtime.stopping import StopRequest
 
@@ -264,6 +264,8 @@ class Trainer:
             "tokens_per_s": self.train.batch * self.train.seq_len / max(elapsed, 1e-9),
             "peak_memory_bytes": peak_memory_bytes(self.device), "moe": health,
         }
+        if self.spec.schedule.compile.enabled:
+            row["compiled_graphs"] = compiled_graphs()
         if self.dist.distributed and self.expert_parallel:
             row["expert_parallel_bytes_sent"] = self._all_to_all_bytes()
         return row
