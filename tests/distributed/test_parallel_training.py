@@ -26,9 +26,11 @@ MESHES = {
     "dp_ep": "mesh: {world_size: 4, axes: {dp: 2, ep: 2}}\nsharding: {batch: [dp, ep], experts: [ep]}\n",
     "ep_fsdp": "mesh: {world_size: 2, axes: {ep: 2}}\nsharding: {batch: [ep], fsdp: [ep], experts: [ep]}\n",
     "fsdp_ep": "mesh: {world_size: 4, axes: {fsdp: 2, ep: 2}}\nsharding: {batch: [fsdp, ep], fsdp: [fsdp, ep], experts: [ep]}\n",
+    # moe_basics.yaml's layout: HSDP (replicate over ep, shard over fsdp, listed first) and experts over ep, then fsdp
+    "hsdp_ep": "mesh: {world_size: 4, axes: {fsdp: 2, ep: 2}}\nsharding: {batch: [fsdp, ep], fsdp: [fsdp], experts: [ep]}\n",
 }
-PROCESSES = {"ddp": 2, "fsdp": 2, "ep": 2, "dp_ep": 4, "ep_fsdp": 2, "fsdp_ep": 4}
-EXPERT_PARALLEL = ("ep", "dp_ep", "ep_fsdp", "fsdp_ep")
+PROCESSES = {"ddp": 2, "fsdp": 2, "ep": 2, "dp_ep": 4, "ep_fsdp": 2, "fsdp_ep": 4, "hsdp_ep": 4}
+EXPERT_PARALLEL = ("ep", "dp_ep", "ep_fsdp", "fsdp_ep", "hsdp_ep")
 FINISHED: dict[str, list[float]] = {}  # kind -> losses of the run above, for the determinism test
 
 
@@ -77,7 +79,7 @@ def test_several_processes_give_the_single_process_losses(kind, single, tmp_path
         assert all(0 < b < every_row for b in sent), sent
     evals = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals == pytest.approx([r["val_loss"] for r in read_metrics(single / "metrics.jsonl") if r["kind"] == "eval"], rel=1e-5)
-    if kind in ("fsdp", "dp_ep", "fsdp_ep"):  # a checkpoint of sharded DTensors (FSDP2, experts over ep) resumes on 1 process
+    if kind in ("fsdp", "dp_ep", "fsdp_ep", "hsdp_ep"):  # a checkpoint of sharded DTensors (FSDP2, experts over ep) resumes on 1 process
         resumed = tmp_path / "resumed"
         (tmp_path / "run" / "checkpoints" / "step_00000005").rename(tmp_path / "later")
         (tmp_path / "run").rename(resumed)

@@ -74,8 +74,8 @@ def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: t
     limits = []
     if len(experts) > 1 or experts[0] not in replicate + shard:
         limits.append("expert parallelism over an axis that does not split the batch, or over several axes")
-    if shard and replicate:
-        limits.append("expert parallelism together with HSDP (an FSDP axis and a replicating batch axis)")
+    if shard and replicate and experts[0] not in replicate:
+        limits.append("expert parallelism over an FSDP axis together with HSDP (a replicating batch axis)")
     if spec.schedule.kernels.moe not in ("auto", "grouped_mm"):
         limits.append(f"expert parallelism with kernels.moe '{spec.schedule.kernels.moe}' (it runs grouped_mm)")
     for _, _, layer in spec.model.layers():
@@ -113,9 +113,10 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         "",
         *(shard_experts_source() + ["", ""] if plan.experts is not None else []),
         *(gather_experts_source() + ["", ""] if plan.expert_fsdp else []),
+        *(hsdp_mesh_source() + ["", ""] if plan.replicate and plan.shard else []),
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
         '    """Data parallelism over the batch axes (FSDP2 per block, then the root; or DDP)'
-        + ('; the routed experts split over the expert-parallel axis."""' if plan.experts is not None else '."""'),
+        + ('.\n    The routed experts are split over the expert-parallel axis first."""' if plan.experts is not None else '."""'),
         *_apply(plan, blocks, where),
         "    return model",
         *_expert_functions(plan),
@@ -188,7 +189,7 @@ def _apply(plan: ParallelPlan, blocks: int, where) -> list[str]:
             f"    replicate(model, device_mesh=dp_mesh)  # DDP: gradients all-reduced, averaged  {where('sharding', 'batch')}",
         ]
     if plan.replicate:
-        mesh, what = f"mesh[{plan.replicate + plan.shard!r}]", f"HSDP: replicate over {plan.replicate[0]}, shard over {plan.shard[0]}"
+        mesh, what = f"hsdp_mesh(mesh, {plan.replicate[0]!r}, {plan.shard[0]!r})", f"HSDP: replicate over {plan.replicate[0]}, shard over {plan.shard[0]}"
     else:
         mesh, what = _flat(plan.shard), "FSDP: shard over " + " x ".join(plan.shard)
     ignored = ""
@@ -226,6 +227,21 @@ def _fsdp_experts_lines(plan: ParallelPlan) -> list[str]:
         "        fully_shard(experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=False)",
         *[f"    gather_experts_around(model.blocks[{i}], model.blocks[{i}].{path.split('.', 2)[2]})"
           for i, path in zip(owners, plan.expert_modules)],
+    ]
+
+
+def hsdp_mesh_source() -> list[str]:
+    return [
+        "def hsdp_mesh(mesh: DeviceMesh, replicate: str, shard: str) -> DeviceMesh:",
+        '    """The 2-D (replicate, shard) mesh HSDP wants. A DeviceMesh slice keeps the mesh\'s axis order, so',
+        '    when the spec lists the shard axis first the same ranks are laid out again, transposed."""',
+        "    names = list(mesh.mesh_dim_names)",
+        "    if names.index(replicate) < names.index(shard):",
+        "        return mesh[(replicate, shard)]",
+        "    rest = [i for i, name in enumerate(names) if name not in (replicate, shard)]",
+        "    layout = mesh.mesh.permute(rest + [names.index(replicate), names.index(shard)])",
+        "    layout = layout.reshape(-1, mesh[replicate].size(), mesh[shard].size())",
+        "    return DeviceMesh(mesh.device_type, layout, mesh_dim_names=('rest', replicate, shard))[(replicate, shard)]",
     ]
 
 
