@@ -119,7 +119,7 @@ def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
                 f"    replicate(model, device_mesh=dp_mesh)  # DDP: gradients all-reduced, averaged  # {where}:20 sharding.batch",
             ]
         elif kind == "ep":
-            assert body[2:5] == [
+            assert body[3:6] == [
                 f"    ep_mesh = mesh['ep']  # expert parallelism: routed rows travel by all-to-all  # {where}:20 sharding.experts",
                 "    for experts in expert_modules(model):",
                 "        shard_experts(experts, ep_mesh)  # this rank keeps its experts of EXPERT_PLACEMENT",
@@ -127,7 +127,7 @@ def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
             assert "EXPERT_PLACEMENT = {0: (0, 1), 1: (2, 3)}  # ep rank -> (first, last) expert, contiguous" in program.parallel_source
             assert "experts_ffn(rows, counts, experts_w_up, experts_w_gate, experts_w_down, 'silu')" in program.source
         elif kind == "fsdp_ep":  # experts over ep, then FSDP over fsdp; everything else FSDP over fsdp x ep
-            assert body[5:15] == [
+            assert body[6:16] == [
                 f"    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)  # {where}:21 schedule.precision",
                 "    dp_mesh = mesh[('fsdp', 'ep')]._flatten('fsdp_ep')  # FSDP: shard over fsdp x ep",
                 "    expert_mesh = mesh['fsdp']  # experts: FSDP over fsdp, sharded over ep already",
