@@ -122,12 +122,14 @@ def expert_placement(spec, plan: ParallelPlan, experts: int) -> tuple[int, ...]:
 
 def _permuted(spec, plan: ParallelPlan, experts: int) -> bool:
     """Whether the sharded weights' rows differ from expert order (a rank's experts are not consecutive)."""
+    if not experts:  # an expert axis but no MoE layer
+        return False
     owners = expert_placement(spec, plan, experts)
     return physical_order(owners, plan.axes[plan.experts]) != tuple(range(experts))
 
 
 def _placement(spec, plan: ParallelPlan, experts: int, where) -> list[str]:
-    if plan.experts is None:
+    if plan.experts is None or not experts:
         return []
     ranks, kind = plan.axes[plan.experts], spec.sharding.placement
     owners = expert_placement(spec, plan, experts)
@@ -144,7 +146,7 @@ def _placement(spec, plan: ParallelPlan, experts: int, where) -> list[str]:
 
 def placement_report(spec, plan: ParallelPlan, experts: int) -> list[str]:
     """For ``moec build``: each rank's experts, and how many move when the ep size grows by one."""
-    if plan.experts is None:
+    if plan.experts is None or not experts:
         return []
     ranks, kind, seed = plan.axes[plan.experts], spec.sharding.placement, spec.train.seed
     owners = expert_placement(spec, plan, experts)
