@@ -190,6 +190,8 @@ def _expert_placement(spec: Spec) -> Iterator[Finding]:
         return
     if axis_size(spec, spec.sharding.experts) == 1:
         yield ("sharding", "placement"), "is used only with expert parallelism (sharding.experts over an axis larger than 1)"
+    if axis_size(spec, spec.sharding.fsdp) > 1:  # FSDP2 re-registers the parameters that carry EXPERT_ORDER
+        yield ("sharding", "placement"), "consistent_hash is not executed together with FSDP yet (sharding.fsdp); use contiguous"
     counts = sorted({moe.experts for _, moe in _moe_configs(spec)})
     if len(counts) > 1:  # one EXPERT_PLACEMENT table serves every layer
         yield ("sharding", "placement"), f"needs the same expert count in every MoE layer, got {', '.join(map(str, counts))}"
