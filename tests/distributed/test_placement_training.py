@@ -1,5 +1,5 @@
 """Consistent-hash expert placement on 2 CPU processes (gloo): the one-process losses, and its
-checkpoint (experts saved in id order) resumes on one process and under the contiguous placement."""
+checkpoint (experts saved in id order) resumes on one process and on 4 with another placement."""
 
 import shutil
 import subprocess
@@ -18,9 +18,9 @@ from tests.distributed.test_parallel_training import MESHES, single, spec_text, 
 HASHED = MESHES["ep"].replace("experts: [ep]}", "experts: [ep], placement: consistent_hash}")
 
 
-def train_processes(spec: Path, run_dir: Path, *extra: str) -> None:
+def train_processes(spec: Path, run_dir: Path, *extra: str, nproc: int = 2) -> None:
     moec_script = Path(sys.executable).parent / "moec"
-    done = subprocess.run([str(moec_script), "train", str(spec), "--nproc", "2", "--run-dir", str(run_dir), "--no-plots", *extra],
+    done = subprocess.run([str(moec_script), "train", str(spec), "--nproc", str(nproc), "--run-dir", str(run_dir), "--no-plots", *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -38,15 +38,16 @@ def test_consistent_hash_placement_trains_as_one_process_and_resumes_elsewhere(s
     assert norms[1] == pytest.approx(norms[0], rel=1e-5)
     # The step-3 checkpoint holds the experts in id order: one process (no placement) continues the losses ...
     (run_dir / "checkpoints" / "step_00000005").rename(tmp_path / "later")
-    contiguous = tmp_path / "contiguous"
-    shutil.copytree(run_dir, contiguous)
+    elsewhere = tmp_path / "ep4"
+    shutil.copytree(run_dir, elsewhere)
     one = moec.load_spec_text(spec_text(), file="single.yaml")
     Trainer(one, run_dir=run_dir, resume="latest", allow_spec_change=True).run()
     assert train_losses(run_dir) == pytest.approx(expected, rel=1e-5)
-    # ... and so do 2 processes with the contiguous placement
-    spec.write_text(spec_text(MESHES["ep"]))
-    train_processes(spec, contiguous, "--resume", "latest", "--allow-spec-change")
-    assert train_losses(contiguous) == pytest.approx(expected, rel=1e-5)
+    # ... and so do 4 expert-parallel processes, whose weights hold the experts in another order
+    assert placement("consistent_hash", 4, 4, 0) == (3, 2, 1, 0)
+    spec.write_text(spec_text(HASHED.replace("world_size: 2, axes: {ep: 2}", "world_size: 4, axes: {ep: 4}")))
+    train_processes(spec, elsewhere, "--resume", "latest", "--allow-spec-change", nproc=4)
+    assert train_losses(elsewhere) == pytest.approx(expected, rel=1e-5)
 
 
 def test_parallel_py_shows_the_hashed_placement_and_permutes_the_weights(tmp_path):
