@@ -114,7 +114,18 @@ def _summary(spec_path: Path, compiled, written: list[Path]) -> None:
     console = Console(soft_wrap=True)
     console.print(table)
     console.print(_facts_table(compiled.manifest, compiled.graph))
+    for line in _placement_lines(compiled):
+        console.print(escape(line))
     console.print("wrote " + ", ".join(escape(str(path)) for path in written))
+
+
+def _placement_lines(program) -> list[str]:
+    """Which experts live on which expert-parallel rank, and how many move if ep grows by one."""
+    from moec.backends.parallel.plan import parallel_plan, placement_report
+    from moec.compile import expert_owners
+
+    experts = expert_owners(program.graph)
+    return placement_report(program.spec, parallel_plan(program.spec, tuple(experts)), max(experts.values(), default=0))
 
 
 def _facts_table(manifest: dict, graph):

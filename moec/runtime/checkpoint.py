@@ -52,6 +52,7 @@ from moec.runtime.checkpoint_verify import (  # noqa: F401 - the checkpoint API 
     read_dcp_metadata,
     verify_checkpoint,
 )
+from moec.runtime.expert_order import from_id_order, to_id_order
 
 # --- saving --------------------------------------------------------------------------------
 
@@ -65,7 +66,9 @@ def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    return {"model": get_model_state_dict(model), "optim": optim, "rng": rng}
+    state = {"model": get_model_state_dict(model), "optim": optim, "rng": rng}
+    to_id_order(state, model)  # experts placed by consistent_hash are saved in id order
+    return state
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict, data_fingerprint: str = "", dist_ctx=None) -> Path:
@@ -184,6 +187,7 @@ def load_checkpoint(path: Path, model, optimizer) -> None:
         if isinstance(inner, CheckpointError) or not isinstance(inner, Exception):  # ours, or an interrupt
             raise inner from None
         raise CheckpointError(f"{path}: DCP cannot load it into this model ({type(inner).__name__}: {_first_line(inner)})") from None
+    from_id_order(state, model)
     set_model_state_dict(model, state["model"])
     _restore_optimizer(model, optimizer, state["optim"])
     torch.set_rng_state(state["rng"]["cpu"])

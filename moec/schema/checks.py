@@ -30,6 +30,7 @@ def run_checks(spec: Spec) -> list[Finding]:
         _future_leaks,
         _data_matches_model,
         _options_are_used,
+        _expert_placement,
         _kernels_serve_spec,
         _pooled_load_balance,
         _size_is_sane,
@@ -183,6 +184,18 @@ def _options_are_used(spec: Spec) -> Iterator[Finding]:
     for op in ("moe", "spectral_moe"):
         if getattr(spec.schedule.kernels, op) != "auto" and op not in kinds:
             yield ("schedule", "kernels", op), f"chooses a kernel for '{op}', but the model has no {op} layer"
+
+
+def _expert_placement(spec: Spec) -> Iterator[Finding]:
+    if spec.sharding.placement == "contiguous":
+        return
+    if axis_size(spec, spec.sharding.experts) == 1:
+        yield ("sharding", "placement"), "is used only with expert parallelism (sharding.experts over an axis larger than 1)"
+    if axis_size(spec, spec.sharding.fsdp) > 1:  # FSDP2 re-registers the parameters that carry EXPERT_ORDER
+        yield ("sharding", "placement"), "consistent_hash is not executed together with FSDP yet (sharding.fsdp); use contiguous"
+    counts = sorted({moe.experts for _, moe in _moe_configs(spec)})
+    if len(counts) > 1:  # one EXPERT_PLACEMENT table serves every layer
+        yield ("sharding", "placement"), f"needs the same expert count in every MoE layer, got {', '.join(map(str, counts))}"
 
 
 def _moe_configs(spec: Spec) -> Iterator[tuple[tuple, object]]:

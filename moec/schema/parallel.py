@@ -66,5 +66,10 @@ class Sharding(Base):
     sequence: AxisList = Field(default_factory=list, description="Axes that split the sequence (context parallel).")
     experts: AxisList = Field(default_factory=list, description="Axes that split the expert dimension (expert parallel).")
     fsdp: AxisList = Field(default_factory=list, description="Axes over which FSDP2 shards parameters; each must also split the batch.")
+    placement: Literal["contiguous", "consistent_hash"] = Field(
+        "contiguous",
+        description="Which expert-parallel rank owns each expert: E/ep consecutive experts per rank, or a seeded hash ring "
+        "with bounded loads (seed train.seed) that moves only the new rank's share of experts when ep grows by one.",
+    )
     tensor: TensorParallel | None = None
     pipeline: Pipeline | None = None

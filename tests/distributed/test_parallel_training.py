@@ -124,7 +124,7 @@ def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
                 "    for experts in expert_modules(model):",
                 "        shard_experts(experts, ep_mesh)  # this rank keeps its experts of EXPERT_PLACEMENT",
             ]
-            assert "EXPERT_PLACEMENT = {0: (0, 1), 1: (2, 3)}  # ep rank -> (first, last) expert, contiguous" in program.parallel_source
+            assert "EXPERT_PLACEMENT = {0: (0, 1), 1: (2, 3)}  # ep rank -> its experts, contiguous" in program.parallel_source
             assert "experts_ffn(rows, counts, experts_w_up, experts_w_gate, experts_w_down, 'silu')" in program.source
         elif kind == "fsdp_ep":  # experts over ep, then FSDP over fsdp; everything else FSDP over fsdp x ep
             assert body[6:16] == [

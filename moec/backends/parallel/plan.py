@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from moec.backends.parallel.placement import experts_of, moves_when_growing, physical_order, placement
 from moec.backends.torch.blocks import attribute_expr
 
 DTYPE_NAMES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
@@ -104,14 +105,14 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         f"MESH_AXES = {names!r}",
         f"DATA_PARALLEL = {plan.data_parallel!r}  {where('sharding', 'batch')}: each rank reads its slice of the batch",
         f"UNSUPPORTED = {plan.unsupported!r}  # asked for by the spec, not executed yet",
-        *_placement(plan, experts, where),
+        *_placement(spec, plan, experts, where),
         "",
         "",
         "def make_mesh(device_type: str) -> DeviceMesh:",
         f"    return init_device_mesh(device_type, MESH_SHAPE, mesh_dim_names=MESH_AXES)  {where('mesh')}",
         "",
         "",
-        *(shard_experts_source() + ["", ""] if plan.experts is not None else []),
+        *(shard_experts_source(_permuted(spec, plan, experts)) + ["", ""] if plan.experts is not None else []),
         *(gather_experts_source() + ["", ""] if plan.expert_fsdp else []),
         *(hsdp_mesh_source() + ["", ""] if plan.replicate and plan.shard else []),
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
@@ -124,14 +125,48 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
     return "\n".join(lines) + "\n"
 
 
-def _placement(plan: ParallelPlan, experts: int, where) -> list[str]:
-    if plan.experts is None:
+def expert_placement(spec, plan: ParallelPlan, experts: int) -> tuple[int, ...]:
+    """The owner rank of each expert under the spec's ``sharding.placement`` (seeded by ``train.seed``)."""
+    return placement(spec.sharding.placement, experts, plan.axes[plan.experts], spec.train.seed)
+
+
+def _permuted(spec, plan: ParallelPlan, experts: int) -> bool:
+    """Whether the sharded weights' rows differ from expert order (a rank's experts are not consecutive)."""
+    if not experts:  # an expert axis but no MoE layer
+        return False
+    owners = expert_placement(spec, plan, experts)
+    return physical_order(owners, plan.axes[plan.experts]) != tuple(range(experts))
+
+
+def _placement(spec, plan: ParallelPlan, experts: int, where) -> list[str]:
+    if plan.experts is None or not experts:
         return []
-    ranks = plan.axes[plan.experts]
-    per = experts // ranks
-    table = ", ".join(f"{r}: ({r * per}, {(r + 1) * per - 1})" for r in range(ranks))
-    return [f"EXPERT_PLACEMENT = {{{table}}}  # {plan.experts} rank -> (first, last) expert, contiguous  "
-            f"{where('sharding', 'experts')}"]
+    ranks, kind = plan.axes[plan.experts], spec.sharding.placement
+    owners = expert_placement(spec, plan, experts)
+    table = ", ".join(f"{r}: {tuple(held)}" for r, held in enumerate(experts_of(owners, ranks)))
+    if kind == "contiguous":
+        return [f"EXPERT_PLACEMENT = {{{table}}}  # {plan.experts} rank -> its experts, contiguous  {where('sharding', 'experts')}"]
+    lines = [f"EXPERT_PLACEMENT = {{{table}}}  # {plan.experts} rank -> its experts, {kind} "
+             f"(seed {spec.train.seed})  {where('sharding', 'placement')}"]
+    if _permuted(spec, plan, experts):
+        lines.append(f"EXPERT_ORDER = {physical_order(owners, ranks)!r}  # the expert in each row of the sharded "
+                     "weights: rank 0's experts, then rank 1's, ...")
+    return lines
+
+
+def placement_report(spec, plan: ParallelPlan, experts: int) -> list[str]:
+    """For ``moec build``: each rank's experts, and how many move when the ep size grows by one."""
+    if plan.experts is None or not experts:
+        return []
+    ranks, kind, seed = plan.axes[plan.experts], spec.sharding.placement, spec.train.seed
+    owners = expert_placement(spec, plan, experts)
+    lines = [f"expert placement ({kind}, {experts} experts over {plan.experts} {ranks}):"]
+    lines += [f"  rank {r}: {' '.join(map(str, held))}" for r, held in enumerate(experts_of(owners, ranks))]
+    growth = {k: moves_when_growing(k, experts, ranks, seed) for k in ("contiguous", "consistent_hash")}
+    other = "consistent_hash" if kind == "contiguous" else "contiguous"
+    lines.append(f"  {plan.experts} {ranks} -> {ranks + 1} moves {growth[kind]} of {experts} experts "
+                 f"({other} would move {growth[other]})")
+    return lines
 
 
 def _expert_functions(plan: ParallelPlan) -> list[str]:
@@ -256,13 +291,27 @@ def gather_experts_source() -> list[str]:
     ]
 
 
-def shard_experts_source() -> list[str]:
+def shard_experts_source(permuted: bool = False) -> list[str]:
+    if not permuted:
+        return [
+            "def shard_experts(module: torch.nn.Module, ep_mesh: DeviceMesh) -> None:",
+            '    """The [E, ...] expert weights become DTensors sharded on dim 0: each rank keeps E / ep of them."""',
+            "    for name, param in list(module.named_parameters(recurse=False)):",
+            "        sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])",
+            "        module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))",
+        ]
     return [
         "def shard_experts(module: torch.nn.Module, ep_mesh: DeviceMesh) -> None:",
-        '    """The [E, ...] expert weights become DTensors sharded on dim 0: each rank keeps E / ep of them."""',
+        '    """The [E, ...] expert weights, rows put in EXPERT_ORDER, become DTensors sharded on dim 0: each rank',
+        "    keeps its experts of EXPERT_PLACEMENT. experts_ffn sends each routed row to its expert's row, and",
+        '    checkpoints store the experts in id order (moec.runtime.expert_order), so any placement resumes them."""',
         "    for name, param in list(module.named_parameters(recurse=False)):",
-        "        sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)])",
-        "        module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))",
+        "        assert param.shape[0] == len(EXPERT_ORDER), f'{name}: {param.shape[0]} experts, EXPERT_ORDER has {len(EXPERT_ORDER)}'",
+        "        sharded = distribute_tensor(param.detach()[list(EXPERT_ORDER)], ep_mesh, [Shard(0)])",
+        "        sharded = torch.nn.Parameter(sharded, requires_grad=param.requires_grad)",
+        "        sharded.expert_order = EXPERT_ORDER  # read by experts_ffn",
+        "        module.register_parameter(name, sharded)",
+        "    module.expert_order = EXPERT_ORDER  # read by checkpoints",
     ]
 
 

@@ -3,8 +3,9 @@
 ``experts_ffn(rows, counts, w_up, w_gate, w_down, fn)``: ``rows`` (M, D) are the (token,
 choice) rows sorted by global expert id, ``counts`` (E,) how many rows each expert gets.
 With plain tensors every expert is local: one grouped GEMM per projection. With DTensor
-weights sharded ``Shard(0)`` over an expert-parallel mesh (rank r holds experts
-[r*E/P, (r+1)*E/P), contiguous), only the routed rows travel:
+weights sharded ``Shard(0)`` over an expert-parallel mesh (rank r holds weight rows
+[r*E/P, (r+1)*E/P): experts in id order, or in the weights' ``expert_order`` when
+``sharding.placement`` is consistent_hash, the rows regrouped to match), only the routed rows travel:
 
 1. exchange the per-expert counts (all-to-all of P x E/P integers);
 2. send each rank the rows of its experts (``all_to_all_single`` with autograd);
@@ -52,6 +53,20 @@ def expert_group(weight) -> tuple:
 def experts_ffn(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str) -> Tensor:
     if getattr(w_up, "device_mesh", None) is None:
         return local_ffn(rows, counts, w_up, w_gate, w_down, fn)
+    order = getattr(w_up, "expert_order", None)  # the expert in each weight row, set when not contiguous
+    if order is None:
+        return _exchange(rows, counts, w_up, w_gate, w_down, fn)
+    # Weight rows are grouped by owner rank (placement consistent_hash): regroup the routed rows
+    # from expert order into weight-row order, exchange, and put the results back.
+    expert_at = torch.tensor(order, device=rows.device)
+    row_of_expert = torch.empty_like(expert_at).index_copy_(0, expert_at, torch.arange(len(order), device=rows.device))
+    regroup = torch.argsort(row_of_expert.repeat_interleave(counts), stable=True)
+    out = _exchange(rows[regroup], counts[expert_at], w_up, w_gate, w_down, fn)
+    return torch.empty_like(out).index_copy(0, regroup, out)
+
+
+def _exchange(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str) -> Tensor:
+    """Rows sorted by weight row, ``counts`` per weight row; rank r holds rows [r*E/P, (r+1)*E/P)."""
     group, ranks = expert_group(w_up)
     local = [w.to_local() if w is not None else None for w in (w_up, w_gate, w_down)]
     send = counts.view(ranks, -1)  # (P, E/P): rows for each destination rank, per its local expert
