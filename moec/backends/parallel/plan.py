@@ -162,6 +162,8 @@ def placement_report(spec, plan: ParallelPlan, experts: int) -> list[str]:
     owners = expert_placement(spec, plan, experts)
     lines = [f"expert placement ({kind}, {experts} experts over {plan.experts} {ranks}):"]
     lines += [f"  rank {r}: {' '.join(map(str, held))}" for r, held in enumerate(experts_of(owners, ranks))]
+    if ranks + 1 > experts:  # every rank must own an expert: ep cannot grow
+        return lines
     growth = {k: moves_when_growing(k, experts, ranks, seed) for k in ("contiguous", "consistent_hash")}
     other = "consistent_hash" if kind == "contiguous" else "contiguous"
     lines.append(f"  {plan.experts} {ranks} -> {ranks + 1} moves {growth[kind]} of {experts} experts "
