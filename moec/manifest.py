@@ -59,6 +59,8 @@ def spec_record(spec) -> dict:
         "name": spec.name,
         "file": source.file if source is not None else None,
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        # the run is reproducible from the file (its sha256) plus these, applied in order
+        "overrides": [override.text for override in getattr(source, "overrides", ())],
         "resolved": spec.model_dump(mode="json"),
     }
 

@@ -12,16 +12,24 @@ from pydantic import BaseModel, ValidationError
 from moec.schema.checks import run_checks
 from moec.schema.errors import SpecError, SpecIssue, did_you_mean
 from moec.schema.loader import LoadedYaml, load_yaml_file, load_yaml_text
+from moec.schema.overrides import COMMAND_LINE, apply_overrides, from_command_line, parse_overrides
 from moec.schema.spec import Spec, resolve
 
 
-def load_spec(path: str | FsPath) -> Spec:
-    """Load, validate and resolve the spec at ``path``; raises :class:`SpecError`."""
-    return validate_loaded(load_yaml_file(path))
+def load_spec(path: str | FsPath, overrides=()) -> Spec:
+    """Load, validate and resolve the spec at ``path``; raises :class:`SpecError`.
+
+    ``overrides``: ``PATH=VALUE`` strings (``train.steps=50``), applied before validation.
+    """
+    return validate_loaded(_with_overrides(load_yaml_file(path), overrides))
 
 
-def load_spec_text(text: str, file: str = "<spec>") -> Spec:
-    return validate_loaded(load_yaml_text(text, file=file))
+def load_spec_text(text: str, file: str = "<spec>", overrides=()) -> Spec:
+    return validate_loaded(_with_overrides(load_yaml_text(text, file=file), overrides))
+
+
+def _with_overrides(loaded: LoadedYaml, overrides) -> LoadedYaml:
+    return apply_overrides(loaded, parse_overrides(overrides)) if overrides else loaded
 
 
 def validate_loaded(loaded: LoadedYaml) -> Spec:
@@ -40,6 +48,8 @@ def validate_loaded(loaded: LoadedYaml) -> Spec:
 
 
 def _located(loaded: LoadedYaml, path: tuple, message: str, at_key: bool = False) -> SpecIssue:
+    if from_command_line(loaded.overrides, path):
+        return SpecIssue(message, path=path, file=COMMAND_LINE)
     where = loaded.locate(path, at_key=at_key) or (None, None)
     return SpecIssue(message, path=path, file=loaded.file, line=where[0], column=where[1])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cli.main import _normalize_resume, app
+from cli.main import app
 from moec.runtime import checkpoint as ckpt
 from tests.runtime.helpers import quick_text
 
@@ -17,8 +17,8 @@ runner = CliRunner()
 
 
 def moec_cli(*args: str):
-    """``moec ARGS`` in-process (``--resume`` alone means latest, as in the real entry point)."""
-    return runner.invoke(app, _normalize_resume([str(a) for a in args]), env={"COLUMNS": "500"})  # rich: no wrapping
+    """``moec ARGS`` in-process."""
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "500"})  # rich: no wrapping
 
 
 def write_spec(directory: Path, steps: int = 4, every: int = 2, **kwargs) -> Path:
