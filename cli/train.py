@@ -99,6 +99,8 @@ def _run_train(spec, spec_path: Path, resume, allow_spec_change: bool, run_dir, 
     finally:
         if trainer is not None:
             trainer.dist.close()
+            if trainer.run_lock is not None:
+                trainer.run_lock.release()
     if not main:
         return
     if plots:
