@@ -62,7 +62,10 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     source = emit_program(compiled.graph, spec_name=spec.name, header=header, moe_kernel=kernels.moe,
                           spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention,
                           expert_parallel=plan.experts is not None and not plan.unsupported)
-    manifest = build_manifest(spec, compiled, versions())
+    # Parameters, FLOPs and memory are facts of the model: counted on the full pipeline's graph even
+    # when passes were disabled (an unfused graph has no moe node to say which weights are experts).
+    facts = compiled.graph if not disable else run_pipeline(spec).graph
+    manifest = build_manifest(spec, compiled, versions(), facts)
     blocks = sum(block.repeat for block in spec.model.blocks)
     parallel = emit_parallel(spec, plan, blocks, header[:3], experts=max(experts.values(), default=0))
     return Program(spec=spec, graph=compiled.graph, source=source, manifest=manifest, log=compiled.log, parallel_source=parallel)

@@ -49,7 +49,8 @@ def _loss(plt, run_dir, train, evals) -> Path:
 
 def _throughput(plt, run_dir, train) -> Path:
     fig, ax = plt.subplots(figsize=(8, 3.5), dpi=110)
-    ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], lw=1)
+    steady = [r for r in train if not r.get("includes_compile")]  # a compiling step is not throughput
+    ax.plot([r["step"] for r in steady], [r["tokens_per_s"] for r in steady], lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("tokens / s")
     ax.set_title(f"{_title(run_dir)}: throughput")

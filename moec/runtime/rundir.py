@@ -194,7 +194,7 @@ def claim_on_rank0(run_dir: Path, resume: bool, overwrite: bool, dist_ctx) -> Ru
         try:
             lock = claim(run_dir, resume, overwrite)
         except (RunDirError, OSError) as err:
-            error = str(err) if isinstance(err, RunDirError) else f"cannot use the run directory {run_dir}: {err.strerror or err}"
+            error = str(err) if isinstance(err, RunDirError) else f"cannot write {err.filename or run_dir}: {err.strerror or err}"
     if dist_ctx.distributed:
         import torch.distributed as dist
 

@@ -53,7 +53,9 @@ class RunResult:
     baseline_mse: float | None = None
     last_eval: dict = field(default_factory=dict)
     seconds: float = 0.0
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # after the first step when it compiled (see compile_s)
+    first_step_s: float = 0.0
+    compile_s: float | None = None  # the first step's seconds when torch.compile ran in it
     plots: list = field(default_factory=list)
 
 
@@ -210,6 +212,9 @@ class Trainer:
                 if stop_at is not None and step + 1 == stop_at:
                     self.stop_signal = "--stop-at"
                 row = self._train_step(step)
+                if step == self.start_step:  # this process's first step: under torch.compile it compiles
+                    result.first_step_s = time.perf_counter() - started
+                    row |= {"includes_compile": True} if self.spec.schedule.compile.enabled else {}
                 tokens_seen += self.train.batch * self.train.seq_len
                 result.final_train_loss, result.step = row["task_loss"], step + 1
                 try:
@@ -226,8 +231,11 @@ class Trainer:
                     result.interrupted = self.stop_signal
                     break
         result.seconds = time.perf_counter() - started
-        result.tokens_per_s = tokens_seen / max(result.seconds, 1e-9)
+        result.tokens_per_s = steady_tokens_per_s(result, tokens_seen, self.train.batch * self.train.seq_len,
+                                                  self.spec.schedule.compile.enabled)
         result.best_val = self.best_val
+        if self.run_lock is not None:  # the run is over: another may use the directory (plots need no lock)
+            self.run_lock.release()
         return result
 
     @property
@@ -385,6 +393,15 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def steady_tokens_per_s(result: RunResult, tokens_seen: int, tokens_per_step: int, compiled: bool) -> float:
+    """Tokens/s of the run; under torch.compile without the first step, whose time is compilation
+    (reported as ``result.compile_s``). A one-step run has nothing else to measure."""
+    if compiled and tokens_seen > tokens_per_step:
+        result.compile_s = result.first_step_s
+        return (tokens_seen - tokens_per_step) / max(result.seconds - result.first_step_s, 1e-9)
+    return tokens_seen / max(result.seconds, 1e-9)
 
 
 def checked_run_dir(value) -> Path:

@@ -38,6 +38,12 @@ def run_checks(spec: Spec) -> list[Finding]:
     return findings
 
 
+def checks_on_partial_spec() -> tuple:
+    """The checks that read only plain fields (nothing ``resolve`` fills): they also run on a spec whose
+    other parts failed validation (moec.schema.partial), so one pass reports every section's errors."""
+    return (_sharding_axes, _parallel_divisibility, _batch_divisibility, _sequence_fits, _data_matches_model)
+
+
 def axis_size(spec: Spec, axes: list[str]) -> int:
     return math.prod(spec.mesh.axes.get(axis, 1) for axis in axes)
 

@@ -9,9 +9,10 @@ from pathlib import Path as FsPath
 
 from pydantic import BaseModel, ValidationError
 
-from moec.schema.checks import run_checks
+from moec.schema.checks import checks_on_partial_spec, run_checks
 from moec.schema.errors import SpecError, SpecIssue, did_you_mean
 from moec.schema.loader import LoadedYaml, load_yaml_file, load_yaml_text
+from moec.schema.partial import partial_findings, partial_spec
 from moec.schema.overrides import COMMAND_LINE, apply_overrides, from_command_line, parse_overrides
 from moec.schema.spec import Spec, resolve
 
@@ -39,12 +40,21 @@ def validate_loaded(loaded: LoadedYaml) -> Spec:
     try:
         spec = resolve(Spec.model_validate(loaded.data))
     except ValidationError as err:
-        raise SpecError([_issue_from_pydantic(error, loaded) for error in err.errors()]) from None
+        issues = [_issue_from_pydantic(error, loaded) for error in err.errors()]
+        raise SpecError(issues + _cross_section_issues(loaded, issues)) from None
     findings = run_checks(spec)
     if findings:
         raise SpecError([_located(loaded, path, message) for path, message in findings])
     spec._source = loaded
     return spec
+
+
+def _cross_section_issues(loaded: LoadedYaml, known: list[SpecIssue]) -> list[SpecIssue]:
+    """Cross-section findings on what did validate, so they are not hidden behind other sections' errors."""
+    spec = partial_spec(loaded.data)
+    reported = {issue.path for issue in known}
+    return [_located(loaded, path, message) for path, message in partial_findings(spec, checks_on_partial_spec())
+            if path not in reported]
 
 
 def _located(loaded: LoadedYaml, path: tuple, message: str, at_key: bool = False) -> SpecIssue:
