@@ -9,6 +9,7 @@ the uninterrupted run would have seen.
   windows of ``seq_len + 1`` bytes.
 - ``signals``: 1-D sines, sums of harmonics and spirals projected to 1-D.
 - ``trajectories``: 3-D helix, elliptical orbit, Lissajous curve and Lorenz attractor.
+- ``token_files``: pre-tokenized ids, memory-mapped (``moec.runtime.token_files``).
 - ``random_tokens``: uniform bytes (for benchmarks: nothing to learn).
 
 A batch is ``(inputs, targets)``: inputs ``[B, S]`` token ids or ``[B, S, dims]`` values,
@@ -272,6 +273,10 @@ def make_dataset(spec) -> Dataset:
     pool_last = model.head.pool == "last"
     if data.kind == "text":
         return TextBytes(train.seed, train.seq_len, pool_last, list(data.files), data.val_fraction)
+    if data.kind == "token_files":
+        from moec.runtime.token_files import TokenFiles
+
+        return TokenFiles(train.seed, train.seq_len, pool_last, list(data.train), list(data.val), data.dtype, model.inputs.vocab)
     if data.kind == "random_tokens":
         return RandomTokens(train.seed, train.seq_len, pool_last, model.inputs.vocab)
     if data.kind == "signals":

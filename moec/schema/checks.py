@@ -161,10 +161,14 @@ def _future_leaks(spec: Spec) -> Iterator[Finding]:
 def _data_matches_model(spec: Spec) -> Iterator[Finding]:
     data, inputs, head = spec.train.data, spec.model.inputs, spec.model.head
     path = ("train", "data", "kind")
-    if data.kind in ("text", "random_tokens") and inputs.kind != "tokens":
+    if data.kind in ("text", "random_tokens", "token_files") and inputs.kind != "tokens":
         yield path, f"'{data.kind}' data needs token inputs, but model.inputs.kind is '{inputs.kind}'"
     if data.kind == "text" and inputs.kind == "tokens" and inputs.vocab < 256:
         yield ("model", "inputs", "vocab"), f"must be >= 256 for byte-level text data, got {inputs.vocab}"
+    if data.kind == "token_files":
+        if data.dtype == "uint16" and inputs.kind == "tokens" and inputs.vocab > 1 << 16:
+            yield ("train", "data", "dtype"), f"uint16 holds ids below 65536, but model.inputs.vocab is {inputs.vocab}; use uint32"
+        yield from _token_files_exist(data)
     wanted_dims = {"signals": 1, "trajectories": 3}.get(data.kind)
     if wanted_dims is not None:
         if inputs.kind != "continuous":
@@ -173,6 +177,17 @@ def _data_matches_model(spec: Spec) -> Iterator[Finding]:
             yield ("model", "inputs", "dims"), f"must be {wanted_dims} for '{data.kind}' data, got {inputs.dims}"
     if head.kind == "regression" and inputs.kind == "continuous" and head.out_dims != inputs.dims:
         yield ("model", "head", "out_dims"), f"must equal inputs.dims ({inputs.dims}) to predict the next value, got {head.out_dims}"
+
+
+def _token_files_exist(data) -> Iterator[Finding]:
+    """Every path or glob of token files matches a file (resolved against the current directory)."""
+    import glob
+    import os
+
+    for split in ("train", "val"):
+        for i, pattern in enumerate(getattr(data, split)):
+            if next((path for path in glob.iglob(pattern, recursive=True) if os.path.isfile(path)), None) is None:
+                yield ("train", "data", split, i), f"{pattern!r} matches no file (resolved against {os.getcwd()})"
 
 
 def _options_are_used(spec: Spec) -> Iterator[Finding]:

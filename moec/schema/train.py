@@ -70,13 +70,23 @@ class TrajectoriesData(Base):
     val_fraction: Fraction = 0.1
 
 
+class TokenFilesData(Base):
+    """Pre-tokenized ids in flat binary files (nanoGPT's train.bin / val.bin), read a window at a time: any size,
+    never read whole. Paths and globs are relative to the current directory."""
+
+    kind: Literal["token_files"]
+    train: Annotated[list[str], Field(min_length=1)] = Field(description="Files (or globs) of training token ids.")
+    val: Annotated[list[str], Field(min_length=1)] = Field(description="Files (or globs) of validation token ids.")
+    dtype: Literal["uint16", "uint32"] = Field("uint16", description="Width of one id in the files.")
+
+
 class RandomTokensData(Base):
     """Uniform random tokens (benchmarks only: there is nothing to learn)."""
 
     kind: Literal["random_tokens"]
 
 
-Data = Annotated[Union[TextData, SignalsData, TrajectoriesData, RandomTokensData], Field(discriminator="kind")]
+Data = Annotated[Union[TextData, TokenFilesData, SignalsData, TrajectoriesData, RandomTokensData], Field(discriminator="kind")]
 
 
 def _root_like(text: str) -> bool:
