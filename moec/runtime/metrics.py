@@ -87,7 +87,10 @@ class MetricsWriter:
         return head | clock | row
 
     def write(self, row: dict) -> None:
-        data = (json.dumps(self.stamp(row), allow_nan=True) + "\n").encode()
+        self.write_stamped(self.stamp(row))
+
+    def write_stamped(self, row: dict) -> None:
+        data = (json.dumps(row, allow_nan=True) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             start = os.fstat(fd).st_size
@@ -106,6 +109,9 @@ class _NoMetrics:
     """What ranks other than 0 write to: nothing (rank 0 holds the run's metrics.jsonl)."""
 
     def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 

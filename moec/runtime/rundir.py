@@ -32,7 +32,7 @@ LOCK = "run.lock"
 RUN_SPEC = "spec.yaml"
 METRICS = "metrics.jsonl"
 # What a run writes and --overwrite deletes; nothing else in the directory is touched.
-RUN_OUTPUTS = (METRICS, "checkpoints", "loss.png", "experts.png", "throughput.png", "tensorboard", "wandb", RUN_SPEC)
+RUN_OUTPUTS = (METRICS, "checkpoints", "loss.png", "experts.png", "throughput.png", "tensorboard", RUN_SPEC)
 
 
 class RunDirError(ValueError):

@@ -29,6 +29,7 @@ from moec.runtime.diagnose import describe_nonfinite
 from moec.runtime.fit import check_fit
 from moec.runtime.distributed import LaunchError, clip_grad_norm, init_distributed, local_slice
 from moec.runtime.metrics import NO_METRICS, MetricsWriter, bits_per_byte, moe_health, peak_memory_bytes
+from moec.runtime.loggers import run_loggers
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
 from moec.runtime.rundir import RunDirError, claim_on_rank0, write_run_spec
 
@@ -99,7 +100,8 @@ class Trainer:
         truncate = self.start_step if resume else None
         if self.dist.is_main:
             write_run_spec(self.run_dir, spec, self.program.manifest["spec"]["overrides"])
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after=truncate) if self.dist.is_main else NO_METRICS
+        self.metrics = (run_loggers(MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after=truncate), list(self.train.log),
+                                    self.run_dir) if self.dist.is_main else NO_METRICS)
         for note in getattr(self.metrics, "skipped", ()):
             if self.display:
                 self.display.log(note)
@@ -234,6 +236,7 @@ class Trainer:
         result.tokens_per_s = steady_tokens_per_s(result, tokens_seen, self.train.batch * self.train.seq_len,
                                                   self.spec.schedule.compile.enabled)
         result.best_val = self.best_val
+        self.metrics.close()
         if self.run_lock is not None:  # the run is over: another may use the directory (plots need no lock)
             self.run_lock.release()
         return result

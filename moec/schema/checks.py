@@ -33,6 +33,7 @@ def run_checks(spec: Spec) -> list[Finding]:
         _kernels_serve_spec,
         _pooled_load_balance,
         _size_is_sane,
+        _loggers_installed,
     ):
         findings.extend(check(spec))
     return findings
@@ -188,6 +189,14 @@ def _token_files_exist(data) -> Iterator[Finding]:
         for i, pattern in enumerate(getattr(data, split)):
             if next((path for path in glob.iglob(pattern, recursive=True) if os.path.isfile(path)), None) is None:
                 yield ("train", "data", split, i), f"{pattern!r} matches no file (resolved against {os.getcwd()})"
+
+
+def _loggers_installed(spec: Spec) -> Iterator[Finding]:
+    import importlib.util
+
+    for i, logger in enumerate(spec.train.log):
+        if logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            yield ("train", "log", i), "'tensorboard' needs the tensorboard package: pip install 'moec[tensorboard]'"
 
 
 def _options_are_used(spec: Spec) -> Iterator[Finding]:

@@ -140,6 +140,9 @@ class Train(Base):
     data: Data
     checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
     eval: Eval = Field(default_factory=Eval)
+    log: Annotated[list[Literal["jsonl", "tensorboard"]], Field(min_length=1)] = Field(
+        default_factory=lambda: ["jsonl"], description="Where metrics go: 'jsonl' (metrics.jsonl, the run's record: "
+        "plots and resume read it; always first) and 'tensorboard' (<run>/tensorboard, needs the tensorboard package).")
     collective_timeout_s: Annotated[float, Field(gt=0, le=86400)] = Field(
         DEFAULT_COLLECTIVE_TIMEOUT_S, description="Multi-process runs: how long a rank waits for the others in a collective "
         "before the job fails (a dead or hung rank ends the job instead of hanging it).")
@@ -150,6 +153,8 @@ class Train(Base):
             raise field_error("lr_schedule.warmup_steps", f"must be <= steps ({self.steps}), got {self.lr_schedule.warmup_steps}")
         if self.batch % self.grad_accum:
             raise field_error("grad_accum", f"must divide batch ({self.batch}), got {self.grad_accum}")
+        if self.log[0] != "jsonl" or len(set(self.log)) != len(self.log):
+            raise field_error("log", f"must start with 'jsonl' (metrics.jsonl is the run's record) and name each logger once, got {self.log}")
         # checkpoint.every / eval.every beyond steps are not errors: the last step always evaluates and
         # saves, so `train.steps=20` on the command line runs a short trial without further edits.
         return self
