@@ -53,6 +53,8 @@ class Batch:
 class Dataset:
     """Base: ``batch(split, index, size)``; subclasses draw a batch from a seeded generator."""
 
+    bytes_per_token: float | None = 1.0  # bytes of text behind one token (bits per byte); None: not known
+
     def __init__(self, seed: int, seq_len: int, pool_last: bool):
         self.seed, self.seq_len, self.pool_last = seed, seq_len, pool_last
 
@@ -124,7 +126,7 @@ def is_validation_file(path: Path, root: str, fraction: float) -> bool:
 
 
 class TextBytes(Dataset):
-    def __init__(self, seed: int, seq_len: int, pool_last: bool, files: list[str], val_fraction: float):
+    def __init__(self, seed: int, seq_len: int, pool_last: bool, files: list[str], val_fraction: float, tokenizer: str = "bytes"):
         super().__init__(seed, seq_len, pool_last)
         paths = expand_globs(files)
         if not paths:
@@ -137,6 +139,11 @@ class TextBytes(Dataset):
             parts["val"], parts["train"] = paths[:1], paths[1:] or paths[:1]  # too few files to split by hash
         self.files = parts
         self.data = {split: self._read(split_paths) for split, split_paths in parts.items()}
+        unit = "bytes"
+        if tokenizer != "bytes":  # ids of a Hugging Face tokenizer; bits per byte still counts the text's bytes
+            text_bytes = self.data["val"].numel()
+            self.data = tokenize(self.data, tokenizer)
+            self.bytes_per_token, unit = text_bytes / max(self.data["val"].numel(), 1), "tokens"
         digest = hashlib.sha256()
         for split in ("train", "val"):
             digest.update(f"{split}:{self.data[split].numel()}:".encode())
@@ -144,7 +151,7 @@ class TextBytes(Dataset):
         self._fingerprint = digest.hexdigest()
         for split, data in self.data.items():
             if data.numel() <= seq_len + 1:
-                raise ValueError(f"{split} text has {data.numel()} bytes; need more than seq_len + 1 = {seq_len + 1}")
+                raise ValueError(f"{split} text has {data.numel()} {unit}; need more than seq_len + 1 = {seq_len + 1}")
 
     @property
     def fingerprint(self) -> str:
@@ -167,6 +174,26 @@ class TextBytes(Dataset):
         starts = torch.randint(0, data.numel() - self.seq_len - 1, (size,), generator=generator)
         offsets = torch.arange(self.seq_len + 1)
         return data[starts[:, None] + offsets[None, :]].long()
+
+
+def tokenize(splits: dict[str, torch.Tensor], tokenizer_file: str) -> dict[str, torch.Tensor]:
+    """Each split's bytes (UTF-8, invalid bytes replaced) as int32 ids of a tokenizer.json, encoded in
+    line-aligned chunks of about 1 MiB (encode_batch runs them on every core)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+    out = {}
+    for split, data in splits.items():
+        text = bytes(data.numpy()).decode("utf-8", errors="replace")
+        chunks, start = [], 0
+        while start < len(text):
+            end = text.find("\n", start + (1 << 20))
+            end = len(text) if end < 0 else end + 1
+            chunks.append(text[start:end])
+            start = end
+        encoded = tokenizer.encode_batch(chunks, add_special_tokens=False)
+        out[split] = torch.tensor([i for e in encoded for i in e.ids], dtype=torch.int32)
+    return out
 
 
 def _read_text_file(path: Path, limit: int) -> bytes:
@@ -272,7 +299,7 @@ def make_dataset(spec) -> Dataset:
     data, train, model = spec.train.data, spec.train, spec.model
     pool_last = model.head.pool == "last"
     if data.kind == "text":
-        return TextBytes(train.seed, train.seq_len, pool_last, list(data.files), data.val_fraction)
+        return TextBytes(train.seed, train.seq_len, pool_last, list(data.files), data.val_fraction, data.tokenizer)
     if data.kind == "token_files":
         from moec.runtime.token_files import TokenFiles
 

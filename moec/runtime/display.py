@@ -35,6 +35,7 @@ class Display:
 
     def log_eval(self, row: dict) -> None:
         extra = (f"bits/byte {row['val_bits_per_byte']:.3f}" if "val_bits_per_byte" in row
+                 else f"bits/token {row['val_bits_per_token']:.3f}" if "val_bits_per_token" in row
                  else f"mse {row['val_mse']:.5f} ({row['val_mse_over_last_value']:.3f} x last-value baseline)")
         log_line(self.console, f"eval step {row['step']}: val loss {row['val_loss']:.4f}, {extra}")
 
@@ -70,6 +71,8 @@ def log_line(console: Console, text: str) -> None:
 def _eval_text(row: dict, baseline: float | None) -> str:
     if "val_bits_per_byte" in row:
         return f"loss {row['val_loss']:.4f} = {row['val_bits_per_byte']:.3f} bits/byte"
+    if "val_bits_per_token" in row:
+        return f"loss {row['val_loss']:.4f} = {row['val_bits_per_token']:.3f} bits/token"
     return f"MSE {row['val_mse']:.5f} vs {baseline:.5f} repeating the last value ({baseline / row['val_mse']:.1f}x lower)"
 
 

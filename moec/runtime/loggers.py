@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 TRAIN_SCALARS = ("loss", "task_loss", "aux_loss", "aux_load_balance", "aux_z", "lr", "grad_norm", "tokens_per_s")
-EVAL_SCALARS = ("val_loss", "val_bits_per_byte", "val_mse", "val_mse_over_last_value")
+EVAL_SCALARS = ("val_loss", "val_bits_per_byte", "val_bits_per_token", "val_mse", "val_mse_over_last_value")
 MOE_SCALARS = ("dropped_fraction", "gate_entropy")
 
 

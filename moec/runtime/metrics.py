@@ -5,7 +5,8 @@ started, summed over resumes). Train rows: ``{"kind": "train", "step", "loss", "
 "aux_z", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes", "moe": {layer:
 {"utilization": [fraction of routed (token, choice) pairs per expert], "dropped_fraction",
 "gate_entropy"}}}``. Eval rows: ``{"kind": "eval", "step", "val_loss"}`` plus
-``val_bits_per_byte`` for byte-level text or ``val_mse`` for continuous data.
+``val_bits_per_byte`` for text (per byte of the text, whatever the tokenizer), ``val_bits_per_token``
+for token files (whose bytes are unknown) or ``val_mse`` for continuous data.
 """
 
 from __future__ import annotations

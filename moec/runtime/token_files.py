@@ -32,6 +32,7 @@ EDGE_BYTES = 1 << 20  # the fingerprint hashes this much at each end of a file
 
 
 class TokenFiles(Dataset):
+    bytes_per_token = None  # the text behind the ids is not at hand: validation reports bits per token
     def __init__(self, seed: int, seq_len: int, pool_last: bool, train: list[str], val: list[str], dtype: str, vocab: int):
         super().__init__(seed, seq_len, pool_last)
         self.vocab, self.dtype = vocab, DTYPES[dtype]

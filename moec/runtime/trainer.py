@@ -354,8 +354,9 @@ class Trainer:
         self.model.train()
         val = self.dist.mean(sum(losses) / len(losses))
         row = {"kind": "eval", "step": step, "val_loss": val}
-        if self.token_model:
-            row["val_bits_per_byte"] = bits_per_byte(val)
+        if self.token_model:  # bits per byte where the bytes behind a token are known (text), else per token
+            per_token = self.data.bytes_per_token
+            row |= {"val_bits_per_byte": bits_per_byte(val) / per_token} if per_token else {"val_bits_per_token": bits_per_byte(val)}
         else:
             row["val_mse"] = val
             row["val_mse_over_last_value"] = val / result.baseline_mse if result.baseline_mse else math.nan

@@ -164,7 +164,9 @@ def _data_matches_model(spec: Spec) -> Iterator[Finding]:
     path = ("train", "data", "kind")
     if data.kind in ("text", "random_tokens", "token_files") and inputs.kind != "tokens":
         yield path, f"'{data.kind}' data needs token inputs, but model.inputs.kind is '{inputs.kind}'"
-    if data.kind == "text" and inputs.kind == "tokens" and inputs.vocab < 256:
+    if data.kind == "text" and data.tokenizer != "bytes":
+        yield from _tokenizer_fits(data.tokenizer, inputs)
+    elif data.kind == "text" and inputs.kind == "tokens" and inputs.vocab < 256:
         yield ("model", "inputs", "vocab"), f"must be >= 256 for byte-level text data, got {inputs.vocab}"
     if data.kind == "token_files":
         if data.dtype == "uint16" and inputs.kind == "tokens" and inputs.vocab > 1 << 16:
@@ -178,6 +180,36 @@ def _data_matches_model(spec: Spec) -> Iterator[Finding]:
             yield ("model", "inputs", "dims"), f"must be {wanted_dims} for '{data.kind}' data, got {inputs.dims}"
     if head.kind == "regression" and inputs.kind == "continuous" and head.out_dims != inputs.dims:
         yield ("model", "head", "out_dims"), f"must equal inputs.dims ({inputs.dims}) to predict the next value, got {head.out_dims}"
+
+
+def _tokenizer_fits(path: str, inputs) -> Iterator[Finding]:
+    """The tokenizer file exists, is a Hugging Face tokenizer.json, and its ids fit the model's vocabulary."""
+    where = ("train", "data", "tokenizer")
+    try:
+        size = tokenizer_vocab_size(path)
+    except ValueError as err:
+        yield where, str(err)
+        return
+    if inputs.kind == "tokens" and inputs.vocab < size:
+        yield ("model", "inputs", "vocab"), f"must be >= {size} for the ids of tokenizer {path}, got {inputs.vocab}"
+
+
+def tokenizer_vocab_size(path: str) -> int:
+    """1 + the largest id of a tokenizer.json (its model's vocabulary and its added tokens), read as JSON."""
+    import json
+    import os
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        vocab = data["model"]["vocab"]
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # BPE / WordPiece, Unigram
+        ids += [token["id"] for token in data.get("added_tokens") or []]
+        return max(ids) + 1
+    except FileNotFoundError:
+        raise ValueError(f"{path!r}: no such file (resolved against {os.getcwd()})") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json ({type(err).__name__}: {err})") from None
 
 
 def _token_files_exist(data) -> Iterator[Finding]:

@@ -46,6 +46,8 @@ class TextData(Base):
         description="Glob patterns; 'stdlib:' is the Python standard library's directory.",
     )
     val_fraction: Fraction = 0.05
+    tokenizer: str = Field("bytes", description="'bytes' (one token per byte, vocab >= 256) or the path of a Hugging Face "
+                           "tokenizer.json (model.inputs.vocab must hold its ids).")
 
 
 class SignalsData(Base):

@@ -89,6 +89,8 @@ def test_training_on_token_files_resumes_exactly(token_dir):
         return [row["loss"] for row in read_metrics(run / "metrics.jsonl") if row["kind"] == "train"]
 
     assert len(losses(token_dir / "full")) == 4 and losses(token_dir / "split") == losses(token_dir / "full")
+    evals = [row for row in read_metrics(token_dir / "full" / "metrics.jsonl") if row["kind"] == "eval"]
+    assert "val_bits_per_token" in evals[0] and "val_bits_per_byte" not in evals[0]  # the bytes behind the ids are unknown
 
 
 def test_memory_does_not_grow_with_the_file(tmp_path):
