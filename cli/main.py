@@ -176,7 +176,14 @@ def _register_interop() -> None:
     app.add_typer(export_app, name="export")
 
 
+def _register_data() -> None:
+    from cli.data import data_app
+
+    app.add_typer(data_app, name="data")
+
+
 _register_interop()
+_register_data()
 
 
 def _exit_on_signal(signum, frame) -> None:

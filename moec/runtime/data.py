@@ -125,19 +125,24 @@ def is_validation_file(path: Path, root: str, fraction: float) -> bool:
     return value < fraction
 
 
+def split_files(files: list[str], val_fraction: float) -> dict[str, list[Path]]:
+    """The files of ``train.data.files``, split into train / validation by :func:`is_validation_file`."""
+    paths = expand_globs(files)
+    if not paths:
+        raise ValueError(f"train.data.files: no files match {files}")
+    root = sysconfig.get_paths()["stdlib"]
+    parts: dict[str, list[Path]] = {"train": [], "val": []}
+    for path in paths:
+        parts["val" if is_validation_file(path, root, val_fraction) else "train"].append(path)
+    if not parts["val"] or not parts["train"]:
+        parts["val"], parts["train"] = paths[:1], paths[1:] or paths[:1]  # too few files to split by hash
+    return parts
+
+
 class TextBytes(Dataset):
     def __init__(self, seed: int, seq_len: int, pool_last: bool, files: list[str], val_fraction: float, tokenizer: str = "bytes"):
         super().__init__(seed, seq_len, pool_last)
-        paths = expand_globs(files)
-        if not paths:
-            raise ValueError(f"train.data.files: no files match {files}")
-        root = sysconfig.get_paths()["stdlib"]
-        parts = {"train": [], "val": []}
-        for path in paths:
-            parts["val" if is_validation_file(path, root, val_fraction) else "train"].append(path)
-        if not parts["val"] or not parts["train"]:
-            parts["val"], parts["train"] = paths[:1], paths[1:] or paths[:1]  # too few files to split by hash
-        self.files = parts
+        self.files = parts = split_files(files, val_fraction)
         self.data = {split: self._read(split_paths) for split, split_paths in parts.items()}
         unit = "bytes"
         if tokenizer != "bytes":  # ids of a Hugging Face tokenizer; bits per byte still counts the text's bytes

@@ -58,3 +58,32 @@ def test_the_vocabulary_must_hold_the_tokenizers_ids(tokenizer_file, tmp_path):
     (tmp_path / "bad.json").write_text('{"model": {}}')
     with pytest.raises(moec.SpecError, match=r"is not a Hugging Face tokenizer.json \(KeyError: 'vocab'\)"):
         spec_with(str(tmp_path / "bad.json"))
+
+
+def test_data_prepare_writes_the_token_files_training_reads(tokenizer_file, tmp_path):
+    import shlex
+
+    import numpy as np
+    from tokenizers import Tokenizer
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from moec.runtime.data import split_files
+
+    path, _ = tokenizer_file
+    spec_path = tmp_path / "q.yaml"
+    spec_path.write_text(quick_text().replace("vocab: 256", "vocab: 512"))
+    result = CliRunner().invoke(app, ["data", "prepare", str(spec_path), f"train.data.tokenizer={path}", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith(f"wrote {tmp_path}/out/train.bin: ") and lines[1].startswith(f"wrote {tmp_path}/out/val.bin: ")
+    override = shlex.split(lines[2])[-1]
+    assert lines[2].startswith(f"train with: moec train {spec_path} ") and override == (
+        f"train.data={{kind: token_files, train: [{tmp_path}/out/train.bin], val: [{tmp_path}/out/val.bin], dtype: uint16}}")
+    ids = np.fromfile(tmp_path / "out" / "val.bin", dtype="<u2")
+    val_text = "".join(p.read_text() for p in split_files(["stdlib:json/*.py"], 0.05)["val"])
+    assert Tokenizer.from_file(str(path)).decode(ids.tolist()) == val_text  # every byte of the text, in order
+    spec = moec.load_spec(spec_path, [override])
+    assert make_dataset(spec).batch("train", 0, 4).inputs.shape == (4, 32)
+    result = CliRunner().invoke(app, ["data", "prepare", str(spec_path), "train.data={kind: random_tokens}"])
+    assert (result.exit_code, result.stderr) == (1, "error: moec data prepare tokenizes text sources; train.data.kind is 'random_tokens'\n")
