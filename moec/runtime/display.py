@@ -49,6 +49,9 @@ class Display:
                      + (f" (after the first step; compiling took {result.compile_s:.1f} s)" if result.compile_s is not None else "")),
             ("final train loss", f"{result.final_train_loss:.4f}"),
         ]
+        utilisation = _mfu(trainer, result)
+        if utilisation:
+            rows.append(("MFU", utilisation))
         if result.last_eval:
             rows.append(("last validation", _eval_text(result.last_eval, result.baseline_mse)))
         if math.isfinite(result.best_val):
@@ -57,6 +60,20 @@ class Display:
         for row in rows:
             table.add_row(*(escape(cell) for cell in row))
         self.console.print(table)
+
+
+def _mfu(trainer, result) -> str | None:
+    """The MFU line where the device's peak is known (CUDA devices in moec.runtime.mfu.PEAKS)."""
+    import torch
+
+    from moec.runtime.mfu import mfu
+
+    if trainer.device.type != "cuda":
+        return None
+    precision = trainer.spec.schedule.precision.compute
+    found = mfu(result.tokens_per_s / max(trainer.dist.world_size, 1), trainer.program.manifest["flops_per_token"]["training"],
+                torch.cuda.get_device_name(trainer.device), precision)
+    return None if found is None else f"{found[1]:.1%} of one {found[0]}'s dense {precision} peak per device"
 
 
 def log_line(console: Console, text: str) -> None:
