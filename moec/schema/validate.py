@@ -51,10 +51,12 @@ def validate_loaded(loaded: LoadedYaml) -> Spec:
 
 def _cross_section_issues(loaded: LoadedYaml, known: list[SpecIssue]) -> list[SpecIssue]:
     """Cross-section findings on what did validate, so they are not hidden behind other sections' errors."""
-    spec = partial_spec(loaded.data)
+    try:
+        findings = partial_findings(partial_spec(loaded.data), checks_on_partial_spec())
+    except Exception:  # best effort on a broken spec: the schema's own issues are reported regardless
+        return []
     reported = {issue.path for issue in known}
-    return [_located(loaded, path, message) for path, message in partial_findings(spec, checks_on_partial_spec())
-            if path not in reported]
+    return [_located(loaded, path, message) for path, message in findings if path not in reported]
 
 
 def _located(loaded: LoadedYaml, path: tuple, message: str, at_key: bool = False) -> SpecIssue:
