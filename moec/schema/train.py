@@ -156,7 +156,8 @@ class Train(Base):
         if self.batch % self.grad_accum:
             raise field_error("grad_accum", f"must divide batch ({self.batch}), got {self.grad_accum}")
         if self.log[0] != "jsonl" or len(set(self.log)) != len(self.log):
-            raise field_error("log", f"must start with 'jsonl' (metrics.jsonl is the run's record) and name each logger once, got {self.log}")
+            raise field_error("log", "must start with 'jsonl' (metrics.jsonl is the run's record) and name each logger once, "
+                              f"got {self.log}")
         # checkpoint.every / eval.every beyond steps are not errors: the last step always evaluates and
         # saves, so `train.steps=20` on the command line runs a short trial without further edits.
         return self

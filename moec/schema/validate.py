@@ -12,8 +12,8 @@ from pydantic import BaseModel, ValidationError
 from moec.schema.checks import checks_on_partial_spec, run_checks
 from moec.schema.errors import SpecError, SpecIssue, did_you_mean
 from moec.schema.loader import LoadedYaml, load_yaml_file, load_yaml_text
-from moec.schema.partial import partial_findings, partial_spec
 from moec.schema.overrides import COMMAND_LINE, apply_overrides, from_command_line, parse_overrides
+from moec.schema.partial import partial_findings, partial_spec
 from moec.schema.spec import Spec, resolve
 
 

@@ -69,7 +69,8 @@ def test_resume_is_bitwise_exact(full_run, tmp_path):
     Trainer(quick_spec(steps=12, every=4), run_dir=tmp_path, resume="latest").run()
     assert losses(tmp_path) == losses(run_dir)  # exact float equality, every step
     def evals(run):  # the rows without their wall-clock stamps
-        return [{k: v for k, v in r.items() if k not in ("time", "elapsed_s")} for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
+        rows = read_metrics(run / "metrics.jsonl")
+        return [{k: v for k, v in r.items() if k not in ("time", "elapsed_s")} for r in rows if r["kind"] == "eval"]
 
     assert evals(tmp_path) == evals(run_dir)
 
