@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 
 from rich.console import Console
@@ -16,7 +17,7 @@ from moec.runtime.metrics import summarize_health
 
 class Display:
     def __init__(self, console: Console | None = None):
-        self.console = console or Console(log_path=False)
+        self.console = console or _console()
 
     @contextlib.contextmanager
     def progress(self, trainer):
@@ -60,6 +61,15 @@ class Display:
         for row in rows:
             table.add_row(*(escape(cell) for cell in row))
         self.console.print(table)
+
+
+def _console() -> Console:
+    """rich's console; off a terminal (a log file, CI) rich assumes 80 columns and would cut long paths in
+    the summary, so it gets 240 unless COLUMNS says otherwise (log lines are never cut: see log_line)."""
+    console = Console(log_path=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(log_path=False, width=240)
+    return console
 
 
 def _mfu(trainer, result) -> str | None:

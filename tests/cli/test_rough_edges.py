@@ -83,3 +83,12 @@ def test_the_progress_says_compiling_before_the_first_step():
     long = "x" * 150
     display.log(long)  # not a terminal: not cut at the console's width
     assert long in out.getvalue()
+
+
+def test_off_a_terminal_the_summary_is_not_cut_at_80_columns(monkeypatch):
+    from moec.runtime.display import _console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert _console().width == 240
+    monkeypatch.setenv("COLUMNS", "100")
+    assert _console().width == 100
