@@ -8,7 +8,7 @@ from cli.main import app
 from moec.schema.overrides import is_override, parse_path
 from tests.runtime.helpers import quick_text
 
-ALLOWED_TRAIN_KEYS = ("seed, steps, batch, seq_len, grad_accum, optimizer, lr_schedule, grad_clip, data, checkpoint, eval, "
+ALLOWED_TRAIN_KEYS = ("seed, steps, batch, seq_len, grad_accum, optimizer, lr_schedule, grad_clip, data, checkpoint, eval, log, "
                       "collective_timeout_s")
 
 
