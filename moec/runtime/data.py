@@ -9,6 +9,7 @@ the uninterrupted run would have seen.
   windows of ``seq_len + 1`` bytes.
 - ``signals``: 1-D sines, sums of harmonics and spirals projected to 1-D.
 - ``trajectories``: 3-D helix, elliptical orbit, Lissajous curve and Lorenz attractor.
+- ``hf_dataset``: a text column of local Hugging Face dataset files (``moec.runtime.hf_dataset``).
 - ``token_files``: pre-tokenized ids, memory-mapped (``moec.runtime.token_files``).
 - ``random_tokens``: uniform bytes (for benchmarks: nothing to learn).
 
@@ -143,8 +144,12 @@ class TextBytes(Dataset):
     def __init__(self, seed: int, seq_len: int, pool_last: bool, files: list[str], val_fraction: float, tokenizer: str = "bytes"):
         super().__init__(seed, seq_len, pool_last)
         self.files = parts = split_files(files, val_fraction)
-        self.data = {split: self._read(split_paths) for split, split_paths in parts.items()}
-        unit = "bytes"
+        self._use_text({split: self._read(split_paths) for split, split_paths in parts.items()}, tokenizer)
+
+    def _use_text(self, data: dict[str, torch.Tensor], tokenizer: str) -> None:
+        """Each split's bytes, as they are or as a tokenizer's ids; the fingerprint of what batches come from."""
+        seq_len = self.seq_len
+        self.data, unit = data, "bytes"
         if tokenizer != "bytes":  # ids of a Hugging Face tokenizer; bits per byte still counts the text's bytes
             text_bytes = self.data["val"].numel()
             self.data = tokenize(self.data, tokenizer)
@@ -305,6 +310,10 @@ def make_dataset(spec) -> Dataset:
     pool_last = model.head.pool == "last"
     if data.kind == "text":
         return TextBytes(train.seed, train.seq_len, pool_last, list(data.files), data.val_fraction, data.tokenizer)
+    if data.kind == "hf_dataset":
+        from moec.runtime.hf_dataset import HfDatasetText
+
+        return HfDatasetText(train.seed, train.seq_len, pool_last, data)
     if data.kind == "token_files":
         from moec.runtime.token_files import TokenFiles
 

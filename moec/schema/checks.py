@@ -162,11 +162,14 @@ def _future_leaks(spec: Spec) -> Iterator[Finding]:
 def _data_matches_model(spec: Spec) -> Iterator[Finding]:
     data, inputs, head = spec.train.data, spec.model.inputs, spec.model.head
     path = ("train", "data", "kind")
-    if data.kind in ("text", "random_tokens", "token_files") and inputs.kind != "tokens":
+    if data.kind in ("text", "random_tokens", "token_files", "hf_dataset") and inputs.kind != "tokens":
         yield path, f"'{data.kind}' data needs token inputs, but model.inputs.kind is '{inputs.kind}'"
-    if data.kind == "text" and data.tokenizer != "bytes":
+    if data.kind == "hf_dataset":
+        yield from _token_files_exist(data)
+        yield from _dataset_formats(data)
+    if data.kind in ("text", "hf_dataset") and data.tokenizer != "bytes":
         yield from _tokenizer_fits(data.tokenizer, inputs)
-    elif data.kind == "text" and inputs.kind == "tokens" and inputs.vocab < 256:
+    elif data.kind in ("text", "hf_dataset") and inputs.kind == "tokens" and inputs.vocab < 256:
         yield ("model", "inputs", "vocab"), f"must be >= 256 for byte-level text data, got {inputs.vocab}"
     if data.kind == "token_files":
         if data.dtype == "uint16" and inputs.kind == "tokens" and inputs.vocab > 1 << 16:
@@ -212,8 +215,26 @@ def tokenizer_vocab_size(path: str) -> int:
         raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json ({type(err).__name__}: {err})") from None
 
 
+DATASET_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
+
+
+def _dataset_formats(data) -> Iterator[Finding]:
+    """hf_dataset files are of a format `datasets` reads locally, one format per split."""
+    import os
+
+    for split in ("train", "val"):
+        formats = set()
+        for i, pattern in enumerate(getattr(data, split)):
+            ext = os.path.splitext(pattern)[1].lower()
+            if ext not in DATASET_FORMATS:
+                yield ("train", "data", split, i), f"{pattern!r}: not a dataset file this reads ({', '.join(DATASET_FORMATS)})"
+            formats.add(DATASET_FORMATS.get(ext))
+        if len(formats) > 1:
+            yield ("train", "data", split), f"mixes formats {sorted(f for f in formats if f)}; use one format per split"
+
+
 def _token_files_exist(data) -> Iterator[Finding]:
-    """Every path or glob of token files matches a file (resolved against the current directory)."""
+    """Every path or glob of the data's files matches a file (resolved against the current directory)."""
     import glob
     import os
 

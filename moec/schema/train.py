@@ -82,13 +82,25 @@ class TokenFilesData(Base):
     dtype: Literal["uint16", "uint32"] = Field("uint16", description="Width of one id in the files.")
 
 
+class HfDatasetData(Base):
+    """A text column of local Hugging Face dataset files (parquet, arrow, json / jsonl) read through `datasets`
+    without network; used as text data (within the same byte budget, bytes or a tokenizer)."""
+
+    kind: Literal["hf_dataset"]
+    train: Annotated[list[str], Field(min_length=1)] = Field(description="Files (or globs) of the training rows.")
+    val: Annotated[list[str], Field(min_length=1)] = Field(description="Files (or globs) of the validation rows.")
+    text_field: Annotated[str, Field(min_length=1)] = Field("text", description="The column holding the text.")
+    tokenizer: str = Field("bytes", description="As for text data: 'bytes' or the path of a tokenizer.json.")
+
+
 class RandomTokensData(Base):
     """Uniform random tokens (benchmarks only: there is nothing to learn)."""
 
     kind: Literal["random_tokens"]
 
 
-Data = Annotated[Union[TextData, TokenFilesData, SignalsData, TrajectoriesData, RandomTokensData], Field(discriminator="kind")]
+Data = Annotated[Union[TextData, TokenFilesData, HfDatasetData, SignalsData, TrajectoriesData, RandomTokensData],
+                 Field(discriminator="kind")]
 
 
 def _root_like(text: str) -> bool:
