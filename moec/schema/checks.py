@@ -165,6 +165,8 @@ def _data_matches_model(spec: Spec) -> Iterator[Finding]:
     if data.kind in ("text", "random_tokens", "token_files", "hf_dataset") and inputs.kind != "tokens":
         yield path, f"'{data.kind}' data needs token inputs, but model.inputs.kind is '{inputs.kind}'"
     if data.kind == "hf_dataset":
+        if not _installed("datasets"):
+            yield path, "'hf_dataset' needs the datasets package: pip install 'moec[hf-data]'"
         yield from _token_files_exist(data)
         yield from _dataset_formats(data)
     if data.kind in ("text", "hf_dataset") and data.tokenizer != "bytes":
@@ -185,9 +187,18 @@ def _data_matches_model(spec: Spec) -> Iterator[Finding]:
         yield ("model", "head", "out_dims"), f"must equal inputs.dims ({inputs.dims}) to predict the next value, got {head.out_dims}"
 
 
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
 def _tokenizer_fits(path: str, inputs) -> Iterator[Finding]:
     """The tokenizer file exists, is a Hugging Face tokenizer.json, and its ids fit the model's vocabulary."""
     where = ("train", "data", "tokenizer")
+    if not _installed("tokenizers"):
+        yield where, "a tokenizer.json needs the tokenizers package: pip install 'moec[tokenizers]'"
+        return
     try:
         size = tokenizer_vocab_size(path)
     except ValueError as err:
@@ -245,10 +256,8 @@ def _token_files_exist(data) -> Iterator[Finding]:
 
 
 def _loggers_installed(spec: Spec) -> Iterator[Finding]:
-    import importlib.util
-
     for i, logger in enumerate(spec.train.log):
-        if logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        if logger == "tensorboard" and not _installed("tensorboard"):
             yield ("train", "log", i), "'tensorboard' needs the tensorboard package: pip install 'moec[tensorboard]'"
 
 

@@ -52,3 +52,15 @@ def test_bad_dataset_specs_are_one_line(dataset_files):
     with pytest.raises(ValueError, match=r"train.data.text_field: 'body' is not a column of .*train-00000.parquet "
                                          r"\(columns: id, text\)"):
         make_dataset(spec_for(dataset_files, extra=", text_field: body"))
+
+
+def test_missing_packages_are_validation_errors(dataset_files, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("datasets", "tokenizers") else real(name, *a))
+    with pytest.raises(moec.SpecError) as caught:
+        spec_for(dataset_files, extra=", tokenizer: tok.json")
+    assert [issue.message for issue in caught.value.issues] == [
+        "'hf_dataset' needs the datasets package: pip install 'moec[hf-data]'",
+        "a tokenizer.json needs the tokenizers package: pip install 'moec[tokenizers]'"]
