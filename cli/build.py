@@ -11,14 +11,15 @@ import typer
 from cli.output import human, print_spec_error
 
 
-def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: bool, disable: tuple[str, ...]) -> None:
+def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: bool, disable: tuple[str, ...],
+              overrides: tuple[str, ...] = ()) -> None:
     from moec import SpecError, load_spec
     from moec.compile import compile_spec
     from moec.passes import PipelineUsageError
     from moec.schema.spec import path_safe
 
     try:
-        spec = load_spec(spec_path)
+        spec = load_spec(spec_path, overrides)
     except SpecError as err:
         print_spec_error(err)
         raise typer.Exit(1) from None

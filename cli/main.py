@@ -35,35 +35,45 @@ def _root(
     """Compile Mixture-of-Experts models from one YAML spec."""
 
 
+OVERRIDES_HELP = "KEY=VALUE overrides of spec fields, after the spec: train.steps=50 model.blocks[0].layers[1].experts=8."
+
+
 @app.command()
 def validate(
-    specs: List[Path] = typer.Argument(..., help="Spec files to check.", show_default=False),
+    specs: List[str] = typer.Argument(..., help="Spec files to check, then KEY=VALUE overrides (applied to each).",
+                                      show_default=False, metavar="SPECS... [KEY=VALUE]..."),
     resolved: bool = typer.Option(False, "--resolved", help="Print each spec with every default filled in."),
 ) -> None:
     """Check specs; print every problem as FILE:LINE:COL: KEY: MESSAGE."""
     from cli.output import print_resolved, print_spec_error, print_valid
     from moec import SpecError, load_spec
+    from moec.schema.overrides import is_override
 
+    overrides = [arg for arg in specs if is_override(arg)]
+    paths = [Path(arg) for arg in specs if not is_override(arg)]
+    if not paths:
+        raise typer.BadParameter("no spec file given (only KEY=VALUE overrides)", param_hint="SPECS")
     failed = 0
-    for path in specs:
+    for path in paths:
         try:
-            spec = load_spec(path)
+            spec = load_spec(path, overrides)
         except SpecError as err:
             print_spec_error(err)
             failed += 1
             continue
         if resolved:
-            print_resolved(spec, several=len(specs) > 1)
+            print_resolved(spec, several=len(paths) > 1)
         else:
             print_valid(path, spec)
     if failed:
-        typer.echo(f"{failed} of {len(specs)} spec(s) invalid", err=True)
+        typer.echo(f"{failed} of {len(paths)} spec(s) invalid", err=True)
         raise typer.Exit(1)
 
 
 @app.command()
 def build(
     spec: Path = typer.Argument(..., help="The spec to compile.", show_default=False),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default: build/<spec name>)."),
     dump_ir: bool = typer.Option(False, "--dump-ir", help="Print the graph after every pass, with its time and op changes."),
     graph: bool = typer.Option(False, "--graph", help="Also render graph.dot to graph.svg (needs Graphviz's dot)."),
@@ -72,16 +82,20 @@ def build(
     """Compile a spec: write model.py, manifest.json, ir.txt and graph.dot; print a summary."""
     from cli.build import run_build
 
-    run_build(spec, output, dump_ir=dump_ir, render_svg=graph, disable=tuple(disable_pass))
+    run_build(spec, output, dump_ir=dump_ir, render_svg=graph, disable=tuple(disable_pass), overrides=tuple(overrides or ()))
 
 
 @app.command()
 def train(
     spec: Path = typer.Argument(..., help="The spec to train.", show_default=False),
-    resume: Optional[str] = typer.Option(
-        None, "--resume", help="Continue from the latest checkpoint of the run (--resume; refused if it does not verify), "
-        "the newest one that verifies (--resume latest-valid), or the one given (--resume PATH).",
-    ),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run directory's run from its newest checkpoint "
+                                "(refused if that checkpoint does not verify)."),
+    resume_from: Optional[str] = typer.Option(
+        None, "--resume-from", metavar="PATH|latest-valid", help="Continue from this checkpoint directory, or from the "
+        "newest checkpoint of the run directory that verifies (latest-valid)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a run directory that holds a run: deletes "
+                                   "its metrics.jsonl, checkpoints and plots first."),
     stop_at: Optional[int] = typer.Option(
         None, "--stop-at", min=1, help="Stop after this step with a checkpoint, as if interrupted; the schedule still follows train.steps.",
     ),
@@ -100,7 +114,11 @@ def train(
     """Train a spec: metrics.jsonl, checkpoints and plots under the run directory."""
     from cli.train import run_train
 
-    run_train(spec, resume=resume, allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
+    if overwrite and (resume or resume_from):
+        raise typer.BadParameter("--overwrite starts afresh; it cannot be combined with --resume / --resume-from",
+                                 param_hint="--overwrite")
+    run_train(spec, overrides=tuple(overrides or ()), resume=resume_from or ("latest" if resume else None), overwrite=overwrite,
+              allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
               stop_at=stop_at, nproc=nproc, init_from=init_from, allow_data_change=allow_data_change)
 
 
@@ -158,21 +176,14 @@ def _register_interop() -> None:
     app.add_typer(export_app, name="export")
 
 
+def _register_data() -> None:
+    from cli.data import data_app
+
+    app.add_typer(data_app, name="data")
+
+
 _register_interop()
-
-
-def _normalize_resume(argv: list[str]) -> list[str]:
-    """``--resume`` alone means the latest checkpoint: give it that value explicitly.
-
-    typer's options always take a value, so ``--resume`` followed by nothing or by another
-    option gets ``latest`` inserted; ``--resume PATH`` and ``--resume=PATH`` pass through.
-    """
-    out = []
-    for i, arg in enumerate(argv):
-        out.append(arg)
-        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
-            out.append("latest")
-    return out
+_register_data()
 
 
 def _exit_on_signal(signum, frame) -> None:
@@ -199,7 +210,7 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_on_signal)
     try:
-        app(args=_normalize_resume(sys.argv[1:]), prog_name="moec")
+        app(args=sys.argv[1:], prog_name="moec")
     finally:
         # The command is done and has handled any signal itself. While the interpreter tears down,
         # Python puts back the default handlers (a late Ctrl-C would kill the process by SIGINT,

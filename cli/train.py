@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -42,13 +43,13 @@ def _exit_cleanly_on_signals():
 
 
 def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at=None, nproc=None,
-              init_from=None, allow_data_change: bool = False) -> None:
+              init_from=None, allow_data_change: bool = False, overrides: tuple[str, ...] = (), overwrite: bool = False) -> None:
     """The training loop handles signals itself (finish the step, save); around it a signal exits 130 / 143."""
     from moec import SpecError, load_spec
     from moec.runtime.distributed import JobStopped, LaunchError, launch, launched_world_size
 
     try:
-        spec = load_spec(spec_path)
+        spec = load_spec(spec_path, overrides)
     except SpecError as err:
         print_spec_error(err)
         raise typer.Exit(1) from None
@@ -57,7 +58,8 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
             typer.echo(f"error: the spec's mesh has world_size {spec.mesh.world_size}, but --nproc is {nproc}", err=True)
             raise typer.Exit(1)
         options = dict(resume=resume, allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
-                       stop_at=stop_at, init_from=init_from, allow_data_change=allow_data_change)
+                       stop_at=stop_at, init_from=init_from, allow_data_change=allow_data_change, overrides=overrides,
+                       overwrite=overwrite)
         try:
             launch(nproc, launch_argv(spec_path, **options), shutdown_timeout_s=spec.train.collective_timeout_s)
         except JobStopped as stopped:  # rank 0 said at which step and how to resume
@@ -67,11 +69,12 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
             raise typer.Exit(1) from None
         return
     with _exit_cleanly_on_signals():
-        _run_train(spec, spec_path, resume, allow_spec_change, run_dir, device, plots, stop_at, init_from, allow_data_change)
+        _run_train(spec, spec_path, resume, allow_spec_change, run_dir, device, plots, stop_at, init_from, allow_data_change,
+                   overwrite)
 
 
 def _run_train(spec, spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at, init_from,
-               allow_data_change: bool) -> None:
+               allow_data_change: bool, overwrite: bool = False) -> None:
     from moec.runtime.display import Display
     from moec.runtime.plots import plot_run
     from moec.runtime.trainer import Aborted, Trainer, TrainingError
@@ -81,7 +84,7 @@ def _run_train(spec, spec_path: Path, resume, allow_spec_change: bool, run_dir, 
     trainer = None
     try:
         trainer = Trainer(spec, run_dir=run_dir, resume=resume, allow_spec_change=allow_spec_change, device=device, display=display,
-                          init_from=init_from, allow_data_change=allow_data_change)
+                          init_from=init_from, allow_data_change=allow_data_change, overwrite=overwrite)
         if resume is not None and main:
             display.log(f"resuming from {trainer.resumed_from} (step {trainer.start_step})")
         result = trainer.run(stop_at=stop_at)
@@ -98,6 +101,8 @@ def _run_train(spec, spec_path: Path, resume, allow_spec_change: bool, run_dir, 
     finally:
         if trainer is not None:
             trainer.dist.close()
+            if trainer.run_lock is not None:
+                trainer.run_lock.release()
     if not main:
         return
     if plots:
@@ -110,15 +115,18 @@ def _run_train(spec, spec_path: Path, resume, allow_spec_change: bool, run_dir, 
             typer.echo(f"note: {note}", err=True)
     display.summary(trainer, result)
     if result.interrupted and result.interrupted != "--stop-at":
-        typer.echo(f"stopped by {result.interrupted} at step {result.step}; resume with: moec train {spec_path} --resume", err=True)
+        again = " ".join(shlex.quote(str(word)) for word in (spec_path, *(o.text for o in spec.source.overrides)))
+        typer.echo(f"stopped by {result.interrupted} at step {result.step}; resume with: moec train {again} --resume", err=True)
         sys.stdout.flush()
         raise typer.Exit(EXIT_ON_SIGNAL.get(result.interrupted, 1))
 
 
-def launch_argv(spec_path: Path, resume, allow_spec_change, run_dir, device, plots, stop_at, init_from, allow_data_change) -> list[str]:
+def launch_argv(spec_path: Path, resume, allow_spec_change, run_dir, device, plots, stop_at, init_from, allow_data_change,
+                overrides=(), overwrite=False) -> list[str]:
     """The ``moec`` arguments each launched process runs: this command without ``--nproc``."""
-    argv = ["train", str(spec_path)]
-    argv += ["--resume", resume] if resume is not None else []
+    argv = ["train", str(spec_path), *overrides]
+    argv += ["--resume-from", resume] if resume is not None else []
+    argv += ["--overwrite"] if overwrite else []
     argv += ["--allow-spec-change"] if allow_spec_change else []
     argv += ["--allow-data-change"] if allow_data_change else []
     argv += ["--run-dir", str(run_dir)] if run_dir is not None else []

@@ -29,8 +29,10 @@ def numel(node: Node) -> int:
     return math.prod(node.attr["shape"])
 
 
-def build_manifest(spec, compiled, versions: dict[str, str]) -> dict:
-    graph = compiled.graph
+def build_manifest(spec, compiled, versions: dict[str, str], graph: Graph | None = None) -> dict:
+    """The manifest of ``compiled`` (its pass log); the figures from ``graph`` (default: its own), the
+    fused, annotated graph of the same model, so that disabling a pass does not change them."""
+    graph = compiled.graph if graph is None else graph
     total = sum(numel(node) for node in graph.params())
     return {
         "versions": versions | {"python": platform.python_version()},
@@ -59,6 +61,8 @@ def spec_record(spec) -> dict:
         "name": spec.name,
         "file": source.file if source is not None else None,
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        # the run is reproducible from the file (its sha256) plus these, applied in order
+        "overrides": [override.text for override in getattr(source, "overrides", ())],
         "resolved": spec.model_dump(mode="json"),
     }
 

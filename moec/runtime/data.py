@@ -9,6 +9,8 @@ the uninterrupted run would have seen.
   windows of ``seq_len + 1`` bytes.
 - ``signals``: 1-D sines, sums of harmonics and spirals projected to 1-D.
 - ``trajectories``: 3-D helix, elliptical orbit, Lissajous curve and Lorenz attractor.
+- ``hf_dataset``: a text column of local Hugging Face dataset files (``moec.runtime.hf_dataset``).
+- ``token_files``: pre-tokenized ids, memory-mapped (``moec.runtime.token_files``).
 - ``random_tokens``: uniform bytes (for benchmarks: nothing to learn).
 
 A batch is ``(inputs, targets)``: inputs ``[B, S]`` token ids or ``[B, S, dims]`` values,
@@ -51,6 +53,8 @@ class Batch:
 
 class Dataset:
     """Base: ``batch(split, index, size)``; subclasses draw a batch from a seeded generator."""
+
+    bytes_per_token: float | None = 1.0  # bytes of text behind one token (bits per byte); None: not known
 
     def __init__(self, seed: int, seq_len: int, pool_last: bool):
         self.seed, self.seq_len, self.pool_last = seed, seq_len, pool_last
@@ -122,20 +126,34 @@ def is_validation_file(path: Path, root: str, fraction: float) -> bool:
     return value < fraction
 
 
+def split_files(files: list[str], val_fraction: float) -> dict[str, list[Path]]:
+    """The files of ``train.data.files``, split into train / validation by :func:`is_validation_file`."""
+    paths = expand_globs(files)
+    if not paths:
+        raise ValueError(f"train.data.files: no files match {files}")
+    root = sysconfig.get_paths()["stdlib"]
+    parts: dict[str, list[Path]] = {"train": [], "val": []}
+    for path in paths:
+        parts["val" if is_validation_file(path, root, val_fraction) else "train"].append(path)
+    if not parts["val"] or not parts["train"]:
+        parts["val"], parts["train"] = paths[:1], paths[1:] or paths[:1]  # too few files to split by hash
+    return parts
+
+
 class TextBytes(Dataset):
-    def __init__(self, seed: int, seq_len: int, pool_last: bool, files: list[str], val_fraction: float):
+    def __init__(self, seed: int, seq_len: int, pool_last: bool, files: list[str], val_fraction: float, tokenizer: str = "bytes"):
         super().__init__(seed, seq_len, pool_last)
-        paths = expand_globs(files)
-        if not paths:
-            raise ValueError(f"train.data.files: no files match {files}")
-        root = sysconfig.get_paths()["stdlib"]
-        parts = {"train": [], "val": []}
-        for path in paths:
-            parts["val" if is_validation_file(path, root, val_fraction) else "train"].append(path)
-        if not parts["val"] or not parts["train"]:
-            parts["val"], parts["train"] = paths[:1], paths[1:] or paths[:1]  # too few files to split by hash
-        self.files = parts
-        self.data = {split: self._read(split_paths) for split, split_paths in parts.items()}
+        self.files = parts = split_files(files, val_fraction)
+        self._use_text({split: self._read(split_paths) for split, split_paths in parts.items()}, tokenizer)
+
+    def _use_text(self, data: dict[str, torch.Tensor], tokenizer: str) -> None:
+        """Each split's bytes, as they are or as a tokenizer's ids; the fingerprint of what batches come from."""
+        seq_len = self.seq_len
+        self.data, unit = data, "bytes"
+        if tokenizer != "bytes":  # ids of a Hugging Face tokenizer; bits per byte still counts the text's bytes
+            text_bytes = self.data["val"].numel()
+            self.data = tokenize(self.data, tokenizer)
+            self.bytes_per_token, unit = text_bytes / max(self.data["val"].numel(), 1), "tokens"
         digest = hashlib.sha256()
         for split in ("train", "val"):
             digest.update(f"{split}:{self.data[split].numel()}:".encode())
@@ -143,7 +161,7 @@ class TextBytes(Dataset):
         self._fingerprint = digest.hexdigest()
         for split, data in self.data.items():
             if data.numel() <= seq_len + 1:
-                raise ValueError(f"{split} text has {data.numel()} bytes; need more than seq_len + 1 = {seq_len + 1}")
+                raise ValueError(f"{split} text has {data.numel()} {unit}; need more than seq_len + 1 = {seq_len + 1}")
 
     @property
     def fingerprint(self) -> str:
@@ -166,6 +184,26 @@ class TextBytes(Dataset):
         starts = torch.randint(0, data.numel() - self.seq_len - 1, (size,), generator=generator)
         offsets = torch.arange(self.seq_len + 1)
         return data[starts[:, None] + offsets[None, :]].long()
+
+
+def tokenize(splits: dict[str, torch.Tensor], tokenizer_file: str) -> dict[str, torch.Tensor]:
+    """Each split's bytes (UTF-8, invalid bytes replaced) as int32 ids of a tokenizer.json, encoded in
+    line-aligned chunks of about 1 MiB (encode_batch runs them on every core)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+    out = {}
+    for split, data in splits.items():
+        text = bytes(data.numpy()).decode("utf-8", errors="replace")
+        chunks, start = [], 0
+        while start < len(text):
+            end = text.find("\n", start + (1 << 20))
+            end = len(text) if end < 0 else end + 1
+            chunks.append(text[start:end])
+            start = end
+        encoded = tokenizer.encode_batch(chunks, add_special_tokens=False)
+        out[split] = torch.tensor([i for e in encoded for i in e.ids], dtype=torch.int32)
+    return out
 
 
 def _read_text_file(path: Path, limit: int) -> bytes:
@@ -271,7 +309,15 @@ def make_dataset(spec) -> Dataset:
     data, train, model = spec.train.data, spec.train, spec.model
     pool_last = model.head.pool == "last"
     if data.kind == "text":
-        return TextBytes(train.seed, train.seq_len, pool_last, list(data.files), data.val_fraction)
+        return TextBytes(train.seed, train.seq_len, pool_last, list(data.files), data.val_fraction, data.tokenizer)
+    if data.kind == "hf_dataset":
+        from moec.runtime.hf_dataset import HfDatasetText
+
+        return HfDatasetText(train.seed, train.seq_len, pool_last, data)
+    if data.kind == "token_files":
+        from moec.runtime.token_files import TokenFiles
+
+        return TokenFiles(train.seed, train.seq_len, pool_last, list(data.train), list(data.val), data.dtype, model.inputs.vocab)
     if data.kind == "random_tokens":
         return RandomTokens(train.seed, train.seq_len, pool_last, model.inputs.vocab)
     if data.kind == "signals":

@@ -1,10 +1,12 @@
 """Per-step metrics: one JSON object per line in ``<run>/metrics.jsonl``.
 
-Train rows: ``{"kind": "train", "step", "loss", "task_loss", "aux_loss", "aux_load_balance",
+Every row has ``kind``, ``step``, ``time`` (Unix seconds) and ``elapsed_s`` (seconds since the run
+started, summed over resumes). Train rows: ``{"kind": "train", "step", "loss", "task_loss", "aux_loss", "aux_load_balance",
 "aux_z", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes", "moe": {layer:
 {"utilization": [fraction of routed (token, choice) pairs per expert], "dropped_fraction",
 "gate_entropy"}}}``. Eval rows: ``{"kind": "eval", "step", "val_loss"}`` plus
-``val_bits_per_byte`` for byte-level text or ``val_mse`` for continuous data.
+``val_bits_per_byte`` for text (per byte of the text, whatever the tokenizer), ``val_bits_per_token``
+for token files (whose bytes are unknown) or ``val_mse`` for continuous data.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -75,14 +78,27 @@ class MetricsWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.skipped: list[str] = []  # torn last lines dropped on resume, for the user to see
+        self.elapsed_before = 0.0  # training seconds of the run before this process (resumed: the kept rows')
         if truncate_after is not None and self.path.exists():
             # Resuming: drop rows past the checkpoint, which the resumed run will write again.
             rows = [row for row in read_metrics(self.path, self.skipped) if row.get("step", 0) <= truncate_after]
             replace_atomically(self.path, "".join(json.dumps(row) + "\n" for row in rows))
+            self.elapsed_before = max((row.get("elapsed_s", 0.0) for row in rows), default=0.0)
         elif truncate_after is None:
             replace_atomically(self.path, "")
+        self.started = time.perf_counter()
+
+    def stamp(self, row: dict) -> dict:
+        """``row`` with ``time`` (Unix seconds, wall clock) and ``elapsed_s`` (seconds of this run, resumes
+        included, the time between a stop and its resume not) after its kind and step."""
+        head = {key: row[key] for key in ("kind", "step") if key in row}
+        clock = {"time": round(time.time(), 3), "elapsed_s": round(self.elapsed_before + time.perf_counter() - self.started, 3)}
+        return head | clock | row
 
     def write(self, row: dict) -> None:
+        self.write_stamped(self.stamp(row))
+
+    def write_stamped(self, row: dict) -> None:
         data = (json.dumps(row, allow_nan=True) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -102,6 +118,9 @@ class _NoMetrics:
     """What ranks other than 0 write to: nothing (rank 0 holds the run's metrics.jsonl)."""
 
     def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 

@@ -27,8 +27,10 @@ from moec.runtime.data import last_value_baseline, make_dataset
 from moec.runtime.diagnose import describe_nonfinite
 from moec.runtime.fit import check_fit
 from moec.runtime.distributed import LaunchError, clip_grad_norm, init_distributed, local_slice, timed_out
+from moec.runtime.loggers import run_loggers
 from moec.runtime.metrics import NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
+from moec.runtime.rundir import RunDirError, claim_on_rank0, write_run_spec
 from moec.runtime.stopping import StopRequest
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,13 +54,16 @@ class RunResult:
     baseline_mse: float | None = None
     last_eval: dict = field(default_factory=dict)
     seconds: float = 0.0
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # after the first step when it compiled (see compile_s)
+    first_step_s: float = 0.0
+    compile_s: float | None = None  # the first step's seconds when torch.compile ran in it
     plots: list = field(default_factory=list)
 
 
 class Trainer:
     def __init__(self, spec, run_dir: Path | None = None, resume: str | None = None, allow_spec_change: bool = False,
-                 device: str | None = None, display=None, init_from: Path | None = None, allow_data_change: bool = False):
+                 device: str | None = None, display=None, init_from: Path | None = None, allow_data_change: bool = False,
+                 overwrite: bool = False):
         self.spec, self.train = spec, spec.train
         self.run_dir = checked_run_dir(spec.train.checkpoint.dir if run_dir is None else run_dir)
         self.program = compile_spec(spec)
@@ -68,6 +73,7 @@ class Trainer:
         except LaunchError as err:
             raise TrainingError(str(err)) from None
         self.device = self.dist.device
+        self.run_lock = self._claim_run_dir(resume is not None, overwrite, display)
         self.expert_parallel = hasattr(self.parallel, "EXPERT_PLACEMENT")
         self.display = display if self.dist.is_main else None
         self.stop = StopRequest()
@@ -92,7 +98,10 @@ class Trainer:
         if resume is not None:
             self._resume(resume, allow_spec_change, allow_data_change)
         truncate = self.start_step if resume else None
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after=truncate) if self.dist.is_main else NO_METRICS
+        if self.dist.is_main:
+            write_run_spec(self.run_dir, spec, self.program.manifest["spec"]["overrides"])
+        self.metrics = (run_loggers(MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after=truncate), list(self.train.log),
+                                    self.run_dir) if self.dist.is_main else NO_METRICS)
         for note in getattr(self.metrics, "skipped", ()):
             if self.display:
                 self.display.log(note)
@@ -116,6 +125,16 @@ class Trainer:
         self.model = self.parallel.parallelize(model, self.dist.mesh)
         return self.model
 
+    def _claim_run_dir(self, resume: bool, overwrite: bool, display):
+        """The run directory's lock and fresh-run rule (moec.runtime.rundir), decided on rank 0 for all ranks."""
+        try:
+            lock = claim_on_rank0(self.run_dir, resume, overwrite, self.dist)
+        except RunDirError as err:
+            raise TrainingError(str(err)) from None
+        if lock is not None and lock.note and display is not None:
+            display.log(lock.note)
+        return lock
+
     def _init_from(self, path: Path) -> None:
         if not path.exists():
             raise TrainingError(f"--init-from {path}: no such file or checkpoint")
@@ -129,7 +148,7 @@ class Trainer:
     def _resume(self, resume: str, allow_spec_change: bool, allow_data_change: bool) -> None:
         ckpt.remove_partial(self.run_dir)
         info = self._find_checkpoint(resume)
-        self._check_spec(info.meta["spec"], allow_spec_change)
+        self._check_spec(info.meta["spec"], allow_spec_change, info.meta.get("overrides", []))
         saved_data = info.manifest.get("data_fingerprint")
         if saved_data != self.data.fingerprint and not allow_data_change:
             raise TrainingError(f"cannot resume from {info.path}: the training data changed since the checkpoint (fingerprint "
@@ -163,21 +182,24 @@ class Trainer:
                 return ckpt.verify_checkpoint(path)
             except ckpt.CheckpointError as err:
                 if resume == "latest":
-                    raise TrainingError(f"cannot resume: {err}; --resume latest-valid resumes from the newest checkpoint "
+                    raise TrainingError(f"cannot resume: {err}; --resume-from latest-valid resumes from the newest checkpoint "
                                         "that verifies") from None
                 if self.display:
                     self.display.log(f"skipping a damaged checkpoint: {err}")
         raise TrainingError(f"nothing to resume: no checkpoint under {ckpt.checkpoint_root(self.run_dir)} verifies")
 
-    def _check_spec(self, saved: dict, allow_spec_change: bool) -> None:
+    def _check_spec(self, saved: dict, allow_spec_change: bool, saved_overrides: list) -> None:
         current = self.spec.model_dump(mode="json")
+        overrides = self.program.manifest["spec"]["overrides"]
+        note = "" if saved_overrides == overrides else (  # a different command line is a spec change: the rules below apply
+            f"\n  (command-line overrides then: {' '.join(saved_overrides) or 'none'}; now: {' '.join(overrides) or 'none'})")
         model_diff = ckpt.spec_differences(saved["model"], current["model"], "model")
         if model_diff:
-            raise TrainingError("cannot resume: the model section changed since the checkpoint:\n  " + "\n  ".join(model_diff))
+            raise TrainingError("cannot resume: the model section changed since the checkpoint:\n  " + "\n  ".join(model_diff) + note)
         other = [d for key in ("train", "schedule", "mesh", "sharding") for d in ckpt.spec_differences(saved[key], current[key], key)]
         if other and not allow_spec_change:
             raise TrainingError("cannot resume: the spec changed since the checkpoint (pass --allow-spec-change to accept):\n  "
-                                + "\n  ".join(other))
+                                + "\n  ".join(other) + note)
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -194,6 +216,9 @@ class Trainer:
                 if stop_at is not None and step + 1 == stop_at:
                     self.stop.plan()
                 row = self._train_step(step)
+                if step == self.start_step:  # this process's first step: under torch.compile it compiles
+                    result.first_step_s = time.perf_counter() - started
+                    row |= {"includes_compile": True} if self.spec.schedule.compile.enabled else {}
                 tokens_seen += self.train.batch * self.train.seq_len
                 result.final_train_loss, result.step = row["task_loss"], step + 1
                 self.stop.poll(self.dist.distributed, self.device)  # every rank stops after the same step
@@ -211,8 +236,12 @@ class Trainer:
                     result.interrupted = self.stop.reason
                     break
         result.seconds = time.perf_counter() - started
-        result.tokens_per_s = tokens_seen / max(result.seconds, 1e-9)
+        result.tokens_per_s = steady_tokens_per_s(result, tokens_seen, self.train.batch * self.train.seq_len,
+                                                  self.spec.schedule.compile.enabled)
         result.best_val = self.best_val
+        self.metrics.close()
+        if self.run_lock is not None:  # the run is over: another may use the directory (plots need no lock)
+            self.run_lock.release()
         return result
 
     @property
@@ -331,8 +360,9 @@ class Trainer:
         self.model.train()
         val = self.dist.mean(sum(losses) / len(losses))
         row = {"kind": "eval", "step": step, "val_loss": val}
-        if self.token_model:
-            row["val_bits_per_byte"] = bits_per_byte(val)
+        if self.token_model:  # bits per byte where the bytes behind a token are known (text), else per token
+            per_token = self.data.bytes_per_token
+            row |= {"val_bits_per_byte": bits_per_byte(val) / per_token} if per_token else {"val_bits_per_token": bits_per_byte(val)}
         else:
             row["val_mse"] = val
             row["val_mse_over_last_value"] = val / result.baseline_mse if result.baseline_mse else math.nan
@@ -345,6 +375,7 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         meta = {"spec": self.spec.model_dump(mode="json"), "spec_sha256": self.program.manifest["spec"]["sha256"],
+                "overrides": self.program.manifest["spec"]["overrides"],
                 "data_position": step, "best_val": self.best_val if math.isfinite(self.best_val) else None,
                 "best_step": self.best_step, "lrs": [g["lr"] for g in self.optimizer.param_groups]}
         policy = self.train.checkpoint
@@ -371,6 +402,15 @@ class Trainer:
 
     def _aborted(self, name: str) -> Aborted:
         return Aborted(f"stopped by a second {name} without saving; {self._last_checkpoint()}")
+
+
+def steady_tokens_per_s(result: RunResult, tokens_seen: int, tokens_per_step: int, compiled: bool) -> float:
+    """Tokens/s of the run; under torch.compile without the first step, whose time is compilation
+    (reported as ``result.compile_s``). A one-step run has nothing else to measure."""
+    if compiled and tokens_seen > tokens_per_step:
+        result.compile_s = result.first_step_s
+        return (tokens_seen - tokens_per_step) / max(result.seconds - result.first_step_s, 1e-9)
+    return tokens_seen / max(result.seconds, 1e-9)
 
 
 def checked_run_dir(value) -> Path:

@@ -34,9 +34,16 @@ def run_checks(spec: Spec) -> list[Finding]:
         _kernels_serve_spec,
         _pooled_load_balance,
         _size_is_sane,
+        _loggers_installed,
     ):
         findings.extend(check(spec))
     return findings
+
+
+def checks_on_partial_spec() -> tuple:
+    """The checks that read only plain fields (nothing ``resolve`` fills): they also run on a spec whose
+    other parts failed validation (moec.schema.partial), so one pass reports every section's errors."""
+    return (_sharding_axes, _parallel_divisibility, _batch_divisibility, _sequence_fits, _data_matches_model)
 
 
 def axis_size(spec: Spec, axes: list[str]) -> int:
@@ -157,10 +164,21 @@ def _future_leaks(spec: Spec) -> Iterator[Finding]:
 def _data_matches_model(spec: Spec) -> Iterator[Finding]:
     data, inputs, head = spec.train.data, spec.model.inputs, spec.model.head
     path = ("train", "data", "kind")
-    if data.kind in ("text", "random_tokens") and inputs.kind != "tokens":
+    if data.kind in ("text", "random_tokens", "token_files", "hf_dataset") and inputs.kind != "tokens":
         yield path, f"'{data.kind}' data needs token inputs, but model.inputs.kind is '{inputs.kind}'"
-    if data.kind == "text" and inputs.kind == "tokens" and inputs.vocab < 256:
+    if data.kind == "hf_dataset":
+        if not _installed("datasets"):
+            yield path, "'hf_dataset' needs the datasets package: pip install 'moec[hf-data]'"
+        yield from _token_files_exist(data)
+        yield from _dataset_formats(data)
+    if data.kind in ("text", "hf_dataset") and data.tokenizer != "bytes":
+        yield from _tokenizer_fits(data.tokenizer, inputs)
+    elif data.kind in ("text", "hf_dataset") and inputs.kind == "tokens" and inputs.vocab < 256:
         yield ("model", "inputs", "vocab"), f"must be >= 256 for byte-level text data, got {inputs.vocab}"
+    if data.kind == "token_files":
+        if data.dtype == "uint16" and inputs.kind == "tokens" and inputs.vocab > 1 << 16:
+            yield ("train", "data", "dtype"), f"uint16 holds ids below 65536, but model.inputs.vocab is {inputs.vocab}; use uint32"
+        yield from _token_files_exist(data)
     wanted_dims = {"signals": 1, "trajectories": 3}.get(data.kind)
     if wanted_dims is not None:
         if inputs.kind != "continuous":
@@ -169,6 +187,80 @@ def _data_matches_model(spec: Spec) -> Iterator[Finding]:
             yield ("model", "inputs", "dims"), f"must be {wanted_dims} for '{data.kind}' data, got {inputs.dims}"
     if head.kind == "regression" and inputs.kind == "continuous" and head.out_dims != inputs.dims:
         yield ("model", "head", "out_dims"), f"must equal inputs.dims ({inputs.dims}) to predict the next value, got {head.out_dims}"
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def _tokenizer_fits(path: str, inputs) -> Iterator[Finding]:
+    """The tokenizer file exists, is a Hugging Face tokenizer.json, and its ids fit the model's vocabulary."""
+    where = ("train", "data", "tokenizer")
+    if not _installed("tokenizers"):
+        yield where, "a tokenizer.json needs the tokenizers package: pip install 'moec[tokenizers]'"
+        return
+    try:
+        size = tokenizer_vocab_size(path)
+    except ValueError as err:
+        yield where, str(err)
+        return
+    if inputs.kind == "tokens" and inputs.vocab < size:
+        yield ("model", "inputs", "vocab"), f"must be >= {size} for the ids of tokenizer {path}, got {inputs.vocab}"
+
+
+def tokenizer_vocab_size(path: str) -> int:
+    """1 + the largest id of a tokenizer.json (its model's vocabulary and its added tokens), read as JSON."""
+    import json
+    import os
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        vocab = data["model"]["vocab"]
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # BPE / WordPiece, Unigram
+        ids += [token["id"] for token in data.get("added_tokens") or []]
+        return max(ids) + 1
+    except FileNotFoundError:
+        raise ValueError(f"{path!r}: no such file (resolved against {os.getcwd()})") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json ({type(err).__name__}: {err})") from None
+
+
+DATASET_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
+
+
+def _dataset_formats(data) -> Iterator[Finding]:
+    """hf_dataset files are of a format `datasets` reads locally, one format per split."""
+    import os
+
+    for split in ("train", "val"):
+        formats = set()
+        for i, pattern in enumerate(getattr(data, split)):
+            ext = os.path.splitext(pattern)[1].lower()
+            if ext not in DATASET_FORMATS:
+                yield ("train", "data", split, i), f"{pattern!r}: not a dataset file this reads ({', '.join(DATASET_FORMATS)})"
+            formats.add(DATASET_FORMATS.get(ext))
+        if len(formats) > 1:
+            yield ("train", "data", split), f"mixes formats {sorted(f for f in formats if f)}; use one format per split"
+
+
+def _token_files_exist(data) -> Iterator[Finding]:
+    """Every path or glob of the data's files matches a file (resolved against the current directory)."""
+    import glob
+    import os
+
+    for split in ("train", "val"):
+        for i, pattern in enumerate(getattr(data, split)):
+            if next((path for path in glob.iglob(pattern, recursive=True) if os.path.isfile(path)), None) is None:
+                yield ("train", "data", split, i), f"{pattern!r} matches no file (resolved against {os.getcwd()})"
+
+
+def _loggers_installed(spec: Spec) -> Iterator[Finding]:
+    for i, logger in enumerate(spec.train.log):
+        if logger == "tensorboard" and not _installed("tensorboard"):
+            yield ("train", "log", i), "'tensorboard' needs the tensorboard package: pip install 'moec[tensorboard]'"
 
 
 def _options_are_used(spec: Spec) -> Iterator[Finding]:

@@ -43,6 +43,7 @@ class LoadedYaml:
     marks: dict[tuple, Mark] = field(default_factory=dict)
     file: str = "<spec>"
     text: str = ""  # the document as read, for its sha256 in build provenance
+    overrides: tuple = ()  # command-line overrides applied to ``data`` (moec.schema.overrides.Override)
 
     def locate(self, path: tuple, at_key: bool = False) -> tuple[int, int] | None:
         """Line and column of the deepest prefix of ``path`` that exists in the file."""

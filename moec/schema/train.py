@@ -46,6 +46,8 @@ class TextData(Base):
         description="Glob patterns; 'stdlib:' is the Python standard library's directory.",
     )
     val_fraction: Fraction = 0.05
+    tokenizer: str = Field("bytes", description="'bytes' (one token per byte, vocab >= 256) or the path of a Hugging Face "
+                           "tokenizer.json (model.inputs.vocab must hold its ids).")
 
 
 class SignalsData(Base):
@@ -70,13 +72,35 @@ class TrajectoriesData(Base):
     val_fraction: Fraction = 0.1
 
 
+class TokenFilesData(Base):
+    """Pre-tokenized ids in flat binary files (nanoGPT's train.bin / val.bin), read a window at a time: any size,
+    never read whole. Paths and globs are relative to the current directory."""
+
+    kind: Literal["token_files"]
+    train: Annotated[list[str], Field(min_length=1)] = Field(description="Files (or globs) of training token ids.")
+    val: Annotated[list[str], Field(min_length=1)] = Field(description="Files (or globs) of validation token ids.")
+    dtype: Literal["uint16", "uint32"] = Field("uint16", description="Width of one id in the files.")
+
+
+class HfDatasetData(Base):
+    """A text column of local Hugging Face dataset files (parquet, arrow, json / jsonl) read through `datasets`
+    without network; used as text data (within the same byte budget, bytes or a tokenizer)."""
+
+    kind: Literal["hf_dataset"]
+    train: Annotated[list[str], Field(min_length=1)] = Field(description="Files (or globs) of the training rows.")
+    val: Annotated[list[str], Field(min_length=1)] = Field(description="Files (or globs) of the validation rows.")
+    text_field: Annotated[str, Field(min_length=1)] = Field("text", description="The column holding the text.")
+    tokenizer: str = Field("bytes", description="As for text data: 'bytes' or the path of a tokenizer.json.")
+
+
 class RandomTokensData(Base):
     """Uniform random tokens (benchmarks only: there is nothing to learn)."""
 
     kind: Literal["random_tokens"]
 
 
-Data = Annotated[Union[TextData, SignalsData, TrajectoriesData, RandomTokensData], Field(discriminator="kind")]
+Data = Annotated[Union[TextData, TokenFilesData, HfDatasetData, SignalsData, TrajectoriesData, RandomTokensData],
+                 Field(discriminator="kind")]
 
 
 def _root_like(text: str) -> bool:
@@ -92,7 +116,7 @@ def _root_like(text: str) -> bool:
 class CheckpointPolicy(Base):
     """When checkpoints are written and which are kept."""
 
-    every: NonNegInt = Field(0, description="Steps between checkpoints; 0: only at the end.")
+    every: NonNegInt = Field(0, description="Steps between checkpoints; 0 (or more than train.steps): only at the end.")
     keep_last: PosInt = 3
     keep_best: bool = True
     dir: str | None = Field(None, description="Default: runs/<name>.")
@@ -109,7 +133,7 @@ class CheckpointPolicy(Base):
 class Eval(Base):
     """Held-out evaluation."""
 
-    every: NonNegInt = Field(0, description="Steps between evaluations; 0: only at the end.")
+    every: NonNegInt = Field(0, description="Steps between evaluations; 0 (or more than train.steps): only at the end.")
     batches: PosInt = 8
 
 
@@ -130,6 +154,9 @@ class Train(Base):
     data: Data
     checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
     eval: Eval = Field(default_factory=Eval)
+    log: Annotated[list[Literal["jsonl", "tensorboard"]], Field(min_length=1)] = Field(
+        default_factory=lambda: ["jsonl"], description="Where metrics go: 'jsonl' (metrics.jsonl, the run's record: "
+        "plots and resume read it; always first) and 'tensorboard' (<run>/tensorboard, needs the tensorboard package).")
     collective_timeout_s: Annotated[float, Field(gt=0, le=86400)] = Field(
         DEFAULT_COLLECTIVE_TIMEOUT_S, description="Multi-process runs: how long a rank waits for the others in a collective "
         "before the job fails (a dead or hung rank ends the job instead of hanging it).")
@@ -140,8 +167,9 @@ class Train(Base):
             raise field_error("lr_schedule.warmup_steps", f"must be <= steps ({self.steps}), got {self.lr_schedule.warmup_steps}")
         if self.batch % self.grad_accum:
             raise field_error("grad_accum", f"must divide batch ({self.batch}), got {self.grad_accum}")
-        for name in ("checkpoint", "eval"):
-            every = getattr(self, name).every
-            if every > self.steps:
-                raise field_error(f"{name}.every", f"must be <= steps ({self.steps}), got {every}")
+        if self.log[0] != "jsonl" or len(set(self.log)) != len(self.log):
+            raise field_error("log", "must start with 'jsonl' (metrics.jsonl is the run's record) and name each logger once, "
+                              f"got {self.log}")
+        # checkpoint.every / eval.every beyond steps are not errors: the last step always evaluates and
+        # saves, so `train.steps=20` on the command line runs a short trial without further edits.
         return self

@@ -9,19 +9,28 @@ from pathlib import Path as FsPath
 
 from pydantic import BaseModel, ValidationError
 
-from moec.schema.checks import run_checks
+from moec.schema.checks import checks_on_partial_spec, run_checks
 from moec.schema.errors import SpecError, SpecIssue, did_you_mean
 from moec.schema.loader import LoadedYaml, load_yaml_file, load_yaml_text
+from moec.schema.overrides import COMMAND_LINE, apply_overrides, from_command_line, parse_overrides
+from moec.schema.partial import partial_findings, partial_spec
 from moec.schema.spec import Spec, resolve
 
 
-def load_spec(path: str | FsPath) -> Spec:
-    """Load, validate and resolve the spec at ``path``; raises :class:`SpecError`."""
-    return validate_loaded(load_yaml_file(path))
+def load_spec(path: str | FsPath, overrides=()) -> Spec:
+    """Load, validate and resolve the spec at ``path``; raises :class:`SpecError`.
+
+    ``overrides``: ``PATH=VALUE`` strings (``train.steps=50``), applied before validation.
+    """
+    return validate_loaded(_with_overrides(load_yaml_file(path), overrides))
 
 
-def load_spec_text(text: str, file: str = "<spec>") -> Spec:
-    return validate_loaded(load_yaml_text(text, file=file))
+def load_spec_text(text: str, file: str = "<spec>", overrides=()) -> Spec:
+    return validate_loaded(_with_overrides(load_yaml_text(text, file=file), overrides))
+
+
+def _with_overrides(loaded: LoadedYaml, overrides) -> LoadedYaml:
+    return apply_overrides(loaded, parse_overrides(overrides)) if overrides else loaded
 
 
 def validate_loaded(loaded: LoadedYaml) -> Spec:
@@ -31,7 +40,8 @@ def validate_loaded(loaded: LoadedYaml) -> Spec:
     try:
         spec = resolve(Spec.model_validate(loaded.data))
     except ValidationError as err:
-        raise SpecError([_issue_from_pydantic(error, loaded) for error in err.errors()]) from None
+        issues = [_issue_from_pydantic(error, loaded) for error in err.errors()]
+        raise SpecError(issues + _cross_section_issues(loaded, issues)) from None
     findings = run_checks(spec)
     if findings:
         raise SpecError([_located(loaded, path, message) for path, message in findings])
@@ -39,7 +49,19 @@ def validate_loaded(loaded: LoadedYaml) -> Spec:
     return spec
 
 
+def _cross_section_issues(loaded: LoadedYaml, known: list[SpecIssue]) -> list[SpecIssue]:
+    """Cross-section findings on what did validate, so they are not hidden behind other sections' errors."""
+    try:
+        findings = partial_findings(partial_spec(loaded.data), checks_on_partial_spec())
+    except Exception:  # best effort on a broken spec: the schema's own issues are reported regardless
+        return []
+    reported = {issue.path for issue in known}
+    return [_located(loaded, path, message) for path, message in findings if path not in reported]
+
+
 def _located(loaded: LoadedYaml, path: tuple, message: str, at_key: bool = False) -> SpecIssue:
+    if from_command_line(loaded.overrides, path):
+        return SpecIssue(message, path=path, file=COMMAND_LINE)
     where = loaded.locate(path, at_key=at_key) or (None, None)
     return SpecIssue(message, path=path, file=loaded.file, line=where[0], column=where[1])
 

@@ -9,16 +9,17 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cli.main import _normalize_resume, app
+from cli.main import app
 from moec.runtime import checkpoint as ckpt
+from moec.runtime.rundir import LOCK
 from tests.runtime.helpers import quick_text
 
 runner = CliRunner()
 
 
 def moec_cli(*args: str):
-    """``moec ARGS`` in-process (``--resume`` alone means latest, as in the real entry point)."""
-    return runner.invoke(app, _normalize_resume([str(a) for a in args]), env={"COLUMNS": "500"})  # rich: no wrapping
+    """``moec ARGS`` in-process."""
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "500"})  # rich: no wrapping
 
 
 def write_spec(directory: Path, steps: int = 4, every: int = 2, **kwargs) -> Path:
@@ -48,6 +49,7 @@ def copy_run(source: Path, target: Path) -> Path:
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
-    """sha256 of every file under a directory: proves nothing earlier was lost or changed."""
+    """sha256 of every file under a directory: proves nothing earlier was lost or changed (the run's
+    lock file, which says who holds the directory now, is not the run's data)."""
     return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+            for p in sorted(Path(directory).rglob("*")) if p.is_file() and p.name != LOCK}

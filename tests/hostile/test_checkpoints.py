@@ -9,7 +9,7 @@ from moec.runtime import checkpoint as ckpt
 from moec.runtime.metrics import read_metrics
 from tests.hostile.helpers import copy_run, moec_cli, reseal, tree_digest, write_spec
 
-HINT = "; --resume latest-valid resumes from the newest checkpoint that verifies"
+HINT = "; --resume-from latest-valid resumes from the newest checkpoint that verifies"
 STEP4 = "checkpoints/step_00000004"
 
 
@@ -92,10 +92,10 @@ def test_resume_path_of_a_damaged_checkpoint_names_the_file(finished_run, tmp_pa
     spec_path, run_dir = finished_run
     run = copy_run(run_dir, tmp_path / "run")
     _flip_bit(run / STEP4)
-    result = moec_cli("train", spec_path, "--run-dir", run, "--resume", run / STEP4, "--no-plots")
+    result = moec_cli("train", spec_path, "--run-dir", run, "--resume-from", run / STEP4, "--no-plots")
     assert result.exit_code == 1
     assert result.stderr == f"error: cannot resume: {run / STEP4}/__0_0.distcp: sha256 does not match manifest.json (damaged or replaced)\n"
-    result = moec_cli("train", spec_path, "--run-dir", run, "--resume", tmp_path / "nowhere", "--no-plots")
+    result = moec_cli("train", spec_path, "--run-dir", run, "--resume-from", tmp_path / "nowhere", "--no-plots")
     assert result.stderr == f"error: cannot resume: {tmp_path / 'nowhere'}: not a checkpoint directory (it does not exist)\n"
 
 
@@ -103,7 +103,7 @@ def test_latest_valid_falls_back_to_the_previous_checkpoint_and_ends_bitwise_equ
     spec_path, run_dir = finished_run
     run = copy_run(run_dir, tmp_path / "run")
     _flip_bit(run / STEP4)
-    result = moec_cli("train", spec_path, "--run-dir", run, "--resume", "latest-valid", "--no-plots")
+    result = moec_cli("train", spec_path, "--run-dir", run, "--resume-from", "latest-valid", "--no-plots")
     assert result.exit_code == 0, result.output
     out = " ".join(result.stdout.split())
     assert (f"skipping a damaged checkpoint: {run / STEP4}/__0_0.distcp: sha256 does not match manifest.json "
@@ -120,7 +120,7 @@ def test_every_checkpoint_damaged_is_a_clean_refusal(finished_run, tmp_path):
     run = copy_run(run_dir, tmp_path / "run")
     for ck in ckpt.checkpoint_dirs(run):
         (ck / "manifest.json").unlink()
-    result = moec_cli("train", spec_path, "--run-dir", run, "--resume", "latest-valid", "--no-plots")
+    result = moec_cli("train", spec_path, "--run-dir", run, "--resume-from", "latest-valid", "--no-plots")
     assert result.exit_code == 1
     assert result.stderr == f"error: nothing to resume: no checkpoint under {run}/checkpoints verifies\n"
 

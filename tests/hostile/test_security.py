@@ -51,7 +51,7 @@ def test_a_malicious_metadata_pickle_runs_nothing_and_is_refused_in_one_line(fin
     result = moec_cli("train", spec_path, "--run-dir", run, "--resume", "--no-plots")
     assert result.exit_code == 1
     assert result.stderr == (f"error: cannot resume: {checkpoint}/.metadata: not a DCP metadata file "
-                             "(UnpicklingError: refusing to load posix.system); --resume latest-valid resumes from the "
+                             "(UnpicklingError: refusing to load posix.system); --resume-from latest-valid resumes from the "
                              "newest checkpoint that verifies\n")
     assert not marker.exists() and "Traceback" not in result.output
     assert tree_digest(run) == before  # the refusal changed nothing, metrics.jsonl included

@@ -107,7 +107,7 @@ def test_a_torn_last_line_is_skipped_and_reported_by_plot_and_resume(finished_ru
     assert result.exit_code == 0, result.output
     assert result.stderr == f"note: {run}/metrics.jsonl:{len(rows)}: skipped a torn last line ({_json_reason(cut)})\n"
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    result = moec_cli("train", spec_path, "--run-dir", run, "--no-plots", "--resume", run / "checkpoints/step_00000002")
+    result = moec_cli("train", spec_path, "--run-dir", run, "--no-plots", "--resume-from", run / "checkpoints/step_00000002")
     assert result.exit_code == 0, result.output
     assert _losses(run) == _losses(finished)  # the torn row was dropped and written again
 

@@ -68,8 +68,11 @@ def test_resume_is_bitwise_exact(full_run, tmp_path):
     assert [info.step for info in ckpt.list_checkpoints(tmp_path)][-1] == 5
     Trainer(quick_spec(steps=12, every=4), run_dir=tmp_path, resume="latest").run()
     assert losses(tmp_path) == losses(run_dir)  # exact float equality, every step
-    assert [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"] == \
-        [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    def evals(run):  # the rows without their wall-clock stamps
+        rows = read_metrics(run / "metrics.jsonl")
+        return [{k: v for k, v in r.items() if k not in ("time", "elapsed_s")} for r in rows if r["kind"] == "eval"]
+
+    assert evals(tmp_path) == evals(run_dir)
 
 
 def test_resume_before_any_evaluation(tmp_path):
@@ -192,34 +195,3 @@ def test_plot_command_writes_readable_pngs(full_run):
         data = (run_dir / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert CliRunner().invoke(app, ["plot", str(run_dir / "nope")]).exit_code == 1
-
-
-def test_resume_flag_takes_an_optional_path():
-    from cli.main import _normalize_resume
-
-    assert _normalize_resume(["train", "s.yaml", "--resume"]) == ["train", "s.yaml", "--resume", "latest"]
-    assert _normalize_resume(["train", "s.yaml", "--resume", "--no-plots"]) == ["train", "s.yaml", "--resume", "latest", "--no-plots"]
-    assert _normalize_resume(["train", "s.yaml", "--resume", "runs/x/checkpoints/step_2"])[-1] == "runs/x/checkpoints/step_2"
-
-
-def test_bf16_autocast_with_gradient_accumulation_keeps_fp32_master_weights(tmp_path):
-    text = quick_text(steps=6, every=3).replace("  deterministic: true", "  deterministic: true\n  precision: {compute: bf16}")
-    spec = moec.load_spec_text(text.replace("  batch: 8", "  batch: 8\n  grad_accum: 2"), file="bf16.yaml")
-    trainer = Trainer(spec, run_dir=tmp_path)
-    trainer.run()
-    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
-    train = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
-    assert len(train) == 6 and all(math.isfinite(r["loss"]) for r in train)
-    assert train[-1]["task_loss"] < train[0]["task_loss"] - 0.2
-
-
-def test_sigmoid_bias_router_balances_with_its_selection_bias(tmp_path):
-    text = quick_text(steps=4, every=4, capacity="router: {kind: sigmoid_bias, bias_update_rate: 0.01}")
-    trainer = Trainer(moec.load_spec_text(text, file="sb.yaml"), run_dir=tmp_path)
-    trainer.run()
-    bias = dict(trainer.model.named_buffers())["blocks.0.moe.router.selection_bias"]
-    # Each step moves every expert's bias by +-rate (0 when exactly balanced), towards balance.
-    assert bias.abs().max().item() <= 4 * 0.01 + 1e-7 and bias.abs().sum().item() > 0
-    in_rate_units = bias / 0.01  # a sum of four steps of -1, 0 or +1
-    torch.testing.assert_close(in_rate_units, in_rate_units.round(), rtol=0, atol=1e-4)
-    assert "blocks.0.moe.router.selection_bias" not in dict(trainer.model.named_parameters())

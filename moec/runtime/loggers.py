@@ -1,0 +1,60 @@
+"""Where metrics rows go besides ``metrics.jsonl``: the loggers the spec's ``train.log`` names.
+
+``metrics.jsonl`` (:class:`moec.runtime.metrics.MetricsWriter`) is always first: plots, resume
+and the summary read it. ``tensorboard`` writes the same numbers as TensorBoard scalars under
+``<run>/tensorboard`` with torch's ``SummaryWriter`` (the optional ``tensorboard`` package):
+``train/<field>``, ``eval/<field>`` and ``moe/<layer>/<field>``, at the row's step and wall time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TRAIN_SCALARS = ("loss", "task_loss", "aux_loss", "aux_load_balance", "aux_z", "lr", "grad_norm", "tokens_per_s")
+EVAL_SCALARS = ("val_loss", "val_bits_per_byte", "val_bits_per_token", "val_mse", "val_mse_over_last_value")
+MOE_SCALARS = ("dropped_fraction", "gate_entropy")
+
+
+class TensorBoardLogger:
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), flush_secs=10)
+
+    def write(self, row: dict) -> None:
+        step, walltime = row["step"], row.get("time")
+        names = TRAIN_SCALARS if row["kind"] == "train" else EVAL_SCALARS
+        for name in names:
+            if isinstance(row.get(name), (int, float)):
+                self.writer.add_scalar(f"{row['kind']}/{name}", row[name], step, walltime=walltime)
+        for layer, health in row.get("moe", {}).items():
+            for name in MOE_SCALARS:
+                self.writer.add_scalar(f"moe/{layer}/{name}", health[name], step, walltime=walltime)
+        if row["kind"] == "eval":
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class RunLoggers:
+    """metrics.jsonl first, then the others, each row stamped once (the same time in every logger)."""
+
+    def __init__(self, jsonl, others: list):
+        self.jsonl, self.others = jsonl, others
+        self.skipped = jsonl.skipped
+
+    def write(self, row: dict) -> None:
+        stamped = self.jsonl.stamp(row)
+        self.jsonl.write_stamped(stamped)
+        for logger in self.others:
+            logger.write(stamped)
+
+    def close(self) -> None:
+        for logger in self.others:
+            logger.close()
+
+
+def run_loggers(jsonl, names: list[str], run_dir: Path) -> RunLoggers:
+    others = [TensorBoardLogger(run_dir) for name in names if name == "tensorboard"]
+    return RunLoggers(jsonl, others)
