@@ -46,7 +46,7 @@ def test_consistent_hash_placement_trains_as_one_process_and_resumes_elsewhere(s
     # ... and so do 4 expert-parallel processes, whose weights hold the experts in another order
     assert placement("consistent_hash", 4, 4, 0) == (3, 2, 1, 0)
     spec.write_text(spec_text(HASHED.replace("world_size: 2, axes: {ep: 2}", "world_size: 4, axes: {ep: 4}")))
-    train_processes(spec, elsewhere, "--resume", "latest", "--allow-spec-change", nproc=4)
+    train_processes(spec, elsewhere, "--resume", "--allow-spec-change", nproc=4)
     assert train_losses(elsewhere) == pytest.approx(expected, rel=1e-5)
 
 
