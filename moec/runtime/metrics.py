@@ -65,6 +65,15 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def steady_tokens_per_s(result, tokens_seen: int, tokens_per_step: int, compiled: bool) -> float:
+    """Tokens/s of the run; under torch.compile without the first step, whose time is compilation
+    (reported as ``result.compile_s``). A one-step run has nothing else to measure."""
+    if compiled and tokens_seen > tokens_per_step:
+        result.compile_s = result.first_step_s
+        return (tokens_seen - tokens_per_step) / max(result.seconds - result.first_step_s, 1e-9)
+    return tokens_seen / max(result.seconds, 1e-9)
+
+
 class MetricsWriter:
     """Appends one JSON line per row; never leaves a half line, never rewrites in place.
 

@@ -217,3 +217,17 @@ def write_run_spec(run_dir: Path, spec, overrides: list[str]) -> Path:
     path = Path(run_dir) / RUN_SPEC
     replace_atomically(path, "\n".join(header) + "\n" + resolved_yaml(spec))
     return path
+
+
+def checked_run_dir(value) -> Path:
+    """The run directory, refusing ones where a run would write over unrelated files."""
+    text = str(value).strip()
+    if not text:
+        raise RunDirError("the run directory is empty: set train.checkpoint.dir or --run-dir to a directory of its own")
+    path = Path(text).expanduser()
+    resolved = path.resolve()
+    home = Path.home().resolve()
+    if resolved == Path(resolved.anchor) or resolved == home or resolved in Path.cwd().resolve().parents or resolved == Path.cwd().resolve():
+        raise RunDirError(f"refusing run directory {text!r} (it is {resolved}): a run writes metrics.jsonl, plots and "
+                            "checkpoints there; use a directory of its own such as runs/<name>")
+    return path

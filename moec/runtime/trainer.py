@@ -28,9 +28,10 @@ from moec.runtime.diagnose import describe_nonfinite
 from moec.runtime.fit import check_fit
 from moec.runtime.distributed import LaunchError, clip_grad_norm, init_distributed, local_slice, timed_out
 from moec.runtime.loggers import run_loggers
-from moec.runtime.metrics import NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes
+from moec.runtime.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes,
+                                  steady_tokens_per_s)
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
-from moec.runtime.rundir import RunDirError, claim_on_rank0, write_run_spec
+from moec.runtime.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
 from moec.runtime.stopping import StopRequest
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -402,26 +403,3 @@ class Trainer:
 
     def _aborted(self, name: str) -> Aborted:
         return Aborted(f"stopped by a second {name} without saving; {self._last_checkpoint()}")
-
-
-def steady_tokens_per_s(result: RunResult, tokens_seen: int, tokens_per_step: int, compiled: bool) -> float:
-    """Tokens/s of the run; under torch.compile without the first step, whose time is compilation
-    (reported as ``result.compile_s``). A one-step run has nothing else to measure."""
-    if compiled and tokens_seen > tokens_per_step:
-        result.compile_s = result.first_step_s
-        return (tokens_seen - tokens_per_step) / max(result.seconds - result.first_step_s, 1e-9)
-    return tokens_seen / max(result.seconds, 1e-9)
-
-
-def checked_run_dir(value) -> Path:
-    """The run directory, refusing ones where a run would write over unrelated files."""
-    text = str(value).strip()
-    if not text:
-        raise TrainingError("the run directory is empty: set train.checkpoint.dir or --run-dir to a directory of its own")
-    path = Path(text).expanduser()
-    resolved = path.resolve()
-    home = Path.home().resolve()
-    if resolved == Path(resolved.anchor) or resolved == home or resolved in Path.cwd().resolve().parents or resolved == Path.cwd().resolve():
-        raise TrainingError(f"refusing run directory {text!r} (it is {resolved}): a run writes metrics.jsonl, plots and "
-                            "checkpoints there; use a directory of its own such as runs/<name>")
-    return path

@@ -10,7 +10,8 @@ from rich.console import Console
 
 import moec
 from moec.runtime.display import Display
-from moec.runtime.trainer import RunResult, steady_tokens_per_s
+from moec.runtime.metrics import steady_tokens_per_s
+from moec.runtime.trainer import RunResult
 from tests.hostile.helpers import moec_cli, write_spec
 from tests.runtime.helpers import quick_spec, quick_text
 
