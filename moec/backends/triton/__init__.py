@@ -1,0 +1,25 @@
+"""Triton kernels for the MoE layer (``schedule.kernels.moe: triton``).
+
+Importing this package never needs Triton or a GPU: ``AVAILABLE`` says whether Triton is
+installed, and the kernels (``kernels.py``) are imported on the first call. On a CPU the
+kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``, how CI tests them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
+def usable_on(device_type: str) -> bool:
+    """Whether the kernels can run on tensors of this device type here."""
+    return AVAILABLE and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def grouped_linear(x, w, offsets, order=None, top_k: int = 1, tiles=None):
+    """``F.linear`` per expert group, the rows gathered from ``x`` by ``order // top_k`` when given (ops.py)."""
+    from moec.backends.triton.ops import grouped_linear as run
+
+    return run(x, w, offsets, order, top_k, tiles)
