@@ -20,6 +20,9 @@ def usable_on(device_type: str) -> bool:
 
 def grouped_linear(x, w, offsets, order=None, top_k: int = 1, tiles=None):
     """``F.linear`` per expert group, the rows gathered from ``x`` by ``order // top_k`` when given (ops.py)."""
+    if not usable_on(x.device.type):
+        raise RuntimeError(f"kernels.moe 'triton' runs on CUDA GPUs, or on the CPU under TRITON_INTERPRET=1 (tensors on {x.device}"
+                           f"{', triton is not installed' if not AVAILABLE else ''})")
     from moec.backends.triton.ops import grouped_linear as run
 
     return run(x, w, offsets, order, top_k, tiles)
