@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernels", nargs="+", default=["auto"])
+    parser.add_argument("--shape", type=int, nargs=4, default=[512, 1024, 8, 2], metavar=("D", "H", "E", "K"))
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (quick smoke runs)")
     parser.add_argument("--json")
     args = parser.parse_args()
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
@@ -34,12 +36,12 @@ def main() -> None:
           f"median of {args.reps} interleaved reps")
     rows = []
     for tokens in args.tokens:
-        shape = LayerShape(tokens, 512, 1024, 8, 2)
+        shape = LayerShape(tokens, *args.shape)
         torch.manual_seed(0)
         x = torch.randn(1, tokens, shape.width, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(1, tokens, shape.width, device=device)
-        modules = candidates(shape, device, dtype, kernels=tuple(args.kernels))
-        inner = max(1, 2048 // tokens) if device.type == "cpu" else max(1, 16384 // tokens)
+        modules = candidates(shape, device, dtype, kernels=tuple(args.kernels), compiled=not args.no_compile)
+        inner = max(1, 2048 // tokens) if device.type == "cpu" else max(1, 8192 // tokens)
         timings = interleaved({name: step_of(m, x, grad) for name, m in modules.items()}, device, args.reps, inner=inner)
         by_name = {t.name: t for t in timings}
         dense, hf = by_name["dense (limit)"], by_name.get("hf grouped_mm")

@@ -149,14 +149,14 @@ def step_of(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, autoca
 
 
 def candidates(shape: LayerShape, device, dtype, layer_yaml: str | None = None, kernels: tuple[str, ...] = ("auto",),
-               compiled: bool = True, hf: bool = True) -> dict[str, torch.nn.Module]:
+               compiled: bool = True, hf: bool = True, compiled_kernels: tuple[str, ...] = ("auto",)) -> dict[str, torch.nn.Module]:
     """The modules to time for one layer shape, by name."""
     modules: dict[str, torch.nn.Module] = {"dense (limit)": dense_swiglu(shape, device, dtype)}
     for kernel in kernels:
         layer = MoecLayer(layer_spec_text(shape, layer_yaml, kernel), device, dtype).train()
         label = "moec" if kernel == "auto" else f"moec {kernel}"
         modules[f"{label} eager"] = layer
-        if compiled:
+        if compiled and kernel in compiled_kernels:
             modules[f"{label} compiled"] = torch.compile(layer, fullgraph=True)
     hf_block = hf_grouped_mm(shape, device, dtype) if hf else None
     if hf_block is not None:

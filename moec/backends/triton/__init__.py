@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import torch
+
 AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
@@ -25,4 +27,7 @@ def grouped_linear(x, w, offsets, order=None, top_k: int = 1, tiles=None):
                            f"{', triton is not installed' if not AVAILABLE else ''})")
     from moec.backends.triton.ops import grouped_linear as run
 
+    if torch.is_autocast_enabled(x.device.type):  # custom ops see no autocast: cast as torch's GEMMs would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
     return run(x, w, offsets, order, top_k, tiles)

@@ -39,9 +39,19 @@ def _expert_of_tile(pid, counts_ptr, E, BLOCK_E: tl.constexpr, BM: tl.constexpr)
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32. UPCAST (Triton's interpreter only): bf16 operands as fp32, since the
+    interpreter's bf16 dot returns garbage (triton 3.9); the products are exact either way."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, counts_ptr, order_ptr, E, K, N, stride_am, stride_ak, stride_be, stride_bk,
                         stride_bn, stride_om, stride_on, TOP_K: tl.constexpr, GATHER: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert, row_start, row_end = _expert_of_tile(pid_m, counts_ptr, E, BLOCK_E, BM)
@@ -61,7 +71,7 @@ def grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, counts_ptr, order_ptr, E, K, N, s
             a = tl.load(a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptr + expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _dot(a, b, acc, PRECISION, UPCAST)
         out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -69,7 +79,7 @@ def grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, counts_ptr, order_ptr, E, K, N, s
 @triton.jit
 def weight_grad_kernel(g_ptr, a_ptr, dw_ptr, counts_ptr, order_ptr, E, K, N, stride_gm, stride_gn, stride_am, stride_ak,
                        stride_we, stride_wn, stride_wk, TOP_K: tl.constexpr, GATHER: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     expert = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -90,6 +100,6 @@ def weight_grad_kernel(g_ptr, a_ptr, dw_ptr, counts_ptr, order_ptr, E, K, N, str
             src = rows
         g = tl.load(g_ptr + rows[None, :] * stride_gm + ns[:, None] * stride_gn, mask=row_ok[None, :] & (ns[:, None] < N), other=0.0)
         a = tl.load(a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
-        acc = tl.dot(g, a, acc, input_precision=PRECISION)
+        acc = _dot(g, a, acc, PRECISION, UPCAST)
     dw = dw_ptr + expert * stride_we + ns[:, None] * stride_wn + ks[None, :] * stride_wk
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=(ns[:, None] < N) & (ks[None, :] < K))

@@ -33,8 +33,8 @@ def _launch_forward(a: Tensor, w_kn: tuple, counts: Tensor, order: Tensor | None
     grouped_gemm_kernel[grid](
         a, b, out, counts, order if order is not None else counts, experts, width, n, a.stride(0), a.stride(1),
         stride_be, stride_bk, stride_bn, out.stride(0), out.stride(1), TOP_K=top_k, GATHER=order is not None,
-        BLOCK_E=_block(experts), BM=tile.BM, BN=tile.BN, BK=tile.BK, PRECISION=_precision(a), num_warps=tile.warps,
-        num_stages=tile.stages)
+        BLOCK_E=_block(experts), BM=tile.BM, BN=tile.BN, BK=tile.BK, PRECISION=_precision(a), UPCAST=a.device.type == "cpu",
+        num_warps=tile.warps, num_stages=tile.stages)
     return out
 
 
@@ -49,8 +49,8 @@ def _launch_weight_grad(grad: Tensor, a: Tensor, counts: Tensor, order: Tensor |
     weight_grad_kernel[grid](
         grad, a, dw, counts, order if order is not None else counts, experts, k, n, grad.stride(0), grad.stride(1),
         a.stride(0), a.stride(1), dw.stride(0), dw.stride(1), dw.stride(2), TOP_K=top_k, GATHER=order is not None,
-        BLOCK_E=_block(experts), BM=tile.BM, BN=tile.BN, BK=tile.BK, PRECISION=_precision(a), num_warps=tile.warps,
-        num_stages=tile.stages)
+        BLOCK_E=_block(experts), BM=tile.BM, BN=tile.BN, BK=tile.BK, PRECISION=_precision(a), UPCAST=a.device.type == "cpu",
+        num_warps=tile.warps, num_stages=tile.stages)
     return dw
 
 
