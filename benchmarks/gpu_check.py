@@ -46,9 +46,24 @@ def check(name: str):
 def pair(spec_text: str, device):
     """The same layer on the CPU in fp32 (the reference) and on ``device`` in fp32 (same weights)."""
     cpu = MoecLayer(spec_text, "cpu", torch.float32).train()
+    with torch.no_grad():  # router logits = x[:, :E] (see separated_routes)
+        weight = cpu.moe.router.weight
+        weight.zero_()
+        weight[:, : weight.shape[0]] = torch.eye(weight.shape[0])
     dev = MoecLayer(spec_text, device, torch.float32).train()
     dev.load_state_dict(cpu.state_dict())
     return cpu, dev
+
+
+def separated_routes(x: torch.Tensor, experts: int) -> torch.Tensor:
+    """x with x[..., :E] a permutation of 0..E-1 per token times a per-token scale in [1, 2): router
+    logits (the identity router of ``pair``: exact in any dtype) at least 1 apart, so rounding
+    never changes which experts a token picks, and tokens' scores differ (no capacity ties). The
+    checks then see the expert GEMMs' precision, not a few tokens routed elsewhere (~10% moves)."""
+    x = x.clone()
+    ranks = torch.argsort(torch.rand(*x.shape[:-1], experts, device=x.device), -1).to(x.dtype)
+    x[..., :experts] = ranks * (1 + torch.rand(*x.shape[:-1], 1, device=x.device))
+    return x
 
 
 def step(layer, x, grad, autocast: bool):
@@ -61,8 +76,8 @@ def step(layer, x, grad, autocast: bool):
 
 
 def compare(layer_ref, layer, x, grad, autocast: bool, tol: float) -> str:
-    """Against the CPU layer under the same autocast (bf16 router logits round alike, so tokens route alike)."""
-    want = step(layer_ref, x.cpu(), grad.cpu(), autocast)
+    """Against the CPU layer in fp32 (inputs from separated_routes: tokens route alike in any precision)."""
+    want = step(layer_ref, x.cpu(), grad.cpu(), False)
     got = step(layer, x, grad, autocast)
     errors = [rel(g, w) for g, w in zip(got, want)]
     assert max(errors) < tol, f"relative errors {errors} over {tol}"
@@ -100,7 +115,7 @@ def main() -> None:
     small = "--small" in sys.argv
     shape = LayerShape(48 if small else 512, 32 if small else 256, 32 if small else 512, 4 if small else 8, 2)
     torch.manual_seed(0)
-    x = torch.randn(1, shape.tokens, shape.width, device=device)
+    x = separated_routes(torch.randn(1, shape.tokens, shape.width, device=device), shape.experts)
     grad = torch.randn(1, shape.tokens, shape.width, device=device)
     dropless = layer_spec_text(shape)
     capacity_layer = (f"{{kind: moe, experts: {shape.experts}, top_k: 2, capacity: {{mode: capacity, factor: 0.5}}, "
@@ -129,7 +144,7 @@ def main() -> None:
     def autocast_native():
         dtypes = count_grouped_mm(lambda: step(layer, x, grad, True))
         assert dtypes and set(dtypes) == {"torch.bfloat16"}, f"grouped_mm calls: {dtypes}"
-        return f"{len(dtypes)} grouped_mm calls, all bf16; " + compare(ref, layer, x, grad, True, 2e-2)
+        return f"{len(dtypes)} grouped_mm calls, all bf16; " + compare(ref, layer, x, grad, True, 3e-2)
     autocast_native()
 
     @check("fp32 on CUDA: moec Triton grouped GEMM, agrees with fp32 CPU")
@@ -145,7 +160,7 @@ def main() -> None:
         ref_g = MoecLayer(layer_spec_text(shape, capacity_layer if "capacity" in label else None), "cpu", torch.float32).train()
         ref_g.load_state_dict(ref_t.state_dict())
         check(f"kernels.moe triton {label}, fp32: agrees with the CPU grouped path")(lambda: compare(ref_g, layer_t, x, grad, False, 1e-4))()
-        check(f"kernels.moe triton {label}, bf16 autocast: agrees")(lambda: compare(ref_g, layer_t, x, grad, True, 2e-2))()
+        check(f"kernels.moe triton {label}, bf16 autocast: agrees")(lambda: compare(ref_g, layer_t, x, grad, True, 3e-2))()
         check(f"kernels.moe triton {label}: no host sync in a training step")(lambda: no_sync(lambda: step(layer_t, x, grad, True)) or "ok")()
 
     check("grouped_mm bf16 autocast eager: no host sync in a training step")(lambda: no_sync(lambda: step(layer, x, grad, True)) or "ok")()
@@ -155,7 +170,7 @@ def main() -> None:
 
     @check("compiled (fullgraph) under bf16 autocast: agrees, no host sync")
     def compiled_ok():
-        detail = compare(ref, compiled, x, grad, True, 2e-2)
+        detail = compare(ref, compiled, x, grad, True, 3e-2)
         no_sync(lambda: step(compiled, x, grad, True))
         return detail
     compiled_ok()

@@ -31,7 +31,7 @@ def test_grouped_gemm_forward_and_backward_match_a_loop(top_k, kept):
     sorted_experts = expert_of_choice[order]
     dropped = torch.arange(tokens * top_k) >= kept  # the last rows as if capacity dropped them (sorted last)
     counts = torch.stack([((sorted_experts == e) & ~dropped).sum() for e in range(experts)])
-    y = grouped_linear(x, w, counts.cumsum(0).to(torch.int32), order, top_k)
+    y = grouped_linear(x, w, counts.to(torch.int32), order, top_k)
     expected = per_row(x, w, sorted_experts, order // top_k) * (~dropped)[:, None]
     assert (y[dropped] == 0).all()
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
@@ -59,7 +59,17 @@ def test_programs_with_triton_kernels_agree_with_the_reference(variant):
     text = spec.source.text.replace("train:\n", "schedule:\n  kernels: {moe: triton}\n  tiles: {BM: 16, BN: 32, BK: 16}\ntrain:\n")
     spec = moec.load_spec_text(text, file=f"{variant}.yaml")
     program = moec.compile_spec(spec)
-    assert "triton_moe.grouped_linear(x, experts_w_up, offsets, order" in program.source
+    assert "triton_moe.grouped_linear(x, experts_w_up, group_sizes, order" in program.source
     assert "tiles=(16, 32, 16, 4, 3)" in program.source
     # (1, 3): three tokens over four experts, so at least one expert is empty
     assert_agree(spec, seeds=(0,), shapes=((2, 16), (1, 3)), kernel_program=program)
+
+
+def test_grouped_gemm_in_bf16_matches_fp32_to_bf16_precision():
+    torch.manual_seed(1)
+    x, w = torch.randn(12, 32), torch.randn(3, 48, 32)
+    counts = torch.tensor([5, 0, 7], dtype=torch.int32)
+    expected = torch.cat([x[:5] @ w[0].T, x[5:] @ w[2].T])
+    y = grouped_linear(x.bfloat16(), w.bfloat16(), counts)
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - expected).norm() / expected.norm()).item() < 1e-2

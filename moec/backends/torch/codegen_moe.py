@@ -190,12 +190,12 @@ def _triton(moe: MoeAttrs, tiles: tuple[int, ...]) -> list[str]:
     if moe.dropless:
         lines = [
             "    order = torch.argsort(flat_expert, stable=True)  # sort-by-expert permutation",
-            "    offsets = torch.cumsum(counts, 0).to(torch.int32)  # end row of each expert's group",
+            "    group_sizes = counts.to(torch.int32)  # rows of each expert's group",
         ]
     else:
         lines = [
             f"    order = torch.argsort(torch.where(kept, flat_expert, {E}), stable=True)  # dropped choices sort last",
-            "    offsets = torch.cumsum(counts.clamp_max(capacity), 0).to(torch.int32)  # end of each expert's kept rows",
+            "    group_sizes = counts.clamp_max(capacity).to(torch.int32)  # each expert's kept rows",
         ]
     bias = ""
     if moe.expert.bias:
@@ -204,7 +204,7 @@ def _triton(moe: MoeAttrs, tiles: tuple[int, ...]) -> list[str]:
     tile = f", tiles={tiles!r}" if tiles else ""
 
     def gemm(a: str, w: str) -> str:  # token rows are gathered by the kernel; later rows are already grouped
-        return f"triton_moe.grouped_linear({a}, {w}, offsets{f', order, {k}' if a == 'x' else ''}{tile})"
+        return f"triton_moe.grouped_linear({a}, {w}, group_sizes{f', order, {k}' if a == 'x' else ''}{tile})"
     lines += _ffn("x", "", moe.expert.activation, "experts", "y_sorted", gemm, bias, moe.expert.clamp)
     lines.append(f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice); rows never computed are 0")
     return lines

@@ -38,7 +38,7 @@ def grouped_linear(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     if x.device.type == "cuda":
         from moec.backends.triton import grouped_linear as triton_grouped_linear
 
-        return triton_grouped_linear(x, w, offsets)
+        return triton_grouped_linear(x, w, torch.diff(offsets, prepend=offsets.new_zeros(1)))
     return _grouped_linear(x, w, offsets)
 
 

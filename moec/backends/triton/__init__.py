@@ -20,8 +20,9 @@ def usable_on(device_type: str) -> bool:
     return AVAILABLE and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def grouped_linear(x, w, offsets, order=None, top_k: int = 1, tiles=None):
-    """``F.linear`` per expert group, the rows gathered from ``x`` by ``order // top_k`` when given (ops.py)."""
+def grouped_linear(x, w, counts, order=None, top_k: int = 1, tiles=None):
+    """``F.linear`` per expert group (``counts`` int32 rows each), the rows gathered from ``x`` by
+    ``order // top_k`` when given (ops.py)."""
     if not usable_on(x.device.type):
         raise RuntimeError(f"kernels.moe 'triton' runs on CUDA GPUs, or on the CPU under TRITON_INTERPRET=1 (tensors on {x.device}"
                            f"{', triton is not installed' if not AVAILABLE else ''})")
@@ -30,4 +31,4 @@ def grouped_linear(x, w, offsets, order=None, top_k: int = 1, tiles=None):
     if torch.is_autocast_enabled(x.device.type):  # custom ops see no autocast: cast as torch's GEMMs would
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
-    return run(x, w, offsets, order, top_k, tiles)
+    return run(x, w, counts, order, top_k, tiles)

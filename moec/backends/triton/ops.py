@@ -113,8 +113,7 @@ def _backward(ctx, grad: Tensor):
 _grouped_linear.register_autograd(_backward, setup_context=_setup)
 
 
-def grouped_linear(x: Tensor, w: Tensor, offsets: Tensor, order: Tensor | None = None, top_k: int = 1,
+def grouped_linear(x: Tensor, w: Tensor, counts: Tensor, order: Tensor | None = None, top_k: int = 1,
                    tiles: tuple[int, ...] | None = None) -> Tensor:
-    """``F.linear`` per expert group of rows; ``offsets`` (E,) the int32 end row of each group."""
-    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).to(torch.int32)
+    """``F.linear`` per expert group of rows; ``counts`` (E,) int32, the rows of each group."""
     return _grouped_linear(x.contiguous(), w.contiguous(), counts, order, top_k, list(tiles or ()))

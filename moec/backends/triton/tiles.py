@@ -24,7 +24,8 @@ class Tile:
 
 INTERPRETER = Tile(32, 32, 32, 1, 1)
 CANDIDATES = (Tile(64, 64, 32, 4, 3), Tile(64, 128, 32, 4, 3), Tile(128, 128, 32, 8, 3), Tile(128, 64, 64, 4, 3),
-              Tile(32, 64, 64, 4, 4), Tile(64, 128, 64, 8, 3))
+              Tile(32, 64, 64, 4, 4), Tile(64, 128, 64, 8, 3), Tile(16, 64, 64, 4, 3), Tile(16, 128, 64, 4, 3),
+              Tile(32, 128, 64, 4, 3))  # BM 16 / 32: few rows per expert (small batches)
 _MEMORY: dict[str, Tile] = {}
 
 
