@@ -63,7 +63,7 @@ def separated_routes(x: torch.Tensor, experts: int) -> torch.Tensor:
     x = x.clone()
     ranks = torch.argsort(torch.rand(*x.shape[:-1], experts, device=x.device), -1).to(x.dtype)
     x[..., :experts] = ranks * (1 + torch.rand(*x.shape[:-1], 1, device=x.device))
-    return x
+    return x.bfloat16().float()  # exact in bf16: autocast's cast of x changes no logit, so capacity ranks alike
 
 
 def step(layer, x, grad, autocast: bool):
