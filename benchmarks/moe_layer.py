@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=["auto"])
     parser.add_argument("--shape", type=int, nargs=4, default=[512, 1024, 8, 2], metavar=("D", "H", "E", "K"))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (quick smoke runs)")
+    parser.add_argument("--inner", type=int, help="steps per timed sample (default: enough for about 2048 tokens)")
     parser.add_argument("--json")
     args = parser.parse_args()
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
@@ -41,7 +42,7 @@ def main() -> None:
         x = torch.randn(1, tokens, shape.width, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(1, tokens, shape.width, device=device)
         modules = candidates(shape, device, dtype, kernels=tuple(args.kernels), compiled=not args.no_compile)
-        inner = max(1, 2048 // tokens) if device.type == "cpu" else max(1, 8192 // tokens)
+        inner = args.inner or (max(1, 2048 // tokens) if device.type == "cpu" else max(1, 8192 // tokens))
         timings = interleaved({name: step_of(m, x, grad) for name, m in modules.items()}, device, args.reps, inner=inner)
         by_name = {t.name: t for t in timings}
         dense, hf = by_name["dense (limit)"], by_name.get("hf grouped_mm")

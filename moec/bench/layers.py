@@ -62,7 +62,8 @@ class MoecLayer(torch.nn.Module):
         model = moec.build_model(spec, device=device, dtype=dtype)
         self.moe = model.blocks[0].moe
         self.function = sys.modules[type(model).__module__].fused_moe_0
-        names = dict((slot_arg(name), param) for name, param in self.moe.named_parameters())
+        tensors = [*self.moe.named_parameters(), *self.moe.named_buffers()]  # buffers: e.g. a selection bias
+        names = {slot_arg(name): tensor for name, tensor in tensors}
         arguments = list(self.function.__code__.co_varnames[2 : self.function.__code__.co_argcount - 1])
         self.arguments = [names[a] for a in arguments]  # in the function's order
 
