@@ -104,7 +104,6 @@ def no_sync(fn) -> None:
     torch.cuda.set_sync_debug_mode("error")
     try:
         fn()
-        torch.cuda.synchronize() if False else None
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
