@@ -153,6 +153,21 @@ def _plot_error(run: Path, err: Exception) -> str:
 
 
 @app.command()
+def bench(
+    spec: Path = typer.Argument(..., help="The spec whose MoE layers to time.", show_default=False),
+    tokens: Optional[List[int]] = typer.Option(None, "--tokens", help="Tokens per step (repeatable); default batch * seq_len."),
+    reps: int = typer.Option(7, "--reps", min=1, help="Interleaved repetitions; medians are reported."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    compiled: bool = typer.Option(True, "--compile/--no-compile", help="Also time moec under torch.compile."),
+    json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+) -> None:
+    """Time each MoE layer of a spec against dense GEMMs, HF grouped_mm experts and a per-expert loop."""
+    from cli.bench import run_bench
+
+    run_bench(spec, tokens, reps, device, compiled, json_out)
+
+
+@app.command()
 def schema(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:

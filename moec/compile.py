@@ -61,7 +61,7 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     plan = parallel_plan(spec, tuple(experts))
     source = emit_program(compiled.graph, spec_name=spec.name, header=header, moe_kernel=kernels.moe,
                           spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention,
-                          expert_parallel=plan.experts is not None and not plan.unsupported)
+                          expert_parallel=plan.experts is not None and not plan.unsupported, tiles=_tiles(spec))
     # Parameters, FLOPs and memory are facts of the model: counted on the full pipeline's graph even
     # when passes were disabled (an unfused graph has no moe node to say which weights are experts).
     facts = compiled.graph if not disable else run_pipeline(spec).graph
@@ -69,6 +69,12 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     blocks = sum(block.repeat for block in spec.model.blocks)
     parallel = emit_parallel(spec, plan, blocks, header[:3], experts=max(experts.values(), default=0))
     return Program(spec=spec, graph=compiled.graph, source=source, manifest=manifest, log=compiled.log, parallel_source=parallel)
+
+
+def _tiles(spec) -> tuple[int, ...]:
+    """schedule.tiles as the (BM, BN, BK, warps, stages) the Triton kernels take; () to autotune."""
+    tiles = spec.schedule.tiles
+    return () if tiles is None else (tiles.BM, tiles.BN, tiles.BK, tiles.warps, tiles.stages)
 
 
 def expert_owners(graph: Graph) -> dict[str, int]:

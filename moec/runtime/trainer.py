@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from moec.backends.output import mean_stats
 from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
 from moec.compile import build_model, compile_spec, parallel_module
+from moec.runtime import compile_cache
 from moec.moe import ROUTERS, SELECTION_BIAS
 from moec.runtime import checkpoint as ckpt
 from moec.runtime.data import last_value_baseline, make_dataset
@@ -113,6 +114,8 @@ class Trainer:
         """torch.compile per the spec: the whole model, or under data parallelism each block's forward
         (FSDP2's hooks run around the compiled blocks), then the generated parallel plan."""
         options = self.spec.schedule.compile
+        if options.enabled:
+            compile_cache.load(self.program.source)  # a second start of this program skips Inductor's codegen
         compile_ = partial(torch.compile, mode=None if options.mode == "default" else options.mode,
                            fullgraph=options.fullgraph, dynamic=options.dynamic, backend=options.backend)
         if not self.dist.distributed:
@@ -218,6 +221,7 @@ class Trainer:
                     self.stop.plan()
                 row = self._train_step(step)
                 if step == self.start_step:  # this process's first step: under torch.compile it compiles
+                    self._save_compile_cache()
                     result.first_step_s = time.perf_counter() - started
                     row |= {"includes_compile": True} if self.spec.schedule.compile.enabled else {}
                 tokens_seen += self.train.batch * self.train.seq_len
@@ -236,6 +240,7 @@ class Trainer:
                 if self.stop.reason:
                     result.interrupted = self.stop.reason
                     break
+        self._save_compile_cache()  # again: evaluation compiled the model in eval mode too
         result.seconds = time.perf_counter() - started
         result.tokens_per_s = steady_tokens_per_s(result, tokens_seen, self.train.batch * self.train.seq_len,
                                                   self.spec.schedule.compile.enabled)
@@ -253,6 +258,10 @@ class Trainer:
     def _due(self, every: int, step: int) -> bool:
         last = step + 1 == self.train.steps
         return last or (every > 0 and (step + 1) % every == 0)
+
+    def _save_compile_cache(self) -> None:
+        if self.spec.schedule.compile.enabled and self.dist.is_main:
+            compile_cache.save(self.program.source)
 
     def _train_step(self, step: int) -> dict:
         set_learning_rates(self.optimizer, self.base_lrs, lr_factor(step, self.spec))

@@ -6,6 +6,7 @@ located :class:`SpecIssue` objects and reports all of them together.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Iterator
 
@@ -301,8 +302,8 @@ def _moe_configs(spec: Spec) -> Iterator[tuple[tuple, object]]:
 def _kernels_serve_spec(spec: Spec) -> Iterator[Finding]:
     """A kernel choice that cannot run some layer of the model is refused here, not at build time."""
     kernel, path = spec.schedule.kernels.moe, ("schedule", "kernels", "moe")
-    if kernel == "triton":
-        yield path, "'triton' has no implementation yet; use 'auto', 'grouped_mm', 'bmm' or 'eager'"
+    if kernel == "triton" and importlib.util.find_spec("triton") is None:
+        yield path, "'triton' needs the triton package (pip install 'moec[triton]'); use 'auto', 'grouped_mm', 'bmm' or 'eager'"
     elif kernel == "bmm":
         for where, moe in _moe_configs(spec):
             if moe.capacity.mode != "capacity":

@@ -50,7 +50,8 @@ class Kernels(Base):
     """Implementation choice per fused op; ``auto`` picks the best one the device supports."""
 
     moe: Literal["auto", "eager", "grouped_mm", "bmm", "triton"] = Field(
-        "auto", description="auto: grouped_mm when dropless, bmm with capacity. bmm needs capacity mode; triton is planned.")
+        "auto", description=("auto: grouped_mm when dropless, bmm with capacity. bmm needs capacity mode; triton: moec's Triton "
+                             "grouped GEMMs (CUDA, or the Triton interpreter), needs the triton package."))
     spectral_moe: Literal["auto", "fft", "dft"] = Field("auto", description="dft: a matmul with the DFT matrix (short sequences).")
     attention: Literal["auto", "sdpa", "eager"] = Field("auto", description="auto and sdpa: torch SDPA; eager: written out.")
 
@@ -90,12 +91,12 @@ class Schedule(Base):
     precision: Precision = Field(default_factory=Precision)
     compile: Compile = Field(default_factory=Compile)
     kernels: Kernels = Field(default_factory=Kernels)
-    tiles: Tiles | None = Field(None, description="For Triton kernels (not available yet: refused).")
+    tiles: Tiles | None = Field(None, description="Tile sizes of the Triton kernels (kernels.moe: triton); absent: autotuned, cached on disk.")
     activation_checkpointing: ActivationCheckpointing = Field(default_factory=ActivationCheckpointing)
     deterministic: bool = Field(False, description="Fixed reduction orders and deterministic algorithms.")
 
     @model_validator(mode="after")
     def _tiles_need_triton(self) -> "Schedule":
-        if self.tiles is not None:
-            raise field_error("tiles", "are read only by Triton kernels, which moec does not have yet; remove them")
+        if self.tiles is not None and self.kernels.moe != "triton":
+            raise field_error("tiles", "are read only by the Triton kernels; set kernels.moe: triton or remove them")
         return self

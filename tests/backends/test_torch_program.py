@@ -85,22 +85,26 @@ def test_dft_matmuls_agree_with_torch_fft(seq, norm):
     torch.testing.assert_close(snippets.irfft_real(z, seq, norm, True), snippets.irfft_real(z, seq, norm, False), rtol=1e-10, atol=1e-10)
 
 
-def test_fp32_grouped_mm_custom_op_matches_a_loop_in_value_and_gradient():
+@pytest.mark.parametrize("width, out_width", [(5, 4), (8, 12)], ids=["odd-widths-loop", "aligned-native"])
+def test_fp32_grouped_linear_custom_op_matches_a_loop_in_value_and_gradient(width, out_width):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(9, 5, generator=gen, requires_grad=True)
-    w = torch.randn(3, 5, 4, generator=gen, requires_grad=True)
+    x = torch.randn(9, width, generator=gen, requires_grad=True)
+    w = torch.randn(3, out_width, width, generator=gen, requires_grad=True)  # [E, out, in]: the parameters' layout
     offsets = torch.tensor([4, 4, 9], dtype=torch.int32)  # expert 1 gets no rows
-    out = runtime.grouped_mm(x, w, offsets)
-    expected = torch.cat([x[:4] @ w[0], x[4:9] @ w[2]])
+    out = runtime.grouped_linear(x, w, offsets)
+    expected = torch.cat([x[:4] @ w[0].T, x[4:9] @ w[2].T])
     torch.testing.assert_close(out, expected)
     grad = torch.randn_like(out)
     gx, gw = torch.autograd.grad(out, (x, w), grad)
     ex, ew = torch.autograd.grad(expected, (x, w), grad)
     torch.testing.assert_close(gx, ex), torch.testing.assert_close(gw, ew)
     assert gw[1].abs().sum() == 0
+    assert gw.stride() == w.stride()  # written in the weight's layout: AccumulateGrad keeps it without a copy
     xb, wb = torch.randn(9, 8, generator=gen), torch.randn(3, 8, 8, generator=gen)  # bf16 rows: 16-byte strides
-    bf16 = runtime.grouped_mm(xb.bfloat16(), wb.bfloat16(), offsets)
-    torch.testing.assert_close(bf16.float(), torch.cat([xb[:4] @ wb[0], xb[4:9] @ wb[2]]), rtol=3e-2, atol=5e-2)
+    bf16 = runtime.grouped_linear(xb.bfloat16(), wb.bfloat16(), offsets)
+    torch.testing.assert_close(bf16.float(), torch.cat([xb[:4] @ wb[0].T, xb[4:9] @ wb[2].T]), rtol=3e-2, atol=5e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 rows under bf16 autocast: the bf16 kernel
+        assert runtime.grouped_linear(xb, wb, offsets).dtype == torch.bfloat16
 
 
 def test_meta_build_of_the_120b_spec_allocates_nothing():

@@ -3,10 +3,13 @@
 Each function is built from lines chosen by the node's ``MoeAttrs`` and the kernel:
 
 - ``grouped_mm`` (dropless default): (token, choice) rows sorted by expert with a stable
-  argsort, one grouped GEMM per projection over the expert groups, unsorted by gather.
+  argsort, one grouped GEMM per projection over the expert groups, put back by index_copy.
 - ``bmm`` (capacity default): each expert's C best slots gathered into [E, C, D], batched
   GEMMs, results put back by slot index (each slot is written once).
 - ``eager``: every expert on every token ([E, N, D] bmm), outputs gathered per choice.
+- ``triton``: the grouped layout with moec's Triton grouped GEMM (``moec.backends.triton``):
+  the first projections gather token rows inside the kernel (no permuted copy); with
+  capacity, dropped choices sort after every kept one and are never computed.
 
 The router's score line and the activation come from the registries in ``moec.moe``. No
 ``.item()``, ``.tolist()`` or data-dependent Python control flow: counts and offsets stay
@@ -19,7 +22,7 @@ from __future__ import annotations
 from moec.moe import ACTIVATIONS, BAND_TABLE, ROUTERS, SELECTION_BIAS, MoeAttrs
 from moec.moe.params import ROUTER_BIAS
 
-KERNELS = ("grouped_mm", "bmm", "eager")
+KERNELS = ("grouped_mm", "bmm", "eager", "triton")
 
 
 def slot_arg(slot: str) -> str:
@@ -40,6 +43,10 @@ def choose_kernel(requested: str, moe: MoeAttrs, expert_parallel: bool = False) 
     return requested
 
 
+def uses_triton(kernel: str) -> bool:
+    return kernel == "triton"
+
+
 def helpers_for(moe: MoeAttrs) -> set[str]:
     """The snippets a fused MoE function calls."""
     used = {"select_experts", "load_balance_loss"} | set(ROUTERS[moe.router.kind].helpers)
@@ -50,7 +57,8 @@ def helpers_for(moe: MoeAttrs) -> set[str]:
     return used
 
 
-def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, expert_parallel: bool = False) -> list[str]:
+def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, expert_parallel: bool = False,
+                 tiles: tuple[int, ...] = ()) -> list[str]:
     args = ", ".join(slot_arg(s) for s in slots)
     E, k = moe.experts, moe.choices
     policy = f"capacity {moe.capacity.factor} ({moe.capacity.drop_policy})" if not moe.dropless else "dropless"
@@ -70,7 +78,12 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
     ]
     if not moe.dropless:
         lines += _capacity(moe)
-    lines += _expert_parallel(moe) if expert_parallel else {"grouped_mm": _grouped, "bmm": _bmm, "eager": _dense}[kernel](moe)
+    if expert_parallel:
+        lines += _expert_parallel(moe)
+    elif kernel == "triton":
+        lines += _triton(moe, tiles)
+    else:
+        lines += {"grouped_mm": _grouped, "bmm": _bmm, "eager": _dense}[kernel](moe)
     lines.append("    out = weights[:, 0, None] * y[:, 0]  # combine: choices summed in order")
     lines += [f"    out = out + weights[:, {j}, None] * y[:, {j}]" for j in range(1, k)]
     if moe.shared:
@@ -151,6 +164,10 @@ def _bias_parts(moe: MoeAttrs) -> list[str]:
     return ["up"] + (["gate"] if ACTIVATIONS[moe.expert.activation].gated else []) + ["down"]
 
 
+# Rows back to (token, choice) order by writing each to its slot (no second argsort; each row once).
+_UNSORT = "torch.empty_like(y_sorted).index_copy(0, order, y_sorted)"
+
+
 def _grouped(moe: MoeAttrs) -> list[str]:
     k = moe.choices
     lines = [
@@ -163,8 +180,33 @@ def _grouped(moe: MoeAttrs) -> list[str]:
         lines += ["    row_expert = flat_expert[order]"] + [f"    bias_{p} = experts_b_{p}[row_expert]" for p in _bias_parts(moe)]
         bias = "bias_"
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_sorted",
-                  lambda a, w: f"runtime.grouped_mm({a}, {w}.transpose(1, 2), offsets)", bias, moe.expert.clamp)
-    lines.append(f"    y = y_sorted[torch.argsort(order)].view(tokens, {k}, width)  # back to (token, choice)")
+                  lambda a, w: f"runtime.grouped_linear({a}, {w}, offsets)", bias, moe.expert.clamp)
+    lines.append(f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)")
+    return lines
+
+
+def _triton(moe: MoeAttrs, tiles: tuple[int, ...]) -> list[str]:
+    k, E = moe.choices, moe.experts
+    if moe.dropless:
+        lines = [
+            "    order = torch.argsort(flat_expert, stable=True)  # sort-by-expert permutation",
+            "    group_sizes = counts.to(torch.int32)  # rows of each expert's group",
+        ]
+    else:
+        lines = [
+            f"    order = torch.argsort(torch.where(kept, flat_expert, {E}), stable=True)  # dropped choices sort last",
+            "    group_sizes = counts.clamp_max(capacity).to(torch.int32)  # each expert's kept rows",
+        ]
+    bias = ""
+    if moe.expert.bias:
+        lines += ["    row_expert = flat_expert[order]"] + [f"    bias_{p} = experts_b_{p}[row_expert]" for p in _bias_parts(moe)]
+        bias = "bias_"
+    tile = f", tiles={tiles!r}" if tiles else ""
+
+    def gemm(a: str, w: str) -> str:  # token rows are gathered by the kernel; later rows are already grouped
+        return f"triton_moe.grouped_linear({a}, {w}, group_sizes{f', order, {k}' if a == 'x' else ''}{tile})"
+    lines += _ffn("x", "", moe.expert.activation, "experts", "y_sorted", gemm, bias, moe.expert.clamp)
+    lines.append(f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice); rows never computed are 0")
     return lines
 
 
@@ -176,7 +218,7 @@ def _expert_parallel(moe: MoeAttrs) -> list[str]:
         "    order = torch.argsort(flat_expert, stable=True)  # sort-by-expert permutation",
         f"    rows = x[order // {k}]  # (N*k, D) token rows in expert order",
         f"    y_sorted = experts_ffn(rows, counts, experts_w_up, {gate}, experts_w_down, {kind.fn!r})  # all-to-all to the experts' ranks and back",
-        f"    y = y_sorted[torch.argsort(order)].view(tokens, {k}, width)  # back to (token, choice)",
+        f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)",
     ]
 
 
@@ -193,7 +235,7 @@ def _bmm(moe: MoeAttrs) -> list[str]:
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_ecd", lambda a, w: f"torch.bmm({a}, {w}.transpose(1, 2))", bias,
                   moe.expert.clamp)
     lines += [
-        f"    y = x.new_zeros(tokens * {k} + 1, width).index_put((slots.reshape(-1),), y_ecd.reshape(-1, width))",
+        f"    y = y_ecd.new_zeros(tokens * {k} + 1, width).index_put((slots.reshape(-1),), y_ecd.reshape(-1, width))",
         f"    y = y[:-1].view(tokens, {k}, width)  # each kept slot written once; the sentinel row dropped",
     ]
     return lines

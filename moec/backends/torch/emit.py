@@ -46,8 +46,8 @@ def comment_safe(text: str) -> str:
 
 
 def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
-                 attention_kernel: str = "auto", expert_parallel: bool = False) -> str:
-    fused = _FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel)
+                 attention_kernel: str = "auto", expert_parallel: bool = False, tiles: tuple[int, ...] = ()) -> str:
+    fused = _FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles)
     cut = segments(graph)
     forward, bodies = _forward(graph, fused, cut)
     helpers = _helpers(graph, fused)
@@ -55,6 +55,8 @@ def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel:
     imports = [line.format(output_import=_output_import(graph)) for line in IMPORTS]
     if expert_parallel:
         imports.append("from moec.backends.torch.experts import experts_ffn")
+    if fused.triton:
+        imports.append("from moec.backends import triton as triton_moe")
     lines += [""] + imports + ["", f"SPEC_NAME = {spec_name!r}", ""]
     for block in helpers + fused.sources:
         lines += ["", *block, ""]
@@ -74,8 +76,10 @@ def _output_import(graph: Graph) -> str:
 class _FusedFunctions:
     """One generated function per distinct fused configuration: fused_moe_0, fused_moe_1, fused_spectral_moe_0, ..."""
 
-    def __init__(self, moe_kernel: str, spectral_kernel: str, attention_kernel: str = "auto", expert_parallel: bool = False):
+    def __init__(self, moe_kernel: str, spectral_kernel: str, attention_kernel: str = "auto", expert_parallel: bool = False,
+                 tiles: tuple[int, ...] = ()):
         self.moe_kernel, self.spectral_kernel, self.expert_parallel = moe_kernel, spectral_kernel, expert_parallel
+        self.tiles, self.triton = tiles, False  # triton: some function calls moec.backends.triton
         self.attention = "attention_eager" if attention_kernel == "eager" else "attention"  # auto, sdpa: torch SDPA
         self.names: dict[tuple, str] = {}
         self.sources: list[list[str]] = []
@@ -86,7 +90,8 @@ class _FusedFunctions:
             name = f"fused_moe_{sum(k[0] == 'moe' for k in self.names)}"
             self.names[key] = name
             kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs["moe"], self.expert_parallel)
-            self.sources.append(codegen_moe.moe_function(name, attrs["slots"], attrs["moe"], kernel, self.expert_parallel))
+            self.triton |= codegen_moe.uses_triton(kernel) and not self.expert_parallel
+            self.sources.append(codegen_moe.moe_function(name, attrs["slots"], attrs["moe"], kernel, self.expert_parallel, self.tiles))
         return self.names[key]
 
     def spectral(self, attrs: dict) -> str:

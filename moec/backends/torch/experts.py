@@ -35,10 +35,10 @@ SENT = {"bytes": 0}
 def local_ffn(rows: Tensor, group_sizes: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str) -> Tensor:
     """down(fn(gate(x)) * up(x)) (or down(fn(up(x)))) per expert group of consecutive rows."""
     offsets = torch.cumsum(group_sizes, 0).to(torch.int32)
-    up = runtime.grouped_mm(rows, w_up.transpose(1, 2), offsets)
+    up = runtime.grouped_linear(rows, w_up, offsets)
     act = getattr(F, fn)
-    hidden = act(runtime.grouped_mm(rows, w_gate.transpose(1, 2), offsets)) * up if w_gate is not None else act(up)
-    return runtime.grouped_mm(hidden, w_down.transpose(1, 2), offsets)
+    hidden = act(runtime.grouped_linear(rows, w_gate, offsets)) * up if w_gate is not None else act(up)
+    return runtime.grouped_linear(hidden, w_down, offsets)
 
 
 def expert_group(weight) -> tuple:

@@ -1,0 +1,105 @@
+"""Triton kernels of the MoE layer: a scatter-style grouped GEMM and its weight gradient.
+
+Imported only when Triton is installed (``moec.backends.triton`` checks). Shape legend:
+M routed rows (sorted by expert), T tokens, K input width, N output width, E experts.
+
+``grouped_gemm``: ``out[m, :] = A[src(m), :] @ B[e(m)]`` with ``B[e]`` read through strides
+as [K, N] (so the same kernel serves ``x @ w[e].T`` forward and ``grad @ w[e]`` backward).
+``src(m)`` is ``order[m] // top_k`` when the kernel gathers token rows itself (ScatterMoE's
+idea: no permuted copy of the tokens is materialised), else ``m``. Rows past the last
+offset (capacity drops sorted last) are not computed. Tiles never straddle two experts:
+program p finds its expert by counting the per-expert tile prefix sums at or below p, so
+the grid is fixed on the host (cdiv(M, BM) + E tiles) and nothing waits on the device.
+
+``weight_grad``: ``dW[e] = G[rows of e].T @ A[src(rows of e)]`` as [N, K], one program per
+(expert, N tile, K tile), looping over that expert's rows in BM chunks; an empty expert
+writes zeros.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _expert_of_tile(pid, counts_ptr, E, BLOCK_E: tl.constexpr, BM: tl.constexpr):
+    """(expert, first row of this tile, end row of the expert) for tile ``pid``; expert == E: no work."""
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
+    tiles = (counts + BM - 1) // BM
+    tile_end = tl.cumsum(tiles, 0)
+    row_end = tl.cumsum(counts, 0)
+    expert = tl.sum((tile_end <= pid).to(tl.int32), 0)
+    mine = experts == expert
+    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
+    expert_end = tl.sum(tl.where(mine, row_end, 0), 0)
+    expert_start = tl.sum(tl.where(mine, row_end - counts, 0), 0)
+    return expert, expert_start + (pid - first_tile) * BM, expert_end
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32. UPCAST (Triton's interpreter only): bf16 operands as fp32, since the
+    interpreter's bf16 dot returns garbage (triton 3.9); the products are exact either way."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, counts_ptr, order_ptr, E, K, N, stride_am, stride_ak, stride_be, stride_bk,
+                        stride_bn, stride_om, stride_on, TOP_K: tl.constexpr, GATHER: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert, row_start, row_end = _expert_of_tile(pid_m, counts_ptr, E, BLOCK_E, BM)
+    if expert < E:
+        rows = row_start + tl.arange(0, BM)
+        row_ok = rows < row_end
+        if GATHER:
+            src = tl.load(order_ptr + rows, mask=row_ok, other=0) // TOP_K
+        else:
+            src = rows
+        cols = pid_n * BN + tl.arange(0, BN)
+        col_ok = cols < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < K
+            a = tl.load(a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, PRECISION, UPCAST)
+        out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def weight_grad_kernel(g_ptr, a_ptr, dw_ptr, counts_ptr, order_ptr, E, K, N, stride_gm, stride_gn, stride_am, stride_ak,
+                       stride_we, stride_wn, stride_wk, TOP_K: tl.constexpr, GATHER: tl.constexpr, BLOCK_E: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    expert = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
+    ends = tl.cumsum(counts, 0)
+    end = tl.sum(tl.where(experts == expert, ends, 0), 0)
+    start = end - tl.sum(tl.where(experts == expert, counts, 0), 0)
+    ns = pid_n * BN + tl.arange(0, BN)
+    ks = pid_k * BK + tl.arange(0, BK)
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for m0 in range(start, end, BM):
+        rows = m0 + tl.arange(0, BM)
+        row_ok = rows < end
+        if GATHER:
+            src = tl.load(order_ptr + rows, mask=row_ok, other=0) // TOP_K
+        else:
+            src = rows
+        g = tl.load(g_ptr + rows[None, :] * stride_gm + ns[:, None] * stride_gn, mask=row_ok[None, :] & (ns[:, None] < N), other=0.0)
+        a = tl.load(a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+        acc = _dot(g, a, acc, PRECISION, UPCAST)
+    dw = dw_ptr + expert * stride_we + ns[:, None] * stride_wn + ks[None, :] * stride_wk
+    tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=(ns[:, None] < N) & (ks[None, :] < K))
