@@ -3,10 +3,6 @@ op against a per-row loop, and whole programs with ``kernels.moe: triton`` again
 reference interpreter (outputs, aux loss, every gradient), with empty experts, capacity drops
 and top_k = 1."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined (their first call)
-
 import pytest
 import torch
 
