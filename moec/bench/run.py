@@ -17,7 +17,7 @@ import torch
 
 from moec.bench.layers import LayerShape, candidates, step_of
 from moec.bench.timing import interleaved
-from moec.moe import ACTIVATIONS
+from moec.moe.activations import MIXTRAL_ACTIVATION
 from moec.schema.model import ExpertFfn
 
 
@@ -53,8 +53,8 @@ def moe_layers(spec) -> list[tuple[str, str, LayerShape]]:
 def _comparable_to_hf(layer_yaml: str) -> bool:
     """HF Mixtral and the per-expert loop are top-k softmax SwiGLU layers without biases."""
     layer = json.loads(layer_yaml)
-    activation = ACTIVATIONS[layer.get("expert", {}).get("activation", ExpertFfn.model_fields["activation"].default)]
-    return (activation.fn == "silu" and activation.gated and layer.get("router", {}).get("kind", "topk") == "topk"
+    activation = layer.get("expert", {}).get("activation", ExpertFfn.model_fields["activation"].default)
+    return (activation == MIXTRAL_ACTIVATION and layer.get("router", {}).get("kind", "topk") == "topk"
             and not layer.get("expert", {}).get("bias", False) and not layer.get("shared_experts"))
 
 

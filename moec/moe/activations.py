@@ -32,6 +32,9 @@ ACTIVATIONS = {
     )
 }
 
+# The expert activation of HF Mixtral-style layers (what moec bench compares against HF and a loop).
+MIXTRAL_ACTIVATION = "swiglu"
+
 
 def is_gated(activation: str) -> bool:
     return ACTIVATIONS[activation].gated
