@@ -89,6 +89,9 @@ class Trainer:
         self.step_fn = self._compiled(self.model)
         self.optimizer = make_optimizer(self.model, self.program.graph, spec)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        # fp16 compute: dynamic loss scaling; a step whose gradients overflow is skipped (counted in metrics)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=spec.schedule.precision.compute == "fp16")
+        self.skipped_steps = 0
         self.data = make_dataset(spec)
         self.token_model = spec.model.inputs.kind == "tokens"
         buffers = dict(self.model.named_buffers())
@@ -158,6 +161,10 @@ class Trainer:
         except ckpt.CheckpointError as err:
             raise TrainingError(f"cannot resume: {err}") from None
         self.start_step = info.step
+        if self.scaler.is_enabled() and "grad_scaler" in info.meta:
+            scaler_state = dict(info.meta["grad_scaler"])
+            self.skipped_steps = scaler_state.pop("skipped_steps", 0)
+            self.scaler.load_state_dict(scaler_state)
         # meta.json stores "no validation yet" as null (JSON has no infinity)
         best = info.meta.get("best_val")
         self.best_val, self.best_step = (math.inf if best is None else best), info.meta.get("best_step")
@@ -270,15 +277,16 @@ class Trainer:
             loss = task + out.aux_loss.float()
             if not torch.isfinite(loss):
                 raise TrainingError(self._diverged_message(step, loss, inputs))
-            (loss / accum).backward()
+            self.scaler.scale(loss / accum).backward()
             task_total += task.item() / accum
             aux_total += out.aux_loss.item() / accum
             stats.append(out.moe_stats)
         if self.dist.distributed:
             self.parallel.reduce_gradients(self.model, self.dist.mesh)
         clip = self.train.grad_clip if self.train.grad_clip is not None else math.inf
+        self.scaler.unscale_(self.optimizer)  # clip and report the true gradient norm (no-op unless fp16)
         grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
-        self.optimizer.step()
+        self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         layers = [self._global(mean_stats(layer)) for layer in zip(*stats)]  # mean over micro-batches, then ranks
         health = moe_health(self.model.MOE_LAYERS, layers)
@@ -295,9 +303,20 @@ class Trainer:
         }
         if self.spec.schedule.compile.enabled:
             row["compiled_graphs"] = compiled_graphs()
+        if self.scaler.is_enabled():
+            row |= {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
         if self.dist.distributed and self.expert_parallel:
             row["expert_parallel_bytes_sent"] = self._all_to_all_bytes()
         return row
+
+    def _optimizer_step(self) -> None:
+        """optimizer.step(), through the fp16 GradScaler: it skips the step when a gradient is inf / NaN and
+        lowers the scale (a lower scale after update() is how a skipped step shows)."""
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
+            self.skipped_steps += 1
 
     def _all_to_all_bytes(self) -> int:
         """Bytes of routed rows this step's all-to-alls sent off-rank, summed over ranks (forward and backward)."""
@@ -378,6 +397,8 @@ class Trainer:
                 "overrides": self.program.manifest["spec"]["overrides"],
                 "data_position": step, "best_val": self.best_val if math.isfinite(self.best_val) else None,
                 "best_step": self.best_step, "lrs": [g["lr"] for g in self.optimizer.param_groups]}
+        if self.scaler.is_enabled():
+            meta["grad_scaler"] = self.scaler.state_dict() | {"skipped_steps": self.skipped_steps}
         policy = self.train.checkpoint
         best = self.best_step if policy.keep_best else None
         if self.dist.is_main:

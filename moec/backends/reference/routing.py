@@ -95,7 +95,8 @@ def expert_ffn(ctx, attrs, x, indices, *rest):
     for expert in range(attrs["experts"]):
         mask = indices == expert if kept is None else (indices == expert) & kept
         rows = x[mask]
-        out[mask] = ffn(rows, attrs["activation"], *(w[expert] if w is not None else None for w in weights), clamp=clamp)
+        y = ffn(rows, attrs["activation"], *(w[expert] if w is not None else None for w in weights), clamp=clamp)
+        out[mask] = y.to(out.dtype)  # under autocast the FFN computes in bf16 / fp16; rows stay in x's dtype
     return out
 
 

@@ -193,7 +193,7 @@ def _bmm(moe: MoeAttrs) -> list[str]:
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_ecd", lambda a, w: f"torch.bmm({a}, {w}.transpose(1, 2))", bias,
                   moe.expert.clamp)
     lines += [
-        f"    y = x.new_zeros(tokens * {k} + 1, width).index_put((slots.reshape(-1),), y_ecd.reshape(-1, width))",
+        f"    y = y_ecd.new_zeros(tokens * {k} + 1, width).index_put((slots.reshape(-1),), y_ecd.reshape(-1, width))  # y_ecd's dtype (autocast)",
         f"    y = y[:-1].view(tokens, {k}, width)  # each kept slot written once; the sentinel row dropped",
     ]
     return lines
