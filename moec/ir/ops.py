@@ -205,8 +205,9 @@ def _select_last(types, attrs):
 
 # Router score ops keep their input's shape: [B,S,E] logits -> [B,S,E] scores.
 for _name, _required in (("noise", "kind std"), ("softmax", "temperature"), ("sigmoid", "temperature"),
-                         ("sinkhorn", "iters tau temperature"), ("renormalize", "")):
+                         ("renormalize", ""), ("router_dropout", "p")):
     op(_name, 1, required=_required)(_elementwise)
+op("sinkhorn", 1, required="iters tau temperature", optional="topk")(_elementwise)
 
 
 @op("topk", (1, 2), required="k")
@@ -275,6 +276,16 @@ def _load_balance_pooled(types, attrs):
 
 @op("z_loss", 1, required="weight")
 def _z_loss(types, attrs):
+    return (TensorType((), "f32"),)
+
+
+@op("entropy_loss", 1, required="weight")
+def _entropy_loss(types, attrs):
+    return (TensorType((), "f32"),)
+
+
+@op("margin_loss", 1, required="weight")
+def _margin_loss(types, attrs):
     return (TensorType((), "f32"),)
 
 

@@ -22,6 +22,9 @@ class RouterAttrs:
     sinkhorn_tau: float = 0.0
     bias_update_rate: float = 0.0  # selection-bias routers: the trainer's balancing step
     bias: bool = False  # a learned bias on the logits (parameter router.bias)
+    norm: str = "none"  # none | rmsnorm | layernorm of the router input (parameters router.norm.*)
+    dropout: float = 0.0  # training: per token, with this probability the best choice's weight is zeroed
+    sinkhorn_topk: int = 0  # sinkhorn: each token's kernel keeps its topk highest logits (0: all)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class AuxAttrs:
     load_balance: float = 0.0
     z_loss: float = 0.0
     load_balance_scope: str = "layer"  # layer | model (the layer outputs its balance statistics; the model pools them)
+    entropy: float = 0.0  # weight of the entropy reward -H(p)
+    margin: float = 0.0  # weight of the margin reward -(p_top1 - p_top2)
 
     @property
     def pooled(self) -> bool:
@@ -95,10 +100,14 @@ def moe_attrs(cfg) -> MoeAttrs:
             sinkhorn_tau=router.sinkhorn.tau if router.sinkhorn else 0.0,
             bias_update_rate=router.bias_update_rate or 0.0,
             bias=router.bias,
+            norm=router.norm,
+            dropout=router.dropout,
+            sinkhorn_topk=(router.sinkhorn.topk or 0) if router.sinkhorn else 0,
         ),
         expert=_expert_attrs(cfg.expert),
         capacity=CapacityAttrs(mode=capacity.mode, factor=capacity.factor or 0.0, drop_policy=capacity.drop_policy or "none"),
-        aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss, load_balance_scope=cfg.aux.load_balance_scope),
+        aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss, load_balance_scope=cfg.aux.load_balance_scope,
+                     entropy=cfg.aux.entropy, margin=cfg.aux.margin),
         shared=cfg.shared_experts is not None,
         shared_gate=cfg.shared_experts is not None and cfg.shared_experts.gate,
     )

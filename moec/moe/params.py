@@ -16,6 +16,8 @@ from moec.moe.routers import ROUTERS
 
 ROUTER_WEIGHT = "router.weight"
 ROUTER_BIAS = "router.bias"
+ROUTER_NORM_WEIGHT = "router.norm.weight"  # router.norm: rmsnorm | layernorm
+ROUTER_NORM_BIAS = "router.norm.bias"  # router.norm: layernorm
 SELECTION_BIAS = "router.selection_bias"
 EXPERT_PREFIX = "experts."
 SHARED_GATE = "shared_gate.weight"  # [1, width]: the shared experts' sigmoid gate
@@ -43,7 +45,7 @@ def ffn_slots(prefix: str, activation: str, bias: bool) -> tuple[str, ...]:
 
 def moe_slots(attrs: MoeAttrs) -> tuple[str, ...]:
     """The parameter slots of an MoE layer, in the fused node's input order."""
-    slots = [ROUTER_WEIGHT] + ([ROUTER_BIAS] if attrs.router.bias else [])
+    slots = [ROUTER_WEIGHT] + ([ROUTER_BIAS] if attrs.router.bias else []) + router_norm_slots(attrs)
     slots += [SELECTION_BIAS] if ROUTERS[attrs.router.kind].selection_bias else []
     slots += ffn_slots(EXPERT_PREFIX, attrs.expert.activation, attrs.expert.bias)
     if attrs.shared:
@@ -51,6 +53,10 @@ def moe_slots(attrs: MoeAttrs) -> tuple[str, ...]:
     if attrs.shared_gate:
         slots.append(SHARED_GATE)
     return tuple(slots)
+
+
+def router_norm_slots(attrs: MoeAttrs) -> list[str]:
+    return {"none": [], "rmsnorm": [ROUTER_NORM_WEIGHT], "layernorm": [ROUTER_NORM_WEIGHT, ROUTER_NORM_BIAS]}[attrs.router.norm]
 
 
 def ffn_params(prefix: str, width: int, hidden: int, activation: str, bias: bool, part: str, group: str,
@@ -73,6 +79,8 @@ def moe_params(attrs: MoeAttrs, width: int, router_width: int, hidden: int, shar
     decls = [ParamDecl(ROUTER_WEIGHT, (E, router_width), "router", "router")]
     if attrs.router.bias:
         decls.append(ParamDecl(ROUTER_BIAS, (E,), "router", "bias", init="zeros"))
+    for slot in router_norm_slots(attrs):
+        decls.append(ParamDecl(slot, (router_width,), "router", "norm", init="ones" if slot == ROUTER_NORM_WEIGHT else "zeros"))
     if ROUTERS[attrs.router.kind].selection_bias:
         decls.append(ParamDecl(SELECTION_BIAS, (E,), "router", "router", init="zeros", trainable=False))
     decls += ffn_params(EXPERT_PREFIX, width, hidden, attrs.expert.activation, attrs.expert.bias, "expert", "experts", E)

@@ -141,6 +141,8 @@ class Sinkhorn(Base):
 
     iters: Annotated[int, Field(ge=1, le=100)] = 5
     tau: PosFloat = Field(0.7, description="Temperature of the kernel exp(logits / tau).")
+    topk: PosInt | None = Field(None, description="Candidate restriction (the m library's sinkhorn_topk): each token's "
+                                "kernel keeps only its topk highest logits (top_k <= topk <= experts). null: every expert.")
 
 
 class Router(Base):
@@ -152,6 +154,10 @@ class Router(Base):
     normalize: bool = Field(True, description="Renormalise the chosen experts' weights to sum to 1.")
     bias: bool = Field(False, description="A learned per-expert bias on the router logits (GPT-OSS).")
     sinkhorn: Sinkhorn | None = Field(None, description="Only with kind: sinkhorn (default iters 5, tau 0.7).")
+    norm: Literal["none", "rmsnorm", "layernorm"] = Field(
+        "none", description="A normalisation of the router input (its own weight, eps 1e-5) before the logits (the m library's use_router_ln).")
+    dropout: Prob = Field(0.0, description="Router dropout (the m library's router_dropout_prob): while training, with this "
+                          "probability per token the best choice's weight is zeroed, so the token goes to its second-best (needs top_k >= 2).")
     bias_update_rate: NonNegFloat | None = Field(
         None, description="Only with kind: sigmoid_bias: step of the selection-only balancing bias (default 1e-3)."
     )
@@ -196,6 +202,8 @@ class AuxLoss(Base):
         "and router probabilities pooled over all MoE layers, one product (HF transformers' load_balancing_loss_func)."
     )
     z_loss: NonNegFloat = 0.0
+    entropy: NonNegFloat = Field(0.0, description="Entropy reward: adds -entropy * mean over tokens of H(p), p the per-token normalised router scores.")
+    margin: NonNegFloat = Field(0.0, description="Margin reward: adds -margin * mean over tokens of (p_top1 - p_top2), p as for entropy.")
 
 
 class ExpertFfn(Base):
@@ -244,6 +252,19 @@ class MoeConfig(Base):
     def _k_fits(self) -> "MoeConfig":
         if self.top_k > self.experts:
             raise field_error("top_k", f"must be <= experts ({self.experts}), got {self.top_k}")
+        return self
+
+    @model_validator(mode="after")
+    def _router_options_fit(self) -> "MoeConfig":
+        router = self.router
+        if router.dropout > 0 and (self.top_k < 2 or router.expert_choice):
+            raise field_error("router.dropout", "moves a token to its second-best expert: it needs top_k >= 2 and a token-choice "
+                              f"router, got top_k {self.top_k} with kind '{router.kind}'")
+        topk = router.sinkhorn.topk if router.sinkhorn is not None else None
+        if topk is not None and not self.top_k <= topk <= self.experts:
+            raise field_error("router.sinkhorn.topk", f"must be between top_k ({self.top_k}) and experts ({self.experts}), got {topk}")
+        if self.aux.margin > 0 and self.experts < 2:
+            raise field_error("aux.margin", "needs at least 2 experts (top-1 minus top-2)")
         return self
 
     @model_validator(mode="after")

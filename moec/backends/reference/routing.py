@@ -33,15 +33,26 @@ def sinkhorn(ctx, attrs, logits):
 
     Each iteration makes every token's row sum to 1, then every expert's column sum to
     N/E, over all N = B*S tokens of the batch. Returns the balanced matrix P.
+    With ``topk``, each token's kernel keeps its topk highest logits (ties to the lower
+    expert); the others are 0. A column with no candidate stays 0.
     """
     shape = logits.shape
     log_k = logits.reshape(-1, shape[-1]) / (attrs["temperature"] * attrs["tau"])
     tokens, experts = log_k.shape
+    outside = torch.zeros_like(log_k, dtype=torch.bool)
+    if attrs.get("topk"):
+        order = torch.sort(log_k.detach(), dim=-1, descending=True, stable=True).indices
+        outside[:] = True
+        for token in range(tokens):
+            outside[token, order[token, : attrs["topk"]]] = False
+        log_k = log_k.masked_fill(outside, float("-inf"))
+    empty = outside.all(0, keepdim=True)  # experts that are no token's candidate: their column stays 0
     row = torch.zeros(tokens, 1, device=logits.device)
     col = torch.zeros(1, experts, device=logits.device)
     for _ in range(attrs["iters"]):
         row = -torch.logsumexp(log_k + col, dim=1, keepdim=True)
-        col = math.log(tokens / experts) - torch.logsumexp(log_k + row, dim=0, keepdim=True)
+        lse = torch.logsumexp(torch.where(empty, 0.0, log_k + row), dim=0, keepdim=True)
+        col = math.log(tokens / experts) - torch.where(empty, 0.0, lse)
     return torch.exp(log_k + row + col).reshape(shape)
 
 
@@ -50,6 +61,24 @@ def topk(ctx, attrs, scores, selection_bias=None):
     select = scores if selection_bias is None else scores + selection_bias
     indices = torch.sort(select, dim=-1, descending=True, stable=True).indices[..., : attrs["k"]]
     return scores.gather(-1, indices), indices
+
+
+def router_dropout(ctx, attrs, weights):
+    """Training only: per token, with probability p, the best choice's weight becomes 0."""
+    return snippets.router_dropout(weights, attrs["p"], ctx.training)
+
+
+def entropy_loss(ctx, attrs, scores):
+    """-weight * mean over tokens of H(p), p = scores / sum(scores) per token (an entropy reward)."""
+    probs = scores / scores.sum(-1, keepdim=True)
+    return -attrs["weight"] * (-(probs * probs.clamp_min(1e-12).log()).sum(-1)).mean()
+
+
+def margin_loss(ctx, attrs, scores):
+    """-weight * mean over tokens of (p_top1 - p_top2), p as in entropy_loss (a reward on a clear preference)."""
+    probs = scores / scores.sum(-1, keepdim=True)
+    ranked = torch.sort(probs, dim=-1, descending=True).values
+    return -attrs["weight"] * (ranked[..., 0] - ranked[..., 1]).mean()
 
 
 def renormalize(ctx, attrs, weights):
@@ -192,7 +221,8 @@ def band_index(ctx, attrs, z):
 
 KERNELS = {
     "noise": noise, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "topk": topk,
-    "renormalize": renormalize, "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
+    "renormalize": renormalize, "router_dropout": router_dropout, "entropy_loss": entropy_loss, "margin_loss": margin_loss,
+    "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
     "combine": combine, "load_balance_loss": load_balance_loss, "z_loss": z_loss,
     "balance_stats": balance_stats, "load_balance_pooled": load_balance_pooled, "rfft": rfft, "irfft": irfft,
     "complex_to_real": complex_to_real, "real_to_complex": real_to_complex, "band_embed": band_embed,

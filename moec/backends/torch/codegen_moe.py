@@ -17,6 +17,7 @@ in order (deterministic; no atomic scatter-add).
 from __future__ import annotations
 
 from moec.moe import ACTIVATIONS, BAND_TABLE, ROUTERS, SELECTION_BIAS, MoeAttrs
+from moec.moe.decompose import ROUTER_NORM_EPS
 from moec.moe.params import ROUTER_BIAS
 
 KERNELS = ("grouped_mm", "bmm", "eager")
@@ -44,6 +45,9 @@ def helpers_for(moe: MoeAttrs) -> set[str]:
     """The snippets a fused MoE function calls."""
     used = {"select_experts", "load_balance_loss"} | set(ROUTERS[moe.router.kind].helpers)
     used |= {"router_noise"} if moe.router.noise != "none" else set()
+    used |= {"router_dropout"} if moe.router.dropout > 0 else set()
+    used |= {"router_entropy"} if moe.aux.entropy > 0 else set()
+    used |= {"router_margin"} if moe.aux.margin > 0 else set()
     used |= {"capacity_of", "capacity_keep"} if not moe.dropless else set()
     used |= {"renormalize_kept"} if moe.capacity.drop_policy == "renormalize" else set()
     used |= {"clamped_glu"} if ACTIVATIONS[moe.expert.activation].clamped else set()
@@ -61,7 +65,7 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
         "    batch, seq, width = h.shape",
         "    tokens = batch * seq",
         "    x = h.reshape(tokens, width)  # (N, D)",
-        f"    logits = F.linear(router_in.reshape(tokens, -1), router_weight{', router_bias' if ROUTER_BIAS in slots else ''})  # (N, E)",
+        f"    logits = F.linear({_router_input(moe)}, router_weight{', router_bias' if ROUTER_BIAS in slots else ''})  # (N, E)",
     ]
     lines += _router(moe, SELECTION_BIAS in slots)
     lines += [
@@ -91,13 +95,27 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
     return lines
 
 
+def _router_input(moe: MoeAttrs) -> str:
+    """The router's (N, D) input, through router.norm when set."""
+    x = "router_in.reshape(tokens, -1)"
+    if moe.router.norm == "rmsnorm":
+        return f"F.rms_norm({x}, (router_in.shape[-1],), router_norm_weight, {ROUTER_NORM_EPS!r})"
+    if moe.router.norm == "layernorm":
+        return f"F.layer_norm({x}, (router_in.shape[-1],), router_norm_weight, router_norm_bias, {ROUTER_NORM_EPS!r})"
+    return x
+
+
 def _stats(moe: MoeAttrs) -> list[str]:
     """Detached health numbers for the trainer (moec.backends.output.MoeStats)."""
     dropped = "1.0 - kept.float().mean()" if not moe.dropless else "logits.new_zeros(())"
+    values = f"counts, {dropped}, entropy, balance, z"
+    rewards = (("entropy_loss", moe.aux.entropy), ("margin_loss", moe.aux.margin))
+    if any(weight > 0 for _, weight in rewards):  # both reward fields, 0 for the one not set
+        values += "".join(f", {name if weight > 0 else 'logits.new_zeros(())'}" for name, weight in rewards)
     return [
         "    probs = scores / scores.sum(-1, keepdim=True)",
         "    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()",
-        f"    stats = MoeStats(*[value.detach().to(logits.dtype) for value in (counts, {dropped}, entropy, balance, z)])",
+        f"    stats = MoeStats(*[value.detach().to(logits.dtype) for value in ({values})])",
     ]
 
 
@@ -112,6 +130,8 @@ def _router(moe: MoeAttrs, selection_bias: bool) -> list[str]:
         f"    scores = {ROUTERS[router.kind].emit_scores(router, logits)}  # (N, E)",
         f"    weights, chosen = select_experts(scores, {moe.choices}{', router_selection_bias' if selection_bias else ''})  # (N, k)",
     ]
+    if router.dropout > 0:
+        lines.append(f"    weights = router_dropout(weights, {router.dropout!r}, training)  # the best choice dropped for some tokens")
     if router.normalize:
         lines.append("    weights = weights / weights.sum(-1, keepdim=True)")
     return lines
@@ -218,8 +238,11 @@ def _aux(moe: MoeAttrs) -> list[str]:
     per_layer = weights.load_balance if not weights.pooled else 0.0  # pooled: the model computes it
     balance = f"{per_layer!r} * load_balance_loss(scores, counts, {moe.experts})" if per_layer > 0 else zero
     z = f"{weights.z_loss!r} * torch.logsumexp(logits, dim=-1).pow(2).mean()" if weights.z_loss > 0 else zero
-    aux = " + ".join(name for name, weight in (("balance", per_layer), ("z", weights.z_loss)) if weight > 0)
-    return [f"    balance = {balance}", f"    z = {z}", f"    aux = {aux or zero}"]
+    rewards = [(name, weight) for name, weight in (("entropy_loss", weights.entropy), ("margin_loss", weights.margin)) if weight > 0]
+    aux = " + ".join(name for name, weight in (("balance", per_layer), ("z", weights.z_loss), *rewards) if weight > 0)
+    lines = [f"    balance = {balance}", f"    z = {z}"]
+    lines += [f"    {name} = -{weight!r} * router_{name.removesuffix('_loss')}(scores)  # a reward" for name, weight in rewards]
+    return lines + [f"    aux = {aux or zero}"]
 
 
 DFT_MAX_SEQ = 64  # kernels.spectral_moe 'auto': a DFT matmul up to this length, torch.fft above
