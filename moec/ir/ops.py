@@ -75,7 +75,7 @@ def _input(types, attrs):
     return (TensorType(tuple(attrs["shape"]), str(attrs["dtype"])),)
 
 
-@op("param", 0, required="name shape init std trainable", optional="group")
+@op("param", 0, required="name shape init std trainable", optional="group values")
 def _param(types, attrs):
     shape = tuple(attrs["shape"])
     _expect(all(isinstance(d, int) and d > 0 for d in shape), f"parameter shapes are concrete, got {shape}")
@@ -204,9 +204,19 @@ def _select_last(types, attrs):
 
 
 # Router score ops keep their input's shape: [B,S,E] logits -> [B,S,E] scores.
-for _name, _required in (("noise", "kind std"), ("softmax", "temperature"), ("sigmoid", "temperature"),
-                         ("renormalize", ""), ("router_dropout", "p")):
+for _name, _required in (("softmax", "temperature"), ("sigmoid", "temperature"), ("renormalize", ""), ("router_dropout", "p")):
     op(_name, 1, required=_required)(_elementwise)
+
+
+def _annealed(types, attrs):
+    """x and, optionally, the layer's [3] router.anneal buffer (temperature, noise std, capacity factor)."""
+    if len(types) == 2:
+        _expect(types[1].shape == (3,), f"the anneal buffer is [3], got {types[1]}")
+    return _same(types[0])
+
+
+op("noise", (1, 2), required="kind std")(_annealed)
+op("anneal_temperature", 2)(_annealed)
 op("sinkhorn", 1, required="iters tau temperature", optional="topk")(_elementwise)
 
 
@@ -221,9 +231,9 @@ def _topk(types, attrs):
     return TensorType(out, "f32"), TensorType(out, "i64")
 
 
-@op("capacity", 3, required="factor experts top_k drop_policy")
+@op("capacity", (3, 4), required="factor experts top_k drop_policy")
 def _capacity(types, attrs):
-    scores, indices, weights = types
+    scores, indices, weights = types[:3]
     _expect(indices.shape == weights.shape and indices.dtype == "i64", f"capacity takes indices and weights of one shape, got {indices}, {weights}")
     _last(scores, attrs["experts"], "capacity scores")
     return TensorType(weights.shape, "f32"), TensorType(weights.shape, "bool")

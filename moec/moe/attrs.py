@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moec.moe.anneal import AnnealAttrs, constant, schedule_of
+
 
 @dataclass(frozen=True)
 class RouterAttrs:
@@ -70,6 +72,7 @@ class MoeAttrs:
     aux: AuxAttrs = AuxAttrs()
     shared: bool = False  # shared experts: one FFN every token passes through
     shared_gate: bool = False  # the shared output scaled by sigmoid(h @ shared_gate.weight.T) (Qwen2-MoE)
+    anneal: AnnealAttrs | None = None  # annealed settings: read from the router.anneal buffer (moec.moe.anneal)
 
     @property
     def choices(self) -> int:
@@ -87,14 +90,16 @@ def moe_attrs(cfg) -> MoeAttrs:
     """The typed attributes of a resolved spec ``MoeConfig`` (``moec.schema.model``)."""
     router, capacity = cfg.router, cfg.capacity
     noisy = router.noise.kind != "none"
+    anneal = AnnealAttrs(temperature=schedule_of(router.temperature), noise_std=schedule_of(router.noise.std) if noisy else None,
+                         capacity_factor=schedule_of(capacity.factor))
     return MoeAttrs(
         experts=cfg.experts,
         top_k=cfg.top_k,
         router=RouterAttrs(
             kind=router.kind,
-            temperature=router.temperature,
+            temperature=1.0 if anneal.temperature else router.temperature,  # annealed: divided before the score op
             noise=router.noise.kind,
-            noise_std=router.noise.std if noisy else 0.0,
+            noise_std=constant(router.noise.std) if noisy else 0.0,
             normalize=router.normalize,
             sinkhorn_iters=router.sinkhorn.iters if router.sinkhorn else 0,
             sinkhorn_tau=router.sinkhorn.tau if router.sinkhorn else 0.0,
@@ -105,11 +110,12 @@ def moe_attrs(cfg) -> MoeAttrs:
             sinkhorn_topk=(router.sinkhorn.topk or 0) if router.sinkhorn else 0,
         ),
         expert=_expert_attrs(cfg.expert),
-        capacity=CapacityAttrs(mode=capacity.mode, factor=capacity.factor or 0.0, drop_policy=capacity.drop_policy or "none"),
+        capacity=CapacityAttrs(mode=capacity.mode, factor=constant(capacity.factor), drop_policy=capacity.drop_policy or "none"),
         aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss, load_balance_scope=cfg.aux.load_balance_scope,
                      entropy=cfg.aux.entropy, margin=cfg.aux.margin),
         shared=cfg.shared_experts is not None,
         shared_gate=cfg.shared_experts is not None and cfg.shared_experts.gate,
+        anneal=anneal if anneal != AnnealAttrs() else None,
     )
 
 

@@ -7,12 +7,13 @@ drift apart. The ops (each one node; semantics in docs/semantics.md)::
 
     router_in = rmsnorm | layernorm(router_in)        # router.norm
     logits  = linear(router_in, router.weight)        # [B,S,E]
-    noisy   = noise(logits)                           # only when the router has noise
+    noisy   = noise(logits [, anneal])                # only when the router has noise; std from router.anneal[1] if annealed
+    noisy   = anneal_temperature(noisy, anneal)       # router.temperature annealed: / router.anneal[0]
     scores  = <router score op>(noisy)                # softmax | sigmoid | sinkhorn: [B,S,E]
     w, idx  = topk(scores [, selection_bias], k=choices)  # [B,S,k]
     w       = router_dropout(w)                       # router.dropout (training only)
     w       = renormalize(w)                          # router.normalize
-    w, kept = capacity(scores, idx, w)                # capacity mode only
+    w, kept = capacity(scores, idx, w [, anneal])     # capacity mode only; factor router.anneal[2] if annealed
     xd      = dispatch(h, idx)                        # [B,S,k,D]
     yd      = expert_ffn(xd, idx [, kept], experts.*) # [B,S,k,D]
     out     = combine(yd, w) (+ shared experts' FFN [* sigmoid(h @ shared_gate.T)])  # [B,S,D]
@@ -31,6 +32,7 @@ from typing import Mapping, Sequence
 
 from moec.ir.graph import Ref
 from moec.moe.activations import ACTIVATIONS
+from moec.moe.anneal import ANNEAL
 from moec.moe.attrs import MoeAttrs
 from moec.moe.params import (EXPERT_PREFIX, ROUTER_BIAS, ROUTER_NORM_BIAS, ROUTER_NORM_WEIGHT, ROUTER_WEIGHT, SELECTION_BIAS,
                               SHARED_GATE, ffn_slots)
@@ -74,7 +76,14 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     elif router.norm == "layernorm":
         router_in = b.add("layernorm", [router_in, params[ROUTER_NORM_WEIGHT], params[ROUTER_NORM_BIAS]], rpath, eps=ROUTER_NORM_EPS)
     logits = b.add("linear", [router_in, params[ROUTER_WEIGHT]] + ([params[ROUTER_BIAS]] if router.bias else []), rpath)
-    noisy = logits if router.noise == "none" else b.add("noise", [logits], rpath, kind=router.noise, std=router.noise_std)
+    anneal = attrs.anneal
+    if router.noise == "none":
+        noisy = logits
+    else:
+        std_from = [params[ANNEAL]] if anneal and anneal.noise_std else []
+        noisy = b.add("noise", [logits, *std_from], rpath, kind=router.noise, std=router.noise_std)
+    if anneal and anneal.temperature:
+        noisy = b.add("anneal_temperature", [noisy, params[ANNEAL]], rpath)
     scores = b.add(kind.score_op, [noisy], rpath, **kind.score_attrs(router))
     select = [scores] + ([params[SELECTION_BIAS]] if kind.selection_bias else [])
     weights, indices = b.add("topk", select, rpath, outputs=2, k=attrs.choices)
@@ -85,7 +94,8 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     kept = []
     if not attrs.dropless:
         capacity = attrs.capacity
-        weights, mask = b.add("capacity", [scores, indices, weights], path + ("capacity",), outputs=2, factor=capacity.factor,
+        factor_from = [params[ANNEAL]] if anneal and anneal.capacity_factor else []
+        weights, mask = b.add("capacity", [scores, indices, weights, *factor_from], path + ("capacity",), outputs=2, factor=capacity.factor,
                               experts=attrs.experts, top_k=attrs.top_k, drop_policy=capacity.drop_policy)
         kept = [mask]
     dispatched = b.add("dispatch", [h, indices], path)

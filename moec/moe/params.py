@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moec.moe.activations import is_gated
+from moec.moe.anneal import ANNEAL, anneal_values
 from moec.moe.attrs import MoeAttrs
 from moec.moe.routers import ROUTERS
 
@@ -30,7 +31,8 @@ class ParamDecl:
     shape: tuple[int, ...]
     part: str  # the spec key under the layer it comes from: router | expert | shared_experts | "" (the layer)
     group: str  # optimiser group (moec.runtime.optim)
-    init: str = "normal"  # normal | zeros
+    init: str = "normal"  # normal | zeros | ones | values
+    values: tuple[float, ...] = ()  # init 'values': the initial contents
     output_projection: bool = False  # std scaled by depth (writes into the residual stream)
     trainable: bool = True
 
@@ -52,6 +54,8 @@ def moe_slots(attrs: MoeAttrs) -> tuple[str, ...]:
         slots += ffn_slots("shared.", attrs.expert.activation, False)
     if attrs.shared_gate:
         slots.append(SHARED_GATE)
+    if attrs.anneal:
+        slots.append(ANNEAL)
     return tuple(slots)
 
 
@@ -89,5 +93,8 @@ def moe_params(attrs: MoeAttrs, width: int, router_width: int, hidden: int, shar
         decls += ffn_params("shared.", width, shared_hidden, attrs.expert.activation, False, "shared_experts", "rest")
     if attrs.shared_gate:
         decls.append(ParamDecl(SHARED_GATE, (1, width), "shared_experts", "rest"))
+    if attrs.anneal:
+        values = tuple(anneal_values(attrs.anneal, (attrs.router.temperature, attrs.router.noise_std, attrs.capacity.factor), 0))
+        decls.append(ParamDecl(ANNEAL, (3,), "router", "router", init="values", values=values, trainable=False))
     assert tuple(d.slot for d in decls) == moe_slots(attrs)
     return decls

@@ -49,12 +49,13 @@ class GraphBuilder:
         self.nodes[index] = node.with_(meta=meta)
 
     def param(self, key: str, shape: tuple[int, ...], path: tuple, init: str = "normal", std: float = 0.0,
-              group: str = "rest", trainable: bool = True) -> Ref:
+              group: str = "rest", trainable: bool = True, values: tuple = ()) -> Ref:
         """A named parameter; asking for the same key again returns the same value (weight sharing)."""
         if key in self.param_refs:
             return self.param_refs[key]
         name = self.names.exact(key)
         attrs = {"name": key, "shape": tuple(shape), "init": init, "std": float(std), "trainable": trainable, "group": group}
+        attrs |= {"values": tuple(float(v) for v in values)} if init == "values" else {}
         self.nodes.append(Node(name=name, op="param", attrs=_freeze(attrs), origin=self.origin(path)))
         self.param_refs[key] = Ref(name)
         return self.param_refs[key]
@@ -65,7 +66,7 @@ class GraphBuilder:
         for decl in decls:
             std = init_std(spec, output_projection=decl.output_projection) if decl.init == "normal" else 0.0
             params[decl.slot] = self.param(f"{prefix}.{decl.slot}", decl.shape, path + ((decl.part,) if decl.part else ()), init=decl.init,
-                                           std=std, group=decl.group, trainable=decl.trainable)
+                                           std=std, group=decl.group, trainable=decl.trainable, values=decl.values)
         return params
 
     def linear(self, x: Ref, key: str, out: int, width: int, path: tuple, std: float, bias_key: str | None = None,

@@ -23,6 +23,7 @@ from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
 from moec.compile import build_model, compile_spec, parallel_module
 from moec.moe import ROUTERS, SELECTION_BIAS
 from moec.runtime import checkpoint as ckpt
+from moec.runtime.annealing import anneal_buffers, set_annealed
 from moec.runtime.data import last_value_baseline, make_dataset
 from moec.runtime.diagnose import describe_nonfinite
 from moec.runtime.fit import check_fit
@@ -92,6 +93,7 @@ class Trainer:
         # fp16 compute: dynamic loss scaling; a step whose gradients overflow is skipped (counted in metrics)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=spec.schedule.precision.compute == "fp16")
         self.skipped_steps = 0
+        self.annealed = anneal_buffers(self.model, self.program)  # MoE settings annealed over the steps
         self.data = make_dataset(spec)
         self.token_model = spec.model.inputs.kind == "tokens"
         buffers = dict(self.model.named_buffers())
@@ -262,6 +264,7 @@ class Trainer:
 
     def _train_step(self, step: int) -> dict:
         set_learning_rates(self.optimizer, self.base_lrs, lr_factor(step, self.spec))
+        set_annealed(self.annealed, step)
         accum, micro_batch = self.train.grad_accum, self.train.batch // self.train.grad_accum
         start = time.perf_counter()
         EXPERT_ROWS_SENT["bytes"] = 0  # evaluation's all-to-alls are not this step's

@@ -9,7 +9,7 @@ from __future__ import annotations
 import keyword
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Discriminator, Field, Tag, model_validator
 
 from moec.schema.base import MAX_DIM, Base, Dim, NonNegFloat, PosFloat, PosInt, Prob, field_error
 
@@ -129,11 +129,30 @@ class Mlp(Base):
         return self
 
 
+class Anneal(Base):
+    """A value annealed over training: ``start`` at step 0, ``end`` from step ``steps`` on (linear or cosine in between)."""
+
+    start: NonNegFloat
+    end: NonNegFloat
+    steps: PosInt
+    kind: Literal["linear", "cosine"] = "linear"
+
+    def positive(self, name: str) -> None:
+        if self.start <= 0 or self.end <= 0:
+            raise field_error(name, f"start and end must be > 0, got {self.start} and {self.end}")
+
+
+def annealable(number):
+    """A number, or an ``Anneal`` mapping; a mapping is checked as an Anneal only (one error, not one per branch)."""
+    return Annotated[Union[Annotated[number, Tag("value")], Annotated[Anneal, Tag("anneal")]],
+                     Discriminator(lambda v: "anneal" if isinstance(v, (dict, Anneal)) else "value")]
+
+
 class Noise(Base):
     """Exploration noise added to router logits while training."""
 
     kind: Literal["none", "gaussian", "gumbel"] = "none"
-    std: NonNegFloat = Field(1.0, description="Scale of the noise (std for gaussian, beta for gumbel).")
+    std: annealable(NonNegFloat) = Field(1.0, description="Scale of the noise (std for gaussian, beta for gumbel); or {start, end, steps, kind}.")
 
 
 class Sinkhorn(Base):
@@ -149,7 +168,7 @@ class Router(Base):
     """How tokens choose experts."""
 
     kind: RouterKind = "topk"
-    temperature: PosFloat = 1.0
+    temperature: annealable(PosFloat) = Field(1.0, description="Divides the logits before the scores; or annealed {start, end, steps, kind}.")
     noise: Noise = Field(default_factory=Noise)
     normalize: bool = Field(True, description="Renormalise the chosen experts' weights to sum to 1.")
     bias: bool = Field(False, description="A learned per-expert bias on the router logits (GPT-OSS).")
@@ -164,6 +183,8 @@ class Router(Base):
 
     @model_validator(mode="after")
     def _options_match_kind(self) -> "Router":
+        if isinstance(self.temperature, Anneal):
+            self.temperature.positive("temperature")
         if self.sinkhorn is not None and self.kind != "sinkhorn":
             raise field_error("sinkhorn", f"is used only by kind 'sinkhorn', but the router kind is '{self.kind}'")
         if self.bias_update_rate is not None and self.kind != "sigmoid_bias":
@@ -180,13 +201,16 @@ class Capacity(Base):
     """Per-expert capacity. ``dropless`` sends every token to its experts."""
 
     mode: Literal["dropless", "capacity"] = "dropless"
-    factor: PosFloat | None = Field(None, description="Only with mode: capacity. C = floor(factor * tokens * top_k / experts).")
+    factor: annealable(PosFloat) | None = Field(None, description="Only with mode: capacity. C = floor(factor * tokens * top_k / experts); "
+                                            "or annealed {start, end, steps, kind}.")
     drop_policy: Literal["zero", "renormalize"] | None = Field(
         None, description="Only with mode: capacity. zero: a dropped choice adds nothing; renormalize: kept weights are rescaled to sum to 1."
     )
 
     @model_validator(mode="after")
     def _options_match_mode(self) -> "Capacity":
+        if isinstance(self.factor, Anneal):
+            self.factor.positive("factor")
         for name in ("factor", "drop_policy"):
             if getattr(self, name) is not None and self.mode != "capacity":
                 raise field_error(name, f"is used only with mode 'capacity', but mode is '{self.mode}'")

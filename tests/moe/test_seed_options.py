@@ -125,8 +125,12 @@ def test_entropy_and_margin_rewards_by_hand():
     assert snippets.router_margin(onehot.reshape(1, 4)).item() == pytest.approx(0.96)
 
 
+def fixture(name: str) -> Path:
+    return next(path for path in FIXTURES if path.name.startswith(name + "."))
+
+
 def test_router_options_are_in_the_ir_and_the_generated_code():
-    spec = moec.load_spec(FIXTURES[0])
+    spec = moec.load_spec(fixture("m_router_options"))
     program = moec.compile_spec(spec)
     assert "scores = sinkhorn(noisy, 5, 0.7, 1.0, 3)" in program.source
     assert "F.rms_norm(router_in.reshape(tokens, -1), (router_in.shape[-1],), router_norm_weight, 1e-05)" in program.source

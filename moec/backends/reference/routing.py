@@ -15,9 +15,14 @@ from moec.backends.torch import snippets
 from moec.moe import ACTIVATIONS, ffn_slots
 
 
-def noise(ctx, attrs, logits):
-    """Exploration noise while training; the identity in eval mode."""
-    return snippets.router_noise(logits, attrs["kind"], attrs["std"], ctx.training)
+def noise(ctx, attrs, logits, anneal=None):
+    """Exploration noise while training; the identity in eval mode. Annealed: std is anneal[1]."""
+    return snippets.router_noise(logits, attrs["kind"], attrs["std"] if anneal is None else anneal[1], ctx.training)
+
+
+def anneal_temperature(ctx, attrs, logits, anneal):
+    """An annealed router temperature: logits / anneal[0] (the score op then divides by 1)."""
+    return logits / anneal[0]
 
 
 def softmax(ctx, attrs, logits):
@@ -85,18 +90,21 @@ def renormalize(ctx, attrs, weights):
     return weights / weights.sum(-1, keepdim=True)
 
 
-def capacity(ctx, attrs, scores, indices, weights):
+def capacity(ctx, attrs, scores, indices, weights, anneal=None):
     """Each expert keeps the C (token, choice) pairs with the highest router score.
 
     Order-agnostic (Switch / `m` style): a token's position in the batch does not matter
     except to break exact ties (lower token index first). Dropped choices get weight 0;
-    with drop_policy 'renormalize' a token's kept weights are rescaled to sum to 1.
+    with drop_policy 'renormalize' a token's kept weights are rescaled to sum to 1. An annealed
+    factor is anneal[2], C at most the ``factor`` attribute's (the schedule's peak).
     """
     experts = attrs["experts"]
     flat_idx = indices.reshape(-1)
     choice_scores = scores.gather(-1, indices).reshape(-1)
     tokens = indices.shape[0] * indices.shape[1]
     limit = snippets.capacity_of(tokens, attrs["factor"], attrs["top_k"], experts)
+    if anneal is not None:
+        limit = min(limit, int(snippets.annealed_capacity(anneal[2], tokens, attrs["top_k"], experts).item()))
     kept = torch.zeros_like(flat_idx, dtype=torch.bool)
     for expert in range(experts):
         slots = torch.nonzero(flat_idx == expert).squeeze(-1)
@@ -220,7 +228,7 @@ def band_index(ctx, attrs, z):
 
 
 KERNELS = {
-    "noise": noise, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "topk": topk,
+    "noise": noise, "anneal_temperature": anneal_temperature, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "topk": topk,
     "renormalize": renormalize, "router_dropout": router_dropout, "entropy_loss": entropy_loss, "margin_loss": margin_loss,
     "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
     "combine": combine, "load_balance_loss": load_balance_loss, "z_loss": z_loss,

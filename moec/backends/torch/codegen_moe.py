@@ -49,6 +49,7 @@ def helpers_for(moe: MoeAttrs) -> set[str]:
     used |= {"router_entropy"} if moe.aux.entropy > 0 else set()
     used |= {"router_margin"} if moe.aux.margin > 0 else set()
     used |= {"capacity_of", "capacity_keep"} if not moe.dropless else set()
+    used |= {"annealed_capacity", "capacity_trim"} if moe.anneal and moe.anneal.capacity_factor else set()
     used |= {"renormalize_kept"} if moe.capacity.drop_policy == "renormalize" else set()
     used |= {"clamped_glu"} if ACTIVATIONS[moe.expert.activation].clamped else set()
     return used
@@ -123,9 +124,14 @@ def _router(moe: MoeAttrs, selection_bias: bool) -> list[str]:
     router = moe.router
     logits = "logits"
     lines = []
+    anneal = moe.anneal
     if router.noise != "none":
-        lines.append(f"    noisy = router_noise(logits, {router.noise!r}, {router.noise_std!r}, training)")
+        std = "router_anneal[1]" if anneal and anneal.noise_std else repr(router.noise_std)
+        lines.append(f"    noisy = router_noise(logits, {router.noise!r}, {std}, training)")
         logits = "noisy"
+    if anneal and anneal.temperature:
+        lines.append(f"    tempered = {logits} / router_anneal[0]  # router.temperature annealed")
+        logits = "tempered"
     lines += [
         f"    scores = {ROUTERS[router.kind].emit_scores(router, logits)}  # (N, E)",
         f"    weights, chosen = select_experts(scores, {moe.choices}{', router_selection_bias' if selection_bias else ''})  # (N, k)",
@@ -143,6 +149,13 @@ def _capacity(moe: MoeAttrs) -> list[str]:
         f"    capacity = capacity_of(tokens, {cap.factor!r}, {moe.top_k}, {E})  # C = floor(factor * N * top_k / E)",
         "    choice_scores = scores.gather(-1, chosen).reshape(-1)",
         f"    slots, kept = capacity_keep(choice_scores, flat_expert, {E}, capacity)  # (E, C), (N*k,)",
+    ]
+    if moe.anneal and moe.anneal.capacity_factor:
+        lines += [
+            f"    limit = annealed_capacity(router_anneal[2], tokens, {moe.top_k}, {E})  # capacity.factor annealed; C above is its peak",
+            f"    slots, kept = capacity_trim(slots, limit, tokens * {moe.choices})",
+        ]
+    lines += [
         f"    weights = weights * kept.view(tokens, {moe.choices})",
     ]
     if cap.drop_policy == "renormalize":

@@ -185,6 +185,20 @@ def capacity_of(tokens: int, factor: float, top_k: int, experts: int) -> int:
     return max(1, math.floor(factor * tokens * top_k / experts))
 
 
+def annealed_capacity(factor: torch.Tensor, tokens: int, top_k: int, experts: int) -> torch.Tensor:
+    """An annealed capacity: max(1, floor(factor * tokens * top_k / experts)) with ``factor`` a tensor (no recompile as it moves)."""
+    return torch.floor(factor * (tokens * top_k / experts)).clamp_min(1)
+
+
+def capacity_trim(slots: torch.Tensor, limit: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each expert's best ``limit`` of its slots (``capacity_keep``'s, best first); the others become the sentinel ``total``."""
+    rank = torch.arange(slots.shape[1], device=slots.device)
+    slots = torch.where(rank[None, :] < limit, slots, total)
+    kept = torch.zeros(total + 1, dtype=torch.bool, device=slots.device)
+    kept = kept.index_put((slots.reshape(-1),), torch.ones_like(slots.reshape(-1), dtype=torch.bool))
+    return slots, kept[:total]
+
+
 def renormalize_kept(weights: torch.Tensor) -> torch.Tensor:
     """drop_policy 'renormalize': a token's kept weights rescaled to sum to 1 (all dropped: stays 0)."""
     total = weights.sum(-1, keepdim=True)
