@@ -100,6 +100,7 @@ class Trainer:
         self.selection_biases = {layer: (buffers[f"{layer}.{SELECTION_BIAS}"], moe.router.bias_update_rate)
                                  for layer, moe in self.program.moe_layers() if ROUTERS[moe.router.kind].selection_bias}
         self.start_step, self.best_val, self.best_step = 0, math.inf, None
+        self.val_at: dict[int, float] = {}  # validation loss per evaluated step (checkpoint.keep_best)
         if resume is not None:
             self._resume(resume, allow_spec_change, allow_data_change)
         truncate = self.start_step if resume else None
@@ -170,6 +171,7 @@ class Trainer:
         # meta.json stores "no validation yet" as null (JSON has no infinity)
         best = info.meta.get("best_val")
         self.best_val, self.best_step = (math.inf if best is None else best), info.meta.get("best_step")
+        self.val_at = {int(step): val for step, val in info.meta.get("val_at", {}).items()}
         self.resumed_from = info.path
 
     def _find_checkpoint(self, resume: str) -> ckpt.CheckpointInfo:
@@ -388,6 +390,8 @@ class Trainer:
         else:
             row["val_mse"] = val
             row["val_mse_over_last_value"] = val / result.baseline_mse if result.baseline_mse else math.nan
+        if math.isfinite(val):
+            self.val_at[step] = val
         if val < self.best_val:
             self.best_val, self.best_step = val, step
         self.metrics.write(row)
@@ -399,12 +403,14 @@ class Trainer:
         meta = {"spec": self.spec.model_dump(mode="json"), "spec_sha256": self.program.manifest["spec"]["sha256"],
                 "overrides": self.program.manifest["spec"]["overrides"],
                 "data_position": step, "best_val": self.best_val if math.isfinite(self.best_val) else None,
-                "best_step": self.best_step, "lrs": [g["lr"] for g in self.optimizer.param_groups]}
+                "best_step": self.best_step, "lrs": [g["lr"] for g in self.optimizer.param_groups],
+                "val_at": {str(s): v for s, v in self.val_at.items()}}
         if self.scaler.is_enabled():
             meta["grad_scaler"] = self.scaler.state_dict() | {"skipped_steps": self.skipped_steps}
         policy = self.train.checkpoint
-        best = self.best_step if policy.keep_best else None
+        best = set()
         if self.dist.is_main:
+            best = ckpt.best_steps(self.val_at, ckpt.checkpoint_steps(self.run_dir) | {step}, int(policy.keep_best))
             ckpt.prune_before_save(self.run_dir, policy.keep_last, best)
         path = ckpt.save_checkpoint(self.run_dir, step, self.model, self.optimizer, meta, self.data.fingerprint, self.dist)
         if self.dist.is_main:
