@@ -42,6 +42,7 @@ class ExpertAttrs:
     bias: bool = False
     limit: float = 0.0  # clamped activations only (clamped_swiglu)
     alpha: float = 0.0
+    init: str = "normal"  # the routed experts' weight init (moec.moe.params.init_of)
 
     @property
     def clamp(self) -> dict:
@@ -122,4 +123,4 @@ def moe_attrs(cfg) -> MoeAttrs:
 def _expert_attrs(expert) -> ExpertAttrs:
     clamped = expert.activation == "clamped_swiglu"
     return ExpertAttrs(activation=expert.activation, bias=expert.bias, limit=expert.swiglu_limit if clamped else 0.0,
-                       alpha=expert.swiglu_alpha if clamped else 0.0)
+                       alpha=expert.swiglu_alpha if clamped else 0.0, init=expert.init)

@@ -8,7 +8,8 @@ parameters from :func:`moe_params`. Weights are torch-style ``[out, in]``, exper
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 from moec.moe.activations import is_gated
 from moec.moe.anneal import ANNEAL, anneal_values
@@ -31,7 +32,7 @@ class ParamDecl:
     shape: tuple[int, ...]
     part: str  # the spec key under the layer it comes from: router | expert | shared_experts | "" (the layer)
     group: str  # optimiser group (moec.runtime.optim)
-    init: str = "normal"  # normal | zeros | ones | values
+    init: str = "normal"  # normal | zeros | ones | values | an expert init scheme (init_of)
     values: tuple[float, ...] = ()  # init 'values': the initial contents
     output_projection: bool = False  # std scaled by depth (writes into the residual stream)
     trainable: bool = True
@@ -57,6 +58,25 @@ def moe_slots(attrs: MoeAttrs) -> tuple[str, ...]:
     if attrs.anneal:
         slots.append(ANNEAL)
     return tuple(slots)
+
+
+EXPERT_INITS = ("xavier_uniform", "xavier_normal", "scaled_xavier", "scaled_kaiming")  # the `m` library's schemes
+
+
+def init_of(scheme: str, shape: tuple[int, ...], layers: int) -> tuple[str, float]:
+    """An expert init scheme as (distribution, scale): ('uniform', bound) or ('normal', std).
+
+    Fans are those of one expert's [out, in] matrix (the leading E is not a fan).
+    """
+    fan_out, fan_in = shape[-2], shape[-1]
+    if scheme == "xavier_uniform":
+        return "uniform", math.sqrt(6.0 / (fan_in + fan_out))
+    if scheme == "xavier_normal":
+        return "normal", math.sqrt(2.0 / (fan_in + fan_out))
+    if scheme == "scaled_xavier":
+        return "normal", 0.02 / math.sqrt(2 * layers)
+    assert scheme == "scaled_kaiming", scheme
+    return "normal", math.sqrt(2.0 / fan_in) / math.sqrt(2 * layers)
 
 
 def router_norm_slots(attrs: MoeAttrs) -> list[str]:
@@ -87,7 +107,8 @@ def moe_params(attrs: MoeAttrs, width: int, router_width: int, hidden: int, shar
         decls.append(ParamDecl(slot, (router_width,), "router", "norm", init="ones" if slot == ROUTER_NORM_WEIGHT else "zeros"))
     if ROUTERS[attrs.router.kind].selection_bias:
         decls.append(ParamDecl(SELECTION_BIAS, (E,), "router", "router", init="zeros", trainable=False))
-    decls += ffn_params(EXPERT_PREFIX, width, hidden, attrs.expert.activation, attrs.expert.bias, "expert", "experts", E)
+    experts = ffn_params(EXPERT_PREFIX, width, hidden, attrs.expert.activation, attrs.expert.bias, "expert", "experts", E)
+    decls += [replace(d, init=attrs.expert.init) if d.init == "normal" and attrs.expert.init != "normal" else d for d in experts]
     if attrs.shared:
         # Shared experts of hidden H x count are one FFN of hidden count * H (their outputs add up).
         decls += ffn_params("shared.", width, shared_hidden, attrs.expert.activation, False, "shared_experts", "rest")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from moec.ir.graph import AttrValue, Namespace, Node, Origin, Ref, _freeze
+from moec.moe.params import EXPERT_INITS, init_of
 from moec.schema.errors import SpecIssue, format_path
 
 MOE_META = "moe"  # meta of the node that closes an MoE decomposition: its MoeAttrs
@@ -64,8 +65,10 @@ class GraphBuilder:
         """Parameters ``<prefix>.<slot>`` for ``moec.moe.ParamDecl`` s; returns slot -> value."""
         params = {}
         for decl in decls:
-            std = init_std(spec, output_projection=decl.output_projection) if decl.init == "normal" else 0.0
-            params[decl.slot] = self.param(f"{prefix}.{decl.slot}", decl.shape, path + ((decl.part,) if decl.part else ()), init=decl.init,
+            init, std = decl.init, init_std(spec, output_projection=decl.output_projection) if decl.init == "normal" else 0.0
+            if init in EXPERT_INITS:  # std is the uniform bound for 'uniform'
+                init, std = init_of(init, decl.shape, spec.model.num_layers)
+            params[decl.slot] = self.param(f"{prefix}.{decl.slot}", decl.shape, path + ((decl.part,) if decl.part else ()), init=init,
                                            std=std, group=decl.group, trainable=decl.trainable, values=decl.values)
         return params
 

@@ -238,9 +238,14 @@ class ExpertFfn(Base):
     bias: bool = Field(False, description="Biases on every projection (up, gate when gated, down).")
     swiglu_limit: PosFloat | None = Field(None, description="Only with clamped_swiglu: gate <= limit, -limit <= up <= limit (default 7).")
     swiglu_alpha: PosFloat | None = Field(None, description="Only with clamped_swiglu: gate * sigmoid(alpha * gate) (default 1.702).")
+    init: Literal["normal", "xavier_uniform", "xavier_normal", "scaled_xavier", "scaled_kaiming"] = Field(
+        "normal", description="The routed experts' weights: normal (model.init), xavier_uniform / xavier_normal (Glorot, per expert "
+        "matrix), scaled_xavier: normal(0.02 / sqrt(2 * layers)), scaled_kaiming: normal(sqrt(2 / fan_in) / sqrt(2 * layers)).")
+    dropout: Prob = Field(0.0, description="Not implemented yet: only 0 is accepted (as for attention and mlp dropout).")
 
     @model_validator(mode="after")
     def _clamp_options(self) -> "ExpertFfn":
+        _no_dropout(self.dropout)
         for name in ("swiglu_limit", "swiglu_alpha"):
             if getattr(self, name) is not None and self.activation != "clamped_swiglu":
                 raise field_error(name, f"is used only by activation 'clamped_swiglu', but the activation is '{self.activation}'")
