@@ -264,6 +264,15 @@ def _combine(types, attrs):
     return (TensorType(y.shape[:-2] + (y.shape[-1],), "f32"),)
 
 
+@op("fallback_add", 3, required="weight")
+def _fallback_add(types, attrs):
+    """out + weight * dense where a token's every choice was dropped: out, dense [B,S,D], kept [B,S,k] bool."""
+    out, dense, kept = types
+    _expect(out.shape == dense.shape and kept.shape[:-1] == out.shape[:-1] and kept.dtype == "bool",
+            f"fallback_add takes out, dense [B,S,D] and kept [B,S,k], got {out}, {dense}, {kept}")
+    return _same(out)
+
+
 @op("load_balance_loss", 2, required="experts top_k weight")
 def _load_balance(types, attrs):
     return (TensorType((), "f32"),)

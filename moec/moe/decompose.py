@@ -16,7 +16,9 @@ drift apart. The ops (each one node; semantics in docs/semantics.md)::
     w, kept = capacity(scores, idx, w [, anneal])     # capacity mode only; factor router.anneal[2] if annealed
     xd      = dispatch(h, idx)                        # [B,S,k,D]
     yd      = expert_ffn(xd, idx [, kept], experts.*) # [B,S,k,D]
-    out     = combine(yd, w) (+ shared experts' FFN [* sigmoid(h @ shared_gate.T)])  # [B,S,D]
+    out     = combine(yd, w)                          # [B,S,D]
+    out     = fallback_add(out, ffn(h, fallback.*), kept)  # capacity.fallback 'dense': tokens every expert dropped
+    out     = out (+ shared experts' FFN [* sigmoid(h @ shared_gate.T)])
     aux     = load_balance_loss(scores, idx) + z_loss(logits) [+ entropy_loss(scores)] [+ margin_loss(scores)]
     stats   = balance_stats(scores, idx)              # aux.load_balance_scope 'model': instead of
                                                       # load_balance_loss; the model pools them
@@ -34,7 +36,7 @@ from moec.ir.graph import Ref
 from moec.moe.activations import ACTIVATIONS
 from moec.moe.anneal import ANNEAL
 from moec.moe.attrs import MoeAttrs
-from moec.moe.params import (EXPERT_PREFIX, ROUTER_BIAS, ROUTER_NORM_BIAS, ROUTER_NORM_WEIGHT, ROUTER_WEIGHT, SELECTION_BIAS,
+from moec.moe.params import (EXPERT_PREFIX, FALLBACK_PREFIX, ROUTER_BIAS, ROUTER_NORM_BIAS, ROUTER_NORM_WEIGHT, ROUTER_WEIGHT, SELECTION_BIAS,
                               SHARED_GATE, ffn_slots)
 from moec.moe.routers import ROUTERS
 
@@ -104,6 +106,11 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     expert_out = b.add("expert_ffn", [dispatched, indices, *kept, *expert_params], path + ("expert",),
                        experts=attrs.experts, activation=expert.activation, masked=bool(kept), bias=expert.bias, **expert.clamp)
     out = b.add("combine", [expert_out, weights], path)
+    if attrs.capacity.fallback_weight:
+        fpath = path + ("capacity",)
+        dense = ffn(b, h, [params[slot] for slot in ffn_slots(FALLBACK_PREFIX, expert.activation, expert.bias)], expert.activation,
+                    expert.bias, fpath, expert.clamp)
+        out = b.add("fallback_add", [out, dense, kept[0]], fpath, weight=attrs.capacity.fallback_weight)
     if attrs.shared:
         spath = path + ("shared_experts",)
         shared = ffn(b, h, [params[slot] for slot in ffn_slots("shared.", expert.activation, False)], expert.activation, False, spath,

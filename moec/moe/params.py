@@ -22,6 +22,7 @@ ROUTER_NORM_WEIGHT = "router.norm.weight"  # router.norm: rmsnorm | layernorm
 ROUTER_NORM_BIAS = "router.norm.bias"  # router.norm: layernorm
 SELECTION_BIAS = "router.selection_bias"
 EXPERT_PREFIX = "experts."
+FALLBACK_PREFIX = "fallback."  # capacity.fallback 'dense': one expert-shaped FFN
 SHARED_GATE = "shared_gate.weight"  # [1, width]: the shared experts' sigmoid gate
 BAND_TABLE = "band.weight"  # spectral MoE: the learned band embedding
 
@@ -55,6 +56,8 @@ def moe_slots(attrs: MoeAttrs) -> tuple[str, ...]:
         slots += ffn_slots("shared.", attrs.expert.activation, False)
     if attrs.shared_gate:
         slots.append(SHARED_GATE)
+    if attrs.capacity.fallback_weight:
+        slots += ffn_slots(FALLBACK_PREFIX, attrs.expert.activation, attrs.expert.bias)
     if attrs.anneal:
         slots.append(ANNEAL)
     return tuple(slots)
@@ -114,6 +117,8 @@ def moe_params(attrs: MoeAttrs, width: int, router_width: int, hidden: int, shar
         decls += ffn_params("shared.", width, shared_hidden, attrs.expert.activation, False, "shared_experts", "rest")
     if attrs.shared_gate:
         decls.append(ParamDecl(SHARED_GATE, (1, width), "shared_experts", "rest"))
+    if attrs.capacity.fallback_weight:
+        decls += ffn_params(FALLBACK_PREFIX, width, hidden, attrs.expert.activation, attrs.expert.bias, "capacity", "rest")
     if attrs.anneal:
         values = tuple(anneal_values(attrs.anneal, (attrs.router.temperature, attrs.router.noise_std, attrs.capacity.factor), 0))
         decls.append(ParamDecl(ANNEAL, (3,), "router", "router", init="values", values=values, trainable=False))

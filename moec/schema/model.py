@@ -206,6 +206,10 @@ class Capacity(Base):
     drop_policy: Literal["zero", "renormalize"] | None = Field(
         None, description="Only with mode: capacity. zero: a dropped choice adds nothing; renormalize: kept weights are rescaled to sum to 1."
     )
+    fallback: Literal["none", "dense"] = Field(
+        "none", description="dense: a token every expert dropped goes through a dense FFN of one expert's shape (its own weights, "
+        "parameters fallback.*), scaled by fallback_weight (the m library's fallback_policy). Only with mode: capacity.")
+    fallback_weight: PosFloat | None = Field(None, description="Only with fallback: dense (default 1.0).")
 
     @model_validator(mode="after")
     def _options_match_mode(self) -> "Capacity":
@@ -214,6 +218,10 @@ class Capacity(Base):
         for name in ("factor", "drop_policy"):
             if getattr(self, name) is not None and self.mode != "capacity":
                 raise field_error(name, f"is used only with mode 'capacity', but mode is '{self.mode}'")
+        if self.fallback != "none" and self.mode != "capacity":
+            raise field_error("fallback", f"serves the tokens capacity dropped, but mode is '{self.mode}' (nothing is dropped)")
+        if self.fallback_weight is not None and self.fallback != "dense":
+            raise field_error("fallback_weight", f"is used only with fallback 'dense', but fallback is '{self.fallback}'")
         return self
 
 

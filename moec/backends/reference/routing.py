@@ -154,6 +154,12 @@ def ffn(x, activation, w_up, w_gate, w_down, b_up=None, b_down=None, b_gate=None
     return F.linear(hidden, w_down, b_down)
 
 
+def fallback_add(ctx, attrs, out, dense, kept):
+    """capacity.fallback 'dense': out + weight * dense for the tokens whose every choice was dropped."""
+    all_dropped = ~kept.any(-1, keepdim=True)
+    return out + attrs["weight"] * dense * all_dropped
+
+
 def combine(ctx, attrs, y, weights):
     """sum_j weights[..., j] * y[..., j, :], summed in choice order j = 0, 1, ..."""
     out = weights[..., 0, None] * y[..., 0, :]
@@ -231,7 +237,7 @@ KERNELS = {
     "noise": noise, "anneal_temperature": anneal_temperature, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "topk": topk,
     "renormalize": renormalize, "router_dropout": router_dropout, "entropy_loss": entropy_loss, "margin_loss": margin_loss,
     "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
-    "combine": combine, "load_balance_loss": load_balance_loss, "z_loss": z_loss,
+    "combine": combine, "fallback_add": fallback_add, "load_balance_loss": load_balance_loss, "z_loss": z_loss,
     "balance_stats": balance_stats, "load_balance_pooled": load_balance_pooled, "rfft": rfft, "irfft": irfft,
     "complex_to_real": complex_to_real, "real_to_complex": real_to_complex, "band_embed": band_embed,
     "band_index": band_index,

@@ -78,6 +78,8 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
     lines += _expert_parallel(moe) if expert_parallel else {"grouped_mm": _grouped, "bmm": _bmm, "eager": _dense}[kernel](moe)
     lines.append("    out = weights[:, 0, None] * y[:, 0]  # combine: choices summed in order")
     lines += [f"    out = out + weights[:, {j}, None] * y[:, {j}]" for j in range(1, k)]
+    if moe.capacity.fallback_weight:
+        lines += _fallback(moe)
     if moe.shared:
         lines += _ffn("x", "shared_", moe.expert.activation, "shared", out="shared_out", clamp=moe.expert.clamp)
         if moe.shared_gate:
@@ -104,6 +106,16 @@ def _router_input(moe: MoeAttrs) -> str:
     if moe.router.norm == "layernorm":
         return f"F.layer_norm({x}, (router_in.shape[-1],), router_norm_weight, router_norm_bias, {ROUTER_NORM_EPS!r})"
     return x
+
+
+def _fallback(moe: MoeAttrs) -> list[str]:
+    """capacity.fallback 'dense': a dense FFN for the tokens every expert dropped (computed for all, kept for those)."""
+    bias = "fallback_b_" if moe.expert.bias else ""
+    lines = _ffn("x", "fallback_", moe.expert.activation, "fallback", out="fallback_out", bias=bias, clamp=moe.expert.clamp)
+    return lines + [
+        f"    all_dropped = ~kept.view(tokens, {moe.choices}).any(-1, keepdim=True)  # (N, 1)",
+        f"    out = out + {moe.capacity.fallback_weight!r} * fallback_out * all_dropped",
+    ]
 
 
 def _stats(moe: MoeAttrs) -> list[str]:
