@@ -361,7 +361,7 @@ def _band_index(types, attrs):
 
 # `slots` names the role of each input in order (h, router_in, router.weight, ...); `moe` is
 # the layer's typed attributes (moec.moe.MoeAttrs), the same for every step of a spectral MoE.
-@op("moe", (5, 24), required="slots moe", fused=True)
+@op("moe", (5, 32), required="slots moe", fused=True)
 def _moe(types, attrs):
     h = types[0]
     _float(h, "moe input")
@@ -371,7 +371,7 @@ def _moe(types, attrs):
     return _same(h) + (TensorType((), "f32"),) + pooled
 
 
-@op("spectral_moe", (4, 24), required="slots moe depth fft_norm band", fused=True)
+@op("spectral_moe", (4, 32), required="slots moe depth fft_norm band", optional="residual", fused=True)
 def _spectral_moe(types, attrs):
     x = types[0]
     _expect(x.rank == 3 and x.dtype == "f32", f"spectral_moe takes real [B,S,D], got {x}")

@@ -339,6 +339,8 @@ class SpectralMoe(Base):
         "embedding", description="What the router sees of a token's frequency band besides its content."
     )
     moe: MoeConfig
+    residual: bool = Field(True, description="true: z = z + moe(z) at each step; false: z = moe(z), as the Tessera seed writes "
+                           "`z = mixture(z)`.")
 
 
 Layer = Annotated[Union[Attention, Mlp, Moe, SpectralMoe], Field(discriminator="kind")]

@@ -278,18 +278,19 @@ def spectral_function(name: str, moe_name: str, attrs: dict, kernel: str) -> lis
     args = ", ".join(slot_arg(s) for s in slots)
     moe_args = ", ".join(slot_arg(s) for s in inner_slots(slots)[2:])
     norm = attrs["fft_norm"]
+    residual = attrs.get("residual", True)
     use_dft = {"auto": f"seq <= {DFT_MAX_SEQ}", "dft": "True", "fft": "False"}[kernel]
     router_in = {"embedding": f"z + {slot_arg(BAND_TABLE)}[: z.shape[1]]", "index_feature": "band_index(z)", "none": "z"}[attrs["band"]]
     return [
         f"def {name}({args}, training: bool):",
-        f'    """rfft over the sequence, {attrs["depth"]} x (z + moe(z)) with one set of weights, irfft."""',
+        f'    """rfft over the sequence, {attrs["depth"]} x ({"z + moe(z)" if residual else "moe(z)"}) with one set of weights, irfft."""',
         "    seq = x.shape[1]",
         f"    use_dft = {use_dft}  # DFT as matmuls for short sequences, else torch.fft",
         f"    z = rfft_real(x, {norm!r}, use_dft)  # (B, F, 2D): real parts, then imaginary parts",
         "    aux, stats = None, []",
         f"    for _ in range({attrs['depth']}):",
         f"        y, step_aux, step_stats = {moe_name}(z, {router_in}, {moe_args}, training)",
-        "        z = z + y",
+        "        z = z + y" if residual else "        z = y  # residual: false",
         "        aux = step_aux if aux is None else aux + step_aux",
         "        stats.append(step_stats)",
         f"    return irfft_real(z, seq, {norm!r}, use_dft), aux, mean_stats(stats)  # stats: mean over steps",
