@@ -333,7 +333,8 @@ class Trainer:
         """A layer's stats averaged over the data-parallel ranks (each saw its slice of the batch)."""
         if self.dist.distributed:
             for value in stats:
-                torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
+                if value is not None:  # MoeStats' reward fields are None unless aux.entropy / aux.margin is set
+                    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
         return stats
 
     def _autocast(self):
