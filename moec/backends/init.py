@@ -21,5 +21,9 @@ def init_parameter(node: Node, seed: int, device="cpu") -> torch.Tensor:
         return torch.ones(shape, device=device)
     if init == "zeros":
         return torch.zeros(shape, device=device)
+    if init == "values":  # given contents (an MoE layer's annealed settings at step 0)
+        return torch.tensor(node.attr["values"], dtype=torch.float32, device=device).reshape(shape)
     generator = torch.Generator().manual_seed(parameter_seed(seed, node.attr["name"]))
+    if init == "uniform":  # U(-std, std): std holds the bound (xavier_uniform experts)
+        return ((torch.rand(shape, generator=generator) * 2 - 1) * node.attr["std"]).to(device)
     return (torch.randn(shape, generator=generator) * node.attr["std"]).to(device)

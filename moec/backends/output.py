@@ -16,11 +16,14 @@ class MoeStats(NamedTuple):
     entropy: torch.Tensor  # () mean entropy of the per-token normalised router scores
     load_balance: torch.Tensor  # () the weighted load-balance term of the aux loss
     z_loss: torch.Tensor  # () the weighted z-loss term
+    # Layers with aux.entropy or aux.margin only: the weighted reward terms (negative), else None
+    entropy_loss: torch.Tensor | None = None
+    margin_loss: torch.Tensor | None = None
 
 
 def mean_stats(stats: Sequence[MoeStats]) -> MoeStats:
     """Field-wise mean: over the steps of a spectral MoE, or the micro-batches of a training step."""
-    return MoeStats(*[torch.stack(list(values)).mean(0) for values in zip(*stats)])
+    return MoeStats(*[None if values[0] is None else torch.stack(list(values)).mean(0) for values in zip(*stats)])
 
 
 @dataclass

@@ -86,6 +86,10 @@ def _check(model, layers, family: str) -> None:
                    "(GPT-OSS: clamped, with expert and router biases; others: no biases)")
         if oss and not router.normalize:
             refuse(f"{path}.router.normalize", "GPT-OSS takes the softmax of the top-k logits (normalize: true)")
+        if router.norm != "none" or router.dropout:
+            refuse(f"{path}.router", "HF MoE routers have no input norm and no router dropout")
+        if ffn.aux.entropy or ffn.aux.margin:
+            refuse(f"{path}.aux", "HF has no entropy or margin router loss")
         if ffn.aux.z_loss or ffn.aux.load_balance_scope != "model":
             refuse(f"{path}.aux", "HF pools the load-balance loss over the model (load_balance_scope: model) and has no z-loss")
         if family == "mixtral" and not router.normalize:

@@ -75,7 +75,7 @@ def _input(types, attrs):
     return (TensorType(tuple(attrs["shape"]), str(attrs["dtype"])),)
 
 
-@op("param", 0, required="name shape init std trainable", optional="group")
+@op("param", 0, required="name shape init std trainable", optional="group values")
 def _param(types, attrs):
     shape = tuple(attrs["shape"])
     _expect(all(isinstance(d, int) and d > 0 for d in shape), f"parameter shapes are concrete, got {shape}")
@@ -204,9 +204,20 @@ def _select_last(types, attrs):
 
 
 # Router score ops keep their input's shape: [B,S,E] logits -> [B,S,E] scores.
-for _name, _required in (("noise", "kind std"), ("softmax", "temperature"), ("sigmoid", "temperature"),
-                         ("sinkhorn", "iters tau temperature"), ("renormalize", "")):
+for _name, _required in (("softmax", "temperature"), ("sigmoid", "temperature"), ("renormalize", ""), ("router_dropout", "p")):
     op(_name, 1, required=_required)(_elementwise)
+
+
+def _annealed(types, attrs):
+    """x and, optionally, the layer's [3] router.anneal buffer (temperature, noise std, capacity factor)."""
+    if len(types) == 2:
+        _expect(types[1].shape == (3,), f"the anneal buffer is [3], got {types[1]}")
+    return _same(types[0])
+
+
+op("noise", (1, 2), required="kind std")(_annealed)
+op("anneal_temperature", 2)(_annealed)
+op("sinkhorn", 1, required="iters tau temperature", optional="topk")(_elementwise)
 
 
 @op("topk", (1, 2), required="k")
@@ -220,9 +231,9 @@ def _topk(types, attrs):
     return TensorType(out, "f32"), TensorType(out, "i64")
 
 
-@op("capacity", 3, required="factor experts top_k drop_policy")
+@op("capacity", (3, 4), required="factor experts top_k drop_policy")
 def _capacity(types, attrs):
-    scores, indices, weights = types
+    scores, indices, weights = types[:3]
     _expect(indices.shape == weights.shape and indices.dtype == "i64", f"capacity takes indices and weights of one shape, got {indices}, {weights}")
     _last(scores, attrs["experts"], "capacity scores")
     return TensorType(weights.shape, "f32"), TensorType(weights.shape, "bool")
@@ -253,6 +264,15 @@ def _combine(types, attrs):
     return (TensorType(y.shape[:-2] + (y.shape[-1],), "f32"),)
 
 
+@op("fallback_add", 3, required="weight")
+def _fallback_add(types, attrs):
+    """out + weight * dense where a token's every choice was dropped: out, dense [B,S,D], kept [B,S,k] bool."""
+    out, dense, kept = types
+    _expect(out.shape == dense.shape and kept.shape[:-1] == out.shape[:-1] and kept.dtype == "bool",
+            f"fallback_add takes out, dense [B,S,D] and kept [B,S,k], got {out}, {dense}, {kept}")
+    return _same(out)
+
+
 @op("load_balance_loss", 2, required="experts top_k weight")
 def _load_balance(types, attrs):
     return (TensorType((), "f32"),)
@@ -275,6 +295,16 @@ def _load_balance_pooled(types, attrs):
 
 @op("z_loss", 1, required="weight")
 def _z_loss(types, attrs):
+    return (TensorType((), "f32"),)
+
+
+@op("entropy_loss", 1, required="weight")
+def _entropy_loss(types, attrs):
+    return (TensorType((), "f32"),)
+
+
+@op("margin_loss", 1, required="weight")
+def _margin_loss(types, attrs):
     return (TensorType((), "f32"),)
 
 
@@ -331,7 +361,7 @@ def _band_index(types, attrs):
 
 # `slots` names the role of each input in order (h, router_in, router.weight, ...); `moe` is
 # the layer's typed attributes (moec.moe.MoeAttrs), the same for every step of a spectral MoE.
-@op("moe", (5, 24), required="slots moe", fused=True)
+@op("moe", (5, 32), required="slots moe", fused=True)
 def _moe(types, attrs):
     h = types[0]
     _float(h, "moe input")
@@ -341,7 +371,7 @@ def _moe(types, attrs):
     return _same(h) + (TensorType((), "f32"),) + pooled
 
 
-@op("spectral_moe", (4, 24), required="slots moe depth fft_norm band", fused=True)
+@op("spectral_moe", (4, 32), required="slots moe depth fft_norm band", optional="residual", fused=True)
 def _spectral_moe(types, attrs):
     x = types[0]
     _expect(x.rank == 3 and x.dtype == "f32", f"spectral_moe takes real [B,S,D], got {x}")

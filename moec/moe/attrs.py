@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moec.moe.anneal import AnnealAttrs, constant, schedule_of
+
 
 @dataclass(frozen=True)
 class RouterAttrs:
@@ -22,6 +24,9 @@ class RouterAttrs:
     sinkhorn_tau: float = 0.0
     bias_update_rate: float = 0.0  # selection-bias routers: the trainer's balancing step
     bias: bool = False  # a learned bias on the logits (parameter router.bias)
+    norm: str = "none"  # none | rmsnorm | layernorm of the router input (parameters router.norm.*)
+    dropout: float = 0.0  # training: per token, with this probability the best choice's weight is zeroed
+    sinkhorn_topk: int = 0  # sinkhorn: each token's kernel keeps its topk highest logits (0: all)
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class CapacityAttrs:
     mode: str = "dropless"  # dropless | capacity
     factor: float = 0.0  # C = max(1, floor(factor * tokens * top_k / experts))
     drop_policy: str = "none"  # zero | renormalize (capacity mode only)
+    fallback_weight: float = 0.0  # > 0: capacity.fallback 'dense', a dense FFN (parameters fallback.*) for fully dropped tokens
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class ExpertAttrs:
     bias: bool = False
     limit: float = 0.0  # clamped activations only (clamped_swiglu)
     alpha: float = 0.0
+    init: str = "normal"  # the routed experts' weight init (moec.moe.params.init_of)
 
     @property
     def clamp(self) -> dict:
@@ -49,6 +56,8 @@ class AuxAttrs:
     load_balance: float = 0.0
     z_loss: float = 0.0
     load_balance_scope: str = "layer"  # layer | model (the layer outputs its balance statistics; the model pools them)
+    entropy: float = 0.0  # weight of the entropy reward -H(p)
+    margin: float = 0.0  # weight of the margin reward -(p_top1 - p_top2)
 
     @property
     def pooled(self) -> bool:
@@ -65,6 +74,7 @@ class MoeAttrs:
     aux: AuxAttrs = AuxAttrs()
     shared: bool = False  # shared experts: one FFN every token passes through
     shared_gate: bool = False  # the shared output scaled by sigmoid(h @ shared_gate.weight.T) (Qwen2-MoE)
+    anneal: AnnealAttrs | None = None  # annealed settings: read from the router.anneal buffer (moec.moe.anneal)
 
     @property
     def choices(self) -> int:
@@ -82,29 +92,37 @@ def moe_attrs(cfg) -> MoeAttrs:
     """The typed attributes of a resolved spec ``MoeConfig`` (``moec.schema.model``)."""
     router, capacity = cfg.router, cfg.capacity
     noisy = router.noise.kind != "none"
+    anneal = AnnealAttrs(temperature=schedule_of(router.temperature), noise_std=schedule_of(router.noise.std) if noisy else None,
+                         capacity_factor=schedule_of(capacity.factor))
     return MoeAttrs(
         experts=cfg.experts,
         top_k=cfg.top_k,
         router=RouterAttrs(
             kind=router.kind,
-            temperature=router.temperature,
+            temperature=1.0 if anneal.temperature else router.temperature,  # annealed: divided before the score op
             noise=router.noise.kind,
-            noise_std=router.noise.std if noisy else 0.0,
+            noise_std=constant(router.noise.std) if noisy else 0.0,
             normalize=router.normalize,
             sinkhorn_iters=router.sinkhorn.iters if router.sinkhorn else 0,
             sinkhorn_tau=router.sinkhorn.tau if router.sinkhorn else 0.0,
             bias_update_rate=router.bias_update_rate or 0.0,
             bias=router.bias,
+            norm=router.norm,
+            dropout=router.dropout,
+            sinkhorn_topk=(router.sinkhorn.topk or 0) if router.sinkhorn else 0,
         ),
         expert=_expert_attrs(cfg.expert),
-        capacity=CapacityAttrs(mode=capacity.mode, factor=capacity.factor or 0.0, drop_policy=capacity.drop_policy or "none"),
-        aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss, load_balance_scope=cfg.aux.load_balance_scope),
+        capacity=CapacityAttrs(mode=capacity.mode, factor=constant(capacity.factor), drop_policy=capacity.drop_policy or "none",
+                               fallback_weight=(capacity.fallback_weight or 1.0) if capacity.fallback == "dense" else 0.0),
+        aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss, load_balance_scope=cfg.aux.load_balance_scope,
+                     entropy=cfg.aux.entropy, margin=cfg.aux.margin),
         shared=cfg.shared_experts is not None,
         shared_gate=cfg.shared_experts is not None and cfg.shared_experts.gate,
+        anneal=anneal if anneal != AnnealAttrs() else None,
     )
 
 
 def _expert_attrs(expert) -> ExpertAttrs:
     clamped = expert.activation == "clamped_swiglu"
     return ExpertAttrs(activation=expert.activation, bias=expert.bias, limit=expert.swiglu_limit if clamped else 0.0,
-                       alpha=expert.swiglu_alpha if clamped else 0.0)
+                       alpha=expert.swiglu_alpha if clamped else 0.0, init=expert.init)

@@ -5,16 +5,21 @@ and accepts a match only when the graph holds exactly this subgraph; the referen
 interpreter runs it eagerly for a fused node. So lowering, fusion and the reference cannot
 drift apart. The ops (each one node; semantics in docs/semantics.md)::
 
+    router_in = rmsnorm | layernorm(router_in)        # router.norm
     logits  = linear(router_in, router.weight)        # [B,S,E]
-    noisy   = noise(logits)                           # only when the router has noise
+    noisy   = noise(logits [, anneal])                # only when the router has noise; std from router.anneal[1] if annealed
+    noisy   = anneal_temperature(noisy, anneal)       # router.temperature annealed: / router.anneal[0]
     scores  = <router score op>(noisy)                # softmax | sigmoid | sinkhorn: [B,S,E]
     w, idx  = topk(scores [, selection_bias], k=choices)  # [B,S,k]
+    w       = router_dropout(w)                       # router.dropout (training only)
     w       = renormalize(w)                          # router.normalize
-    w, kept = capacity(scores, idx, w)                # capacity mode only
+    w, kept = capacity(scores, idx, w [, anneal])     # capacity mode only; factor router.anneal[2] if annealed
     xd      = dispatch(h, idx)                        # [B,S,k,D]
     yd      = expert_ffn(xd, idx [, kept], experts.*) # [B,S,k,D]
-    out     = combine(yd, w) (+ shared experts' FFN [* sigmoid(h @ shared_gate.T)])  # [B,S,D]
-    aux     = load_balance_loss(scores, idx) + z_loss(logits)
+    out     = combine(yd, w)                          # [B,S,D]
+    out     = fallback_add(out, ffn(h, fallback.*), kept)  # capacity.fallback 'dense': tokens every expert dropped
+    out     = out (+ shared experts' FFN [* sigmoid(h @ shared_gate.T)])
+    aux     = load_balance_loss(scores, idx) + z_loss(logits) [+ entropy_loss(scores)] [+ margin_loss(scores)]
     stats   = balance_stats(scores, idx)              # aux.load_balance_scope 'model': instead of
                                                       # load_balance_loss; the model pools them
 
@@ -29,11 +34,14 @@ from typing import Mapping, Sequence
 
 from moec.ir.graph import Ref
 from moec.moe.activations import ACTIVATIONS
+from moec.moe.anneal import ANNEAL
 from moec.moe.attrs import MoeAttrs
-from moec.moe.params import EXPERT_PREFIX, ROUTER_BIAS, ROUTER_WEIGHT, SELECTION_BIAS, SHARED_GATE, ffn_slots
+from moec.moe.params import (EXPERT_PREFIX, FALLBACK_PREFIX, ROUTER_BIAS, ROUTER_NORM_BIAS, ROUTER_NORM_WEIGHT, ROUTER_WEIGHT, SELECTION_BIAS,
+                              SHARED_GATE, ffn_slots)
 from moec.moe.routers import ROUTERS
 
 PLACEHOLDER = "@"  # prefix of the names that stand for a decomposition's inputs
+ROUTER_NORM_EPS = 1e-5  # router.norm's epsilon
 
 
 def placeholders(names: Sequence[str]) -> dict[str, Ref]:
@@ -65,17 +73,31 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     """
     router, kind = attrs.router, ROUTERS[attrs.router.kind]
     rpath = path + ("router",)
+    if router.norm == "rmsnorm":
+        router_in = b.add("rmsnorm", [router_in, params[ROUTER_NORM_WEIGHT]], rpath, eps=ROUTER_NORM_EPS)
+    elif router.norm == "layernorm":
+        router_in = b.add("layernorm", [router_in, params[ROUTER_NORM_WEIGHT], params[ROUTER_NORM_BIAS]], rpath, eps=ROUTER_NORM_EPS)
     logits = b.add("linear", [router_in, params[ROUTER_WEIGHT]] + ([params[ROUTER_BIAS]] if router.bias else []), rpath)
-    noisy = logits if router.noise == "none" else b.add("noise", [logits], rpath, kind=router.noise, std=router.noise_std)
+    anneal = attrs.anneal
+    if router.noise == "none":
+        noisy = logits
+    else:
+        std_from = [params[ANNEAL]] if anneal and anneal.noise_std else []
+        noisy = b.add("noise", [logits, *std_from], rpath, kind=router.noise, std=router.noise_std)
+    if anneal and anneal.temperature:
+        noisy = b.add("anneal_temperature", [noisy, params[ANNEAL]], rpath)
     scores = b.add(kind.score_op, [noisy], rpath, **kind.score_attrs(router))
     select = [scores] + ([params[SELECTION_BIAS]] if kind.selection_bias else [])
     weights, indices = b.add("topk", select, rpath, outputs=2, k=attrs.choices)
+    if router.dropout > 0:
+        weights = b.add("router_dropout", [weights], rpath, p=router.dropout)
     if router.normalize:
         weights = b.add("renormalize", [weights], rpath)
     kept = []
     if not attrs.dropless:
         capacity = attrs.capacity
-        weights, mask = b.add("capacity", [scores, indices, weights], path + ("capacity",), outputs=2, factor=capacity.factor,
+        factor_from = [params[ANNEAL]] if anneal and anneal.capacity_factor else []
+        weights, mask = b.add("capacity", [scores, indices, weights, *factor_from], path + ("capacity",), outputs=2, factor=capacity.factor,
                               experts=attrs.experts, top_k=attrs.top_k, drop_policy=capacity.drop_policy)
         kept = [mask]
     dispatched = b.add("dispatch", [h, indices], path)
@@ -84,6 +106,11 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     expert_out = b.add("expert_ffn", [dispatched, indices, *kept, *expert_params], path + ("expert",),
                        experts=attrs.experts, activation=expert.activation, masked=bool(kept), bias=expert.bias, **expert.clamp)
     out = b.add("combine", [expert_out, weights], path)
+    if attrs.capacity.fallback_weight:
+        fpath = path + ("capacity",)
+        dense = ffn(b, h, [params[slot] for slot in ffn_slots(FALLBACK_PREFIX, expert.activation, expert.bias)], expert.activation,
+                    expert.bias, fpath, expert.clamp)
+        out = b.add("fallback_add", [out, dense, kept[0]], fpath, weight=attrs.capacity.fallback_weight)
     if attrs.shared:
         spath = path + ("shared_experts",)
         shared = ffn(b, h, [params[slot] for slot in ffn_slots("shared.", expert.activation, False)], expert.activation, False, spath,
@@ -95,13 +122,21 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     apath = path + ("aux",)
     if attrs.aux.pooled:
         stats = b.add("balance_stats", [scores, indices], apath, experts=attrs.experts)
-        z = b.add("z_loss", [logits], apath, weight=attrs.aux.z_loss)
+        z = _rewards(b, attrs, scores, b.add("z_loss", [logits], apath, weight=attrs.aux.z_loss), apath)
         b.mark_moe(out, z, attrs, balance=stats)
         return out, z, stats
     # Both terms are always there (a weight of 0 included): backends skip a term whose weight is 0.
     balance = b.add("load_balance_loss", [scores, indices], apath, experts=attrs.experts, top_k=attrs.top_k,
                     weight=attrs.aux.load_balance)
     z = b.add("z_loss", [logits], apath, weight=attrs.aux.z_loss)
-    aux = b.add("add", [balance, z], apath)
+    aux = _rewards(b, attrs, scores, b.add("add", [balance, z], apath), apath)
     b.mark_moe(out, aux, attrs)
     return out, aux
+
+
+def _rewards(b, attrs: MoeAttrs, scores: Ref, aux: Ref, path: tuple) -> Ref:
+    """``aux`` plus the entropy and margin terms whose weight is set (the m library's entropy_weight, margin_weight)."""
+    for op, weight in (("entropy_loss", attrs.aux.entropy), ("margin_loss", attrs.aux.margin)):
+        if weight > 0:
+            aux = b.add("add", [aux, b.add(op, [scores], path, weight=weight)], path)
+    return aux

@@ -8,16 +8,21 @@ parameters from :func:`moe_params`. Weights are torch-style ``[out, in]``, exper
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 from moec.moe.activations import is_gated
+from moec.moe.anneal import ANNEAL, anneal_values
 from moec.moe.attrs import MoeAttrs
 from moec.moe.routers import ROUTERS
 
 ROUTER_WEIGHT = "router.weight"
 ROUTER_BIAS = "router.bias"
+ROUTER_NORM_WEIGHT = "router.norm.weight"  # router.norm: rmsnorm | layernorm
+ROUTER_NORM_BIAS = "router.norm.bias"  # router.norm: layernorm
 SELECTION_BIAS = "router.selection_bias"
 EXPERT_PREFIX = "experts."
+FALLBACK_PREFIX = "fallback."  # capacity.fallback 'dense': one expert-shaped FFN
 SHARED_GATE = "shared_gate.weight"  # [1, width]: the shared experts' sigmoid gate
 BAND_TABLE = "band.weight"  # spectral MoE: the learned band embedding
 
@@ -28,7 +33,8 @@ class ParamDecl:
     shape: tuple[int, ...]
     part: str  # the spec key under the layer it comes from: router | expert | shared_experts | "" (the layer)
     group: str  # optimiser group (moec.runtime.optim)
-    init: str = "normal"  # normal | zeros
+    init: str = "normal"  # normal | zeros | ones | values | an expert init scheme (init_of)
+    values: tuple[float, ...] = ()  # init 'values': the initial contents
     output_projection: bool = False  # std scaled by depth (writes into the residual stream)
     trainable: bool = True
 
@@ -43,14 +49,41 @@ def ffn_slots(prefix: str, activation: str, bias: bool) -> tuple[str, ...]:
 
 def moe_slots(attrs: MoeAttrs) -> tuple[str, ...]:
     """The parameter slots of an MoE layer, in the fused node's input order."""
-    slots = [ROUTER_WEIGHT] + ([ROUTER_BIAS] if attrs.router.bias else [])
+    slots = [ROUTER_WEIGHT] + ([ROUTER_BIAS] if attrs.router.bias else []) + router_norm_slots(attrs)
     slots += [SELECTION_BIAS] if ROUTERS[attrs.router.kind].selection_bias else []
     slots += ffn_slots(EXPERT_PREFIX, attrs.expert.activation, attrs.expert.bias)
     if attrs.shared:
         slots += ffn_slots("shared.", attrs.expert.activation, False)
     if attrs.shared_gate:
         slots.append(SHARED_GATE)
+    if attrs.capacity.fallback_weight:
+        slots += ffn_slots(FALLBACK_PREFIX, attrs.expert.activation, attrs.expert.bias)
+    if attrs.anneal:
+        slots.append(ANNEAL)
     return tuple(slots)
+
+
+EXPERT_INITS = ("xavier_uniform", "xavier_normal", "scaled_xavier", "scaled_kaiming")  # the `m` library's schemes
+
+
+def init_of(scheme: str, shape: tuple[int, ...], layers: int) -> tuple[str, float]:
+    """An expert init scheme as (distribution, scale): ('uniform', bound) or ('normal', std).
+
+    Fans are those of one expert's [out, in] matrix (the leading E is not a fan).
+    """
+    fan_out, fan_in = shape[-2], shape[-1]
+    if scheme == "xavier_uniform":
+        return "uniform", math.sqrt(6.0 / (fan_in + fan_out))
+    if scheme == "xavier_normal":
+        return "normal", math.sqrt(2.0 / (fan_in + fan_out))
+    if scheme == "scaled_xavier":
+        return "normal", 0.02 / math.sqrt(2 * layers)
+    assert scheme == "scaled_kaiming", scheme
+    return "normal", math.sqrt(2.0 / fan_in) / math.sqrt(2 * layers)
+
+
+def router_norm_slots(attrs: MoeAttrs) -> list[str]:
+    return {"none": [], "rmsnorm": [ROUTER_NORM_WEIGHT], "layernorm": [ROUTER_NORM_WEIGHT, ROUTER_NORM_BIAS]}[attrs.router.norm]
 
 
 def ffn_params(prefix: str, width: int, hidden: int, activation: str, bias: bool, part: str, group: str,
@@ -73,13 +106,21 @@ def moe_params(attrs: MoeAttrs, width: int, router_width: int, hidden: int, shar
     decls = [ParamDecl(ROUTER_WEIGHT, (E, router_width), "router", "router")]
     if attrs.router.bias:
         decls.append(ParamDecl(ROUTER_BIAS, (E,), "router", "bias", init="zeros"))
+    for slot in router_norm_slots(attrs):
+        decls.append(ParamDecl(slot, (router_width,), "router", "norm", init="ones" if slot == ROUTER_NORM_WEIGHT else "zeros"))
     if ROUTERS[attrs.router.kind].selection_bias:
         decls.append(ParamDecl(SELECTION_BIAS, (E,), "router", "router", init="zeros", trainable=False))
-    decls += ffn_params(EXPERT_PREFIX, width, hidden, attrs.expert.activation, attrs.expert.bias, "expert", "experts", E)
+    experts = ffn_params(EXPERT_PREFIX, width, hidden, attrs.expert.activation, attrs.expert.bias, "expert", "experts", E)
+    decls += [replace(d, init=attrs.expert.init) if d.init == "normal" and attrs.expert.init != "normal" else d for d in experts]
     if attrs.shared:
         # Shared experts of hidden H x count are one FFN of hidden count * H (their outputs add up).
         decls += ffn_params("shared.", width, shared_hidden, attrs.expert.activation, False, "shared_experts", "rest")
     if attrs.shared_gate:
         decls.append(ParamDecl(SHARED_GATE, (1, width), "shared_experts", "rest"))
+    if attrs.capacity.fallback_weight:
+        decls += ffn_params(FALLBACK_PREFIX, width, hidden, attrs.expert.activation, attrs.expert.bias, "capacity", "rest")
+    if attrs.anneal:
+        values = tuple(anneal_values(attrs.anneal, (attrs.router.temperature, attrs.router.noise_std, attrs.capacity.factor), 0))
+        decls.append(ParamDecl(ANNEAL, (3,), "router", "router", init="values", values=values, trainable=False))
     assert tuple(d.slot for d in decls) == moe_slots(attrs)
     return decls

@@ -60,8 +60,10 @@ ROUTERS = {
         RouterKind(
             "sinkhorn", "Sinkhorn-balanced assignment over the batch, then top_k (BASE layers, the m library)",
             score_op="sinkhorn",
-            score_attrs=lambda r: {"iters": r.sinkhorn_iters, "tau": r.sinkhorn_tau, "temperature": r.temperature},
-            emit_scores=lambda r, logits: f"sinkhorn({logits}, {r.sinkhorn_iters}, {r.sinkhorn_tau!r}, {r.temperature!r})",
+            score_attrs=lambda r: {"iters": r.sinkhorn_iters, "tau": r.sinkhorn_tau, "temperature": r.temperature,
+                                   **({"topk": r.sinkhorn_topk} if r.sinkhorn_topk else {})},
+            emit_scores=lambda r, logits: f"sinkhorn({logits}, {r.sinkhorn_iters}, {r.sinkhorn_tau!r}, {r.temperature!r}"
+                                          f"{f', {r.sinkhorn_topk}' if r.sinkhorn_topk else ''})",
             helpers=frozenset({"sinkhorn"}),
         ),
         RouterKind(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from moec.ir.graph import AttrValue, Namespace, Node, Origin, Ref, _freeze
+from moec.moe.params import EXPERT_INITS, init_of
 from moec.schema.errors import SpecIssue, format_path
 
 MOE_META = "moe"  # meta of the node that closes an MoE decomposition: its MoeAttrs
@@ -49,12 +50,13 @@ class GraphBuilder:
         self.nodes[index] = node.with_(meta=meta)
 
     def param(self, key: str, shape: tuple[int, ...], path: tuple, init: str = "normal", std: float = 0.0,
-              group: str = "rest", trainable: bool = True) -> Ref:
+              group: str = "rest", trainable: bool = True, values: tuple = ()) -> Ref:
         """A named parameter; asking for the same key again returns the same value (weight sharing)."""
         if key in self.param_refs:
             return self.param_refs[key]
         name = self.names.exact(key)
         attrs = {"name": key, "shape": tuple(shape), "init": init, "std": float(std), "trainable": trainable, "group": group}
+        attrs |= {"values": tuple(float(v) for v in values)} if init == "values" else {}
         self.nodes.append(Node(name=name, op="param", attrs=_freeze(attrs), origin=self.origin(path)))
         self.param_refs[key] = Ref(name)
         return self.param_refs[key]
@@ -63,9 +65,11 @@ class GraphBuilder:
         """Parameters ``<prefix>.<slot>`` for ``moec.moe.ParamDecl`` s; returns slot -> value."""
         params = {}
         for decl in decls:
-            std = init_std(spec, output_projection=decl.output_projection) if decl.init == "normal" else 0.0
-            params[decl.slot] = self.param(f"{prefix}.{decl.slot}", decl.shape, path + ((decl.part,) if decl.part else ()), init=decl.init,
-                                           std=std, group=decl.group, trainable=decl.trainable)
+            init, std = decl.init, init_std(spec, output_projection=decl.output_projection) if decl.init == "normal" else 0.0
+            if init in EXPERT_INITS:  # std is the uniform bound for 'uniform'
+                init, std = init_of(init, decl.shape, spec.model.num_layers)
+            params[decl.slot] = self.param(f"{prefix}.{decl.slot}", decl.shape, path + ((decl.part,) if decl.part else ()), init=init,
+                                           std=std, group=decl.group, trainable=decl.trainable, values=decl.values)
         return params
 
     def linear(self, x: Ref, key: str, out: int, width: int, path: tuple, std: float, bias_key: str | None = None,

@@ -30,13 +30,20 @@ def _match(graph: Graph, irfft: Node):
     absorbed = {irfft.name, to_complex.name}
     steps: list[Node] = []
     z = graph[to_complex.inputs[0].node]
-    while z.op == "add" and graph[z.inputs[1].node].op == "moe":
+    residual = z.op == "add"
+    while residual and z.op == "add" and graph[z.inputs[1].node].op == "moe":
         moe = graph[z.inputs[1].node]
         if moe.inputs[0] != z.inputs[0] or z.inputs[1].index != 0:
             return None
         steps.append(moe)
         absorbed |= {z.name, moe.name}
         z = graph[z.inputs[0].node]
+    chain = to_complex.inputs[0]
+    while not residual and z.op == "moe" and chain.index == 0:  # residual: false, each step z = moe(z)
+        steps.append(z)
+        absorbed.add(z.name)
+        chain = z.inputs[0]
+        z = graph[chain.node]
     if not steps or z.op != "complex_to_real" or graph[z.inputs[0].node].op != "rfft":
         return None
     rfft = graph[z.inputs[0].node]
@@ -48,7 +55,7 @@ def _match(graph: Graph, irfft: Node):
     aux_root = _aux_chain(graph, steps, absorbed)
     if aux_root is None or not only_used_inside(graph, absorbed, {irfft.name, aux_root}):
         return None
-    return rfft, steps, band, aux_root, absorbed
+    return rfft, steps, band, aux_root, absorbed, residual
 
 
 def _band(graph: Graph, steps: list[Node], absorbed: set[str]) -> tuple[str, Ref | None] | None:
@@ -89,13 +96,15 @@ def _aux_chain(graph: Graph, steps: list[Node], absorbed: set[str]) -> str | Non
     return total.node
 
 
-def _rewrite(graph: Graph, irfft: Node, rfft: Node, steps: list[Node], band, aux_root: str, absorbed: set[str]) -> Graph:
+def _rewrite(graph: Graph, irfft: Node, rfft: Node, steps: list[Node], band, aux_root: str, absorbed: set[str],
+             residual: bool) -> Graph:
     kind, table = band
     moe = steps[0]
     slots = ["x"] + ([BAND_TABLE] if table is not None else []) + list(moe.attr["slots"][2:])
     inputs = [rfft.inputs[0]] + ([table] if table is not None else []) + list(moe.inputs[2:])
     moe_attrs = {key: value for key, value in moe.attrs if key != "slots"}
     attrs = {"slots": tuple(slots), "depth": len(steps), "fft_norm": rfft.attr["norm"], "band": kind, **moe_attrs}
+    attrs |= {} if residual else {"residual": False}  # only when off: today's graphs and their printed IR are unchanged
     name = fresh_name(graph, "spectral_moe")
     node = Node(name=name, op="spectral_moe", inputs=tuple(inputs), attrs=_freeze(attrs), origin=irfft.origin)
     aux_ref = Ref(aux_root) if aux_root != steps[0].name else Ref(aux_root, 1)  # depth 1: the moe's aux output

@@ -41,4 +41,5 @@ def lower_spectral_moe(b: GraphBuilder, spec, layer, x: Ref, prefix: str, path: 
     shared = cfg.shared_experts
     decls = moe_params(attrs, width, router_width, cfg.expert.hidden, shared.count * shared.hidden if shared else 0)
     params = b.declare(spec, f"{prefix}.moe", path + ("moe",), decls)
-    return decompose_spectral(b, attrs, x, params, path, depth=layer.depth, fft_norm=layer.fft_norm, band=layer.band, table=table)
+    return decompose_spectral(b, attrs, x, params, path, depth=layer.depth, fft_norm=layer.fft_norm, band=layer.band, table=table,
+                              residual=layer.residual)

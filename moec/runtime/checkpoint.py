@@ -233,24 +233,34 @@ def _restore_optimizer(model, optimizer, flat: dict) -> None:
 
 # --- pruning -------------------------------------------------------------------------------
 
-def prune(run_dir: Path, keep_last: int, best_step: int | None) -> list[Path]:
-    """Keep the newest ``keep_last`` checkpoint directories and the best one; by name, nothing is read."""
+def prune(run_dir: Path, keep_last: int, best_steps=()) -> list[Path]:
+    """Keep the newest ``keep_last`` checkpoint directories and those of ``best_steps``; by name, nothing is read."""
     removed = []
     for path in checkpoint_dirs(run_dir)[:-keep_last]:
-        if int(STEP_DIR.match(path.name).group(1)) != best_step:
+        if int(STEP_DIR.match(path.name).group(1)) not in best_steps:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
 
 
-def prune_before_save(run_dir: Path, keep_last: int, best_step: int | None) -> list[Path]:
+def best_steps(val_at: dict[int, float], saved: set[int], count: int) -> set[int]:
+    """``train.checkpoint.keep_best``: the ``count`` checkpointed steps with the lowest validation loss (ties: the earlier)."""
+    ranked = sorted((val, step) for step, val in val_at.items() if step in saved)
+    return {step for _, step in ranked[:count]}
+
+
+def checkpoint_steps(run_dir: Path) -> set[int]:
+    return {int(STEP_DIR.match(path.name).group(1)) for path in checkpoint_dirs(run_dir)}
+
+
+def prune_before_save(run_dir: Path, keep_last: int, best_steps=()) -> list[Path]:
     """Make room for the next save: keep ``keep_last - 1`` (at least the newest one) and the best.
 
     After the save, :func:`prune` brings it back to ``keep_last``. A save then needs room for
     one checkpoint, not ``keep_last + 1``; the newest complete checkpoint is never removed
     before its successor is committed.
     """
-    return prune(run_dir, max(keep_last - 1, 1), best_step)
+    return prune(run_dir, max(keep_last - 1, 1), best_steps)
 
 
 def spec_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

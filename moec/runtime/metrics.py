@@ -35,6 +35,8 @@ def moe_health(layers: tuple[str, ...], stats) -> dict:
             "aux_load_balance": layer.load_balance.item(),
             "aux_z": layer.z_loss.item(),
         }
+        if layer.entropy_loss is not None:  # aux.entropy / aux.margin set: the reward terms, per layer
+            health[name] |= {"aux_entropy": layer.entropy_loss.item(), "aux_margin": layer.margin_loss.item()}
     return health
 
 

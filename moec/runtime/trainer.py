@@ -24,6 +24,7 @@ from moec.compile import build_model, compile_spec, parallel_module
 from moec.runtime import compile_cache
 from moec.moe import ROUTERS, SELECTION_BIAS
 from moec.runtime import checkpoint as ckpt
+from moec.runtime.annealing import anneal_buffers, set_annealed
 from moec.runtime.data import last_value_baseline, make_dataset
 from moec.runtime.diagnose import describe_nonfinite
 from moec.runtime.fit import check_fit
@@ -91,12 +92,17 @@ class Trainer:
         self.step_fn = self._compiled(self.model)
         self.optimizer = make_optimizer(self.model, self.program.graph, spec)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        # fp16 compute: dynamic loss scaling; a step whose gradients overflow is skipped (counted in metrics)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=spec.schedule.precision.compute == "fp16")
+        self.skipped_steps = 0
+        self.annealed = anneal_buffers(self.model, self.program)  # MoE settings annealed over the steps
         self.data = make_dataset(spec)
         self.token_model = spec.model.inputs.kind == "tokens"
         buffers = dict(self.model.named_buffers())
         self.selection_biases = {layer: (buffers[f"{layer}.{SELECTION_BIAS}"], moe.router.bias_update_rate)
                                  for layer, moe in self.program.moe_layers() if ROUTERS[moe.router.kind].selection_bias}
         self.start_step, self.best_val, self.best_step = 0, math.inf, None
+        self.val_at: dict[int, float] = {}  # validation loss per evaluated step (checkpoint.keep_best)
         if resume is not None:
             self._resume(resume, allow_spec_change, allow_data_change)
         truncate = self.start_step if resume else None
@@ -162,9 +168,14 @@ class Trainer:
         except ckpt.CheckpointError as err:
             raise TrainingError(f"cannot resume: {err}") from None
         self.start_step = info.step
+        if self.scaler.is_enabled() and "grad_scaler" in info.meta:
+            scaler_state = dict(info.meta["grad_scaler"])
+            self.skipped_steps = scaler_state.pop("skipped_steps", 0)
+            self.scaler.load_state_dict(scaler_state)
         # meta.json stores "no validation yet" as null (JSON has no infinity)
         best = info.meta.get("best_val")
         self.best_val, self.best_step = (math.inf if best is None else best), info.meta.get("best_step")
+        self.val_at = {int(step): val for step, val in info.meta.get("val_at", {}).items()}
         self.resumed_from = info.path
 
     def _find_checkpoint(self, resume: str) -> ckpt.CheckpointInfo:
@@ -265,6 +276,7 @@ class Trainer:
 
     def _train_step(self, step: int) -> dict:
         set_learning_rates(self.optimizer, self.base_lrs, lr_factor(step, self.spec))
+        set_annealed(self.annealed, step)
         accum, micro_batch = self.train.grad_accum, self.train.batch // self.train.grad_accum
         start = time.perf_counter()
         EXPERT_ROWS_SENT["bytes"] = 0  # evaluation's all-to-alls are not this step's
@@ -280,15 +292,16 @@ class Trainer:
             loss = task + out.aux_loss.float()
             if not torch.isfinite(loss):
                 raise TrainingError(self._diverged_message(step, loss, inputs))
-            (loss / accum).backward()
+            self.scaler.scale(loss / accum).backward()
             task_total += task.item() / accum
             aux_total += out.aux_loss.item() / accum
             stats.append(out.moe_stats)
         if self.dist.distributed:
             self.parallel.reduce_gradients(self.model, self.dist.mesh)
         clip = self.train.grad_clip if self.train.grad_clip is not None else math.inf
+        self.scaler.unscale_(self.optimizer)  # clip and report the true gradient norm (no-op unless fp16)
         grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
-        self.optimizer.step()
+        self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         layers = [self._global(mean_stats(layer)) for layer in zip(*stats)]  # mean over micro-batches, then ranks
         health = moe_health(self.model.MOE_LAYERS, layers)
@@ -305,9 +318,20 @@ class Trainer:
         }
         if self.spec.schedule.compile.enabled:
             row["compiled_graphs"] = compiled_graphs()
+        if self.scaler.is_enabled():
+            row |= {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
         if self.dist.distributed and self.expert_parallel:
             row["expert_parallel_bytes_sent"] = self._all_to_all_bytes()
         return row
+
+    def _optimizer_step(self) -> None:
+        """optimizer.step(), through the fp16 GradScaler: it skips the step when a gradient is inf / NaN and
+        lowers the scale (a lower scale after update() is how a skipped step shows)."""
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
+            self.skipped_steps += 1
 
     def _all_to_all_bytes(self) -> int:
         """Bytes of routed rows this step's all-to-alls sent off-rank, summed over ranks (forward and backward)."""
@@ -319,7 +343,8 @@ class Trainer:
         """A layer's stats averaged over the data-parallel ranks (each saw its slice of the batch)."""
         if self.dist.distributed:
             for value in stats:
-                torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
+                if value is not None:  # MoeStats' reward fields are None unless aux.entropy / aux.margin is set
+                    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
         return stats
 
     def _autocast(self):
@@ -376,6 +401,8 @@ class Trainer:
         else:
             row["val_mse"] = val
             row["val_mse_over_last_value"] = val / result.baseline_mse if result.baseline_mse else math.nan
+        if math.isfinite(val):
+            self.val_at[step] = val
         if val < self.best_val:
             self.best_val, self.best_step = val, step
         self.metrics.write(row)
@@ -387,10 +414,14 @@ class Trainer:
         meta = {"spec": self.spec.model_dump(mode="json"), "spec_sha256": self.program.manifest["spec"]["sha256"],
                 "overrides": self.program.manifest["spec"]["overrides"],
                 "data_position": step, "best_val": self.best_val if math.isfinite(self.best_val) else None,
-                "best_step": self.best_step, "lrs": [g["lr"] for g in self.optimizer.param_groups]}
+                "best_step": self.best_step, "lrs": [g["lr"] for g in self.optimizer.param_groups],
+                "val_at": {str(s): v for s, v in self.val_at.items()}}
+        if self.scaler.is_enabled():
+            meta["grad_scaler"] = self.scaler.state_dict() | {"skipped_steps": self.skipped_steps}
         policy = self.train.checkpoint
-        best = self.best_step if policy.keep_best else None
+        best = set()
         if self.dist.is_main:
+            best = ckpt.best_steps(self.val_at, ckpt.checkpoint_steps(self.run_dir) | {step}, int(policy.keep_best))
             ckpt.prune_before_save(self.run_dir, policy.keep_last, best)
         path = ckpt.save_checkpoint(self.run_dir, step, self.model, self.optimizer, meta, self.data.fingerprint, self.dist)
         if self.dist.is_main:

@@ -395,6 +395,11 @@ def _moe_params(moe, width: int, router_width: int) -> int:
     total = router_width * moe.experts + moe.experts * _ffn_params(width, expert.hidden, expert.activation, expert.bias)
     total += moe.experts if moe.router.kind == "sigmoid_bias" else 0  # the selection-bias buffer
     total += moe.experts if moe.router.bias else 0
+    total += {"none": 0, "rmsnorm": router_width, "layernorm": 2 * router_width}[moe.router.norm]
+    annealed = (moe.router.temperature, moe.router.noise.std if moe.router.noise.kind != "none" else 0.0, moe.capacity.factor)
+    total += 3 if any(not isinstance(value, (int, float, type(None))) for value in annealed) else 0  # the router.anneal buffer
+    if moe.capacity.fallback == "dense":  # one expert-shaped dense FFN
+        total += _ffn_params(width, expert.hidden, expert.activation, expert.bias)
     if moe.shared_experts is not None:
         total += _ffn_params(width, moe.shared_experts.count * moe.shared_experts.hidden, expert.activation)
         total += width if moe.shared_experts.gate else 0

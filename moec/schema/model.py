@@ -9,7 +9,7 @@ from __future__ import annotations
 import keyword
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Discriminator, Field, Tag, model_validator
 
 from moec.schema.base import MAX_DIM, Base, Dim, NonNegFloat, PosFloat, PosInt, Prob, field_error
 
@@ -129,11 +129,30 @@ class Mlp(Base):
         return self
 
 
+class Anneal(Base):
+    """A value annealed over training: ``start`` at step 0, ``end`` from step ``steps`` on (linear or cosine in between)."""
+
+    start: NonNegFloat
+    end: NonNegFloat
+    steps: PosInt
+    kind: Literal["linear", "cosine"] = "linear"
+
+    def positive(self, name: str) -> None:
+        if self.start <= 0 or self.end <= 0:
+            raise field_error(name, f"start and end must be > 0, got {self.start} and {self.end}")
+
+
+def annealable(number):
+    """A number, or an ``Anneal`` mapping; a mapping is checked as an Anneal only (one error, not one per branch)."""
+    return Annotated[Union[Annotated[number, Tag("value")], Annotated[Anneal, Tag("anneal")]],
+                     Discriminator(lambda v: "anneal" if isinstance(v, (dict, Anneal)) else "value")]
+
+
 class Noise(Base):
     """Exploration noise added to router logits while training."""
 
     kind: Literal["none", "gaussian", "gumbel"] = "none"
-    std: NonNegFloat = Field(1.0, description="Scale of the noise (std for gaussian, beta for gumbel).")
+    std: annealable(NonNegFloat) = Field(1.0, description="Scale of the noise (std for gaussian, beta for gumbel); or {start, end, steps, kind}.")
 
 
 class Sinkhorn(Base):
@@ -141,23 +160,31 @@ class Sinkhorn(Base):
 
     iters: Annotated[int, Field(ge=1, le=100)] = 5
     tau: PosFloat = Field(0.7, description="Temperature of the kernel exp(logits / tau).")
+    topk: PosInt | None = Field(None, description="Candidate restriction (the m library's sinkhorn_topk): each token's "
+                                "kernel keeps only its topk highest logits (top_k <= topk <= experts). null: every expert.")
 
 
 class Router(Base):
     """How tokens choose experts."""
 
     kind: RouterKind = "topk"
-    temperature: PosFloat = 1.0
+    temperature: annealable(PosFloat) = Field(1.0, description="Divides the logits before the scores; or annealed {start, end, steps, kind}.")
     noise: Noise = Field(default_factory=Noise)
     normalize: bool = Field(True, description="Renormalise the chosen experts' weights to sum to 1.")
     bias: bool = Field(False, description="A learned per-expert bias on the router logits (GPT-OSS).")
     sinkhorn: Sinkhorn | None = Field(None, description="Only with kind: sinkhorn (default iters 5, tau 0.7).")
+    norm: Literal["none", "rmsnorm", "layernorm"] = Field(
+        "none", description="A normalisation of the router input (its own weight, eps 1e-5) before the logits (the m library's use_router_ln).")
+    dropout: Prob = Field(0.0, description="Router dropout (the m library's router_dropout_prob): while training, with this "
+                          "probability per token the best choice's weight is zeroed, so the token goes to its second-best (needs top_k >= 2).")
     bias_update_rate: NonNegFloat | None = Field(
         None, description="Only with kind: sigmoid_bias: step of the selection-only balancing bias (default 1e-3)."
     )
 
     @model_validator(mode="after")
     def _options_match_kind(self) -> "Router":
+        if isinstance(self.temperature, Anneal):
+            self.temperature.positive("temperature")
         if self.sinkhorn is not None and self.kind != "sinkhorn":
             raise field_error("sinkhorn", f"is used only by kind 'sinkhorn', but the router kind is '{self.kind}'")
         if self.bias_update_rate is not None and self.kind != "sigmoid_bias":
@@ -174,16 +201,27 @@ class Capacity(Base):
     """Per-expert capacity. ``dropless`` sends every token to its experts."""
 
     mode: Literal["dropless", "capacity"] = "dropless"
-    factor: PosFloat | None = Field(None, description="Only with mode: capacity. C = floor(factor * tokens * top_k / experts).")
+    factor: annealable(PosFloat) | None = Field(None, description="Only with mode: capacity. C = floor(factor * tokens * top_k / experts); "
+                                            "or annealed {start, end, steps, kind}.")
     drop_policy: Literal["zero", "renormalize"] | None = Field(
         None, description="Only with mode: capacity. zero: a dropped choice adds nothing; renormalize: kept weights are rescaled to sum to 1."
     )
+    fallback: Literal["none", "dense"] = Field(
+        "none", description="dense: a token every expert dropped goes through a dense FFN of one expert's shape (its own weights, "
+        "parameters fallback.*), scaled by fallback_weight (the m library's fallback_policy). Only with mode: capacity.")
+    fallback_weight: PosFloat | None = Field(None, description="Only with fallback: dense (default 1.0).")
 
     @model_validator(mode="after")
     def _options_match_mode(self) -> "Capacity":
+        if isinstance(self.factor, Anneal):
+            self.factor.positive("factor")
         for name in ("factor", "drop_policy"):
             if getattr(self, name) is not None and self.mode != "capacity":
                 raise field_error(name, f"is used only with mode 'capacity', but mode is '{self.mode}'")
+        if self.fallback != "none" and self.mode != "capacity":
+            raise field_error("fallback", f"serves the tokens capacity dropped, but mode is '{self.mode}' (nothing is dropped)")
+        if self.fallback_weight is not None and self.fallback != "dense":
+            raise field_error("fallback_weight", f"is used only with fallback 'dense', but fallback is '{self.fallback}'")
         return self
 
 
@@ -196,6 +234,8 @@ class AuxLoss(Base):
         "and router probabilities pooled over all MoE layers, one product (HF transformers' load_balancing_loss_func)."
     )
     z_loss: NonNegFloat = 0.0
+    entropy: NonNegFloat = Field(0.0, description="Entropy reward: adds -entropy * mean over tokens of H(p), p the per-token normalised router scores.")
+    margin: NonNegFloat = Field(0.0, description="Margin reward: adds -margin * mean over tokens of (p_top1 - p_top2), p as for entropy.")
 
 
 class ExpertFfn(Base):
@@ -206,9 +246,14 @@ class ExpertFfn(Base):
     bias: bool = Field(False, description="Biases on every projection (up, gate when gated, down).")
     swiglu_limit: PosFloat | None = Field(None, description="Only with clamped_swiglu: gate <= limit, -limit <= up <= limit (default 7).")
     swiglu_alpha: PosFloat | None = Field(None, description="Only with clamped_swiglu: gate * sigmoid(alpha * gate) (default 1.702).")
+    init: Literal["normal", "xavier_uniform", "xavier_normal", "scaled_xavier", "scaled_kaiming"] = Field(
+        "normal", description="The routed experts' weights: normal (model.init), xavier_uniform / xavier_normal (Glorot, per expert "
+        "matrix), scaled_xavier: normal(0.02 / sqrt(2 * layers)), scaled_kaiming: normal(sqrt(2 / fan_in) / sqrt(2 * layers)).")
+    dropout: Prob = Field(0.0, description="Not implemented yet: only 0 is accepted (as for attention and mlp dropout).")
 
     @model_validator(mode="after")
     def _clamp_options(self) -> "ExpertFfn":
+        _no_dropout(self.dropout)
         for name in ("swiglu_limit", "swiglu_alpha"):
             if getattr(self, name) is not None and self.activation != "clamped_swiglu":
                 raise field_error(name, f"is used only by activation 'clamped_swiglu', but the activation is '{self.activation}'")
@@ -247,6 +292,19 @@ class MoeConfig(Base):
         return self
 
     @model_validator(mode="after")
+    def _router_options_fit(self) -> "MoeConfig":
+        router = self.router
+        if router.dropout > 0 and (self.top_k < 2 or router.expert_choice):
+            raise field_error("router.dropout", "moves a token to its second-best expert: it needs top_k >= 2 and a token-choice "
+                              f"router, got top_k {self.top_k} with kind '{router.kind}'")
+        topk = router.sinkhorn.topk if router.sinkhorn is not None else None
+        if topk is not None and not self.top_k <= topk <= self.experts:
+            raise field_error("router.sinkhorn.topk", f"must be between top_k ({self.top_k}) and experts ({self.experts}), got {topk}")
+        if self.aux.margin > 0 and self.experts < 2:
+            raise field_error("aux.margin", "needs at least 2 experts (top-1 minus top-2)")
+        return self
+
+    @model_validator(mode="after")
     def _expert_choice_options(self) -> "MoeConfig":
         """Expert choice: capacity-based by definition; no renormalisation; balanced without a loss."""
         if not self.router.expert_choice:
@@ -281,6 +339,8 @@ class SpectralMoe(Base):
         "embedding", description="What the router sees of a token's frequency band besides its content."
     )
     moe: MoeConfig
+    residual: bool = Field(True, description="true: z = z + moe(z) at each step; false: z = moe(z), as the Tessera seed writes "
+                           "`z = mixture(z)`.")
 
 
 Layer = Annotated[Union[Attention, Mlp, Moe, SpectralMoe], Field(discriminator="kind")]

@@ -118,7 +118,8 @@ class CheckpointPolicy(Base):
 
     every: NonNegInt = Field(0, description="Steps between checkpoints; 0 (or more than train.steps): only at the end.")
     keep_last: PosInt = 3
-    keep_best: bool = True
+    keep_best: bool | Annotated[int, Field(ge=0, le=1000)] = Field(
+        True, description="Also keep the N checkpoints with the lowest validation loss (true: 1, false: 0).")
     dir: str | None = Field(None, description="Default: runs/<name>.")
 
     @model_validator(mode="after")

@@ -98,6 +98,8 @@ def _data_path(loc: tuple, data: object) -> tuple[tuple, bool]:
             cursor = cursor[part]
         elif isinstance(cursor, dict) and cursor.get("kind") == part:
             continue  # a discriminator tag
+        elif part in ANNEALABLE_TAGS:
+            continue  # the tag of a number-or-schedule value (moec.schema.model.annealable)
         else:
             path.append(part)  # a key that is missing from the file
             cursor = None
@@ -105,6 +107,7 @@ def _data_path(loc: tuple, data: object) -> tuple[tuple, bool]:
 
 
 _UNIONS = (typing.Union, types.UnionType)
+ANNEALABLE_TAGS = ("value", "anneal")
 _QUOTED = re.compile(r"'([^']*)'")
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import transformers as T
 from typer.testing import CliRunner
@@ -58,3 +59,14 @@ def test_trainer_init_from_loads_the_imported_weights(tmp_path):
     load_weights(expected, tmp_path / "m.safetensors")
     for name, value in expected.state_dict().items():
         assert torch.equal(trainer.model.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("option, where", [("norm: rmsnorm", "router"), ("dropout: 0.1", "router")])
+def test_export_refuses_the_m_library_router_options(tmp_path, option, where):
+    hf = saved_mixtral(tmp_path / "hf")
+    assert runner.invoke(app, ["import", "hf", str(hf), "-o", str(tmp_path / "m.yaml")]).exit_code == 0
+    text = (tmp_path / "m.yaml").read_text()
+    assert "router: {kind: topk, normalize: true}" in text
+    (tmp_path / "m.yaml").write_text(text.replace("router: {kind: topk, normalize: true}", f"router: {{kind: topk, normalize: true, {option}}}"))
+    result = runner.invoke(app, ["export", "hf", str(tmp_path / "m.yaml"), "-o", str(tmp_path / "back")])
+    assert result.exit_code == 1 and f".{where}: HF MoE routers have no input norm and no router dropout" in result.stderr

@@ -50,7 +50,8 @@ def spectral_moe(ctx, attrs, *inputs):
     """rfft -> real view -> depth x (z + moe(z)) with shared weights -> complex -> irfft."""
     runner, slots = _bind(ctx, attrs, inputs)
     out, aux = decompose_spectral(runner, attrs["moe"], slots["x"], slots, depth=attrs["depth"],
-                                  fft_norm=attrs["fft_norm"], band=attrs["band"], table=slots.get(BAND_TABLE))
+                                  fft_norm=attrs["fft_norm"], band=attrs["band"], table=slots.get(BAND_TABLE),
+                                  residual=attrs.get("residual", True))
     return runner.value(out), runner.value(aux)
 
 

@@ -15,9 +15,14 @@ from moec.backends.torch import snippets
 from moec.moe import ACTIVATIONS, ffn_slots
 
 
-def noise(ctx, attrs, logits):
-    """Exploration noise while training; the identity in eval mode."""
-    return snippets.router_noise(logits, attrs["kind"], attrs["std"], ctx.training)
+def noise(ctx, attrs, logits, anneal=None):
+    """Exploration noise while training; the identity in eval mode. Annealed: std is anneal[1]."""
+    return snippets.router_noise(logits, attrs["kind"], attrs["std"] if anneal is None else anneal[1], ctx.training)
+
+
+def anneal_temperature(ctx, attrs, logits, anneal):
+    """An annealed router temperature: logits / anneal[0] (the score op then divides by 1)."""
+    return logits / anneal[0]
 
 
 def softmax(ctx, attrs, logits):
@@ -33,15 +38,26 @@ def sinkhorn(ctx, attrs, logits):
 
     Each iteration makes every token's row sum to 1, then every expert's column sum to
     N/E, over all N = B*S tokens of the batch. Returns the balanced matrix P.
+    With ``topk``, each token's kernel keeps its topk highest logits (ties to the lower
+    expert); the others are 0. A column with no candidate stays 0.
     """
     shape = logits.shape
     log_k = logits.reshape(-1, shape[-1]) / (attrs["temperature"] * attrs["tau"])
     tokens, experts = log_k.shape
+    outside = torch.zeros_like(log_k, dtype=torch.bool)
+    if attrs.get("topk"):
+        order = torch.sort(log_k.detach(), dim=-1, descending=True, stable=True).indices
+        outside[:] = True
+        for token in range(tokens):
+            outside[token, order[token, : attrs["topk"]]] = False
+        log_k = log_k.masked_fill(outside, float("-inf"))
+    empty = outside.all(0, keepdim=True)  # experts that are no token's candidate: their column stays 0
     row = torch.zeros(tokens, 1, device=logits.device)
     col = torch.zeros(1, experts, device=logits.device)
     for _ in range(attrs["iters"]):
         row = -torch.logsumexp(log_k + col, dim=1, keepdim=True)
-        col = math.log(tokens / experts) - torch.logsumexp(log_k + row, dim=0, keepdim=True)
+        lse = torch.logsumexp(torch.where(empty, 0.0, log_k + row), dim=0, keepdim=True)
+        col = math.log(tokens / experts) - torch.where(empty, 0.0, lse)
     return torch.exp(log_k + row + col).reshape(shape)
 
 
@@ -52,22 +68,43 @@ def topk(ctx, attrs, scores, selection_bias=None):
     return scores.gather(-1, indices), indices
 
 
+def router_dropout(ctx, attrs, weights):
+    """Training only: per token, with probability p, the best choice's weight becomes 0."""
+    return snippets.router_dropout(weights, attrs["p"], ctx.training)
+
+
+def entropy_loss(ctx, attrs, scores):
+    """-weight * mean over tokens of H(p), p = scores / sum(scores) per token (an entropy reward)."""
+    probs = scores / scores.sum(-1, keepdim=True)
+    return -attrs["weight"] * (-(probs * probs.clamp_min(1e-12).log()).sum(-1)).mean()
+
+
+def margin_loss(ctx, attrs, scores):
+    """-weight * mean over tokens of (p_top1 - p_top2), p as in entropy_loss (a reward on a clear preference)."""
+    probs = scores / scores.sum(-1, keepdim=True)
+    ranked = torch.sort(probs, dim=-1, descending=True).values
+    return -attrs["weight"] * (ranked[..., 0] - ranked[..., 1]).mean()
+
+
 def renormalize(ctx, attrs, weights):
     return weights / weights.sum(-1, keepdim=True)
 
 
-def capacity(ctx, attrs, scores, indices, weights):
+def capacity(ctx, attrs, scores, indices, weights, anneal=None):
     """Each expert keeps the C (token, choice) pairs with the highest router score.
 
     Order-agnostic (Switch / `m` style): a token's position in the batch does not matter
     except to break exact ties (lower token index first). Dropped choices get weight 0;
-    with drop_policy 'renormalize' a token's kept weights are rescaled to sum to 1.
+    with drop_policy 'renormalize' a token's kept weights are rescaled to sum to 1. An annealed
+    factor is anneal[2], C at most the ``factor`` attribute's (the schedule's peak).
     """
     experts = attrs["experts"]
     flat_idx = indices.reshape(-1)
     choice_scores = scores.gather(-1, indices).reshape(-1)
     tokens = indices.shape[0] * indices.shape[1]
     limit = snippets.capacity_of(tokens, attrs["factor"], attrs["top_k"], experts)
+    if anneal is not None:
+        limit = min(limit, int(snippets.annealed_capacity(anneal[2], tokens, attrs["top_k"], experts).item()))
     kept = torch.zeros_like(flat_idx, dtype=torch.bool)
     for expert in range(experts):
         slots = torch.nonzero(flat_idx == expert).squeeze(-1)
@@ -95,7 +132,8 @@ def expert_ffn(ctx, attrs, x, indices, *rest):
     for expert in range(attrs["experts"]):
         mask = indices == expert if kept is None else (indices == expert) & kept
         rows = x[mask]
-        out[mask] = ffn(rows, attrs["activation"], *(w[expert] if w is not None else None for w in weights), clamp=clamp)
+        y = ffn(rows, attrs["activation"], *(w[expert] if w is not None else None for w in weights), clamp=clamp)
+        out[mask] = y.to(out.dtype)  # under autocast the FFN computes in bf16 / fp16; rows stay in x's dtype
     return out
 
 
@@ -114,6 +152,12 @@ def ffn(x, activation, w_up, w_gate, w_down, b_up=None, b_down=None, b_gate=None
     else:
         hidden = getattr(F, kind.fn)(F.linear(x, w_gate, b_gate)) * up if kind.gated else getattr(F, kind.fn)(up)
     return F.linear(hidden, w_down, b_down)
+
+
+def fallback_add(ctx, attrs, out, dense, kept):
+    """capacity.fallback 'dense': out + weight * dense for the tokens whose every choice was dropped."""
+    all_dropped = ~kept.any(-1, keepdim=True)
+    return out + attrs["weight"] * dense * all_dropped
 
 
 def combine(ctx, attrs, y, weights):
@@ -190,9 +234,10 @@ def band_index(ctx, attrs, z):
 
 
 KERNELS = {
-    "noise": noise, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "topk": topk,
-    "renormalize": renormalize, "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
-    "combine": combine, "load_balance_loss": load_balance_loss, "z_loss": z_loss,
+    "noise": noise, "anneal_temperature": anneal_temperature, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "topk": topk,
+    "renormalize": renormalize, "router_dropout": router_dropout, "entropy_loss": entropy_loss, "margin_loss": margin_loss,
+    "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
+    "combine": combine, "fallback_add": fallback_add, "load_balance_loss": load_balance_loss, "z_loss": z_loss,
     "balance_stats": balance_stats, "load_balance_pooled": load_balance_pooled, "rfft": rfft, "irfft": irfft,
     "complex_to_real": complex_to_real, "real_to_complex": real_to_complex, "band_embed": band_embed,
     "band_index": band_index,

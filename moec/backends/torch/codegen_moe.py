@@ -20,6 +20,7 @@ in order (deterministic; no atomic scatter-add).
 from __future__ import annotations
 
 from moec.moe import ACTIVATIONS, BAND_TABLE, ROUTERS, SELECTION_BIAS, MoeAttrs
+from moec.moe.decompose import ROUTER_NORM_EPS
 from moec.moe.params import ROUTER_BIAS
 
 KERNELS = ("grouped_mm", "bmm", "eager", "triton")
@@ -51,7 +52,11 @@ def helpers_for(moe: MoeAttrs) -> set[str]:
     """The snippets a fused MoE function calls."""
     used = {"select_experts", "load_balance_loss"} | set(ROUTERS[moe.router.kind].helpers)
     used |= {"router_noise"} if moe.router.noise != "none" else set()
+    used |= {"router_dropout"} if moe.router.dropout > 0 else set()
+    used |= {"router_entropy"} if moe.aux.entropy > 0 else set()
+    used |= {"router_margin"} if moe.aux.margin > 0 else set()
     used |= {"capacity_of", "capacity_keep"} if not moe.dropless else set()
+    used |= {"annealed_capacity", "capacity_trim"} if moe.anneal and moe.anneal.capacity_factor else set()
     used |= {"renormalize_kept"} if moe.capacity.drop_policy == "renormalize" else set()
     used |= {"clamped_glu"} if ACTIVATIONS[moe.expert.activation].clamped else set()
     return used
@@ -69,7 +74,7 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
         "    batch, seq, width = h.shape",
         "    tokens = batch * seq",
         "    x = h.reshape(tokens, width)  # (N, D)",
-        f"    logits = F.linear(router_in.reshape(tokens, -1), router_weight{', router_bias' if ROUTER_BIAS in slots else ''})  # (N, E)",
+        f"    logits = F.linear({_router_input(moe)}, router_weight{', router_bias' if ROUTER_BIAS in slots else ''})  # (N, E)",
     ]
     lines += _router(moe, SELECTION_BIAS in slots)
     lines += [
@@ -86,6 +91,8 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
         lines += {"grouped_mm": _grouped, "bmm": _bmm, "eager": _dense}[kernel](moe)
     lines.append("    out = weights[:, 0, None] * y[:, 0]  # combine: choices summed in order")
     lines += [f"    out = out + weights[:, {j}, None] * y[:, {j}]" for j in range(1, k)]
+    if moe.capacity.fallback_weight:
+        lines += _fallback(moe)
     if moe.shared:
         lines += _ffn("x", "shared_", moe.expert.activation, "shared", out="shared_out", clamp=moe.expert.clamp)
         if moe.shared_gate:
@@ -104,13 +111,37 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
     return lines
 
 
+def _router_input(moe: MoeAttrs) -> str:
+    """The router's (N, D) input, through router.norm when set."""
+    x = "router_in.reshape(tokens, -1)"
+    if moe.router.norm == "rmsnorm":
+        return f"F.rms_norm({x}, (router_in.shape[-1],), router_norm_weight, {ROUTER_NORM_EPS!r})"
+    if moe.router.norm == "layernorm":
+        return f"F.layer_norm({x}, (router_in.shape[-1],), router_norm_weight, router_norm_bias, {ROUTER_NORM_EPS!r})"
+    return x
+
+
+def _fallback(moe: MoeAttrs) -> list[str]:
+    """capacity.fallback 'dense': a dense FFN for the tokens every expert dropped (computed for all, kept for those)."""
+    bias = "fallback_b_" if moe.expert.bias else ""
+    lines = _ffn("x", "fallback_", moe.expert.activation, "fallback", out="fallback_out", bias=bias, clamp=moe.expert.clamp)
+    return lines + [
+        f"    all_dropped = ~kept.view(tokens, {moe.choices}).any(-1, keepdim=True)  # (N, 1)",
+        f"    out = out + {moe.capacity.fallback_weight!r} * fallback_out * all_dropped",
+    ]
+
+
 def _stats(moe: MoeAttrs) -> list[str]:
     """Detached health numbers for the trainer (moec.backends.output.MoeStats)."""
     dropped = "1.0 - kept.float().mean()" if not moe.dropless else "logits.new_zeros(())"
+    values = f"counts, {dropped}, entropy, balance, z"
+    rewards = (("entropy_loss", moe.aux.entropy), ("margin_loss", moe.aux.margin))
+    if any(weight > 0 for _, weight in rewards):  # both reward fields, 0 for the one not set
+        values += "".join(f", {name if weight > 0 else 'logits.new_zeros(())'}" for name, weight in rewards)
     return [
         "    probs = scores / scores.sum(-1, keepdim=True)",
         "    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()",
-        f"    stats = MoeStats(*[value.detach().to(logits.dtype) for value in (counts, {dropped}, entropy, balance, z)])",
+        f"    stats = MoeStats(*[value.detach().to(logits.dtype) for value in ({values})])",
     ]
 
 
@@ -118,13 +149,20 @@ def _router(moe: MoeAttrs, selection_bias: bool) -> list[str]:
     router = moe.router
     logits = "logits"
     lines = []
+    anneal = moe.anneal
     if router.noise != "none":
-        lines.append(f"    noisy = router_noise(logits, {router.noise!r}, {router.noise_std!r}, training)")
+        std = "router_anneal[1]" if anneal and anneal.noise_std else repr(router.noise_std)
+        lines.append(f"    noisy = router_noise(logits, {router.noise!r}, {std}, training)")
         logits = "noisy"
+    if anneal and anneal.temperature:
+        lines.append(f"    tempered = {logits} / router_anneal[0]  # router.temperature annealed")
+        logits = "tempered"
     lines += [
         f"    scores = {ROUTERS[router.kind].emit_scores(router, logits)}  # (N, E)",
         f"    weights, chosen = select_experts(scores, {moe.choices}{', router_selection_bias' if selection_bias else ''})  # (N, k)",
     ]
+    if router.dropout > 0:
+        lines.append(f"    weights = router_dropout(weights, {router.dropout!r}, training)  # the best choice dropped for some tokens")
     if router.normalize:
         lines.append("    weights = weights / weights.sum(-1, keepdim=True)")
     return lines
@@ -136,6 +174,13 @@ def _capacity(moe: MoeAttrs) -> list[str]:
         f"    capacity = capacity_of(tokens, {cap.factor!r}, {moe.top_k}, {E})  # C = floor(factor * N * top_k / E)",
         "    choice_scores = scores.gather(-1, chosen).reshape(-1)",
         f"    slots, kept = capacity_keep(choice_scores, flat_expert, {E}, capacity)  # (E, C), (N*k,)",
+    ]
+    if moe.anneal and moe.anneal.capacity_factor:
+        lines += [
+            f"    limit = annealed_capacity(router_anneal[2], tokens, {moe.top_k}, {E})  # capacity.factor annealed; C above is its peak",
+            f"    slots, kept = capacity_trim(slots, limit, tokens * {moe.choices})",
+        ]
+    lines += [
         f"    weights = weights * kept.view(tokens, {moe.choices})",
     ]
     if cap.drop_policy == "renormalize":
@@ -235,7 +280,7 @@ def _bmm(moe: MoeAttrs) -> list[str]:
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_ecd", lambda a, w: f"torch.bmm({a}, {w}.transpose(1, 2))", bias,
                   moe.expert.clamp)
     lines += [
-        f"    y = y_ecd.new_zeros(tokens * {k} + 1, width).index_put((slots.reshape(-1),), y_ecd.reshape(-1, width))",
+        f"    y = y_ecd.new_zeros(tokens * {k} + 1, width).index_put((slots.reshape(-1),), y_ecd.reshape(-1, width))  # y_ecd's dtype (autocast)",
         f"    y = y[:-1].view(tokens, {k}, width)  # each kept slot written once; the sentinel row dropped",
     ]
     return lines
@@ -260,8 +305,11 @@ def _aux(moe: MoeAttrs) -> list[str]:
     per_layer = weights.load_balance if not weights.pooled else 0.0  # pooled: the model computes it
     balance = f"{per_layer!r} * load_balance_loss(scores, counts, {moe.experts})" if per_layer > 0 else zero
     z = f"{weights.z_loss!r} * torch.logsumexp(logits, dim=-1).pow(2).mean()" if weights.z_loss > 0 else zero
-    aux = " + ".join(name for name, weight in (("balance", per_layer), ("z", weights.z_loss)) if weight > 0)
-    return [f"    balance = {balance}", f"    z = {z}", f"    aux = {aux or zero}"]
+    rewards = [(name, weight) for name, weight in (("entropy_loss", weights.entropy), ("margin_loss", weights.margin)) if weight > 0]
+    aux = " + ".join(name for name, weight in (("balance", per_layer), ("z", weights.z_loss), *rewards) if weight > 0)
+    lines = [f"    balance = {balance}", f"    z = {z}"]
+    lines += [f"    {name} = -{weight!r} * router_{name.removesuffix('_loss')}(scores)  # a reward" for name, weight in rewards]
+    return lines + [f"    aux = {aux or zero}"]
 
 
 DFT_MAX_SEQ = 64  # kernels.spectral_moe 'auto': a DFT matmul up to this length, torch.fft above
@@ -272,18 +320,19 @@ def spectral_function(name: str, moe_name: str, attrs: dict, kernel: str) -> lis
     args = ", ".join(slot_arg(s) for s in slots)
     moe_args = ", ".join(slot_arg(s) for s in inner_slots(slots)[2:])
     norm = attrs["fft_norm"]
+    residual = attrs.get("residual", True)
     use_dft = {"auto": f"seq <= {DFT_MAX_SEQ}", "dft": "True", "fft": "False"}[kernel]
     router_in = {"embedding": f"z + {slot_arg(BAND_TABLE)}[: z.shape[1]]", "index_feature": "band_index(z)", "none": "z"}[attrs["band"]]
     return [
         f"def {name}({args}, training: bool):",
-        f'    """rfft over the sequence, {attrs["depth"]} x (z + moe(z)) with one set of weights, irfft."""',
+        f'    """rfft over the sequence, {attrs["depth"]} x ({"z + moe(z)" if residual else "moe(z)"}) with one set of weights, irfft."""',
         "    seq = x.shape[1]",
         f"    use_dft = {use_dft}  # DFT as matmuls for short sequences, else torch.fft",
         f"    z = rfft_real(x, {norm!r}, use_dft)  # (B, F, 2D): real parts, then imaginary parts",
         "    aux, stats = None, []",
         f"    for _ in range({attrs['depth']}):",
         f"        y, step_aux, step_stats = {moe_name}(z, {router_in}, {moe_args}, training)",
-        "        z = z + y",
+        "        z = z + y" if residual else "        z = y  # residual: false",
         "        aux = step_aux if aux is None else aux + step_aux",
         "        stats.append(step_stats)",
         f"    return irfft_real(z, seq, {norm!r}, use_dft), aux, mean_stats(stats)  # stats: mean over steps",

@@ -114,15 +114,29 @@ def clamped_glu(gate: torch.Tensor, up: torch.Tensor, limit: float, alpha: float
     return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-def sinkhorn(logits: torch.Tensor, iters: int, tau: float, temperature: float) -> torch.Tensor:
-    """Log-space Sinkhorn over all tokens: rows sum to 1, then columns to N/E, ``iters`` times."""
+def sinkhorn(logits: torch.Tensor, iters: int, tau: float, temperature: float, topk: int = 0) -> torch.Tensor:
+    """Log-space Sinkhorn over all tokens: rows sum to 1, then columns to N/E, ``iters`` times.
+
+    ``topk`` > 0 restricts each token to its topk highest logits (ties to the lower expert): the
+    others get kernel 0. An expert no token has as a candidate keeps a column of zeros.
+    """
     log_k = logits / (temperature * tau)  # (N, E)
     tokens, experts = log_k.shape
+    empty = None
+    if topk:
+        candidates = torch.sort(log_k.detach(), dim=-1, descending=True, stable=True).indices[:, :topk]
+        allowed = torch.zeros_like(log_k, dtype=torch.bool).scatter(1, candidates, True)
+        log_k = log_k.masked_fill(~allowed, float("-inf"))
+        empty = ~allowed.any(0, keepdim=True)  # (1, E) experts that are no token's candidate
     row = log_k.new_zeros(tokens, 1)
     col = log_k.new_zeros(1, experts)
     for _ in range(iters):
         row = -torch.logsumexp(log_k + col, dim=1, keepdim=True)
-        col = math.log(tokens / experts) - torch.logsumexp(log_k + row, dim=0, keepdim=True)
+        if empty is None:
+            col = math.log(tokens / experts) - torch.logsumexp(log_k + row, dim=0, keepdim=True)
+        else:  # an empty column's logsumexp is -inf (inf - inf, NaN gradients): it is left at 0
+            lse = torch.logsumexp((log_k + row).masked_fill(empty, 0.0), dim=0, keepdim=True)
+            col = math.log(tokens / experts) - lse.masked_fill(empty, 0.0)
     return torch.exp(log_k + row + col)
 
 
@@ -135,6 +149,30 @@ def router_noise(logits: torch.Tensor, kind: str, std: float, training: bool) ->
     return logits - std * torch.log(-torch.log(torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)))
 
 
+def router_dropout(weights: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """While training, each token's best choice (column 0) gets weight 0 with probability p: its second-best only.
+
+    One uniform number per token, drawn in token order (reproducible from the seed).
+    """
+    if not training:
+        return weights
+    keep_best = (torch.rand(weights.shape[:-1], device=weights.device) >= p).to(weights.dtype)
+    return torch.cat([weights[..., :1] * keep_best.unsqueeze(-1), weights[..., 1:]], dim=-1)
+
+
+def router_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the entropy of the per-token normalised scores."""
+    probs = scores / scores.sum(-1, keepdim=True)
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+def router_margin(scores: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of p_top1 - p_top2 (per-token normalised scores)."""
+    probs = scores / scores.sum(-1, keepdim=True)
+    top = torch.topk(probs, 2, dim=-1).values
+    return (top[..., 0] - top[..., 1]).mean()
+
+
 def select_experts(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts per token by (scores + bias), ties to the lower expert; weights are the unbiased scores."""
     select = scores if bias is None else scores + bias
@@ -145,6 +183,20 @@ def select_experts(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None =
 def capacity_of(tokens: int, factor: float, top_k: int, experts: int) -> int:
     """Slots per expert: C = max(1, floor(factor * tokens * top_k / experts))."""
     return max(1, math.floor(factor * tokens * top_k / experts))
+
+
+def annealed_capacity(factor: torch.Tensor, tokens: int, top_k: int, experts: int) -> torch.Tensor:
+    """An annealed capacity: max(1, floor(factor * tokens * top_k / experts)) with ``factor`` a tensor (no recompile as it moves)."""
+    return torch.floor(factor * (tokens * top_k / experts)).clamp_min(1)
+
+
+def capacity_trim(slots: torch.Tensor, limit: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each expert's best ``limit`` of its slots (``capacity_keep``'s, best first); the others become the sentinel ``total``."""
+    rank = torch.arange(slots.shape[1], device=slots.device)
+    slots = torch.where(rank[None, :] < limit, slots, total)
+    kept = torch.zeros(total + 1, dtype=torch.bool, device=slots.device)
+    kept = kept.index_put((slots.reshape(-1),), torch.ones_like(slots.reshape(-1), dtype=torch.bool))
+    return slots, kept[:total]
 
 
 def renormalize_kept(weights: torch.Tensor) -> torch.Tensor:
