@@ -4,6 +4,9 @@
 and the summary read it. ``tensorboard`` writes the same numbers as TensorBoard scalars under
 ``<run>/tensorboard`` with torch's ``SummaryWriter`` (the optional ``tensorboard`` package):
 ``train/<field>``, ``eval/<field>`` and ``moe/<layer>/<field>``, at the row's step and wall time.
+``wandb`` logs the same keys to Weights & Biases in offline mode (nothing leaves the machine; the
+run lands in ``<run>/wandb/offline-run-*``, ``wandb sync`` uploads it later), with the resolved
+spec as the run's config.
 """
 
 from __future__ import annotations
@@ -15,6 +18,29 @@ EVAL_SCALARS = ("val_loss", "val_bits_per_byte", "val_bits_per_token", "val_mse"
 MOE_SCALARS = ("dropped_fraction", "gate_entropy")
 
 
+def scalars(row: dict) -> dict[str, float]:
+    """The row's numbers under the loggers' names: ``train/loss``, ``eval/val_loss``, ``moe/<layer>/<field>``."""
+    names = TRAIN_SCALARS if row["kind"] == "train" else EVAL_SCALARS
+    out = {f"{row['kind']}/{name}": row[name] for name in names if isinstance(row.get(name), (int, float))}
+    for layer, health in row.get("moe", {}).items():
+        out |= {f"moe/{layer}/{name}": health[name] for name in MOE_SCALARS}
+    return out
+
+
+class WandbLogger:
+    def __init__(self, run_dir: Path, name: str, config: dict):
+        import wandb
+
+        self.run = wandb.init(mode="offline", dir=str(run_dir), project="moec", name=name, config=config,
+                              settings=wandb.Settings(silent=True, x_disable_stats=True))
+
+    def write(self, row: dict) -> None:
+        self.run.log(scalars(row), step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class TensorBoardLogger:
     def __init__(self, run_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
@@ -22,14 +48,8 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), flush_secs=10)
 
     def write(self, row: dict) -> None:
-        step, walltime = row["step"], row.get("time")
-        names = TRAIN_SCALARS if row["kind"] == "train" else EVAL_SCALARS
-        for name in names:
-            if isinstance(row.get(name), (int, float)):
-                self.writer.add_scalar(f"{row['kind']}/{name}", row[name], step, walltime=walltime)
-        for layer, health in row.get("moe", {}).items():
-            for name in MOE_SCALARS:
-                self.writer.add_scalar(f"moe/{layer}/{name}", health[name], step, walltime=walltime)
+        for tag, value in scalars(row).items():
+            self.writer.add_scalar(tag, value, row["step"], walltime=row.get("time"))
         if row["kind"] == "eval":
             self.writer.flush()
 
@@ -55,6 +75,11 @@ class RunLoggers:
             logger.close()
 
 
-def run_loggers(jsonl, names: list[str], run_dir: Path) -> RunLoggers:
-    others = [TensorBoardLogger(run_dir) for name in names if name == "tensorboard"]
+def run_loggers(jsonl, names: list[str], run_dir: Path, spec=None) -> RunLoggers:
+    others = []
+    for name in names:
+        if name == "tensorboard":
+            others.append(TensorBoardLogger(run_dir))
+        elif name == "wandb":
+            others.append(WandbLogger(run_dir, spec.name, spec.model_dump(mode="json")))
     return RunLoggers(jsonl, others)

@@ -109,7 +109,7 @@ class Trainer:
         if self.dist.is_main:
             write_run_spec(self.run_dir, spec, self.program.manifest["spec"]["overrides"])
         self.metrics = (run_loggers(MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after=truncate), list(self.train.log),
-                                    self.run_dir) if self.dist.is_main else NO_METRICS)
+                                    self.run_dir, spec) if self.dist.is_main else NO_METRICS)
         for note in getattr(self.metrics, "skipped", ()):
             if self.display:
                 self.display.log(note)

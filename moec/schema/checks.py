@@ -260,8 +260,8 @@ def _token_files_exist(data) -> Iterator[Finding]:
 
 def _loggers_installed(spec: Spec) -> Iterator[Finding]:
     for i, logger in enumerate(spec.train.log):
-        if logger == "tensorboard" and not _installed("tensorboard"):
-            yield ("train", "log", i), "'tensorboard' needs the tensorboard package: pip install 'moec[tensorboard]'"
+        if logger in ("tensorboard", "wandb") and not _installed(logger):
+            yield ("train", "log", i), f"'{logger}' needs the {logger} package: pip install 'moec[{logger}]'"
 
 
 def _options_are_used(spec: Spec) -> Iterator[Finding]:

@@ -155,9 +155,10 @@ class Train(Base):
     data: Data
     checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
     eval: Eval = Field(default_factory=Eval)
-    log: Annotated[list[Literal["jsonl", "tensorboard"]], Field(min_length=1)] = Field(
+    log: Annotated[list[Literal["jsonl", "tensorboard", "wandb"]], Field(min_length=1)] = Field(
         default_factory=lambda: ["jsonl"], description="Where metrics go: 'jsonl' (metrics.jsonl, the run's record: "
-        "plots and resume read it; always first) and 'tensorboard' (<run>/tensorboard, needs the tensorboard package).")
+        "plots and resume read it; always first), 'tensorboard' (<run>/tensorboard, needs the tensorboard package) and "
+        "'wandb' (Weights & Biases offline, <run>/wandb; needs the wandb package; upload later with wandb sync).")
     collective_timeout_s: Annotated[float, Field(gt=0, le=86400)] = Field(
         DEFAULT_COLLECTIVE_TIMEOUT_S, description="Multi-process runs: how long a rank waits for the others in a collective "
         "before the job fails (a dead or hung rank ends the job instead of hanging it).")
