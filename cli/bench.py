@@ -9,7 +9,8 @@ import typer
 from cli.output import print_spec_error
 
 
-def run_bench(spec_path: Path, tokens: list[int] | None, reps: int, device: str, compiled: bool, as_json: bool) -> None:
+def run_bench(spec_path: Path, tokens: list[int] | None, reps: int, device: str, compiled: bool, as_json: bool,
+              overrides: tuple[str, ...] = ()) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -18,7 +19,7 @@ def run_bench(spec_path: Path, tokens: list[int] | None, reps: int, device: str,
     from moec.bench.run import bench_spec, moe_layers, rows_json
 
     try:
-        spec = load_spec(spec_path)
+        spec = load_spec(spec_path, overrides)
     except SpecError as err:
         print_spec_error(err)
         raise typer.Exit(1) from None

@@ -155,6 +155,7 @@ def _plot_error(run: Path, err: Exception) -> str:
 @app.command()
 def bench(
     spec: Path = typer.Argument(..., help="The spec whose MoE layers to time.", show_default=False),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE"),
     tokens: Optional[List[int]] = typer.Option(None, "--tokens", help="Tokens per step (repeatable); default batch * seq_len."),
     reps: int = typer.Option(7, "--reps", min=1, help="Interleaved repetitions; medians are reported."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
@@ -164,7 +165,7 @@ def bench(
     """Time each MoE layer of a spec against dense GEMMs, HF grouped_mm experts and a per-expert loop."""
     from cli.bench import run_bench
 
-    run_bench(spec, tokens, reps, device, compiled, json_out)
+    run_bench(spec, tokens, reps, device, compiled, json_out, tuple(overrides or ()))
 
 
 @app.command()

@@ -10,7 +10,8 @@ runner = CliRunner()
 
 
 def test_bench_times_every_candidate_of_a_tiny_spec():
-    result = runner.invoke(app, ["bench", "specs/token_routed_tiny.yaml", "--tokens", "8", "--reps", "2", "--no-compile", "--json"])
+    result = runner.invoke(app, ["bench", "specs/token_routed_tiny.yaml", "model.blocks[0].layers[1].experts=8",  # an override
+                                 "--tokens", "8", "--reps", "2", "--no-compile", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     # token_routed_tiny repeats one moe layer: one layer, four candidates
@@ -20,7 +21,7 @@ def test_bench_times_every_candidate_of_a_tiny_spec():
     by_name = {row["name"]: row for row in rows}
     assert by_name["dense (limit)"]["efficiency"] == 1.0 and by_name["hf grouped_mm"]["vs_hf"] == 1.0
     assert by_name["moec eager"]["efficiency"] > 0 and by_name["moec eager"]["vs_hf"] > 0
-    assert "D=64 H=128 E=4 top-2" in by_name["moec eager"]["shape"]
+    assert "D=64 H=128 E=8 top-2" in by_name["moec eager"]["shape"]
 
 
 def test_bench_refuses_a_spec_without_moe_layers(tmp_path):
