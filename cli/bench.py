@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cli.output import print_spec_error
+from cli.output import load_spec_or_exit
 
 
 def run_bench(spec_path: Path, tokens: list[int] | None, reps: int, device: str, compiled: bool, as_json: bool,
@@ -14,15 +14,10 @@ def run_bench(spec_path: Path, tokens: list[int] | None, reps: int, device: str,
     from rich.console import Console
     from rich.table import Table
 
-    from moec import SpecError, load_spec
     from moec.backends.triton import usable_on
     from moec.bench.run import bench_spec, moe_layers, rows_json
 
-    try:
-        spec = load_spec(spec_path, overrides)
-    except SpecError as err:
-        print_spec_error(err)
-        raise typer.Exit(1) from None
+    spec = load_spec_or_exit(spec_path, overrides)
     if not moe_layers(spec):
         typer.echo(f"error: {spec_path}: the model has no moe layer to benchmark", err=True)
         raise typer.Exit(1)

@@ -8,21 +8,17 @@ from pathlib import Path
 
 import typer
 
-from cli.output import human, print_spec_error
+from cli.output import human, load_spec_or_exit, print_spec_error
 
 
 def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: bool, disable: tuple[str, ...],
               overrides: tuple[str, ...] = ()) -> None:
-    from moec import SpecError, load_spec
+    from moec import SpecError
     from moec.compile import compile_spec
     from moec.passes import PipelineUsageError
     from moec.schema.spec import path_safe
 
-    try:
-        spec = load_spec(spec_path, overrides)
-    except SpecError as err:
-        print_spec_error(err)
-        raise typer.Exit(1) from None
+    spec = load_spec_or_exit(spec_path, overrides)
     try:
         program = compile_spec(spec, disable=disable)
     except SpecError as err:

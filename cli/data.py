@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.output import print_spec_error
+from cli.output import load_spec_or_exit
 
 data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
 
@@ -24,15 +24,10 @@ def prepare_command(
     """Tokenize the spec's text sources once into token files, and print the train.data that reads them."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    from moec import SpecError, load_spec
     from moec.runtime.prepare import prepare_tokens, total_bytes
     from moec.schema.spec import path_safe
 
-    try:
-        spec = load_spec(spec_path, tuple(overrides or ()))
-    except SpecError as err:
-        print_spec_error(err)
-        raise typer.Exit(1) from None
+    spec = load_spec_or_exit(spec_path, tuple(overrides or ()))
     out_dir = output or Path("data") / path_safe(spec.name)
     try:
         columns = ["{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]

@@ -13,6 +13,17 @@ def print_spec_error(err) -> None:
         typer.echo(f"error: {issue}", err=True)
 
 
+def load_spec_or_exit(path, overrides=()):
+    """The validated spec, or every error printed (one line each) and exit code 1."""
+    from moec import SpecError, load_spec
+
+    try:
+        return load_spec(path, tuple(overrides))
+    except SpecError as err:
+        print_spec_error(err)
+        raise typer.Exit(1) from None
+
+
 def print_valid(path: Path, spec) -> None:
     from moec.schema.checks import estimate_params
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from cli.output import print_spec_error
+from cli.output import load_spec_or_exit
 
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -45,14 +45,9 @@ def _exit_cleanly_on_signals():
 def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at=None, nproc=None,
               init_from=None, allow_data_change: bool = False, overrides: tuple[str, ...] = (), overwrite: bool = False) -> None:
     """The training loop handles signals itself (finish the step, save); around it a signal exits 130 / 143."""
-    from moec import SpecError, load_spec
     from moec.runtime.distributed import JobStopped, LaunchError, launch, launched_world_size
 
-    try:
-        spec = load_spec(spec_path, overrides)
-    except SpecError as err:
-        print_spec_error(err)
-        raise typer.Exit(1) from None
+    spec = load_spec_or_exit(spec_path, overrides)
     if nproc is not None and launched_world_size() == 1:
         if nproc != spec.mesh.world_size:
             typer.echo(f"error: the spec's mesh has world_size {spec.mesh.world_size}, but --nproc is {nproc}", err=True)
