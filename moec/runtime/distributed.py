@@ -9,6 +9,7 @@ of the single-process run.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -134,7 +135,7 @@ def launch(nproc: int, argv: list[str], shutdown_timeout_s: float = 120.0) -> No
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
                           rdzv_endpoint="127.0.0.1:0", run_id=f"moec-{os.getpid()}", max_restarts=0, monitor_interval=0.5,
-                          shutdown_timeout=int(shutdown_timeout_s))
+                          shutdown_timeout=max(1, math.ceil(shutdown_timeout_s)))
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "cli.main", *argv)
     except SignalException as err:
