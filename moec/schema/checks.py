@@ -186,7 +186,8 @@ def _data_matches_model(spec: Spec) -> Iterator[Finding]:
             yield path, f"'{data.kind}' data needs continuous inputs, but model.inputs.kind is '{inputs.kind}'"
         elif inputs.dims != wanted_dims:
             yield ("model", "inputs", "dims"), f"must be {wanted_dims} for '{data.kind}' data, got {inputs.dims}"
-    if head.kind == "regression" and inputs.kind == "continuous" and head.out_dims != inputs.dims:
+    # out_dims None (the default) resolves to inputs.dims; this check also runs on unresolved partial specs
+    if head.kind == "regression" and inputs.kind == "continuous" and head.out_dims not in (None, inputs.dims):
         yield ("model", "head", "out_dims"), f"must equal inputs.dims ({inputs.dims}) to predict the next value, got {head.out_dims}"
 
 

@@ -103,3 +103,12 @@ def test_validate_and_build_take_overrides(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = (tmp_path / "out" / "manifest.json").read_text()
     assert '"overrides": [\n      "train.seq_len=16"\n    ]' in manifest and '"seq_len": 16' in manifest
+
+
+def test_an_error_elsewhere_does_not_report_defaults_that_resolve_later():
+    """A regression head's out_dims defaults to inputs.dims: the checks that run on a partly invalid spec
+    must not read the unresolved None as a mismatch (it was reported beside the real error)."""
+    with pytest.raises(moec.SpecError) as caught:
+        moec.load_spec("specs/spectral_moe_dp2_ep2.yaml", overrides=["train.steps=10"])
+    assert [str(issue) for issue in caught.value.issues] == [
+        "specs/spectral_moe_dp2_ep2.yaml:48:45: train.lr_schedule.warmup_steps: must be <= steps (10), got 15"]
