@@ -56,6 +56,7 @@ class AuxAttrs:
     load_balance: float = 0.0
     z_loss: float = 0.0
     load_balance_scope: str = "layer"  # layer | model (the layer outputs its balance statistics; the model pools them)
+    load_balance_batch: str = "local"  # local | global (expert counts summed over the data-parallel ranks)
     entropy: float = 0.0  # weight of the entropy reward -H(p)
     margin: float = 0.0  # weight of the margin reward -(p_top1 - p_top2)
 
@@ -115,6 +116,7 @@ def moe_attrs(cfg) -> MoeAttrs:
         capacity=CapacityAttrs(mode=capacity.mode, factor=constant(capacity.factor), drop_policy=capacity.drop_policy or "none",
                                fallback_weight=(capacity.fallback_weight or 1.0) if capacity.fallback == "dense" else 0.0),
         aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss, load_balance_scope=cfg.aux.load_balance_scope,
+                     load_balance_batch=cfg.aux.load_balance_batch,
                      entropy=cfg.aux.entropy, margin=cfg.aux.margin),
         shared=cfg.shared_experts is not None,
         shared_gate=cfg.shared_experts is not None and cfg.shared_experts.gate,

@@ -233,9 +233,20 @@ class AuxLoss(Base):
         "layer", description="layer: one load-balance loss per MoE layer, summed (Megatron, torchtitan); model: expert counts "
         "and router probabilities pooled over all MoE layers, one product (HF transformers' load_balancing_loss_func)."
     )
+    load_balance_batch: Literal["local", "global"] = Field(
+        "local", description="The tokens whose expert counts enter the load-balance loss. local: this rank's micro-batch "
+        "(Megatron's and torchtitan's default); global: the counts summed over every data-parallel rank first (Megatron's "
+        "global_aux_loss, Qwen's global-batch balance), so a run on N processes computes the single-process loss."
+    )
     z_loss: NonNegFloat = 0.0
     entropy: NonNegFloat = Field(0.0, description="Entropy reward: adds -entropy * mean over tokens of H(p), p the per-token normalised router scores.")
     margin: NonNegFloat = Field(0.0, description="Margin reward: adds -margin * mean over tokens of (p_top1 - p_top2), p as for entropy.")
+
+    @model_validator(mode="after")
+    def _batch_needs_a_loss(self) -> "AuxLoss":
+        if self.load_balance_batch != "local" and self.load_balance == 0:
+            raise field_error("load_balance_batch", "chooses the tokens of the load-balance loss, but load_balance is 0 (no loss)")
+        return self
 
 
 class ExpertFfn(Base):
@@ -318,6 +329,8 @@ class MoeConfig(Base):
         if "load_balance" in self.aux.model_fields_set and self.aux.load_balance > 0:
             raise field_error("aux.load_balance", "is constant under expert_choice (every expert takes the same number "
                               "of tokens); set it to 0 or remove it")
+        if self.aux.load_balance_batch != "local":
+            raise field_error("aux.load_balance_batch", "does not apply to expert_choice: it has no load-balance loss; remove it")
         return self
 
 

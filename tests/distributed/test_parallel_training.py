@@ -1,8 +1,8 @@
 """Data and expert parallelism on 2 and 4 CPU processes (gloo) against the single-process run.
 
-The MoE load-balance loss is left out of these specs: it is computed per rank on the rank's
-slice of the batch (the per-micro-batch convention of Megatron and torchtitan), so with it a
-2-rank run is the single-process run with 2 gradient-accumulation micro-batches, not with one.
+The MoE load-balance loss counts tokens over the global batch (``load_balance_batch: global``):
+with the default per-rank counts (the per-micro-batch convention of Megatron and torchtitan) a
+2-rank run would be the single-process run with 2 gradient-accumulation micro-batches, not one.
 """
 
 import subprocess
@@ -36,7 +36,7 @@ FINISHED: dict[str, list[float]] = {}  # kind -> losses of the run above, for th
 
 def spec_text(mesh: str = "") -> str:
     text = quick_text(steps=5, every=3).replace("schedule:\n", mesh + "schedule:\n")
-    return text.replace("activation: swiglu}\n", "activation: swiglu}\n          aux: {load_balance: 0.0}\n")
+    return text.replace("activation: swiglu}\n", "activation: swiglu}\n          aux: {load_balance: 0.01, load_balance_batch: global}\n")
 
 
 def train_losses(run_dir: Path) -> list[float]:

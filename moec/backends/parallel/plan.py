@@ -79,12 +79,17 @@ def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: t
         limits.append("expert parallelism over an FSDP axis together with HSDP (a replicating batch axis)")
     if spec.schedule.kernels.moe not in ("auto", "grouped_mm"):
         limits.append(f"expert parallelism with kernels.moe '{spec.schedule.kernels.moe}' (it runs grouped_mm)")
+    if any(moe.expert.bias for moe in _moe_configs(spec)):
+        limits.append("expert parallelism with expert biases")
+    return limits
+
+
+def _moe_configs(spec):
+    """The MoE configuration of every MoE and spectral MoE layer."""
     for _, _, layer in spec.model.layers():
         moe = layer if layer.kind == "moe" else getattr(layer, "moe", None)
-        if moe is not None and moe.expert.bias:
-            limits.append("expert parallelism with expert biases")
-            break
-    return limits
+        if moe is not None:
+            yield moe
 
 
 def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], experts: int = 0) -> str:
@@ -100,6 +105,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         "from torch.distributed.device_mesh import DeviceMesh, init_device_mesh",
         "from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard",
         "from torch.distributed.tensor import Shard, distribute_tensor",
+        *(["", "from moec.backends.torch.data_parallel import set_batch_group"] if _batch_group_lines(spec, plan, where) else []),
         "",
         f"MESH_SHAPE = {shape!r}  {where('mesh', 'axes')}",
         f"MESH_AXES = {names!r}",
@@ -118,6 +124,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
         '    """Data parallelism over the batch axes (FSDP2 per block, then the root; or DDP)'
         + ('.\n    The routed experts are split over the expert-parallel axis first."""' if plan.experts is not None else '."""'),
+        *_batch_group_lines(spec, plan, where),
         *_apply(plan, blocks, where),
         "    return model",
         *_expert_functions(plan),
@@ -315,6 +322,19 @@ def shard_experts_source(permuted: bool = False) -> list[str]:
         "        module.register_parameter(name, sharded)",
         "    module.expert_order = EXPERT_ORDER  # read by checkpoints",
     ]
+
+
+def global_balance(spec) -> bool:
+    """Some MoE layer sums its load-balance counts over the data-parallel ranks."""
+    return any(moe.aux.load_balance_batch == "global" for moe in _moe_configs(spec))
+
+
+def _batch_group_lines(spec, plan: ParallelPlan, where) -> list[str]:
+    if not (plan.data_parallel and global_balance(spec)):
+        return []
+    axes = tuple(axis for axis in plan.axes if axis in plan.data_parallel)  # a DeviceMesh slice keeps the mesh's order
+    return [f"    set_batch_group({_flat(axes)}.get_group())  # aux.load_balance_batch 'global': "
+            f"expert counts summed over {' x '.join(axes)}  {where('sharding', 'batch')}"]
 
 
 def _flat(axes: tuple[str, ...]) -> str:

@@ -50,7 +50,7 @@ def uses_triton(kernel: str) -> bool:
 
 def helpers_for(moe: MoeAttrs) -> set[str]:
     """The snippets a fused MoE function calls."""
-    used = {"select_experts", "load_balance_loss"} | set(ROUTERS[moe.router.kind].helpers)
+    used = {"select_experts", _balance_fn(moe)} | set(ROUTERS[moe.router.kind].helpers)
     used |= {"router_noise"} if moe.router.noise != "none" else set()
     used |= {"router_dropout"} if moe.router.dropout > 0 else set()
     used |= {"router_entropy"} if moe.aux.entropy > 0 else set()
@@ -103,7 +103,7 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
     if moe.aux.pooled:
         lines += [
             "    # aux.load_balance_scope 'model': the layer's share of the pooled loss, summed over layers by the model",
-            "    balance_stats = torch.stack([counts.to(scores.dtype) / tokens, (scores / scores.sum(-1, keepdim=True)).mean(0)])",
+            *_pooled_stats(moe),
             "    return out.view(batch, seq, width), aux, balance_stats, stats",
         ]
     else:
@@ -303,13 +303,26 @@ def _aux(moe: MoeAttrs) -> list[str]:
     zero = "logits.new_zeros(())"
     weights = moe.aux
     per_layer = weights.load_balance if not weights.pooled else 0.0  # pooled: the model computes it
-    balance = f"{per_layer!r} * load_balance_loss(scores, counts, {moe.experts})" if per_layer > 0 else zero
+    balance = f"{per_layer!r} * {_balance_fn(moe)}(scores, counts, {moe.experts})" if per_layer > 0 else zero
     z = f"{weights.z_loss!r} * torch.logsumexp(logits, dim=-1).pow(2).mean()" if weights.z_loss > 0 else zero
     rewards = [(name, weight) for name, weight in (("entropy_loss", weights.entropy), ("margin_loss", weights.margin)) if weight > 0]
     aux = " + ".join(name for name, weight in (("balance", per_layer), ("z", weights.z_loss), *rewards) if weight > 0)
     lines = [f"    balance = {balance}", f"    z = {z}"]
     lines += [f"    {name} = -{weight!r} * router_{name.removesuffix('_loss')}(scores)  # a reward" for name, weight in rewards]
     return lines + [f"    aux = {aux or zero}"]
+
+
+def _balance_fn(moe: MoeAttrs) -> str:
+    return "global_load_balance_loss" if moe.aux.load_balance_batch == "global" else "load_balance_loss"
+
+
+def _pooled_stats(moe: MoeAttrs) -> list[str]:
+    """[f_e, P_e] of the pooled loss, f_e over this rank's tokens or (aux.load_balance_batch 'global') every data-parallel rank's."""
+    probs = "(scores / scores.sum(-1, keepdim=True)).mean(0)"
+    if moe.aux.load_balance_batch != "global":
+        return [f"    balance_stats = torch.stack([counts.to(scores.dtype) / tokens, {probs}])"]
+    return ["    total, ranks = batch_counts(counts)  # summed over the data-parallel ranks",
+            f"    balance_stats = torch.stack([total.to(scores.dtype) / (tokens * ranks), {probs}])"]
 
 
 DFT_MAX_SEQ = 64  # kernels.spectral_moe 'auto': a DFT matmul up to this length, torch.fft above

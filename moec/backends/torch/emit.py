@@ -53,6 +53,8 @@ def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel:
     helpers = _helpers(graph, fused)
     lines = [f"# {comment_safe(line)}" if line else "#" for line in header]
     imports = [line.format(output_import=_output_import(graph)) for line in IMPORTS]
+    if _global_balance(graph):
+        imports.append("from moec.backends.torch.data_parallel import batch_counts")
     if expert_parallel:
         imports.append("from moec.backends.torch.experts import experts_ffn")
     if fused.triton:
@@ -65,6 +67,11 @@ def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel:
             lines += ["", *block_class(graph, segment, bodies[segment.block]), ""]
     lines += ["", *root_class(graph, class_name(spec_name), forward, moe_layers(graph)), "", "", f"Model = {class_name(spec_name)}"]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _global_balance(graph: Graph) -> bool:
+    """Some MoE layer sums its load-balance counts over the data-parallel ranks (aux.load_balance_batch 'global')."""
+    return any(node.attr["moe"].aux.load_balance_batch == "global" for node in graph.nodes if node.op in ("moe", "spectral_moe"))
 
 
 def _output_import(graph: Graph) -> str:
