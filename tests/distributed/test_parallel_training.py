@@ -26,11 +26,13 @@ MESHES = {
     "dp_ep": "mesh: {world_size: 4, axes: {dp: 2, ep: 2}}\nsharding: {batch: [dp, ep], experts: [ep]}\n",
     "ep_fsdp": "mesh: {world_size: 2, axes: {ep: 2}}\nsharding: {batch: [ep], fsdp: [ep], experts: [ep]}\n",
     "fsdp_ep": "mesh: {world_size: 4, axes: {fsdp: 2, ep: 2}}\nsharding: {batch: [fsdp, ep], fsdp: [fsdp, ep], experts: [ep]}\n",
+    # spectral_moe.yaml's layout: ep does not split the batch (ep ranks share their dp slice's tokens)
+    "dp_ep_shared": "mesh: {world_size: 4, axes: {dp: 2, ep: 2}}\nsharding: {batch: [dp], experts: [ep]}\n",
     # moe_basics.yaml's layout: HSDP (replicate over ep, shard over fsdp, listed first) and experts over ep, then fsdp
     "hsdp_ep": "mesh: {world_size: 4, axes: {fsdp: 2, ep: 2}}\nsharding: {batch: [fsdp, ep], fsdp: [fsdp], experts: [ep]}\n",
 }
-PROCESSES = {"ddp": 2, "fsdp": 2, "ep": 2, "dp_ep": 4, "ep_fsdp": 2, "fsdp_ep": 4, "hsdp_ep": 4}
-EXPERT_PARALLEL = ("ep", "dp_ep", "ep_fsdp", "fsdp_ep", "hsdp_ep")
+PROCESSES = {"ddp": 2, "fsdp": 2, "ep": 2, "dp_ep": 4, "ep_fsdp": 2, "fsdp_ep": 4, "dp_ep_shared": 4, "hsdp_ep": 4}
+EXPERT_PARALLEL = ("ep", "dp_ep", "ep_fsdp", "fsdp_ep", "dp_ep_shared", "hsdp_ep")
 FINISHED: dict[str, list[float]] = {}  # kind -> losses of the run above, for the determinism test
 
 
@@ -79,7 +81,7 @@ def test_several_processes_give_the_single_process_losses(kind, single, tmp_path
         assert all(0 < b < every_row for b in sent), sent
     evals = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals == pytest.approx([r["val_loss"] for r in read_metrics(single / "metrics.jsonl") if r["kind"] == "eval"], rel=1e-5)
-    if kind in ("fsdp", "dp_ep", "fsdp_ep", "hsdp_ep"):  # a checkpoint of sharded DTensors (FSDP2, experts over ep) resumes on 1 process
+    if kind in ("fsdp", "dp_ep", "fsdp_ep", "dp_ep_shared", "hsdp_ep"):  # a checkpoint of sharded DTensors (FSDP2, experts over ep) resumes on 1 process
         resumed = tmp_path / "resumed"
         (tmp_path / "run" / "checkpoints" / "step_00000005").rename(tmp_path / "later")
         (tmp_path / "run").rename(resumed)
@@ -113,6 +115,12 @@ def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
         program = moec.compile_spec(moec.load_spec(tmp_path / f"{kind}.yaml"))
         body = program.parallel_source.split("def parallelize")[1].splitlines()
         where = f"{tmp_path / kind}.yaml"
+        axes = {"ddp": "dp", "fsdp": "fsdp", "ep": "ep", "fsdp_ep": "fsdp x ep"}[kind]
+        group = {"ddp": "mesh['dp']", "fsdp": "mesh['fsdp']", "ep": "mesh['ep']", "fsdp_ep": "mesh[('fsdp', 'ep')]._flatten('fsdp_ep')"}[kind]
+        assert body[2 + (kind in ("ep", "fsdp_ep"))] == (  # the ranks whose expert counts the load-balance loss sums
+            f"    set_batch_group({group}.get_group())  # aux.load_balance_batch 'global': expert counts summed over "
+            f"{axes}  # {where}:20 sharding.batch")
+        body.pop(2 + (kind in ("ep", "fsdp_ep")))
         if kind == "ddp":
             assert body[2:4] == [
                 "    dp_mesh = mesh['dp']  # replicate over dp",

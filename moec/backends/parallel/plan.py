@@ -43,6 +43,11 @@ class ParallelPlan:
         return self.replicate + self.shard
 
     @property
+    def replicated_rows(self) -> bool:
+        """Expert parallelism over an axis that does not split the batch: its ranks hold the same tokens."""
+        return self.experts is not None and self.experts not in self.data_parallel
+
+    @property
     def expert_fsdp(self) -> tuple[str, ...]:
         """The FSDP axes that also shard the (expert-parallel) experts: all but the ep axis."""
         return tuple(axis for axis in self.shard if axis != self.experts) if self.experts is not None else ()
@@ -73,8 +78,10 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = ()) -> ParallelPlan:
 def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: tuple) -> list[str]:
     """What of the spec's expert parallelism this plan cannot run yet."""
     limits = []
-    if len(experts) > 1 or experts[0] not in replicate + shard:
-        limits.append("expert parallelism over an axis that does not split the batch, or over several axes")
+    if len(experts) > 1:
+        limits.append("expert parallelism over several axes")
+    if experts[0] not in replicate + shard and shard:
+        limits.append("expert parallelism over an axis that does not split the batch, together with FSDP")
     if shard and replicate and experts[0] not in replicate:
         limits.append("expert parallelism over an FSDP axis together with HSDP (a replicating batch axis)")
     if spec.schedule.kernels.moe not in ("auto", "grouped_mm"):
@@ -105,7 +112,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         "from torch.distributed.device_mesh import DeviceMesh, init_device_mesh",
         "from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard",
         "from torch.distributed.tensor import Shard, distribute_tensor",
-        *(["", "from moec.backends.torch.data_parallel import set_batch_group"] if _batch_group_lines(spec, plan, where) else []),
+        *_moec_imports(spec, plan, where),
         "",
         f"MESH_SHAPE = {shape!r}  {where('mesh', 'axes')}",
         f"MESH_AXES = {names!r}",
@@ -118,7 +125,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         f"    return init_device_mesh(device_type, MESH_SHAPE, mesh_dim_names=MESH_AXES)  {where('mesh')}",
         "",
         "",
-        *(shard_experts_source(_permuted(spec, plan, experts)) + ["", ""] if plan.experts is not None else []),
+        *(shard_experts_source(_permuted(spec, plan, experts), plan.replicated_rows) + ["", ""] if plan.experts is not None else []),
         *(gather_experts_source() + ["", ""] if plan.expert_fsdp else []),
         *(hsdp_mesh_source() + ["", ""] if plan.replicate and plan.shard else []),
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
@@ -196,32 +203,45 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
             "        if param.grad is not None:",
             f"            param.grad.to_local().div_({plan.axes[plan.experts]})  # ep",
         ]
-    other = tuple(axis for axis in plan.data_parallel if axis != plan.experts)
+    if not plan.data_parallel:
+        return lines + ['    """Nothing to reduce: every rank ran the whole batch, and each expert\'s gradient is complete on its rank."""']
+    other = _in_mesh_order(plan, tuple(axis for axis in plan.data_parallel if axis != plan.experts))
     size = " * ".join(str(plan.axes[a]) for a in plan.data_parallel)
     lines += [
         '    """Average over the data-parallel ranks. An expert\'s owner already holds the sum over its',
         "    expert-parallel group (the all-to-all's backward brings every rank's rows), so experts are",
         '    summed over the other batch axes only, then divided by all data-parallel ranks: averaging',
-        '    over ep as well would scale expert gradients by the ep size."""',
-        *([] if plan.shard else [f"    data_parallel = {_flat(plan.data_parallel)}.get_group()  # {' x '.join(plan.data_parallel)}"]),
+        '    over ep as well would scale expert gradients by the ep size. One flat all-reduce per',
+        '    bucket, not one per parameter; both lists follow model.parameters(), the same on every rank."""',
         "    experts = expert_parameters(model)",
-        "    for param in model.parameters():",
-        "        if param.grad is None:",
-        "            continue",
-        "        if param not in experts:",
-        *(["            continue  # FSDP reduced it"] if plan.shard else [
-          "            dist.all_reduce(param.grad, op=dist.ReduceOp.AVG, group=data_parallel)",
-          "            continue"]),
-        "        grad = param.grad.to_local()",
+        "    grads = [param for param in model.parameters() if param.grad is not None]",
     ]
+    if not plan.shard:
+        axes = _in_mesh_order(plan, plan.data_parallel)
+        lines += [
+            f"    data_parallel = {_flat(axes)}.get_group()  # {' x '.join(axes)}",
+            "    all_reduce_flat([p.grad for p in grads if p not in experts], data_parallel, op=dist.ReduceOp.AVG)",
+        ]
+    else:
+        lines.append("    # FSDP reduced the other gradients")
+    lines.append("    expert_grads = [p.grad.to_local() for p in grads if p in experts]")
     if other:
-        lines.append(f"        dist.all_reduce(grad, group={_flat(other)}.get_group())  # sum over {' x '.join(other)}")
-    lines.append(f"        grad.div_({size})  # data-parallel ranks: {' x '.join(plan.data_parallel)}")
-    return lines
+        lines.append(f"    all_reduce_flat(expert_grads, {_flat(other)}.get_group())  # sum over {' x '.join(other)}")
+    return lines + [
+        "    for grad in expert_grads:",
+        f"        grad.div_({size})  # data-parallel ranks: {' x '.join(plan.data_parallel)}",
+    ]
+
+
+def _in_mesh_order(plan: ParallelPlan, axes: tuple[str, ...]) -> tuple[str, ...]:
+    """``axes`` as the mesh orders them: a DeviceMesh slice must name its dims in that order."""
+    return tuple(axis for axis in plan.axes if axis in axes)
 
 
 def _apply(plan: ParallelPlan, blocks: int, where) -> list[str]:
     if not plan.data_parallel:
+        if plan.experts is not None:
+            return _shard_experts_lines(plan, where) + ["    # no data-parallel axis larger than 1: every rank reads the whole batch"]
         return ["    # no data-parallel axis larger than 1: every rank holds the whole model"]
     if plan.experts is not None and not plan.shard:
         # DDP is not used here: its first forward replaces DTensor parameters that live on another
@@ -254,10 +274,16 @@ def _apply(plan: ParallelPlan, blocks: int, where) -> list[str]:
 
 def _shard_experts_lines(plan: ParallelPlan, where) -> list[str]:
     return [
-        f"    ep_mesh = mesh[{plan.experts!r}]  # expert parallelism: routed rows travel by all-to-all  {where('sharding', 'experts')}",
+        f"    ep_mesh = mesh[{plan.experts!r}]  # expert parallelism: {_how_rows_travel(plan)}  {where('sharding', 'experts')}",
         "    for experts in expert_modules(model):",
         "        shard_experts(experts, ep_mesh)  # this rank keeps its experts of EXPERT_PLACEMENT",
     ]
+
+
+def _how_rows_travel(plan: ParallelPlan) -> str:
+    if plan.replicated_rows:
+        return "each rank runs its experts' rows of the shared batch; an all-gather returns the outputs"
+    return "routed rows travel by all-to-all"
 
 
 def _fsdp_experts_lines(plan: ParallelPlan) -> list[str]:
@@ -300,9 +326,18 @@ def gather_experts_source() -> list[str]:
     ]
 
 
-def shard_experts_source(permuted: bool = False) -> list[str]:
+def shard_experts_source(permuted: bool = False, replicated_rows: bool = False) -> list[str]:
+    mark = (["        sharded.replicated_rows = True  # ep is not a batch axis: its ranks share the tokens (read by experts_ffn)"]
+            if replicated_rows else [])
     if not permuted:
         return [
+            "def shard_experts(module: torch.nn.Module, ep_mesh: DeviceMesh) -> None:",
+            '    """The [E, ...] expert weights become DTensors sharded on dim 0: each rank keeps E / ep of them."""',
+            "    for name, param in list(module.named_parameters(recurse=False)):",
+            "        sharded = torch.nn.Parameter(distribute_tensor(param.detach(), ep_mesh, [Shard(0)]), requires_grad=param.requires_grad)",
+            *mark,
+            "        module.register_parameter(name, sharded)",
+        ] if mark else [
             "def shard_experts(module: torch.nn.Module, ep_mesh: DeviceMesh) -> None:",
             '    """The [E, ...] expert weights become DTensors sharded on dim 0: each rank keeps E / ep of them."""',
             "    for name, param in list(module.named_parameters(recurse=False)):",
@@ -319,9 +354,16 @@ def shard_experts_source(permuted: bool = False) -> list[str]:
         "        sharded = distribute_tensor(param.detach()[list(EXPERT_ORDER)], ep_mesh, [Shard(0)])",
         "        sharded = torch.nn.Parameter(sharded, requires_grad=param.requires_grad)",
         "        sharded.expert_order = EXPERT_ORDER  # read by experts_ffn",
+        *mark,
         "        module.register_parameter(name, sharded)",
         "    module.expert_order = EXPERT_ORDER  # read by checkpoints",
     ]
+
+
+def _moec_imports(spec, plan: ParallelPlan, where) -> list[str]:
+    imports = (["from moec.backends.parallel.buckets import all_reduce_flat"] if plan.experts is not None and not plan.expert_fsdp else []) + (
+        ["from moec.backends.torch.data_parallel import set_batch_group"] if _batch_group_lines(spec, plan, where) else [])
+    return ["", *imports] if imports else []
 
 
 def global_balance(spec) -> bool:
@@ -332,7 +374,7 @@ def global_balance(spec) -> bool:
 def _batch_group_lines(spec, plan: ParallelPlan, where) -> list[str]:
     if not (plan.data_parallel and global_balance(spec)):
         return []
-    axes = tuple(axis for axis in plan.axes if axis in plan.data_parallel)  # a DeviceMesh slice keeps the mesh's order
+    axes = _in_mesh_order(plan, plan.data_parallel)
     return [f"    set_batch_group({_flat(axes)}.get_group())  # aux.load_balance_batch 'global': "
             f"expert counts summed over {' x '.join(axes)}  {where('sharding', 'batch')}"]
 

@@ -12,6 +12,10 @@ weights sharded ``Shard(0)`` over an expert-parallel mesh (rank r holds weight r
 3. regroup the received rows by local expert, grouped GEMMs with the local weights;
 4. send the results back (the reverse all-to-all) in the original row order.
 
+When the expert-parallel axis does not split the batch (``sharding.batch`` leaves it out), every
+rank of the group holds the same rows: each runs the rows of its own experts and an all-gather
+of the outputs gives every rank all of them (``replicated_rows`` set on the weights by parallel.py).
+
 The split sizes are host integers, so this function is kept out of ``torch.compile``'s graph.
 Gradients: the reverse all-to-all carries every rank's row gradients to the expert's owner,
 so a local expert's gradient sums the contributions of all ranks' tokens.
@@ -21,9 +25,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributed.nn.functional import all_to_all_single
 
 from moec.backends.torch import runtime
 
@@ -53,15 +57,17 @@ def expert_group(weight) -> tuple:
 def experts_ffn(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str) -> Tensor:
     if getattr(w_up, "device_mesh", None) is None:
         return local_ffn(rows, counts, w_up, w_gate, w_down, fn)
+    # Every rank of the expert-parallel group holds the same rows when ep is not a batch axis.
+    exchange = _split_replicated if getattr(w_up, "replicated_rows", False) else _exchange
     order = getattr(w_up, "expert_order", None)  # the expert in each weight row, set when not contiguous
     if order is None:
-        return _exchange(rows, counts, w_up, w_gate, w_down, fn)
+        return exchange(rows, counts, w_up, w_gate, w_down, fn)
     # Weight rows are grouped by owner rank (placement consistent_hash): regroup the routed rows
     # from expert order into weight-row order, exchange, and put the results back.
     expert_at = torch.tensor(order, device=rows.device)
     row_of_expert = torch.empty_like(expert_at).index_copy_(0, expert_at, torch.arange(len(order), device=rows.device))
     regroup = torch.argsort(row_of_expert.repeat_interleave(counts), stable=True)
-    out = _exchange(rows[regroup], counts[expert_at], w_up, w_gate, w_down, fn)
+    out = exchange(rows[regroup], counts[expert_at], w_up, w_gate, w_down, fn)
     return torch.empty_like(out).index_copy(0, regroup, out)
 
 
@@ -73,7 +79,7 @@ def _exchange(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None,
     received_counts = torch.empty_like(send)
     dist.all_to_all_single(received_counts, send, group=group)  # (P, E/P): rows from each source, per my expert
     send_sizes, receive_sizes = send.sum(1).tolist(), received_counts.sum(1).tolist()
-    received = all_to_all_single(rows.new_empty(sum(receive_sizes), rows.shape[1]), rows, receive_sizes, send_sizes, group)
+    received = funcol.all_to_all_single_autograd(rows, receive_sizes, send_sizes, group)  # differentiable: the reverse in backward
     me = dist.get_rank(group)
     SENT["bytes"] += 2 * (sum(send_sizes) - send_sizes[me]) * rows.shape[1] * rows.element_size()  # rows leaving this rank
     # Received rows come by source rank, then local expert; group them by local expert (stable).
@@ -82,4 +88,57 @@ def _exchange(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None,
     order = torch.argsort(expert_of_row, stable=True)
     out = local_ffn(received[order], received_counts.sum(0), *local, fn)
     back = torch.empty_like(out).index_copy(0, order, out)  # undo the grouping
-    return all_to_all_single(rows.new_empty(rows.shape), back, send_sizes, receive_sizes, group)
+    return funcol.all_to_all_single_autograd(back, send_sizes, receive_sizes, group)
+
+
+def _split_replicated(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str) -> Tensor:
+    """Rows sorted by weight row, the same on every rank of the group (ep is not a batch axis): each
+    rank runs the rows of its own experts, then an all-gather gives every rank all the outputs.
+    Backward mirrors it: a rank's rows get their gradient from the rank that ran them (each rank's
+    gradient of the output is the same, so its own slice is all it needs)."""
+    group, ranks = expert_group(w_up)
+    local = [w.to_local() if w is not None else None for w in (w_up, w_gate, w_down)]
+    me = dist.get_rank(group)
+    per_rank = counts.view(ranks, -1)
+    sizes = per_rank.sum(1).tolist()  # rows run by each rank, known everywhere: the counts are the same
+    SENT["bytes"] += sizes[me] * (ranks - 1) * rows.shape[1] * rows.element_size()  # my outputs to every other rank
+    mine = _RowsOfRank.apply(rows, sizes, group)
+    return _GatherRows.apply(local_ffn(mine, per_rank[me], *local, fn), sizes, group)
+
+
+def _all_gather_rows(part: Tensor, sizes: list[int], group) -> Tensor:
+    """Every rank's ``part`` (``sizes[r]`` rows from rank r), concatenated in rank order, on every rank."""
+    ranks = len(sizes)
+    out = part.new_empty(sum(sizes), *part.shape[1:])
+    dist.all_to_all_single(out, part.repeat(ranks, *([1] * (part.dim() - 1))), sizes, [part.shape[0]] * ranks, group=group)
+    return out
+
+
+class _RowsOfRank(torch.autograd.Function):
+    """Forward: this rank's slice of rows the group shares. Backward: the slices' gradients, gathered."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, sizes: list[int], group) -> Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        me = dist.get_rank(group)
+        start = sum(sizes[:me])
+        return rows[start:start + sizes[me]]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_gather_rows(grad.contiguous(), ctx.sizes, ctx.group), None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward: every rank's slice, gathered. Backward: this rank's slice of the (shared) gradient."""
+
+    @staticmethod
+    def forward(ctx, part: Tensor, sizes: list[int], group) -> Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        return _all_gather_rows(part.contiguous(), sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        me = dist.get_rank(ctx.group)
+        start = sum(ctx.sizes[:me])
+        return grad[start:start + ctx.sizes[me]], None, None
