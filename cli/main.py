@@ -157,15 +157,20 @@ def bench(
     spec: Path = typer.Argument(..., help="The spec whose MoE layers to time.", show_default=False),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE"),
     tokens: Optional[List[int]] = typer.Option(None, "--tokens", help="Tokens per step (repeatable); default batch * seq_len."),
+    seqs: Optional[List[int]] = typer.Option(None, "--seq", help="Spectral MoE against attention: sequence lengths (repeatable); "
+                                             "default 256 .. 8192."),
+    crossover_seqs: Optional[List[int]] = typer.Option(None, "--crossover-seq", help="DFT against torch.fft: sequence lengths "
+                                                       "(repeatable); default 16 .. 512."),
     reps: int = typer.Option(7, "--reps", min=1, help="Interleaved repetitions; medians are reported."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     compiled: bool = typer.Option(True, "--compile/--no-compile", help="Also time moec under torch.compile."),
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:
-    """Time each MoE layer of a spec against dense GEMMs, HF grouped_mm experts and a per-expert loop."""
+    """Time each MoE layer of a spec against dense GEMMs, HF grouped_mm experts and a per-expert loop; each spectral
+    MoE layer against attention as the sequence grows, and with the DFT against torch.fft."""
     from cli.bench import run_bench
 
-    run_bench(spec, tokens, reps, device, compiled, json_out, tuple(overrides or ()))
+    run_bench(spec, tokens, reps, device, compiled, json_out, tuple(overrides or ()), seqs, crossover_seqs)
 
 
 @app.command()

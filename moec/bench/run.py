@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -87,6 +87,3 @@ def bench_spec(spec, tokens: list[int], reps: int = 7, device: str = "cpu", comp
                                 t.peak_bytes / 2**20 if t.peak_bytes is not None else None))
     return rows
 
-
-def rows_json(rows: list[Row]) -> str:
-    return json.dumps([asdict(row) for row in rows], indent=1)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -32,4 +33,31 @@ def test_bench_refuses_a_spec_without_moe_layers(tmp_path):
     path.write_text(spec)
     result = runner.invoke(app, ["bench", str(path), "--no-compile"])
     assert result.exit_code == 1
-    assert "has no moe layer to benchmark" in result.output
+    assert "has no moe or spectral_moe layer to benchmark" in result.output
+
+
+def test_bench_times_spectral_layers_against_attention_and_the_dft_against_the_fft():
+    result = runner.invoke(app, ["bench", "specs/spectral_moe_dp2_ep2.yaml", "--seq", "16", "--seq", "32", "--crossover-seq", "8",
+                                 "--crossover-seq", "16", "--reps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    # two identical spectral layers: one distinct layer
+    assert [(r["table"], r["seq"], r["name"]) for r in rows] == [
+        ("spectral_vs_attention", 16, "spectral_moe"), ("spectral_vs_attention", 16, "attention"),
+        ("spectral_vs_attention", 32, "spectral_moe"), ("spectral_vs_attention", 32, "attention"),
+        ("fft_vs_dft", 8, "spectral_moe dft"), ("fft_vs_dft", 8, "spectral_moe fft"),
+        ("fft_vs_dft", 16, "spectral_moe dft"), ("fft_vs_dft", 16, "spectral_moe fft")]
+    assert all(0 < r["low_ms"] <= r["median_ms"] <= r["high_ms"] and r["saved_mib"] > 0 for r in rows)
+    saved = {(r["seq"], r["name"]): r["saved_mib"] for r in rows if r["table"] == "spectral_vs_attention"}
+    assert saved[32, "attention"] > saved[16, "attention"]  # activations grow with the sequence
+
+
+def test_growth_exponent_and_crossover_from_rows():
+    from moec.bench.spectral import SpectralRow, crossover_seq, growth_exponent
+
+    def row(seq, name, ms):
+        return SpectralRow("l", seq, name, ms, ms, ms, 1.0)
+    assert growth_exponent([row(256, "a", 1.0), row(512, "a", 4.0), row(1024, "a", 16.0)], "a") == pytest.approx(2.0)
+    times = {16: (1, 2), 32: (2, 1), 64: (3, 4), 128: (5, 3), 256: (9, 4)}  # (dft, fft) ms: the fft wins from 128 on
+    rows = [r for seq, (d, f) in times.items() for r in (row(seq, "spectral_moe dft", d), row(seq, "spectral_moe fft", f))]
+    assert crossover_seq(rows) == 128

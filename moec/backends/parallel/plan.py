@@ -17,7 +17,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from moec.backends.parallel.placement import experts_of, moves_when_growing, physical_order, placement
+from moec.backends.parallel.placement import (
+    experts_of,
+    moves_when_growing,
+    physical_order,
+    placement,
+)
 from moec.backends.torch.blocks import attribute_expr
 
 DTYPE_NAMES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
