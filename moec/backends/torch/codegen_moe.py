@@ -262,7 +262,7 @@ def _expert_parallel(moe: MoeAttrs) -> list[str]:
     return [
         "    order = torch.argsort(flat_expert, stable=True)  # sort-by-expert permutation",
         f"    rows = x[order // {k}]  # (N*k, D) token rows in expert order",
-        f"    y_sorted = experts_ffn(rows, counts, experts_w_up, {gate}, experts_w_down, {kind.fn!r})  # all-to-all to the experts' ranks and back",
+        f"    y_sorted = experts_ffn(rows, counts, experts_w_up, {gate}, experts_w_down, {kind.fn!r})  # the experts' ranks compute their rows (experts.py)",
         f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)",
     ]
 

@@ -16,7 +16,8 @@ When the expert-parallel axis does not split the batch (``sharding.batch`` leave
 rank of the group holds the same rows: each runs the rows of its own experts and an all-gather
 of the outputs gives every rank all of them (``replicated_rows`` set on the weights by parallel.py).
 
-The split sizes are host integers, so this function is kept out of ``torch.compile``'s graph.
+The split sizes are host integers, so the expert-parallel path is kept out of ``torch.compile``'s
+graph; with plain tensors (one process) ``experts_ffn`` is traced like any grouped GEMM.
 Gradients: the reverse all-to-all carries every rank's row gradients to the expert's owner,
 so a local expert's gradient sums the contributions of all ranks' tokens.
 """
@@ -28,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from moec.backends.torch import runtime
 
@@ -53,10 +55,14 @@ def expert_group(weight) -> tuple:
     return mesh.get_group(dim), mesh.size(dim)
 
 
-@torch.compiler.disable
 def experts_ffn(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str) -> Tensor:
-    if getattr(w_up, "device_mesh", None) is None:
+    if not isinstance(w_up, DTensor):  # one process: traced by torch.compile like any grouped GEMM, no graph break
         return local_ffn(rows, counts, w_up, w_gate, w_down, fn)
+    return _expert_parallel_ffn(rows, counts, w_up, w_gate, w_down, fn)
+
+
+@torch.compiler.disable
+def _expert_parallel_ffn(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str) -> Tensor:
     # Every rank of the expert-parallel group holds the same rows when ep is not a batch axis.
     exchange = _split_replicated if getattr(w_up, "replicated_rows", False) else _exchange
     order = getattr(w_up, "expert_order", None)  # the expert in each weight row, set when not contiguous
