@@ -220,6 +220,14 @@ op("anneal_temperature", 2)(_annealed)
 op("sinkhorn", 1, required="iters tau temperature", optional="topk")(_elementwise)
 
 
+@op("token_route", 1, required="experts", optional="table")
+def _token_route(types, attrs):
+    """Token-id routing: i64 ids [B,S] -> one-hot scores [B,S,E] of each id's expert."""
+    (ids,) = types
+    _expect(ids.dtype == "i64" and ids.rank == 2, f"token_route takes i64 token ids [B,S], got {ids}")
+    return (TensorType(ids.shape + (attrs["experts"],), "f32"),)
+
+
 @op("topk", (1, 2), required="k")
 def _topk(types, attrs):
     scores = types[0]

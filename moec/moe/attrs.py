@@ -27,6 +27,7 @@ class RouterAttrs:
     norm: str = "none"  # none | rmsnorm | layernorm of the router input (parameters router.norm.*)
     dropout: float = 0.0  # training: per token, with this probability the best choice's weight is zeroed
     sinkhorn_topk: int = 0  # sinkhorn: each token's kernel keeps its topk highest logits (0: all)
+    table: tuple[int, ...] = ()  # token_id: expert = table[id % len(table)]; empty: id % experts
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ def moe_attrs(cfg) -> MoeAttrs:
             norm=router.norm,
             dropout=router.dropout,
             sinkhorn_topk=(router.sinkhorn.topk or 0) if router.sinkhorn else 0,
+            table=tuple(router.table or ()),
         ),
         expert=_expert_attrs(cfg.expert),
         capacity=CapacityAttrs(mode=capacity.mode, factor=constant(capacity.factor), drop_policy=capacity.drop_policy or "none",

@@ -7,6 +7,8 @@ drift apart. The ops (each one node; semantics in docs/semantics.md)::
 
     router_in = rmsnorm | layernorm(router_in)        # router.norm
     logits  = linear(router_in, router.weight)        # [B,S,E]
+    scores  = logits = token_route(router_in)         # router.kind token_id instead (no weight): router_in holds
+                                                      # the token ids; one-hot [B,S,E], then topk(k=1) as below
     noisy   = noise(logits [, anneal])                # only when the router has noise; std from router.anneal[1] if annealed
     noisy   = anneal_temperature(noisy, anneal)       # router.temperature annealed: / router.anneal[0]
     scores  = <router score op>(noisy)                # softmax | sigmoid | sinkhorn: [B,S,E]
@@ -73,6 +75,10 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     """
     router, kind = attrs.router, ROUTERS[attrs.router.kind]
     rpath = path + ("router",)
+    if not kind.learned:  # token_id: scores from the token ids in router_in; they stand in for the logits
+        logits = scores = b.add(kind.score_op, [router_in], rpath, experts=attrs.experts, **kind.score_attrs(router))
+        weights, indices = b.add("topk", [scores], rpath, outputs=2, k=attrs.choices)
+        return _route_and_combine(b, attrs, h, params, path, logits, scores, weights, indices)
     if router.norm == "rmsnorm":
         router_in = b.add("rmsnorm", [router_in, params[ROUTER_NORM_WEIGHT]], rpath, eps=ROUTER_NORM_EPS)
     elif router.norm == "layernorm":
@@ -93,6 +99,13 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
         weights = b.add("router_dropout", [weights], rpath, p=router.dropout)
     if router.normalize:
         weights = b.add("renormalize", [weights], rpath)
+    return _route_and_combine(b, attrs, h, params, path, logits, scores, weights, indices)
+
+
+def _route_and_combine(b, attrs: MoeAttrs, h: Ref, params: Mapping[str, Ref], path: tuple, logits: Ref, scores: Ref, weights: Ref,
+                       indices: Ref) -> tuple[Ref, ...]:
+    """Capacity, dispatch, experts, combine, fallback, shared experts and aux losses of chosen ``indices``."""
+    anneal = attrs.anneal
     kept = []
     if not attrs.dropless:
         capacity = attrs.capacity

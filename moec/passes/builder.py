@@ -40,6 +40,10 @@ class GraphBuilder:
         self.nodes.append(node)
         return node.out() if outputs == 1 else tuple(node.out(i) for i in range(outputs))
 
+    def input_ref(self, name: str) -> Ref:
+        """The model input called ``name`` (``tokens``: a token-id router reads it)."""
+        return next(node.out() for node in self.nodes if node.op == "input" and node.attr["name"] == name)
+
     def mark_moe(self, out: Ref, aux: Ref, attrs, balance: Ref | None = None) -> None:
         """Record on ``out``'s node that it closes the decomposition of ``attrs`` (``fuse_moe`` reads it)."""
         index = next(i for i, node in enumerate(self.nodes) if node.name == out.node)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from moec.ir.graph import Ref
 from moec.moe import decompose, decompose_spectral, ffn, ffn_params, moe_attrs, moe_params
 from moec.moe.params import BAND_TABLE
+from moec.moe.routers import ROUTERS
 from moec.passes.builder import GraphBuilder, init_std
 
 
@@ -26,7 +27,8 @@ def lower_moe(b: GraphBuilder, spec, layer, h: Ref, prefix: str, path: tuple) ->
     shared = layer.shared_experts
     decls = moe_params(attrs, width, width, layer.expert.hidden, shared.count * shared.hidden if shared else 0)
     params = b.declare(spec, prefix, path, decls)
-    return decompose(b, attrs, h, h, params, path)
+    router_in = h if ROUTERS[attrs.router.kind].learned else b.input_ref("tokens")  # token_id routes by the input ids
+    return decompose(b, attrs, h, router_in, params, path)
 
 
 def lower_spectral_moe(b: GraphBuilder, spec, layer, x: Ref, prefix: str, path: tuple) -> tuple[Ref, Ref]:

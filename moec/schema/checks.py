@@ -393,7 +393,8 @@ def _attention_params(layer, d: int) -> int:
 
 def _moe_params(moe, width: int, router_width: int) -> int:
     expert = moe.expert
-    total = router_width * moe.experts + moe.experts * _ffn_params(width, expert.hidden, expert.activation, expert.bias)
+    total = router_width * moe.experts if moe.router.kind != "token_id" else 0  # token_id: no router weight
+    total += moe.experts * _ffn_params(width, expert.hidden, expert.activation, expert.bias)
     total += moe.experts if moe.router.kind == "sigmoid_bias" else 0  # the selection-bias buffer
     total += moe.experts if moe.router.bias else 0
     total += {"none": 0, "rmsnorm": router_width, "layernorm": 2 * router_width}[moe.router.norm]

@@ -42,7 +42,7 @@ LayerName = Annotated[
 # what each one computes. Gated activations have a second input projection.
 Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu", "clamped_swiglu"]
 GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu", "clamped_swiglu")
-RouterKind = Literal["topk", "sinkhorn", "sigmoid_bias", "expert_choice"]
+RouterKind = Literal["topk", "sinkhorn", "sigmoid_bias", "expert_choice", "token_id"]
 DEFAULT_HIDDEN = "Default: 4 * width, or 8/3 * width rounded up to a multiple of 8 for gated activations."
 
 
@@ -164,6 +164,10 @@ class Sinkhorn(Base):
                                 "kernel keeps only its topk highest logits (top_k <= topk <= experts). null: every expert.")
 
 
+# Options of learned router logits, with the value that leaves them out (token_id accepts only that).
+_LEARNED_ROUTER_OPTIONS = {"temperature": 1.0, "noise": Noise(), "normalize": False, "bias": False, "norm": "none", "dropout": 0.0}
+
+
 class Router(Base):
     """How tokens choose experts."""
 
@@ -180,6 +184,9 @@ class Router(Base):
     bias_update_rate: NonNegFloat | None = Field(
         None, description="Only with kind: sigmoid_bias: step of the selection-only balancing bias (default 1e-3)."
     )
+    table: Annotated[list[Annotated[int, Field(ge=0, le=MAX_DIM)]], Field(min_length=1, max_length=MAX_DIM)] | None = Field(
+        None, description="Only with kind: token_id: a fixed routing table, token id t goes to expert table[t % len(table)] "
+        "(len(table) <= vocab). null: expert t % experts (the complexity library's TokenRoutedMLP).")
 
     @model_validator(mode="after")
     def _options_match_kind(self) -> "Router":
@@ -189,6 +196,12 @@ class Router(Base):
             raise field_error("sinkhorn", f"is used only by kind 'sinkhorn', but the router kind is '{self.kind}'")
         if self.bias_update_rate is not None and self.kind != "sigmoid_bias":
             raise field_error("bias_update_rate", f"is used only by kind 'sigmoid_bias', but the router kind is '{self.kind}'")
+        if self.table is not None and self.kind != "token_id":
+            raise field_error("table", f"is used only by kind 'token_id', but the router kind is '{self.kind}'")
+        if self.kind == "token_id":
+            for name, inert in _LEARNED_ROUTER_OPTIONS.items():
+                if name in self.model_fields_set and getattr(self, name) != inert:
+                    raise field_error(name, "does not apply to kind 'token_id' (a fixed table, no learned router); remove it")
         return self
 
     @property
@@ -316,6 +329,21 @@ class MoeConfig(Base):
         return self
 
     @model_validator(mode="after")
+    def _token_id_options(self) -> "MoeConfig":
+        """Token-id routing: one fixed expert per token, nothing learned to balance or regularise."""
+        if self.router.kind != "token_id":
+            return self
+        if self.top_k != 1:
+            raise field_error("top_k", f"must be 1 with router kind 'token_id' (one expert per token id), got {self.top_k}")
+        for name in ("load_balance", "z_loss", "entropy", "margin"):
+            if name in self.aux.model_fields_set and getattr(self.aux, name) > 0:
+                raise field_error(f"aux.{name}", "has no learned router to act on with kind 'token_id'; set it to 0 or remove it")
+        for i, expert in enumerate(self.router.table or ()):
+            if expert >= self.experts:
+                raise field_error(f"router.table.{i}", f"must be an expert index < experts ({self.experts}), got {expert}")
+        return self
+
+    @model_validator(mode="after")
     def _expert_choice_options(self) -> "MoeConfig":
         """Expert choice: capacity-based by definition; no renormalisation; balanced without a loss."""
         if not self.router.expert_choice:
@@ -354,6 +382,12 @@ class SpectralMoe(Base):
     moe: MoeConfig
     residual: bool = Field(True, description="true: z = z + moe(z) at each step; false: z = moe(z), as the Tessera seed writes "
                            "`z = mixture(z)`.")
+
+    @model_validator(mode="after")
+    def _routes_by_content(self) -> "SpectralMoe":
+        if self.moe.router.kind == "token_id":
+            raise field_error("moe.router.kind", "'token_id' routes token ids; a spectral token is a frequency bin, not a token")
+        return self
 
 
 Layer = Annotated[Union[Attention, Mlp, Moe, SpectralMoe], Field(discriminator="kind")]
@@ -449,14 +483,22 @@ class Model(Base):
         if self.head.kind == "regression" and self.inputs.kind != "continuous":
             raise field_error("head.kind", "a 'regression' head needs continuous inputs; use kind 'lm' for token inputs")
         for b, i, layer in self.layers():
+            where = f"blocks.{b}.layers.{i}"
+            if layer.kind == "moe" and layer.router.kind == "token_id":
+                self._token_ids_fit(layer.router, where)
             if layer.kind != "attention":
                 continue
-            where = f"blocks.{b}.layers.{i}"
             if layer.head_dim is None and self.d_model % layer.heads:
                 raise field_error(f"{where}.heads", f"must divide d_model ({self.d_model}), got {layer.heads}; or set head_dim")
             if layer.kv_heads is not None and layer.heads % layer.kv_heads:
                 raise field_error(f"{where}.kv_heads", f"must divide heads ({layer.heads}), got {layer.kv_heads}")
         return self
+
+    def _token_ids_fit(self, router: Router, where: str) -> None:
+        if self.inputs.kind != "tokens":
+            raise field_error(f"{where}.router.kind", "'token_id' routes by token id and needs token inputs, but inputs are continuous")
+        if router.table is not None and len(router.table) > self.inputs.vocab:
+            raise field_error(f"{where}.router.table", f"has {len(router.table)} entries, more than the vocabulary ({self.inputs.vocab})")
 
     def layers(self):
         """``(block_index, layer_index, layer)`` for every layer as written (before ``repeat``)."""

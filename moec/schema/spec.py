@@ -101,6 +101,9 @@ def _resolve_moe(moe: dict, width: int) -> None:
         capacity["factor"] = capacity["factor"] or 1.0
         router["normalize"] = False
         moe["aux"]["load_balance"] = 0.0
+    if router["kind"] == "token_id":  # see MoeConfig: a fixed expert per token id, weight 1, nothing to balance
+        router["normalize"] = False
+        moe["aux"]["load_balance"] = 0.0
     if capacity["mode"] == "capacity":
         capacity["factor"] = capacity["factor"] or 1.25
         capacity["drop_policy"] = capacity["drop_policy"] or "zero"

@@ -61,6 +61,15 @@ def sinkhorn(ctx, attrs, logits):
     return torch.exp(log_k + row + col).reshape(shape)
 
 
+def token_route(ctx, attrs, ids):
+    """One-hot scores [B,S,E]: token id t goes to expert table[t mod len(table)], or t mod E without a table."""
+    experts, table = attrs["experts"], tuple(attrs.get("table", ())) or tuple(range(attrs["experts"]))
+    scores = torch.zeros(*ids.shape, experts, device=ids.device)
+    for position, token in enumerate(ids.reshape(-1).tolist()):
+        scores.view(-1, experts)[position, table[token % len(table)]] = 1.0
+    return scores
+
+
 def topk(ctx, attrs, scores, selection_bias=None):
     """The k highest (scores + bias) per token, ties to the lower expert; weights are the unbiased scores."""
     select = scores if selection_bias is None else scores + selection_bias
@@ -234,7 +243,7 @@ def band_index(ctx, attrs, z):
 
 
 KERNELS = {
-    "noise": noise, "anneal_temperature": anneal_temperature, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "topk": topk,
+    "noise": noise, "anneal_temperature": anneal_temperature, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "token_route": token_route, "topk": topk,
     "renormalize": renormalize, "router_dropout": router_dropout, "entropy_loss": entropy_loss, "margin_loss": margin_loss,
     "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
     "combine": combine, "fallback_add": fallback_add, "load_balance_loss": load_balance_loss, "z_loss": z_loss,

@@ -74,9 +74,12 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
         "    batch, seq, width = h.shape",
         "    tokens = batch * seq",
         "    x = h.reshape(tokens, width)  # (N, D)",
-        f"    logits = F.linear({_router_input(moe)}, router_weight{', router_bias' if ROUTER_BIAS in slots else ''})  # (N, E)",
     ]
-    lines += _router(moe, SELECTION_BIAS in slots)
+    if ROUTERS[moe.router.kind].learned:
+        lines.append(f"    logits = F.linear({_router_input(moe)}, router_weight{', router_bias' if ROUTER_BIAS in slots else ''})  # (N, E)")
+        lines += _router(moe, SELECTION_BIAS in slots)
+    else:
+        lines += _fixed_router(moe)
     lines += [
         "    flat_expert = chosen.reshape(-1)  # (N*k,) the expert of each (token, choice)",
         f"    counts = torch.zeros({E}, dtype=torch.int64, device=h.device).scatter_add_(0, flat_expert, torch.ones_like(flat_expert))",
@@ -142,6 +145,16 @@ def _stats(moe: MoeAttrs) -> list[str]:
         "    probs = scores / scores.sum(-1, keepdim=True)",
         "    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()",
         f"    stats = MoeStats(*[value.detach().to(logits.dtype) for value in ({values})])",
+    ]
+
+
+def _fixed_router(moe: MoeAttrs) -> list[str]:
+    """A router without weights (token_id): one-hot scores from the token ids in router_in."""
+    scores = ROUTERS[moe.router.kind].emit_scores(moe.router, f"router_in.reshape(tokens), {moe.experts}")
+    return [
+        f"    scores = {scores}  # (N, E) one-hot: each token id's expert",
+        "    logits = scores  # no learned router: the scores stand in for the logits (z loss, statistics)",
+        f"    weights, chosen = select_experts(scores, {moe.choices})  # (N, 1) weight 1",
     ]
 
 

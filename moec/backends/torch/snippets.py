@@ -300,3 +300,12 @@ def make_parameters(device, dtype, trainable: dict, frozen: dict | None = None) 
     for name, shape in (frozen or {}).items():
         module.register_buffer(name, torch.empty(shape, device=device, dtype=dtype))
     return module
+
+
+def token_route(ids: torch.Tensor, experts: int, table: tuple[int, ...] = ()) -> torch.Tensor:
+    """Token-id routing: one-hot (..., E) scores of expert table[id % len(table)], or id % experts without a table."""
+    if table:
+        expert = torch.tensor(table, dtype=torch.int64, device=ids.device)[ids % len(table)]
+    else:
+        expert = ids % experts
+    return F.one_hot(expert, experts).float()
