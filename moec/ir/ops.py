@@ -239,7 +239,7 @@ def _topk(types, attrs):
     return TensorType(out, "f32"), TensorType(out, "i64")
 
 
-@op("capacity", (3, 4), required="factor experts top_k drop_policy")
+@op("capacity", (3, 4), required="factor experts top_k drop_policy", optional="tokens")
 def _capacity(types, attrs):
     scores, indices, weights = types[:3]
     _expect(indices.shape == weights.shape and indices.dtype == "i64", f"capacity takes indices and weights of one shape, got {indices}, {weights}")

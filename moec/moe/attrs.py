@@ -34,6 +34,7 @@ class RouterAttrs:
 class CapacityAttrs:
     mode: str = "dropless"  # dropless | capacity
     factor: float = 0.0  # C = max(1, floor(factor * tokens * top_k / experts))
+    tokens: int = 0  # > 0: capacity.tokens, C = tokens slots per expert instead of the factor's
     drop_policy: str = "none"  # zero | renormalize (capacity mode only)
     fallback_weight: float = 0.0  # > 0: capacity.fallback 'dense', a dense FFN (parameters fallback.*) for fully dropped tokens
 
@@ -115,7 +116,8 @@ def moe_attrs(cfg) -> MoeAttrs:
             table=tuple(router.table or ()),
         ),
         expert=_expert_attrs(cfg.expert),
-        capacity=CapacityAttrs(mode=capacity.mode, factor=constant(capacity.factor), drop_policy=capacity.drop_policy or "none",
+        capacity=CapacityAttrs(mode=capacity.mode, factor=constant(capacity.factor), tokens=capacity.tokens or 0,
+                               drop_policy=capacity.drop_policy or "none",
                                fallback_weight=(capacity.fallback_weight or 1.0) if capacity.fallback == "dense" else 0.0),
         aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss, load_balance_scope=cfg.aux.load_balance_scope,
                      load_balance_batch=cfg.aux.load_balance_batch,

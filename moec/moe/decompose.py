@@ -111,7 +111,8 @@ def _route_and_combine(b, attrs: MoeAttrs, h: Ref, params: Mapping[str, Ref], pa
         capacity = attrs.capacity
         factor_from = [params[ANNEAL]] if anneal and anneal.capacity_factor else []
         weights, mask = b.add("capacity", [scores, indices, weights, *factor_from], path + ("capacity",), outputs=2, factor=capacity.factor,
-                              experts=attrs.experts, top_k=attrs.top_k, drop_policy=capacity.drop_policy)
+                              experts=attrs.experts, top_k=attrs.top_k, drop_policy=capacity.drop_policy,
+                              **({"tokens": capacity.tokens} if capacity.tokens else {}))
         kept = [mask]
     dispatched = b.add("dispatch", [h, indices], path)
     expert = attrs.expert

@@ -215,10 +215,12 @@ class Capacity(Base):
 
     mode: Literal["dropless", "capacity"] = "dropless"
     factor: annealable(PosFloat) | None = Field(None, description="Only with mode: capacity. C = floor(factor * tokens * top_k / experts); "
-                                            "or annealed {start, end, steps, kind}.")
+                                            "or annealed {start, end, steps, kind}. Default 1.25 unless capacity.tokens is set.")
     drop_policy: Literal["zero", "renormalize"] | None = Field(
         None, description="Only with mode: capacity. zero: a dropped choice adds nothing; renormalize: kept weights are rescaled to sum to 1."
     )
+    tokens: PosInt | None = Field(None, description="Only with mode: capacity, instead of factor: C = tokens slots per expert "
+                                  "whatever the batch (the complexity library's expert_capacity).")
     fallback: Literal["none", "dense"] = Field(
         "none", description="dense: a token every expert dropped goes through a dense FFN of one expert's shape (its own weights, "
         "parameters fallback.*), scaled by fallback_weight (the m library's fallback_policy). Only with mode: capacity.")
@@ -228,7 +230,9 @@ class Capacity(Base):
     def _options_match_mode(self) -> "Capacity":
         if isinstance(self.factor, Anneal):
             self.factor.positive("factor")
-        for name in ("factor", "drop_policy"):
+        if self.factor is not None and self.tokens is not None:
+            raise field_error("tokens", "is an alternative to factor (an absolute capacity per expert); set one of them, not both")
+        for name in ("factor", "tokens", "drop_policy"):
             if getattr(self, name) is not None and self.mode != "capacity":
                 raise field_error(name, f"is used only with mode 'capacity', but mode is '{self.mode}'")
         if self.fallback != "none" and self.mode != "capacity":

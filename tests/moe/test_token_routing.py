@@ -56,3 +56,26 @@ def test_token_id_has_no_router_weight_and_routes_every_token_by_its_id():
     for stats in out.moe_stats:  # table [3, 1]: even ids to expert 3, odd ids to expert 1
         assert stats.counts.tolist() == [0, 3, 0, 5]
     assert out.aux_loss.item() == 0.0
+
+
+# capacity.tokens: C slots per expert whatever the batch (learned routers too), against the reference.
+CAPACITY_TOKENS = {"bmm_c5": ("bmm", 5), "grouped_mm_c3": ("grouped_mm", 3), "eager_c40": ("eager", 40)}
+
+
+@pytest.mark.parametrize("variant", list(CAPACITY_TOKENS))
+def test_capacity_tokens_agrees_with_the_reference(variant):
+    kernel, slots = CAPACITY_TOKENS[variant]
+    layer = LAYER.replace("top_k: 1", "top_k: 2") + "          expert: {hidden: 8, activation: swiglu}\n"
+    layer += f"          capacity: {{mode: capacity, tokens: {slots}, drop_policy: renormalize}}\n"
+    text = spec_with(layer, name=variant).source.text.replace("train:\n", f"schedule:\n  kernels: {{moe: {kernel}}}\ntrain:\n")
+    assert_agree(moec.load_spec_text(text, file=f"{variant}.yaml"), seeds=(0, 3), shapes=((2, 16), (1, 3)))
+
+
+@pytest.mark.parametrize("slots", [3, 100])
+def test_capacity_tokens_keeps_that_many_per_expert(slots):
+    spec = token_spec(f"          router: {{kind: token_id}}\n          capacity: {{mode: capacity, tokens: {slots}}}\n", f"c{slots}")
+    assert "capacity = {} ".format(slots) in moec.compile_spec(spec).source
+    ids = torch.tensor([[0, 4, 8, 12, 16, 1, 5, 2]])  # expert 0: 5 tokens, expert 1: 2, expert 2: 1
+    stats = moec.build_model(spec).eval()(ids).moe_stats[0]
+    assert stats.counts.tolist() == [5, 2, 1, 0]
+    assert stats.dropped.item() == pytest.approx(max(0, 5 - slots) / 8)

@@ -105,13 +105,14 @@ def capacity(ctx, attrs, scores, indices, weights, anneal=None):
     Order-agnostic (Switch / `m` style): a token's position in the batch does not matter
     except to break exact ties (lower token index first). Dropped choices get weight 0;
     with drop_policy 'renormalize' a token's kept weights are rescaled to sum to 1. An annealed
-    factor is anneal[2], C at most the ``factor`` attribute's (the schedule's peak).
+    factor is anneal[2], C at most the ``factor`` attribute's (the schedule's peak). With ``tokens``
+    (capacity.tokens) C is that number, whatever the batch.
     """
     experts = attrs["experts"]
     flat_idx = indices.reshape(-1)
     choice_scores = scores.gather(-1, indices).reshape(-1)
     tokens = indices.shape[0] * indices.shape[1]
-    limit = snippets.capacity_of(tokens, attrs["factor"], attrs["top_k"], experts)
+    limit = attrs.get("tokens") or snippets.capacity_of(tokens, attrs["factor"], attrs["top_k"], experts)  # capacity.tokens: C given
     if anneal is not None:
         limit = min(limit, int(snippets.annealed_capacity(anneal[2], tokens, attrs["top_k"], experts).item()))
     kept = torch.zeros_like(flat_idx, dtype=torch.bool)

@@ -55,7 +55,7 @@ def helpers_for(moe: MoeAttrs) -> set[str]:
     used |= {"router_dropout"} if moe.router.dropout > 0 else set()
     used |= {"router_entropy"} if moe.aux.entropy > 0 else set()
     used |= {"router_margin"} if moe.aux.margin > 0 else set()
-    used |= {"capacity_of", "capacity_keep"} if not moe.dropless else set()
+    used |= {"capacity_keep"} | ({"capacity_of"} if not moe.capacity.tokens else set()) if not moe.dropless else set()
     used |= {"annealed_capacity", "capacity_trim"} if moe.anneal and moe.anneal.capacity_factor else set()
     used |= {"renormalize_kept"} if moe.capacity.drop_policy == "renormalize" else set()
     used |= {"clamped_glu"} if ACTIVATIONS[moe.expert.activation].clamped else set()
@@ -66,7 +66,8 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
                  tiles: tuple[int, ...] = ()) -> list[str]:
     args = ", ".join(slot_arg(s) for s in slots)
     E, k = moe.experts, moe.choices
-    policy = f"capacity {moe.capacity.factor} ({moe.capacity.drop_policy})" if not moe.dropless else "dropless"
+    size = f"{moe.capacity.tokens} tokens" if moe.capacity.tokens else moe.capacity.factor
+    policy = f"capacity {size} ({moe.capacity.drop_policy})" if not moe.dropless else "dropless"
     picks = f"each expert picks from all {E}" if ROUTERS[moe.router.kind].expert_choice else f"top-{moe.top_k} of {E} experts"
     lines = [
         f"def {name}({args}, training: bool):",
@@ -183,8 +184,12 @@ def _router(moe: MoeAttrs, selection_bias: bool) -> list[str]:
 
 def _capacity(moe: MoeAttrs) -> list[str]:
     E, cap = moe.experts, moe.capacity
+    if cap.tokens:
+        size = f"    capacity = {cap.tokens}  # capacity.tokens: C slots per expert, whatever the batch"
+    else:
+        size = f"    capacity = capacity_of(tokens, {cap.factor!r}, {moe.top_k}, {E})  # C = floor(factor * N * top_k / E)"
     lines = [
-        f"    capacity = capacity_of(tokens, {cap.factor!r}, {moe.top_k}, {E})  # C = floor(factor * N * top_k / E)",
+        size,
         "    choice_scores = scores.gather(-1, chosen).reshape(-1)",
         f"    slots, kept = capacity_keep(choice_scores, flat_expert, {E}, capacity)  # (E, C), (N*k,)",
     ]
