@@ -200,6 +200,22 @@ def _select_last(types, attrs):
     return (TensorType((x.shape[0], 1, x.shape[2]), x.dtype),)
 
 
+@op("dynamics", (6, 7), required="dt beta_max velocity_limit")
+def _dynamics(types, attrs):
+    """INL dynamics: (h, [v], mu, controller_in w/b, controller_out w/b) -> (h', v'); without v, v = 0."""
+    h, params = types[0], types[-5:]
+    _float(h, "dynamics input")
+    if len(types) == 7:
+        _expect(types[1].shape == h.shape, f"dynamics velocity must have the input's shape {h}, got {types[1]}")
+    d = h.shape[-1]
+    mu, w_in, b_in, w_out, b_out = params
+    _expect(mu.shape == (d,) and w_in.rank == 2 and w_in.shape[1] == 2 * d and b_in.shape == (w_in.shape[0],)
+            and w_out.shape == (3 * d, w_in.shape[0]) and b_out.shape == (3 * d,),
+            f"dynamics parameters must be mu [{d}], controller_in [C, {2 * d}] + [C], controller_out [{3 * d}, C] + [{3 * d}], "
+            f"got {', '.join(map(str, params))}")
+    return _same(h) + _same(h)
+
+
 # --- routing ---------------------------------------------------------------------------
 
 

@@ -60,7 +60,7 @@ class GraphBuilder:
             return self.param_refs[key]
         name = self.names.exact(key)
         attrs = {"name": key, "shape": tuple(shape), "init": init, "std": float(std), "trainable": trainable, "group": group}
-        attrs |= {"values": tuple(float(v) for v in values)} if init == "values" else {}
+        attrs |= {"values": tuple(float(v) for v in values)} if init in ("values", "chunks") else {}
         self.nodes.append(Node(name=name, op="param", attrs=_freeze(attrs), origin=self.origin(path)))
         self.param_refs[key] = Ref(name)
         return self.param_refs[key]

@@ -309,3 +309,13 @@ def token_route(ids: torch.Tensor, experts: int, table: tuple[int, ...] = ()) ->
     else:
         expert = ids % experts
     return F.one_hot(expert, experts).float()
+
+
+def inl_dynamics(h: torch.Tensor, v: torch.Tensor | None, mu: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
+                 w_out: torch.Tensor, b_out: torch.Tensor, dt: float, beta_max: float, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """INL dynamics (complexity): a controller on [h, v] sets alpha, beta, gate; returns (h', v'). v None: the first layer, v = 0."""
+    if v is None:
+        v = torch.zeros_like(h)
+    alpha, beta, gate = F.linear(F.silu(F.linear(torch.cat([h, v], -1), w_in, b_in)), w_out, b_out).chunk(3, dim=-1)
+    v_next = (torch.sigmoid(alpha) * v - F.softplus(beta).clamp(max=beta_max) * (h - mu)).clamp(-limit, limit)
+    return h + dt * torch.sigmoid(gate) * v_next, v_next
