@@ -233,6 +233,7 @@ def _annealed(types, attrs):
 
 op("noise", (1, 2), required="kind std")(_annealed)
 op("anneal_temperature", 2)(_annealed)
+op("band_mask", 1, required="bands")(_elementwise)  # [B,F,E] logits, -inf outside each bin's group of experts
 op("sinkhorn", 1, required="iters tau temperature", optional="topk")(_elementwise)
 
 

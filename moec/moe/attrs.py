@@ -28,6 +28,7 @@ class RouterAttrs:
     dropout: float = 0.0  # training: per token, with this probability the best choice's weight is zeroed
     sinkhorn_topk: int = 0  # sinkhorn: each token's kernel keeps its topk highest logits (0: all)
     table: tuple[int, ...] = ()  # token_id: expert = table[id % len(table)]; empty: id % experts
+    bands: int = 0  # spectral bands: the F bins in this many contiguous groups, each routed among its E / bands experts
 
 
 @dataclass(frozen=True)

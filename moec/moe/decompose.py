@@ -10,6 +10,7 @@ drift apart. The ops (each one node; semantics in docs/semantics.md)::
     scores  = logits = token_route(router_in)         # router.kind token_id instead (no weight): router_in holds
                                                       # the token ids; one-hot [B,S,E], then topk(k=1) as below
     noisy   = noise(logits [, anneal])                # only when the router has noise; std from router.anneal[1] if annealed
+    noisy   = band_mask(noisy)                        # spectral bands: -inf outside the bin's group of experts
     noisy   = anneal_temperature(noisy, anneal)       # router.temperature annealed: / router.anneal[0]
     scores  = <router score op>(noisy)                # softmax | sigmoid | sinkhorn: [B,S,E]
     w, idx  = topk(scores [, selection_bias], k=choices)  # [B,S,k]
@@ -90,6 +91,8 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     else:
         std_from = [params[ANNEAL]] if anneal and anneal.noise_std else []
         noisy = b.add("noise", [logits, *std_from], rpath, kind=router.noise, std=router.noise_std)
+    if router.bands:  # spectral per-band experts (path: the spectral layer's moe): -inf outside the bin's group
+        noisy = b.add("band_mask", [noisy], path[:-1] + ("bands",), bands=router.bands)
     if anneal and anneal.temperature:
         noisy = b.add("anneal_temperature", [noisy, params[ANNEAL]], rpath)
     scores = b.add(kind.score_op, [noisy], rpath, **kind.score_attrs(router))

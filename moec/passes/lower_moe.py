@@ -7,6 +7,8 @@ parameters from the layer's spec and calls it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from moec.ir.graph import Ref
 from moec.moe import decompose, decompose_spectral, ffn, ffn_params, moe_attrs, moe_params
 from moec.moe.params import BAND_TABLE
@@ -35,6 +37,8 @@ def lower_spectral_moe(b: GraphBuilder, spec, layer, x: Ref, prefix: str, path: 
     """rfft -> real view -> (z + moe(z)) x depth with shared weights -> complex -> irfft."""
     cfg, width = layer.moe, 2 * spec.model.d_model
     attrs = moe_attrs(cfg)
+    if layer.bands:  # per-band experts: the router of the spectral tokens knows the bands
+        attrs = replace(attrs, router=replace(attrs.router, bands=layer.bands))
     table = None
     if layer.band == "embedding":
         bins = spec.model.max_seq_len // 2 + 1

@@ -25,6 +25,17 @@ def anneal_temperature(ctx, attrs, logits, anneal):
     return logits / anneal[0]
 
 
+def band_mask(ctx, attrs, logits):
+    """Spectral per-band experts: bin f of F (dim 1) is in group g = floor(f * bands / F) and keeps the logits
+    of experts g * E / bands ... (g + 1) * E / bands - 1; the others become -inf."""
+    bins, experts, bands = logits.shape[1], logits.shape[-1], attrs["bands"]
+    allowed = torch.zeros(bins, experts, dtype=torch.bool, device=logits.device)
+    for f in range(bins):
+        group = f * bands // bins
+        allowed[f, group * experts // bands : (group + 1) * experts // bands] = True
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 def softmax(ctx, attrs, logits):
     return torch.softmax(logits / attrs["temperature"], dim=-1)
 
@@ -244,7 +255,7 @@ def band_index(ctx, attrs, z):
 
 
 KERNELS = {
-    "noise": noise, "anneal_temperature": anneal_temperature, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "token_route": token_route, "topk": topk,
+    "noise": noise, "anneal_temperature": anneal_temperature, "band_mask": band_mask, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "token_route": token_route, "topk": topk,
     "renormalize": renormalize, "router_dropout": router_dropout, "entropy_loss": entropy_loss, "margin_loss": margin_loss,
     "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
     "combine": combine, "fallback_add": fallback_add, "load_balance_loss": load_balance_loss, "z_loss": z_loss,

@@ -53,6 +53,7 @@ def helpers_for(moe: MoeAttrs) -> set[str]:
     used = {"select_experts", _balance_fn(moe)} | set(ROUTERS[moe.router.kind].helpers)
     used |= {"router_noise"} if moe.router.noise != "none" else set()
     used |= {"router_dropout"} if moe.router.dropout > 0 else set()
+    used |= {"band_mask"} if moe.router.bands else set()
     used |= {"router_entropy"} if moe.aux.entropy > 0 else set()
     used |= {"router_margin"} if moe.aux.margin > 0 else set()
     used |= {"capacity_keep"} | ({"capacity_of"} if not moe.capacity.tokens else set()) if not moe.dropless else set()
@@ -168,6 +169,9 @@ def _router(moe: MoeAttrs, selection_bias: bool) -> list[str]:
         std = "router_anneal[1]" if anneal and anneal.noise_std else repr(router.noise_std)
         lines.append(f"    noisy = router_noise(logits, {router.noise!r}, {std}, training)")
         logits = "noisy"
+    if router.bands:
+        lines.append(f"    banded = band_mask({logits}.view(batch, seq, -1), {router.bands}).view(tokens, -1)  # each bin's group of experts only")
+        logits = "banded"
     if anneal and anneal.temperature:
         lines.append(f"    tempered = {logits} / router_anneal[0]  # router.temperature annealed")
         logits = "tempered"

@@ -319,3 +319,11 @@ def inl_dynamics(h: torch.Tensor, v: torch.Tensor | None, mu: torch.Tensor, w_in
     alpha, beta, gate = F.linear(F.silu(F.linear(torch.cat([h, v], -1), w_in, b_in)), w_out, b_out).chunk(3, dim=-1)
     v_next = (torch.sigmoid(alpha) * v - F.softplus(beta).clamp(max=beta_max) * (h - mu)).clamp(-limit, limit)
     return h + dt * torch.sigmoid(gate) * v_next, v_next
+
+
+def band_mask(logits: torch.Tensor, bands: int) -> torch.Tensor:
+    """Spectral per-band experts on (B, F, E) logits: bin f routes only among the experts of group floor(f * bands / F)."""
+    bins, experts = logits.shape[1], logits.shape[-1]
+    group = torch.arange(bins, device=logits.device) * bands // bins  # (F,)
+    owner = torch.arange(experts, device=logits.device) // (experts // bands)  # (E,)
+    return logits.masked_fill(group[:, None] != owner[None, :], float("-inf"))
