@@ -107,6 +107,8 @@ def flops_per_token(spec, graph: Graph) -> float:
             flops += 4 * seq * node.attr["heads"] * node.attr["head_dim"]
         elif node.op in ("moe", "spectral_moe"):
             flops += _moe_flops(graph, node, seq)
+        elif node.op == "dynamics":  # the controller's two matmuls (its last five inputs: mu, W_in, b_in, W_out, b_out)
+            flops += 2 * sum(numel(graph[ref.node]) for ref in (node.inputs[-4], node.inputs[-2]))
     return flops
 
 

@@ -86,3 +86,12 @@ def test_dynamics_agrees_with_the_reference(variant):
     residual = variant.split("_saturating")[0]
     dynamics = DYNAMICS + ("          velocity_limit: 0.05\n          beta_max: 0.5\n          dt: 0.5\n" if "saturating" in variant else "")
     assert_agree(dynamics_spec(variant, dynamics, residual), seeds=(0, 3), shapes=((2, 16), (1, 3)))
+
+
+def test_manifest_counts_the_controller_flops():
+    from moec.manifest import flops_per_token
+
+    with_dynamics = dynamics_spec("flops")
+    without = moec.load_spec_text(with_dynamics.source.text.replace(DYNAMICS, ""), file="plain.yaml")
+    extra = flops_per_token(with_dynamics, moec.compile_spec(with_dynamics).graph) - flops_per_token(without, moec.compile_spec(without).graph)
+    assert extra == 2 * 2 * (2 * 16 * 8 + 8 * 3 * 16)  # two blocks, D = 16, C = 8
