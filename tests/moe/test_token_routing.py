@@ -79,3 +79,13 @@ def test_capacity_tokens_keeps_that_many_per_expert(slots):
     stats = moec.build_model(spec).eval()(ids).moe_stats[0]
     assert stats.counts.tolist() == [5, 2, 1, 0]
     assert stats.dropped.item() == pytest.approx(max(0, 5 - slots) / 8)
+
+
+def test_bench_feeds_token_ids_to_a_token_id_layer():
+    from moec.bench.layers import LayerShape, MoecLayer, layer_spec_text
+
+    shape = LayerShape(tokens=8, width=16, hidden=8, experts=4, top_k=1)
+    layer_yaml = "{kind: moe, experts: 4, top_k: 1, router: {kind: token_id}, expert: {hidden: 8, activation: swiglu}}"
+    layer = MoecLayer(layer_spec_text(shape, layer_yaml), "cpu", torch.float32)
+    out, aux = layer(torch.randn(1, 8, 16))
+    assert layer.routes_by_id and out.shape == (1, 8, 16) and aux.item() == 0.0
