@@ -123,6 +123,22 @@ def train(
 
 
 @app.command()
+def inspect(
+    spec: Path = typer.Argument(..., help="The spec whose MoE layer to report.", show_default=False),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE"),
+    layer: Optional[str] = typer.Option(None, "--layer", help="The MoE layer, e.g. blocks.1.moe (default: the first)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="Random input tokens (default: train.seq_len; "
+                                         "more: a multiple of it, as a batch of sequences)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Weights from a checkpoint directory or safetensors "
+                                              "file (default: the spec seed's)."),
+) -> None:
+    """Report one MoE layer on a random input: shapes, forward time, tokens per expert, load-balance loss."""
+    from cli.inspect_layer import run_inspect
+
+    run_inspect(spec, tuple(overrides or ()), layer, tokens, checkpoint)
+
+
+@app.command()
 def plot(run: Path = typer.Argument(..., help="A run directory with metrics.jsonl.", show_default=False)) -> None:
     """Draw loss, expert-utilisation and throughput PNGs for a run."""
     from moec.runtime.plots import plot_run

@@ -107,6 +107,8 @@ def flops_per_token(spec, graph: Graph) -> float:
             flops += 4 * seq * node.attr["heads"] * node.attr["head_dim"]
         elif node.op in ("moe", "spectral_moe"):
             flops += _moe_flops(graph, node, seq)
+        elif node.op == "dynamics":  # the controller's two matmuls (its last five inputs: mu, W_in, b_in, W_out, b_out)
+            flops += 2 * sum(numel(graph[ref.node]) for ref in (node.inputs[-4], node.inputs[-2]))
     return flops
 
 
@@ -115,7 +117,7 @@ def _moe_flops(graph: Graph, node: Node, seq: int) -> float:
     per_slot = {slot: numel(graph[ref.node]) for slot, ref in zip(attrs["slots"], node.inputs) if graph[ref.node].op == "param"}
     experts = sum(size for slot, size in per_slot.items() if slot.startswith(EXPERT_PREFIX + "w"))
     shared = sum(size for slot, size in per_slot.items() if slot.startswith("shared."))
-    routed_token = 2 * (per_slot[ROUTER_WEIGHT] + experts * moe.top_k / moe.experts + shared)
+    routed_token = 2 * (per_slot.get(ROUTER_WEIGHT, 0) + experts * moe.top_k / moe.experts + shared)
     if node.op == "moe":
         return routed_token
     bins = seq // 2 + 1

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import moec
 from moec.backends.torch.codegen_moe import slot_arg
+from moec.moe import ROUTERS
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,12 @@ class MoecLayer(torch.nn.Module):
         names = {slot_arg(name): tensor for name, tensor in tensors}
         arguments = list(self.function.__code__.co_varnames[2 : self.function.__code__.co_argcount - 1])
         self.arguments = [names[a] for a in arguments]  # in the function's order
+        (_, attrs), = model.program.moe_layers()
+        self.routes_by_id = not ROUTERS[attrs.router.kind].learned  # token_id: the router reads token ids
 
     def forward(self, x: torch.Tensor):
-        out, aux, *_ = self.function(x, x, *self.arguments, self.training)
+        router_in = torch.arange(x.shape[1], device=x.device).unsqueeze(0) if self.routes_by_id else x  # ids 0..N-1
+        out, aux, *_ = self.function(x, router_in, *self.arguments, self.training)
         return out, aux
 
 

@@ -200,6 +200,22 @@ def _select_last(types, attrs):
     return (TensorType((x.shape[0], 1, x.shape[2]), x.dtype),)
 
 
+@op("dynamics", (6, 7), required="dt beta_max velocity_limit")
+def _dynamics(types, attrs):
+    """INL dynamics: (h, [v], mu, controller_in w/b, controller_out w/b) -> (h', v'); without v, v = 0."""
+    h, params = types[0], types[-5:]
+    _float(h, "dynamics input")
+    if len(types) == 7:
+        _expect(types[1].shape == h.shape, f"dynamics velocity must have the input's shape {h}, got {types[1]}")
+    d = h.shape[-1]
+    mu, w_in, b_in, w_out, b_out = params
+    _expect(mu.shape == (d,) and w_in.rank == 2 and w_in.shape[1] == 2 * d and b_in.shape == (w_in.shape[0],)
+            and w_out.shape == (3 * d, w_in.shape[0]) and b_out.shape == (3 * d,),
+            f"dynamics parameters must be mu [{d}], controller_in [C, {2 * d}] + [C], controller_out [{3 * d}, C] + [{3 * d}], "
+            f"got {', '.join(map(str, params))}")
+    return _same(h) + _same(h)
+
+
 # --- routing ---------------------------------------------------------------------------
 
 
@@ -217,7 +233,16 @@ def _annealed(types, attrs):
 
 op("noise", (1, 2), required="kind std")(_annealed)
 op("anneal_temperature", 2)(_annealed)
+op("band_mask", 1, required="bands")(_elementwise)  # [B,F,E] logits, -inf outside each bin's group of experts
 op("sinkhorn", 1, required="iters tau temperature", optional="topk")(_elementwise)
+
+
+@op("token_route", 1, required="experts", optional="table")
+def _token_route(types, attrs):
+    """Token-id routing: i64 ids [B,S] -> one-hot scores [B,S,E] of each id's expert."""
+    (ids,) = types
+    _expect(ids.dtype == "i64" and ids.rank == 2, f"token_route takes i64 token ids [B,S], got {ids}")
+    return (TensorType(ids.shape + (attrs["experts"],), "f32"),)
 
 
 @op("topk", (1, 2), required="k")
@@ -231,7 +256,7 @@ def _topk(types, attrs):
     return TensorType(out, "f32"), TensorType(out, "i64")
 
 
-@op("capacity", (3, 4), required="factor experts top_k drop_policy")
+@op("capacity", (3, 4), required="factor experts top_k drop_policy", optional="tokens")
 def _capacity(types, attrs):
     scores, indices, weights = types[:3]
     _expect(indices.shape == weights.shape and indices.dtype == "i64", f"capacity takes indices and weights of one shape, got {indices}, {weights}")

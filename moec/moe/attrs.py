@@ -27,12 +27,15 @@ class RouterAttrs:
     norm: str = "none"  # none | rmsnorm | layernorm of the router input (parameters router.norm.*)
     dropout: float = 0.0  # training: per token, with this probability the best choice's weight is zeroed
     sinkhorn_topk: int = 0  # sinkhorn: each token's kernel keeps its topk highest logits (0: all)
+    table: tuple[int, ...] = ()  # token_id: expert = table[id % len(table)]; empty: id % experts
+    bands: int = 0  # spectral bands: the F bins in this many contiguous groups, each routed among its E / bands experts
 
 
 @dataclass(frozen=True)
 class CapacityAttrs:
     mode: str = "dropless"  # dropless | capacity
     factor: float = 0.0  # C = max(1, floor(factor * tokens * top_k / experts))
+    tokens: int = 0  # > 0: capacity.tokens, C = tokens slots per expert instead of the factor's
     drop_policy: str = "none"  # zero | renormalize (capacity mode only)
     fallback_weight: float = 0.0  # > 0: capacity.fallback 'dense', a dense FFN (parameters fallback.*) for fully dropped tokens
 
@@ -111,9 +114,11 @@ def moe_attrs(cfg) -> MoeAttrs:
             norm=router.norm,
             dropout=router.dropout,
             sinkhorn_topk=(router.sinkhorn.topk or 0) if router.sinkhorn else 0,
+            table=tuple(router.table or ()),
         ),
         expert=_expert_attrs(cfg.expert),
-        capacity=CapacityAttrs(mode=capacity.mode, factor=constant(capacity.factor), drop_policy=capacity.drop_policy or "none",
+        capacity=CapacityAttrs(mode=capacity.mode, factor=constant(capacity.factor), tokens=capacity.tokens or 0,
+                               drop_policy=capacity.drop_policy or "none",
                                fallback_weight=(capacity.fallback_weight or 1.0) if capacity.fallback == "dense" else 0.0),
         aux=AuxAttrs(load_balance=cfg.aux.load_balance, z_loss=cfg.aux.z_loss, load_balance_scope=cfg.aux.load_balance_scope,
                      load_balance_batch=cfg.aux.load_balance_batch,

@@ -7,7 +7,10 @@ drift apart. The ops (each one node; semantics in docs/semantics.md)::
 
     router_in = rmsnorm | layernorm(router_in)        # router.norm
     logits  = linear(router_in, router.weight)        # [B,S,E]
+    scores  = logits = token_route(router_in)         # router.kind token_id instead (no weight): router_in holds
+                                                      # the token ids; one-hot [B,S,E], then topk(k=1) as below
     noisy   = noise(logits [, anneal])                # only when the router has noise; std from router.anneal[1] if annealed
+    noisy   = band_mask(noisy)                        # spectral bands: -inf outside the bin's group of experts
     noisy   = anneal_temperature(noisy, anneal)       # router.temperature annealed: / router.anneal[0]
     scores  = <router score op>(noisy)                # softmax | sigmoid | sinkhorn: [B,S,E]
     w, idx  = topk(scores [, selection_bias], k=choices)  # [B,S,k]
@@ -73,6 +76,10 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     """
     router, kind = attrs.router, ROUTERS[attrs.router.kind]
     rpath = path + ("router",)
+    if not kind.learned:  # token_id: scores from the token ids in router_in; they stand in for the logits
+        logits = scores = b.add(kind.score_op, [router_in], rpath, experts=attrs.experts, **kind.score_attrs(router))
+        weights, indices = b.add("topk", [scores], rpath, outputs=2, k=attrs.choices)
+        return _route_and_combine(b, attrs, h, params, path, logits, scores, weights, indices)
     if router.norm == "rmsnorm":
         router_in = b.add("rmsnorm", [router_in, params[ROUTER_NORM_WEIGHT]], rpath, eps=ROUTER_NORM_EPS)
     elif router.norm == "layernorm":
@@ -84,6 +91,8 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
     else:
         std_from = [params[ANNEAL]] if anneal and anneal.noise_std else []
         noisy = b.add("noise", [logits, *std_from], rpath, kind=router.noise, std=router.noise_std)
+    if router.bands:  # spectral per-band experts (path: the spectral layer's moe): -inf outside the bin's group
+        noisy = b.add("band_mask", [noisy], path[:-1] + ("bands",), bands=router.bands)
     if anneal and anneal.temperature:
         noisy = b.add("anneal_temperature", [noisy, params[ANNEAL]], rpath)
     scores = b.add(kind.score_op, [noisy], rpath, **kind.score_attrs(router))
@@ -93,12 +102,20 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
         weights = b.add("router_dropout", [weights], rpath, p=router.dropout)
     if router.normalize:
         weights = b.add("renormalize", [weights], rpath)
+    return _route_and_combine(b, attrs, h, params, path, logits, scores, weights, indices)
+
+
+def _route_and_combine(b, attrs: MoeAttrs, h: Ref, params: Mapping[str, Ref], path: tuple, logits: Ref, scores: Ref, weights: Ref,
+                       indices: Ref) -> tuple[Ref, ...]:
+    """Capacity, dispatch, experts, combine, fallback, shared experts and aux losses of chosen ``indices``."""
+    anneal = attrs.anneal
     kept = []
     if not attrs.dropless:
         capacity = attrs.capacity
         factor_from = [params[ANNEAL]] if anneal and anneal.capacity_factor else []
         weights, mask = b.add("capacity", [scores, indices, weights, *factor_from], path + ("capacity",), outputs=2, factor=capacity.factor,
-                              experts=attrs.experts, top_k=attrs.top_k, drop_policy=capacity.drop_policy)
+                              experts=attrs.experts, top_k=attrs.top_k, drop_policy=capacity.drop_policy,
+                              **({"tokens": capacity.tokens} if capacity.tokens else {}))
         kept = [mask]
     dispatched = b.add("dispatch", [h, indices], path)
     expert = attrs.expert

@@ -49,7 +49,8 @@ def ffn_slots(prefix: str, activation: str, bias: bool) -> tuple[str, ...]:
 
 def moe_slots(attrs: MoeAttrs) -> tuple[str, ...]:
     """The parameter slots of an MoE layer, in the fused node's input order."""
-    slots = [ROUTER_WEIGHT] + ([ROUTER_BIAS] if attrs.router.bias else []) + router_norm_slots(attrs)
+    slots = [ROUTER_WEIGHT] if ROUTERS[attrs.router.kind].learned else []  # token_id: no router weight
+    slots += ([ROUTER_BIAS] if attrs.router.bias else []) + router_norm_slots(attrs)
     slots += [SELECTION_BIAS] if ROUTERS[attrs.router.kind].selection_bias else []
     slots += ffn_slots(EXPERT_PREFIX, attrs.expert.activation, attrs.expert.bias)
     if attrs.shared:
@@ -103,7 +104,7 @@ def ffn_params(prefix: str, width: int, hidden: int, activation: str, bias: bool
 def moe_params(attrs: MoeAttrs, width: int, router_width: int, hidden: int, shared_hidden: int = 0) -> list[ParamDecl]:
     """Declarations of :func:`moe_slots`: shapes for experts of ``hidden`` on tokens of ``width``."""
     E = attrs.experts
-    decls = [ParamDecl(ROUTER_WEIGHT, (E, router_width), "router", "router")]
+    decls = [ParamDecl(ROUTER_WEIGHT, (E, router_width), "router", "router")] if ROUTERS[attrs.router.kind].learned else []
     if attrs.router.bias:
         decls.append(ParamDecl(ROUTER_BIAS, (E,), "router", "bias", init="zeros"))
     for slot in router_norm_slots(attrs):

@@ -5,12 +5,15 @@ An entry holds everything the compiler knows about a kind of router:
 - ``score_op`` and ``score_attrs``: the primitive op that turns router logits into scores
   in the unfused graph (its reference kernel is ``moec.backends.reference.routing``'s
   function of the same name), with its attributes;
-- ``emit_scores``: the expression the torch backend writes for the same scores;
+- ``emit_scores``: the expression the torch backend writes for the same scores (of the
+  logits; for a router that is not learned, of ``"<token ids>, <experts>"``);
 - ``helpers``: the ``moec.backends.torch.snippets`` functions that expression calls;
 - ``selection_bias``: a non-trainable per-expert bias added to the scores for selection
   only (parameter ``router.selection_bias``, moved by the trainer towards even load);
 - ``expert_choice``: every expert picks its best tokens (the (token, expert) pairs are all
-  candidates, and capacity keeps each expert's C best) instead of every token its top_k.
+  candidates, and capacity keeps each expert's C best) instead of every token its top_k;
+- ``learned``: false for a router with no weight: its score op reads the layer's ``router_in``
+  directly (``token_id``: the token ids) and the scores stand in for the logits.
 
 Adding a router kind is one entry here, its score kernel when no existing one fits, the
 name in the schema's ``Router.kind`` literal, and tests.
@@ -34,6 +37,7 @@ class RouterKind:
     helpers: frozenset[str] = field(default_factory=frozenset)
     selection_bias: bool = False
     expert_choice: bool = False
+    learned: bool = True
 
 
 def _temperature(router: RouterAttrs) -> dict:
@@ -70,6 +74,13 @@ ROUTERS = {
             "expert_choice", "softmax scores; each expert takes its C best tokens of the batch (Zhou et al. 2022)",
             score_op="softmax", score_attrs=_temperature, emit_scores=_softmax,
             expert_choice=True,
+        ),
+        RouterKind(
+            "token_id", "no learned router: a token goes to expert table[id % len(table)], or id % experts (the complexity "
+            "library's TokenRoutedMLP); one-hot scores, weight 1",
+            score_op="token_route", score_attrs=lambda r: {"table": r.table} if r.table else {},
+            emit_scores=lambda r, ids_and_experts: f"token_route({ids_and_experts}{f', {r.table!r}' if r.table else ''})",
+            helpers=frozenset({"token_route"}), learned=False,
         ),
     )
 }

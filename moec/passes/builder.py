@@ -40,6 +40,10 @@ class GraphBuilder:
         self.nodes.append(node)
         return node.out() if outputs == 1 else tuple(node.out(i) for i in range(outputs))
 
+    def input_ref(self, name: str) -> Ref:
+        """The model input called ``name`` (``tokens``: a token-id router reads it)."""
+        return next(node.out() for node in self.nodes if node.op == "input" and node.attr["name"] == name)
+
     def mark_moe(self, out: Ref, aux: Ref, attrs, balance: Ref | None = None) -> None:
         """Record on ``out``'s node that it closes the decomposition of ``attrs`` (``fuse_moe`` reads it)."""
         index = next(i for i, node in enumerate(self.nodes) if node.name == out.node)
@@ -56,7 +60,7 @@ class GraphBuilder:
             return self.param_refs[key]
         name = self.names.exact(key)
         attrs = {"name": key, "shape": tuple(shape), "init": init, "std": float(std), "trainable": trainable, "group": group}
-        attrs |= {"values": tuple(float(v) for v in values)} if init == "values" else {}
+        attrs |= {"values": tuple(float(v) for v in values)} if init in ("values", "chunks") else {}
         self.nodes.append(Node(name=name, op="param", attrs=_freeze(attrs), origin=self.origin(path)))
         self.param_refs[key] = Ref(name)
         return self.param_refs[key]

@@ -7,10 +7,14 @@ parameters. Parameter names are the state_dict keys of every backend.
 
 from __future__ import annotations
 
+import math
+
 from moec.ir.graph import Graph, Ref
 from moec.passes.builder import GraphBuilder, init_std
 from moec.passes.lower_moe import lower_ffn, lower_moe, lower_spectral_moe
 from moec.schema.spec import Spec
+
+CONTROLLER_OUT_STD = 0.01  # the dynamics controller's output weights start small (complexity-deep's normal(0, 0.01))
 
 
 def lower(spec: Spec) -> Graph:
@@ -19,10 +23,11 @@ def lower(spec: Spec) -> Graph:
     x = _lower_inputs(b, spec)
     aux_terms: list[Ref] = []
     balance: list[tuple[Ref, tuple, object]] = []  # aux.load_balance_scope 'model': (stats, path, layer) per MoE layer
+    velocity: list[Ref] = []  # the dynamics layers' velocity state, carried through the blocks (empty: v = 0)
     index = 0
     for entry, block in enumerate(model.blocks):
         for _ in range(block.repeat):
-            x = _lower_block(b, spec, block, entry, index, x, aux_terms, balance)
+            x = _lower_block(b, spec, block, entry, index, x, aux_terms, balance, velocity)
             index += 1
     if model.final_norm is not None:
         x = _norm(b, x, model.final_norm, "final_norm", ("model", "final_norm"), model.d_model)
@@ -61,10 +66,14 @@ def _pooled_load_balance(b, balance) -> Ref:
                  experts=layer.experts, weight=layer.aux.load_balance)
 
 
-def _lower_block(b, spec, block, entry, index, x, aux_terms, balance):
+def _lower_block(b, spec, block, entry, index, x, aux_terms, balance, velocity):
     for j, layer in enumerate(block.layers):
         path = ("model", "blocks", entry, "layers", j)
         prefix = f"blocks.{index}.{layer.name}"
+        if layer.kind == "dynamics":  # updates the residual stream itself: no norm, no residual around it
+            x, v = _lower_dynamics(b, spec, layer, prefix, path, x, velocity[-1:])
+            velocity[:] = [v]
+            continue
         norm_path = ("model", "blocks", entry, "norm")
         d = spec.model.d_model
         if block.residual == "pre_norm":
@@ -111,6 +120,20 @@ def _lower_attention(b, spec, layer, prefix, path, h) -> Ref:
     a = b.add("attention", [q, k, v, *sinks], path, heads=layer.heads, kv_heads=layer.kv_heads, head_dim=hd, causal=layer.causal,
               **window)
     return b.linear(a, f"{prefix}.wo", d, q_width, path, out_std, bias + "o" if layer.bias is True else None)
+
+
+def _lower_dynamics(b, spec, layer, prefix, path, x, velocity) -> tuple[Ref, Ref]:
+    """``x, v = dynamics(x, v)``: mu, a controller MLP [2D -> C -> 3D] whose output bias starts alpha, beta, gate near their inits."""
+    d, hidden = spec.model.d_model, layer.controller_hidden
+    mu = b.param(f"{prefix}.mu", (d,), path, init="zeros", group="bias")  # the learned equilibrium: no weight decay
+    w_in = b.param(f"{prefix}.controller_in.weight", (hidden, 2 * d), path, std=init_std(spec))
+    b_in = b.param(f"{prefix}.controller_in.bias", (hidden,), path, init="zeros", group="bias")
+    w_out = b.param(f"{prefix}.controller_out.weight", (3 * d, hidden), path, std=CONTROLLER_OUT_STD)
+    bias = (math.log(layer.init_alpha / (1 - layer.init_alpha)), math.log(math.expm1(layer.init_beta)),
+            math.log(layer.init_gate / (1 - layer.init_gate)))  # logit, softplus^-1, logit
+    b_out = b.param(f"{prefix}.controller_out.bias", (3 * d,), path, init="chunks", values=bias, group="bias")
+    return b.add("dynamics", [x, *velocity, mu, w_in, b_in, w_out, b_out], path, outputs=2, dt=layer.dt, beta_max=layer.beta_max,
+                 velocity_limit=layer.velocity_limit)
 
 
 def _yarn_attrs(scaling) -> dict:

@@ -7,9 +7,12 @@ parameters from the layer's spec and calls it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from moec.ir.graph import Ref
 from moec.moe import decompose, decompose_spectral, ffn, ffn_params, moe_attrs, moe_params
 from moec.moe.params import BAND_TABLE
+from moec.moe.routers import ROUTERS
 from moec.passes.builder import GraphBuilder, init_std
 
 
@@ -26,13 +29,16 @@ def lower_moe(b: GraphBuilder, spec, layer, h: Ref, prefix: str, path: tuple) ->
     shared = layer.shared_experts
     decls = moe_params(attrs, width, width, layer.expert.hidden, shared.count * shared.hidden if shared else 0)
     params = b.declare(spec, prefix, path, decls)
-    return decompose(b, attrs, h, h, params, path)
+    router_in = h if ROUTERS[attrs.router.kind].learned else b.input_ref("tokens")  # token_id routes by the input ids
+    return decompose(b, attrs, h, router_in, params, path)
 
 
 def lower_spectral_moe(b: GraphBuilder, spec, layer, x: Ref, prefix: str, path: tuple) -> tuple[Ref, Ref]:
     """rfft -> real view -> (z + moe(z)) x depth with shared weights -> complex -> irfft."""
     cfg, width = layer.moe, 2 * spec.model.d_model
     attrs = moe_attrs(cfg)
+    if layer.bands:  # per-band experts: the router of the spectral tokens knows the bands
+        attrs = replace(attrs, router=replace(attrs.router, bands=layer.bands))
     table = None
     if layer.band == "embedding":
         bins = spec.model.max_seq_len // 2 + 1

@@ -351,8 +351,8 @@ def estimate_params(spec: Spec) -> int:
     total = model.inputs.vocab * d if model.inputs.kind == "tokens" else model.inputs.dims * d + d
     total += model.max_seq_len * d if model.position == "learned" else 0
     for block in model.blocks:
-        norm = _norm_params(block.norm, d)
-        total += block.repeat * sum(_layer_params(layer, spec) + norm for layer in block.layers)
+        norm = _norm_params(block.norm, d)  # every layer but dynamics has its own norm
+        total += block.repeat * sum(_layer_params(layer, spec) + (norm if layer.kind != "dynamics" else 0) for layer in block.layers)
     total += _norm_params(model.final_norm, d) if model.final_norm is not None else 0
     if model.head.kind == "lm":
         return total + (0 if model.head.tie_embeddings else model.inputs.vocab * d)
@@ -376,6 +376,8 @@ def _layer_params(layer, spec: Spec) -> int:
         return _ffn_params(d, layer.hidden, layer.activation, layer.bias)
     if layer.kind == "moe":
         return _moe_params(layer, d, d)
+    if layer.kind == "dynamics":  # mu, controller_in (weight, bias), controller_out (weight, bias)
+        return d + (2 * d + 1) * layer.controller_hidden + (layer.controller_hidden + 1) * 3 * d
     width = 2 * d  # spectral: real and imaginary channels; the band table is shared by the depth steps
     band = (spec.model.max_seq_len // 2 + 1) * width if layer.band == "embedding" else 0
     return band + _moe_params(layer.moe, width, width + 1 if layer.band == "index_feature" else width)
@@ -393,7 +395,8 @@ def _attention_params(layer, d: int) -> int:
 
 def _moe_params(moe, width: int, router_width: int) -> int:
     expert = moe.expert
-    total = router_width * moe.experts + moe.experts * _ffn_params(width, expert.hidden, expert.activation, expert.bias)
+    total = router_width * moe.experts if moe.router.kind != "token_id" else 0  # token_id: no router weight
+    total += moe.experts * _ffn_params(width, expert.hidden, expert.activation, expert.bias)
     total += moe.experts if moe.router.kind == "sigmoid_bias" else 0  # the selection-bias buffer
     total += moe.experts if moe.router.bias else 0
     total += {"none": 0, "rmsnorm": router_width, "layernorm": 2 * router_width}[moe.router.norm]

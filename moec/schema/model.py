@@ -42,7 +42,7 @@ LayerName = Annotated[
 # what each one computes. Gated activations have a second input projection.
 Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu", "clamped_swiglu"]
 GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu", "clamped_swiglu")
-RouterKind = Literal["topk", "sinkhorn", "sigmoid_bias", "expert_choice"]
+RouterKind = Literal["topk", "sinkhorn", "sigmoid_bias", "expert_choice", "token_id"]
 DEFAULT_HIDDEN = "Default: 4 * width, or 8/3 * width rounded up to a multiple of 8 for gated activations."
 
 
@@ -164,6 +164,10 @@ class Sinkhorn(Base):
                                 "kernel keeps only its topk highest logits (top_k <= topk <= experts). null: every expert.")
 
 
+# Options of learned router logits, with the value that leaves them out (token_id accepts only that).
+_LEARNED_ROUTER_OPTIONS = {"temperature": 1.0, "noise": Noise(), "normalize": False, "bias": False, "norm": "none", "dropout": 0.0}
+
+
 class Router(Base):
     """How tokens choose experts."""
 
@@ -180,6 +184,9 @@ class Router(Base):
     bias_update_rate: NonNegFloat | None = Field(
         None, description="Only with kind: sigmoid_bias: step of the selection-only balancing bias (default 1e-3)."
     )
+    table: Annotated[list[Annotated[int, Field(ge=0, le=MAX_DIM)]], Field(min_length=1, max_length=MAX_DIM)] | None = Field(
+        None, description="Only with kind: token_id: a fixed routing table, token id t goes to expert table[t % len(table)] "
+        "(len(table) <= vocab). null: expert t % experts (the complexity library's TokenRoutedMLP).")
 
     @model_validator(mode="after")
     def _options_match_kind(self) -> "Router":
@@ -189,6 +196,12 @@ class Router(Base):
             raise field_error("sinkhorn", f"is used only by kind 'sinkhorn', but the router kind is '{self.kind}'")
         if self.bias_update_rate is not None and self.kind != "sigmoid_bias":
             raise field_error("bias_update_rate", f"is used only by kind 'sigmoid_bias', but the router kind is '{self.kind}'")
+        if self.table is not None and self.kind != "token_id":
+            raise field_error("table", f"is used only by kind 'token_id', but the router kind is '{self.kind}'")
+        if self.kind == "token_id":
+            for name, inert in _LEARNED_ROUTER_OPTIONS.items():
+                if name in self.model_fields_set and getattr(self, name) != inert:
+                    raise field_error(name, "does not apply to kind 'token_id' (a fixed table, no learned router); remove it")
         return self
 
     @property
@@ -202,10 +215,12 @@ class Capacity(Base):
 
     mode: Literal["dropless", "capacity"] = "dropless"
     factor: annealable(PosFloat) | None = Field(None, description="Only with mode: capacity. C = floor(factor * tokens * top_k / experts); "
-                                            "or annealed {start, end, steps, kind}.")
+                                            "or annealed {start, end, steps, kind}. Default 1.25 unless capacity.tokens is set.")
     drop_policy: Literal["zero", "renormalize"] | None = Field(
         None, description="Only with mode: capacity. zero: a dropped choice adds nothing; renormalize: kept weights are rescaled to sum to 1."
     )
+    tokens: PosInt | None = Field(None, description="Only with mode: capacity, instead of factor: C = tokens slots per expert "
+                                  "whatever the batch (the complexity library's expert_capacity).")
     fallback: Literal["none", "dense"] = Field(
         "none", description="dense: a token every expert dropped goes through a dense FFN of one expert's shape (its own weights, "
         "parameters fallback.*), scaled by fallback_weight (the m library's fallback_policy). Only with mode: capacity.")
@@ -215,7 +230,9 @@ class Capacity(Base):
     def _options_match_mode(self) -> "Capacity":
         if isinstance(self.factor, Anneal):
             self.factor.positive("factor")
-        for name in ("factor", "drop_policy"):
+        if self.factor is not None and self.tokens is not None:
+            raise field_error("tokens", "is an alternative to factor (an absolute capacity per expert); set one of them, not both")
+        for name in ("factor", "tokens", "drop_policy"):
             if getattr(self, name) is not None and self.mode != "capacity":
                 raise field_error(name, f"is used only with mode 'capacity', but mode is '{self.mode}'")
         if self.fallback != "none" and self.mode != "capacity":
@@ -316,6 +333,21 @@ class MoeConfig(Base):
         return self
 
     @model_validator(mode="after")
+    def _token_id_options(self) -> "MoeConfig":
+        """Token-id routing: one fixed expert per token, nothing learned to balance or regularise."""
+        if self.router.kind != "token_id":
+            return self
+        if self.top_k != 1:
+            raise field_error("top_k", f"must be 1 with router kind 'token_id' (one expert per token id), got {self.top_k}")
+        for name in ("load_balance", "z_loss", "entropy", "margin"):
+            if name in self.aux.model_fields_set and getattr(self.aux, name) > 0:
+                raise field_error(f"aux.{name}", "has no learned router to act on with kind 'token_id'; set it to 0 or remove it")
+        for i, expert in enumerate(self.router.table or ()):
+            if expert >= self.experts:
+                raise field_error(f"router.table.{i}", f"must be an expert index < experts ({self.experts}), got {expert}")
+        return self
+
+    @model_validator(mode="after")
     def _expert_choice_options(self) -> "MoeConfig":
         """Expert choice: capacity-based by definition; no renormalisation; balanced without a loss."""
         if not self.router.expert_choice:
@@ -354,13 +386,59 @@ class SpectralMoe(Base):
     moe: MoeConfig
     residual: bool = Field(True, description="true: z = z + moe(z) at each step; false: z = moe(z), as the Tessera seed writes "
                            "`z = mixture(z)`.")
+    bands: PosInt | None = Field(None, description="Per-band experts: the F rfft bins in this many contiguous groups (bin f in group "
+                                 "floor(f * bands / F)), each routed only among its own experts / bands experts (router kind topk; "
+                                 "experts divisible by bands, top_k <= experts / bands). null: every bin may use every expert.")
+
+    @model_validator(mode="after")
+    def _routes_by_content(self) -> "SpectralMoe":
+        if self.moe.router.kind == "token_id":
+            raise field_error("moe.router.kind", "'token_id' routes token ids; a spectral token is a frequency bin, not a token")
+        if self.bands is not None:
+            if self.moe.experts % self.bands:
+                raise field_error("bands", f"must divide moe.experts ({self.moe.experts}), got {self.bands}")
+            if self.moe.top_k > self.moe.experts // self.bands:
+                raise field_error("bands", f"leaves {self.moe.experts // self.bands} experts per band, fewer than top_k ({self.moe.top_k})")
+            if self.moe.router.kind != "topk":
+                raise field_error("bands", f"restricts a softmax top-k router; router kind '{self.moe.router.kind}' is not supported with it")
+        return self
 
 
-Layer = Annotated[Union[Attention, Mlp, Moe, SpectralMoe], Field(discriminator="kind")]
+OpenUnit = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class Dynamics(Base):
+    """INL dynamics (the complexity seed's ``h, velocity = dynamics(h, velocity)``): a velocity state carried
+    through the blocks. It updates the residual stream itself, so the block's norm and residual do not wrap it.
+
+    A controller MLP on [h, v] gives alpha = sigmoid, beta = min(softplus, beta_max), gate = sigmoid;
+    v' = clamp(alpha * v - beta * (h - mu), -velocity_limit, velocity_limit); h' = h + dt * gate * v'.
+    The first dynamics layer starts from v = 0. docs/semantics.md defines it.
+    """
+
+    kind: Literal["dynamics"]
+    name: LayerName | None = None
+    controller_hidden: Dim = Field(64, description="Width of the controller MLP (silu) on [h, v].")
+    dt: PosFloat = Field(0.1, description="Step of the position update h + dt * gate * v'.")
+    beta_max: PosFloat = Field(2.0, description="beta = min(softplus(.), beta_max).")
+    velocity_limit: PosFloat = Field(10.0, description="v' is clamped to [-velocity_limit, velocity_limit].")
+    init_alpha: OpenUnit = Field(0.9, description="Initial alpha: the controller's output bias starts at logit(init_alpha).")
+    init_beta: PosFloat = Field(0.1, description="Initial beta: the bias starts at softplus^-1(init_beta).")
+    init_gate: OpenUnit = Field(0.5, description="Initial gate: the bias starts at logit(init_gate).")
+
+    @model_validator(mode="after")
+    def _beta_fits(self) -> "Dynamics":
+        if self.init_beta >= self.beta_max:
+            raise field_error("init_beta", f"must be below beta_max ({self.beta_max}), got {self.init_beta}")
+        return self
+
+
+Layer = Annotated[Union[Attention, Mlp, Moe, SpectralMoe, Dynamics], Field(discriminator="kind")]
 
 
 class Block(Base):
-    """A residual block: each layer is wrapped as x + layer(norm(x)) (pre_norm) or norm(x + layer(x))."""
+    """A residual block: each layer is wrapped as x + layer(norm(x)) (pre_norm) or norm(x + layer(x)); a dynamics layer
+    is not wrapped (x, v = dynamics(x, v))."""
 
     repeat: PosInt = 1
     norm: Norm = Field(default_factory=Norm)
@@ -449,14 +527,22 @@ class Model(Base):
         if self.head.kind == "regression" and self.inputs.kind != "continuous":
             raise field_error("head.kind", "a 'regression' head needs continuous inputs; use kind 'lm' for token inputs")
         for b, i, layer in self.layers():
+            where = f"blocks.{b}.layers.{i}"
+            if layer.kind == "moe" and layer.router.kind == "token_id":
+                self._token_ids_fit(layer.router, where)
             if layer.kind != "attention":
                 continue
-            where = f"blocks.{b}.layers.{i}"
             if layer.head_dim is None and self.d_model % layer.heads:
                 raise field_error(f"{where}.heads", f"must divide d_model ({self.d_model}), got {layer.heads}; or set head_dim")
             if layer.kv_heads is not None and layer.heads % layer.kv_heads:
                 raise field_error(f"{where}.kv_heads", f"must divide heads ({layer.heads}), got {layer.kv_heads}")
         return self
+
+    def _token_ids_fit(self, router: Router, where: str) -> None:
+        if self.inputs.kind != "tokens":
+            raise field_error(f"{where}.router.kind", "'token_id' routes by token id and needs token inputs, but inputs are continuous")
+        if router.table is not None and len(router.table) > self.inputs.vocab:
+            raise field_error(f"{where}.router.table", f"has {len(router.table)} entries, more than the vocabulary ({self.inputs.vocab})")
 
     def layers(self):
         """``(block_index, layer_index, layer)`` for every layer as written (before ``repeat``)."""

@@ -98,11 +98,14 @@ def _resolve_moe(moe: dict, width: int) -> None:
     capacity = moe["capacity"]
     if router["kind"] == "expert_choice":  # see MoeConfig: capacity-based, balanced by construction
         capacity["mode"] = "capacity"
-        capacity["factor"] = capacity["factor"] or 1.0
+        capacity["factor"] = capacity["factor"] or (1.0 if capacity["tokens"] is None else None)
+        router["normalize"] = False
+        moe["aux"]["load_balance"] = 0.0
+    if router["kind"] == "token_id":  # see MoeConfig: a fixed expert per token id, weight 1, nothing to balance
         router["normalize"] = False
         moe["aux"]["load_balance"] = 0.0
     if capacity["mode"] == "capacity":
-        capacity["factor"] = capacity["factor"] or 1.25
+        capacity["factor"] = capacity["factor"] or (1.25 if capacity["tokens"] is None else None)
         capacity["drop_policy"] = capacity["drop_policy"] or "zero"
     shared = moe["shared_experts"]
     if shared is not None and shared["hidden"] is None:

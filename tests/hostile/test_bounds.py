@@ -229,11 +229,11 @@ def test_a_model_larger_than_the_machines_memory_is_refused_before_building(monk
 
     monkeypatch.setattr(trainer_mod, "build_model", never)
     monkeypatch.setattr(fit, "available_bytes", lambda device: 1 << 30)
-    text = open("specs/token_routed.yaml").read()  # 18.2B parameters, here on one device
+    text = open("specs/token_routed.yaml").read()  # 18.3B parameters, here on one device
     text = text.replace("mesh:\n  world_size: 16\n  axes: {dp: 2, ep: 8}\n", "").replace("sharding:\n  batch: [dp, ep]\n  experts: [ep]\n", "")
     spec = moec.load_spec_text(text, file="token_routed.yaml")
     with pytest.raises(trainer_mod.TrainingError) as caught:
         trainer_mod.Trainer(spec, run_dir="runs/never", device="cpu")
-    assert str(caught.value) == ("token_routed.yaml:9: the run needs about 2319.9 GiB per device (parameters, gradients and AdamW "
-                                 "271.9 GiB, activations ~2048.0 GiB) but cpu has 1.0 GiB available; make the model smaller, "
+    assert str(caught.value) == ("token_routed.yaml:14: the run needs about 2320.2 GiB per device (parameters, gradients and AdamW "
+                                 "272.2 GiB, activations ~2048.0 GiB) but cpu has 1.0 GiB available; make the model smaller, "
                                  "or shard it over more devices (mesh, sharding.fsdp)")

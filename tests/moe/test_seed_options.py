@@ -36,7 +36,7 @@ def test_happy_fixture_validates_builds_agrees_and_trains(path, tmp_path):
     rows = [row for row in read_metrics(tmp_path / "metrics.jsonl") if row["kind"] == "train"]
     assert len(rows) == spec.train.steps and all(math.isfinite(row["loss"]) for row in rows)
     for name, layer in rows[-1]["moe"].items():  # the reward terms are logged per layer
-        moe = next(lay for _, _, lay in spec.model.layers() if lay.kind == "moe")
+        moe = next(lay if lay.kind == "moe" else lay.moe for _, _, lay in spec.model.layers() if lay.kind in ("moe", "spectral_moe"))
         if moe.aux.entropy or moe.aux.margin:
             assert (layer["aux_entropy"] < 0) == (moe.aux.entropy > 0) and (layer["aux_margin"] < 0) == (moe.aux.margin > 0), name
 

@@ -87,6 +87,24 @@ def select_last(ctx, attrs, x):
     return x[:, -1:, :]
 
 
+def dynamics(ctx, attrs, h, *rest):
+    """INL dynamics: (h', v') from h and the velocity v (0 when not given), written step by step.
+
+    c = silu([h, v] W_inᵀ + b_in) W_outᵀ + b_out, split into three [D] parts (alpha, beta, gate);
+    v' = clamp(sigmoid(a) v - min(softplus(b), beta_max) (h - mu), ±velocity_limit); h' = h + dt sigmoid(g) v'.
+    """
+    v = rest[0] if len(rest) == 6 else torch.zeros_like(h)
+    mu, w_in, b_in, w_out, b_out = rest[-5:]
+    control = F.linear(F.silu(F.linear(torch.cat([h, v], dim=-1), w_in, b_in)), w_out, b_out)
+    width = h.shape[-1]
+    alpha = torch.sigmoid(control[..., :width])
+    beta = torch.clamp(F.softplus(control[..., width : 2 * width]), max=attrs["beta_max"])
+    gate = torch.sigmoid(control[..., 2 * width :])
+    limit = attrs["velocity_limit"]
+    v_next = torch.clamp(alpha * v - beta * (h - mu), -limit, limit)
+    return h + attrs["dt"] * gate * v_next, v_next
+
+
 def constant(ctx, attrs):
     return torch.tensor(attrs["value"], dtype=torch.float32, device=ctx.device)
 
@@ -94,5 +112,5 @@ def constant(ctx, attrs):
 KERNELS = {
     "embed": embed, "linear": linear, "pos_embed": pos_embed, "rmsnorm": rmsnorm, "layernorm": layernorm,
     "head_rmsnorm": head_rmsnorm, "sigmoid_gate": sigmoid_gate, "rope": rope, "attention": attention, "activation": activation, "glu": glu, "clamped_glu": clamped_glu, "add": add,
-    "select_last": select_last, "constant": constant,
+    "select_last": select_last, "constant": constant, "dynamics": dynamics,
 }

@@ -25,6 +25,17 @@ def anneal_temperature(ctx, attrs, logits, anneal):
     return logits / anneal[0]
 
 
+def band_mask(ctx, attrs, logits):
+    """Spectral per-band experts: bin f of F (dim 1) is in group g = floor(f * bands / F) and keeps the logits
+    of experts g * E / bands ... (g + 1) * E / bands - 1; the others become -inf."""
+    bins, experts, bands = logits.shape[1], logits.shape[-1], attrs["bands"]
+    allowed = torch.zeros(bins, experts, dtype=torch.bool, device=logits.device)
+    for f in range(bins):
+        group = f * bands // bins
+        allowed[f, group * experts // bands : (group + 1) * experts // bands] = True
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 def softmax(ctx, attrs, logits):
     return torch.softmax(logits / attrs["temperature"], dim=-1)
 
@@ -59,6 +70,15 @@ def sinkhorn(ctx, attrs, logits):
         lse = torch.logsumexp(torch.where(empty, 0.0, log_k + row), dim=0, keepdim=True)
         col = math.log(tokens / experts) - torch.where(empty, 0.0, lse)
     return torch.exp(log_k + row + col).reshape(shape)
+
+
+def token_route(ctx, attrs, ids):
+    """One-hot scores [B,S,E]: token id t goes to expert table[t mod len(table)], or t mod E without a table."""
+    experts, table = attrs["experts"], tuple(attrs.get("table", ())) or tuple(range(attrs["experts"]))
+    scores = torch.zeros(*ids.shape, experts, device=ids.device)
+    for position, token in enumerate(ids.reshape(-1).tolist()):
+        scores.view(-1, experts)[position, table[token % len(table)]] = 1.0
+    return scores
 
 
 def topk(ctx, attrs, scores, selection_bias=None):
@@ -96,13 +116,14 @@ def capacity(ctx, attrs, scores, indices, weights, anneal=None):
     Order-agnostic (Switch / `m` style): a token's position in the batch does not matter
     except to break exact ties (lower token index first). Dropped choices get weight 0;
     with drop_policy 'renormalize' a token's kept weights are rescaled to sum to 1. An annealed
-    factor is anneal[2], C at most the ``factor`` attribute's (the schedule's peak).
+    factor is anneal[2], C at most the ``factor`` attribute's (the schedule's peak). With ``tokens``
+    (capacity.tokens) C is that number, whatever the batch.
     """
     experts = attrs["experts"]
     flat_idx = indices.reshape(-1)
     choice_scores = scores.gather(-1, indices).reshape(-1)
     tokens = indices.shape[0] * indices.shape[1]
-    limit = snippets.capacity_of(tokens, attrs["factor"], attrs["top_k"], experts)
+    limit = attrs.get("tokens") or snippets.capacity_of(tokens, attrs["factor"], attrs["top_k"], experts)  # capacity.tokens: C given
     if anneal is not None:
         limit = min(limit, int(snippets.annealed_capacity(anneal[2], tokens, attrs["top_k"], experts).item()))
     kept = torch.zeros_like(flat_idx, dtype=torch.bool)
@@ -234,7 +255,7 @@ def band_index(ctx, attrs, z):
 
 
 KERNELS = {
-    "noise": noise, "anneal_temperature": anneal_temperature, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "topk": topk,
+    "noise": noise, "anneal_temperature": anneal_temperature, "band_mask": band_mask, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "token_route": token_route, "topk": topk,
     "renormalize": renormalize, "router_dropout": router_dropout, "entropy_loss": entropy_loss, "margin_loss": margin_loss,
     "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
     "combine": combine, "fallback_add": fallback_add, "load_balance_loss": load_balance_loss, "z_loss": z_loss,

@@ -53,9 +53,10 @@ def helpers_for(moe: MoeAttrs) -> set[str]:
     used = {"select_experts", _balance_fn(moe)} | set(ROUTERS[moe.router.kind].helpers)
     used |= {"router_noise"} if moe.router.noise != "none" else set()
     used |= {"router_dropout"} if moe.router.dropout > 0 else set()
+    used |= {"band_mask"} if moe.router.bands else set()
     used |= {"router_entropy"} if moe.aux.entropy > 0 else set()
     used |= {"router_margin"} if moe.aux.margin > 0 else set()
-    used |= {"capacity_of", "capacity_keep"} if not moe.dropless else set()
+    used |= {"capacity_keep"} | ({"capacity_of"} if not moe.capacity.tokens else set()) if not moe.dropless else set()
     used |= {"annealed_capacity", "capacity_trim"} if moe.anneal and moe.anneal.capacity_factor else set()
     used |= {"renormalize_kept"} if moe.capacity.drop_policy == "renormalize" else set()
     used |= {"clamped_glu"} if ACTIVATIONS[moe.expert.activation].clamped else set()
@@ -66,7 +67,8 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
                  tiles: tuple[int, ...] = ()) -> list[str]:
     args = ", ".join(slot_arg(s) for s in slots)
     E, k = moe.experts, moe.choices
-    policy = f"capacity {moe.capacity.factor} ({moe.capacity.drop_policy})" if not moe.dropless else "dropless"
+    size = f"{moe.capacity.tokens} tokens" if moe.capacity.tokens else moe.capacity.factor
+    policy = f"capacity {size} ({moe.capacity.drop_policy})" if not moe.dropless else "dropless"
     picks = f"each expert picks from all {E}" if ROUTERS[moe.router.kind].expert_choice else f"top-{moe.top_k} of {E} experts"
     lines = [
         f"def {name}({args}, training: bool):",
@@ -74,9 +76,12 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
         "    batch, seq, width = h.shape",
         "    tokens = batch * seq",
         "    x = h.reshape(tokens, width)  # (N, D)",
-        f"    logits = F.linear({_router_input(moe)}, router_weight{', router_bias' if ROUTER_BIAS in slots else ''})  # (N, E)",
     ]
-    lines += _router(moe, SELECTION_BIAS in slots)
+    if ROUTERS[moe.router.kind].learned:
+        lines.append(f"    logits = F.linear({_router_input(moe)}, router_weight{', router_bias' if ROUTER_BIAS in slots else ''})  # (N, E)")
+        lines += _router(moe, SELECTION_BIAS in slots)
+    else:
+        lines += _fixed_router(moe)
     lines += [
         "    flat_expert = chosen.reshape(-1)  # (N*k,) the expert of each (token, choice)",
         f"    counts = torch.zeros({E}, dtype=torch.int64, device=h.device).scatter_add_(0, flat_expert, torch.ones_like(flat_expert))",
@@ -145,6 +150,16 @@ def _stats(moe: MoeAttrs) -> list[str]:
     ]
 
 
+def _fixed_router(moe: MoeAttrs) -> list[str]:
+    """A router without weights (token_id): one-hot scores from the token ids in router_in."""
+    scores = ROUTERS[moe.router.kind].emit_scores(moe.router, f"router_in.reshape(tokens), {moe.experts}")
+    return [
+        f"    scores = {scores}  # (N, E) one-hot: each token id's expert",
+        "    logits = scores  # no learned router: the scores stand in for the logits (z loss, statistics)",
+        f"    weights, chosen = select_experts(scores, {moe.choices})  # (N, 1) weight 1",
+    ]
+
+
 def _router(moe: MoeAttrs, selection_bias: bool) -> list[str]:
     router = moe.router
     logits = "logits"
@@ -154,6 +169,9 @@ def _router(moe: MoeAttrs, selection_bias: bool) -> list[str]:
         std = "router_anneal[1]" if anneal and anneal.noise_std else repr(router.noise_std)
         lines.append(f"    noisy = router_noise(logits, {router.noise!r}, {std}, training)")
         logits = "noisy"
+    if router.bands:
+        lines.append(f"    banded = band_mask({logits}.view(batch, seq, -1), {router.bands}).view(tokens, -1)  # each bin's group of experts only")
+        logits = "banded"
     if anneal and anneal.temperature:
         lines.append(f"    tempered = {logits} / router_anneal[0]  # router.temperature annealed")
         logits = "tempered"
@@ -170,8 +188,12 @@ def _router(moe: MoeAttrs, selection_bias: bool) -> list[str]:
 
 def _capacity(moe: MoeAttrs) -> list[str]:
     E, cap = moe.experts, moe.capacity
+    if cap.tokens:
+        size = f"    capacity = {cap.tokens}  # capacity.tokens: C slots per expert, whatever the batch"
+    else:
+        size = f"    capacity = capacity_of(tokens, {cap.factor!r}, {moe.top_k}, {E})  # C = floor(factor * N * top_k / E)"
     lines = [
-        f"    capacity = capacity_of(tokens, {cap.factor!r}, {moe.top_k}, {E})  # C = floor(factor * N * top_k / E)",
+        size,
         "    choice_scores = scores.gather(-1, chosen).reshape(-1)",
         f"    slots, kept = capacity_keep(choice_scores, flat_expert, {E}, capacity)  # (E, C), (N*k,)",
     ]

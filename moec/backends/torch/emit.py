@@ -17,7 +17,7 @@ from moec.backends.torch.blocks import Segment, attribute_expr, is_fused, segmen
 from moec.backends.torch.modules import block_class, root_class
 from moec.backends.torch.ops import EXPRESSIONS, SNIPPETS_USED_BY
 from moec.ir.graph import Graph, Node, Ref
-from moec.moe import ROUTER_WEIGHT
+from moec.moe import EXPERT_PREFIX, ROUTER_WEIGHT
 
 IMPORTS = [
     "from __future__ import annotations",
@@ -207,12 +207,13 @@ def value_name(ref: Ref, graph: Graph) -> str:
 
 
 def moe_layers(graph: Graph) -> tuple[str, ...]:
-    """Names of the MoE layers, in forward order: the prefix of each one's router weight."""
+    """Names of the MoE layers, in forward order: the prefix of each one's router (or first expert) weight."""
     names = []
     for node in graph.nodes:
         if node.op in ("moe", "spectral_moe"):
-            router = node.inputs[node.attr["slots"].index(ROUTER_WEIGHT)]
-            names.append(graph[router.node].attr["name"].removesuffix("." + ROUTER_WEIGHT))
+            slot = ROUTER_WEIGHT if ROUTER_WEIGHT in node.attr["slots"] else EXPERT_PREFIX + "w_up"  # token_id: no router weight
+            param = node.inputs[node.attr["slots"].index(slot)]
+            names.append(graph[param.node].attr["name"].removesuffix("." + slot))
     return tuple(names)
 
 

@@ -300,3 +300,30 @@ def make_parameters(device, dtype, trainable: dict, frozen: dict | None = None) 
     for name, shape in (frozen or {}).items():
         module.register_buffer(name, torch.empty(shape, device=device, dtype=dtype))
     return module
+
+
+def token_route(ids: torch.Tensor, experts: int, table: tuple[int, ...] = ()) -> torch.Tensor:
+    """Token-id routing: one-hot (..., E) scores of expert table[id % len(table)], or id % experts without a table."""
+    if table:
+        expert = torch.tensor(table, dtype=torch.int64, device=ids.device)[ids % len(table)]
+    else:
+        expert = ids % experts
+    return F.one_hot(expert, experts).float()
+
+
+def inl_dynamics(h: torch.Tensor, v: torch.Tensor | None, mu: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
+                 w_out: torch.Tensor, b_out: torch.Tensor, dt: float, beta_max: float, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """INL dynamics (complexity): a controller on [h, v] sets alpha, beta, gate; returns (h', v'). v None: the first layer, v = 0."""
+    if v is None:
+        v = torch.zeros_like(h)
+    alpha, beta, gate = F.linear(F.silu(F.linear(torch.cat([h, v], -1), w_in, b_in)), w_out, b_out).chunk(3, dim=-1)
+    v_next = (torch.sigmoid(alpha) * v - F.softplus(beta).clamp(max=beta_max) * (h - mu)).clamp(-limit, limit)
+    return h + dt * torch.sigmoid(gate) * v_next, v_next
+
+
+def band_mask(logits: torch.Tensor, bands: int) -> torch.Tensor:
+    """Spectral per-band experts on (B, F, E) logits: bin f routes only among the experts of group floor(f * bands / F)."""
+    bins, experts = logits.shape[1], logits.shape[-1]
+    group = torch.arange(bins, device=logits.device) * bands // bins  # (F,)
+    owner = torch.arange(experts, device=logits.device) // (experts // bands)  # (E,)
+    return logits.masked_fill(group[:, None] != owner[None, :], float("-inf"))
