@@ -198,8 +198,16 @@ def _register_data() -> None:
     app.add_typer(data_app, name="data")
 
 
+def _register_inference() -> None:
+    from cli.infer import evaluate, generate
+
+    app.command("generate")(generate)
+    app.command("eval")(evaluate)
+
+
 _register_interop()
 _register_data()
+_register_inference()
 
 
 def _exit_on_signal(signum, frame) -> None:
