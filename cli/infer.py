@@ -113,3 +113,36 @@ def evaluate(
     for key, value in row.items():
         table.add_row(key, f"{value:.6f}" if isinstance(value, float) else str(value))
     Console().print(table)
+
+
+def serve(
+    source: Path = typer.Argument(..., help=SOURCE_HELP, show_default=False),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default; 0.0.0.0 exposes it)."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535),
+    slots: int = typer.Option(8, "--slots", min=1, help="Requests decoded together in one batched step."),
+    queue: int = typer.Option(64, "--queue", min=1, help="Requests that may wait for a slot; more get 503."),
+    prefix_cache_tokens: int = typer.Option(8192, "--prefix-cache-tokens", min=0, help="Prompt tokens whose KV the LRU prefix cache keeps."),
+    no_compile: bool = typer.Option(False, "--no-compile", help="Run the decode path eagerly (no torch.compile)."),
+) -> None:
+    """Serve generation over HTTP: POST /generate (SSE with stream: true), GET /health, GET /stats."""
+    try:
+        import uvicorn
+
+        from moec.serve.server import create_app
+    except ImportError as err:
+        typer.echo(f"error: moec serve needs the [serve] extra (pip install 'moec[serve]'): {err}", err=True)
+        raise typer.Exit(1) from None
+    from moec.serve.codec import codec_for
+    from moec.serve.engine import Engine
+    from moec.serve.generate import Generator
+
+    model, spec = _load(source)
+    generator = Generator(model, spec, compile=not no_compile)
+    if not generator.cached:
+        typer.echo(f"note: no KV cache for this model ({generator.uncached_reason}): requests run one at a time, "
+                   "recomputing the window per token", err=True)
+    engine = Engine(generator, slots=slots, queue_limit=queue, prefix_cache_tokens=prefix_cache_tokens)
+    try:
+        uvicorn.run(create_app(engine, codec_for(spec), spec, model.checkpoint), host=host, port=port, log_level="warning")
+    finally:
+        engine.stop()

@@ -199,10 +199,11 @@ def _register_data() -> None:
 
 
 def _register_inference() -> None:
-    from cli.infer import evaluate, generate
+    from cli.infer import evaluate, generate, serve
 
     app.command("generate")(generate)
     app.command("eval")(evaluate)
+    app.command("serve")(serve)
 
 
 _register_interop()
