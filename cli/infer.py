@@ -137,6 +137,10 @@ def serve(
     from moec.serve.generate import Generator
 
     model, spec = _load(source)
+    if spec.model.inputs.kind != "tokens":
+        typer.echo(f"error: {spec.name} takes continuous inputs: moec serve serves token models (roll it out with "
+                   "moec generate --steps)", err=True)
+        raise typer.Exit(1)
     generator = Generator(model, spec, compile=not no_compile)
     if not generator.cached:
         typer.echo(f"note: no KV cache for this model ({generator.uncached_reason}): requests run one at a time, "

@@ -44,6 +44,7 @@ class Request:
     position: int = 0  # where ``last`` sits in the sequence
     generator: torch.Generator | None = None
     finish_reason: str = "length"
+    error: str | None = None  # set when the engine failed on this request (then DONE follows)
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.output.put_nowait, item)
@@ -95,11 +96,17 @@ class Engine:
                     self.wake.clear()
                     continue
                 started = time.perf_counter()
-                if self.generator.cached:
-                    self._step()
-                else:
-                    self._recompute_one()
+                try:
+                    self._step() if self.generator.cached else self._recompute_one()
+                except Exception as err:  # noqa: BLE001 - a failed step ends its requests with the error, not the engine
+                    self._fail_active(f"{type(err).__name__}: {err}")
                 self.busy_s += time.perf_counter() - started
+
+    def _fail_active(self, message: str) -> None:
+        for row, request in enumerate(self.rows):
+            if request is not None:
+                request.error, request.finish_reason = message, "error"
+                self._finish(row, request)
 
     def _admit(self) -> bool:
         admitted = False
@@ -111,11 +118,15 @@ class Engine:
                     break
                 request = self.pending.popleft()
             request.generator = torch.Generator().manual_seed(request.seed)
+            self.rows[row] = request
             if self.generator.cached:
                 started = time.perf_counter()
-                self._prefill(row, request)
+                try:
+                    self._prefill(row, request)
+                except Exception as err:  # noqa: BLE001 - this request fails; the others go on
+                    request.error, request.finish_reason = f"{type(err).__name__}: {err}", "error"
+                    self._finish(row, request)
                 self.busy_s += time.perf_counter() - started
-            self.rows[row] = request
             admitted = True
         return admitted
 

@@ -27,6 +27,8 @@ class Generator:
     """Streams the tokens that follow a prompt; one instance per loaded model (the compiled graphs stay with it)."""
 
     def __init__(self, model, spec, compile: bool = True, backend: str = "inductor"):
+        if spec.model.inputs.kind != "tokens":
+            raise ValueError(f"{spec.name} takes continuous inputs: it is rolled out (moec generate --steps), not prompted")
         self.model, self.spec = model.eval(), spec
         self.window = spec.model.max_seq_len
         self.cached = hasattr(model, "decode_step")

@@ -66,6 +66,8 @@ def create_app(engine: Engine, codec, spec, checkpoint=None) -> FastAPI:
         while (token := await request.output.get()) is not DONE:
             tokens.append(token)
             text.append(decode(token))
+        if request.error:
+            raise HTTPException(500, f"generation failed: {request.error}")
         return {"text": "".join(text), "tokens": tokens, "finish_reason": request.finish_reason}
 
     return app
@@ -76,4 +78,5 @@ async def _events(request: Request, decode):
     while (token := await request.output.get()) is not DONE:
         count += 1
         yield f"data: {json.dumps({'text': decode(token), 'token': token})}\n\n"
-    yield f"data: {json.dumps({'done': True, 'tokens': count, 'finish_reason': request.finish_reason})}\n\n"
+    last = {"done": True, "tokens": count, "finish_reason": request.finish_reason} | ({"error": request.error} if request.error else {})
+    yield f"data: {json.dumps(last)}\n\n"

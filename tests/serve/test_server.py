@@ -111,3 +111,35 @@ def test_a_full_queue_answers_503(trained_run):
         assert codes.count(503) >= 1 and codes.count(200) >= 2 and codes.count(200) + codes.count(503) == 6
         stats = httpx.get(f"{url}/stats", timeout=10).json()
         assert stats["rejected"] == codes.count(503)
+
+
+def test_a_model_without_a_decode_path_is_served_one_request_at_a_time():
+    from moec.serve.engine import DONE, Request
+    from moec.serve.sampling import Sampling
+
+    from tests.passes.helpers import MOE, spec_with
+
+    spec = spec_with("        - kind: attention\n          heads: 2\n" + MOE + "          router: {kind: sinkhorn}\n", name="sinkhorn")
+    model = moec.build_model(spec)
+    generator = Generator(model, spec, compile=False)
+    engine = Engine(generator, slots=4)
+
+    async def one():
+        request = Request([1, 2, 3], 3, Sampling(temperature=0), 0, asyncio.get_running_loop())
+        engine.submit(request)
+        tokens = []
+        while (token := await request.output.get()) is not DONE:
+            tokens.append(token)
+        return tokens
+
+    try:
+        tokens = asyncio.run(one())
+    finally:
+        engine.stop()
+    assert engine.slots == 1 and not generator.cached
+    assert tokens == list(generator.stream([1, 2, 3], 3, Sampling(temperature=0)))
+
+
+def test_serve_without_a_run_is_one_line(tmp_path):
+    out = CliRunner().invoke(cli, ["serve", str(tmp_path / "nope")])
+    assert out.exit_code == 1 and out.stderr.strip() == f"error: {tmp_path / 'nope'}: no such run or checkpoint directory"
