@@ -9,12 +9,11 @@ losses), so the number equals the run's own validation loss at the checkpoint's 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from moec.runtime.data import Dataset, TextBytes, make_dataset, last_value_baseline
+from moec.runtime.data import Dataset, TextBytes, last_value_baseline, make_dataset
 from moec.runtime.metrics import bits_per_byte
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -46,9 +46,10 @@ class Generator:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the model's window (model.max_seq_len) is {self.window}")
 
     @torch.no_grad()
-    def stream(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0) -> Iterator[int]:
+    def stream(self, prompt: list[int], max_new_tokens: int, sampling: Sampling | None = None, seed: int = 0) -> Iterator[int]:
         """The next ``max_new_tokens`` token ids, one at a time (a seeded generator: same seed, same text)."""
         self.check_prompt(prompt)
+        sampling = sampling or Sampling()
         generator = torch.Generator().manual_seed(seed)
         device = next(self.model.parameters()).device
         tokens = torch.tensor([prompt], dtype=torch.long, device=device)

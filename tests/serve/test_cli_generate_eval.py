@@ -15,7 +15,7 @@ runner = CliRunner()
 
 
 def test_eval_reproduces_the_runs_last_validation_loss_exactly(trained_run):
-    run_dir, result = trained_run
+    run_dir, _ = trained_run
     out = runner.invoke(app, ["eval", str(run_dir), "--json"])
     assert out.exit_code == 0, out.output
     row = json.loads(out.stdout)

@@ -87,7 +87,7 @@ def compiled():
 
 
 def test_compiled_decode_is_one_graph_per_bucket_and_greedy_is_deterministic(compiled):
-    generator, spec = compiled
+    generator, _ = compiled
     prompt = list(b"def main(")  # 9 tokens: prefill pads to 16
     before = compiled_graphs()
     first = list(generator.stream(prompt, 100, Sampling(temperature=0)))

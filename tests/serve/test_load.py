@@ -11,7 +11,7 @@ from moec.runtime.data import make_dataset
 
 
 def test_the_loaded_model_has_the_trained_weights(trained_run):
-    run_dir, result = trained_run
+    run_dir, _ = trained_run
     model, spec = moec.load_trained(run_dir)
     assert not model.training and model.checkpoint.step == 8 and spec.name == "quick"
     trained = moec.build_model(spec).eval()  # the same weights, read by the trainer's own loader

@@ -116,7 +116,6 @@ def test_a_full_queue_answers_503(trained_run):
 def test_a_model_without_a_decode_path_is_served_one_request_at_a_time():
     from moec.serve.engine import DONE, Request
     from moec.serve.sampling import Sampling
-
     from tests.passes.helpers import MOE, spec_with
 
     spec = spec_with("        - kind: attention\n          heads: 2\n" + MOE + "          router: {kind: sinkhorn}\n", name="sinkhorn")

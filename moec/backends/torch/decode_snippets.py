@@ -1,7 +1,6 @@
 """Helper functions of the generated decode path (KV cache), copied verbatim into ``model.py``.
 
-Like ``snippets``: ordinary tested functions, depending only on ``math``, ``torch`` and
-``F``, with no data-dependent Python control flow, so that ``torch.compile`` traces a decode
+Like ``snippets``: ordinary tested functions, depending only on ``math`` and ``torch``, with no data-dependent Python control flow, so that ``torch.compile`` traces a decode
 step as one graph per (input length, key bucket) pair.
 
 Layout: each attention layer's cache is a pair ``(k, v)`` of [B, KV, L, hd] tensors (KV heads
@@ -15,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def rope_frequencies(head_dim: int, theta: float) -> tuple[torch.Tensor, float]:
