@@ -5,6 +5,7 @@ import torch
 
 import moec
 from moec.backends.init import init_parameter
+from moec.backends.torch.decode import decode_support
 from moec.runtime.metrics import compiled_graphs
 from moec.serve.generate import Generator
 from moec.serve.sampling import Sampling
@@ -74,8 +75,10 @@ def test_rows_at_different_positions_decode_in_one_step():
 def test_models_without_a_cache_say_why():
     assert not hasattr(moec.build_model(moec.load_spec("specs/spectral_moe.yaml")), "decode_step")
     sinkhorn = moec.build_model(moec.load_spec("specs/signals_sinkhorn.yaml"))
-    assert Generator(sinkhorn, sinkhorn.program.spec, compile=False).uncached_reason == \
-        "its sinkhorn router balances over all tokens of the batch"
+    assert not hasattr(sinkhorn, "decode_step")
+    assert decode_support(sinkhorn.program.graph) == "its sinkhorn router balances over all tokens of the batch"
+    with pytest.raises(ValueError, match="takes continuous inputs: it is rolled out"):
+        Generator(sinkhorn, sinkhorn.program.spec, compile=False)
 
 
 @pytest.fixture(scope="module")
