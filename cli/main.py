@@ -219,8 +219,17 @@ def _register_data() -> None:
     app.add_typer(data_app, name="data")
 
 
+def _register_inference() -> None:
+    from cli.infer import evaluate, generate, serve
+
+    app.command("generate")(generate)
+    app.command("eval")(evaluate)
+    app.command("serve")(serve)
+
+
 _register_interop()
 _register_data()
+_register_inference()
 
 
 def _exit_on_signal(signum, frame) -> None:

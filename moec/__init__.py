@@ -6,6 +6,7 @@ Public API (stable names)::
     program = moec.compile_spec(spec)                   # .graph, .source (model.py), .manifest
     model = moec.build_model(spec, device="cpu")        # the generated nn.Module, weights from the seed
     ref = moec.reference_model(spec)                    # eager interpreter of the unfused graph
+    model, spec = moec.load_trained("runs/x")           # a run's newest valid checkpoint, eval mode
     out = ref(*ref.example_inputs(batch=2, seq=64))     # .output and .aux_loss
 """
 
@@ -40,4 +41,13 @@ def reference_model(spec, fused: bool = False, device="cpu"):
     return build(spec, fused=fused, device=device)
 
 
-__all__ = ["Spec", "SpecError", "SpecIssue", "__version__", "build_model", "compile_spec", "json_schema", "load_spec", "load_spec_text", "reference_model"]
+def load_trained(path, device="cpu"):
+    """``(model, spec)`` from a run directory (its newest checkpoint that verifies) or a checkpoint
+    directory: the generated model with the trained weights, in eval mode."""
+    from moec.serve.load import load_trained as load
+
+    return load(path, device=device)
+
+
+__all__ = ["Spec", "SpecError", "SpecIssue", "__version__", "build_model", "compile_spec", "json_schema", "load_spec", "load_spec_text",
+           "load_trained", "reference_model"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 
-from moec.backends.torch import codegen_moe, snippets
+from moec.backends.torch import codegen_moe, decode, snippets
 from moec.backends.torch.blocks import Segment, attribute_expr, is_fused, segments
 from moec.backends.torch.modules import block_class, root_class
 from moec.backends.torch.ops import EXPRESSIONS, SNIPPETS_USED_BY
@@ -65,13 +65,34 @@ def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel:
     for segment in cut:
         if segment.block is not None:
             lines += ["", *block_class(graph, segment, bodies[segment.block]), ""]
-    lines += ["", *root_class(graph, class_name(spec_name), forward, moe_layers(graph)), "", "", f"Model = {class_name(spec_name)}"]
+    root = root_class(graph, class_name(spec_name), forward, moe_layers(graph))
+    if decode.decode_support(graph) is None:  # the decode path: the same nodes once more, with a KV cache
+        _add_decode(lines, root, graph, fused, cut)
+    lines += ["", *root, "", "", f"Model = {class_name(spec_name)}"]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _global_balance(graph: Graph) -> bool:
     """Some MoE layer sums its load-balance counts over the data-parallel ranks (aux.load_balance_batch 'global')."""
     return any(node.attr["moe"].aux.load_balance_batch == "global" for node in graph.nodes if node.op in ("moe", "spectral_moe"))
+
+
+def _add_decode(lines: list[str], root: list[str], graph: Graph, fused: _FusedFunctions, cut: list[Segment]) -> None:
+    """Append each block class's ``decode`` and the root's decode methods (``moec.backends.torch.decode``)."""
+    forward, bodies = _forward(graph, fused, cut, decode.DecodeExpressions(graph))
+    helpers = decode.helpers(graph)
+    first_class = next(i for i, line in enumerate(lines) if line.startswith("class "))
+    lines[first_class - 1:first_class - 1] = [line for block in helpers for line in ["", *block, ""]]
+    for segment in cut:
+        if segment.block is not None:
+            start = lines.index(f"class Block{segment.block}(nn.Module):")
+            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("class ")), len(lines))
+            while not lines[end - 1].strip():
+                end -= 1
+            args = ", ".join(value_name(ref, graph) for ref in segment.inputs)
+            lines[end:end] = decode.block_method(args, bodies[segment.block])
+    source = next(node for node in graph.nodes if node.op == "input").attr["name"]
+    root += decode.root_methods(graph, source, forward)
 
 
 def _output_import(graph: Graph) -> str:
@@ -132,8 +153,9 @@ def param_expr(name: str, owner: str = "") -> str:
 class _Writer:
     """Statements of one module's ``forward``: graph values by name, parameters relative to ``owner``."""
 
-    def __init__(self, graph: Graph, fused: _FusedFunctions, owner: str, anchor: str):
+    def __init__(self, graph: Graph, fused: _FusedFunctions, owner: str, anchor: str, decoding=None):
         self.graph, self.fused, self.owner = graph, fused, owner
+        self.decoding = decoding  # DecodeExpressions when writing the decode path
         self.anchor = anchor  # a [B,S,...] value in scope: constants' device, unfused ops' sequence length
         self.last_use = _last_uses(graph)
         self.lines: list[str] = []
@@ -144,7 +166,8 @@ class _Writer:
 
     def node(self, index: int, stats: list[str]) -> None:
         node = self.graph.nodes[index]
-        expr = _expression(node, [self.name(ref) for ref in node.inputs], self.fused, self.anchor)
+        args = [self.name(ref) for ref in node.inputs]
+        expr = (self.decoding and self.decoding.expression(node, args)) or _expression(node, args, self.fused, self.anchor)
         targets = ", ".join(value_name(Ref(node.name, i), self.graph) for i in range(len(node.types or (None,))))
         if is_fused(node):
             stats.append(f"stats_{len(stats)}")
@@ -165,16 +188,17 @@ def _tuple(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names)
 
 
-def _forward(graph: Graph, fused: _FusedFunctions, cut: list[Segment]) -> tuple[list[str], dict[int, list[str]]]:
-    """The root's forward, and each block's forward body by block index."""
+def _forward(graph: Graph, fused: _FusedFunctions, cut: list[Segment], decoding=None) -> tuple[list[str], dict[int, list[str]]]:
+    """The root's forward, and each block's forward body by block index (``decoding``: their decode methods)."""
     source = next(node for node in graph.nodes if node.op == "input").attr["name"]
-    root, stats, bodies = _Writer(graph, fused, "", source), [], {}
+    root, stats, bodies = _Writer(graph, fused, "", source, decoding), [], {}
+    call, extra = (".decode", ", cache, positions, bucket") if decoding else ("", "")
     for segment in cut:
         if segment.block is None:
             for index in segment.nodes:
                 root.node(index, stats)
             continue
-        writer = _Writer(graph, fused, f"blocks.{segment.block}", value_name(segment.inputs[0], graph))
+        writer = _Writer(graph, fused, f"blocks.{segment.block}", value_name(segment.inputs[0], graph), decoding)
         first = len(stats)
         for index in segment.nodes:
             writer.node(index, stats)
@@ -183,7 +207,7 @@ def _forward(graph: Graph, fused: _FusedFunctions, cut: list[Segment]) -> tuple[
         bodies[segment.block] = writer.lines
         args = ", ".join(root.name(ref) for ref in segment.inputs)
         where = comment_safe(_block_origin(graph, segment))
-        root.lines.append(f"        {_tuple(returned)} = self.blocks[{segment.block}]({args})  # {where}")
+        root.lines.append(f"        {_tuple(returned)} = self.blocks[{segment.block}]{call}({args}{extra})  # {where}")
         root.free([ref for ref in segment.inputs if root.last_use.get(ref) in segment.span])
     output, aux = (value_name(ref, graph) for ref in graph.outputs)
     moe_stats = f"({', '.join(stats)}{',' if len(stats) == 1 else ''})"

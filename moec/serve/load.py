@@ -1,0 +1,51 @@
+"""``moec.load_trained``: a run directory or a checkpoint directory -> the built model and its spec.
+
+Users never touch the DCP layout: the spec comes from the checkpoint's meta.json (the
+resolved spec the run trained), the program is compiled from it, and the weights are read
+with the same verified loader the trainer resumes with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from moec.runtime import checkpoint as ckpt
+
+
+def find_checkpoint(path: Path) -> ckpt.CheckpointInfo:
+    """``path`` itself when it is a checkpoint, else the newest checkpoint under the run that verifies."""
+    path = Path(path)
+    if not path.exists():
+        raise ckpt.CheckpointError(f"{path}: no such run or checkpoint directory")
+    if (path / ckpt.MANIFEST).exists() or (path / ckpt.META).exists():
+        return ckpt.verify_checkpoint(path)
+    candidates = ckpt.checkpoint_dirs(path)
+    if not candidates:
+        raise ckpt.CheckpointError(f"{path}: no checkpoint under {ckpt.checkpoint_root(path)} (is it a run directory?)")
+    errors = []
+    for candidate in reversed(candidates):
+        try:
+            return ckpt.verify_checkpoint(candidate)
+        except ckpt.CheckpointError as err:  # a damaged newest checkpoint: the one before it
+            errors.append(str(err))
+    raise ckpt.CheckpointError(f"{path}: no checkpoint verifies ({errors[0]})")
+
+
+def load_trained(path, device="cpu"):
+    """``(model, spec)``: the generated model with the newest valid checkpoint's weights, in eval mode.
+
+    ``path``: a run directory (``runs/<name>``) or one checkpoint (``runs/<name>/checkpoints/step_...``).
+    ``model.checkpoint`` is the :class:`CheckpointInfo` it came from (path, step, meta.json).
+    Raises :class:`moec.runtime.checkpoint.CheckpointError` (a ValueError) with a one-line message.
+    """
+    from moec import load_spec_text
+    from moec.compile import build_model
+
+    info = find_checkpoint(Path(path))
+    spec = load_spec_text(yaml.safe_dump(info.meta["spec"], sort_keys=False), file=str(info.path / ckpt.META))
+    model = build_model(spec, device=device)
+    ckpt.load_model_state(info.path, model)
+    model.checkpoint = info
+    return model.eval(), spec

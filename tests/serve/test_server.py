@@ -1,0 +1,144 @@
+"""``moec serve``: a real uvicorn on 127.0.0.1 (an ephemeral port) and httpx clients."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import uvicorn
+from typer.testing import CliRunner
+
+import moec
+from cli.main import app as cli
+from moec.serve.codec import codec_for
+from moec.serve.engine import Engine
+from moec.serve.generate import Generator
+from moec.serve.server import create_app
+
+
+@contextmanager
+def running_server(run_dir, **engine_options):
+    model, spec = moec.load_trained(run_dir)
+    engine = Engine(Generator(model, spec, compile=False), **engine_options)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, codec_for(spec), spec, model.checkpoint), log_level="warning"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    with running_server(trained_run[0], slots=4, queue_limit=32, prefix_cache_tokens=256) as url:
+        yield url
+
+
+def test_health(server):
+    reply = httpx.get(f"{server}/health", timeout=10)
+    assert reply.status_code == 200 and reply.json() == {"status": "ok", "model": "quick", "step": 8, "kv_cache": True}
+
+
+def test_a_streamed_generation_equals_moec_generate(server, trained_run):
+    body = {"prompt": "def load(", "max_new_tokens": 20, "temperature": 0.9, "top_k": 50, "seed": 7, "stream": True}
+    with httpx.stream("POST", f"{server}/generate", json=body, timeout=30) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line.removeprefix("data: ")) for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == {"done": True, "tokens": 20, "finish_reason": "length"}
+    streamed = "".join(event["text"] for event in events[:-1])
+    cli_out = CliRunner().invoke(cli, ["generate", str(trained_run[0]), "--prompt", "def load(", "--max-new-tokens", "20",
+                                       "--temperature", "0.9", "--top-k", "50", "--seed", "7", "--no-compile"])
+    assert cli_out.exit_code == 0 and cli_out.stdout == streamed + "\n"
+
+
+def test_sixteen_concurrent_clients_are_all_served_in_batched_steps(server):
+    async def client(i):
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await http.post(f"{server}/generate", json={"prompt": f"x = {i}", "max_new_tokens": 12, "seed": i})
+
+    async def everyone():
+        return await asyncio.gather(*(client(i) for i in range(16)))
+
+    started = time.time()
+    replies = asyncio.run(everyone())
+    assert time.time() - started < 60
+    assert [r.status_code for r in replies] == [200] * 16
+    assert all(len(r.json()["tokens"]) == 12 for r in replies)
+    stats = httpx.get(f"{server}/stats", timeout=10).json()
+    assert stats["max_batch"] > 1 and stats["queue_depth"] == 0 and stats["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"prompt": ""}, 422, "at least 1 character"),
+    ({"prompt": "x", "max_new_tokens": -1}, 422, "greater than or equal to 1"),
+    ({"prompt": "x", "max_new_tokens": 10**9}, 422, "less than or equal to 4096"),
+    ({"prompt": "x", "colour": "red"}, 422, "Extra inputs are not permitted"),
+    ({"prompt": "x" * 65}, 400, "the prompt has 65 tokens; the model's window (model.max_seq_len) is 64"),
+])
+def test_malformed_requests(server, body, status, message):
+    reply = httpx.post(f"{server}/generate", json=body, timeout=10)
+    assert reply.status_code == status and message in reply.text
+
+
+def test_prefix_cache_hits_are_counted(server):
+    before = httpx.get(f"{server}/stats", timeout=10).json()["prefix_cache"]
+    for prompt in ("import os\nimport sys\n", "import os\nimport sys\nimport json\n"):
+        assert httpx.post(f"{server}/generate", json={"prompt": prompt, "max_new_tokens": 2}, timeout=30).status_code == 200
+    after = httpx.get(f"{server}/stats", timeout=10).json()["prefix_cache"]
+    assert after["hits"] == before["hits"] + 1 and after["hit_tokens"] == before["hit_tokens"] + len("import os\nimport sys\n")
+
+
+def test_a_full_queue_answers_503(trained_run):
+    with running_server(trained_run[0], slots=1, queue_limit=1) as url:
+        async def everyone():
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await asyncio.gather(*(http.post(f"{url}/generate", json={"prompt": "a", "max_new_tokens": 60})
+                                              for _ in range(6)))
+
+        codes = [reply.status_code for reply in asyncio.run(everyone())]
+        assert codes.count(503) >= 1 and codes.count(200) >= 2 and codes.count(200) + codes.count(503) == 6
+        stats = httpx.get(f"{url}/stats", timeout=10).json()
+        assert stats["rejected"] == codes.count(503)
+
+
+def test_a_model_without_a_decode_path_is_served_one_request_at_a_time():
+    from moec.serve.engine import DONE, Request
+    from moec.serve.sampling import Sampling
+    from tests.passes.helpers import MOE, spec_with
+
+    spec = spec_with("        - kind: attention\n          heads: 2\n" + MOE + "          router: {kind: sinkhorn}\n", name="sinkhorn")
+    model = moec.build_model(spec)
+    generator = Generator(model, spec, compile=False)
+    engine = Engine(generator, slots=4)
+
+    async def one():
+        request = Request([1, 2, 3], 3, Sampling(temperature=0), 0, asyncio.get_running_loop())
+        engine.submit(request)
+        tokens = []
+        while (token := await request.output.get()) is not DONE:
+            tokens.append(token)
+        return tokens
+
+    try:
+        tokens = asyncio.run(one())
+    finally:
+        engine.stop()
+    assert engine.slots == 1 and not generator.cached
+    assert tokens == list(generator.stream([1, 2, 3], 3, Sampling(temperature=0)))
+
+
+def test_serve_without_a_run_is_one_line(tmp_path):
+    out = CliRunner().invoke(cli, ["serve", str(tmp_path / "nope")])
+    assert out.exit_code == 1 and out.stderr.strip() == f"error: {tmp_path / 'nope'}: no such run or checkpoint directory"
