@@ -27,7 +27,7 @@ from moec.moe import ROUTERS
 
 # Ops whose expression does not depend on where a token sits in the sequence (besides the three above).
 POSITION_FREE = {"embed", "linear", "rmsnorm", "head_rmsnorm", "layernorm", "activation", "glu", "clamped_glu", "add",
-                 "sigmoid_gate", "constant", "load_balance_pooled", "moe"}
+                 "sigmoid_gate", "constant", "load_balance_pooled", "moe", "dynamics"}
 
 
 def decode_support(graph: Graph) -> str | None:
