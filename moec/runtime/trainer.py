@@ -124,6 +124,7 @@ class Trainer:
             compile_cache.load(self.program.source)  # a second start of this program skips Inductor's codegen
         compile_ = partial(torch.compile, mode=None if options.mode == "default" else options.mode,
                            fullgraph=options.fullgraph, dynamic=options.dynamic, backend=options.backend)
+        self.parallel.checkpoint_activations(model)  # schedule.activation_checkpointing, before compile (torchtitan's order)
         if not self.dist.distributed:
             return compile_(model) if options.enabled else model
         if options.enabled:

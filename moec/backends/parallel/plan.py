@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from moec.backends.parallel import checkpointing
 from moec.backends.parallel.placement import (
     experts_of,
     moves_when_growing,
@@ -105,18 +106,20 @@ def _moe_configs(spec):
 
 
 def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], experts: int = 0) -> str:
-    where = _locator(spec)
+    where, ac = _locator(spec), spec.schedule.activation_checkpointing
     shape, names = tuple(plan.axes.values()), tuple(plan.axes)
     lines = [f"# {line}" if line else "#" for line in header] + [
         "",
         "from __future__ import annotations",
         "",
+        *checkpointing.stdlib_imports(ac.mode),
         "import torch",
         "import torch.distributed as dist",
         "from torch.distributed._composable.replicate import replicate",
         "from torch.distributed.device_mesh import DeviceMesh, init_device_mesh",
         "from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard",
         "from torch.distributed.tensor import Shard, distribute_tensor",
+        *checkpointing.torch_imports(ac.mode),
         *_moec_imports(spec, plan, where),
         "",
         f"MESH_SHAPE = {shape!r}  {where('mesh', 'axes')}",
@@ -133,6 +136,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         *(shard_experts_source(_permuted(spec, plan, experts), plan.replicated_rows) + ["", ""] if plan.experts is not None else []),
         *(gather_experts_source() + ["", ""] if plan.expert_fsdp else []),
         *(hsdp_mesh_source() + ["", ""] if plan.replicate and plan.shard else []),
+        *checkpointing.checkpointing_source(ac, blocks, where), "", "",
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
         '    """Data parallelism over the batch axes (FSDP2 per block, then the root; or DDP)'
         + ('.\n    The routed experts are split over the expert-parallel axis first."""' if plan.experts is not None else '."""'),
