@@ -32,6 +32,7 @@ from moec.runtime.distributed import LaunchError, clip_grad_norm, init_distribut
 from moec.runtime.loggers import run_loggers
 from moec.runtime.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes,
                                   steady_tokens_per_s)
+from moec.runtime.precision import apply_accumulation
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
 from moec.runtime.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
 from moec.runtime.stopping import StopRequest
@@ -83,6 +84,7 @@ class Trainer:
         torch.manual_seed(self.train.seed)
         if spec.schedule.deterministic:
             torch.use_deterministic_algorithms(True)
+        apply_accumulation(spec.schedule.precision)
         too_big = check_fit(spec, self.program.manifest, self.device, self.dist.dp_size)
         if too_big:
             raise TrainingError(too_big)

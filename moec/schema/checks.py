@@ -10,6 +10,7 @@ import importlib.util
 import math
 from typing import Iterator
 
+from moec.schema.checks_schedule import schedule_checks
 from moec.schema.errors import format_path
 from moec.schema.model import GATED_ACTIVATIONS
 from moec.schema.spec import Spec
@@ -31,7 +32,7 @@ def run_checks(spec: Spec) -> list[Finding]:
         _future_leaks,
         _data_matches_model,
         _options_are_used,
-        _activation_checkpointing,
+        *schedule_checks(),
         _expert_placement,
         _kernels_serve_spec,
         _pooled_load_balance,
@@ -279,15 +280,6 @@ def _options_are_used(spec: Spec) -> Iterator[Finding]:
     for op in ("moe", "spectral_moe"):
         if getattr(spec.schedule.kernels, op) != "auto" and op not in kinds:
             yield ("schedule", "kernels", op), f"chooses a kernel for '{op}', but the model has no {op} layer"
-
-
-def _activation_checkpointing(spec: Spec) -> Iterator[Finding]:
-    ac, blocks = spec.schedule.activation_checkpointing, spec.model.num_layers
-    if ac.mode == "none" and ac.every != 1:
-        yield ("schedule", "activation_checkpointing", "every"), "is used only with mode full or selective (mode is none)"
-    elif ac.every > blocks:
-        yield ("schedule", "activation_checkpointing", "every"), (f"checkpoints every {ac.every}th block, but the model has "
-                                                                   f"{blocks} block(s): none would be checkpointed")
 
 
 def _expert_placement(spec: Spec) -> Iterator[Finding]:

@@ -8,8 +8,9 @@ embeddings, final norm, head); a batch axis plus an FSDP axis is HSDP (``fully_s
 DCP's state-dict API in torch 2.13, and DDP's plain tensors reshard to any data-parallel size.
 Expert parallelism shards the routed experts over ``sharding.experts``; with FSDP, the
 experts are also FSDP-sharded over the other FSDP axes (torchtitan's dp-shard-in-ep).
-Tensor, pipeline and context parallelism are not executed yet: ``unsupported`` names what a
-spec asks for that this plan cannot run.
+Tensor and pipeline parallelism are not executed yet: ``unsupported`` names what a spec asks
+for that this plan cannot run (``moec train`` refuses it at launch; context parallelism and
+options no engine reads are refused at validation, ``moec.schema.checks_schedule``).
 """
 
 from __future__ import annotations
@@ -70,13 +71,9 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = ()) -> ParallelPlan:
         unsupported.append("tensor parallelism (sharding.tensor)")
     if sharding.pipeline is not None and sharding.pipeline.axis in active:
         unsupported.append("pipeline parallelism (sharding.pipeline)")
-    if set(sharding.sequence) & active:
-        unsupported.append("context parallelism (sharding.sequence)")
     if replicate and shard and (len(replicate) > 1 or len(shard) > 1):
         unsupported.append("HSDP over more than one replicate or shard axis")
-    precision = spec.schedule.precision
-    if replicate and not shard and precision.reduce != precision.params:
-        unsupported.append("a gradient reduction dtype other than the parameters' under DDP (schedule.precision.reduce)")
+    precision = spec.schedule.precision  # context parallelism and a reduce dtype DDP cannot use: refused at validation
     return ParallelPlan(dict(mesh), replicate, shard, DTYPE_NAMES[precision.compute], DTYPE_NAMES[precision.reduce],
                         tuple(unsupported), experts[0] if experts else None, expert_modules if experts else ())
 
