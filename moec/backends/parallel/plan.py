@@ -102,7 +102,8 @@ def _moe_configs(spec):
             yield moe
 
 
-def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], experts: int = 0) -> str:
+def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], experts: int = 0,
+                  stages: tuple[tuple[int, int], ...] = ()) -> str:
     where, ac = _locator(spec), spec.schedule.activation_checkpointing
     shape, names = tuple(plan.axes.values()), tuple(plan.axes)
     lines = [f"# {line}" if line else "#" for line in header] + [
@@ -124,6 +125,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         f"DATA_PARALLEL = {plan.data_parallel!r}  {where('sharding', 'batch')}: each rank reads its slice of the batch",
         f"UNSUPPORTED = {plan.unsupported!r}  # asked for by the spec, not executed yet",
         *_placement(spec, plan, experts, where),
+        *_stages(stages, where),
         "",
         "",
         "def make_mesh(device_type: str) -> DeviceMesh:",
@@ -148,6 +150,13 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
 def expert_placement(spec, plan: ParallelPlan, experts: int) -> tuple[int, ...]:
     """The owner rank of each expert under the spec's ``sharding.placement`` (seeded by ``train.seed``)."""
     return placement(spec.sharding.placement, experts, plan.axes[plan.experts], spec.train.seed)
+
+
+def _stages(stages: tuple[tuple[int, int], ...], where) -> list[str]:
+    if not stages:
+        return []
+    return [f"PIPELINE_STAGES = {stages!r}  # (first, last) block of each stage, balanced by forward FLOPs per token  "
+            f"{where('sharding', 'pipeline')}"]
 
 
 def _permuted(spec, plan: ParallelPlan, experts: int) -> bool:
