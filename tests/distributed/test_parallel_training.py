@@ -79,6 +79,10 @@ def test_several_processes_give_the_single_process_losses(kind, single, tmp_path
         every_row = 8 * 32 * 2 * 32 * 4 * 2 * 2 * 2  # batch x seq x top_k x d_model x fp32 x (there, back) x (fwd, bwd) x layers
         sent = [r["expert_parallel_bytes_sent"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
         assert all(0 < b < every_row for b in sent), sent
+    # the memory plan, checked: each rank's parameter + gradient + AdamW bytes (the largest over ranks) against the manifest
+    plan = next(r["memory_plan"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train")
+    assert plan["held_over_planned"] == pytest.approx(1.0, abs=0.02), plan
+    print(f"memory plan {kind}: held {plan['held']['total_bytes']} B, planned {plan['planned']['total_bytes']} B per rank")
     evals = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals == pytest.approx([r["val_loss"] for r in read_metrics(single / "metrics.jsonl") if r["kind"] == "eval"], rel=1e-5)
     if kind in ("fsdp", "dp_ep", "fsdp_ep", "dp_ep_shared", "hsdp_ep"):  # a checkpoint of sharded DTensors (FSDP2, experts over ep) resumes on 1 process
