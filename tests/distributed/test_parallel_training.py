@@ -52,10 +52,10 @@ def single(tmp_path_factory):
     return run_dir
 
 
-def run_processes(tmp_path: Path, kind: str) -> Path:
+def run_processes(tmp_path: Path, kind: str, text: str | None = None) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / f"{kind}.yaml"
-    spec.write_text(spec_text(MESHES[kind]))
+    spec.write_text(text or spec_text(MESHES[kind]))
     moec_script = Path(sys.executable).parent / "moec"
     done = subprocess.run([str(moec_script), "train", str(spec), "--nproc", str(PROCESSES[kind]), "--run-dir", str(tmp_path / "run"),
                            "--no-plots"],
@@ -160,3 +160,10 @@ def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
                 f"        fully_shard(block, mesh=dp_mesh, mp_policy=policy)  # {where}:20 sharding.fsdp",
                 "    fully_shard(model, mesh=dp_mesh, mp_policy=policy)  # the root: embeddings, final norm, head",
             ]
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_under_fsdp_gives_the_single_process_losses(single, tmp_path):
+    """Selective checkpointing inside FSDP2's units: the recomputed forward finds its parameters gathered."""
+    text = spec_text(MESHES["fsdp"]).replace("schedule:\n", "schedule:\n  activation_checkpointing: {mode: selective}\n")
+    assert train_losses(run_processes(tmp_path, "fsdp", text)) == pytest.approx(train_losses(single), rel=1e-5)
