@@ -15,9 +15,10 @@ from moec.passes.flops import block_flops
 SLACK = 1 + 1e-9  # packing backwards adds the same blocks in another order: the sums differ in the last bits
 
 
-def stage_split(spec, graph: Graph) -> tuple[tuple[int, int], ...]:
-    """``(first, last)`` block of each stage (inclusive), for the spec's pipeline axis."""
-    stages = spec.mesh.axes[spec.sharding.pipeline.axis]
+def stage_split(spec, graph: Graph, stages: int | None = None) -> tuple[tuple[int, int], ...]:
+    """``(first, last)`` block of each stage (inclusive): one stage per rank of the spec's pipeline axis, or
+    ``stages`` (interleaved 1F1B runs several virtual stages per rank)."""
+    stages = stages or spec.mesh.axes[spec.sharding.pipeline.axis]
     pre, per_block, post = block_flops(spec, graph, spec.model.num_layers)
     costs = list(per_block)
     costs[0] += pre

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import moec
 from moec.backends.parallel.pipeline import PipelineStage, build_schedule
 from moec.compile import build_model
+from moec.passes.stages import stage_split
 from tests.runtime.helpers import quick_text
 
 STEPS, MICROBATCHES, BATCH, SEQ, VOCAB = 5, 4, 8, 32, 256
@@ -47,8 +48,7 @@ def main(schedule: str, out: str) -> None:
     model = build_model(spec, program=program).train()  # every rank builds (and seeds) the whole model, then keeps its stage
     split = [tuple(row["blocks"]) for row in program.manifest["pipeline_stages"]]
     if schedule == "interleaved_1f1b":  # two virtual stages per rank: stage r and r + ranks
-        from moec.passes.stages import balanced_split
-        split = list(balanced_split([1.0] * len(model.blocks), 2 * ranks))
+        split = list(stage_split(spec, program.graph, 2 * ranks))
     mine = [PipelineStage(model, program.graph, *split[i]) for i in range(rank, len(split), ranks)]
     pipe = build_schedule(mine, ranks, rank, dist.group.WORLD, torch.device("cpu"), schedule, MICROBATCHES, loss_fn)
     optimizer = torch.optim.AdamW([p for stage in mine for p in stage.parameters()], lr=1e-3)

@@ -1,6 +1,7 @@
 """Pipeline parallelism (moec.backends.parallel.pipeline) on 2 CPU processes against one process.
 
-The workers (pipeline_worker.py) cut the generated model into 2 stages (PIPELINE_STAGES) and train
+The workers (pipeline_worker.py) cut the generated model into 2 stages (PIPELINE_STAGES; 4 virtual
+stages for interleaved 1F1B) and train
 5 steps of 4 microbatches with torch.distributed.pipelining; the reference runs the whole model on
 the same 4 microbatches per step (each microbatch's load-balance loss covers its own rows, as in the
 pipeline), scaling each microbatch's loss by 1/4 as the schedules scale the gradients.
@@ -50,10 +51,11 @@ def run_pipeline(tmp_path, schedule: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b"])
 def test_two_stages_give_the_single_process_losses(schedule, single, tmp_path):
     result = run_pipeline(tmp_path, schedule)
-    assert result["split"] == [[0, 1], [2, 3]]
+    # interleaved: 4 virtual stages, rank 0 runs blocks 0 and 2, rank 1 blocks 1 and 3
+    assert result["split"] == ([[0, 0], [1, 1], [2, 2], [3, 3]] if schedule == "interleaved_1f1b" else [[0, 1], [2, 3]])
     print(schedule, max(abs(a - b) for a, b in zip(result["losses"], single)))
     assert len(result["losses"]) == STEPS and result["losses"] == pytest.approx(single, abs=1e-5)
 
