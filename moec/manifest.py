@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import platform
 
-from moec.ir.graph import Graph, Node
+from moec.ir.graph import Graph
 from moec.moe.params import EXPERT_PREFIX
 from moec.passes.flops import flops_per_token, numel
 

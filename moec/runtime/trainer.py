@@ -33,8 +33,8 @@ from moec.runtime.loggers import run_loggers
 from moec.runtime.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes,
                                   steady_tokens_per_s)
 from moec.runtime.memory_plan import held_bytes, plan_check
-from moec.runtime.precision import apply_accumulation
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
+from moec.runtime.precision import apply_accumulation
 from moec.runtime.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
 from moec.runtime.stopping import StopRequest
 

@@ -59,7 +59,7 @@ def runs():
         parallel_module(program).checkpoint_activations(model)
         loss = {}
 
-        def step():
+        def step(model=model, loss=loss):
             out = model(tokens)
             logits = out.output[:, :-1].reshape(-1, 256)
             loss["value"] = torch.nn.functional.cross_entropy(logits, tokens[:, 1:].reshape(-1)) + out.aux_loss
