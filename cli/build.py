@@ -111,6 +111,8 @@ def _summary(spec_path: Path, compiled, written: list[Path]) -> None:
     console = Console(soft_wrap=True)
     console.print(table)
     console.print(_facts_table(compiled.manifest, compiled.graph))
+    if compiled.manifest["pipeline_stages"]:
+        console.print(_stages_table(compiled.manifest))
     for line in _placement_lines(compiled):
         console.print(escape(line))
     console.print("wrote " + ", ".join(escape(str(path)) for path in written))
@@ -123,6 +125,20 @@ def _placement_lines(program) -> list[str]:
 
     experts = expert_owners(program.graph)
     return placement_report(program.spec, parallel_plan(program.spec, tuple(experts)), max(experts.values(), default=0))
+
+
+def _stages_table(manifest: dict):
+    """The pipeline split: blocks, FLOPs, parameters and memory per device of each stage."""
+    from rich.table import Table
+
+    table = Table(title="pipeline stages (balanced by forward FLOPs per token)", title_justify="left")
+    for column in ("stage", "blocks", "FLOPs/token fwd", "parameters", "memory/device"):
+        table.add_column(column, justify="right")
+    for row in manifest["pipeline_stages"]:
+        first, last = row["blocks"]
+        table.add_row(str(row["stage"]), f"{first}-{last} ({last - first + 1})", human(row["forward_flops_per_token"], 2),
+                      human(row["parameters"], 2), f"{row['bytes_per_device'] / 2**30:.2f} GiB")
+    return table
 
 
 def _facts_table(manifest: dict, graph):

@@ -67,7 +67,8 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     facts = compiled.graph if not disable else run_pipeline(spec).graph
     manifest = build_manifest(spec, compiled, versions(), facts)
     blocks = sum(block.repeat for block in spec.model.blocks)
-    parallel = emit_parallel(spec, plan, blocks, header[:3], experts=max(experts.values(), default=0))
+    stages = tuple(tuple(row["blocks"]) for row in manifest["pipeline_stages"])
+    parallel = emit_parallel(spec, plan, blocks, header[:3], experts=max(experts.values(), default=0), stages=stages)
     return Program(spec=spec, graph=compiled.graph, source=source, manifest=manifest, log=compiled.log, parallel_source=parallel)
 
 

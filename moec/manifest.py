@@ -5,10 +5,8 @@ for full-size models without allocating them.
 
 - Active parameters per token: every parameter, except that an MoE layer's experts count
   ``top_k / experts`` of their weights (embeddings included, as in Mixtral's 12.9B).
-- FLOPs per token (forward): 2 x the multiply-adds of every matmul a token passes through
-  (a spectral layer's MoE runs on F = S//2+1 bins per sequence, ``depth`` times), plus
-  attention's QK^T and AV at ``train.seq_len`` without discounting the causal mask, plus
-  ~2.5 S log2 S per channel for each FFT. Training is counted as 3 x forward.
+- FLOPs per token (forward): ``moec.passes.flops`` (every matmul, attention, FFTs). Training is
+  counted as 3 x forward.
 - Memory per device: parameters (precision.params), gradients (same dtype) and AdamW's two
   fp32 moments, divided by the mesh sizes of the axes each tensor is sharded on; with
   pipelining, the stage holding the most. Activations are not included.
@@ -19,14 +17,11 @@ from __future__ import annotations
 import math
 import platform
 
-from moec.ir.graph import Graph, Node
-from moec.moe.params import EXPERT_PREFIX, ROUTER_WEIGHT
+from moec.ir.graph import Graph
+from moec.moe.params import EXPERT_PREFIX
+from moec.passes.flops import flops_per_token, numel
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-def numel(node: Node) -> int:
-    return math.prod(node.attr["shape"])
 
 
 def build_manifest(spec, compiled, versions: dict[str, str], graph: Graph | None = None) -> dict:
@@ -45,6 +40,7 @@ def build_manifest(spec, compiled, versions: dict[str, str], graph: Graph | None
         "parameters": {"total": total, "active_per_token": active_params(graph), "by_group": params_by_group(graph)},
         "flops_per_token": _flops_record(spec, graph),
         "memory_per_device": memory_per_device(spec, graph),
+        "pipeline_stages": pipeline_stages(spec, graph),
     }
 
 
@@ -91,47 +87,13 @@ def active_params(graph: Graph) -> int:
     return round(sum(numel(node) * fraction.get(node.name, 1.0) for node in graph.params()))
 
 
-def _rows_per_token(node: Node, seq: int) -> float:
-    """Rows of a [B, S', ...] value per input token: 1 for S' = S, 1/S for a pooled [B, 1, ...]."""
-    dim = node.types[0].shape[1] if node.types and node.types[0].rank >= 2 else "S"
-    return 1.0 if dim == "S" else (1.0 / seq if dim == 1 else 1.0)
-
-
-def flops_per_token(spec, graph: Graph) -> float:
-    seq = spec.train.seq_len
-    flops = 0.0
-    for node in graph.nodes:
-        if node.op == "linear":
-            flops += 2 * numel(graph[node.inputs[1].node]) * _rows_per_token(node, seq)
-        elif node.op == "attention":
-            flops += 4 * seq * node.attr["heads"] * node.attr["head_dim"]
-        elif node.op in ("moe", "spectral_moe"):
-            flops += _moe_flops(graph, node, seq)
-        elif node.op == "dynamics":  # the controller's two matmuls (its last five inputs: mu, W_in, b_in, W_out, b_out)
-            flops += 2 * sum(numel(graph[ref.node]) for ref in (node.inputs[-4], node.inputs[-2]))
-    return flops
-
-
-def _moe_flops(graph: Graph, node: Node, seq: int) -> float:
-    attrs, moe = node.attr, node.attr["moe"]
-    per_slot = {slot: numel(graph[ref.node]) for slot, ref in zip(attrs["slots"], node.inputs) if graph[ref.node].op == "param"}
-    experts = sum(size for slot, size in per_slot.items() if slot.startswith(EXPERT_PREFIX + "w"))
-    shared = sum(size for slot, size in per_slot.items() if slot.startswith("shared."))
-    routed_token = 2 * (per_slot.get(ROUTER_WEIGHT, 0) + experts * moe.top_k / moe.experts + shared)
-    if node.op == "moe":
-        return routed_token
-    bins = seq // 2 + 1
-    width = node.types[0].shape[-1]
-    fft = 2 * 2.5 * width * math.log2(max(seq, 2))
-    return attrs["depth"] * routed_token * bins / seq + fft
-
-
 def _flops_record(spec, graph: Graph) -> dict:
     forward = flops_per_token(spec, graph)
     return {"seq_len": spec.train.seq_len, "forward": round(forward), "training": round(3 * forward)}
 
 
-def memory_per_device(spec, graph: Graph) -> dict:
+def _per_stage_bytes(spec, graph: Graph) -> dict[int, list[float]]:
+    """Stage -> [parameter, gradient, optimizer] bytes one device of that stage holds."""
     axes = list(spec.mesh.axes)
     param_bytes = DTYPE_BYTES[spec.schedule.precision.params]
     per_stage: dict[int, list[float]] = {}
@@ -144,6 +106,11 @@ def memory_per_device(spec, graph: Graph) -> dict:
         totals[0] += elements * param_bytes
         totals[1] += elements * param_bytes if node.attr["trainable"] else 0.0
         totals[2] += elements * 8 if node.attr["trainable"] else 0.0  # AdamW exp_avg + exp_avg_sq, fp32
+    return per_stage
+
+
+def memory_per_device(spec, graph: Graph) -> dict:
+    per_stage = _per_stage_bytes(spec, graph)
     stage = max(per_stage, key=lambda s: sum(per_stage[s]))
     params, grads, optimizer = per_stage[stage]
     total = params + grads + optimizer
@@ -156,3 +123,25 @@ def memory_per_device(spec, graph: Graph) -> dict:
         "total_bytes": round(total),
         "total_gib": round(total / 2**30, 3),
     }
+
+
+def pipeline_stages(spec, graph: Graph) -> list[dict]:
+    """Per pipeline stage: its blocks, forward FLOPs per token, parameters and bytes per device ([] without PP)."""
+    if spec.sharding.pipeline is None or spec.mesh.world_size == 1:
+        return []
+    from moec.passes.flops import block_flops
+    from moec.passes.stages import stage_split
+
+    split = stage_split(spec, graph)
+    pre, per_block, post = block_flops(spec, graph, spec.model.num_layers)
+    per_stage = _per_stage_bytes(spec, graph)
+    params = {}
+    for node in graph.params():
+        stage = node.meta_dict.get("stage", 0)
+        params[stage] = params.get(stage, 0) + numel(node)
+    rows = []
+    for stage, (first, last) in enumerate(split):
+        flops = sum(per_block[first:last + 1]) + (pre if stage == 0 else 0.0) + (post if stage == len(split) - 1 else 0.0)
+        rows.append({"stage": stage, "blocks": [first, last], "forward_flops_per_token": round(flops),
+                     "parameters": params.get(stage, 0), "bytes_per_device": round(sum(per_stage.get(stage, [0.0])))})
+    return rows

@@ -11,6 +11,7 @@ import re
 
 from moec.ir.graph import Graph, Node
 from moec.passes.builder import origin_issue
+from moec.passes.stages import stage_split
 from moec.schema.errors import SpecError
 from moec.schema.spec import Spec
 
@@ -102,18 +103,19 @@ def _activation_placement(spec: Spec, node: Node, axes: list[str]) -> list[str]:
 
 
 def _stage_of(spec: Spec, graph: Graph) -> dict[str, int] | None:
-    """Contiguous pipeline stages: block i goes to stage i * stages // layers."""
+    """Contiguous pipeline stages of blocks balanced by FLOPs (``moec.passes.stages``); the head and
+    final norm on the last stage, everything else on the stage of its inputs."""
     if spec.sharding.pipeline is None:
         return None
-    stages = spec.mesh.axes[spec.sharding.pipeline.axis]
-    layers = spec.model.num_layers
+    split = stage_split(spec, graph)
+    stage_of_block = {block: stage for stage, (first, last) in enumerate(split) for block in range(first, last + 1)}
     result: dict[str, int] = {}
     for node in graph.nodes:
         found = re.match(r"^blocks\.(\d+)\.", node.attr.get("name", "")) if node.op == "param" else None
         if found:
-            stage = int(found.group(1)) * stages // layers
+            stage = stage_of_block[int(found.group(1))]
         elif node.op == "param" and node.attr["name"].startswith(("head.", "final_norm.")):
-            stage = stages - 1
+            stage = len(split) - 1
         else:
             stage = max((result[ref.node] for ref in node.inputs if graph[ref.node].op != "param"), default=0)
             stage = max([stage] + [result[ref.node] for ref in node.inputs if graph[ref.node].op == "param"])

@@ -32,7 +32,9 @@ from moec.runtime.distributed import LaunchError, clip_grad_norm, init_distribut
 from moec.runtime.loggers import run_loggers
 from moec.runtime.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes,
                                   steady_tokens_per_s)
+from moec.runtime.memory_plan import held_bytes, plan_check
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
+from moec.runtime.precision import apply_accumulation
 from moec.runtime.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
 from moec.runtime.stopping import StopRequest
 
@@ -83,6 +85,7 @@ class Trainer:
         torch.manual_seed(self.train.seed)
         if spec.schedule.deterministic:
             torch.use_deterministic_algorithms(True)
+        apply_accumulation(spec.schedule.precision)
         too_big = check_fit(spec, self.program.manifest, self.device, self.dist.dp_size)
         if too_big:
             raise TrainingError(too_big)
@@ -124,6 +127,7 @@ class Trainer:
             compile_cache.load(self.program.source)  # a second start of this program skips Inductor's codegen
         compile_ = partial(torch.compile, mode=None if options.mode == "default" else options.mode,
                            fullgraph=options.fullgraph, dynamic=options.dynamic, backend=options.backend)
+        self.parallel.checkpoint_activations(model)  # schedule.activation_checkpointing, before compile (torchtitan's order)
         if not self.dist.distributed:
             return compile_(model) if options.enabled else model
         if options.enabled:
@@ -302,6 +306,8 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)  # clip and report the true gradient norm (no-op unless fp16)
         grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
         self._optimizer_step()
+        # the memory plan, checked on the first step: what this rank holds against the manifest
+        held = held_bytes(self.model, self.optimizer, self.dist.distributed) if step == self.start_step else None
         self.optimizer.zero_grad(set_to_none=True)
         layers = [self._global(mean_stats(layer)) for layer in zip(*stats)]  # mean over micro-batches, then ranks
         health = moe_health(self.model.MOE_LAYERS, layers)
@@ -316,6 +322,8 @@ class Trainer:
             "tokens_per_s": self.train.batch * self.train.seq_len / max(elapsed, 1e-9),
             "peak_memory_bytes": peak_memory_bytes(self.device), "moe": health,
         }
+        if held is not None:
+            row["memory_plan"] = plan_check(held, self.program.manifest)
         if self.spec.schedule.compile.enabled:
             row["compiled_graphs"] = compiled_graphs()
         if self.scaler.is_enabled():

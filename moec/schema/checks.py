@@ -10,6 +10,7 @@ import importlib.util
 import math
 from typing import Iterator
 
+from moec.schema.checks_schedule import schedule_checks
 from moec.schema.errors import format_path
 from moec.schema.model import GATED_ACTIVATIONS
 from moec.schema.spec import Spec
@@ -31,6 +32,7 @@ def run_checks(spec: Spec) -> list[Finding]:
         _future_leaks,
         _data_matches_model,
         _options_are_used,
+        *schedule_checks(),
         _expert_placement,
         _kernels_serve_spec,
         _pooled_load_balance,

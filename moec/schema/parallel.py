@@ -63,7 +63,7 @@ class Sharding(Base):
     """What each mesh axis splits. Every mesh axis larger than 1 must split something."""
 
     batch: AxisList = Field(default_factory=list, description="Axes that split the batch (data parallel).")
-    sequence: AxisList = Field(default_factory=list, description="Axes that split the sequence (context parallel).")
+    sequence: AxisList = Field(default_factory=list, description="Axes that split the sequence (context parallel): not implemented, refused when set.")
     experts: AxisList = Field(default_factory=list, description="Axes that split the expert dimension (expert parallel).")
     fsdp: AxisList = Field(default_factory=list, description="Axes over which FSDP2 shards parameters; each must also split the batch.")
     placement: Literal["contiguous", "consistent_hash"] = Field(

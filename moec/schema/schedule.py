@@ -16,8 +16,11 @@ class Precision(Base):
 
     params: DType = Field("fp32", description="Master weights.")
     compute: DType = Field("fp32", description="Matmuls and activations (autocast).")
-    accumulate: Literal["fp32", "bf16"] = Field("fp32", description="Matmul accumulators and reductions.")
-    reduce: DType = Field("fp32", description="Gradient reduction across data-parallel ranks.")
+    accumulate: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Matmul accumulators: fp32 also turns off cuBLAS's reduced-precision split-K reductions; "
+        "bf16 is refused (torch cannot be asked for bf16 accumulators).")
+    reduce: DType = Field("fp32", description="Gradient reduction across data-parallel ranks: FSDP2's reduce_dtype; "
+                          "without FSDP only the parameters' dtype.")
 
     @model_validator(mode="after")
     def _accumulate_not_narrower(self) -> "Precision":
@@ -81,8 +84,10 @@ class Tiles(Base):
 class ActivationCheckpointing(Base):
     """Recompute activations in the backward pass to save memory."""
 
-    mode: Literal["none", "full", "selective"] = "none"
-    every: PosInt = Field(1, description="Checkpoint every n-th block.")
+    mode: Literal["none", "full", "selective"] = Field(
+        "none", description="full: keep only each checkpointed block's inputs; selective: keep matmul and attention outputs, "
+        "recompute the rest.")
+    every: PosInt = Field(1, description="Checkpoint every n-th block: blocks i with (i + 1) % every == 0.")
 
 
 class Schedule(Base):

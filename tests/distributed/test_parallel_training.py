@@ -52,10 +52,10 @@ def single(tmp_path_factory):
     return run_dir
 
 
-def run_processes(tmp_path: Path, kind: str) -> Path:
+def run_processes(tmp_path: Path, kind: str, text: str | None = None) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / f"{kind}.yaml"
-    spec.write_text(spec_text(MESHES[kind]))
+    spec.write_text(text or spec_text(MESHES[kind]))
     moec_script = Path(sys.executable).parent / "moec"
     done = subprocess.run([str(moec_script), "train", str(spec), "--nproc", str(PROCESSES[kind]), "--run-dir", str(tmp_path / "run"),
                            "--no-plots"],
@@ -79,6 +79,10 @@ def test_several_processes_give_the_single_process_losses(kind, single, tmp_path
         every_row = 8 * 32 * 2 * 32 * 4 * 2 * 2 * 2  # batch x seq x top_k x d_model x fp32 x (there, back) x (fwd, bwd) x layers
         sent = [r["expert_parallel_bytes_sent"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
         assert all(0 < b < every_row for b in sent), sent
+    # the memory plan, checked: each rank's parameter + gradient + AdamW bytes (the largest over ranks) against the manifest
+    plan = next(r["memory_plan"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train")
+    assert plan["held_over_planned"] == pytest.approx(1.0, abs=0.02), plan
+    print(f"memory plan {kind}: held {plan['held']['total_bytes']} B, planned {plan['planned']['total_bytes']} B per rank")
     evals = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals == pytest.approx([r["val_loss"] for r in read_metrics(single / "metrics.jsonl") if r["kind"] == "eval"], rel=1e-5)
     if kind in ("fsdp", "dp_ep", "fsdp_ep", "dp_ep_shared", "hsdp_ep"):  # a checkpoint of sharded DTensors (FSDP2, experts over ep) resumes on 1 process
@@ -156,3 +160,10 @@ def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
                 f"        fully_shard(block, mesh=dp_mesh, mp_policy=policy)  # {where}:20 sharding.fsdp",
                 "    fully_shard(model, mesh=dp_mesh, mp_policy=policy)  # the root: embeddings, final norm, head",
             ]
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_under_fsdp_gives_the_single_process_losses(single, tmp_path):
+    """Selective checkpointing inside FSDP2's units: the recomputed forward finds its parameters gathered."""
+    text = spec_text(MESHES["fsdp"]).replace("schedule:\n", "schedule:\n  activation_checkpointing: {mode: selective}\n")
+    assert train_losses(run_processes(tmp_path, "fsdp", text)) == pytest.approx(train_losses(single), rel=1e-5)

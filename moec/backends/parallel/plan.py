@@ -8,8 +8,9 @@ embeddings, final norm, head); a batch axis plus an FSDP axis is HSDP (``fully_s
 DCP's state-dict API in torch 2.13, and DDP's plain tensors reshard to any data-parallel size.
 Expert parallelism shards the routed experts over ``sharding.experts``; with FSDP, the
 experts are also FSDP-sharded over the other FSDP axes (torchtitan's dp-shard-in-ep).
-Tensor, pipeline and context parallelism are not executed yet: ``unsupported`` names what a
-spec asks for that this plan cannot run.
+Tensor and pipeline parallelism are not executed yet: ``unsupported`` names what a spec asks
+for that this plan cannot run (``moec train`` refuses it at launch; context parallelism and
+options no engine reads are refused at validation, ``moec.schema.checks_schedule``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from moec.backends.parallel import checkpointing
 from moec.backends.parallel.placement import (
     experts_of,
     moves_when_growing,
@@ -69,13 +71,9 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = ()) -> ParallelPlan:
         unsupported.append("tensor parallelism (sharding.tensor)")
     if sharding.pipeline is not None and sharding.pipeline.axis in active:
         unsupported.append("pipeline parallelism (sharding.pipeline)")
-    if set(sharding.sequence) & active:
-        unsupported.append("context parallelism (sharding.sequence)")
     if replicate and shard and (len(replicate) > 1 or len(shard) > 1):
         unsupported.append("HSDP over more than one replicate or shard axis")
-    precision = spec.schedule.precision
-    if replicate and not shard and precision.reduce != precision.params:
-        unsupported.append("a gradient reduction dtype other than the parameters' under DDP (schedule.precision.reduce)")
+    precision = spec.schedule.precision  # context parallelism and a reduce dtype DDP cannot use: refused at validation
     return ParallelPlan(dict(mesh), replicate, shard, DTYPE_NAMES[precision.compute], DTYPE_NAMES[precision.reduce],
                         tuple(unsupported), experts[0] if experts else None, expert_modules if experts else ())
 
@@ -104,19 +102,22 @@ def _moe_configs(spec):
             yield moe
 
 
-def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], experts: int = 0) -> str:
-    where = _locator(spec)
+def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], experts: int = 0,
+                  stages: tuple[tuple[int, int], ...] = ()) -> str:
+    where, ac = _locator(spec), spec.schedule.activation_checkpointing
     shape, names = tuple(plan.axes.values()), tuple(plan.axes)
     lines = [f"# {line}" if line else "#" for line in header] + [
         "",
         "from __future__ import annotations",
         "",
+        *checkpointing.stdlib_imports(ac.mode),
         "import torch",
         "import torch.distributed as dist",
         "from torch.distributed._composable.replicate import replicate",
         "from torch.distributed.device_mesh import DeviceMesh, init_device_mesh",
         "from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard",
         "from torch.distributed.tensor import Shard, distribute_tensor",
+        *checkpointing.torch_imports(ac.mode),
         *_moec_imports(spec, plan, where),
         "",
         f"MESH_SHAPE = {shape!r}  {where('mesh', 'axes')}",
@@ -124,6 +125,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         f"DATA_PARALLEL = {plan.data_parallel!r}  {where('sharding', 'batch')}: each rank reads its slice of the batch",
         f"UNSUPPORTED = {plan.unsupported!r}  # asked for by the spec, not executed yet",
         *_placement(spec, plan, experts, where),
+        *_stages(stages, where),
         "",
         "",
         "def make_mesh(device_type: str) -> DeviceMesh:",
@@ -133,6 +135,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         *(shard_experts_source(_permuted(spec, plan, experts), plan.replicated_rows) + ["", ""] if plan.experts is not None else []),
         *(gather_experts_source() + ["", ""] if plan.expert_fsdp else []),
         *(hsdp_mesh_source() + ["", ""] if plan.replicate and plan.shard else []),
+        *checkpointing.checkpointing_source(ac, blocks, where), "", "",
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
         '    """Data parallelism over the batch axes (FSDP2 per block, then the root; or DDP)'
         + ('.\n    The routed experts are split over the expert-parallel axis first."""' if plan.experts is not None else '."""'),
@@ -147,6 +150,13 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
 def expert_placement(spec, plan: ParallelPlan, experts: int) -> tuple[int, ...]:
     """The owner rank of each expert under the spec's ``sharding.placement`` (seeded by ``train.seed``)."""
     return placement(spec.sharding.placement, experts, plan.axes[plan.experts], spec.train.seed)
+
+
+def _stages(stages: tuple[tuple[int, int], ...], where) -> list[str]:
+    if not stages:
+        return []
+    return [f"PIPELINE_STAGES = {stages!r}  # (first, last) block of each stage, balanced by forward FLOPs per token  "
+            f"{where('sharding', 'pipeline')}"]
 
 
 def _permuted(spec, plan: ParallelPlan, experts: int) -> bool:

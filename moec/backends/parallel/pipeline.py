@@ -1,0 +1,133 @@
+"""Pipeline parallelism with ``torch.distributed.pipelining``: stage modules cut from the generated model.
+
+A stage runs consecutive blocks of the generated model (``PIPELINE_STAGES``, balanced by FLOPs in
+``moec.passes.stages``). The first stage also runs the root's prologue (embeddings), the last its
+epilogue (final norm, head), both by the reference interpreter's kernels on the model's own
+parameters (the prologue and epilogue are a handful of dense ops). Between stages travel the hidden
+state and the running sum of the MoE aux losses (each block's scalar outputs), so the aux losses reach
+the loss on the last stage: ``loss_fn((logits, aux_rows), targets)`` adds ``aux_rows[0]``. The model's aux output must be that
+sum (``pipeline_problem`` says why a graph cannot be pipelined).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moec.backends.reference.interpreter import KERNELS, Context
+from moec.backends.torch.blocks import segments
+from moec.ir.graph import Graph, Ref
+
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
+
+
+def pipeline_problem(graph: Graph) -> str | None:
+    """Why this graph cannot be cut into a chain of stages, or None."""
+    cut = segments(graph)
+    blocks = [s for s in cut if s.block is not None]
+    for previous, block in zip(blocks, blocks[1:]):
+        if len(block.inputs) != 1 or _hidden(graph, previous) != block.inputs[0]:
+            return f"blocks.{block.block} reads more than the hidden state of blocks.{previous.block}"
+    scalars = {ref for block in blocks for ref in block.outputs if _is_scalar(graph, ref)}
+    if not _sum_of(graph, graph.outputs[1], scalars):
+        return "the aux loss is not a sum of the blocks' aux outputs"
+    return None
+
+
+class PipelineStage(nn.Module):
+    """Blocks ``first..last`` of ``model``; with the prologue when ``first == 0``, the epilogue at the end."""
+
+    def __init__(self, model: nn.Module, graph: Graph, first: int, last: int):
+        super().__init__()
+        cut = segments(graph)
+        self.graph = graph
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(first, last + 1)})
+        self.block_segments = [s for s in cut if s.block is not None and first <= s.block <= last]
+        self.is_first, self.is_last = first == 0, last == len(model.blocks) - 1
+        self.prologue = cut[0].nodes if self.is_first and cut[0].block is None else []
+        self.epilogue = _needed(graph, cut[-1].nodes, graph.outputs[0]) if self.is_last and cut[-1].block is None else []
+        self.root = nn.ParameterDict({name.replace(".", "__"): param for name, param in model.named_parameters()
+                                      if name in self._root_params()})
+
+    def _root_params(self) -> set[str]:
+        nodes = [self.graph.nodes[i] for i in self.prologue + self.epilogue]
+        return {self.graph[ref.node].attr["name"] for node in nodes for ref in node.inputs if self.graph[ref.node].op == "param"}
+
+    def forward(self, x: torch.Tensor, aux_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """First stage: tokens -> (hidden, aux rows); later ones: (hidden, aux rows) -> (hidden, aux rows), the last
+        (output, aux rows). The running aux sum travels as one copy per batch row: pipelining splits and merges every
+        value along the batch (a 0-dim tensor would not concatenate); ``aux_rows[0]`` is the sum."""
+        aux = None if aux_rows is None else aux_rows[0]
+        values: dict[Ref, torch.Tensor] = {}
+        hidden = x
+        if self.is_first:
+            values[Ref(next(n for n in self.graph.nodes if n.op == "input").name, 0)] = x
+            self._interpret(self.prologue, values, x)
+            hidden = values[self.block_segments[0].inputs[0]]
+        for segment in self.block_segments:
+            outputs = self.blocks[str(segment.block)](hidden)
+            for ref, value in zip(segment.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
+                if _is_scalar(self.graph, ref):  # an aux loss; the MoE stats after the outputs are left out
+                    aux = value if aux is None else aux + value
+                else:
+                    hidden = value
+        aux = aux if aux is not None else hidden.new_zeros(())
+        aux_rows = aux.float().repeat(x.shape[0])
+        if not self.is_last:
+            return hidden, aux_rows
+        values[_hidden(self.graph, self.block_segments[-1])] = hidden
+        self._interpret(self.epilogue, values, hidden)
+        return values[self.graph.outputs[0]], aux_rows
+
+    def _interpret(self, indices: list[int], values: dict, anchor: torch.Tensor) -> None:
+        ctx = Context(training=self.training, device=anchor.device, symbols={"B": anchor.shape[0], "S": anchor.shape[1]})
+        for index in indices:
+            node = self.graph.nodes[index]
+            args = [self._param(ref) if self.graph[ref.node].op == "param" else values[ref] for ref in node.inputs]
+            result = KERNELS[node.op](ctx, node.attr, *args)
+            for i, value in enumerate(result if isinstance(result, tuple) else (result,)):
+                values[Ref(node.name, i)] = value
+
+    def _param(self, ref: Ref) -> torch.Tensor:
+        return self.root[self.graph[ref.node].attr["name"].replace(".", "__")]
+
+
+def build_schedule(stages: list[PipelineStage], ranks: int, rank: int, group, device, kind: str, microbatches: int, loss_fn):
+    """torch.distributed.pipelining's schedule for this rank's stage(s): stage ``rank`` (and ``rank + ranks``
+    with interleaved 1F1B, which runs two virtual stages per rank)."""
+    from torch.distributed import pipelining
+
+    total = ranks * len(stages)
+    wrapped = [pipelining.PipelineStage(stage, rank + i * ranks, total, device, group=group) for i, stage in enumerate(stages)]
+    schedule = getattr(pipelining, SCHEDULES[kind])
+    if kind == "interleaved_1f1b":
+        return schedule(wrapped, n_microbatches=microbatches, loss_fn=loss_fn)
+    return schedule(wrapped[0], n_microbatches=microbatches, loss_fn=loss_fn)
+
+
+def _is_scalar(graph: Graph, ref: Ref) -> bool:
+    types = graph[ref.node].types
+    return bool(types) and types[ref.index].rank == 0
+
+
+def _hidden(graph: Graph, segment) -> Ref | None:
+    """A block's hidden-state output: its one output that is not a scalar."""
+    hidden = [ref for ref in segment.outputs if not _is_scalar(graph, ref)]
+    return hidden[0] if len(hidden) == 1 else None
+
+
+def _sum_of(graph: Graph, ref: Ref, leaves: set[Ref]) -> bool:
+    if ref in leaves:
+        return True
+    node = graph[ref.node]
+    return node.op == "add" and all(_sum_of(graph, r, leaves) for r in node.inputs)
+
+
+def _needed(graph: Graph, indices: list[int], output: Ref) -> list[int]:
+    """The nodes of ``indices`` that ``output`` depends on, in order."""
+    wanted, position = {output.node}, {graph.nodes[i].name: i for i in indices}
+    for index in reversed(indices):
+        node = graph.nodes[index]
+        if node.name in wanted:
+            wanted |= {ref.node for ref in node.inputs}
+    return [i for i in indices if graph.nodes[i].name in wanted and graph.nodes[i].name in position]

@@ -1,0 +1,57 @@
+"""Checks that every ``schedule`` and ``sharding`` option the runtime cannot honour is refused here.
+
+Each yields ``(key_path, message)`` like the checks in ``moec.schema.checks``. Whole features that
+the seed specs plan for but moec does not execute yet (tensor and pipeline parallelism) validate,
+and ``moec train`` refuses them at launch (``UNSUPPORTED`` in the generated parallel.py); an option
+that nothing would ever read is refused here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+Finding = tuple[tuple, str]
+
+
+def schedule_checks() -> tuple:
+    return (_activation_checkpointing, _context_parallel, _accumulation, _gradient_reduction)
+
+
+def _axis_size(spec, axes) -> int:
+    return math.prod(spec.mesh.axes.get(axis, 1) for axis in axes)
+
+
+def _activation_checkpointing(spec) -> Iterator[Finding]:
+    ac, blocks = spec.schedule.activation_checkpointing, spec.model.num_layers
+    if ac.mode == "none" and ac.every != 1:
+        yield ("schedule", "activation_checkpointing", "every"), "is used only with mode full or selective (mode is none)"
+    elif ac.every > blocks:
+        yield ("schedule", "activation_checkpointing", "every"), (f"checkpoints every {ac.every}th block, but the model has "
+                                                                   f"{blocks} block(s): none would be checkpointed")
+
+
+def _context_parallel(spec) -> Iterator[Finding]:
+    if spec.sharding.sequence:
+        yield ("sharding", "sequence"), ("context parallelism (splitting the sequence over ranks) is not implemented; "
+                                         "remove sharding.sequence and split the batch instead")
+
+
+def _accumulation(spec) -> Iterator[Finding]:
+    """fp32 accumulation is what the trainer sets (moec.runtime.precision); torch has no switch for bf16 accumulators."""
+    if spec.schedule.precision.accumulate != "fp32":
+        yield ("schedule", "precision", "accumulate"), ("bf16 accumulation cannot be requested from torch (CPU matmuls always "
+                                                        "accumulate in fp32; CUDA only allows reduced-precision split-K "
+                                                        "reductions); use fp32")
+
+
+def _gradient_reduction(spec) -> Iterator[Finding]:
+    """precision.reduce is FSDP2's reduce dtype; without FSDP nothing reduces gradients in another dtype."""
+    precision, sharding = spec.schedule.precision, spec.sharding
+    path = ("schedule", "precision", "reduce")
+    if _axis_size(spec, sharding.batch) == 1:
+        if precision.reduce != "fp32":  # the default, whatever the parameters' dtype
+            yield path, "is used only with data parallelism (sharding.batch over an axis larger than 1)"
+    elif _axis_size(spec, sharding.fsdp) == 1 and precision.reduce != precision.params:
+        yield path, (f"{precision.reduce} gradient reduction needs FSDP (sharding.fsdp): DDP and expert parallelism without "
+                     f"FSDP reduce gradients in the parameters' dtype ({precision.params})")

@@ -1,0 +1,170 @@
+"""Every field of ``mesh``, ``sharding`` and ``schedule`` changes what runs or is refused.
+
+``AUDIT`` holds one check per leaf field; ``test_every_field_is_audited`` fails when a field is
+added to the schema without one. A check either compares what a changed value generates or
+sets against the base spec's, or expects a refusal: a validation error (``moec.SpecError`` with
+its message) or, for tensor and pipeline parallelism (planned by the seed specs, not executed
+yet), ``moec train``'s refusal at launch (``UNSUPPORTED`` in the generated parallel.py).
+"""
+
+import types
+import typing
+
+import pydantic
+import pytest
+import torch
+
+import moec
+from moec.compile import build_model, parallel_module
+from moec.runtime import compile_cache
+from moec.runtime.distributed import LaunchError, init_distributed
+from moec.runtime.trainer import Trainer
+from moec.schema.parallel import Mesh, Sharding
+from moec.schema.schedule import Schedule
+from tests.runtime.helpers import quick_text
+
+BASE = quick_text(steps=2, every=10)
+DDP = ("mesh.world_size=2", "mesh.axes={dp: 2}", "sharding.batch=[dp]")
+FSDP = ("mesh.world_size=2", "mesh.axes={dp: 2}", "sharding.batch=[dp]", "sharding.fsdp=[dp]")
+EP = ("mesh.world_size=2", "mesh.axes={ep: 2}", "sharding.batch=[ep]", "sharding.experts=[ep]")
+TP = ("mesh.world_size=2", "mesh.axes={tp: 2}", "sharding.tensor={axis: tp}")
+PP = ("mesh.world_size=2", "mesh.axes={pp: 2}", "sharding.pipeline={axis: pp}")
+TRITON = ("schedule.kernels.moe=triton",)
+
+
+def spec(*overrides):
+    return moec.load_spec_text(BASE, file="audit.yaml", overrides=overrides)
+
+
+def parallel_source(*overrides) -> str:
+    return moec.compile_spec(spec(*overrides)).parallel_source
+
+
+def model_source(*overrides) -> str:
+    return moec.compile_spec(spec(*overrides)).source
+
+
+def refused(message: str, *overrides) -> None:
+    with pytest.raises(moec.SpecError) as caught:
+        spec(*overrides)
+    assert message in str(caught.value)
+
+
+def refused_at_launch(monkeypatch, feature: str, *overrides) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 sets it
+    program = moec.compile_spec(spec(*overrides))
+    assert any(feature in item for item in parallel_module(program).UNSUPPORTED)
+    with pytest.raises(LaunchError, match=feature):
+        init_distributed(spec(*overrides), types.SimpleNamespace(UNSUPPORTED=parallel_module(program).UNSUPPORTED), None)
+
+
+def contains(text: str, *lines: str) -> None:
+    for line in lines:
+        assert line in text
+
+
+def differs(render, base: tuple, changed: tuple) -> None:
+    assert render(*base) != render(*changed)
+
+
+def compile_options(monkeypatch, *overrides) -> dict:
+    """What the trainer passes to torch.compile for this spec."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: calls.append(options) or model)
+    monkeypatch.setattr(compile_cache, "load", lambda source: None)
+    s = spec(*overrides)
+    program = moec.compile_spec(s)
+    fake = types.SimpleNamespace(spec=s, program=program, parallel=parallel_module(program),
+                                 dist=types.SimpleNamespace(distributed=False))
+    Trainer._compiled(fake, build_model(s, program=program))
+    return calls[0] if calls else {}
+
+
+def launched_world(*overrides) -> None:
+    s = spec(*overrides)
+    with pytest.raises(LaunchError, match="the spec's mesh has world_size 2, but 1 process"):
+        init_distributed(s, parallel_module(moec.compile_spec(s)), None)
+
+
+AUDIT = {
+    "mesh.world_size": lambda mp: launched_world(*DDP),
+    "mesh.axes": lambda mp: differs(parallel_source, DDP, ("mesh.world_size=2", "mesh.axes={dp: 1, fsdp: 2}",
+                                                          "sharding.batch=[fsdp]")),
+    "sharding.batch": lambda mp: contains(parallel_source(*DDP), "DATA_PARALLEL = ('dp',)",
+                                          "replicate(model, device_mesh=dp_mesh)"),
+    "sharding.sequence": lambda mp: refused("context parallelism", "mesh.world_size=2", "mesh.axes={cp: 2}",
+                                            "sharding.sequence=[cp]"),
+    "sharding.experts": lambda mp: differs(parallel_source, DDP, DDP + ("sharding.experts=[dp]",)),
+    "sharding.fsdp": lambda mp: differs(parallel_source, DDP, FSDP),
+    "sharding.placement": lambda mp: differs(parallel_source, EP, EP + ("sharding.placement=consistent_hash",)),
+    "sharding.tensor.axis": lambda mp: refused_at_launch(mp, "tensor parallelism", *TP),
+    "sharding.tensor.column": lambda mp: refused_at_launch(mp, "tensor parallelism", *TP, "sharding.tensor.column=[mlp.up]"),
+    "sharding.tensor.row": lambda mp: refused_at_launch(mp, "tensor parallelism", *TP, "sharding.tensor.row=[mlp.down]"),
+    "sharding.tensor.sequence_parallel": lambda mp: refused_at_launch(mp, "tensor parallelism", *TP,
+                                                                      "sharding.tensor.sequence_parallel=true"),
+    "sharding.pipeline.axis": lambda mp: refused_at_launch(mp, "pipeline parallelism", *PP),
+    "sharding.pipeline.microbatches": lambda mp: refused_at_launch(mp, "pipeline parallelism", *PP,
+                                                                   "sharding.pipeline.microbatches=4"),
+    "sharding.pipeline.schedule": lambda mp: refused_at_launch(mp, "pipeline parallelism", *PP,
+                                                               "sharding.pipeline.schedule=gpipe"),
+    "schedule.precision.params": lambda mp: (
+        build_model(spec("schedule.precision.params=bf16")).embed.weight.dtype == torch.bfloat16 or pytest.fail("params")),
+    "schedule.precision.compute": lambda mp: differs(parallel_source, FSDP, FSDP + ("schedule.precision.compute=bf16",)),
+    "schedule.precision.accumulate": lambda mp: refused("bf16 accumulation cannot be requested",
+                                                        "schedule.precision.compute=bf16", "schedule.precision.accumulate=bf16"),
+    "schedule.precision.reduce": lambda mp: differs(parallel_source, FSDP, FSDP + ("schedule.precision.reduce=bf16",)),
+    "schedule.compile.enabled": lambda mp: (compile_options(mp) == {} and compile_options(mp, "schedule.compile.enabled=true")
+                                            or pytest.fail("compile.enabled")),
+    "schedule.compile.mode": lambda mp: _compile_option(mp, "mode", "max-autotune", "max-autotune"),
+    "schedule.compile.fullgraph": lambda mp: _compile_option(mp, "fullgraph", "false", False),
+    "schedule.compile.dynamic": lambda mp: _compile_option(mp, "dynamic", "true", True),
+    "schedule.compile.backend": lambda mp: _compile_option(mp, "backend", "aot_eager", "aot_eager"),
+    "schedule.kernels.moe": lambda mp: differs(model_source, (), ("schedule.kernels.moe=eager",)),
+    "schedule.kernels.spectral_moe": lambda mp: refused("but the model has no spectral_moe layer",
+                                                        "schedule.kernels.spectral_moe=fft"),
+    "schedule.kernels.attention": lambda mp: differs(model_source, (), ("schedule.kernels.attention=eager",)),
+    **{f"schedule.tiles.{name}": (lambda name, value: lambda mp: differs(
+        model_source, TRITON + ("schedule.tiles={}",), TRITON + (f"schedule.tiles={{{name}: {value}}}",)))(name, value)
+       for name, value in {"BM": 64, "BN": 64, "BK": 64, "warps": 8, "stages": 2}.items()},
+    "schedule.activation_checkpointing.mode": lambda mp: differs(parallel_source, (), (
+        "schedule.activation_checkpointing.mode=full",)),
+    "schedule.activation_checkpointing.every": lambda mp: differs(parallel_source, (
+        "schedule.activation_checkpointing.mode=full",), ("schedule.activation_checkpointing={mode: full, every: 2}",)),
+    "schedule.deterministic": None,  # test_deterministic_and_accumulation_reach_torch: one Trainer for both
+}
+
+
+def _compile_option(monkeypatch, name: str, value: str, expected) -> None:
+    options = compile_options(monkeypatch, "schedule.compile.enabled=true", f"schedule.compile.{name}={value}")
+    assert options[name] == expected
+
+
+def _leaves(model: type[pydantic.BaseModel], prefix: str) -> set[str]:
+    out = set()
+    for name, field in model.model_fields.items():
+        nested = [t for t in (field.annotation, *typing.get_args(field.annotation))
+                  if isinstance(t, type) and issubclass(t, pydantic.BaseModel)]
+        out |= _leaves(nested[0], f"{prefix}.{name}") if nested else {f"{prefix}.{name}"}
+    return out
+
+
+def test_every_field_is_audited():
+    fields = _leaves(Mesh, "mesh") | _leaves(Sharding, "sharding") | _leaves(Schedule, "schedule")
+    assert fields == set(AUDIT)
+
+
+@pytest.mark.parametrize("field", sorted(name for name, check in AUDIT.items() if check is not None))
+def test_field_acts_or_is_refused(field, monkeypatch):
+    AUDIT[field](monkeypatch)
+
+
+def test_deterministic_and_accumulation_reach_torch(tmp_path):
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True  # torch's default
+    try:
+        for deterministic in (False, True):
+            Trainer(spec(f"schedule.deterministic={str(deterministic).lower()}"), run_dir=tmp_path / str(deterministic))
+            assert torch.are_deterministic_algorithms_enabled() is deterministic
+            assert not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction  # accumulate: fp32
+            assert not torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+    finally:
+        torch.use_deterministic_algorithms(False)
