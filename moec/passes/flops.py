@@ -73,7 +73,7 @@ def _moe_flops(graph: Graph, node: Node, seq: int) -> float:
     per_slot = {slot: numel(graph[ref.node]) for slot, ref in zip(attrs["slots"], node.inputs) if graph[ref.node].op == "param"}
     experts = sum(size for slot, size in per_slot.items() if slot.startswith(EXPERT_PREFIX + "w"))
     shared = sum(size for slot, size in per_slot.items() if slot.startswith("shared."))
-    routed_token = 2 * (per_slot[ROUTER_WEIGHT] + experts * moe.top_k / moe.experts + shared)
+    routed_token = 2 * (per_slot.get(ROUTER_WEIGHT, 0) + experts * moe.top_k / moe.experts + shared)  # token_id: no router weight
     if node.op == "moe":
         return routed_token
     bins = seq // 2 + 1

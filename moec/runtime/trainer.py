@@ -83,8 +83,7 @@ class Trainer:
         self.display = display if self.dist.is_main else None
         self.stop = StopRequest()
         torch.manual_seed(self.train.seed)
-        if spec.schedule.deterministic:
-            torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(spec.schedule.deterministic)  # both ways: an earlier run in this process may have set it
         apply_accumulation(spec.schedule.precision)
         too_big = check_fit(spec, self.program.manifest, self.device, self.dist.dp_size)
         if too_big:

@@ -5,7 +5,6 @@ with the default per-rank counts (the per-micro-batch convention of Megatron and
 2-rank run would be the single-process run with 2 gradient-accumulation micro-batches, not one.
 """
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from cli.main import app
 from moec.runtime.metrics import read_metrics
 from moec.runtime.trainer import Trainer
 from tests.conftest import REPO
+from tests.distributed.processes import run_job
 from tests.runtime.helpers import quick_text
 
 MESHES = {
@@ -57,9 +57,8 @@ def run_processes(tmp_path: Path, kind: str, text: str | None = None) -> Path:
     spec = tmp_path / f"{kind}.yaml"
     spec.write_text(text or spec_text(MESHES[kind]))
     moec_script = Path(sys.executable).parent / "moec"
-    done = subprocess.run([str(moec_script), "train", str(spec), "--nproc", str(PROCESSES[kind]), "--run-dir", str(tmp_path / "run"),
-                           "--no-plots"],
-                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    done = run_job([str(moec_script), "train", str(spec), "--nproc", str(PROCESSES[kind]), "--run-dir", str(tmp_path / "run"),
+                    "--no-plots"], timeout=240, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path / "run"
 

@@ -8,7 +8,6 @@ pipeline), scaling each microbatch's loss by 1/4 as the schedules scale the grad
 """
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -18,6 +17,7 @@ import moec
 from moec.backends.parallel.pipeline import PipelineStage, pipeline_problem
 from moec.compile import build_model
 from tests.conftest import REPO
+from tests.distributed.processes import run_job
 from tests.distributed.pipeline_worker import MICROBATCHES, STEPS, batch, loss_fn, pipelined, spec_text
 
 
@@ -45,7 +45,7 @@ def run_pipeline(tmp_path, schedule: str) -> dict:
     out = tmp_path / f"{schedule}.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "tests.distributed.pipeline_worker", schedule, str(out)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    done = run_job(command, timeout=240, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 

@@ -2,7 +2,6 @@
 checkpoint (experts saved in id order) resumes on one process and on 4 with another placement."""
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from moec.backends.parallel.placement import placement
 from moec.runtime.metrics import read_metrics
 from moec.runtime.trainer import Trainer
 from tests.conftest import REPO
+from tests.distributed.processes import run_job
 from tests.distributed.test_parallel_training import MESHES, single, spec_text, train_losses  # noqa: F401 - single: a fixture
 
 HASHED = MESHES["ep"].replace("experts: [ep]}", "experts: [ep], placement: consistent_hash}")
@@ -20,8 +20,8 @@ HASHED = MESHES["ep"].replace("experts: [ep]}", "experts: [ep], placement: consi
 
 def train_processes(spec: Path, run_dir: Path, *extra: str, nproc: int = 2) -> None:
     moec_script = Path(sys.executable).parent / "moec"
-    done = subprocess.run([str(moec_script), "train", str(spec), "--nproc", str(nproc), "--run-dir", str(run_dir), "--no-plots", *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    done = run_job([str(moec_script), "train", str(spec), "--nproc", str(nproc), "--run-dir", str(run_dir), "--no-plots", *extra],
+                   timeout=240, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -14,6 +14,15 @@ from tests.runtime.helpers import quick_text
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Python's own SIGINT handler during each test, as in a terminal: a shell that starts the suite in
+    the background hands it SIGINT ignored, and the tests check that training restores the handler."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_build_output_under_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     result = moec_cli("build", "specs/token_routed_tiny.yaml", "-o", tmp_path / "file" / "out")
