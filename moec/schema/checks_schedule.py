@@ -43,6 +43,12 @@ def _accumulation(spec) -> Iterator[Finding]:
         yield ("schedule", "precision", "accumulate"), ("bf16 accumulation cannot be requested from torch (CPU matmuls always "
                                                         "accumulate in fp32; CUDA only allows reduced-precision split-K "
                                                         "reductions); use fp32")
+    elif spec.schedule.precision.params != "fp32" and spec.train.grad_accum > 1:
+        # gradients of micro-batches add up in .grad, in the parameters' dtype: fp32 accumulation needs fp32 parameters
+        yield ("schedule", "precision", "params"), (f"{spec.schedule.precision.params} parameters accumulate the gradients of "
+                                                    f"train.grad_accum ({spec.train.grad_accum}) micro-batches in "
+                                                    f"{spec.schedule.precision.params}, but precision.accumulate is fp32; "
+                                                    "use params: fp32 (with compute: bf16 for speed) or grad_accum: 1")
 
 
 def _gradient_reduction(spec) -> Iterator[Finding]:
