@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from moec.bench.layers import LayerShape, candidates, step_of
-from moec.bench.timing import interleaved
+from moec.bench.timing import interleaved, prefixed
 from moec.moe.activations import MIXTRAL_ACTIVATION
 from moec.schema.model import ExpertFfn
 
@@ -78,7 +78,7 @@ def bench_spec(spec, tokens: list[int], reps: int = 7, device: str = "cpu", comp
             grad = torch.randn(1, count, shape.width, device=dev)
             inner = max(1, min(32, 1024 // count))  # steps per sample: small layers run several
             timings = interleaved({name: step_of(m, x, grad) for name, m in modules.items()}, dev, reps, inner=inner,
-                                  progress=(lambda text: progress(f"{where} at {count} tokens: {text}")) if progress else None)
+                                  progress=prefixed(progress, f"{where} at {count} tokens"))
             by_name = {t.name: t for t in timings}
             dense, hf = by_name["dense (limit)"], by_name.get("hf grouped_mm")
             for t in timings:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 import moec
-from moec.bench.timing import interleaved
+from moec.bench.timing import interleaved, prefixed
 
 SWEEP_SEQS = (256, 512, 1024, 2048, 4096, 8192)
 CROSSOVER_SEQS = (16, 32, 64, 128, 256, 512)
@@ -119,7 +119,7 @@ def sweep(spec, seqs=SWEEP_SEQS, reps: int = 5, device: str = "cpu", progress=No
     for where, layer in spectral_layers(spec):
         for seq in seqs:
             texts = {"spectral_moe": block_spec_text(layer, width, seq), "attention": block_spec_text(attention_layer(width), width, seq)}
-            rows += _rows(where, seq, time_blocks(texts, seq, width, dev, reps, _tell(progress, f"{where} at {seq}")))
+            rows += _rows(where, seq, time_blocks(texts, seq, width, dev, reps, prefixed(progress, f"{where} at {seq}")))
     return rows
 
 
@@ -129,7 +129,7 @@ def crossover(spec, seqs=CROSSOVER_SEQS, reps: int = 5, device: str = "cpu", pro
     for where, layer in spectral_layers(spec):
         for seq in seqs:
             texts = {f"spectral_moe {kernel}": block_spec_text(layer, width, seq, kernel) for kernel in ("dft", "fft")}
-            rows += _rows(where, seq, time_blocks(texts, seq, width, dev, reps, _tell(progress, f"{where} at {seq}")))
+            rows += _rows(where, seq, time_blocks(texts, seq, width, dev, reps, prefixed(progress, f"{where} at {seq}")))
     return rows
 
 
@@ -160,7 +160,3 @@ def crossover_seq(rows: list[SpectralRow]) -> int | None:
 def _rows(where: str, seq: int, timed: dict[str, tuple]) -> list[SpectralRow]:
     return [SpectralRow(where, seq, name, t.median_s * 1e3, t.low_s * 1e3, t.high_s * 1e3, saved / 2**20)
             for name, (t, saved) in timed.items()]
-
-
-def _tell(progress, prefix: str):
-    return (lambda text: progress(f"{prefix}: {text}")) if progress else None

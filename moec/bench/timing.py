@@ -62,3 +62,8 @@ def interleaved(steps: dict[str, Callable[[], None]], device: torch.device, reps
             samples[name].append((time.perf_counter() - start) / inner)
     peaks = {name: _peak_bytes(step, device) for name, step in steps.items()}
     return [Timing(name, statistics.median(times), min(times), max(times), peaks[name]) for name, times in samples.items()]
+
+
+def prefixed(progress: Callable[[str], None] | None, prefix: str) -> Callable[[str], None] | None:
+    """``progress`` with each message after ``prefix: ``; None stays None."""
+    return (lambda text: progress(f"{prefix}: {text}")) if progress else None

@@ -118,7 +118,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         "from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard",
         "from torch.distributed.tensor import Shard, distribute_tensor",
         *checkpointing.torch_imports(ac.mode),
-        *_moec_imports(spec, plan, where),
+        *_moec_imports(spec, plan),
         "",
         f"MESH_SHAPE = {shape!r}  {where('mesh', 'axes')}",
         f"MESH_AXES = {names!r}",
@@ -375,9 +375,9 @@ def shard_experts_source(permuted: bool = False, replicated_rows: bool = False) 
     ]
 
 
-def _moec_imports(spec, plan: ParallelPlan, where) -> list[str]:
+def _moec_imports(spec, plan: ParallelPlan) -> list[str]:
     imports = (["from moec.backends.parallel.buckets import all_reduce_flat"] if plan.experts is not None and not plan.expert_fsdp else []) + (
-        ["from moec.backends.torch.data_parallel import set_batch_group"] if _batch_group_lines(spec, plan, where) else [])
+        ["from moec.backends.torch.data_parallel import set_batch_group"] if _sets_batch_group(spec, plan) else [])
     return ["", *imports] if imports else []
 
 
@@ -386,8 +386,12 @@ def global_balance(spec) -> bool:
     return any(moe.aux.load_balance_batch == "global" for moe in _moe_configs(spec))
 
 
+def _sets_batch_group(spec, plan: ParallelPlan) -> bool:
+    return bool(plan.data_parallel) and global_balance(spec)
+
+
 def _batch_group_lines(spec, plan: ParallelPlan, where) -> list[str]:
-    if not (plan.data_parallel and global_balance(spec)):
+    if not _sets_batch_group(spec, plan):
         return []
     axes = _in_mesh_order(plan, plan.data_parallel)
     return [f"    set_batch_group({_flat(axes)}.get_group())  # aux.load_balance_batch 'global': "

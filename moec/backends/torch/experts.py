@@ -120,15 +120,20 @@ def _all_gather_rows(part: Tensor, sizes: list[int], group) -> Tensor:
     return out
 
 
+def _own_rows(sizes: list[int], group) -> slice:
+    """This rank's rows of the shared ones: rank r runs ``sizes[r]`` rows, after those of ranks < r."""
+    me = dist.get_rank(group)
+    start = sum(sizes[:me])
+    return slice(start, start + sizes[me])
+
+
 class _RowsOfRank(torch.autograd.Function):
     """Forward: this rank's slice of rows the group shares. Backward: the slices' gradients, gathered."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, sizes: list[int], group) -> Tensor:
         ctx.sizes, ctx.group = sizes, group
-        me = dist.get_rank(group)
-        start = sum(sizes[:me])
-        return rows[start:start + sizes[me]]
+        return rows[_own_rows(sizes, group)]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -145,6 +150,4 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        me = dist.get_rank(ctx.group)
-        start = sum(ctx.sizes[:me])
-        return grad[start:start + ctx.sizes[me]], None, None
+        return grad[_own_rows(ctx.sizes, ctx.group)], None, None
