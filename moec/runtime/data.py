@@ -83,7 +83,7 @@ def expand_globs(patterns: list[str]) -> list[Path]:
         files |= set(_bounded_glob(expanded, pattern))
         if len(files) > MAX_GLOB_FILES:
             raise ValueError(f"train.data.files: the patterns match more than {MAX_GLOB_FILES} files; narrow them")
-    return sorted(files)
+    return sorted(files, key=lambda path: str(path).split(os.sep))  # Path order (by parts), cheaper
 
 
 def _bounded_glob(pattern: str, shown: str) -> list[Path]:
@@ -92,31 +92,60 @@ def _bounded_glob(pattern: str, shown: str) -> list[Path]:
     parts = Path(pattern).parts
     fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     root, rest = Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:]
-    deep = "**" in rest
     visited, started, found = 0, time.monotonic(), []
     prefix = len(str(root).rstrip(os.sep)) + 1
+    states_of = {str(root): _advance_states(rest, {0}, None)}  # where in the pattern each directory stands
     for directory, dirs, names in os.walk(root):
-        below = directory[prefix:]
-        rel = tuple(below.split(os.sep)) if below else ()
+        states = states_of.pop(directory)
         visited += len(dirs) + len(names)
         if visited > MAX_GLOB_ENTRIES or time.monotonic() - started > MAX_GLOB_SECONDS:
             what = f"more than {MAX_GLOB_ENTRIES} directory entries" if visited > MAX_GLOB_ENTRIES else f"more than {MAX_GLOB_SECONDS:.0f} s"
             raise ValueError(f"train.data.files: pattern {shown!r} takes {what} to expand; narrow it")
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if (deep or len(rel) + 1 < len(rest)) else []
-        found += [os.path.join(directory, name) for name in names if _match(rest, rel + (name,))]
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            below = _advance_states(rest, states, name)
+            if below - {len(rest)}:  # some of the pattern is left to match deeper down
+                states_of[os.path.join(directory, name)] = below
+                kept.append(name)
+        dirs[:] = kept
+        found += [os.path.join(directory, name) for name in _completing(rest, states, names)]
     return [Path(path) for path in found if os.path.isfile(path)]
 
 
-def _match(pattern: tuple, parts: tuple) -> bool:
-    """Component-wise glob match; ``**`` stands for any number of (non-hidden) directories."""
-    if not pattern:
-        return not parts
-    head, tail = pattern[0], pattern[1:]
-    if head == "**":
-        return any(_match(tail, parts[i:]) for i in range(len(parts))) if tail else bool(parts)
-    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
-        return False
-    return fnmatch.fnmatchcase(parts[0], head) and _match(tail, parts[1:])
+def _completing(pattern: tuple, states: set, names: list[str]) -> list[str]:
+    """The names that complete the pattern from ``states`` (what ``_advance_states`` would accept, per name)."""
+    last = len(pattern) - 1
+    if any(i == last and pattern[i] == "**" for i in states):
+        return names
+    finals = [pattern[i] for i in states if i == last]
+    return [name for name in names
+            if any(fnmatch.fnmatchcase(name, final) and (final.startswith(".") or not name.startswith(".")) for final in finals)]
+
+
+def _advance_states(pattern: tuple, states: set, name: str | None) -> set:
+    """The pattern positions reached from ``states`` by one more path component ``name`` (None: none yet).
+
+    A set of positions, as a glob NFA: component ``i`` matches ``name`` -> position ``i + 1``;
+    ``**`` stands for any number of directories (zero or more, one or more when last). Hidden names
+    match only components that start with a dot. Matching walks each directory once, not each
+    file's every split of its path.
+    """
+    reached = set(states)
+    if name is not None:
+        reached = set()
+        for i in states:
+            if i == len(pattern):
+                continue
+            head = pattern[i]
+            if head == "**":
+                reached |= {i, i + 1} if i + 1 == len(pattern) else {i}
+            elif not (name.startswith(".") and not head.startswith(".")) and fnmatch.fnmatchcase(name, head):
+                reached.add(i + 1)
+    for i in sorted(reached):  # ``**`` may match no directory at all (not when it is last: one or more)
+        while i + 1 < len(pattern) and pattern[i] == "**":
+            reached.add(i + 1)
+            i += 1
+    return reached
 
 
 def is_validation_file(path: Path, root: str, fraction: float) -> bool:

@@ -214,7 +214,8 @@ def test_the_bounded_glob_matches_pythons_glob():
     import sysconfig
 
     stdlib = sysconfig.get_paths()["stdlib"].rstrip("/")
-    for pattern in ("stdlib:json/*.py", "stdlib:**/json/*.py", "stdlib:email/**", "tests/**/*.yaml", "specs/*.yaml"):
+    for pattern in ("stdlib:json/*.py", "stdlib:**/json/*.py", "stdlib:email/**", "tests/**/*.yaml", "specs/*.yaml",
+                    "stdlib:**/test_*/**/*.py", "stdlib:**/**/*.txt", "stdlib:[a-c]*/*.py"):
         expected = sorted({data_mod.Path(p) for p in pyglob.glob(pattern.replace("stdlib:", stdlib + "/"), recursive=True)
                            if data_mod.Path(p).is_file()})
         assert data_mod.expand_globs([pattern]) == expected and expected, pattern
