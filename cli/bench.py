@@ -12,7 +12,8 @@ from cli.output import load_spec_or_exit
 
 
 def run_bench(spec_path: Path, tokens: list[int] | None, reps: int, device: str, compiled: bool, as_json: bool,
-              overrides: tuple[str, ...] = (), seqs: list[int] | None = None, crossover_seqs: list[int] | None = None) -> None:
+              overrides: tuple[str, ...] = (), seqs: list[int] | None = None, crossover_seqs: list[int] | None = None,
+              startup: bool = False) -> None:
     from rich.console import Console
 
     from moec.backends.triton import usable_on
@@ -20,7 +21,7 @@ def run_bench(spec_path: Path, tokens: list[int] | None, reps: int, device: str,
     from moec.bench.run import bench_spec, moe_layers
 
     spec = load_spec_or_exit(spec_path, overrides)
-    if not moe_layers(spec) and not spectral.spectral_layers(spec):
+    if not moe_layers(spec) and not spectral.spectral_layers(spec) and not startup:
         typer.echo(f"error: {spec_path}: the model has no moe or spectral_moe layer to benchmark", err=True)
         raise typer.Exit(1)
     if spec.schedule.kernels.moe == "triton" and not usable_on(device.split(":")[0]):
@@ -36,11 +37,16 @@ def run_bench(spec_path: Path, tokens: list[int] | None, reps: int, device: str,
         if spectral.spectral_layers(spec):
             tables["spectral_vs_attention"] = spectral.sweep(spec, tuple(seqs or spectral.SWEEP_SEQS), reps, device, progress)
             tables["fft_vs_dft"] = spectral.crossover(spec, tuple(crossover_seqs or spectral.CROSSOVER_SEQS), reps, device, progress)
+        if startup:
+            from moec.bench.startup import startup as startup_rows
+
+            tables["startup"] = startup_rows(spec_path, overrides, reps, compiled, progress)
     if as_json:
         typer.echo(json.dumps([{"table": name, **asdict(row)} for name, rows in tables.items() for row in rows], indent=1))
         return
     for name, rows in tables.items():
-        {"moe": _moe_table, "spectral_vs_attention": _sweep_table, "fft_vs_dft": _crossover_table}[name](spec, rows, reps, device)
+        {"moe": _moe_table, "spectral_vs_attention": _sweep_table, "fft_vs_dft": _crossover_table,
+         "startup": _startup_table}[name](spec, rows, reps, device)
 
 
 def _moe_table(spec, rows, reps: int, device: str) -> None:
@@ -89,3 +95,16 @@ def _crossover_table(spec, rows, reps: int, device: str) -> None:
     found = crossover_seq(rows)
     typer.echo(f"torch.fft is faster from seq {found} on (kernels.spectral_moe auto uses the DFT up to {DFT_MAX_SEQ})"
                if found else f"the DFT was faster at every measured length (kernels.spectral_moe auto uses it up to {DFT_MAX_SEQ})")
+
+
+def _startup_table(spec, rows, reps: int, device: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{spec.name}: start-up (build: median of {reps}; first forward + backward of the whole model in a "
+                        "new process, imports not counted)")
+    table.add_column("what")
+    table.add_column("seconds", justify="right")
+    for row in rows:
+        table.add_row(row.name, f"{row.seconds:.3f}")
+    Console().print(table)

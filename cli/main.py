@@ -181,12 +181,15 @@ def bench(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     compiled: bool = typer.Option(True, "--compile/--no-compile", help="Also time moec under torch.compile."),
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+    startup: bool = typer.Option(False, "--startup", help="Also time building the program and the whole model's first "
+                                 "training step in new processes, with cold and then warm compile caches."),
 ) -> None:
     """Time each MoE layer of a spec against dense GEMMs, HF grouped_mm experts and a per-expert loop; each spectral
-    MoE layer against attention as the sequence grows, and with the DFT against torch.fft."""
+    MoE layer against attention as the sequence grows, and with the DFT against torch.fft; with --startup, the build
+    and the first step's compile, cold and warm."""
     from cli.bench import run_bench
 
-    run_bench(spec, tokens, reps, device, compiled, json_out, tuple(overrides or ()), seqs, crossover_seqs)
+    run_bench(spec, tokens, reps, device, compiled, json_out, tuple(overrides or ()), seqs, crossover_seqs, startup)
 
 
 @app.command()

@@ -128,7 +128,7 @@ class Trainer:
                            fullgraph=options.fullgraph, dynamic=options.dynamic, backend=options.backend)
         self.parallel.checkpoint_activations(model)  # schedule.activation_checkpointing, before compile (torchtitan's order)
         if not self.dist.distributed:
-            return compile_(model) if options.enabled else model
+            return compile_cache.compiled_for_training(model, compile_, options, self.program.source) if options.enabled else model
         if options.enabled:
             # Under expert parallelism the all-to-all's split sizes are host integers: the exchange stays
             # out of the graph, so the blocks compile in pieces around it (fullgraph would refuse).

@@ -61,3 +61,12 @@ def test_growth_exponent_and_crossover_from_rows():
     times = {16: (1, 2), 32: (2, 1), 64: (3, 4), 128: (5, 3), 256: (9, 4)}  # (dft, fft) ms: the fft wins from 128 on
     rows = [r for seq, (d, f) in times.items() for r in (row(seq, "spectral_moe dft", d), row(seq, "spectral_moe fft", f))]
     assert crossover_seq(rows) == 128
+
+
+def test_bench_startup_times_the_build_and_a_first_step_in_a_new_process():
+    result = runner.invoke(app, ["bench", "specs/token_routed_tiny.yaml", "train.batch=2", "train.seq_len=16", "--tokens", "8",
+                                 "--reps", "2", "--no-compile", "--startup", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [row for row in json.loads(result.stdout) if row["table"] == "startup"]
+    assert [row["name"] for row in rows] == ["build (spec -> program)", "first step, eager"]
+    assert all(0 < row["seconds"] < 120 for row in rows)
