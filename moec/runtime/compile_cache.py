@@ -114,11 +114,11 @@ class AheadOfTime:
             function = self.compiled.forward.aot_compile(((inputs,), {}))
         except Exception:  # a program aot_compile cannot capture: the lazy compile handles it
             return None
+        function.disable_guard_check()
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             function.save_compiled_function(str(path))
         except Exception:  # not serializable, or a read-only cache: only the next start is slower
-            pass
-        function.disable_guard_check()
+            return function
         return function

@@ -93,7 +93,6 @@ def _bounded_glob(pattern: str, shown: str) -> list[Path]:
     fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     root, rest = Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:]
     visited, started, found = 0, time.monotonic(), []
-    prefix = len(str(root).rstrip(os.sep)) + 1
     states_of = {str(root): _advance_states(rest, {0}, None)}  # where in the pattern each directory stands
     for directory, dirs, names in os.walk(root):
         states = states_of.pop(directory)
