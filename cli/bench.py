@@ -36,7 +36,8 @@ def run_bench(spec_path: Path, tokens: list[int] | None, reps: int, device: str,
             tables["moe"] = bench_spec(spec, counts, reps, device, compiled, progress=progress)
         if spectral.spectral_layers(spec):
             tables["spectral_vs_attention"] = spectral.sweep(spec, tuple(seqs or spectral.SWEEP_SEQS), reps, device, progress)
-            tables["fft_vs_dft"] = spectral.crossover(spec, tuple(crossover_seqs or spectral.CROSSOVER_SEQS), reps, device, progress)
+            tables["fft_vs_dft"] = spectral.crossover(spec, tuple(crossover_seqs or spectral.CROSSOVER_SEQS), reps, device, progress,
+                                                      compiled)
         if startup:
             from moec.bench.startup import startup as startup_rows
 
@@ -92,9 +93,10 @@ def _crossover_table(spec, rows, reps: int, device: str) -> None:
 
     _spectral_table(f"{spec.name}: the spectral MoE block with the DFT as matmuls and with torch.fft, median of {reps} reps "
                     f"on {device}", rows)
-    found = crossover_seq(rows)
-    typer.echo(f"torch.fft is faster from seq {found} on (kernels.spectral_moe auto uses the DFT up to {DFT_MAX_SEQ})"
-               if found else f"the DFT was faster at every measured length (kernels.spectral_moe auto uses it up to {DFT_MAX_SEQ})")
+    for suffix in sorted({row.name.removeprefix("spectral_moe dft").removeprefix("spectral_moe fft") for row in rows}):
+        found, what = crossover_seq(rows, suffix), suffix.strip() or "eager"
+        typer.echo(f"{what}: torch.fft is faster from seq {found} on" if found else f"{what}: the DFT was faster at the longest measured length")
+    typer.echo(f"(kernels.spectral_moe auto uses the DFT up to seq {DFT_MAX_SEQ})")
 
 
 def _startup_table(spec, rows, reps: int, device: str) -> None:

@@ -29,6 +29,7 @@ from moec.bench.timing import interleaved, prefixed
 
 SWEEP_SEQS = (256, 512, 1024, 2048, 4096, 8192)
 CROSSOVER_SEQS = (16, 32, 64, 128, 256, 512)
+COMPILED = " compiled"  # the suffix of rows timed under torch.compile
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,14 @@ def attention_layer(width: int) -> dict:
     return {"kind": "attention", "heads": max(1, width // 16)}
 
 
-def block_step(spec_text: str, seq: int, width: int, device: torch.device) -> tuple[Callable[[], None], Callable[[], int]]:
-    """A forward + backward closure of the spec's block 0 on one (1, seq, width) input, and a
-    function measuring the bytes that forward saves for backward."""
+def block_step(spec_text: str, seq: int, width: int, device: torch.device,
+               compiled: bool = False) -> tuple[Callable[[], None], Callable[[], int]]:
+    """A forward + backward closure of the spec's block 0 on one (1, seq, width) input (under
+    torch.compile when ``compiled``), and a function measuring the bytes that forward saves for backward."""
     spec = moec.load_spec_text(spec_text, "<bench block>")
     block = moec.build_model(spec, device=device).blocks[0].train()
+    if compiled:
+        block = torch.compile(block, fullgraph=True)
     torch.manual_seed(0)
     x = torch.randn(1, seq, width, device=device, requires_grad=True)
     grad = torch.randn(1, seq, width, device=device)
@@ -107,7 +111,7 @@ def time_blocks(texts: dict[str, str], seq: int, width: int, device: torch.devic
     """name -> (Timing, saved bytes) for blocks built from ``texts`` at one sequence length."""
     steps, saved = {}, {}
     for name, text in texts.items():
-        steps[name], measure = block_step(text, seq, width, device)
+        steps[name], measure = block_step(text, seq, width, device, compiled=name.endswith(COMPILED))
         saved[name] = measure()
     inner = max(1, min(16, 2048 // seq))  # short sequences: several steps per sample
     return {t.name: (t, saved[t.name]) for t in interleaved(steps, device, reps, inner=inner, progress=progress)}
@@ -123,12 +127,15 @@ def sweep(spec, seqs=SWEEP_SEQS, reps: int = 5, device: str = "cpu", progress=No
     return rows
 
 
-def crossover(spec, seqs=CROSSOVER_SEQS, reps: int = 5, device: str = "cpu", progress=None) -> list[SpectralRow]:
+def crossover(spec, seqs=CROSSOVER_SEQS, reps: int = 5, device: str = "cpu", progress=None,
+              compiled: bool = False) -> list[SpectralRow]:
+    """The spectral block with each kernel, eager (and compiled: names ending in `` compiled``)."""
     width, dev = spec.model.d_model, torch.device(device)
     rows = []
     for where, layer in spectral_layers(spec):
         for seq in seqs:
-            texts = {f"spectral_moe {kernel}": block_spec_text(layer, width, seq, kernel) for kernel in ("dft", "fft")}
+            texts = {f"spectral_moe {kernel}{suffix}": block_spec_text(layer, width, seq, kernel)
+                     for suffix in ("", COMPILED)[: 2 if compiled else 1] for kernel in ("dft", "fft")}
             rows += _rows(where, seq, time_blocks(texts, seq, width, dev, reps, prefixed(progress, f"{where} at {seq}")))
     return rows
 
@@ -143,12 +150,13 @@ def growth_exponent(rows: list[SpectralRow], name: str) -> float | None:
     return sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
 
 
-def crossover_seq(rows: list[SpectralRow]) -> int | None:
-    """The shortest measured sequence from which the FFT is faster than the DFT at every longer one."""
+def crossover_seq(rows: list[SpectralRow], suffix: str = "") -> int | None:
+    """The shortest measured sequence from which the FFT is faster than the DFT at every longer one
+    (eager rows, or those whose names end in ``suffix``)."""
     by_seq: dict[int, dict[str, float]] = {}
     for r in rows:
         by_seq.setdefault(r.seq, {})[r.name] = r.median_ms
-    faster = [(seq, t["spectral_moe fft"] < t["spectral_moe dft"]) for seq, t in sorted(by_seq.items())]
+    faster = [(seq, t[f"spectral_moe fft{suffix}"] < t[f"spectral_moe dft{suffix}"]) for seq, t in sorted(by_seq.items())]
     found = None
     for seq, fft_wins in reversed(faster):
         if not fft_wins:

@@ -38,7 +38,7 @@ def test_bench_refuses_a_spec_without_moe_layers(tmp_path):
 
 def test_bench_times_spectral_layers_against_attention_and_the_dft_against_the_fft():
     result = runner.invoke(app, ["bench", "specs/spectral_moe_dp2_ep2.yaml", "--seq", "16", "--seq", "32", "--crossover-seq", "8",
-                                 "--crossover-seq", "16", "--reps", "2", "--json"])
+                                 "--crossover-seq", "16", "--reps", "2", "--no-compile", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     # two identical spectral layers: one distinct layer
@@ -50,6 +50,15 @@ def test_bench_times_spectral_layers_against_attention_and_the_dft_against_the_f
     assert all(0 < r["low_ms"] <= r["median_ms"] <= r["high_ms"] and r["saved_mib"] > 0 for r in rows)
     saved = {(r["seq"], r["name"]): r["saved_mib"] for r in rows if r["table"] == "spectral_vs_attention"}
     assert saved[32, "attention"] > saved[16, "attention"]  # activations grow with the sequence
+
+
+def test_bench_crossover_times_the_compiled_block_too():
+    result = runner.invoke(app, ["bench", "specs/spectral_moe_dp2_ep2.yaml", "--seq", "16", "--crossover-seq", "8", "--reps", "1",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [r for r in json.loads(result.stdout) if r["table"] == "fft_vs_dft"]
+    assert [r["name"] for r in rows] == ["spectral_moe dft", "spectral_moe fft", "spectral_moe dft compiled", "spectral_moe fft compiled"]
+    assert all(r["seq"] == 8 and r["median_ms"] > 0 for r in rows)
 
 
 def test_growth_exponent_and_crossover_from_rows():
