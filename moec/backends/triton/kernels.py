@@ -1,4 +1,5 @@
-"""Triton kernels of the MoE layer: a scatter-style grouped GEMM and its weight gradient.
+"""Triton kernels of the MoE layer: a scatter-style grouped GEMM, its weight gradient, and the first
+projection with the activation fused into its epilogue (``glu_gemm_kernel``) with its backward.
 
 Imported only when Triton is installed (``moec.backends.triton`` checks). Shape legend:
 M routed rows (sorted by expert), T tokens, K input width, N output width, E experts.
@@ -103,3 +104,90 @@ def weight_grad_kernel(g_ptr, a_ptr, dw_ptr, counts_ptr, order_ptr, E, K, N, str
         acc = _dot(g, a, acc, PRECISION, UPCAST)
     dw = dw_ptr + expert * stride_we + ns[:, None] * stride_wn + ks[None, :] * stride_wk
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=(ns[:, None] < N) & (ks[None, :] < K))
+
+
+@triton.jit
+def _activate(v, ACTIVATION: tl.constexpr):
+    """``F.<ACTIVATION>(v)`` in fp32 (gelu: the exact erf form, torch's default)."""
+    if ACTIVATION == "silu":
+        return v * tl.sigmoid(v)
+    elif ACTIVATION == "gelu":
+        return 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+    else:
+        return tl.maximum(v, 0.0)
+
+
+@triton.jit
+def _activate_grad(v, ACTIVATION: tl.constexpr):
+    """d F.<ACTIVATION>(v) / dv (relu: 0 at 0, as torch)."""
+    if ACTIVATION == "silu":
+        s = tl.sigmoid(v)
+        return s * (1.0 + v * (1.0 - s))
+    elif ACTIVATION == "gelu":
+        return 0.5 * (1.0 + tl.erf(v * 0.7071067811865476)) + v * 0.3989422804014327 * tl.exp(-0.5 * v * v)
+    else:
+        return (v > 0.0).to(tl.float32)
+
+
+@triton.jit
+def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, h_ptr, pre_up_ptr, pre_gate_ptr, counts_ptr, order_ptr, E, K, N, stride_am,
+                    stride_ak, stride_be, stride_bk, stride_bn, stride_hm, stride_hn, TOP_K: tl.constexpr,
+                    GATHER: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, SAVE: tl.constexpr,
+                    BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """The first expert projection with its activation as epilogue: ``h = act(A @ Wgate) * (A @ Wup)``
+    (``GATED``; both accumulated from the same A tile) or ``h = act(A @ Wup)``. Tiles and the row
+    gather as ``grouped_gemm_kernel``; ``SAVE`` also stores the pre-activations for backward."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert, row_start, row_end = _expert_of_tile(pid_m, counts_ptr, E, BLOCK_E, BM)
+    if expert < E:
+        rows = row_start + tl.arange(0, BM)
+        row_ok = rows < row_end
+        if GATHER:
+            src = tl.load(order_ptr + rows, mask=row_ok, other=0) // TOP_K
+        else:
+            src = rows
+        cols = pid_n * BN + tl.arange(0, BN)
+        col_ok = cols < N
+        up = tl.zeros((BM, BN), dtype=tl.float32)
+        gate = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < K
+            a = tl.load(a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b_off = expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+            b_ok = k_ok[:, None] & col_ok[None, :]
+            up = _dot(a, tl.load(up_ptr + b_off, mask=b_ok, other=0.0), up, PRECISION, UPCAST)
+            if GATED:
+                gate = _dot(a, tl.load(gate_ptr + b_off, mask=b_ok, other=0.0), gate, PRECISION, UPCAST)
+        # round the pre-activations to the output dtype first, as the unfused GEMM + activation would
+        up = up.to(h_ptr.dtype.element_ty).to(tl.float32)
+        if GATED:
+            gate = gate.to(h_ptr.dtype.element_ty).to(tl.float32)
+            h = _activate(gate, ACTIVATION) * up
+        else:
+            h = _activate(up, ACTIVATION)
+        offsets = rows[:, None] * stride_hm + cols[None, :] * stride_hn
+        ok = row_ok[:, None] & col_ok[None, :]
+        tl.store(h_ptr + offsets, h.to(h_ptr.dtype.element_ty), mask=ok)
+        if SAVE:
+            tl.store(pre_up_ptr + offsets, up.to(h_ptr.dtype.element_ty), mask=ok)
+            if GATED:
+                tl.store(pre_gate_ptr + offsets, gate.to(h_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def glu_backward_kernel(grad_ptr, up_ptr, gate_ptr, grad_up_ptr, grad_gate_ptr, numel, GATED: tl.constexpr,
+                        ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    """Elementwise: the gradients of the pre-activations from the gradient of ``h`` (contiguous [M, N])."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < numel
+    grad = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    if GATED:
+        gate = tl.load(gate_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        tl.store(grad_up_ptr + offsets, (grad * _activate(gate, ACTIVATION)).to(grad_up_ptr.dtype.element_ty), mask=ok)
+        tl.store(grad_gate_ptr + offsets, (grad * up * _activate_grad(gate, ACTIVATION)).to(grad_gate_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(grad_up_ptr + offsets, (grad * _activate_grad(up, ACTIVATION)).to(grad_up_ptr.dtype.element_ty), mask=ok)

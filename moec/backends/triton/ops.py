@@ -19,7 +19,8 @@ from torch import Tensor
 
 from moec.backends.triton.tiles import Tile, tile_for
 
-def _launch_forward(a: Tensor, w_kn: tuple, counts: Tensor, order: Tensor | None, top_k: int, rows: int, n: int,
+
+def launch_grouped_gemm(a: Tensor, w_kn: tuple, counts: Tensor, order: Tensor | None, top_k: int, rows: int, n: int,
                     tile: Tile) -> Tensor:
     """out[m] = a[src(m)] @ B[e(m)], with B[e] read as [K, N] through (tensor, stride_e, stride_k, stride_n)."""
     import triton
@@ -33,12 +34,12 @@ def _launch_forward(a: Tensor, w_kn: tuple, counts: Tensor, order: Tensor | None
     grouped_gemm_kernel[grid](
         a, b, out, counts, order if order is not None else counts, experts, width, n, a.stride(0), a.stride(1),
         stride_be, stride_bk, stride_bn, out.stride(0), out.stride(1), TOP_K=top_k, GATHER=order is not None,
-        BLOCK_E=_block(experts), BM=tile.BM, BN=tile.BN, BK=tile.BK, PRECISION=_precision(a), UPCAST=a.device.type == "cpu",
+        BLOCK_E=experts_block(experts), BM=tile.BM, BN=tile.BN, BK=tile.BK, PRECISION=precision_of(a), UPCAST=a.device.type == "cpu",
         num_warps=tile.warps, num_stages=tile.stages)
     return out
 
 
-def _launch_weight_grad(grad: Tensor, a: Tensor, counts: Tensor, order: Tensor | None, top_k: int, w_shape, tile: Tile) -> Tensor:
+def launch_weight_grad(grad: Tensor, a: Tensor, counts: Tensor, order: Tensor | None, top_k: int, w_shape, tile: Tile) -> Tensor:
     import triton
 
     from moec.backends.triton.kernels import weight_grad_kernel
@@ -49,46 +50,51 @@ def _launch_weight_grad(grad: Tensor, a: Tensor, counts: Tensor, order: Tensor |
     weight_grad_kernel[grid](
         grad, a, dw, counts, order if order is not None else counts, experts, k, n, grad.stride(0), grad.stride(1),
         a.stride(0), a.stride(1), dw.stride(0), dw.stride(1), dw.stride(2), TOP_K=top_k, GATHER=order is not None,
-        BLOCK_E=_block(experts), BM=tile.BM, BN=tile.BN, BK=tile.BK, PRECISION=_precision(a), UPCAST=a.device.type == "cpu",
+        BLOCK_E=experts_block(experts), BM=tile.BM, BN=tile.BN, BK=tile.BK, PRECISION=precision_of(a), UPCAST=a.device.type == "cpu",
         num_warps=tile.warps, num_stages=tile.stages)
     return dw
 
 
-def _block(experts: int) -> int:
+def experts_block(experts: int) -> int:
     return max(16, 1 << (experts - 1).bit_length())
 
 
-def _precision(a: Tensor) -> str:
+def precision_of(a: Tensor) -> str:
     """fp32 GEMMs in IEEE fp32 unless torch allows TF32 (``torch.backends.cuda.matmul.allow_tf32``)."""
     return "tf32" if a.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _rows(x: Tensor, order: Tensor | None) -> int:
+def rows_to_tokens(grad_rows: Tensor, order: Tensor | None, tokens: int, top_k: int) -> Tensor:
+    """The gradient of gathered token rows back to the tokens: each row to its (token, choice) slot,
+    then the choices summed in order (deterministic, no atomics). Without a gather: unchanged."""
+    if order is None:
+        return grad_rows
+    slots = torch.empty_like(grad_rows).index_copy(0, order, grad_rows)
+    return slots.view(tokens, top_k, -1).sum(1)
+
+
+def routed_rows(x: Tensor, order: Tensor | None) -> int:
     return order.shape[0] if order is not None else x.shape[0]
 
 
 @torch.library.custom_op("moec::triton_grouped_linear", mutates_args=())
 def _grouped_linear(x: Tensor, w: Tensor, counts: Tensor, order: Tensor | None, top_k: int, tiles: list[int]) -> Tensor:
-    tile = tile_for(x, w, _rows(x, order), tiles)
-    return _launch_forward(x, (w, w.stride(0), w.stride(2), w.stride(1)), counts, order, top_k, _rows(x, order), w.shape[1], tile)
+    tile = tile_for(x, w, routed_rows(x, order), tiles)
+    return launch_grouped_gemm(x, (w, w.stride(0), w.stride(2), w.stride(1)), counts, order, top_k, routed_rows(x, order), w.shape[1], tile)
 
 
 @_grouped_linear.register_fake
 def _(x: Tensor, w: Tensor, counts: Tensor, order: Tensor | None, top_k: int, tiles: list[int]) -> Tensor:
-    return x.new_empty(_rows(x, order), w.shape[1])
+    return x.new_empty(routed_rows(x, order), w.shape[1])
 
 
 @torch.library.custom_op("moec::triton_grouped_linear_backward", mutates_args=())
 def _grouped_linear_backward(grad: Tensor, x: Tensor, w: Tensor, counts: Tensor, order: Tensor | None, top_k: int,
                              tiles: list[int]) -> tuple[Tensor, Tensor]:
     tile = tile_for(x, w, grad.shape[0], tiles)
-    grad_rows = _launch_forward(grad, (w, w.stride(0), w.stride(1), w.stride(2)), counts, None, 1, grad.shape[0], w.shape[2], tile)
-    if order is not None:  # each row to its (token, choice) slot, then the choices summed in order
-        slots = torch.empty_like(grad_rows).index_copy(0, order, grad_rows)
-        grad_x = slots.view(x.shape[0], top_k, -1).sum(1)
-    else:
-        grad_x = grad_rows
-    grad_w = _launch_weight_grad(grad, x, counts, order, top_k, w.shape, tile)
+    grad_rows = launch_grouped_gemm(grad, (w, w.stride(0), w.stride(1), w.stride(2)), counts, None, 1, grad.shape[0], w.shape[2], tile)
+    grad_x = rows_to_tokens(grad_rows, order, x.shape[0], top_k)
+    grad_w = launch_weight_grad(grad, x, counts, order, top_k, w.shape, tile)
     return grad_x, grad_w
 
 
