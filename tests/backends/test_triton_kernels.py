@@ -55,7 +55,10 @@ def test_programs_with_triton_kernels_agree_with_the_reference(variant):
     text = spec.source.text.replace("train:\n", "schedule:\n  kernels: {moe: triton}\n  tiles: {BM: 16, BN: 32, BK: 16}\ntrain:\n")
     spec = moec.load_spec_text(text, file=f"{variant}.yaml")
     program = moec.compile_spec(spec)
-    assert "triton_moe.grouped_linear(x, experts_w_up, group_sizes, order" in program.source
+    assert "triton_moe.route(logits, " in program.source and "argsort" not in program.source
+    assert "triton_moe.permute(" in program.source and "triton_moe.combine(y_sorted, weights, dest" in program.source
+    first = "grouped_linear(x, experts_w_up" if "bias" in variant else "grouped_glu(x, experts_w_up"
+    assert f"triton_moe.{first}" in program.source
     assert "tiles=(16, 32, 16, 4, 3)" in program.source
     # (1, 3): three tokens over four experts, so at least one expert is empty
     assert_agree(spec, seeds=(0,), shapes=((2, 16), (1, 3)), kernel_program=program)

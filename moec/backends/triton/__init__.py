@@ -54,12 +54,12 @@ def grouped_glu(x, w_up, w_gate, counts, order, top_k: int, activation: str, til
     return run(x, w_up, w_gate, counts, order, top_k, activation, tiles)
 
 
-def route(logits, top_k: int, sigmoid: bool, temperature: float, normalize: bool, bias=None, tiles=()):
+def route(logits, top_k: int, sigmoid: bool, temperature: float, normalize: bool, bias=None, block: int = 0):
     """The fused router: (scores, weights, chosen, per-block expert counts) (routing.py)."""
     _require(logits)
     from moec.backends.triton.routing import route as run
 
-    return run(logits, top_k, sigmoid, temperature, normalize, bias, tiles)
+    return run(logits, top_k, sigmoid, temperature, normalize, bias, block)
 
 
 def permute(group, groups: int, block_counts=None, block_rows: int = 0):

@@ -51,7 +51,7 @@ def _route(logits: Tensor, bias: Tensor | None, top_k: int, sigmoid: bool, tempe
     chosen = torch.empty(tokens, top_k, dtype=torch.int64, device=logits.device)
     block_counts = torch.empty(blocks, experts, dtype=torch.int32, device=logits.device)
     router_kernel[(blocks,)](
-        logits, bias if bias is not None else logits, scores, weights, chosen, block_counts, tokens, experts, 1.0 / temperature,
+        logits, bias if bias is not None else logits, scores, weights, chosen, block_counts, tokens, experts, temperature,
         K=top_k, SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORMALIZE=normalize, BT=block, BLOCK_E=_pow2(experts),
         BLOCK_K=_pow2(top_k))
     return scores, weights, chosen, block_counts
@@ -169,21 +169,22 @@ _combine.register_autograd(_combine_backward_formula, setup_context=_combine_set
 
 
 def route(logits: Tensor, top_k: int, sigmoid: bool, temperature: float, normalize: bool, bias: Tensor | None = None,
-          tiles: tuple[int, ...] = ()) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(scores (T, E), weights (T, k), chosen (T, k) int64, block_counts (B, E) int32): the experts' counts of
-    each block of ``router_block(...)`` tokens; their column sums are the per-expert counts."""
+          block: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(scores (T, E), weights (T, k), chosen (T, k) int64, block_counts (B, E) int32): the experts' counts in
+    each block of ``block`` tokens (default ``router_block``); their column sums are the per-expert counts."""
     if torch.is_autocast_enabled(logits.device.type) and not sigmoid:
         logits = logits.float()  # softmax runs in fp32 under autocast, as torch's
     bias = bias.detach().contiguous() if bias is not None else None
-    return _route(logits.contiguous(), bias, top_k, sigmoid, temperature, normalize, router_block(top_k, logits.shape[1], tiles))
+    block = block or router_block(top_k, logits.shape[1])
+    return _route(logits.contiguous(), bias, top_k, sigmoid, temperature, normalize, block)
 
 
 def permute(group: Tensor, groups: int, block_counts: Tensor | None = None, block_rows: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(dest, order, totals) of the rows sorted by ``group`` (values in [0, groups)), stably, without a sort.
 
     ``block_counts`` (B, groups): the groups' counts per block of ``block_rows`` rows when known (the router's);
-    else counted here per block of a power-of-two number of rows."""
-    if block_counts is None:
+    else counted here per block of ``block_rows`` rows (default: a power of two fitting ``ONE_HOT_BUDGET``)."""
+    if block_counts is None and not block_rows:
         block_rows = max(1, min(256, ONE_HOT_BUDGET // _pow2(groups)))
     return _permute(group.contiguous(), groups, block_counts, block_rows)
 

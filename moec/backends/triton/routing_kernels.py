@@ -31,7 +31,7 @@ import triton.language as tl
 
 
 @triton.jit
-def router_kernel(logits_ptr, bias_ptr, scores_ptr, weights_ptr, chosen_ptr, block_counts_ptr, T, E, inv_temperature,
+def router_kernel(logits_ptr, bias_ptr, scores_ptr, weights_ptr, chosen_ptr, block_counts_ptr, T, E, temperature,
                   K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
                   BT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
@@ -40,7 +40,7 @@ def router_kernel(logits_ptr, bias_ptr, scores_ptr, weights_ptr, chosen_ptr, blo
     t_ok = tokens < T
     e_ok = experts < E
     ok = t_ok[:, None] & e_ok[None, :]
-    logits = tl.load(logits_ptr + tokens[:, None] * E + experts[None, :], mask=ok, other=0.0).to(tl.float32) * inv_temperature
+    logits = tl.load(logits_ptr + tokens[:, None] * E + experts[None, :], mask=ok, other=0.0).to(tl.float32) / temperature
     if SIGMOID:
         scores = tl.sigmoid(logits)
     else:

@@ -1,0 +1,119 @@
+"""moec's Triton router, permutation, combine and activation-epilogue kernels under Triton's
+interpreter (TRITON_INTERPRET=1, CPU), forward and backward, against the torch lines the other
+kernels generate (``select_experts``, ``argsort(stable=True)``, per-row GEMMs). Shapes are tiny
+and ragged (not multiples of the blocks) so the masked edges and several blocks are exercised;
+whole programs against the reference interpreter are in test_triton_kernels.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moec.backends import triton as triton_moe
+from moec.backends.torch.snippets import select_experts
+
+TOKENS, EXPERTS = 37, 6  # 3 router blocks of 16 tokens, the last one partial; 6 experts: a masked block of 8
+
+
+def reference_route(logits, top_k, sigmoid, temperature, normalize, bias):
+    scores = torch.sigmoid(logits / temperature) if sigmoid else torch.softmax(logits / temperature, dim=-1)
+    weights, chosen = select_experts(scores, top_k, bias)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return scores, weights, chosen
+
+
+@pytest.mark.parametrize("top_k, sigmoid, normalize, with_bias", [(2, False, False, False), (1, False, True, False), (3, True, True, True)],
+                         ids=["softmax-top2", "softmax-top1-normalized", "sigmoid-bias-top3-normalized"])
+def test_router_kernel_matches_torch_forward_and_backward(top_k, sigmoid, normalize, with_bias):
+    torch.manual_seed(0)
+    logits = torch.randn(TOKENS, EXPERTS)
+    logits[5] = 0.25  # a tie everywhere: the lower experts win, as a stable sort
+    logits = logits.requires_grad_()
+    bias = 0.3 * torch.randn(EXPERTS) if with_bias else None
+    scores, weights, chosen, block_counts = triton_moe.route(logits, top_k, sigmoid, 0.7, normalize, bias, block=16)
+    want_scores, want_weights, want_chosen = reference_route(logits, top_k, sigmoid, 0.7, normalize, bias)
+    assert torch.equal(chosen, want_chosen)
+    if bias is None:
+        assert chosen[5].tolist() == list(range(top_k))
+    torch.testing.assert_close(scores, want_scores, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(weights, want_weights, rtol=1e-6, atol=1e-7)
+    assert block_counts.shape == (3, EXPERTS)
+    assert torch.equal(block_counts[0], torch.bincount(want_chosen[:16].reshape(-1), minlength=EXPERTS).int())
+    assert torch.equal(block_counts.sum(0), torch.bincount(want_chosen.reshape(-1), minlength=EXPERTS))
+    grad_scores, grad_weights = torch.randn_like(scores), torch.randn_like(weights)
+    got = torch.autograd.grad((scores * grad_scores).sum() + (weights * grad_weights).sum(), logits)[0]
+    want = torch.autograd.grad((want_scores * grad_scores).sum() + (want_weights * grad_weights).sum(), logits, retain_graph=True)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    only_weights = torch.autograd.grad((triton_moe.route(logits, top_k, sigmoid, 0.7, normalize, bias, block=16)[1] * grad_weights).sum(), logits)[0]
+    torch.testing.assert_close(only_weights, torch.autograd.grad((want_weights * grad_weights).sum(), logits)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows, groups, block_rows", [(600, 5, 8), (50, 7, 0)], ids=["75-blocks", "one-block"])
+def test_permutation_is_the_stable_argsort_without_sorting(rows, groups, block_rows):
+    torch.manual_seed(1)
+    group = torch.randint(0, groups, (rows,))
+    group[group == 3] = 0  # an empty group
+    dest, order, totals = triton_moe.permute(group, groups, block_rows=block_rows)
+    assert torch.equal(order, torch.argsort(group, stable=True))
+    assert torch.equal(dest[order], torch.arange(rows))
+    assert torch.equal(totals, torch.bincount(group, minlength=groups).int()) and totals[3] == 0
+
+
+def test_permutation_from_the_routers_block_counts():
+    torch.manual_seed(2)
+    logits = torch.randn(TOKENS, EXPERTS)
+    logits[:, 4] = -9.0  # expert 4 is never chosen
+    _, _, chosen, block_counts = triton_moe.route(logits, 2, False, 1.0, False, None, block=16)
+    flat_expert = chosen.reshape(-1)
+    dest, order, group_sizes = triton_moe.permute(flat_expert, EXPERTS, block_counts, 16 * 2)
+    assert torch.equal(order, torch.argsort(flat_expert, stable=True))
+    assert group_sizes[4] == 0 and group_sizes.sum() == TOKENS * 2
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_combine_kernel_forward_and_backward(top_k):
+    torch.manual_seed(3)
+    width = 150  # two column chunks of 128, the second partial
+    y = torch.randn(TOKENS * top_k, width, requires_grad=True)
+    dest = torch.randperm(TOKENS * top_k)
+    weights = torch.rand(TOKENS, top_k)
+    weights[7, 0] = 0.0  # a dropped choice
+    weights.requires_grad_()
+    out = triton_moe.combine(y, weights, dest, tiles=(16,))
+    want = weights[:, 0, None] * y[dest].view(TOKENS, top_k, width)[:, 0]
+    for j in range(1, top_k):  # the reference's order
+        want = want + weights[:, j, None] * y[dest].view(TOKENS, top_k, width)[:, j]
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(out)
+    got, expected = torch.autograd.grad(out, (y, weights), grad), torch.autograd.grad(want, (y, weights), grad)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn, gated, top_k, kept", [("silu", True, 2, 20), ("gelu", True, 2, 13), ("relu", False, 1, 10), ("gelu", False, 2, 13)],
+                         ids=["swiglu", "geglu-drops", "relu-top1", "gelu-drops"])
+def test_activation_epilogue_forward_and_backward_match_a_loop(fn, gated, top_k, kept):
+    torch.manual_seed(4)
+    tokens, width, hidden, experts = 10, 40, 24, 4
+    x = torch.randn(tokens, width, requires_grad=True)
+    w_up = (0.2 * torch.randn(experts, hidden, width)).requires_grad_()
+    w_gate = (0.2 * torch.randn(experts, hidden, width)).requires_grad_() if gated else None
+    expert_of_choice = torch.tensor([0, 0, 2, 2, 2, 0, 3, 3, 0, 2, 0, 0, 2, 3, 3, 2, 0, 0, 2, 2])[: tokens * top_k]  # 1: empty
+    order = torch.argsort(expert_of_choice, stable=True)
+    sorted_experts = expert_of_choice[order]
+    dropped = torch.arange(tokens * top_k) >= kept  # the last rows as if capacity dropped them
+    counts = torch.stack([((sorted_experts == e) & ~dropped).sum() for e in range(experts)]).to(torch.int32)
+    h = triton_moe.grouped_glu(x, w_up, w_gate, counts, order, top_k, fn)
+    rows = x[order // top_k]
+    up = torch.einsum("md,mhd->mh", rows, w_up[sorted_experts])
+    act = getattr(F, fn)
+    want = act(torch.einsum("md,mhd->mh", rows, w_gate[sorted_experts])) * up if gated else act(up)
+    want = want * (~dropped)[:, None]
+    assert (h[dropped] == 0).all()
+    torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)
+    params = (x, w_up) + ((w_gate,) if gated else ())
+    grad = torch.randn_like(h)
+    got, expected = torch.autograd.grad(h, params, grad), torch.autograd.grad(want, params, grad)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (got[1][1] == 0).all()  # the empty expert's weight gradient
