@@ -44,6 +44,12 @@ TRITON_VARIANTS = {
     "capacity_drops": ("top_k: 2\n", MOE_VARIANTS["capacity_overflow_bmm"] + "          expert: {hidden: 8, activation: swiglu}\n"),
     "capacity_renormalize": ("top_k: 2\n", MOE_VARIANTS["capacity_renormalize_grouped"] + "          expert: {hidden: 8, activation: swiglu}\n"),
     "bias_gelu_sigmoid_router": ("top_k: 2\n", MOE_VARIANTS["sigmoid_bias_shared_bias"]),
+    "softmax_relu_temperature": ("top_k: 2\n", "          router: {kind: topk, normalize: false, temperature: 0.7}\n"
+                                 "          expert: {hidden: 8, activation: relu}\n"),
+    "sigmoid_top1_geglu": ("top_k: 1\n", "          router: {kind: sigmoid_bias}\n          expert: {hidden: 8, activation: geglu}\n"),
+    "capacity_top1_sigmoid_silu": ("top_k: 1\n", "          router: {kind: sigmoid_bias}\n" + MOE_VARIANTS["capacity_overflow_bmm"]
+                                   + "          expert: {hidden: 8, activation: silu}\n"),
+    "clamped_swiglu_unfused": ("top_k: 2\n", "          expert: {hidden: 8, activation: clamped_swiglu, bias: true, swiglu_limit: 0.5}\n"),
 }
 
 
@@ -57,7 +63,7 @@ def test_programs_with_triton_kernels_agree_with_the_reference(variant):
     program = moec.compile_spec(spec)
     assert "triton_moe.route(logits, " in program.source and "argsort" not in program.source
     assert "triton_moe.permute(" in program.source and "triton_moe.combine(y_sorted, weights, dest" in program.source
-    first = "grouped_linear(x, experts_w_up" if "bias" in variant else "grouped_glu(x, experts_w_up"
+    first = "grouped_linear(x, experts_w_up" if "bias" in variant or "clamped" in variant else "grouped_glu(x, experts_w_up"
     assert f"triton_moe.{first}" in program.source
     assert "tiles=(16, 32, 16, 4, 3)" in program.source
     # (1, 3): three tokens over four experts, so at least one expert is empty
