@@ -27,11 +27,9 @@ def _pow2(n: int) -> int:
 
 
 def router_block(top_k: int, experts: int, tiles: tuple[int, ...] | list[int] = ()) -> int:
-    """Tokens per router program: ``schedule.tiles``' BM when given, else the most (<= 64, a power of
-    two) whose permutation block (tokens * top_k rows by experts) fits ``ONE_HOT_BUDGET``."""
-    if tiles:
-        return tiles[0]
-    block = 64
+    """Tokens per router program: ``schedule.tiles``' BM when given, else 64; halved until the permutation's
+    one-hot block (tokens * top_k rows by experts, powers of two) fits ``ONE_HOT_BUDGET``."""
+    block = tiles[0] if tiles else 64
     while block > 1 and _pow2(block * top_k) * _pow2(experts) > ONE_HOT_BUDGET:
         block //= 2
     return block
