@@ -49,6 +49,7 @@ TRITON_VARIANTS = {
     "sigmoid_top1_geglu": ("top_k: 1\n", "          router: {kind: sigmoid_bias}\n          expert: {hidden: 8, activation: geglu}\n"),
     "capacity_top1_sigmoid_silu": ("top_k: 1\n", "          router: {kind: sigmoid_bias}\n" + MOE_VARIANTS["capacity_overflow_bmm"]
                                    + "          expert: {hidden: 8, activation: silu}\n"),
+    "sinkhorn_torch_router": ("top_k: 2\n", MOE_VARIANTS["sinkhorn_dense_eager"] + "          expert: {hidden: 8, activation: swiglu}\n"),
     "clamped_swiglu_unfused": ("top_k: 2\n", "          expert: {hidden: 8, activation: clamped_swiglu, bias: true, swiglu_limit: 0.5}\n"),
 }
 
@@ -61,11 +62,11 @@ def test_programs_with_triton_kernels_agree_with_the_reference(variant):
     text = spec.source.text.replace("train:\n", "schedule:\n  kernels: {moe: triton}\n  tiles: {BM: 16, BN: 32, BK: 16}\ntrain:\n")
     spec = moec.load_spec_text(text, file=f"{variant}.yaml")
     program = moec.compile_spec(spec)
-    assert "triton_moe.route(logits, " in program.source and "argsort" not in program.source
+    assert ("triton_moe.route(logits, " in program.source) == ("sinkhorn" not in variant) and "argsort" not in program.source
     assert "triton_moe.permute(" in program.source and "triton_moe.combine(y_sorted, weights, dest" in program.source
     first = "grouped_linear(x, experts_w_up" if "bias" in variant or "clamped" in variant else "grouped_glu(x, experts_w_up"
     assert f"triton_moe.{first}" in program.source
-    assert "tiles=(16, 32, 16, 4, 3)" in program.source
+    assert "tiles=(16, 32, 16, 4, 3)" in program.source and ("block=16)" in program.source or "sinkhorn" in variant)  # BM: the router's tokens per program
     # (1, 3): three tokens over four experts, so at least one expert is empty
     assert_agree(spec, seeds=(0,), shapes=((2, 16), (1, 3)), kernel_program=program)
 

@@ -143,3 +143,17 @@ def test_the_kernel_chain_in_bf16_matches_fp32_to_bf16_precision():
     # about 2% on the output and 3.5% on the gradients here (h alone: 0.9%); a wrong index or stride gives O(1).
     for want, got in zip(*results):
         assert ((got - want).norm() / want.norm()).item() < 5e-2
+
+
+def test_the_kernel_modules_import_without_triton():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"  # import triton now raises ImportError
+            "import moec.backends.triton.routing, moec.backends.triton.glu, moec.backends.torch.codegen_triton\n"
+            "import moec.backends.triton as t, torch\n"
+            "try:\n    t.route(torch.zeros(2, 4), 1, False, 1.0, False)\nexcept RuntimeError as e:\n    print(e)\n")
+    env = {"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "0", "PYTHONPATH": ":".join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "kernels.moe 'triton' runs on CUDA GPUs, or on the CPU under TRITON_INTERPRET=1 (tensors on cpu, triton is not installed)"
