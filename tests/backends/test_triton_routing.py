@@ -90,8 +90,14 @@ def test_combine_kernel_forward_and_backward(top_k):
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fn, gated, top_k, kept", [("silu", True, 2, 20), ("gelu", True, 2, 13), ("relu", False, 1, 10), ("gelu", False, 2, 13)],
-                         ids=["swiglu", "geglu-drops", "relu-top1", "gelu-drops"])
+def clamped_glu(gate, up, limit=0.5, alpha=1.702):
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+@pytest.mark.parametrize("fn, gated, top_k, kept", [("silu", True, 2, 20), ("gelu", True, 2, 13), ("relu", False, 1, 10), ("gelu", False, 2, 13),
+                                                    ("clamped", True, 2, 20)],
+                         ids=["swiglu", "geglu-drops", "relu-top1", "gelu-drops", "clamped-swiglu"])
 def test_activation_epilogue_forward_and_backward_match_a_loop(fn, gated, top_k, kept):
     torch.manual_seed(4)
     tokens, width, hidden, experts = 10, 40, 24, 4
@@ -103,11 +109,14 @@ def test_activation_epilogue_forward_and_backward_match_a_loop(fn, gated, top_k,
     sorted_experts = expert_of_choice[order]
     dropped = torch.arange(tokens * top_k) >= kept  # the last rows as if capacity dropped them
     counts = torch.stack([((sorted_experts == e) & ~dropped).sum() for e in range(experts)]).to(torch.int32)
-    h = triton_moe.grouped_glu(x, w_up, w_gate, counts, order, top_k, fn)
+    h = triton_moe.grouped_glu(x, w_up, w_gate, counts, order, top_k, fn, limit=0.5, alpha=1.702)
     rows = x[order // top_k]
     up = torch.einsum("md,mhd->mh", rows, w_up[sorted_experts])
-    act = getattr(F, fn)
-    want = act(torch.einsum("md,mhd->mh", rows, w_gate[sorted_experts])) * up if gated else act(up)
+    if fn == "clamped":  # pre-activations of std ~1.3: both clamps (limit 0.5) active on part of the values
+        want = clamped_glu(torch.einsum("md,mhd->mh", rows, w_gate[sorted_experts]), up)
+    else:
+        act = getattr(F, fn)
+        want = act(torch.einsum("md,mhd->mh", rows, w_gate[sorted_experts])) * up if gated else act(up)
     want = want * (~dropped)[:, None]
     assert (h[dropped] == 0).all()
     torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,8 @@
 - the permutation (``permutation_lines``): rows sorted by expert from counts and prefix sums,
   no argsort; with capacity the dropped choices form a last group that is never computed;
 - the experts' first projection with the activation in its epilogue (``fused_ffn_lines``),
-  when the activation is one the kernel knows and the experts have no bias;
+  when the experts have no bias (every activation of the registry: silu / gelu / relu, gated
+  or not, and the clamped SwiGLU);
 - the combine (``combine_line``): each token's k rows times their weights, in choice order.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 from moec.moe import ACTIVATIONS, ROUTERS, MoeAttrs
 
 FUSED_SCORES = {"softmax": False, "sigmoid": True}  # a router's score op -> the kernel's SIGMOID flag
-FUSED_ACTIVATIONS = ("silu", "gelu", "relu")  # F functions the GEMM epilogue computes (kernels._activate)
+FUSED_ACTIVATIONS = ("silu", "gelu", "relu")  # F functions the GEMM epilogue computes (kernels._activate); and clamped GLUs
 
 
 def fuses_router(moe: MoeAttrs) -> bool:
@@ -27,7 +28,7 @@ def fuses_router(moe: MoeAttrs) -> bool:
 
 def fuses_activation(moe: MoeAttrs) -> bool:
     kind = ACTIVATIONS[moe.expert.activation]
-    return kind.fn in FUSED_ACTIVATIONS and not kind.clamped and not moe.expert.bias
+    return (kind.fn in FUSED_ACTIVATIONS or kind.clamped) and not moe.expert.bias
 
 
 def _tile_arg(tiles: tuple[int, ...]) -> str:
@@ -75,8 +76,9 @@ def fused_ffn_lines(moe: MoeAttrs, tiles: tuple[int, ...]) -> list[str]:
     kind = ACTIVATIONS[moe.expert.activation]
     gate = "experts_w_gate" if kind.gated else "None"
     tile = _tile_arg(tiles)
+    act = f"'clamped'{tile}, limit={moe.expert.limit!r}, alpha={moe.expert.alpha!r}" if kind.clamped else f"{kind.fn!r}{tile}"
     return [
-        f"    hidden = triton_moe.grouped_glu(x, experts_w_up, {gate}, group_sizes, order, {moe.choices}, {kind.fn!r}{tile})"
+        f"    hidden = triton_moe.grouped_glu(x, experts_w_up, {gate}, group_sizes, order, {moe.choices}, {act})"
         f"  # {moe.expert.activation} in the GEMM's epilogue",
         f"    y_sorted = triton_moe.grouped_linear(hidden, experts_w_down, group_sizes{tile})",
     ]

@@ -44,14 +44,15 @@ def grouped_linear(x, w, counts, order=None, top_k: int = 1, tiles=None):
     return run(x, w, counts, order, top_k, tiles)
 
 
-def grouped_glu(x, w_up, w_gate, counts, order, top_k: int, activation: str, tiles=None):
+def grouped_glu(x, w_up, w_gate, counts, order, top_k: int, activation: str, tiles=None, limit: float = 0.0, alpha: float = 0.0):
     """The first expert projection with ``activation`` (an ``F`` function name) in its epilogue:
-    ``act(x @ w_gate.T) * (x @ w_up.T)``, or ``act(x @ w_up.T)`` without ``w_gate`` (glu.py)."""
+    ``act(x @ w_gate.T) * (x @ w_up.T)``, or ``act(x @ w_up.T)`` without ``w_gate``; "clamped": GPT-OSS's
+    clamped SwiGLU with ``limit`` and ``alpha`` (glu.py)."""
     _require(x)
     from moec.backends.triton.glu import grouped_glu as run
 
     x, w_up, w_gate = _autocast(x, w_up, w_gate)
-    return run(x, w_up, w_gate, counts, order, top_k, activation, tiles)
+    return run(x, w_up, w_gate, counts, order, top_k, activation, tiles, limit, alpha)
 
 
 def route(logits, top_k: int, sigmoid: bool, temperature: float, normalize: bool, bias=None, block: int = 0):

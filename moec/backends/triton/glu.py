@@ -4,7 +4,7 @@ custom op with its own backward (opaque to torch.compile).
 ``moec::triton_grouped_glu(x, w_up, w_gate, counts, order, top_k, activation, save, tiles)``
 -> (h, up, gate): ``h[m] = act(x[src(m)] @ w_gate[e].T) * (x[src(m)] @ w_up[e].T)`` when
 ``w_gate`` is given (swiglu, geglu, reglu: both products accumulated from one read of the
-row tile, combined before the store), else ``act(x[src(m)] @ w_up[e].T)``. ``w_up`` and
+row tile, combined before the store; "clamped": GPT-OSS's clamped SwiGLU), else ``act(x[src(m)] @ w_up[e].T)``. ``w_up`` and
 ``w_gate`` stay the separate [E, H, D] parameters (no concatenated copy). Rows, the gather and
 the tiles are those of ``moec::triton_grouped_linear`` (ops.py). ``save`` also returns the
 pre-activations ``up`` and ``gate`` (else empty), which backward reads.
@@ -29,7 +29,7 @@ ELEMENTWISE_BLOCK = 1024
 
 @torch.library.custom_op("moec::triton_grouped_glu", mutates_args=())
 def _grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, counts: Tensor, order: Tensor | None, top_k: int,
-                 activation: str, save: bool, tiles: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+                 activation: str, limit: float, alpha: float, save: bool, tiles: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     import triton
 
     from moec.backends.triton.kernels import glu_gemm_kernel
@@ -43,7 +43,7 @@ def _grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, counts: Tensor,
     glu_gemm_kernel[grid](
         x, w_up, w_gate if w_gate is not None else w_up, h, up if save else h, gate if gate.numel() else h, counts,
         order if order is not None else counts, experts, width, hidden, x.stride(0), x.stride(1), w_up.stride(0),
-        w_up.stride(2), w_up.stride(1), h.stride(0), h.stride(1), TOP_K=top_k, GATHER=order is not None,
+        w_up.stride(2), w_up.stride(1), h.stride(0), h.stride(1), limit, alpha, TOP_K=top_k, GATHER=order is not None,
         GATED=w_gate is not None, ACTIVATION=activation, SAVE=save, BLOCK_E=experts_block(experts), BM=tile.BM,
         BN=tile.BN, BK=tile.BK, PRECISION=precision_of(x), UPCAST=x.device.type == "cpu", num_warps=tile.warps,
         num_stages=tile.stages)
@@ -51,7 +51,7 @@ def _grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, counts: Tensor,
 
 
 @_grouped_glu.register_fake
-def _(x, w_up, w_gate, counts, order, top_k, activation, save, tiles):
+def _(x, w_up, w_gate, counts, order, top_k, activation, limit, alpha, save, tiles):
     rows, hidden = routed_rows(x, order), w_up.shape[1]
     up = x.new_empty(rows, hidden) if save else x.new_empty(0)
     gate = x.new_empty(rows, hidden) if save and w_gate is not None else x.new_empty(0)
@@ -60,8 +60,8 @@ def _(x, w_up, w_gate, counts, order, top_k, activation, save, tiles):
 
 @torch.library.custom_op("moec::triton_grouped_glu_backward", mutates_args=())
 def _grouped_glu_backward(grad: Tensor, x: Tensor, w_up: Tensor, w_gate: Tensor | None, counts: Tensor,
-                          order: Tensor | None, top_k: int, activation: str, up: Tensor, gate: Tensor,
-                          tiles: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+                          order: Tensor | None, top_k: int, activation: str, limit: float, alpha: float, up: Tensor,
+                          gate: Tensor, tiles: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     import triton
 
     from moec.backends.triton.kernels import glu_backward_kernel
@@ -70,7 +70,7 @@ def _grouped_glu_backward(grad: Tensor, x: Tensor, w_up: Tensor, w_gate: Tensor 
     grad_up = torch.empty_like(up)
     grad_gate = torch.empty_like(gate) if gated else grad_up
     glu_backward_kernel[(triton.cdiv(up.numel(), ELEMENTWISE_BLOCK),)](
-        grad, up, gate if gated else up, grad_up, grad_gate, up.numel(), GATED=gated, ACTIVATION=activation,
+        grad, up, gate if gated else up, grad_up, grad_gate, up.numel(), limit, alpha, GATED=gated, ACTIVATION=activation,
         BLOCK=ELEMENTWISE_BLOCK)
     tile = tile_for(x, w_up, grad.shape[0], tiles)
     rows, width = grad.shape[0], w_up.shape[2]
@@ -85,32 +85,34 @@ def _grouped_glu_backward(grad: Tensor, x: Tensor, w_up: Tensor, w_gate: Tensor 
 
 
 @_grouped_glu_backward.register_fake
-def _(grad, x, w_up, w_gate, counts, order, top_k, activation, up, gate, tiles):
+def _(grad, x, w_up, w_gate, counts, order, top_k, activation, limit, alpha, up, gate, tiles):
     return torch.empty_like(x), torch.empty_like(w_up), torch.empty_like(w_gate) if w_gate is not None else w_up.new_empty(0)
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, w_up, w_gate, counts, order, top_k, activation, save, tiles = inputs
+    x, w_up, w_gate, counts, order, top_k, activation, limit, alpha, save, tiles = inputs
     _, up, gate = output
     ctx.save_for_backward(x, w_up, w_gate, counts, order, up, gate)
-    ctx.top_k, ctx.activation, ctx.tiles, ctx.save = top_k, activation, tiles, save
+    ctx.top_k, ctx.activation, ctx.clamp, ctx.tiles, ctx.save = top_k, activation, (limit, alpha), tiles, save
 
 
 def _backward(ctx, grad: Tensor, _grad_up, _grad_gate):
     x, w_up, w_gate, counts, order, up, gate = ctx.saved_tensors
     assert ctx.save, "moec::triton_grouped_glu ran without saving its pre-activations (save=False) but a gradient is asked"
     grad_x, grad_w_up, grad_w_gate = _grouped_glu_backward(grad.contiguous(), x, w_up, w_gate, counts, order, ctx.top_k,
-                                                           ctx.activation, up, gate, ctx.tiles)
-    return grad_x, grad_w_up, grad_w_gate if w_gate is not None else None, None, None, None, None, None, None
+                                                           ctx.activation, *ctx.clamp, up, gate, ctx.tiles)
+    return grad_x, grad_w_up, grad_w_gate if w_gate is not None else None, *[None] * 8
 
 
 _grouped_glu.register_autograd(_backward, setup_context=_setup)
 
 
 def grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, counts: Tensor, order: Tensor | None, top_k: int,
-                activation: str, tiles: tuple[int, ...] | None = None) -> Tensor:
-    """``act(gate) * up`` (or ``act(up)``) of each row's expert, the activation in the GEMM's epilogue."""
+                activation: str, tiles: tuple[int, ...] | None = None, limit: float = 0.0, alpha: float = 0.0) -> Tensor:
+    """``act(gate) * up`` (or ``act(up)``) of each row's expert, the activation in the GEMM's epilogue
+    (``activation`` an ``F`` function name: silu, gelu, relu; or "clamped" with ``limit`` and ``alpha``)."""
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_up, w_gate))
     gate = w_gate.contiguous() if w_gate is not None else None
-    h, _, _ = _grouped_glu(x.contiguous(), w_up.contiguous(), gate, counts, order, top_k, activation, save, list(tiles or ()))
+    h, _, _ = _grouped_glu(x.contiguous(), w_up.contiguous(), gate, counts, order, top_k, activation, limit, alpha, save,
+                           list(tiles or ()))
     return h

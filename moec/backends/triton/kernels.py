@@ -130,13 +130,31 @@ def _activate_grad(v, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _clamped_glu(gate, up, limit, alpha):
+    """GPT-OSS's clamped SwiGLU (ACTIVATION "clamped"): (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g), g = min(gate, l)."""
+    g = tl.minimum(gate, limit)
+    return (tl.minimum(tl.maximum(up, -limit), limit) + 1.0) * g * tl.sigmoid(alpha * g)
+
+
+@triton.jit
+def _clamped_glu_grads(grad, gate, up, limit, alpha):
+    """(d/d up, d/d gate) of ``_clamped_glu`` times ``grad``; a clamp passes the gradient inside its closed range, as torch's."""
+    g = tl.minimum(gate, limit)
+    s = tl.sigmoid(alpha * g)
+    grad_up = tl.where((up >= -limit) & (up <= limit), grad * g * s, 0.0)
+    grad_gate = tl.where(gate <= limit, grad * (tl.minimum(tl.maximum(up, -limit), limit) + 1.0) * (s + g * alpha * s * (1.0 - s)), 0.0)
+    return grad_up, grad_gate
+
+
+@triton.jit
 def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, h_ptr, pre_up_ptr, pre_gate_ptr, counts_ptr, order_ptr, E, K, N, stride_am,
-                    stride_ak, stride_be, stride_bk, stride_bn, stride_hm, stride_hn, TOP_K: tl.constexpr,
+                    stride_ak, stride_be, stride_bk, stride_bn, stride_hm, stride_hn, limit, alpha, TOP_K: tl.constexpr,
                     GATHER: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, SAVE: tl.constexpr,
                     BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):
     """The first expert projection with its activation as epilogue: ``h = act(A @ Wgate) * (A @ Wup)``
-    (``GATED``; both accumulated from the same A tile) or ``h = act(A @ Wup)``. Tiles and the row
+    (``GATED``; both accumulated from the same A tile; ACTIVATION "clamped": ``_clamped_glu`` with
+    ``limit`` and ``alpha``) or ``h = act(A @ Wup)``. Tiles and the row
     gather as ``grouped_gemm_kernel``; ``SAVE`` also stores the pre-activations for backward."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -165,7 +183,10 @@ def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, h_ptr, pre_up_ptr, pre_gate_ptr, co
         up = up.to(h_ptr.dtype.element_ty).to(tl.float32)
         if GATED:
             gate = gate.to(h_ptr.dtype.element_ty).to(tl.float32)
-            h = _activate(gate, ACTIVATION) * up
+            if ACTIVATION == "clamped":
+                h = _clamped_glu(gate, up, limit, alpha)
+            else:
+                h = _activate(gate, ACTIVATION) * up
         else:
             h = _activate(up, ACTIVATION)
         offsets = rows[:, None] * stride_hm + cols[None, :] * stride_hn
@@ -178,7 +199,7 @@ def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, h_ptr, pre_up_ptr, pre_gate_ptr, co
 
 
 @triton.jit
-def glu_backward_kernel(grad_ptr, up_ptr, gate_ptr, grad_up_ptr, grad_gate_ptr, numel, GATED: tl.constexpr,
+def glu_backward_kernel(grad_ptr, up_ptr, gate_ptr, grad_up_ptr, grad_gate_ptr, numel, limit, alpha, GATED: tl.constexpr,
                         ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
     """Elementwise: the gradients of the pre-activations from the gradient of ``h`` (contiguous [M, N])."""
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -187,7 +208,11 @@ def glu_backward_kernel(grad_ptr, up_ptr, gate_ptr, grad_up_ptr, grad_gate_ptr, 
     up = tl.load(up_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     if GATED:
         gate = tl.load(gate_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        tl.store(grad_up_ptr + offsets, (grad * _activate(gate, ACTIVATION)).to(grad_up_ptr.dtype.element_ty), mask=ok)
-        tl.store(grad_gate_ptr + offsets, (grad * up * _activate_grad(gate, ACTIVATION)).to(grad_gate_ptr.dtype.element_ty), mask=ok)
+        if ACTIVATION == "clamped":
+            grad_up, grad_gate = _clamped_glu_grads(grad, gate, up, limit, alpha)
+        else:
+            grad_up, grad_gate = grad * _activate(gate, ACTIVATION), grad * up * _activate_grad(gate, ACTIVATION)
+        tl.store(grad_up_ptr + offsets, grad_up.to(grad_up_ptr.dtype.element_ty), mask=ok)
+        tl.store(grad_gate_ptr + offsets, grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=ok)
     else:
         tl.store(grad_up_ptr + offsets, (grad * _activate_grad(up, ACTIVATION)).to(grad_up_ptr.dtype.element_ty), mask=ok)
