@@ -95,37 +95,57 @@ def clamped_glu(gate, up, limit=0.5, alpha=1.702):
     return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-@pytest.mark.parametrize("fn, gated, top_k, kept", [("silu", True, 2, 20), ("gelu", True, 2, 13), ("relu", False, 1, 10), ("gelu", False, 2, 13),
-                                                    ("clamped", True, 2, 20)],
-                         ids=["swiglu", "geglu-drops", "relu-top1", "gelu-drops", "clamped-swiglu"])
-def test_activation_epilogue_forward_and_backward_match_a_loop(fn, gated, top_k, kept):
+@pytest.mark.parametrize("fn, gated, top_k, kept, bias", [("silu", True, 2, 20, False), ("gelu", True, 2, 13, True), ("relu", False, 1, 10, True),
+                                                          ("gelu", False, 2, 13, False), ("clamped", True, 2, 20, True)],
+                         ids=["swiglu", "geglu-bias-drops", "relu-bias-top1", "gelu-drops", "clamped-swiglu-bias"])
+def test_activation_epilogue_forward_and_backward_match_a_loop(fn, gated, top_k, kept, bias):
     torch.manual_seed(4)
     tokens, width, hidden, experts = 10, 40, 24, 4
     x = torch.randn(tokens, width, requires_grad=True)
     w_up = (0.2 * torch.randn(experts, hidden, width)).requires_grad_()
     w_gate = (0.2 * torch.randn(experts, hidden, width)).requires_grad_() if gated else None
+    b_up = torch.randn(experts, hidden).requires_grad_() if bias else None
+    b_gate = torch.randn(experts, hidden).requires_grad_() if bias and gated else None
     expert_of_choice = torch.tensor([0, 0, 2, 2, 2, 0, 3, 3, 0, 2, 0, 0, 2, 3, 3, 2, 0, 0, 2, 2])[: tokens * top_k]  # 1: empty
     order = torch.argsort(expert_of_choice, stable=True)
     sorted_experts = expert_of_choice[order]
     dropped = torch.arange(tokens * top_k) >= kept  # the last rows as if capacity dropped them
     counts = torch.stack([((sorted_experts == e) & ~dropped).sum() for e in range(experts)]).to(torch.int32)
-    h = triton_moe.grouped_glu(x, w_up, w_gate, counts, order, top_k, fn, limit=0.5, alpha=1.702)
+    h = triton_moe.grouped_glu(x, w_up, w_gate, counts, order, top_k, fn, limit=0.5, alpha=1.702, b_up=b_up, b_gate=b_gate)
     rows = x[order // top_k]
-    up = torch.einsum("md,mhd->mh", rows, w_up[sorted_experts])
+    up = torch.einsum("md,mhd->mh", rows, w_up[sorted_experts]) + (b_up[sorted_experts] if bias else 0)
+    gate = torch.einsum("md,mhd->mh", rows, w_gate[sorted_experts]) + (b_gate[sorted_experts] if bias else 0) if gated else None
     if fn == "clamped":  # pre-activations of std ~1.3: both clamps (limit 0.5) active on part of the values
-        want = clamped_glu(torch.einsum("md,mhd->mh", rows, w_gate[sorted_experts]), up)
+        want = clamped_glu(gate, up)
     else:
         act = getattr(F, fn)
-        want = act(torch.einsum("md,mhd->mh", rows, w_gate[sorted_experts])) * up if gated else act(up)
+        want = act(gate) * up if gated else act(up)
     want = want * (~dropped)[:, None]
     assert (h[dropped] == 0).all()
     torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)
-    params = (x, w_up) + ((w_gate,) if gated else ())
+    params = tuple(t for t in (x, w_up, w_gate, b_up, b_gate) if t is not None)
     grad = torch.randn_like(h)
     got, expected = torch.autograd.grad(h, params, grad), torch.autograd.grad(want, params, grad)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (got[1][1] == 0).all()  # the empty expert's weight gradient
+    if bias:
+        assert (got[-1][1] == 0).all()  # and bias gradient
+
+
+def test_down_projection_bias_forward_and_backward_match_a_loop():
+    torch.manual_seed(6)
+    rows, hidden, width, experts = 17, 24, 40, 4
+    h, w = torch.randn(rows, hidden, requires_grad=True), torch.randn(experts, width, hidden, requires_grad=True)
+    bias = torch.randn(experts, width, requires_grad=True)
+    counts = torch.tensor([6, 0, 5, 3], dtype=torch.int32)  # 14 of 17 rows kept: the last 3 never computed
+    expert_of_row = torch.repeat_interleave(torch.arange(experts), counts.long())
+    y = triton_moe.grouped_linear(h, w, counts, bias=bias)
+    want = torch.cat([torch.einsum("mh,mdh->md", h[:14], w[expert_of_row]) + bias[expert_of_row], torch.zeros(3, width)])
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (h, w, bias), grad), torch.autograd.grad(want, (h, w, bias), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def moe_chain(x, router_w, w_up, w_gate, w_down, top_k):

@@ -264,18 +264,7 @@ def _grouped(moe: MoeAttrs) -> list[str]:
 
 
 def _triton(moe: MoeAttrs, tiles: tuple[int, ...], fused_router: bool) -> list[str]:
-    lines = codegen_triton.permutation_lines(moe, fused_router, tiles)
-    if codegen_triton.fuses_activation(moe):
-        return lines + codegen_triton.fused_ffn_lines(moe, tiles)
-    k, bias = moe.choices, ""  # expert biases or a clamped activation: the GEMMs with the activation in torch
-    if moe.expert.bias:
-        lines += ["    row_expert = flat_expert[order]"] + [f"    bias_{p} = experts_b_{p}[row_expert]" for p in _bias_parts(moe)]
-        bias = "bias_"
-    tile = f", tiles={tiles!r}" if tiles else ""
-
-    def gemm(a: str, w: str) -> str:  # token rows are gathered by the kernel; later rows are already grouped
-        return f"triton_moe.grouped_linear({a}, {w}, group_sizes{f', order, {k}' if a == 'x' else ''}{tile})"
-    return lines + _ffn("x", "", moe.expert.activation, "experts", "y_sorted", gemm, bias, moe.expert.clamp)
+    return codegen_triton.permutation_lines(moe, fused_router, tiles) + codegen_triton.ffn_lines(moe, tiles)
 
 
 def _expert_parallel(moe: MoeAttrs) -> list[str]:

@@ -7,9 +7,9 @@
   so), choices and per-block expert counts; other routers keep their torch lines;
 - the permutation (``permutation_lines``): rows sorted by expert from counts and prefix sums,
   no argsort; with capacity the dropped choices form a last group that is never computed;
-- the experts' first projection with the activation in its epilogue (``fused_ffn_lines``),
-  when the experts have no bias (every activation of the registry: silu / gelu / relu, gated
-  or not, and the clamped SwiGLU);
+- the experts' first projection with their biases and the activation in its epilogue, then
+  the down projection (``ffn_lines``; every activation of the registry: silu / gelu / relu,
+  gated or not, and the clamped SwiGLU);
 - the combine (``combine_line``): each token's k rows times their weights, in choice order.
 """
 
@@ -19,16 +19,9 @@ from moec.moe import ACTIVATIONS, ROUTERS, MoeAttrs
 
 FUSED_SCORES = {"softmax": False, "sigmoid": True}  # a router's score op -> the kernel's SIGMOID flag
 FUSED_ACTIVATIONS = ("silu", "gelu", "relu")  # F functions the GEMM epilogue computes (kernels._activate); and clamped GLUs
-
-
 def fuses_router(moe: MoeAttrs) -> bool:
     kind = ROUTERS[moe.router.kind]
     return kind.learned and not kind.expert_choice and kind.score_op in FUSED_SCORES
-
-
-def fuses_activation(moe: MoeAttrs) -> bool:
-    kind = ACTIVATIONS[moe.expert.activation]
-    return (kind.fn in FUSED_ACTIVATIONS or kind.clamped) and not moe.expert.bias
 
 
 def _tile_arg(tiles: tuple[int, ...]) -> str:
@@ -72,15 +65,18 @@ def permutation_lines(moe: MoeAttrs, fused_router: bool, tiles: tuple[int, ...])
     return [f"    dest, order, group_sizes = triton_moe.permute(flat_expert, {E})  # sort-free: counts, prefix sums, in-block ranks"]
 
 
-def fused_ffn_lines(moe: MoeAttrs, tiles: tuple[int, ...]) -> list[str]:
+def ffn_lines(moe: MoeAttrs, tiles: tuple[int, ...]) -> list[str]:
     kind = ACTIVATIONS[moe.expert.activation]
+    assert kind.clamped or kind.fn in FUSED_ACTIVATIONS, f"activation {kind.name} has no Triton epilogue (kernels._activate)"
     gate = "experts_w_gate" if kind.gated else "None"
     tile = _tile_arg(tiles)
     act = f"'clamped'{tile}, limit={moe.expert.limit!r}, alpha={moe.expert.alpha!r}" if kind.clamped else f"{kind.fn!r}{tile}"
+    if moe.expert.bias:
+        act += ", b_up=experts_b_up" + (", b_gate=experts_b_gate" if kind.gated else "")
     return [
         f"    hidden = triton_moe.grouped_glu(x, experts_w_up, {gate}, group_sizes, order, {moe.choices}, {act})"
         f"  # {moe.expert.activation} in the GEMM's epilogue",
-        f"    y_sorted = triton_moe.grouped_linear(hidden, experts_w_down, group_sizes{tile})",
+        f"    y_sorted = triton_moe.grouped_linear(hidden, experts_w_down, group_sizes{tile}{', bias=experts_b_down' if moe.expert.bias else ''})",
     ]
 
 

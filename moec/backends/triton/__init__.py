@@ -34,25 +34,26 @@ def _autocast(*tensors):
     return tuple(t.to(dtype) if t is not None else None for t in tensors)
 
 
-def grouped_linear(x, w, counts, order=None, top_k: int = 1, tiles=None):
-    """``F.linear`` per expert group (``counts`` int32 rows each), the rows gathered from ``x`` by
-    ``order // top_k`` when given (ops.py)."""
+def grouped_linear(x, w, counts, order=None, top_k: int = 1, tiles=None, bias=None):
+    """``F.linear`` per expert group (``counts`` int32 rows each; ``bias`` [E, N] per expert), the rows
+    gathered from ``x`` by ``order // top_k`` when given (ops.py)."""
     _require(x)
     from moec.backends.triton.ops import grouped_linear as run
 
-    x, w = _autocast(x, w)
-    return run(x, w, counts, order, top_k, tiles)
+    x, w, bias = _autocast(x, w, bias)
+    return run(x, w, counts, order, top_k, tiles, bias)
 
 
-def grouped_glu(x, w_up, w_gate, counts, order, top_k: int, activation: str, tiles=None, limit: float = 0.0, alpha: float = 0.0):
+def grouped_glu(x, w_up, w_gate, counts, order, top_k: int, activation: str, tiles=None, limit: float = 0.0, alpha: float = 0.0,
+                b_up=None, b_gate=None):
     """The first expert projection with ``activation`` (an ``F`` function name) in its epilogue:
     ``act(x @ w_gate.T) * (x @ w_up.T)``, or ``act(x @ w_up.T)`` without ``w_gate``; "clamped": GPT-OSS's
     clamped SwiGLU with ``limit`` and ``alpha`` (glu.py)."""
     _require(x)
     from moec.backends.triton.glu import grouped_glu as run
 
-    x, w_up, w_gate = _autocast(x, w_up, w_gate)
-    return run(x, w_up, w_gate, counts, order, top_k, activation, tiles, limit, alpha)
+    x, w_up, w_gate, b_up, b_gate = _autocast(x, w_up, w_gate, b_up, b_gate)
+    return run(x, w_up, w_gate, counts, order, top_k, activation, tiles, limit, alpha, b_up, b_gate)
 
 
 def route(logits, top_k: int, sigmoid: bool, temperature: float, normalize: bool, bias=None, block: int = 0):

@@ -20,16 +20,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moec.backends.triton.ops import (experts_block, launch_grouped_gemm, launch_weight_grad, precision_of,
-                                      routed_rows, rows_to_tokens)
+from moec.backends.triton.ops import (experts_block, launch_bias_grad, launch_grouped_gemm, launch_weight_grad,
+                                      precision_of, routed_rows, rows_to_tokens)
 from moec.backends.triton.tiles import tile_for
 
 ELEMENTWISE_BLOCK = 1024
 
 
 @torch.library.custom_op("moec::triton_grouped_glu", mutates_args=())
-def _grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, counts: Tensor, order: Tensor | None, top_k: int,
-                 activation: str, limit: float, alpha: float, save: bool, tiles: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+def _grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, b_up: Tensor | None, b_gate: Tensor | None, counts: Tensor,
+                 order: Tensor | None, top_k: int, activation: str, limit: float, alpha: float, save: bool,
+                 tiles: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     import triton
 
     from moec.backends.triton.kernels import glu_gemm_kernel
@@ -41,17 +42,18 @@ def _grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, counts: Tensor,
     gate = x.new_zeros(rows, hidden) if save and w_gate is not None else x.new_empty(0)
     grid = (triton.cdiv(rows, tile.BM) + experts, triton.cdiv(hidden, tile.BN))
     glu_gemm_kernel[grid](
-        x, w_up, w_gate if w_gate is not None else w_up, h, up if save else h, gate if gate.numel() else h, counts,
+        x, w_up, w_gate if w_gate is not None else w_up, b_up if b_up is not None else w_up,
+        b_gate if b_gate is not None else w_up, h, up if save else h, gate if gate.numel() else h, counts,
         order if order is not None else counts, experts, width, hidden, x.stride(0), x.stride(1), w_up.stride(0),
         w_up.stride(2), w_up.stride(1), h.stride(0), h.stride(1), limit, alpha, TOP_K=top_k, GATHER=order is not None,
-        GATED=w_gate is not None, ACTIVATION=activation, SAVE=save, BLOCK_E=experts_block(experts), BM=tile.BM,
+        GATED=w_gate is not None, HAS_BIAS=b_up is not None, ACTIVATION=activation, SAVE=save, BLOCK_E=experts_block(experts), BM=tile.BM,
         BN=tile.BN, BK=tile.BK, PRECISION=precision_of(x), UPCAST=x.device.type == "cpu", num_warps=tile.warps,
         num_stages=tile.stages)
     return h, up, gate
 
 
 @_grouped_glu.register_fake
-def _(x, w_up, w_gate, counts, order, top_k, activation, limit, alpha, save, tiles):
+def _(x, w_up, w_gate, b_up, b_gate, counts, order, top_k, activation, limit, alpha, save, tiles):
     rows, hidden = routed_rows(x, order), w_up.shape[1]
     up = x.new_empty(rows, hidden) if save else x.new_empty(0)
     gate = x.new_empty(rows, hidden) if save and w_gate is not None else x.new_empty(0)
@@ -59,9 +61,9 @@ def _(x, w_up, w_gate, counts, order, top_k, activation, limit, alpha, save, til
 
 
 @torch.library.custom_op("moec::triton_grouped_glu_backward", mutates_args=())
-def _grouped_glu_backward(grad: Tensor, x: Tensor, w_up: Tensor, w_gate: Tensor | None, counts: Tensor,
+def _grouped_glu_backward(grad: Tensor, x: Tensor, w_up: Tensor, w_gate: Tensor | None, has_bias: bool, counts: Tensor,
                           order: Tensor | None, top_k: int, activation: str, limit: float, alpha: float, up: Tensor,
-                          gate: Tensor, tiles: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+                          gate: Tensor, tiles: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     import triton
 
     from moec.backends.triton.kernels import glu_backward_kernel
@@ -81,38 +83,49 @@ def _grouped_glu_backward(grad: Tensor, x: Tensor, w_up: Tensor, w_gate: Tensor 
     grad_x = rows_to_tokens(grad_rows, order, x.shape[0], top_k)
     grad_w_up = launch_weight_grad(grad_up, x, counts, order, top_k, w_up.shape, tile)
     grad_w_gate = launch_weight_grad(grad_gate, x, counts, order, top_k, w_gate.shape, tile) if gated else w_up.new_empty(0)
-    return grad_x, grad_w_up, grad_w_gate
+    grad_b_up = launch_bias_grad(grad_up, counts, w_up.dtype, tile) if has_bias else w_up.new_empty(0)
+    grad_b_gate = launch_bias_grad(grad_gate, counts, w_up.dtype, tile) if has_bias and gated else w_up.new_empty(0)
+    return grad_x, grad_w_up, grad_w_gate, grad_b_up, grad_b_gate
 
 
 @_grouped_glu_backward.register_fake
-def _(grad, x, w_up, w_gate, counts, order, top_k, activation, limit, alpha, up, gate, tiles):
-    return torch.empty_like(x), torch.empty_like(w_up), torch.empty_like(w_gate) if w_gate is not None else w_up.new_empty(0)
+def _(grad, x, w_up, w_gate, has_bias, counts, order, top_k, activation, limit, alpha, up, gate, tiles):
+    bias = w_up.new_empty(w_up.shape[:2]) if has_bias else w_up.new_empty(0)
+    gated = w_gate is not None
+    return (torch.empty_like(x), torch.empty_like(w_up), torch.empty_like(w_gate) if gated else w_up.new_empty(0), bias,
+            torch.empty_like(bias) if gated else w_up.new_empty(0))
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, w_up, w_gate, counts, order, top_k, activation, limit, alpha, save, tiles = inputs
+    x, w_up, w_gate, b_up, b_gate, counts, order, top_k, activation, limit, alpha, save, tiles = inputs
     _, up, gate = output
     ctx.save_for_backward(x, w_up, w_gate, counts, order, up, gate)
     ctx.top_k, ctx.activation, ctx.clamp, ctx.tiles, ctx.save = top_k, activation, (limit, alpha), tiles, save
+    ctx.has_bias = b_up is not None
 
 
 def _backward(ctx, grad: Tensor, _grad_up, _grad_gate):
     x, w_up, w_gate, counts, order, up, gate = ctx.saved_tensors
     assert ctx.save, "moec::triton_grouped_glu ran without saving its pre-activations (save=False) but a gradient is asked"
-    grad_x, grad_w_up, grad_w_gate = _grouped_glu_backward(grad.contiguous(), x, w_up, w_gate, counts, order, ctx.top_k,
-                                                           ctx.activation, *ctx.clamp, up, gate, ctx.tiles)
-    return grad_x, grad_w_up, grad_w_gate if w_gate is not None else None, *[None] * 8
+    grads = _grouped_glu_backward(grad.contiguous(), x, w_up, w_gate, ctx.has_bias, counts, order, ctx.top_k, ctx.activation,
+                                  *ctx.clamp, up, gate, ctx.tiles)
+    grad_x, grad_w_up, grad_w_gate, grad_b_up, grad_b_gate = grads
+    gated = w_gate is not None
+    return (grad_x, grad_w_up, grad_w_gate if gated else None, grad_b_up if ctx.has_bias else None,
+            grad_b_gate if ctx.has_bias and gated else None, *[None] * 8)
 
 
 _grouped_glu.register_autograd(_backward, setup_context=_setup)
 
 
 def grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, counts: Tensor, order: Tensor | None, top_k: int,
-                activation: str, tiles: tuple[int, ...] | None = None, limit: float = 0.0, alpha: float = 0.0) -> Tensor:
+                activation: str, tiles: tuple[int, ...] | None = None, limit: float = 0.0, alpha: float = 0.0,
+                b_up: Tensor | None = None, b_gate: Tensor | None = None) -> Tensor:
     """``act(gate) * up`` (or ``act(up)``) of each row's expert, the activation in the GEMM's epilogue
-    (``activation`` an ``F`` function name: silu, gelu, relu; or "clamped" with ``limit`` and ``alpha``)."""
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_up, w_gate))
-    gate = w_gate.contiguous() if w_gate is not None else None
-    h, _, _ = _grouped_glu(x.contiguous(), w_up.contiguous(), gate, counts, order, top_k, activation, limit, alpha, save,
-                           list(tiles or ()))
+    (``activation`` an ``F`` function name: silu, gelu, relu; or "clamped" with ``limit`` and ``alpha``);
+    ``b_up`` / ``b_gate`` [E, H]: the experts' biases, added before the activation."""
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_up, w_gate, b_up, b_gate))
+    gate, b_up, b_gate = (t.contiguous() if t is not None else None for t in (w_gate, b_up, b_gate))
+    h, _, _ = _grouped_glu(x.contiguous(), w_up.contiguous(), gate, b_up, b_gate, counts, order, top_k, activation, limit, alpha,
+                           save, list(tiles or ()))
     return h

@@ -49,8 +49,9 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, counts_ptr, order_ptr, E, K, N, stride_am, stride_ak, stride_be, stride_bk,
-                        stride_bn, stride_om, stride_on, TOP_K: tl.constexpr, GATHER: tl.constexpr, BLOCK_E: tl.constexpr,
+def grouped_gemm_kernel(a_ptr, b_ptr, bias_ptr, out_ptr, counts_ptr, order_ptr, E, K, N, stride_am, stride_ak, stride_be,
+                        stride_bk, stride_bn, stride_om, stride_on, TOP_K: tl.constexpr, GATHER: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
                         UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -73,6 +74,8 @@ def grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, counts_ptr, order_ptr, E, K, N, s
             b = tl.load(b_ptr + expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = _dot(a, b, acc, PRECISION, UPCAST)
+        if HAS_BIAS:  # the tile's one expert: its bias row [E, N]
+            acc += tl.load(bias_ptr + expert * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -147,9 +150,9 @@ def _clamped_glu_grads(grad, gate, up, limit, alpha):
 
 
 @triton.jit
-def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, h_ptr, pre_up_ptr, pre_gate_ptr, counts_ptr, order_ptr, E, K, N, stride_am,
-                    stride_ak, stride_be, stride_bk, stride_bn, stride_hm, stride_hn, limit, alpha, TOP_K: tl.constexpr,
-                    GATHER: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, SAVE: tl.constexpr,
+def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, bias_up_ptr, bias_gate_ptr, h_ptr, pre_up_ptr, pre_gate_ptr, counts_ptr, order_ptr,
+                    E, K, N, stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_hm, stride_hn, limit, alpha,
+                    TOP_K: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE: tl.constexpr,
                     BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):
     """The first expert projection with its activation as epilogue: ``h = act(A @ Wgate) * (A @ Wup)``
@@ -179,6 +182,10 @@ def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, h_ptr, pre_up_ptr, pre_gate_ptr, co
             up = _dot(a, tl.load(up_ptr + b_off, mask=b_ok, other=0.0), up, PRECISION, UPCAST)
             if GATED:
                 gate = _dot(a, tl.load(gate_ptr + b_off, mask=b_ok, other=0.0), gate, PRECISION, UPCAST)
+        if HAS_BIAS:
+            up += tl.load(bias_up_ptr + expert * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                gate += tl.load(bias_gate_ptr + expert * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         # round the pre-activations to the output dtype first, as the unfused GEMM + activation would
         up = up.to(h_ptr.dtype.element_ty).to(tl.float32)
         if GATED:
@@ -216,3 +223,22 @@ def glu_backward_kernel(grad_ptr, up_ptr, gate_ptr, grad_up_ptr, grad_gate_ptr, 
         tl.store(grad_gate_ptr + offsets, grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=ok)
     else:
         tl.store(grad_up_ptr + offsets, (grad * _activate_grad(up, ACTIVATION)).to(grad_up_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def bias_grad_kernel(g_ptr, db_ptr, counts_ptr, E, N, stride_gm, stride_gn, BLOCK_E: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr):
+    """``db[e] = sum of G's rows of expert e`` (fp32, rows in order: deterministic), one program per (expert, N tile)."""
+    expert = tl.program_id(0)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
+    ends = tl.cumsum(counts, 0)
+    end = tl.sum(tl.where(experts == expert, ends, 0), 0)
+    start = end - tl.sum(tl.where(experts == expert, counts, 0), 0)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for m0 in range(start, end, BM):
+        rows = m0 + tl.arange(0, BM)
+        ok = (rows < end)[:, None] & (cols < N)[None, :]
+        acc += tl.sum(tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=ok, other=0.0).to(tl.float32), 0)
+    tl.store(db_ptr + expert * N + cols, acc, mask=cols < N)
