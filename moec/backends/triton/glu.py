@@ -25,6 +25,7 @@ from moec.backends.triton.ops import (experts_block, launch_bias_grad, launch_gr
 from moec.backends.triton.tiles import tile_for
 
 ELEMENTWISE_BLOCK = 1024
+_STAGES: dict[tuple, int] = {}  # (tile, dtype, gated, device) -> the pipeline stages that fit in shared memory
 
 
 @torch.library.custom_op("moec::triton_grouped_glu", mutates_args=())
@@ -32,6 +33,7 @@ def _grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, b_up: Tensor | 
                  order: Tensor | None, top_k: int, activation: str, limit: float, alpha: float, save: bool,
                  tiles: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     import triton
+    import triton.runtime.errors
 
     from moec.backends.triton.kernels import glu_gemm_kernel
 
@@ -41,14 +43,21 @@ def _grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, b_up: Tensor | 
     up = x.new_zeros(rows, hidden) if save else x.new_empty(0)
     gate = x.new_zeros(rows, hidden) if save and w_gate is not None else x.new_empty(0)
     grid = (triton.cdiv(rows, tile.BM) + experts, triton.cdiv(hidden, tile.BN))
-    glu_gemm_kernel[grid](
-        x, w_up, w_gate if w_gate is not None else w_up, b_up if b_up is not None else w_up,
-        b_gate if b_gate is not None else w_up, h, up if save else h, gate if gate.numel() else h, counts,
-        order if order is not None else counts, experts, width, hidden, x.stride(0), x.stride(1), w_up.stride(0),
-        w_up.stride(2), w_up.stride(1), h.stride(0), h.stride(1), limit, alpha, TOP_K=top_k, GATHER=order is not None,
-        GATED=w_gate is not None, HAS_BIAS=b_up is not None, ACTIVATION=activation, SAVE=save, BLOCK_E=experts_block(experts), BM=tile.BM,
-        BN=tile.BN, BK=tile.BK, PRECISION=precision_of(x), UPCAST=x.device.type == "cpu", num_warps=tile.warps,
-        num_stages=tile.stages)
+    args = (x, w_up, w_gate if w_gate is not None else w_up, b_up if b_up is not None else w_up, b_gate if b_gate is not None else w_up,
+            h, up if save else h, gate if gate.numel() else h, counts, order if order is not None else counts, experts, width, hidden,
+            x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(2), w_up.stride(1), h.stride(0), h.stride(1), limit, alpha)
+    meta = dict(TOP_K=top_k, GATHER=order is not None, GATED=w_gate is not None, HAS_BIAS=b_up is not None, ACTIVATION=activation,
+                SAVE=save, BLOCK_E=experts_block(experts), BM=tile.BM, BN=tile.BN, BK=tile.BK, PRECISION=precision_of(x),
+                UPCAST=x.device.type == "cpu", num_warps=tile.warps)
+    key = (tile, x.dtype, w_gate is not None, x.device.index)
+    for stages in range(_STAGES.get(key, tile.stages), 0, -1):  # the plain GEMM's tile: two B tiles per stage may not fit
+        try:
+            glu_gemm_kernel[grid](*args, **meta, num_stages=stages)
+            _STAGES[key] = stages
+            break
+        except triton.runtime.errors.OutOfResources:
+            if stages == 1:
+                raise
     return h, up, gate
 
 
