@@ -79,3 +79,32 @@ def test_grouped_gemm_in_bf16_matches_fp32_to_bf16_precision():
     y = grouped_linear(x.bfloat16(), w.bfloat16(), counts)
     assert y.dtype == torch.bfloat16
     assert ((y.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_an_annealed_capacity_keeps_the_trimmed_rows_only():
+    """Annealed capacity.factor 2.0 -> 0.5: the trim keeps fewer rows than the peak capacity; group sizes
+    come from the permutation's totals (the kept rows), so the program agrees with the reference at each step."""
+    from moec.backends.init import init_parameter
+    from moec.compile import build_model
+    from moec.runtime.annealing import anneal_buffers, set_annealed
+    from tests.backends.test_torch_differential import rel_error
+    from tests.moe.test_annealing import ANNEALED
+    from tests.moe.test_seed_options import moe_spec
+
+    text = moe_spec(ANNEALED["capacity_factor"], "annealed").source.text
+    spec = moec.load_spec_text(text.replace("train:\n", "schedule:\n  kernels: {moe: triton}\ntrain:\n"), file="annealed.yaml")
+    program = moec.compile_spec(spec)
+    model, ref = build_model(spec, program=program).eval(), moec.reference_model(spec).eval()
+    state = {node.attr["name"]: init_parameter(node, 0) for node in program.graph.params()}
+    model.load_state_dict(state), ref.load_state_dict(state)
+    for step in (0, 10):
+        for m in (model, ref):
+            set_annealed(anneal_buffers(m, program), step)
+        inputs = ref.example_inputs(batch=2, seq=16)
+        a, b = model(*inputs), ref(*inputs)
+        assert rel_error(a.output, b.output) < 1e-5
+        model.zero_grad(), ref.zero_grad()
+        a.output.exp().mean().backward(), b.output.exp().mean().backward()
+        grads = dict(model.named_parameters())
+        for name, p in ref.named_parameters():
+            assert rel_error(grads[name].grad, p.grad) < 1e-5, (step, name)
