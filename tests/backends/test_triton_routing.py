@@ -65,7 +65,7 @@ def test_permutation_from_the_routers_block_counts():
     logits[:, 4] = -9.0  # expert 4 is never chosen
     _, _, chosen, block_counts = triton_moe.route(logits, 2, False, 1.0, False, None, block=16)
     flat_expert = chosen.reshape(-1)
-    dest, order, group_sizes = triton_moe.permute(flat_expert, EXPERTS, block_counts, 16 * 2)
+    _, order, group_sizes = triton_moe.permute(flat_expert, EXPERTS, block_counts, 16 * 2)
     assert torch.equal(order, torch.argsort(flat_expert, stable=True))
     assert group_sizes[4] == 0 and group_sizes.sum() == TOKENS * 2
 
@@ -183,6 +183,6 @@ def test_the_kernel_modules_import_without_triton():
             "import moec.backends.triton as t, torch\n"
             "try:\n    t.route(torch.zeros(2, 4), 1, False, 1.0, False)\nexcept RuntimeError as e:\n    print(e)\n")
     env = {"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "0", "PYTHONPATH": ":".join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "kernels.moe 'triton' runs on CUDA GPUs, or on the CPU under TRITON_INTERPRET=1 (tensors on cpu, triton is not installed)"

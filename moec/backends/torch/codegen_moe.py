@@ -88,7 +88,7 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
         lines += _fixed_router(moe)
     lines += [
         "    flat_expert = chosen.reshape(-1)  # (N*k,) the expert of each (token, choice)",
-        codegen_triton.counts_line(moe) if fused_router else
+        codegen_triton.counts_line() if fused_router else
         f"    counts = torch.zeros({E}, dtype=torch.int64, device=h.device).scatter_add_(0, flat_expert, torch.ones_like(flat_expert))",
     ]
     if not moe.dropless:

@@ -19,6 +19,8 @@ from moec.moe import ACTIVATIONS, ROUTERS, MoeAttrs
 
 FUSED_SCORES = {"softmax": False, "sigmoid": True}  # a router's score op -> the kernel's SIGMOID flag
 FUSED_ACTIVATIONS = ("silu", "gelu", "relu")  # F functions the GEMM epilogue computes (kernels._activate); and clamped GLUs
+
+
 def fuses_router(moe: MoeAttrs) -> bool:
     kind = ROUTERS[moe.router.kind]
     return kind.learned and not kind.expert_choice and kind.score_op in FUSED_SCORES
@@ -29,7 +31,9 @@ def _tile_arg(tiles: tuple[int, ...]) -> str:
 
 
 def router_block(moe: MoeAttrs, tiles: tuple[int, ...]) -> int:
-    from moec.backends.triton.routing import router_block as block  # imports torch only, not triton
+    from moec.backends.triton.routing import (
+        router_block as block,  # imports torch only, not triton
+    )
 
     return block(moe.top_k, moe.experts, tiles)
 
@@ -41,12 +45,12 @@ def router_lines(moe: MoeAttrs, logits: str, selection_bias: bool, tiles: tuple[
     sigmoid = FUSED_SCORES[ROUTERS[router.kind].score_op]
     bias = ", router_selection_bias" if selection_bias else ", None"
     return [
-        f"    scores, weights, chosen, block_counts = triton_moe.route({logits}, {moe.top_k}, {sigmoid}, {router.temperature!r}, "
-        f"{normalize}{bias}, block={router_block(moe, tiles)})  # (N, E), (N, k), (N, k), (blocks, E): one kernel",
+        (f"    scores, weights, chosen, block_counts = triton_moe.route({logits}, {moe.top_k}, {sigmoid}, {router.temperature!r}, "
+         f"{normalize}{bias}, block={router_block(moe, tiles)})  # (N, E), (N, k), (N, k), (blocks, E): one kernel"),
     ]
 
 
-def counts_line(moe: MoeAttrs) -> str:
+def counts_line() -> str:
     return "    counts = block_counts.sum(0)  # (E,) tokens per expert: the router's per-block counts summed"
 
 
@@ -60,8 +64,8 @@ def permutation_lines(moe: MoeAttrs, fused_router: bool, tiles: tuple[int, ...])
         ]
     if fused_router:
         rows = router_block(moe, tiles) * k
-        return [f"    dest, order, group_sizes = triton_moe.permute(flat_expert, {E}, block_counts, {rows})  # sort-free: the router's "
-                "counts, prefix sums, in-block ranks"]
+        return [(f"    dest, order, group_sizes = triton_moe.permute(flat_expert, {E}, block_counts, {rows})  # sort-free: the router's "
+                 "counts, prefix sums, in-block ranks")]
     return [f"    dest, order, group_sizes = triton_moe.permute(flat_expert, {E})  # sort-free: counts, prefix sums, in-block ranks"]
 
 
@@ -74,8 +78,8 @@ def ffn_lines(moe: MoeAttrs, tiles: tuple[int, ...]) -> list[str]:
     if moe.expert.bias:
         act += ", b_up=experts_b_up" + (", b_gate=experts_b_gate" if kind.gated else "")
     return [
-        f"    hidden = triton_moe.grouped_glu(x, experts_w_up, {gate}, group_sizes, order, {moe.choices}, {act})"
-        f"  # {moe.expert.activation} in the GEMM's epilogue",
+        (f"    hidden = triton_moe.grouped_glu(x, experts_w_up, {gate}, group_sizes, order, {moe.choices}, {act})"
+         f"  # {moe.expert.activation} in the GEMM's epilogue"),
         f"    y_sorted = triton_moe.grouped_linear(hidden, experts_w_down, group_sizes{tile}{', bias=experts_b_down' if moe.expert.bias else ''})",
     ]
 

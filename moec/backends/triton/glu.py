@@ -20,8 +20,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moec.backends.triton.ops import (experts_block, launch_bias_grad, launch_grouped_gemm, launch_weight_grad,
-                                      precision_of, routed_rows, rows_to_tokens)
+from moec.backends.triton.ops import (
+    experts_block,
+    launch_bias_grad,
+    launch_grouped_gemm,
+    launch_weight_grad,
+    precision_of,
+    routed_rows,
+    rows_to_tokens,
+)
 from moec.backends.triton.tiles import tile_for
 
 ELEMENTWISE_BLOCK = 1024
@@ -46,9 +53,9 @@ def _grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, b_up: Tensor | 
     args = (x, w_up, w_gate if w_gate is not None else w_up, b_up if b_up is not None else w_up, b_gate if b_gate is not None else w_up,
             h, up if save else h, gate if gate.numel() else h, counts, order if order is not None else counts, experts, width, hidden,
             x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(2), w_up.stride(1), h.stride(0), h.stride(1), limit, alpha)
-    meta = dict(TOP_K=top_k, GATHER=order is not None, GATED=w_gate is not None, HAS_BIAS=b_up is not None, ACTIVATION=activation,
-                SAVE=save, BLOCK_E=experts_block(experts), BM=tile.BM, BN=tile.BN, BK=tile.BK, PRECISION=precision_of(x),
-                UPCAST=x.device.type == "cpu", num_warps=tile.warps)
+    meta = {"TOP_K": top_k, "GATHER": order is not None, "GATED": w_gate is not None, "HAS_BIAS": b_up is not None,
+            "ACTIVATION": activation, "SAVE": save, "BLOCK_E": experts_block(experts), "BM": tile.BM, "BN": tile.BN, "BK": tile.BK,
+            "PRECISION": precision_of(x), "UPCAST": x.device.type == "cpu", "num_warps": tile.warps}
     key = (tile, x.dtype, w_gate is not None, x.device.index)
     for stages in range(_STAGES.get(key, tile.stages), 0, -1):  # the plain GEMM's tile: two B tiles per stage may not fit
         try:
@@ -106,7 +113,7 @@ def _(grad, x, w_up, w_gate, has_bias, counts, order, top_k, activation, limit, 
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, w_up, w_gate, b_up, b_gate, counts, order, top_k, activation, limit, alpha, save, tiles = inputs
+    x, w_up, w_gate, b_up, _, counts, order, top_k, activation, limit, alpha, save, tiles = inputs
     _, up, gate = output
     ctx.save_for_backward(x, w_up, w_gate, counts, order, up, gate)
     ctx.top_k, ctx.activation, ctx.clamp, ctx.tiles, ctx.save = top_k, activation, (limit, alpha), tiles, save

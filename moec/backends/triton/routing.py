@@ -92,7 +92,11 @@ _route.register_autograd(_route_backward, setup_context=_route_setup)
 def _permute(group: Tensor, groups: int, block_counts: Tensor | None, block_rows: int) -> tuple[Tensor, Tensor, Tensor]:
     import triton
 
-    from moec.backends.triton.routing_kernels import histogram_kernel, rank_kernel, scan_kernel
+    from moec.backends.triton.routing_kernels import (
+        histogram_kernel,
+        rank_kernel,
+        scan_kernel,
+    )
 
     rows = group.shape[0]
     blocks = triton.cdiv(rows, block_rows)
