@@ -3,7 +3,7 @@
 
 - ``route(logits, top_k, sigmoid, temperature, normalize, bias)`` -> ``(scores, weights, chosen,
   block_counts)``: the ``topk`` (softmax) and ``sigmoid_bias`` routers in one kernel. Backward
-  is a torch formula: the weights' gradient goes back through the renormalisation into the
+  is one kernel too: the weights' gradient goes back through the renormalisation into the
   chosen columns of the scores' gradient, then through softmax or sigmoid to the logits (the
   selection bias and the top-k choice carry no gradient, as in the reference).
 - ``permute(group, groups, block_counts, block_rows)`` -> ``(dest, order, totals)``: the rows
@@ -63,26 +63,41 @@ def _(logits, bias, top_k, sigmoid, temperature, normalize, block):
             logits.new_empty(tokens, top_k, dtype=torch.int64), logits.new_empty(blocks, experts, dtype=torch.int32))
 
 
+@torch.library.custom_op("moec::triton_route_backward", mutates_args=())
+def _route_backward_op(grad_scores: Tensor | None, grad_weights: Tensor, scores: Tensor, weights: Tensor, chosen: Tensor,
+                       sigmoid: bool, temperature: float, normalize: bool, block: int) -> Tensor:
+    import triton
+
+    from moec.backends.triton.routing_kernels import router_backward_kernel
+
+    tokens, experts = scores.shape
+    grad_logits = torch.empty_like(scores)
+    router_backward_kernel[(triton.cdiv(tokens, block),)](
+        scores, weights, chosen, grad_scores if grad_scores is not None else scores, grad_weights, grad_logits, tokens, experts,
+        temperature, K=weights.shape[1], SIGMOID=sigmoid, NORMALIZE=normalize, HAS_GRAD_SCORES=grad_scores is not None, BT=block,
+        BLOCK_E=_pow2(experts))
+    return grad_logits
+
+
+@_route_backward_op.register_fake
+def _(grad_scores, grad_weights, scores, weights, chosen, sigmoid, temperature, normalize, block):
+    return torch.empty_like(scores)
+
+
 def _route_setup(ctx, inputs, output) -> None:
-    _, _, _, sigmoid, temperature, normalize, _ = inputs
+    _, _, _, sigmoid, temperature, normalize, block = inputs
     scores, weights, chosen, _ = output
     ctx.save_for_backward(scores, weights, chosen)
-    ctx.sigmoid, ctx.temperature, ctx.normalize = sigmoid, temperature, normalize
+    ctx.sigmoid, ctx.temperature, ctx.normalize, ctx.block = sigmoid, temperature, normalize, block
 
 
 def _route_backward(ctx, grad_scores, grad_weights, _grad_chosen, _grad_counts):
     scores, weights, chosen = ctx.saved_tensors
-    grad = grad_scores if grad_scores is not None else torch.zeros_like(scores)
-    if grad_weights is not None:
-        if ctx.normalize:  # w = s / sum(s): ds = (dw - <dw, w>) / sum(s)
-            total = scores.gather(1, chosen).sum(-1, keepdim=True)
-            grad_weights = (grad_weights - (grad_weights * weights).sum(-1, keepdim=True)) / total
-        grad = grad.scatter_add(1, chosen, grad_weights.to(grad.dtype))  # distinct columns per row: one add each
-    if ctx.sigmoid:
-        grad_logits = grad * scores * (1 - scores)
-    else:
-        grad_logits = scores * (grad - (grad * scores).sum(-1, keepdim=True))
-    return grad_logits / ctx.temperature, None, None, None, None, None, None
+    grad_weights = grad_weights.contiguous() if grad_weights is not None else torch.zeros_like(weights)
+    grad_scores = grad_scores.contiguous() if grad_scores is not None else None
+    grad_logits = _route_backward_op(grad_scores, grad_weights, scores, weights, chosen, ctx.sigmoid, ctx.temperature,
+                                     ctx.normalize, ctx.block)
+    return grad_logits, None, None, None, None, None, None
 
 
 _route.register_autograd(_route_backward, setup_context=_route_setup)

@@ -9,7 +9,8 @@ with capacity: group E holds the dropped choices), B blocks of BR flat rows, D w
 logits / temperature) -> top-K of (scores + selection bias) by K rounds of argmax (ties to the
 lower expert, as a stable descending sort) -> weights = unbiased scores of the chosen experts,
 renormalised to sum 1 when asked -> and the block's per-expert counts [E] (no atomics: one row
-of ``block_counts`` per program; the totals are their column sums).
+of ``block_counts`` per program; the totals are their column sums). ``router_backward_kernel``:
+its gradient to the logits, per block of tokens.
 
 ``histogram_kernel``, ``scan_kernel``, ``rank_kernel``: the permutation without a sort. With
 ``block_counts[b, g]`` the rows of group g in block b, a single program scans the blocks
@@ -71,6 +72,44 @@ def router_kernel(logits_ptr, bias_ptr, scores_ptr, weights_ptr, chosen_ptr, blo
     tl.store(chosen_ptr + out, chosen.to(chosen_ptr.dtype.element_ty), mask=out_ok)
     tl.store(weights_ptr + out, weights.to(weights_ptr.dtype.element_ty), mask=out_ok)
     tl.store(block_counts_ptr + block * E + experts, counts, mask=e_ok)
+
+
+@triton.jit
+def router_backward_kernel(scores_ptr, weights_ptr, chosen_ptr, grad_scores_ptr, grad_weights_ptr, grad_logits_ptr, T, E,
+                           temperature, K: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
+                           HAS_GRAD_SCORES: tl.constexpr, BT: tl.constexpr, BLOCK_E: tl.constexpr):
+    """d logits from d scores and d weights: the weights' gradient back through the renormalisation
+    (``w = s / sum(s)``: ``ds = (dw - <dw, w>) / sum(s)``) into the chosen columns, then through
+    softmax or sigmoid and the temperature."""
+    tokens = tl.program_id(0) * BT + tl.arange(0, BT)
+    experts = tl.arange(0, BLOCK_E)
+    t_ok = tokens < T
+    ok = t_ok[:, None] & (experts < E)[None, :]
+    tile = tokens[:, None] * E + experts[None, :]
+    scores = tl.load(scores_ptr + tile, mask=ok, other=0.0).to(tl.float32)
+    if HAS_GRAD_SCORES:
+        grad = tl.load(grad_scores_ptr + tile, mask=ok, other=0.0).to(tl.float32)
+    else:
+        grad = tl.zeros((BT, BLOCK_E), dtype=tl.float32)
+    inner = tl.zeros((BT,), dtype=tl.float32)
+    total = tl.zeros((BT,), dtype=tl.float32)
+    if NORMALIZE:
+        for j in tl.static_range(K):
+            pick = tl.load(chosen_ptr + tokens * K + j, mask=t_ok, other=0)
+            inner += tl.load(grad_weights_ptr + tokens * K + j, mask=t_ok, other=0.0).to(tl.float32) * \
+                tl.load(weights_ptr + tokens * K + j, mask=t_ok, other=0.0).to(tl.float32)
+            total += tl.sum(tl.where(experts[None, :] == pick[:, None], scores, 0.0), 1)
+    for j in tl.static_range(K):
+        pick = tl.load(chosen_ptr + tokens * K + j, mask=t_ok, other=0)
+        grad_weight = tl.load(grad_weights_ptr + tokens * K + j, mask=t_ok, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            grad_weight = (grad_weight - inner) / tl.where(t_ok, total, 1.0)
+        grad += tl.where(experts[None, :] == pick[:, None], grad_weight[:, None], 0.0)
+    if SIGMOID:
+        grad_logits = grad * scores * (1.0 - scores)
+    else:
+        grad_logits = scores * (grad - tl.sum(grad * scores, 1)[:, None])
+    tl.store(grad_logits_ptr + tile, (grad_logits / temperature).to(grad_logits_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
