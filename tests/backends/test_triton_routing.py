@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from moec.backends import triton as triton_moe
 from moec.backends.torch.snippets import select_experts
+from moec.moe import ACTIVATIONS
 
 TOKENS, EXPERTS = 37, 6  # 3 router blocks of 16 tokens, the last one partial; 6 experts: a masked block of 8
 
@@ -95,8 +96,8 @@ def clamped_glu(gate, up, limit=0.5, alpha=1.702):
     return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-@pytest.mark.parametrize("fn, gated, top_k, kept, bias", [("silu", True, 2, 20, False), ("gelu", True, 2, 13, True), ("relu", False, 1, 10, True),
-                                                          ("gelu", False, 2, 13, False), ("clamped", True, 2, 20, True)],
+@pytest.mark.parametrize("fn, gated, top_k, kept, bias", [("swiglu", True, 2, 20, False), ("geglu", True, 2, 13, True), ("relu", False, 1, 10, True),
+                                                          ("gelu", False, 2, 13, False), ("clamped_swiglu", True, 2, 20, True)],
                          ids=["swiglu", "geglu-bias-drops", "relu-bias-top1", "gelu-drops", "clamped-swiglu-bias"])
 def test_activation_epilogue_forward_and_backward_match_a_loop(fn, gated, top_k, kept, bias):
     torch.manual_seed(4)
@@ -115,10 +116,10 @@ def test_activation_epilogue_forward_and_backward_match_a_loop(fn, gated, top_k,
     rows = x[order // top_k]
     up = torch.einsum("md,mhd->mh", rows, w_up[sorted_experts]) + (b_up[sorted_experts] if bias else 0)
     gate = torch.einsum("md,mhd->mh", rows, w_gate[sorted_experts]) + (b_gate[sorted_experts] if bias else 0) if gated else None
-    if fn == "clamped":  # pre-activations of std ~1.3: both clamps (limit 0.5) active on part of the values
+    if fn == "clamped_swiglu":  # pre-activations of std ~1.3: both clamps (limit 0.5) active on part of the values
         want = clamped_glu(gate, up)
     else:
-        act = getattr(F, fn)
+        act = getattr(F, ACTIVATIONS[fn].fn)
         want = act(gate) * up if gated else act(up)
     want = want * (~dropped)[:, None]
     assert (h[dropped] == 0).all()
@@ -152,7 +153,7 @@ def moe_chain(x, router_w, w_up, w_gate, w_down, top_k):
     """The kernels as a generated program chains them: router, permutation, epilogue GEMM, down GEMM, combine."""
     _, weights, chosen, block_counts = triton_moe.route(x @ router_w.T, top_k, True, 1.0, True, None, block=16)
     dest, order, sizes = triton_moe.permute(chosen.reshape(-1), router_w.shape[0], block_counts, 16 * top_k)
-    hidden = triton_moe.grouped_glu(x, w_up, w_gate, sizes, order, top_k, "silu")
+    hidden = triton_moe.grouped_glu(x, w_up, w_gate, sizes, order, top_k, "swiglu")
     return triton_moe.combine(triton_moe.grouped_linear(hidden, w_down, sizes), weights, dest)
 
 

@@ -16,9 +16,9 @@
 from __future__ import annotations
 
 from moec.moe import ACTIVATIONS, ROUTERS, MoeAttrs
+from moec.moe.activations import triton_epilogue
 
 FUSED_SCORES = {"softmax": False, "sigmoid": True}  # a router's score op -> the kernel's SIGMOID flag
-FUSED_ACTIVATIONS = ("silu", "gelu", "relu")  # F functions the GEMM epilogue computes (kernels._activate); and clamped GLUs
 
 
 def fuses_router(moe: MoeAttrs) -> bool:
@@ -71,10 +71,10 @@ def permutation_lines(moe: MoeAttrs, fused_router: bool, tiles: tuple[int, ...])
 
 def ffn_lines(moe: MoeAttrs, tiles: tuple[int, ...]) -> list[str]:
     kind = ACTIVATIONS[moe.expert.activation]
-    assert kind.clamped or kind.fn in FUSED_ACTIVATIONS, f"activation {kind.name} has no Triton epilogue (kernels._activate)"
+    triton_epilogue(kind.name)  # every registry entry has one (a KeyError names the one that does not)
     gate = "experts_w_gate" if kind.gated else "None"
     tile = _tile_arg(tiles)
-    act = f"'clamped'{tile}, limit={moe.expert.limit!r}, alpha={moe.expert.alpha!r}" if kind.clamped else f"{kind.fn!r}{tile}"
+    act = f"{kind.name!r}{tile}" + (f", limit={moe.expert.limit!r}, alpha={moe.expert.alpha!r}" if kind.clamped else "")
     if moe.expert.bias:
         act += ", b_up=experts_b_up" + (", b_gate=experts_b_gate" if kind.gated else "")
     return [

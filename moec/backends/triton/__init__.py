@@ -46,9 +46,9 @@ def grouped_linear(x, w, counts, order=None, top_k: int = 1, tiles=None, bias=No
 
 def grouped_glu(x, w_up, w_gate, counts, order, top_k: int, activation: str, tiles=None, limit: float = 0.0, alpha: float = 0.0,
                 b_up=None, b_gate=None):
-    """The first expert projection with ``activation`` (an ``F`` function name) in its epilogue:
-    ``act(x @ w_gate.T) * (x @ w_up.T)``, or ``act(x @ w_up.T)`` without ``w_gate``; "clamped": GPT-OSS's
-    clamped SwiGLU with ``limit`` and ``alpha`` (glu.py)."""
+    """The first expert projection with ``activation`` (a name of ``moec.moe.ACTIVATIONS``) in its epilogue:
+    ``act(x @ w_gate.T) * (x @ w_up.T)`` for a gated one, else ``act(x @ w_up.T)``; a clamped one reads
+    ``limit`` and ``alpha`` (glu.py)."""
     _require(x)
     from moec.backends.triton.glu import grouped_glu as run
 

@@ -1,10 +1,10 @@
 """The experts' first projection with the activation fused into the GEMM's epilogue, as a torch
 custom op with its own backward (opaque to torch.compile).
 
-``moec::triton_grouped_glu(x, w_up, w_gate, counts, order, top_k, activation, save, tiles)``
+``moec::triton_grouped_glu(x, w_up, w_gate, b_up, b_gate, counts, order, top_k, epilogue, limit, alpha, save, tiles)``
 -> (h, up, gate): ``h[m] = act(x[src(m)] @ w_gate[e].T) * (x[src(m)] @ w_up[e].T)`` when
 ``w_gate`` is given (swiglu, geglu, reglu: both products accumulated from one read of the
-row tile, combined before the store; "clamped": GPT-OSS's clamped SwiGLU), else ``act(x[src(m)] @ w_up[e].T)``. ``w_up`` and
+row tile, combined before the store; or GPT-OSS's clamped SwiGLU), else ``act(x[src(m)] @ w_up[e].T)``. ``w_up`` and
 ``w_gate`` stay the separate [E, H, D] parameters (no concatenated copy). Rows, the gather and
 the tiles are those of ``moec::triton_grouped_linear`` (ops.py). ``save`` also returns the
 pre-activations ``up`` and ``gate`` (else empty), which backward reads.
@@ -30,6 +30,7 @@ from moec.backends.triton.ops import (
     rows_to_tokens,
 )
 from moec.backends.triton.tiles import tile_for
+from moec.moe.activations import is_gated, triton_epilogue
 
 ELEMENTWISE_BLOCK = 1024
 _STAGES: dict[tuple, int] = {}  # (tile, dtype, gated, device) -> the pipeline stages that fit in shared memory
@@ -37,7 +38,7 @@ _STAGES: dict[tuple, int] = {}  # (tile, dtype, gated, device) -> the pipeline s
 
 @torch.library.custom_op("moec::triton_grouped_glu", mutates_args=())
 def _grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, b_up: Tensor | None, b_gate: Tensor | None, counts: Tensor,
-                 order: Tensor | None, top_k: int, activation: str, limit: float, alpha: float, save: bool,
+                 order: Tensor | None, top_k: int, activation: int, limit: float, alpha: float, save: bool,
                  tiles: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     import triton
     import triton.runtime.errors
@@ -78,7 +79,7 @@ def _(x, w_up, w_gate, b_up, b_gate, counts, order, top_k, activation, limit, al
 
 @torch.library.custom_op("moec::triton_grouped_glu_backward", mutates_args=())
 def _grouped_glu_backward(grad: Tensor, x: Tensor, w_up: Tensor, w_gate: Tensor | None, has_bias: bool, counts: Tensor,
-                          order: Tensor | None, top_k: int, activation: str, limit: float, alpha: float, up: Tensor,
+                          order: Tensor | None, top_k: int, activation: int, limit: float, alpha: float, up: Tensor,
                           gate: Tensor, tiles: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     import triton
 
@@ -138,10 +139,12 @@ def grouped_glu(x: Tensor, w_up: Tensor, w_gate: Tensor | None, counts: Tensor, 
                 activation: str, tiles: tuple[int, ...] | None = None, limit: float = 0.0, alpha: float = 0.0,
                 b_up: Tensor | None = None, b_gate: Tensor | None = None) -> Tensor:
     """``act(gate) * up`` (or ``act(up)``) of each row's expert, the activation in the GEMM's epilogue
-    (``activation`` an ``F`` function name: silu, gelu, relu; or "clamped" with ``limit`` and ``alpha``);
-    ``b_up`` / ``b_gate`` [E, H]: the experts' biases, added before the activation."""
+    (``activation`` a name of the activation registry, ``moec.moe.ACTIVATIONS``; a clamped one reads ``limit``
+    and ``alpha``); ``b_up`` / ``b_gate`` [E, H]: the experts' biases, added before the activation."""
+    assert is_gated(activation) == (w_gate is not None), f"{activation}: w_gate must be given exactly when the activation is gated"
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_up, w_gate, b_up, b_gate))
     gate, b_up, b_gate = (t.contiguous() if t is not None else None for t in (w_gate, b_up, b_gate))
-    h, _, _ = _grouped_glu(x.contiguous(), w_up.contiguous(), gate, b_up, b_gate, counts, order, top_k, activation, limit, alpha,
+    h, _, _ = _grouped_glu(x.contiguous(), w_up.contiguous(), gate, b_up, b_gate, counts, order, top_k, triton_epilogue(activation),
+                           limit, alpha,
                            save, list(tiles or ()))
     return h

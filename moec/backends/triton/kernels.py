@@ -22,6 +22,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moec.moe import activations
+
+# The epilogue codes (constexpr globals: a jitted function may read only those), named in moec.moe.activations.
+SILU = tl.constexpr(activations.EPILOGUE_SILU)
+GELU = tl.constexpr(activations.EPILOGUE_GELU)
+CLAMPED = tl.constexpr(activations.EPILOGUE_CLAMPED)
+
 
 @triton.jit
 def _expert_of_tile(pid, counts_ptr, E, BLOCK_E: tl.constexpr, BM: tl.constexpr):
@@ -112,9 +119,9 @@ def weight_grad_kernel(g_ptr, a_ptr, dw_ptr, counts_ptr, order_ptr, E, K, N, str
 @triton.jit
 def _activate(v, ACTIVATION: tl.constexpr):
     """``F.<ACTIVATION>(v)`` in fp32 (gelu: the exact erf form, torch's default)."""
-    if ACTIVATION == "silu":
+    if ACTIVATION == SILU:
         return v * tl.sigmoid(v)
-    elif ACTIVATION == "gelu":
+    elif ACTIVATION == GELU:
         return 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
     else:
         return tl.maximum(v, 0.0)
@@ -123,10 +130,10 @@ def _activate(v, ACTIVATION: tl.constexpr):
 @triton.jit
 def _activate_grad(v, ACTIVATION: tl.constexpr):
     """d F.<ACTIVATION>(v) / dv (relu: 0 at 0, as torch)."""
-    if ACTIVATION == "silu":
+    if ACTIVATION == SILU:
         s = tl.sigmoid(v)
         return s * (1.0 + v * (1.0 - s))
-    elif ACTIVATION == "gelu":
+    elif ACTIVATION == GELU:
         return 0.5 * (1.0 + tl.erf(v * 0.7071067811865476)) + v * 0.3989422804014327 * tl.exp(-0.5 * v * v)
     else:
         return (v > 0.0).to(tl.float32)
@@ -134,7 +141,7 @@ def _activate_grad(v, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _clamped_glu(gate, up, limit, alpha):
-    """GPT-OSS's clamped SwiGLU (ACTIVATION "clamped"): (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g), g = min(gate, l)."""
+    """GPT-OSS's clamped SwiGLU (ACTIVATION CLAMPED): (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g), g = min(gate, l)."""
     g = tl.minimum(gate, limit)
     return (tl.minimum(tl.maximum(up, -limit), limit) + 1.0) * g * tl.sigmoid(alpha * g)
 
@@ -156,7 +163,7 @@ def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, bias_up_ptr, bias_gate_ptr, h_ptr, 
                     BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):
     """The first expert projection with its activation as epilogue: ``h = act(A @ Wgate) * (A @ Wup)``
-    (``GATED``; both accumulated from the same A tile; ACTIVATION "clamped": ``_clamped_glu`` with
+    (``GATED``; both accumulated from the same A tile; ACTIVATION CLAMPED: ``_clamped_glu`` with
     ``limit`` and ``alpha``) or ``h = act(A @ Wup)``. Tiles and the row
     gather as ``grouped_gemm_kernel``; ``SAVE`` also stores the pre-activations for backward."""
     pid_m = tl.program_id(0)
@@ -190,7 +197,7 @@ def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, bias_up_ptr, bias_gate_ptr, h_ptr, 
         up = up.to(h_ptr.dtype.element_ty).to(tl.float32)
         if GATED:
             gate = gate.to(h_ptr.dtype.element_ty).to(tl.float32)
-            if ACTIVATION == "clamped":
+            if ACTIVATION == CLAMPED:
                 h = _clamped_glu(gate, up, limit, alpha)
             else:
                 h = _activate(gate, ACTIVATION) * up
@@ -215,7 +222,7 @@ def glu_backward_kernel(grad_ptr, up_ptr, gate_ptr, grad_up_ptr, grad_gate_ptr, 
     up = tl.load(up_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     if GATED:
         gate = tl.load(gate_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        if ACTIVATION == "clamped":
+        if ACTIVATION == CLAMPED:
             grad_up, grad_gate = _clamped_glu_grads(grad, gate, up, limit, alpha)
         else:
             grad_up, grad_gate = grad * _activate(gate, ACTIVATION), grad * up * _activate_grad(gate, ACTIVATION)
