@@ -2,7 +2,9 @@
 
 Checks (each prints PASS/FAIL and its error): under bf16 autocast the expert GEMMs run on the
 native bf16 grouped_mm and agree with fp32 on the CPU; fp32 on CUDA runs moec's Triton GEMM
-and agrees; ``kernels.moe: triton`` (dropless and capacity, fp32 and bf16 autocast) agrees;
+and agrees; ``kernels.moe: triton`` (dropless and capacity, fp32 and bf16 autocast) agrees and
+two identical steps give bitwise equal outputs and gradients (its router, permutation and
+combine use no atomics);
 no host sync in a training step (torch.cuda.set_sync_debug_mode("error")), eager and
 compiled; a CUDA graph of the inference forward replays to the same output.
 
@@ -99,6 +101,12 @@ def count_grouped_mm(fn):
     return seen
 
 
+def deterministic(layer, x, grad) -> str:
+    first, second = step(layer, x, grad, True), step(layer, x, grad, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second)), "outputs or gradients differ between two identical steps"
+    return f"{len(first)} tensors bitwise equal"
+
+
 def no_sync(fn) -> None:
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -161,6 +169,7 @@ def main() -> None:
         check(f"kernels.moe triton {label}, fp32: agrees with the CPU grouped path")(lambda: compare(ref_g, layer_t, x, grad, False, 1e-4))()
         check(f"kernels.moe triton {label}, bf16 autocast: agrees")(lambda: compare(ref_g, layer_t, x, grad, True, 3e-2))()
         check(f"kernels.moe triton {label}: no host sync in a training step")(lambda: no_sync(lambda: step(layer_t, x, grad, True)) or "ok")()
+        check(f"kernels.moe triton {label}: bitwise deterministic")(lambda: deterministic(layer_t, x, grad))()
 
     check("grouped_mm bf16 autocast eager: no host sync in a training step")(lambda: no_sync(lambda: step(layer, x, grad, True)) or "ok")()
     check("fp32 eager (Triton GEMM): no host sync in a training step")(lambda: no_sync(lambda: step(layer, x, grad, False)) or "ok")()

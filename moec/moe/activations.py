@@ -36,5 +36,16 @@ ACTIVATIONS = {
 MIXTRAL_ACTIVATION = "swiglu"
 
 
+# Codes of the Triton GEMM epilogue (moec.backends.triton.kernels: _activate, _clamped_glu): the function it applies.
+EPILOGUE_SILU, EPILOGUE_GELU, EPILOGUE_RELU, EPILOGUE_CLAMPED = 0, 1, 2, 3
+_EPILOGUE_OF_FN = {"silu": EPILOGUE_SILU, "gelu": EPILOGUE_GELU, "relu": EPILOGUE_RELU}
+
+
+def triton_epilogue(activation: str) -> int:
+    """The Triton epilogue code of an activation: its ``fn``'s, or the clamped GLU's."""
+    kind = ACTIVATIONS[activation]
+    return EPILOGUE_CLAMPED if kind.clamped else _EPILOGUE_OF_FN[kind.fn]
+
+
 def is_gated(activation: str) -> bool:
     return ACTIVATIONS[activation].gated

@@ -44,6 +44,14 @@ TRITON_VARIANTS = {
     "capacity_drops": ("top_k: 2\n", MOE_VARIANTS["capacity_overflow_bmm"] + "          expert: {hidden: 8, activation: swiglu}\n"),
     "capacity_renormalize": ("top_k: 2\n", MOE_VARIANTS["capacity_renormalize_grouped"] + "          expert: {hidden: 8, activation: swiglu}\n"),
     "bias_gelu_sigmoid_router": ("top_k: 2\n", MOE_VARIANTS["sigmoid_bias_shared_bias"]),
+    "softmax_relu_temperature": ("top_k: 2\n", "          router: {kind: topk, normalize: false, temperature: 0.7}\n"
+                                 "          expert: {hidden: 8, activation: relu}\n"),
+    "sigmoid_top1_geglu": ("top_k: 1\n", "          router: {kind: sigmoid_bias}\n          expert: {hidden: 8, activation: geglu}\n"),
+    "capacity_top1_sigmoid_silu": ("top_k: 1\n", "          router: {kind: sigmoid_bias}\n" + MOE_VARIANTS["capacity_overflow_bmm"]
+                                   + "          expert: {hidden: 8, activation: silu}\n"),
+    "sinkhorn_torch_router": ("top_k: 2\n", MOE_VARIANTS["sinkhorn_dense_eager"] + "          expert: {hidden: 8, activation: swiglu}\n"),
+    "clamped_swiglu_bias": ("top_k: 2\n", "          expert: {hidden: 8, activation: clamped_swiglu, bias: true, swiglu_limit: 0.5}\n"),
+    "clamped_swiglu": ("top_k: 2\n", "          expert: {hidden: 8, activation: clamped_swiglu, swiglu_limit: 0.5}\n"),
 }
 
 
@@ -55,8 +63,10 @@ def test_programs_with_triton_kernels_agree_with_the_reference(variant):
     text = spec.source.text.replace("train:\n", "schedule:\n  kernels: {moe: triton}\n  tiles: {BM: 16, BN: 32, BK: 16}\ntrain:\n")
     spec = moec.load_spec_text(text, file=f"{variant}.yaml")
     program = moec.compile_spec(spec)
-    assert "triton_moe.grouped_linear(x, experts_w_up, group_sizes, order" in program.source
-    assert "tiles=(16, 32, 16, 4, 3)" in program.source
+    assert ("triton_moe.route(logits, " in program.source) == ("sinkhorn" not in variant) and "argsort" not in program.source
+    assert "triton_moe.permute(" in program.source and "triton_moe.combine(y_sorted, weights, dest" in program.source
+    assert "triton_moe.grouped_glu(x, experts_w_up" in program.source  # the activation (and biases) in the GEMM's epilogue
+    assert "tiles=(16, 32, 16, 4, 3)" in program.source and ("block=16)" in program.source or "sinkhorn" in variant)  # BM: the router's tokens per program
     # (1, 3): three tokens over four experts, so at least one expert is empty
     assert_agree(spec, seeds=(0,), shapes=((2, 16), (1, 3)), kernel_program=program)
 
@@ -69,3 +79,32 @@ def test_grouped_gemm_in_bf16_matches_fp32_to_bf16_precision():
     y = grouped_linear(x.bfloat16(), w.bfloat16(), counts)
     assert y.dtype == torch.bfloat16
     assert ((y.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_an_annealed_capacity_keeps_the_trimmed_rows_only():
+    """Annealed capacity.factor 2.0 -> 0.5: the trim keeps fewer rows than the peak capacity; group sizes
+    come from the permutation's totals (the kept rows), so the program agrees with the reference at each step."""
+    from moec.backends.init import init_parameter
+    from moec.compile import build_model
+    from moec.runtime.annealing import anneal_buffers, set_annealed
+    from tests.backends.test_torch_differential import rel_error
+    from tests.moe.test_annealing import ANNEALED
+    from tests.moe.test_seed_options import moe_spec
+
+    text = moe_spec(ANNEALED["capacity_factor"], "annealed").source.text
+    spec = moec.load_spec_text(text.replace("train:\n", "schedule:\n  kernels: {moe: triton}\ntrain:\n"), file="annealed.yaml")
+    program = moec.compile_spec(spec)
+    model, ref = build_model(spec, program=program).eval(), moec.reference_model(spec).eval()
+    state = {node.attr["name"]: init_parameter(node, 0) for node in program.graph.params()}
+    model.load_state_dict(state), ref.load_state_dict(state)
+    for step in (0, 10):
+        for m in (model, ref):
+            set_annealed(anneal_buffers(m, program), step)
+        inputs = ref.example_inputs(batch=2, seq=16)
+        a, b = model(*inputs), ref(*inputs)
+        assert rel_error(a.output, b.output) < 1e-5
+        model.zero_grad(), ref.zero_grad()
+        a.output.exp().mean().backward(), b.output.exp().mean().backward()
+        grads = dict(model.named_parameters())
+        for name, p in ref.named_parameters():
+            assert rel_error(grads[name].grad, p.grad) < 1e-5, (step, name)

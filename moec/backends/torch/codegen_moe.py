@@ -7,8 +7,9 @@ Each function is built from lines chosen by the node's ``MoeAttrs`` and the kern
 - ``bmm`` (capacity default): each expert's C best slots gathered into [E, C, D], batched
   GEMMs, results put back by slot index (each slot is written once).
 - ``eager``: every expert on every token ([E, N, D] bmm), outputs gathered per choice.
-- ``triton``: the grouped layout with moec's Triton grouped GEMM (``moec.backends.triton``):
-  the first projections gather token rows inside the kernel (no permuted copy); with
+- ``triton``: moec's Triton kernels (``moec.backends.triton``, lines from ``codegen_triton``):
+  fused router, sort-free permutation, the first projection gathering token rows inside the
+  kernel with the activation in its epilogue, the down projection, a weighted combine; with
   capacity, dropped choices sort after every kept one and are never computed.
 
 The router's score line and the activation come from the registries in ``moec.moe``. No
@@ -19,6 +20,7 @@ in order (deterministic; no atomic scatter-add).
 
 from __future__ import annotations
 
+from moec.backends.torch import codegen_triton
 from moec.moe import ACTIVATIONS, BAND_TABLE, ROUTERS, SELECTION_BIAS, MoeAttrs
 from moec.moe.decompose import ROUTER_NORM_EPS
 from moec.moe.params import ROUTER_BIAS
@@ -77,25 +79,31 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
         "    tokens = batch * seq",
         "    x = h.reshape(tokens, width)  # (N, D)",
     ]
+    triton = kernel == "triton" and not expert_parallel
+    fused_router = triton and codegen_triton.fuses_router(moe)
     if ROUTERS[moe.router.kind].learned:
         lines.append(f"    logits = F.linear({_router_input(moe)}, router_weight{', router_bias' if ROUTER_BIAS in slots else ''})  # (N, E)")
-        lines += _router(moe, SELECTION_BIAS in slots)
+        lines += _router(moe, SELECTION_BIAS in slots, fused_router, tiles)
     else:
         lines += _fixed_router(moe)
     lines += [
         "    flat_expert = chosen.reshape(-1)  # (N*k,) the expert of each (token, choice)",
+        codegen_triton.counts_line() if fused_router else
         f"    counts = torch.zeros({E}, dtype=torch.int64, device=h.device).scatter_add_(0, flat_expert, torch.ones_like(flat_expert))",
     ]
     if not moe.dropless:
         lines += _capacity(moe)
     if expert_parallel:
         lines += _expert_parallel(moe)
-    elif kernel == "triton":
-        lines += _triton(moe, tiles)
+    elif triton:
+        lines += _triton(moe, tiles, fused_router)
     else:
         lines += {"grouped_mm": _grouped, "bmm": _bmm, "eager": _dense}[kernel](moe)
-    lines.append("    out = weights[:, 0, None] * y[:, 0]  # combine: choices summed in order")
-    lines += [f"    out = out + weights[:, {j}, None] * y[:, {j}]" for j in range(1, k)]
+    if triton:
+        lines.append(codegen_triton.combine_line(tiles))
+    else:
+        lines.append("    out = weights[:, 0, None] * y[:, 0]  # combine: choices summed in order")
+        lines += [f"    out = out + weights[:, {j}, None] * y[:, {j}]" for j in range(1, k)]
     if moe.capacity.fallback_weight:
         lines += _fallback(moe)
     if moe.shared:
@@ -160,7 +168,7 @@ def _fixed_router(moe: MoeAttrs) -> list[str]:
     ]
 
 
-def _router(moe: MoeAttrs, selection_bias: bool) -> list[str]:
+def _router(moe: MoeAttrs, selection_bias: bool, fused: bool = False, tiles: tuple[int, ...] = ()) -> list[str]:
     router = moe.router
     logits = "logits"
     lines = []
@@ -175,13 +183,16 @@ def _router(moe: MoeAttrs, selection_bias: bool) -> list[str]:
     if anneal and anneal.temperature:
         lines.append(f"    tempered = {logits} / router_anneal[0]  # router.temperature annealed")
         logits = "tempered"
-    lines += [
-        f"    scores = {ROUTERS[router.kind].emit_scores(router, logits)}  # (N, E)",
-        f"    weights, chosen = select_experts(scores, {moe.choices}{', router_selection_bias' if selection_bias else ''})  # (N, k)",
-    ]
+    if fused:  # one Triton kernel, renormalising too unless router dropout comes between
+        lines += codegen_triton.router_lines(moe, logits, selection_bias, tiles)
+    else:
+        lines += [
+            f"    scores = {ROUTERS[router.kind].emit_scores(router, logits)}  # (N, E)",
+            f"    weights, chosen = select_experts(scores, {moe.choices}{', router_selection_bias' if selection_bias else ''})  # (N, k)",
+        ]
     if router.dropout > 0:
         lines.append(f"    weights = router_dropout(weights, {router.dropout!r}, training)  # the best choice dropped for some tokens")
-    if router.normalize:
+    if router.normalize and not (fused and router.dropout == 0):
         lines.append("    weights = weights / weights.sum(-1, keepdim=True)")
     return lines
 
@@ -252,29 +263,8 @@ def _grouped(moe: MoeAttrs) -> list[str]:
     return lines
 
 
-def _triton(moe: MoeAttrs, tiles: tuple[int, ...]) -> list[str]:
-    k, E = moe.choices, moe.experts
-    if moe.dropless:
-        lines = [
-            "    order = torch.argsort(flat_expert, stable=True)  # sort-by-expert permutation",
-            "    group_sizes = counts.to(torch.int32)  # rows of each expert's group",
-        ]
-    else:
-        lines = [
-            f"    order = torch.argsort(torch.where(kept, flat_expert, {E}), stable=True)  # dropped choices sort last",
-            "    group_sizes = counts.clamp_max(capacity).to(torch.int32)  # each expert's kept rows",
-        ]
-    bias = ""
-    if moe.expert.bias:
-        lines += ["    row_expert = flat_expert[order]"] + [f"    bias_{p} = experts_b_{p}[row_expert]" for p in _bias_parts(moe)]
-        bias = "bias_"
-    tile = f", tiles={tiles!r}" if tiles else ""
-
-    def gemm(a: str, w: str) -> str:  # token rows are gathered by the kernel; later rows are already grouped
-        return f"triton_moe.grouped_linear({a}, {w}, group_sizes{f', order, {k}' if a == 'x' else ''}{tile})"
-    lines += _ffn("x", "", moe.expert.activation, "experts", "y_sorted", gemm, bias, moe.expert.clamp)
-    lines.append(f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice); rows never computed are 0")
-    return lines
+def _triton(moe: MoeAttrs, tiles: tuple[int, ...], fused_router: bool) -> list[str]:
+    return codegen_triton.permutation_lines(moe, fused_router, tiles) + codegen_triton.ffn_lines(moe, tiles)
 
 
 def _expert_parallel(moe: MoeAttrs) -> list[str]:

@@ -20,15 +20,61 @@ def usable_on(device_type: str) -> bool:
     return AVAILABLE and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def grouped_linear(x, w, counts, order=None, top_k: int = 1, tiles=None):
-    """``F.linear`` per expert group (``counts`` int32 rows each), the rows gathered from ``x`` by
-    ``order // top_k`` when given (ops.py)."""
+def _require(x: torch.Tensor) -> None:
     if not usable_on(x.device.type):
         raise RuntimeError(f"kernels.moe 'triton' runs on CUDA GPUs, or on the CPU under TRITON_INTERPRET=1 (tensors on {x.device}"
                            f"{', triton is not installed' if not AVAILABLE else ''})")
+
+
+def _autocast(*tensors):
+    """Custom ops see no autocast: cast the GEMM operands as torch's GEMMs would."""
+    if not torch.is_autocast_enabled(tensors[0].device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(tensors[0].device.type)
+    return tuple(t.to(dtype) if t is not None else None for t in tensors)
+
+
+def grouped_linear(x, w, counts, order=None, top_k: int = 1, tiles=None, bias=None):
+    """``F.linear`` per expert group (``counts`` int32 rows each; ``bias`` [E, N] per expert), the rows
+    gathered from ``x`` by ``order // top_k`` when given (ops.py)."""
+    _require(x)
     from moec.backends.triton.ops import grouped_linear as run
 
-    if torch.is_autocast_enabled(x.device.type):  # custom ops see no autocast: cast as torch's GEMMs would
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w = x.to(dtype), w.to(dtype)
-    return run(x, w, counts, order, top_k, tiles)
+    x, w, bias = _autocast(x, w, bias)
+    return run(x, w, counts, order, top_k, tiles, bias)
+
+
+def grouped_glu(x, w_up, w_gate, counts, order, top_k: int, activation: str, tiles=None, limit: float = 0.0, alpha: float = 0.0,
+                b_up=None, b_gate=None):
+    """The first expert projection with ``activation`` (a name of ``moec.moe.ACTIVATIONS``) in its epilogue:
+    ``act(x @ w_gate.T) * (x @ w_up.T)`` for a gated one, else ``act(x @ w_up.T)``; a clamped one reads
+    ``limit`` and ``alpha`` (glu.py)."""
+    _require(x)
+    from moec.backends.triton.glu import grouped_glu as run
+
+    x, w_up, w_gate, b_up, b_gate = _autocast(x, w_up, w_gate, b_up, b_gate)
+    return run(x, w_up, w_gate, counts, order, top_k, activation, tiles, limit, alpha, b_up, b_gate)
+
+
+def route(logits, top_k: int, sigmoid: bool, temperature: float, normalize: bool, bias=None, block: int = 0):
+    """The fused router: (scores, weights, chosen, per-block expert counts) (routing.py)."""
+    _require(logits)
+    from moec.backends.triton.routing import route as run
+
+    return run(logits, top_k, sigmoid, temperature, normalize, bias, block)
+
+
+def permute(group, groups: int, block_counts=None, block_rows: int = 0):
+    """(dest, order, totals): the stable sort of rows by group, from counts and prefix sums (routing.py)."""
+    _require(group)
+    from moec.backends.triton.routing import permute as run
+
+    return run(group, groups, block_counts, block_rows)
+
+
+def combine(y_sorted, weights, dest, tiles=()):
+    """Each token's k expert rows times their weights, summed in choice order (routing.py)."""
+    _require(y_sorted)
+    from moec.backends.triton.routing import combine as run
+
+    return run(y_sorted, weights, dest, tiles)

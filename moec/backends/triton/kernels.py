@@ -1,4 +1,5 @@
-"""Triton kernels of the MoE layer: a scatter-style grouped GEMM and its weight gradient.
+"""Triton kernels of the MoE layer: a scatter-style grouped GEMM, its weight gradient, and the first
+projection with the activation fused into its epilogue (``glu_gemm_kernel``) with its backward.
 
 Imported only when Triton is installed (``moec.backends.triton`` checks). Shape legend:
 M routed rows (sorted by expert), T tokens, K input width, N output width, E experts.
@@ -20,6 +21,13 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from moec.moe import activations
+
+# The epilogue codes (constexpr globals: a jitted function may read only those), named in moec.moe.activations.
+SILU = tl.constexpr(activations.EPILOGUE_SILU)
+GELU = tl.constexpr(activations.EPILOGUE_GELU)
+CLAMPED = tl.constexpr(activations.EPILOGUE_CLAMPED)
 
 
 @triton.jit
@@ -48,8 +56,9 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, counts_ptr, order_ptr, E, K, N, stride_am, stride_ak, stride_be, stride_bk,
-                        stride_bn, stride_om, stride_on, TOP_K: tl.constexpr, GATHER: tl.constexpr, BLOCK_E: tl.constexpr,
+def grouped_gemm_kernel(a_ptr, b_ptr, bias_ptr, out_ptr, counts_ptr, order_ptr, E, K, N, stride_am, stride_ak, stride_be,
+                        stride_bk, stride_bn, stride_om, stride_on, TOP_K: tl.constexpr, GATHER: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
                         UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -72,6 +81,8 @@ def grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, counts_ptr, order_ptr, E, K, N, s
             b = tl.load(b_ptr + expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = _dot(a, b, acc, PRECISION, UPCAST)
+        if HAS_BIAS:  # the tile's one expert: its bias row [E, N]
+            acc += tl.load(bias_ptr + expert * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -103,3 +114,138 @@ def weight_grad_kernel(g_ptr, a_ptr, dw_ptr, counts_ptr, order_ptr, E, K, N, str
         acc = _dot(g, a, acc, PRECISION, UPCAST)
     dw = dw_ptr + expert * stride_we + ns[:, None] * stride_wn + ks[None, :] * stride_wk
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=(ns[:, None] < N) & (ks[None, :] < K))
+
+
+@triton.jit
+def _activate(v, ACTIVATION: tl.constexpr):
+    """``F.<ACTIVATION>(v)`` in fp32 (gelu: the exact erf form, torch's default)."""
+    if ACTIVATION == SILU:
+        return v * tl.sigmoid(v)
+    elif ACTIVATION == GELU:
+        return 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+    else:
+        return tl.maximum(v, 0.0)
+
+
+@triton.jit
+def _activate_grad(v, ACTIVATION: tl.constexpr):
+    """d F.<ACTIVATION>(v) / dv (relu: 0 at 0, as torch)."""
+    if ACTIVATION == SILU:
+        s = tl.sigmoid(v)
+        return s * (1.0 + v * (1.0 - s))
+    elif ACTIVATION == GELU:
+        return 0.5 * (1.0 + tl.erf(v * 0.7071067811865476)) + v * 0.3989422804014327 * tl.exp(-0.5 * v * v)
+    else:
+        return (v > 0.0).to(tl.float32)
+
+
+@triton.jit
+def _clamped_glu(gate, up, limit, alpha):
+    """GPT-OSS's clamped SwiGLU (ACTIVATION CLAMPED): (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g), g = min(gate, l)."""
+    g = tl.minimum(gate, limit)
+    return (tl.minimum(tl.maximum(up, -limit), limit) + 1.0) * g * tl.sigmoid(alpha * g)
+
+
+@triton.jit
+def _clamped_glu_grads(grad, gate, up, limit, alpha):
+    """(d/d up, d/d gate) of ``_clamped_glu`` times ``grad``; a clamp passes the gradient inside its closed range, as torch's."""
+    g = tl.minimum(gate, limit)
+    s = tl.sigmoid(alpha * g)
+    grad_up = tl.where((up >= -limit) & (up <= limit), grad * g * s, 0.0)
+    grad_gate = tl.where(gate <= limit, grad * (tl.minimum(tl.maximum(up, -limit), limit) + 1.0) * (s + g * alpha * s * (1.0 - s)), 0.0)
+    return grad_up, grad_gate
+
+
+@triton.jit
+def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, bias_up_ptr, bias_gate_ptr, h_ptr, pre_up_ptr, pre_gate_ptr, counts_ptr, order_ptr,
+                    E, K, N, stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_hm, stride_hn, limit, alpha,
+                    TOP_K: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE: tl.constexpr,
+                    BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """The first expert projection with its activation as epilogue: ``h = act(A @ Wgate) * (A @ Wup)``
+    (``GATED``; both accumulated from the same A tile; ACTIVATION CLAMPED: ``_clamped_glu`` with
+    ``limit`` and ``alpha``) or ``h = act(A @ Wup)``. Tiles and the row
+    gather as ``grouped_gemm_kernel``; ``SAVE`` also stores the pre-activations for backward."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert, row_start, row_end = _expert_of_tile(pid_m, counts_ptr, E, BLOCK_E, BM)
+    if expert < E:
+        rows = row_start + tl.arange(0, BM)
+        row_ok = rows < row_end
+        if GATHER:
+            src = tl.load(order_ptr + rows, mask=row_ok, other=0) // TOP_K
+        else:
+            src = rows
+        cols = pid_n * BN + tl.arange(0, BN)
+        col_ok = cols < N
+        up = tl.zeros((BM, BN), dtype=tl.float32)
+        gate = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < K
+            a = tl.load(a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b_off = expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+            b_ok = k_ok[:, None] & col_ok[None, :]
+            up = _dot(a, tl.load(up_ptr + b_off, mask=b_ok, other=0.0), up, PRECISION, UPCAST)
+            if GATED:
+                gate = _dot(a, tl.load(gate_ptr + b_off, mask=b_ok, other=0.0), gate, PRECISION, UPCAST)
+        if HAS_BIAS:
+            up += tl.load(bias_up_ptr + expert * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                gate += tl.load(bias_gate_ptr + expert * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        # round the pre-activations to the output dtype first, as the unfused GEMM + activation would
+        up = up.to(h_ptr.dtype.element_ty).to(tl.float32)
+        if GATED:
+            gate = gate.to(h_ptr.dtype.element_ty).to(tl.float32)
+            if ACTIVATION == CLAMPED:
+                h = _clamped_glu(gate, up, limit, alpha)
+            else:
+                h = _activate(gate, ACTIVATION) * up
+        else:
+            h = _activate(up, ACTIVATION)
+        offsets = rows[:, None] * stride_hm + cols[None, :] * stride_hn
+        ok = row_ok[:, None] & col_ok[None, :]
+        tl.store(h_ptr + offsets, h.to(h_ptr.dtype.element_ty), mask=ok)
+        if SAVE:
+            tl.store(pre_up_ptr + offsets, up.to(h_ptr.dtype.element_ty), mask=ok)
+            if GATED:
+                tl.store(pre_gate_ptr + offsets, gate.to(h_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def glu_backward_kernel(grad_ptr, up_ptr, gate_ptr, grad_up_ptr, grad_gate_ptr, numel, limit, alpha, GATED: tl.constexpr,
+                        ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    """Elementwise: the gradients of the pre-activations from the gradient of ``h`` (contiguous [M, N])."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < numel
+    grad = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    if GATED:
+        gate = tl.load(gate_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        if ACTIVATION == CLAMPED:
+            grad_up, grad_gate = _clamped_glu_grads(grad, gate, up, limit, alpha)
+        else:
+            grad_up, grad_gate = grad * _activate(gate, ACTIVATION), grad * up * _activate_grad(gate, ACTIVATION)
+        tl.store(grad_up_ptr + offsets, grad_up.to(grad_up_ptr.dtype.element_ty), mask=ok)
+        tl.store(grad_gate_ptr + offsets, grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(grad_up_ptr + offsets, (grad * _activate_grad(up, ACTIVATION)).to(grad_up_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def bias_grad_kernel(g_ptr, db_ptr, counts_ptr, E, N, stride_gm, stride_gn, BLOCK_E: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr):
+    """``db[e] = sum of G's rows of expert e`` (fp32, rows in order: deterministic), one program per (expert, N tile)."""
+    expert = tl.program_id(0)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
+    ends = tl.cumsum(counts, 0)
+    end = tl.sum(tl.where(experts == expert, ends, 0), 0)
+    start = end - tl.sum(tl.where(experts == expert, counts, 0), 0)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for m0 in range(start, end, BM):
+        rows = m0 + tl.arange(0, BM)
+        ok = (rows < end)[:, None] & (cols < N)[None, :]
+        acc += tl.sum(tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=ok, other=0.0).to(tl.float32), 0)
+    tl.store(db_ptr + expert * N + cols, acc, mask=cols < N)

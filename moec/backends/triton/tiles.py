@@ -61,7 +61,7 @@ def _autotune(x: torch.Tensor, w: torch.Tensor, rows: int, key: str) -> Tile:
     """Time the forward kernel with each candidate on this call's shapes (evenly split rows); keep the fastest."""
     import triton.testing
 
-    from moec.backends.triton.ops import _launch_forward
+    from moec.backends.triton.ops import launch_grouped_gemm
 
     experts = w.shape[0]
     counts = torch.full((experts,), rows // experts, dtype=torch.int32, device=x.device)
@@ -70,7 +70,7 @@ def _autotune(x: torch.Tensor, w: torch.Tensor, rows: int, key: str) -> Tile:
     timed = {}
     for tile in CANDIDATES:
         try:
-            timed[tile] = triton.testing.do_bench(lambda: _launch_forward(a, layout, counts, None, 1, rows, w.shape[1], tile), rep=20)
+            timed[tile] = triton.testing.do_bench(lambda: launch_grouped_gemm(a, layout, counts, None, 1, rows, w.shape[1], tile), rep=20)
         except Exception:  # a tile that does not fit this GPU's shared memory is skipped
             continue
     best = min(timed, key=timed.get)
