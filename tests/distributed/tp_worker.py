@@ -35,7 +35,7 @@ model:
           experts: 4
           top_k: 2
           expert: {{hidden: 32, activation: swiglu}}
-          aux: {{load_balance: 0.01, z_loss: 0.001}}
+          aux: {{load_balance: 0.01, z_loss: 0.001, load_balance_batch: global}}
         - kind: mlp
           hidden: 64
           activation: swiglu
