@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 _GROUP: dict[str, dist.ProcessGroup | None] = {"group": None}
 
@@ -37,7 +38,7 @@ def tensor_group() -> dist.ProcessGroup | None:
 
 def local(weight: Tensor) -> Tensor:
     """This rank's shard of a split weight (a DTensor on the tp mesh); a plain weight as it is."""
-    return weight.to_local() if hasattr(weight, "to_local") else weight
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 class _Copy(torch.autograd.Function):
