@@ -64,7 +64,8 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     source = emit_program(compiled.graph, spec_name=spec.name, header=header, moe_kernel=kernels.moe,
                           spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention,
                           expert_parallel=plan.experts is not None and not plan.unsupported, tiles=_tiles(spec),
-                          tensor_splits={name: split_kind(name, dim) for name, dim in splits.items()})
+                          tensor_splits={name: split_kind(name, dim) for name, dim in splits.items()},
+                          sequence_parallel=plan.sequence_parallel)
     # Parameters, FLOPs and memory are facts of the model: counted on the full pipeline's graph even
     # when passes were disabled (an unfused graph has no moe node to say which weights are experts).
     facts = compiled.graph if not disable else run_pipeline(spec).graph

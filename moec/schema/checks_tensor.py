@@ -5,9 +5,10 @@ moec splits the Megatron pairs: a column group (split output features) feeding i
 end. Refused here, with the field to change: a group in the other list than its pair needs, half
 a pair, tensor with expert parallelism, and layer options whose weights the split does not cover
 (attention biases, sinks and q/k norms; MLP biases; expert biases, shared experts, capacity and
-kernels other than grouped_mm). The vocab split (``embed``, ``head``) and ``sequence_parallel``
-are parts of the seed's plan (gpt_oss_120b.yaml) not built yet: they validate so the seed builds,
-and ``moec train`` names them and stops at launch (``UNSUPPORTED`` in parallel.py).
+kernels other than grouped_mm); ``sequence_parallel`` beyond attention and MLP layers, with FSDP,
+or with a sequence length tp does not divide. The vocab split (``embed``, ``head``) is part of the
+seed's plan (gpt_oss_120b.yaml) not built yet: it validates so the seed builds, and ``moec train``
+names it and stops at launch (``UNSUPPORTED`` in parallel.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ VOCAB = ("embed", "head")
 
 
 def tensor_checks() -> tuple:
-    return (_groups, _layers)
+    return (_groups, _layers, _sequence_parallel)
 
 
 def _split(spec):
@@ -85,3 +86,21 @@ def _experts(spec, layer, path: tuple, axis: str) -> Iterator[Finding]:
         yield path + ("shared_experts",), why
     if layer.capacity.mode != "dropless":
         yield path + ("capacity", "mode"), f"capacity {why}: use dropless"
+
+
+def _sequence_parallel(spec) -> Iterator[Finding]:
+    """Megatron-SP over attention and MLP layers: norms and residuals on S / tp positions between the groups."""
+    tensor = _split(spec)
+    if tensor is None or not tensor.sequence_parallel:
+        return
+    path, tp = ("sharding", "tensor", "sequence_parallel"), spec.mesh.axes[tensor.axis]
+    kinds = sorted({layer.kind for _, _, layer in spec.model.layers()} - {"attention", "mlp"})
+    if kinds:
+        yield path, (f"is implemented for attention and mlp layers only; the model has {', '.join(kinds)} "
+                     "(its router would see S / tp positions)")
+    if "attention.qkv" not in tensor.column and any(layer.kind == "attention" for _, _, layer in spec.model.layers()):
+        yield path, "needs attention.qkv split by columns: attention must see the whole sequence"
+    if math.prod(spec.mesh.axes.get(axis, 1) for axis in spec.sharding.fsdp) > 1:
+        yield path, "together with FSDP is not implemented; use plain data parallelism (sharding.batch without sharding.fsdp)"
+    if spec.train.seq_len % tp:
+        yield ("train", "seq_len"), f"must be divisible by the tensor-parallel size ({tp}) for sequence parallelism, got {spec.train.seq_len}"

@@ -43,6 +43,7 @@ class ParallelPlan:
     expert_modules: tuple[str, ...] = ()  # module paths holding routed experts' weights (blocks.0.moe.experts)
     tensor: str | None = None  # the tensor-parallel axis (larger than 1)
     tensor_splits: tuple[tuple[str, int], ...] = ()  # (parameter name, dim split over tensor)
+    sequence_parallel: bool = False  # the blocks' hidden state split along the sequence over tensor
 
     @property
     def world_size(self) -> int:
@@ -79,7 +80,8 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dic
     precision = spec.schedule.precision  # context parallelism and a reduce dtype DDP cannot use: refused at validation
     return ParallelPlan(dict(mesh), replicate, shard, DTYPE_NAMES[precision.compute], DTYPE_NAMES[precision.reduce],
                         tuple(unsupported), experts[0] if experts else None, expert_modules if experts else (),
-                        tensor.tensor_axis(spec), tuple((tensor_splits or {}).items()))
+                        tensor.tensor_axis(spec), tuple((tensor_splits or {}).items()),
+                        tensor.tensor_axis(spec) is not None and sharding.tensor.sequence_parallel)
 
 
 def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: tuple) -> list[str]:
@@ -105,8 +107,6 @@ def _tensor_parallel_limits(spec) -> list[str]:
     vocab = [group for group in tp.column + tp.row if group in ("embed", "head")]
     if vocab:
         limits.append(f"vocab-parallel {' and '.join(vocab)} (sharding.tensor)")
-    if tp.sequence_parallel:
-        limits.append("sequence parallelism (sharding.tensor.sequence_parallel)")
     return limits
 
 
@@ -230,16 +230,10 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
              "def expert_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:",
              "    return {param for module in expert_modules(model) for param in module.parameters()}", "", "",
              "def reduce_gradients(model: torch.nn.Module, mesh: DeviceMesh) -> None:"]
-    if _tensor_without_fsdp(plan):
-        axes = _in_mesh_order(plan, plan.data_parallel)
-        return lines + [
-            '    """Average over the data-parallel ranks (tensor-parallel shards and whole weights alike: each rank',
-            "    holds its tp shard of every split gradient). One flat all-reduce per bucket, in model.parameters()",
-            '    order, the same on every rank."""',
-            "    grads = [param.grad for param in model.parameters() if param.grad is not None]",
-            f"    data_parallel = {_flat(axes)}.get_group()  # {' x '.join(axes)}",
-            "    all_reduce_flat([g.to_local() if hasattr(g, 'to_local') else g for g in grads], data_parallel, op=dist.ReduceOp.AVG)",
-        ]
+    if _tensor_without_fsdp(plan) or plan.sequence_parallel:
+        return lines + tensor.reduce_gradients_lines(plan.tensor, plan.sequence_parallel,
+                                                     _flat(_in_mesh_order(plan, plan.data_parallel)) if plan.replicate else None,
+                                                     " x ".join(plan.replicate))
     if plan.experts is None:
         return lines + ['    """Nothing to do: DDP / FSDP2 reduce the gradients during backward."""']
     if plan.expert_fsdp:
@@ -419,7 +413,7 @@ def shard_experts_source(permuted: bool = False, replicated_rows: bool = False) 
 
 
 def _moec_imports(spec, plan: ParallelPlan) -> list[str]:
-    reduces = (plan.experts is not None and not plan.expert_fsdp) or _tensor_without_fsdp(plan)
+    reduces = (plan.experts is not None and not plan.expert_fsdp) or _tensor_without_fsdp(plan) or plan.sequence_parallel
     imports = (["from moec.backends.parallel.buckets import all_reduce_flat"] if reduces else []) + (
         ["from moec.backends.torch.data_parallel import set_batch_group"] if _sets_batch_group(spec, plan) else []) + (
         ["from moec.backends.torch.tensor_parallel import set_tensor_group"] if plan.tensor is not None else [])

@@ -80,3 +80,23 @@ def tensor_parallel_source(spec, splits: dict[str, int], where) -> list[str]:
         lines.append(f"    split({attribute_expr(owner, 'model')}, {dims!r}, tp_mesh)  # {what}  "
                      f"{where('sharding', 'tensor', field)[2:]}")
     return lines
+
+
+def reduce_gradients_lines(axis: str, sequence_parallel: bool, data_parallel: str | None, names: str) -> list[str]:
+    """The body of ``reduce_gradients`` under tensor parallelism without FSDP, or with sequence parallelism."""
+    lines = ['    """' + ("Sequence parallel: each tp rank ran the blocks' norms on its S / tp positions, so the "
+                          "gradients of\n    the blocks' whole weights are partial sums: summed over tp. " if sequence_parallel else "")
+             + ("Averaged over the data-parallel\n    ranks, tp shards and whole weights alike. " if data_parallel else "")
+             + "One flat all-reduce per bucket, in\n    model.parameters() order, the same on every rank.\"\"\""]
+    if sequence_parallel:
+        lines += [
+            "    partial = [p.grad for p in model.blocks.parameters() if p.grad is not None and not hasattr(p, 'to_local')]",
+            f"    all_reduce_flat(partial, mesh[{axis!r}].get_group())  # sum over {axis}",
+        ]
+    if data_parallel:
+        lines += [
+            "    grads = [param.grad for param in model.parameters() if param.grad is not None]",
+            f"    data_parallel = {data_parallel}.get_group()  # {names}",
+            "    all_reduce_flat([g.to_local() if hasattr(g, 'to_local') else g for g in grads], data_parallel, op=dist.ReduceOp.AVG)",
+        ]
+    return lines

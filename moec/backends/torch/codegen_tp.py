@@ -13,6 +13,10 @@ any other program is written exactly as before. ``splits`` maps each split param
   (``q.shape[-1] // head_dim``), so the same file runs whole on one process;
 - the fused MoE function reads the experts' local hidden slices, with *f* on its routed rows and
   *g* on the experts' outputs, before the router's weights combine them (``codegen_moe``).
+
+With ``sequence_parallel`` the blocks' hidden state is split along the sequence (the root splits
+the first block's input and gathers the last block's output), *f* is an all-gather along the
+sequence and *g* a reduce-scatter (Megatron-SP); validation admits it for attention and MLP layers.
 """
 
 from __future__ import annotations
@@ -34,12 +38,23 @@ def copied(name: str) -> str:
     return f"{name}_tp"
 
 
-def copy_statement(name: str) -> str:
+def copy_statement(name: str, sequence_parallel: bool = False) -> str:
+    if sequence_parallel:
+        return f"        {copied(name)} = {MODULE}.gather_sequence({name})  # f: all-gather the sequence (reduce-scatter backward)"
     return f"        {copied(name)} = {MODULE}.copy({name})  # f: identity forward, gradient summed over the tensor-parallel ranks"
 
 
-def reduced(expr: str) -> str:
-    return f"{MODULE}.reduce({expr})"
+def reduced(expr: str, sequence_parallel: bool = False) -> str:
+    return f"{MODULE}.{'scatter_sequence' if sequence_parallel else 'reduce'}({expr})"
+
+
+def split_statement(name: str) -> str:
+    return (f"        {name} = {MODULE}.split_sequence({name})  # sequence parallel: this rank's S / tp positions "
+            "through the blocks")
+
+
+def gather_statement(name: str) -> str:
+    return f"        {name} = {MODULE}.unsplit_sequence({name})  # sequence parallel: the whole sequence after the blocks"
 
 
 def local_heads(node: Node, args: list[str]) -> Node:

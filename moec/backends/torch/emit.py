@@ -47,9 +47,10 @@ def comment_safe(text: str) -> str:
 
 def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
                  attention_kernel: str = "auto", expert_parallel: bool = False, tiles: tuple[int, ...] = (),
-                 tensor_splits: dict[str, str] | None = None) -> str:
+                 tensor_splits: dict[str, str] | None = None, sequence_parallel: bool = False) -> str:
     """``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism (``codegen_tp``)."""
     fused = _FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles, dict(tensor_splits or {}))
+    fused.sequence_parallel = sequence_parallel and bool(tensor_splits)
     cut = segments(graph)
     forward, bodies = _forward(graph, fused, cut)
     helpers = _helpers(graph, fused)
@@ -112,6 +113,7 @@ class _FusedFunctions:
                  tiles: tuple[int, ...] = (), splits: dict[str, str] | None = None):
         self.moe_kernel, self.spectral_kernel, self.expert_parallel = moe_kernel, spectral_kernel, expert_parallel
         self.splits = splits or {}  # tensor parallelism: parameter name -> column / row
+        self.sequence_parallel = False  # and the hidden state split along the sequence between the groups
         self.tiles, self.triton = tiles, False  # triton: some function calls moec.backends.triton
         self.attention = "attention_eager" if attention_kernel == "eager" else "attention"  # auto, sdpa: torch SDPA
         self.names: dict[tuple, str] = {}
@@ -179,7 +181,7 @@ class _Writer:
             node, args = self.tensor_parallel(node, args)
         expr = (self.decoding and self.decoding.expression(node, args)) or _expression(node, args, self.fused, self.anchor)
         if self.splits and self.split_of(node, 1) == "row":
-            expr = codegen_tp.reduced(expr)  # g: partial sums of the row-split product summed over the ranks
+            expr = codegen_tp.reduced(expr, self.fused.sequence_parallel)  # g: the row-split product's partial sums
         targets = ", ".join(value_name(Ref(node.name, i), self.graph) for i in range(len(node.types or (None,))))
         if is_fused(node):
             stats.append(f"stats_{len(stats)}")
@@ -209,7 +211,7 @@ class _Writer:
         if split == "column":
             if args[0] not in self.copied:
                 self.copied.add(args[0])
-                self.lines.append(codegen_tp.copy_statement(args[0]))
+                self.lines.append(codegen_tp.copy_statement(args[0], self.fused.sequence_parallel))
             args = [codegen_tp.copied(args[0])] + args[1:]
         return node, [args[0], codegen_tp.local(args[1]), *args[2:]]
 
@@ -244,7 +246,13 @@ def _forward(graph: Graph, fused: _FusedFunctions, cut: list[Segment], decoding=
         bodies[segment.block] = writer.lines
         args = ", ".join(root.name(ref) for ref in segment.inputs)
         where = comment_safe(_block_origin(graph, segment))
+        sequence_parallel = fused.sequence_parallel and not decoding
+        if sequence_parallel and segment.block == 0:
+            root.lines += [codegen_tp.split_statement(root.name(ref)) for ref in segment.inputs if graph.type_of(ref).rank == 3]
         root.lines.append(f"        {_tuple(returned)} = self.blocks[{segment.block}]{call}({args}{extra})  # {where}")
+        if sequence_parallel and segment.block == max(s.block for s in cut if s.block is not None):
+            root.lines += [codegen_tp.gather_statement(value_name(ref, graph)) for ref in segment.outputs
+                           if graph.type_of(ref).rank == 3]
         root.free([ref for ref in segment.inputs if root.last_use.get(ref) in segment.span])
     output, aux = (value_name(ref, graph) for ref in graph.outputs)
     moe_stats = f"({', '.join(stats)}{',' if len(stats) == 1 else ''})"

@@ -72,3 +72,77 @@ def reduce(x: Tensor) -> Tensor:
     """Megatron's g: partial sums of a row-split product summed over the tensor-parallel ranks."""
     group = _GROUP["group"]
     return x if group is None else _Reduce.apply(x, group)
+
+
+# Sequence parallelism (Megatron-SP): between the tensor-parallel groups each rank holds S / tp
+# positions of the hidden state, so norms and residual adds run on a slice. f becomes an all-gather
+# along the sequence (its backward a reduce-scatter), g a reduce-scatter (its backward an all-gather).
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return funcol.all_gather_tensor(x.contiguous(), 1, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return funcol.reduce_scatter_tensor(grad.contiguous(), "sum", 1, ctx.group), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return funcol.reduce_scatter_tensor(x.contiguous(), "sum", 1, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group), None
+
+
+class _SplitSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        return x.chunk(size, dim=1)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group), None
+
+
+class _UnsplitSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return funcol.all_gather_tensor(x.contiguous(), 1, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # every rank computed the same loss from the whole sequence: keep its own part
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return grad.chunk(size, dim=1)[rank].contiguous(), None
+
+
+def gather_sequence(x: Tensor) -> Tensor:
+    """Sequence parallel's f: the whole sequence [B, S, D] from every rank's [B, S/tp, D]."""
+    group = _GROUP["group"]
+    return x if group is None else _GatherSequence.apply(x, group)
+
+
+def scatter_sequence(x: Tensor) -> Tensor:
+    """Sequence parallel's g: the partial sums of a row-split product, summed and split along the sequence."""
+    group = _GROUP["group"]
+    return x if group is None else _ScatterSequence.apply(x, group)
+
+
+def unsplit_sequence(x: Tensor) -> Tensor:
+    """The whole hidden state after the blocks, for the replicated final norm and head (``split_sequence`` undone)."""
+    group = _GROUP["group"]
+    return x if group is None else _UnsplitSequence.apply(x, group)
+
+
+def split_sequence(x: Tensor) -> Tensor:
+    """This rank's S / tp positions of a hidden state every rank holds whole (the blocks' input)."""
+    group = _GROUP["group"]
+    return x if group is None else _SplitSequence.apply(x, group)
