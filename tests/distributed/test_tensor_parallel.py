@@ -18,7 +18,7 @@ from moec.runtime.metrics import read_metrics
 from moec.runtime.trainer import Trainer
 from tests.conftest import REPO
 from tests.distributed.processes import run_job
-from tests.distributed.tp_worker import TP2, spec_text
+from tests.distributed.tp_worker import TP2, dense_text, spec_text
 
 TP2_DP2 = "mesh: {world_size: 4, axes: {dp: 2, tp: 2}}\nsharding:\n  batch: [dp]\n  tensor: {axis: tp}\n"
 TP2_FSDP2 = "mesh: {world_size: 4, axes: {fsdp: 2, tp: 2}}\nsharding:\n  batch: [fsdp]\n  fsdp: [fsdp]\n  tensor: {axis: tp}\n"
@@ -35,10 +35,10 @@ def single(tmp_path_factory):
     return run_dir
 
 
-def train_processes(tmp_path: Path, mesh: str, nproc: int) -> Path:
+def train_processes(tmp_path: Path, mesh: str, nproc: int, text=spec_text) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / "tp.yaml"
-    spec.write_text(spec_text(mesh))
+    spec.write_text(text(mesh))
     moec_script = Path(sys.executable).parent / "moec"
     done = run_job([str(moec_script), "train", str(spec), "--nproc", str(nproc), "--run-dir", str(tmp_path / "run"), "--no-plots"],
                    timeout=300, cwd=REPO)
@@ -88,6 +88,41 @@ def test_tp2_trains_like_one_process_and_its_checkpoint_resumes_on_one(single, t
 @pytest.mark.parametrize("mesh", [TP2_DP2, TP2_FSDP2], ids=["tp2_dp2", "tp2_fsdp2"])
 def test_tp2_with_data_parallel_trains_like_one_process(mesh, single, tmp_path):
     assert_same_run(train_processes(tmp_path, mesh, 4), single)
+
+
+@pytest.fixture(scope="module")
+def single_dense(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single_dense")
+    Trainer(moec.load_spec_text(dense_text(), file="single.yaml"), run_dir=run_dir).run()
+    return run_dir
+
+
+SP = "    sequence_parallel: true\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [TP2, TP2_DP2], ids=["tp2_sp", "tp2_dp2_sp"])
+def test_sequence_parallel_trains_like_one_process(mesh, single_dense, tmp_path):
+    mesh = mesh.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n" + SP)
+    run_dir = train_processes(tmp_path, mesh, 2 if mesh.startswith("mesh: {world_size: 2") else 4, dense_text)
+    assert_same_run(run_dir, single_dense)
+
+
+def test_sequence_parallel_lines(tmp_path):
+    mesh = TP2.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n" + SP)
+    source = compile_spec(moec.load_spec_text(dense_text(mesh), file="sp.yaml")).source
+    strip = [line.split("  # ")[0] for line in source.splitlines()]
+    assert "        rmsnorm_0_tp = tensor_parallel.gather_sequence(rmsnorm_0)" in strip
+    assert "        linear_3 = tensor_parallel.scatter_sequence(F.linear(attention_0, tensor_parallel.local(self.attention.wo)))" in strip
+    root = strip[strip.index("        embed_0 = F.embedding(tokens, self.embed.weight)"):][:6]
+    assert root == [
+        "        embed_0 = F.embedding(tokens, self.embed.weight)",
+        "        embed_0 = tensor_parallel.split_sequence(embed_0)",
+        "        add_1 = self.blocks[0](embed_0)",
+        "        del embed_0",
+        "        add_3 = self.blocks[1](add_1)",
+        "        add_3 = tensor_parallel.unsplit_sequence(add_3)",
+    ]
 
 
 def test_parallel_py_splits_the_groups_with_spec_lines(tmp_path):

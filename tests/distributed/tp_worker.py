@@ -57,8 +57,23 @@ train:
 TP2 = "mesh: {world_size: 2, axes: {tp: 2}}\nsharding:\n  tensor: {axis: tp}\n"
 
 
+MOE = """        - kind: moe
+          experts: 4
+          top_k: 2
+          expert: {hidden: 32, activation: swiglu}
+          aux: {load_balance: 0.01, z_loss: 0.001, load_balance_batch: global}
+"""
+
+
 def spec_text(mesh: str = "") -> str:
     return SPEC.format(mesh=mesh)
+
+
+def dense_text(mesh: str = "") -> str:
+    """The spec without its MoE layer: GQA attention and a SwiGLU MLP (what sequence parallelism runs)."""
+    text = spec_text(mesh)
+    assert MOE in text
+    return text.replace(MOE, "")
 
 
 def loss_of(model, tokens):

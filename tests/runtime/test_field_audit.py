@@ -3,8 +3,8 @@
 ``AUDIT`` holds one check per leaf field; ``test_every_field_is_audited`` fails when a field is
 added to the schema without one. A check either compares what a changed value generates or
 sets against the base spec's, or expects a refusal: a validation error (``moec.SpecError`` with
-its message) or, for the parts of the seed specs' plan not executed yet (pipeline parallelism,
-tensor parallelism's vocab split and sequence parallelism), ``moec train``'s refusal at launch
+its message) or, for the parts of the seed specs' plan not executed yet (pipeline parallelism and
+tensor parallelism's vocab split), ``moec train``'s refusal at launch
 (``UNSUPPORTED`` in the generated parallel.py).
 """
 
@@ -104,8 +104,8 @@ AUDIT = {
         differs(parallel_source, TP, TP + ("sharding.tensor.column=[attention.qkv]", "sharding.tensor.row=[attention.out]"))
         or refused_at_launch(mp, "vocab-parallel head", *TP, "sharding.tensor.column=[attention.qkv, mlp.up, experts.up, head]")),
     "sharding.tensor.row": lambda mp: refused("experts.up is split but its pair is not", *TP, "sharding.tensor.row=[attention.out]"),
-    "sharding.tensor.sequence_parallel": lambda mp: refused_at_launch(mp, "sequence parallelism", *TP,
-                                                                      "sharding.tensor.sequence_parallel=true"),
+    "sharding.tensor.sequence_parallel": lambda mp: refused("is implemented for attention and mlp layers only", *TP,
+                                                            "sharding.tensor.sequence_parallel=true"),
     "sharding.pipeline.axis": lambda mp: refused_at_launch(mp, "pipeline parallelism", *PP),
     "sharding.pipeline.microbatches": lambda mp: refused_at_launch(mp, "pipeline parallelism", *PP,
                                                                    "sharding.pipeline.microbatches=4"),
