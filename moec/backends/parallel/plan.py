@@ -72,7 +72,7 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dic
     replicate = tuple(axis for axis in sharding.batch if axis in active and axis not in shard)
     experts = [axis for axis in sharding.experts if axis in active]
     unsupported = _expert_parallel_limits(spec, experts, replicate, shard) if experts else []
-    unsupported += _tensor_parallel_limits(spec) if tensor.tensor_axis(spec) is not None else []
+    unsupported += tensor.not_built(spec) if tensor.tensor_axis(spec) is not None else []
     if sharding.pipeline is not None and sharding.pipeline.axis in active:
         unsupported.append("pipeline parallelism (sharding.pipeline)")
     if replicate and shard and (len(replicate) > 1 or len(shard) > 1):
@@ -97,16 +97,6 @@ def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: t
         limits.append(f"expert parallelism with kernels.moe '{spec.schedule.kernels.moe}' (it runs grouped_mm)")
     if any(moe.expert.bias for moe in _moe_configs(spec)):
         limits.append("expert parallelism with expert biases")
-    return limits
-
-
-def _tensor_parallel_limits(spec) -> list[str]:
-    """The parts of the seed's tensor-parallel plan not built yet; the rest is refused at validation
-    (``moec.schema.checks_tensor``)."""
-    limits, tp = [], spec.sharding.tensor
-    vocab = [group for group in tp.column + tp.row if group in ("embed", "head")]
-    if vocab:
-        limits.append(f"vocab-parallel {' and '.join(vocab)} (sharding.tensor)")
     return limits
 
 

@@ -22,6 +22,14 @@ def tensor_axis(spec) -> str | None:
     return tensor.axis if tensor is not None and spec.mesh.axes.get(tensor.axis, 1) > 1 else None
 
 
+def not_built(spec) -> list[str]:
+    """The parts of the seed's tensor-parallel plan not built yet (``moec train`` stops at launch); what
+    cannot be split is refused at validation (``moec.schema.checks_tensor``)."""
+    tp = spec.sharding.tensor
+    vocab = [group for group in tp.column + tp.row if group in ("embed", "head")]
+    return [f"vocab-parallel {' and '.join(vocab)} (sharding.tensor)"] if vocab else []
+
+
 def tensor_splits(spec, graph: Graph) -> dict[str, int]:
     """Parameter name -> the dim it is split on over the tensor-parallel axis (empty without one)."""
     axis = tensor_axis(spec)
