@@ -68,3 +68,16 @@ def test_the_tensor_parallel_program_runs_whole_on_one_process():
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     a, b = whole(tokens), split(tokens)
     assert torch.equal(a.output, b.output) and torch.equal(a.aux_loss, b.aux_loss)
+
+
+def test_a_moe_whose_experts_are_not_split_stays_whole():
+    """Only attention and MLP split: the fused MoE keeps its experts (and shared experts, whose
+    weights are also named w_up / w_down) whole, with no f or g inside."""
+    mesh = TP2.replace("  tensor: {axis: tp}\n", "  tensor: {axis: tp, column: [attention.qkv, mlp.up], row: [attention.out, mlp.down]}\n")
+    text = spec_text(mesh).replace("aux: {load_balance: 0.01", "shared_experts: {count: 1}\n          aux: {load_balance: 0.01")
+    compiled = moec.compile_spec(moec.load_spec_text(text, file="tp.yaml"))
+    moe = compiled.source.split("def fused_moe_0(")[1].split("\n\n")[0]
+    assert "tensor_parallel" not in moe
+    assert "self.moe.experts.w_up, self.moe.experts.w_gate, self.moe.experts.w_down, self.moe.shared.w_up" in compiled.source
+    assert "split(model.blocks[0].mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)" in compiled.parallel_source
+    assert ".moe." not in compiled.parallel_source.split("def tensor_parallel")[1].split("\n\n\n")[0]

@@ -40,9 +40,17 @@ def tensor_splits(spec, graph: Graph) -> dict[str, int]:
     for node in graph.params():
         placement = dict(node.meta).get("placement")
         vocab = tp_group(node.attr["name"]) in ("embed", "head")  # not built: moec train refuses it at launch
+        if node.attr["name"] in _moe_inputs(graph) and tp_group(node.attr["name"]) not in ("experts.up", "experts.down"):
+            continue  # a shared expert or dense fallback inside a fused MoE ("w_up" reads as mlp.up): stays whole
         if placement is not None and placement[index].startswith("Shard") and not vocab:
             splits[node.attr["name"]] = int(placement[index][6:-1])
     return splits
+
+
+def _moe_inputs(graph: Graph) -> set[str]:
+    """The names of the parameters the fused MoE nodes read."""
+    return {graph[ref.node].attr["name"] for node in graph.nodes if node.op in ("moe", "spectral_moe")
+            for ref in node.inputs if graph[ref.node].op == "param"}
 
 
 def split_kind(name: str, dim: int) -> str:

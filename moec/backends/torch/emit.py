@@ -114,6 +114,7 @@ class _FusedFunctions:
         self.moe_kernel, self.spectral_kernel, self.expert_parallel = moe_kernel, spectral_kernel, expert_parallel
         self.splits = splits or {}  # tensor parallelism: parameter name -> column / row
         self.sequence_parallel = False  # and the hidden state split along the sequence between the groups
+        self.split_experts = any(EXPERT_PREFIX in name for name in self.splits)  # experts.up / experts.down listed
         self.tiles, self.triton = tiles, False  # triton: some function calls moec.backends.triton
         self.attention = "attention_eager" if attention_kernel == "eager" else "attention"  # auto, sdpa: torch SDPA
         self.names: dict[tuple, str] = {}
@@ -127,7 +128,7 @@ class _FusedFunctions:
             kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs["moe"], self.expert_parallel)
             self.triton |= codegen_moe.uses_triton(kernel) and not self.expert_parallel
             self.sources.append(codegen_moe.moe_function(name, attrs["slots"], attrs["moe"], kernel, self.expert_parallel, self.tiles,
-                                                         tensor_parallel=bool(self.splits)))
+                                                         tensor_parallel=self.split_experts))
         return self.names[key]
 
     def spectral(self, attrs: dict) -> str:
