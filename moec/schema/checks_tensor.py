@@ -14,7 +14,7 @@ names it and stops at launch (``UNSUPPORTED`` in parallel.py).
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 Finding = tuple[tuple, str]
 

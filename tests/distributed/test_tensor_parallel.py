@@ -133,12 +133,12 @@ def test_parallel_py_splits_the_groups_with_spec_lines(tmp_path):
     assert lines[4:9] == [
         f"    tp_mesh = mesh['tp']  # {path}:25 sharding.tensor.axis",
         "    set_tensor_group(tp_mesh.get_group())  # model.py's f and g all-reduce over it",
-        "    split(model.blocks[0].attention, {'wq': 0, 'wk': 0, 'wv': 0, 'wo': 1}, tp_mesh)  # attention.qkv column, "
-        f"attention.out row  {path}:25 sharding.tensor.column",
-        "    split(model.blocks[0].moe.experts, {'w_up': 1, 'w_gate': 1, 'w_down': 2}, tp_mesh)  # experts.up column, "
-        f"experts.down row  {path}:25 sharding.tensor.column",
-        "    split(model.blocks[0].mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)  # mlp.up column, "
-        f"mlp.down row  {path}:25 sharding.tensor.column",
+        ("    split(model.blocks[0].attention, {'wq': 0, 'wk': 0, 'wv': 0, 'wo': 1}, tp_mesh)  # attention.qkv column, "
+         f"attention.out row  {path}:25 sharding.tensor.column"),
+        ("    split(model.blocks[0].moe.experts, {'w_up': 1, 'w_gate': 1, 'w_down': 2}, tp_mesh)  # experts.up column, "
+         f"experts.down row  {path}:25 sharding.tensor.column"),
+        ("    split(model.blocks[0].mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)  # mlp.up column, "
+         f"mlp.down row  {path}:25 sharding.tensor.column"),
     ]
     assert "    tensor_parallel(model, mesh)\n" in program.parallel_source.split("def parallelize")[1]
     assert "UNSUPPORTED = ()" in program.parallel_source
