@@ -14,6 +14,7 @@ import torch
 
 from moec.backends.init import init_parameter
 from moec.backends.parallel import emit_parallel, parallel_plan
+from moec.backends.parallel.tensor import split_kind, tensor_axis, tensor_splits
 from moec.backends.reference import ReferenceModel
 from moec.backends.torch.emit import emit_program
 from moec.backends.torch.loader import load_program
@@ -58,10 +59,13 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     kernels = spec.schedule.kernels
     header = _header(spec, compiled, kernels)
     experts = expert_owners(compiled.graph)
-    plan = parallel_plan(spec, tuple(experts))
+    splits = tensor_splits(spec, compiled.graph)
+    plan = parallel_plan(spec, tuple(experts), splits)
     source = emit_program(compiled.graph, spec_name=spec.name, header=header, moe_kernel=kernels.moe,
                           spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention,
-                          expert_parallel=plan.experts is not None and not plan.unsupported, tiles=_tiles(spec))
+                          expert_parallel=plan.experts is not None and not plan.unsupported, tiles=_tiles(spec),
+                          tensor_splits={name: split_kind(name, dim) for name, dim in splits.items()},
+                          sequence_parallel=plan.sequence_parallel)
     # Parameters, FLOPs and memory are facts of the model: counted on the full pipeline's graph even
     # when passes were disabled (an unfused graph has no moe node to say which weights are experts).
     facts = compiled.graph if not disable else run_pipeline(spec).graph
@@ -101,7 +105,15 @@ def _header(spec, compiled, kernels) -> list[str]:
         "",
         "Shapes: B batch, S sequence, F = S//2+1 rfft bins; f32[B,S,64] is float32 of that shape.",
         "Each statement ends with its shape and the spec line it comes from.",
-    ]
+    ] + _tensor_parallel_note(spec)
+
+
+def _tensor_parallel_note(spec) -> list[str]:
+    axis = tensor_axis(spec)
+    if axis is None:
+        return []
+    return [f"Tensor parallel over {axis} ({spec.mesh.axes[axis]}): shapes are the whole model's; a rank holds 1/{spec.mesh.axes[axis]} "
+            "of each split group (parallel.py)."]
 
 
 def build_model(spec, device="cpu", dtype: torch.dtype | None = None, program: Program | None = None,

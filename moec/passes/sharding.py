@@ -46,7 +46,8 @@ def annotate_sharding(spec: Spec, graph: Graph) -> tuple[Graph, bool]:
     return new, new.nodes != graph.nodes
 
 
-def _tp_group(name: str) -> str | None:
+def tp_group(name: str) -> str | None:
+    """The tensor-parallel group (moec.schema.parallel.TpGroup) a parameter belongs to, by its name."""
     for pattern, group in _TP_GROUPS:
         if re.search(pattern, name):
             return group
@@ -61,7 +62,7 @@ def _param_placement(spec: Spec, node: Node, axes: list[str], issues: list) -> l
         if is_expert:
             placement[axes.index(axis)] = "Shard(0)"
     tensor = sharding.tensor
-    group = _tp_group(node.attr["name"]) if tensor is not None else None
+    group = tp_group(node.attr["name"]) if tensor is not None else None
     if group is not None and (group in tensor.column or group in tensor.row):
         # torch weights are [out, in] (experts: [E, out, in]): columns split out, rows split in.
         dim = (0 if group in tensor.column else 1) + (1 if is_expert else 0)

@@ -11,6 +11,7 @@ import math
 from typing import Iterator
 
 from moec.schema.checks_schedule import schedule_checks
+from moec.schema.checks_tensor import tensor_checks
 from moec.schema.errors import format_path
 from moec.schema.model import GATED_ACTIVATIONS
 from moec.schema.spec import Spec
@@ -33,6 +34,7 @@ def run_checks(spec: Spec) -> list[Finding]:
         _data_matches_model,
         _options_are_used,
         *schedule_checks(),
+        *tensor_checks(),
         _expert_placement,
         _kernels_serve_spec,
         _pooled_load_balance,

@@ -1,9 +1,10 @@
 """Checks that every ``schedule`` and ``sharding`` option the runtime cannot honour is refused here.
 
 Each yields ``(key_path, message)`` like the checks in ``moec.schema.checks``. Whole features that
-the seed specs plan for but moec does not execute yet (tensor and pipeline parallelism) validate,
-and ``moec train`` refuses them at launch (``UNSUPPORTED`` in the generated parallel.py); an option
-that nothing would ever read is refused here.
+the seed specs plan for but moec does not execute yet (pipeline parallelism; tensor parallelism's
+sequence parallel and vocab split) validate, and ``moec train`` refuses them at launch
+(``UNSUPPORTED`` in the generated parallel.py); an option that nothing would ever read is refused
+here. What tensor parallelism cannot split is checked in ``moec.schema.checks_tensor``.
 """
 
 from __future__ import annotations

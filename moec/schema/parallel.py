@@ -41,7 +41,9 @@ class TensorParallel(Base):
     row: list[TpGroup] = Field(
         default_factory=lambda: ["attention.out", "mlp.down", "experts.down"], description="Split along input features."
     )
-    sequence_parallel: bool = False
+    sequence_parallel: bool = Field(
+        False, description="Megatron-SP: between the split groups each rank holds S / tp positions (norms, residuals); "
+        "attention and MLP layers only.")
 
     @model_validator(mode="after")
     def _column_row_disjoint(self) -> "TensorParallel":

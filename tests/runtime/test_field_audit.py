@@ -3,8 +3,9 @@
 ``AUDIT`` holds one check per leaf field; ``test_every_field_is_audited`` fails when a field is
 added to the schema without one. A check either compares what a changed value generates or
 sets against the base spec's, or expects a refusal: a validation error (``moec.SpecError`` with
-its message) or, for tensor and pipeline parallelism (planned by the seed specs, not executed
-yet), ``moec train``'s refusal at launch (``UNSUPPORTED`` in the generated parallel.py).
+its message) or, for the parts of the seed specs' plan not executed yet (pipeline parallelism and
+tensor parallelism's vocab split), ``moec train``'s refusal at launch
+(``UNSUPPORTED`` in the generated parallel.py).
 """
 
 import types
@@ -97,11 +98,14 @@ AUDIT = {
     "sharding.experts": lambda mp: differs(parallel_source, DDP, DDP + ("sharding.experts=[dp]",)),
     "sharding.fsdp": lambda mp: differs(parallel_source, DDP, FSDP),
     "sharding.placement": lambda mp: differs(parallel_source, EP, EP + ("sharding.placement=consistent_hash",)),
-    "sharding.tensor.axis": lambda mp: refused_at_launch(mp, "tensor parallelism", *TP),
-    "sharding.tensor.column": lambda mp: refused_at_launch(mp, "tensor parallelism", *TP, "sharding.tensor.column=[mlp.up]"),
-    "sharding.tensor.row": lambda mp: refused_at_launch(mp, "tensor parallelism", *TP, "sharding.tensor.row=[mlp.down]"),
-    "sharding.tensor.sequence_parallel": lambda mp: refused_at_launch(mp, "tensor parallelism", *TP,
-                                                                      "sharding.tensor.sequence_parallel=true"),
+    "sharding.tensor.axis": lambda mp: (differs(model_source, (), TP) or contains(parallel_source(*TP), "tp_mesh = mesh['tp']",
+                                                                                "    tensor_parallel(model, mesh)")),
+    "sharding.tensor.column": lambda mp: (
+        differs(parallel_source, TP, TP + ("sharding.tensor.column=[attention.qkv]", "sharding.tensor.row=[attention.out]"))
+        or refused_at_launch(mp, "vocab-parallel head", *TP, "sharding.tensor.column=[attention.qkv, mlp.up, experts.up, head]")),
+    "sharding.tensor.row": lambda mp: refused("experts.up is split but its pair is not", *TP, "sharding.tensor.row=[attention.out]"),
+    "sharding.tensor.sequence_parallel": lambda mp: refused("is implemented for attention and mlp layers only", *TP,
+                                                            "sharding.tensor.sequence_parallel=true"),
     "sharding.pipeline.axis": lambda mp: refused_at_launch(mp, "pipeline parallelism", *PP),
     "sharding.pipeline.microbatches": lambda mp: refused_at_launch(mp, "pipeline parallelism", *PP,
                                                                    "sharding.pipeline.microbatches=4"),

@@ -8,8 +8,9 @@ embeddings, final norm, head); a batch axis plus an FSDP axis is HSDP (``fully_s
 DCP's state-dict API in torch 2.13, and DDP's plain tensors reshard to any data-parallel size.
 Expert parallelism shards the routed experts over ``sharding.experts``; with FSDP, the
 experts are also FSDP-sharded over the other FSDP axes (torchtitan's dp-shard-in-ep).
-Tensor and pipeline parallelism are not executed yet: ``unsupported`` names what a spec asks
-for that this plan cannot run (``moec train`` refuses it at launch; context parallelism and
+Tensor parallelism (``moec.backends.parallel.tensor``) splits the weights over the tp axis
+first, then data parallelism applies. Pipeline parallelism is not executed yet: ``unsupported``
+names what a spec asks for that this plan cannot run (``moec train`` refuses it at launch; context parallelism and
 options no engine reads are refused at validation, ``moec.schema.checks_schedule``).
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from moec.backends.parallel import checkpointing
+from moec.backends.parallel import checkpointing, tensor
 from moec.backends.parallel.placement import (
     experts_of,
     moves_when_growing,
@@ -40,6 +41,9 @@ class ParallelPlan:
     unsupported: tuple[str, ...]  # what the spec asks for that this plan cannot run yet
     experts: str | None = None  # the expert-parallel axis
     expert_modules: tuple[str, ...] = ()  # module paths holding routed experts' weights (blocks.0.moe.experts)
+    tensor: str | None = None  # the tensor-parallel axis (larger than 1)
+    tensor_splits: tuple[tuple[str, int], ...] = ()  # (parameter name, dim split over tensor)
+    sequence_parallel: bool = False  # the blocks' hidden state split along the sequence over tensor
 
     @property
     def world_size(self) -> int:
@@ -60,22 +64,24 @@ class ParallelPlan:
         return tuple(axis for axis in self.shard if axis != self.experts) if self.experts is not None else ()
 
 
-def parallel_plan(spec, expert_modules: tuple[str, ...] = ()) -> ParallelPlan:
+def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dict[str, int] | None = None) -> ParallelPlan:
+    """``tensor_splits``: ``moec.backends.parallel.tensor.tensor_splits`` of the compiled graph."""
     sharding, mesh = spec.sharding, spec.mesh.axes
     active = {axis for axis, size in mesh.items() if size > 1}
     shard = tuple(axis for axis in sharding.fsdp if axis in active)
     replicate = tuple(axis for axis in sharding.batch if axis in active and axis not in shard)
     experts = [axis for axis in sharding.experts if axis in active]
     unsupported = _expert_parallel_limits(spec, experts, replicate, shard) if experts else []
-    if sharding.tensor is not None and sharding.tensor.axis in active:
-        unsupported.append("tensor parallelism (sharding.tensor)")
+    unsupported += tensor.not_built(spec) if tensor.tensor_axis(spec) is not None else []
     if sharding.pipeline is not None and sharding.pipeline.axis in active:
         unsupported.append("pipeline parallelism (sharding.pipeline)")
     if replicate and shard and (len(replicate) > 1 or len(shard) > 1):
         unsupported.append("HSDP over more than one replicate or shard axis")
     precision = spec.schedule.precision  # context parallelism and a reduce dtype DDP cannot use: refused at validation
     return ParallelPlan(dict(mesh), replicate, shard, DTYPE_NAMES[precision.compute], DTYPE_NAMES[precision.reduce],
-                        tuple(unsupported), experts[0] if experts else None, expert_modules if experts else ())
+                        tuple(unsupported), experts[0] if experts else None, expert_modules if experts else (),
+                        tensor.tensor_axis(spec), tuple((tensor_splits or {}).items()),
+                        tensor.tensor_axis(spec) is not None and sharding.tensor.sequence_parallel)
 
 
 def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: tuple) -> list[str]:
@@ -135,16 +141,23 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         *(shard_experts_source(_permuted(spec, plan, experts), plan.replicated_rows) + ["", ""] if plan.experts is not None else []),
         *(gather_experts_source() + ["", ""] if plan.expert_fsdp else []),
         *(hsdp_mesh_source() + ["", ""] if plan.replicate and plan.shard else []),
+        *(_tensor_parallel_source(spec, plan, where) if plan.tensor is not None else []),
         *checkpointing.checkpointing_source(ac, blocks, where), "", "",
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
         '    """Data parallelism over the batch axes (FSDP2 per block, then the root; or DDP)'
-        + ('.\n    The routed experts are split over the expert-parallel axis first."""' if plan.experts is not None else '."""'),
+        + ('.\n    The routed experts are split over the expert-parallel axis first."""' if plan.experts is not None else
+           '.\n    Tensor parallelism splits the weights first (torchtitan\'s order)."""' if plan.tensor is not None else '."""'),
+        *(["    tensor_parallel(model, mesh)"] if plan.tensor is not None else []),
         *_batch_group_lines(spec, plan, where),
         *_apply(plan, blocks, where),
         "    return model",
         *_expert_functions(plan),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _tensor_parallel_source(spec, plan: ParallelPlan, where) -> list[str]:
+    return [*tensor.split_source(), "", "", *tensor.tensor_parallel_source(spec, dict(plan.tensor_splits), where), "", ""]
 
 
 def expert_placement(spec, plan: ParallelPlan, experts: int) -> tuple[int, ...]:
@@ -207,6 +220,10 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
              "def expert_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:",
              "    return {param for module in expert_modules(model) for param in module.parameters()}", "", "",
              "def reduce_gradients(model: torch.nn.Module, mesh: DeviceMesh) -> None:"]
+    if _tensor_without_fsdp(plan) or plan.sequence_parallel:
+        return lines + tensor.reduce_gradients_lines(plan.tensor, plan.sequence_parallel,
+                                                     _flat(_in_mesh_order(plan, plan.data_parallel)) if plan.replicate else None,
+                                                     " x ".join(plan.replicate))
     if plan.experts is None:
         return lines + ['    """Nothing to do: DDP / FSDP2 reduce the gradients during backward."""']
     if plan.expert_fsdp:
@@ -248,12 +265,22 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
     ]
 
 
+def _tensor_without_fsdp(plan: ParallelPlan) -> bool:
+    """Tensor parallelism with plain data parallelism: reduce_gradients averages (DDP would replace the
+    DTensor parameters, which live on another mesh than its own, in its first forward; torch 2.13)."""
+    return plan.tensor is not None and bool(plan.replicate) and not plan.shard
+
+
 def _in_mesh_order(plan: ParallelPlan, axes: tuple[str, ...]) -> tuple[str, ...]:
     """``axes`` as the mesh orders them: a DeviceMesh slice must name its dims in that order."""
     return tuple(axis for axis in plan.axes if axis in axes)
 
 
 def _apply(plan: ParallelPlan, blocks: int, where) -> list[str]:
+    if not plan.data_parallel and plan.tensor is not None:
+        return ["    # no data-parallel axis larger than 1: every rank reads the whole batch"]
+    if _tensor_without_fsdp(plan):
+        return [f"    # data parallel over {' x '.join(plan.replicate)}: reduce_gradients averages the gradients  {where('sharding', 'batch')[2:]}"]
     if not plan.data_parallel:
         if plan.experts is not None:
             return _shard_experts_lines(plan, where) + ["    # no data-parallel axis larger than 1: every rank reads the whole batch"]
@@ -376,8 +403,10 @@ def shard_experts_source(permuted: bool = False, replicated_rows: bool = False) 
 
 
 def _moec_imports(spec, plan: ParallelPlan) -> list[str]:
-    imports = (["from moec.backends.parallel.buckets import all_reduce_flat"] if plan.experts is not None and not plan.expert_fsdp else []) + (
-        ["from moec.backends.torch.data_parallel import set_batch_group"] if _sets_batch_group(spec, plan) else [])
+    reduces = (plan.experts is not None and not plan.expert_fsdp) or _tensor_without_fsdp(plan) or plan.sequence_parallel
+    imports = (["from moec.backends.parallel.buckets import all_reduce_flat"] if reduces else []) + (
+        ["from moec.backends.torch.data_parallel import set_batch_group"] if _sets_batch_group(spec, plan) else []) + (
+        ["from moec.backends.torch.tensor_parallel import set_tensor_group"] if plan.tensor is not None else [])
     return ["", *imports] if imports else []
 
 

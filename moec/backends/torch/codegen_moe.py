@@ -66,7 +66,8 @@ def helpers_for(moe: MoeAttrs) -> set[str]:
 
 
 def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, expert_parallel: bool = False,
-                 tiles: tuple[int, ...] = ()) -> list[str]:
+                 tiles: tuple[int, ...] = (), tensor_parallel: bool = False) -> list[str]:
+    """``tensor_parallel``: the experts' weights are this rank's slices of the expert hidden size (grouped_mm only)."""
     args = ", ".join(slot_arg(s) for s in slots)
     E, k = moe.experts, moe.choices
     size = f"{moe.capacity.tokens} tokens" if moe.capacity.tokens else moe.capacity.factor
@@ -97,6 +98,9 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
         lines += _expert_parallel(moe)
     elif triton:
         lines += _triton(moe, tiles, fused_router)
+    elif tensor_parallel:
+        assert kernel == "grouped_mm" and not moe.expert.bias, "validation admits only bias-free grouped_mm experts under tp"
+        lines += _grouped_tensor_parallel(moe)
     else:
         lines += {"grouped_mm": _grouped, "bmm": _bmm, "eager": _dense}[kernel](moe)
     if triton:
@@ -260,6 +264,17 @@ def _grouped(moe: MoeAttrs) -> list[str]:
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_sorted",
                   lambda a, w: f"runtime.grouped_linear({a}, {w}, offsets)", bias, moe.expert.clamp)
     lines.append(f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)")
+    return lines
+
+
+def _grouped_tensor_parallel(moe: MoeAttrs) -> list[str]:
+    """``_grouped`` on this rank's slice of every expert's hidden size: Megatron's f on the routed rows,
+    g on the experts' outputs, so the router's weights combine whole outputs (their gradient stays whole)."""
+    lines = _grouped(moe)
+    rows = next(i for i, line in enumerate(lines) if line.startswith("    rows = "))
+    lines[rows] = lines[rows].replace("    rows = x[", "    rows = tensor_parallel.copy(x)[")  # f on (N, D), not the k-fold rows
+    down = next(i for i, line in enumerate(lines) if line.startswith("    y_sorted = "))
+    lines.insert(down + 1, "    y_sorted = tensor_parallel.reduce(y_sorted)  # g: partial sums over the expert hidden slices")
     return lines
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 
-from moec.backends.torch import codegen_moe, decode, snippets
+from moec.backends.torch import codegen_moe, codegen_tp, decode, snippets
 from moec.backends.torch.blocks import Segment, attribute_expr, is_fused, segments
 from moec.backends.torch.modules import block_class, root_class
 from moec.backends.torch.ops import EXPRESSIONS, SNIPPETS_USED_BY
@@ -46,8 +46,11 @@ def comment_safe(text: str) -> str:
 
 
 def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
-                 attention_kernel: str = "auto", expert_parallel: bool = False, tiles: tuple[int, ...] = ()) -> str:
-    fused = _FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles)
+                 attention_kernel: str = "auto", expert_parallel: bool = False, tiles: tuple[int, ...] = (),
+                 tensor_splits: dict[str, str] | None = None, sequence_parallel: bool = False) -> str:
+    """``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism (``codegen_tp``)."""
+    fused = _FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles, dict(tensor_splits or {}))
+    fused.sequence_parallel = sequence_parallel and bool(tensor_splits)
     cut = segments(graph)
     forward, bodies = _forward(graph, fused, cut)
     helpers = _helpers(graph, fused)
@@ -57,6 +60,8 @@ def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel:
         imports.append("from moec.backends.torch.data_parallel import batch_counts")
     if expert_parallel:
         imports.append("from moec.backends.torch.experts import experts_ffn")
+    if fused.splits:
+        imports.append(codegen_tp.IMPORT)
     if fused.triton:
         imports.append("from moec.backends import triton as triton_moe")
     lines += [""] + imports + ["", f"SPEC_NAME = {spec_name!r}", ""]
@@ -105,8 +110,11 @@ class _FusedFunctions:
     """One generated function per distinct fused configuration: fused_moe_0, fused_moe_1, fused_spectral_moe_0, ..."""
 
     def __init__(self, moe_kernel: str, spectral_kernel: str, attention_kernel: str = "auto", expert_parallel: bool = False,
-                 tiles: tuple[int, ...] = ()):
+                 tiles: tuple[int, ...] = (), splits: dict[str, str] | None = None):
         self.moe_kernel, self.spectral_kernel, self.expert_parallel = moe_kernel, spectral_kernel, expert_parallel
+        self.splits = splits or {}  # tensor parallelism: parameter name -> column / row
+        self.sequence_parallel = False  # and the hidden state split along the sequence between the groups
+        self.split_experts = any(EXPERT_PREFIX in name for name in self.splits)  # experts.up / experts.down listed
         self.tiles, self.triton = tiles, False  # triton: some function calls moec.backends.triton
         self.attention = "attention_eager" if attention_kernel == "eager" else "attention"  # auto, sdpa: torch SDPA
         self.names: dict[tuple, str] = {}
@@ -119,7 +127,8 @@ class _FusedFunctions:
             self.names[key] = name
             kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs["moe"], self.expert_parallel)
             self.triton |= codegen_moe.uses_triton(kernel) and not self.expert_parallel
-            self.sources.append(codegen_moe.moe_function(name, attrs["slots"], attrs["moe"], kernel, self.expert_parallel, self.tiles))
+            self.sources.append(codegen_moe.moe_function(name, attrs["slots"], attrs["moe"], kernel, self.expert_parallel, self.tiles,
+                                                         tensor_parallel=self.split_experts))
         return self.names[key]
 
     def spectral(self, attrs: dict) -> str:
@@ -159,6 +168,8 @@ class _Writer:
         self.anchor = anchor  # a [B,S,...] value in scope: constants' device, unfused ops' sequence length
         self.last_use = _last_uses(graph)
         self.lines: list[str] = []
+        self.splits = fused.splits if decoding is None else {}  # decode runs whole, on one process
+        self.copied: set[str] = set()  # values that went through tensor_parallel.copy
 
     def name(self, ref: Ref) -> str:
         node = self.graph[ref.node]
@@ -167,7 +178,11 @@ class _Writer:
     def node(self, index: int, stats: list[str]) -> None:
         node = self.graph.nodes[index]
         args = [self.name(ref) for ref in node.inputs]
+        if self.splits:
+            node, args = self.tensor_parallel(node, args)
         expr = (self.decoding and self.decoding.expression(node, args)) or _expression(node, args, self.fused, self.anchor)
+        if self.splits and self.split_of(node, 1) == "row":
+            expr = codegen_tp.reduced(expr, self.fused.sequence_parallel)  # g: the row-split product's partial sums
         targets = ", ".join(value_name(Ref(node.name, i), self.graph) for i in range(len(node.types or (None,))))
         if is_fused(node):
             stats.append(f"stats_{len(stats)}")
@@ -177,9 +192,34 @@ class _Writer:
         self.lines.append(f"        {targets} = {expr}  # {shapes}{where}")
         self.free([ref for ref in node.inputs if self.last_use.get(ref) == index])
 
+    def split_of(self, node: Node, position: int) -> str | None:
+        """``column`` / ``row`` when input ``position`` of a linear is a tensor-parallel split weight."""
+        if node.op != "linear" or len(node.inputs) <= position:
+            return None
+        source = self.graph[node.inputs[position].node]
+        return self.splits.get(source.attr["name"]) if source.op == "param" else None
+
+    def tensor_parallel(self, node: Node, args: list[str]) -> tuple[Node, list[str]]:
+        """The rank-local form of a statement (``moec.backends.torch.codegen_tp``)."""
+        if node.op in ("rope", "attention"):
+            return codegen_tp.local_heads(node, args), args
+        if node.op in ("moe", "spectral_moe"):
+            return node, [codegen_tp.local(arg) if self.splits.get(self.graph[ref.node].attr.get("name")) else arg
+                          for ref, arg in zip(node.inputs, args)]
+        split = self.split_of(node, 1)
+        if split is None:
+            return node, args
+        if split == "column":
+            if args[0] not in self.copied:
+                self.copied.add(args[0])
+                self.lines.append(codegen_tp.copy_statement(args[0], self.fused.sequence_parallel))
+            args = [codegen_tp.copied(args[0])] + args[1:]
+        return node, [args[0], codegen_tp.local(args[1]), *args[2:]]
+
     def free(self, refs: list[Ref]) -> None:
         """``del`` the values read for the last time (parameters live on the module; the input stays)."""
-        dead = sorted({value_name(ref, self.graph) for ref in refs if self.graph[ref.node].op not in ("param", "input")})
+        dead = {value_name(ref, self.graph) for ref in refs if self.graph[ref.node].op not in ("param", "input")}
+        dead = sorted(dead | {codegen_tp.copied(name) for name in dead & self.copied})
         if dead:
             self.lines.append(f"        del {', '.join(dead)}")
 
@@ -207,7 +247,13 @@ def _forward(graph: Graph, fused: _FusedFunctions, cut: list[Segment], decoding=
         bodies[segment.block] = writer.lines
         args = ", ".join(root.name(ref) for ref in segment.inputs)
         where = comment_safe(_block_origin(graph, segment))
+        sequence_parallel = fused.sequence_parallel and not decoding
+        if sequence_parallel and segment.block == 0:
+            root.lines += [codegen_tp.split_statement(root.name(ref)) for ref in segment.inputs if graph.type_of(ref).rank == 3]
         root.lines.append(f"        {_tuple(returned)} = self.blocks[{segment.block}]{call}({args}{extra})  # {where}")
+        if sequence_parallel and segment.block == max(s.block for s in cut if s.block is not None):
+            root.lines += [codegen_tp.gather_statement(value_name(ref, graph)) for ref in segment.outputs
+                           if graph.type_of(ref).rank == 3]
         root.free([ref for ref in segment.inputs if root.last_use.get(ref) in segment.span])
     output, aux = (value_name(ref, graph) for ref in graph.outputs)
     moe_stats = f"({', '.join(stats)}{',' if len(stats) == 1 else ''})"

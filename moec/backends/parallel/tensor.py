@@ -1,0 +1,118 @@
+"""Tensor parallelism in the generated ``parallel.py``: which weights split, and the code that splits them.
+
+``tensor_splits`` reads the placements ``annotate_sharding`` gave the parameters on the
+tensor-parallel axis: ``Shard(0)`` for column groups (``Shard(1)`` for the experts' [E, out, in]
+weights), ``Shard(1)`` for row groups (experts ``Shard(2)``). ``parallel.py``'s
+``tensor_parallel(model, mesh)`` turns each of them into a DTensor on the tp mesh, from the whole
+weight every rank initialised from the spec seed, so the shards are the one-process weights.
+Gradients come back as DTensors with the same placement, checkpoints save them as DTensors (DCP
+reshards them for any mesh) and the memory plan counts their local shards. Everything else stays
+whole on every tp rank: without sequence parallelism its gradient is the same on each of them.
+"""
+
+from __future__ import annotations
+
+from moec.ir.graph import Graph
+from moec.passes.sharding import tp_group
+
+
+def tensor_axis(spec) -> str | None:
+    """The tensor-parallel axis when it is larger than 1."""
+    tensor = spec.sharding.tensor
+    return tensor.axis if tensor is not None and spec.mesh.axes.get(tensor.axis, 1) > 1 else None
+
+
+def not_built(spec) -> list[str]:
+    """The parts of the seed's tensor-parallel plan not built yet (``moec train`` stops at launch); what
+    cannot be split is refused at validation (``moec.schema.checks_tensor``)."""
+    tp = spec.sharding.tensor
+    vocab = [group for group in tp.column + tp.row if group in ("embed", "head")]
+    return [f"vocab-parallel {' and '.join(vocab)} (sharding.tensor)"] if vocab else []
+
+
+def tensor_splits(spec, graph: Graph) -> dict[str, int]:
+    """Parameter name -> the dim it is split on over the tensor-parallel axis (empty without one)."""
+    axis = tensor_axis(spec)
+    if axis is None:
+        return {}
+    index = list(spec.mesh.axes).index(axis)
+    splits = {}
+    for node in graph.params():
+        placement = dict(node.meta).get("placement")
+        vocab = tp_group(node.attr["name"]) in ("embed", "head")  # not built: moec train refuses it at launch
+        if node.attr["name"] in _moe_inputs(graph) and tp_group(node.attr["name"]) not in ("experts.up", "experts.down"):
+            continue  # a shared expert or dense fallback inside a fused MoE ("w_up" reads as mlp.up): stays whole
+        if placement is not None and placement[index].startswith("Shard") and not vocab:
+            splits[node.attr["name"]] = int(placement[index][6:-1])
+    return splits
+
+
+def _moe_inputs(graph: Graph) -> set[str]:
+    """The names of the parameters the fused MoE nodes read."""
+    return {graph[ref.node].attr["name"] for node in graph.nodes if node.op in ("moe", "spectral_moe")
+            for ref in node.inputs if graph[ref.node].op == "param"}
+
+
+def split_kind(name: str, dim: int) -> str:
+    """``column`` (output features) or ``row`` (input features) for a weight split on ``dim``."""
+    return "column" if dim == (1 if ".experts." in name else 0) else "row"
+
+
+def split_source() -> list[str]:
+    return [
+        "def split(module: torch.nn.Module, dims: dict[str, int], tp_mesh: DeviceMesh) -> None:",
+        '    """Each named weight becomes a DTensor sharded on its dim over tp. Every rank initialised the whole',
+        '    weight from the spec seed first, so the shards are exactly the one-process weights."""',
+        "    for name, dim in dims.items():",
+        "        param = getattr(module, name)",
+        "        sharded = distribute_tensor(param.detach(), tp_mesh, [Shard(dim)])",
+        "        module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))",
+    ]
+
+
+def tensor_parallel_source(spec, splits: dict[str, int], where) -> list[str]:
+    """``def tensor_parallel(model, mesh)``: one ``split`` line per module, with its groups and spec line."""
+    from moec.backends.torch.blocks import attribute_expr
+
+    axis = tensor_axis(spec)
+    lines = [
+        "def tensor_parallel(model: torch.nn.Module, mesh: DeviceMesh) -> None:",
+        f'    """Megatron-style tensor parallelism over {axis}: column groups split their output features,',
+        "    row groups their input features; model.py reads the local shards and all-reduces at the ends",
+        '    of each group (moec.backends.torch.tensor_parallel)."""',
+        f"    tp_mesh = mesh[{axis!r}]  {where('sharding', 'tensor', 'axis')}",
+        "    set_tensor_group(tp_mesh.get_group())  # model.py's f and g all-reduce over it",
+    ]
+    modules: dict[str, dict[str, int]] = {}
+    for name, dim in splits.items():
+        owner, leaf = name.rsplit(".", 1)
+        modules.setdefault(owner, {})[leaf] = dim
+    for owner, dims in modules.items():
+        groups = {}
+        for leaf, dim in dims.items():
+            groups.setdefault(tp_group(f"{owner}.{leaf}"), split_kind(f"{owner}.{leaf}", dim))
+        what = ", ".join(f"{group} {kind}" for group, kind in groups.items())
+        field = "column" if "column" in groups.values() else "row"
+        lines.append(f"    split({attribute_expr(owner, 'model')}, {dims!r}, tp_mesh)  # {what}  "
+                     f"{where('sharding', 'tensor', field)[2:]}")
+    return lines
+
+
+def reduce_gradients_lines(axis: str, sequence_parallel: bool, data_parallel: str | None, names: str) -> list[str]:
+    """The body of ``reduce_gradients`` under tensor parallelism without FSDP, or with sequence parallelism."""
+    lines = ['    """' + ("Sequence parallel: each tp rank ran the blocks' norms on its S / tp positions, so the "
+                          "gradients of\n    the blocks' whole weights are partial sums: summed over tp. " if sequence_parallel else "")
+             + ("Averaged over the data-parallel\n    ranks, tp shards and whole weights alike. " if data_parallel else "")
+             + "One flat all-reduce per bucket, in\n    model.parameters() order, the same on every rank.\"\"\""]
+    if sequence_parallel:
+        lines += [
+            "    partial = [p.grad for p in model.blocks.parameters() if p.grad is not None and not hasattr(p, 'to_local')]",
+            f"    all_reduce_flat(partial, mesh[{axis!r}].get_group())  # sum over {axis}",
+        ]
+    if data_parallel:
+        lines += [
+            "    grads = [param.grad for param in model.parameters() if param.grad is not None]",
+            f"    data_parallel = {data_parallel}.get_group()  # {names}",
+            "    all_reduce_flat([g.to_local() if hasattr(g, 'to_local') else g for g in grads], data_parallel, op=dist.ReduceOp.AVG)",
+        ]
+    return lines

@@ -1,0 +1,148 @@
+"""Megatron-style tensor parallelism as a generated ``model.py`` calls it.
+
+A program built from a spec with ``sharding.tensor`` (tp > 1) reads each split weight through
+``local`` (a rank's shard when the generated ``parallel.py`` made it a DTensor, the whole weight
+otherwise), takes head counts from the width of the local projections, and marks the two ends
+of every split group with Megatron's conjugate functions:
+
+- ``copy`` (Megatron's *f*) before a column group (attention q/k/v, MLP up/gate, expert
+  up/gate): identity forward; backward all-reduces the input's gradient, since each rank's
+  columns contribute only part of it.
+- ``reduce`` (Megatron's *g*) after a row group (attention out, MLP down, expert down):
+  all-reduces the partial sums forward; identity backward.
+
+Both are autograd functions on functional collectives over the group ``parallel.py`` sets, so
+``torch.compile`` traces them into the graph. Without a group (one process) both are the
+identity and ``local`` returns the whole weight: the same ``model.py`` runs on one process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+_GROUP: dict[str, dist.ProcessGroup | None] = {"group": None}
+
+
+def set_tensor_group(group: dist.ProcessGroup | None) -> None:
+    """The ranks of one tensor-parallel group (the spec's ``sharding.tensor.axis``), or None."""
+    _GROUP["group"] = group
+
+
+def tensor_group() -> dist.ProcessGroup | None:
+    return _GROUP["group"]
+
+
+def local(weight: Tensor) -> Tensor:
+    """This rank's shard of a split weight (a DTensor on the tp mesh); a plain weight as it is."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return funcol.all_reduce(grad.contiguous(), "sum", ctx.group), None
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        return funcol.all_reduce(x.contiguous(), "sum", group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def copy(x: Tensor) -> Tensor:
+    """Megatron's f: identity forward, gradient summed over the tensor-parallel ranks backward."""
+    group = _GROUP["group"]
+    return x if group is None else _Copy.apply(x, group)
+
+
+def reduce(x: Tensor) -> Tensor:
+    """Megatron's g: partial sums of a row-split product summed over the tensor-parallel ranks."""
+    group = _GROUP["group"]
+    return x if group is None else _Reduce.apply(x, group)
+
+
+# Sequence parallelism (Megatron-SP): between the tensor-parallel groups each rank holds S / tp
+# positions of the hidden state, so norms and residual adds run on a slice. f becomes an all-gather
+# along the sequence (its backward a reduce-scatter), g a reduce-scatter (its backward an all-gather).
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return funcol.all_gather_tensor(x.contiguous(), 1, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return funcol.reduce_scatter_tensor(grad.contiguous(), "sum", 1, ctx.group), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return funcol.reduce_scatter_tensor(x.contiguous(), "sum", 1, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group), None
+
+
+class _SplitSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        return x.chunk(size, dim=1)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group), None
+
+
+class _UnsplitSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return funcol.all_gather_tensor(x.contiguous(), 1, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # every rank computed the same loss from the whole sequence: keep its own part
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return grad.chunk(size, dim=1)[rank].contiguous(), None
+
+
+def gather_sequence(x: Tensor) -> Tensor:
+    """Sequence parallel's f: the whole sequence [B, S, D] from every rank's [B, S/tp, D]."""
+    group = _GROUP["group"]
+    return x if group is None else _GatherSequence.apply(x, group)
+
+
+def scatter_sequence(x: Tensor) -> Tensor:
+    """Sequence parallel's g: the partial sums of a row-split product, summed and split along the sequence."""
+    group = _GROUP["group"]
+    return x if group is None else _ScatterSequence.apply(x, group)
+
+
+def unsplit_sequence(x: Tensor) -> Tensor:
+    """The whole hidden state after the blocks, for the replicated final norm and head (``split_sequence`` undone)."""
+    group = _GROUP["group"]
+    return x if group is None else _UnsplitSequence.apply(x, group)
+
+
+def split_sequence(x: Tensor) -> Tensor:
+    """This rank's S / tp positions of a hidden state every rank holds whole (the blocks' input)."""
+    group = _GROUP["group"]
+    return x if group is None else _SplitSequence.apply(x, group)

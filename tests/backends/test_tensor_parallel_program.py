@@ -1,0 +1,83 @@
+"""The tensor-parallel statements of a generated model.py, byte for byte, and what they do on one process.
+
+A spec whose tensor-parallel axis has size 1 gets exactly the program of the spec without one; with
+tp > 1 the statements of ``moec.backends.torch.codegen_tp`` appear, and the same file still runs
+whole on one process (no group: f and g are the identity, head counts come from the widths).
+"""
+
+import torch
+
+import moec
+from moec.compile import build_model
+from tests.distributed.tp_worker import TP2, spec_text
+
+
+def program(mesh: str = ""):
+    return moec.compile_spec(moec.load_spec_text(spec_text(mesh), file="tp.yaml"))
+
+
+def body(source: str) -> str:
+    return source.split("SPEC_NAME = ")[1]  # after the header (its spec sha256 line differs)
+
+
+def test_a_tensor_axis_of_size_one_changes_nothing():
+    whole = program()
+    one = program("mesh: {world_size: 2, axes: {dp: 2, tp: 1}}\nsharding:\n  batch: [dp]\n  tensor: {axis: tp}\n")
+    assert body(one.source) == body(whole.source)
+    assert "tensor_parallel" not in one.source and "def tensor_parallel" not in one.parallel_source
+
+
+def test_the_tensor_parallel_lines_exactly():
+    source = program(TP2).source
+    assert "# Tensor parallel over tp (2): shapes are the whole model's; a rank holds 1/2 of each split group (parallel.py).\n" in source
+    assert "\nfrom moec.backends.torch import tensor_parallel\n" in source
+    forward = source.split("    def forward(self, embed_0):\n")[1].split("\n\n")[0].splitlines()
+    strip = [line.split("  # ")[0] for line in forward]  # statements without their shape / spec-line comments
+    assert strip[:12] == [
+        "        rmsnorm_0 = F.rms_norm(embed_0, (32,), self.attention_norm.weight, 1e-05)",
+        "        rmsnorm_0_tp = tensor_parallel.copy(rmsnorm_0)",
+        "        linear_0 = F.linear(rmsnorm_0_tp, tensor_parallel.local(self.attention.wq))",
+        "        linear_1 = F.linear(rmsnorm_0_tp, tensor_parallel.local(self.attention.wk))",
+        "        linear_2 = F.linear(rmsnorm_0_tp, tensor_parallel.local(self.attention.wv))",
+        "        del rmsnorm_0, rmsnorm_0_tp",
+        "        rope_0 = rope(linear_0, linear_0.shape[-1] // 8, 8, 10000.0)",
+        "        del linear_0",
+        "        rope_1 = rope(linear_1, linear_1.shape[-1] // 8, 8, 10000.0)",
+        "        del linear_1",
+        "        attention_0 = attention(rope_0, rope_1, linear_2, rope_0.shape[-1] // 8, rope_1.shape[-1] // 8, 8, True)",
+        "        del linear_2, rope_0, rope_1",
+    ]
+    assert forward[1] == ("        rmsnorm_0_tp = tensor_parallel.copy(rmsnorm_0)  # f: identity forward, gradient summed over "
+                          "the tensor-parallel ranks")
+    assert strip[12] == "        linear_3 = tensor_parallel.reduce(F.linear(attention_0, tensor_parallel.local(self.attention.wo)))"
+    assert ("        moe_0, moe_0_1, stats_0 = fused_moe_0(rmsnorm_1, rmsnorm_1, self.moe.router.weight, "
+            "tensor_parallel.local(self.moe.experts.w_up), tensor_parallel.local(self.moe.experts.w_gate), "
+            "tensor_parallel.local(self.moe.experts.w_down), self.training)") in strip
+    assert "        linear_7 = tensor_parallel.reduce(F.linear(glu_0, tensor_parallel.local(self.mlp.w_down)))" in strip
+    moe = source.split("def fused_moe_0(")[1].split("\n\n")[0].splitlines()
+    assert "    rows = tensor_parallel.copy(x)[order // 2]  # (N*k, D) token rows in expert order" in moe
+    down = moe.index("    y_sorted = runtime.grouped_linear(hidden, experts_w_down, offsets)")
+    assert moe[down + 1] == "    y_sorted = tensor_parallel.reduce(y_sorted)  # g: partial sums over the expert hidden slices"
+    decode = source.split("    def decode(self, embed_0, cache, positions, bucket):\n")[1]
+    assert "tensor_parallel.local" not in decode.split("\n\n")[0]  # decode runs whole, on one process
+
+
+def test_the_tensor_parallel_program_runs_whole_on_one_process():
+    spec_whole, spec_tp = (moec.load_spec_text(spec_text(mesh), file="tp.yaml") for mesh in ("", TP2))
+    whole, split = build_model(spec_whole), build_model(spec_tp)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    a, b = whole(tokens), split(tokens)
+    assert torch.equal(a.output, b.output) and torch.equal(a.aux_loss, b.aux_loss)
+
+
+def test_a_moe_whose_experts_are_not_split_stays_whole():
+    """Only attention and MLP split: the fused MoE keeps its experts (and shared experts, whose
+    weights are also named w_up / w_down) whole, with no f or g inside."""
+    mesh = TP2.replace("  tensor: {axis: tp}\n", "  tensor: {axis: tp, column: [attention.qkv, mlp.up], row: [attention.out, mlp.down]}\n")
+    text = spec_text(mesh).replace("aux: {load_balance: 0.01", "shared_experts: {count: 1}\n          aux: {load_balance: 0.01")
+    compiled = moec.compile_spec(moec.load_spec_text(text, file="tp.yaml"))
+    moe = compiled.source.split("def fused_moe_0(")[1].split("\n\n")[0]
+    assert "tensor_parallel" not in moe
+    assert "self.moe.experts.w_up, self.moe.experts.w_gate, self.moe.experts.w_down, self.moe.shared.w_up" in compiled.source
+    assert "split(model.blocks[0].mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)" in compiled.parallel_source
+    assert ".moe." not in compiled.parallel_source.split("def tensor_parallel")[1].split("\n\n\n")[0]

@@ -1,0 +1,144 @@
+"""Tensor parallelism (``sharding.tensor``) on 2 and 4 CPU processes (gloo) against one process.
+
+The spec (tp_worker.SPEC) has GQA attention (4 heads, 2 KV heads: one per tp rank), a top-2-of-4
+MoE with load-balance and z losses, and a SwiGLU MLP, so every split group runs: attention.qkv /
+attention.out, experts.up / experts.down (the expert hidden size) and mlp.up / mlp.down. The
+load-balance loss counts tokens over the global batch, so tp x dp is the one-process run too.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import moec
+from moec.compile import compile_spec
+from moec.runtime.metrics import read_metrics
+from moec.runtime.trainer import Trainer
+from tests.conftest import REPO
+from tests.distributed.processes import run_job
+from tests.distributed.tp_worker import TP2, dense_text, spec_text
+
+TP2_DP2 = "mesh: {world_size: 4, axes: {dp: 2, tp: 2}}\nsharding:\n  batch: [dp]\n  tensor: {axis: tp}\n"
+TP2_FSDP2 = "mesh: {world_size: 4, axes: {fsdp: 2, tp: 2}}\nsharding:\n  batch: [fsdp]\n  fsdp: [fsdp]\n  tensor: {axis: tp}\n"
+
+
+def rows(run_dir: Path, kind: str, key: str) -> list[float]:
+    return [row[key] for row in read_metrics(run_dir / "metrics.jsonl") if row["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    Trainer(moec.load_spec_text(spec_text(), file="single.yaml"), run_dir=run_dir).run()
+    return run_dir
+
+
+def train_processes(tmp_path: Path, mesh: str, nproc: int, text=spec_text) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    spec = tmp_path / "tp.yaml"
+    spec.write_text(text(mesh))
+    moec_script = Path(sys.executable).parent / "moec"
+    done = run_job([str(moec_script), "train", str(spec), "--nproc", str(nproc), "--run-dir", str(tmp_path / "run"), "--no-plots"],
+                   timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path / "run"
+
+
+def assert_same_run(run_dir: Path, single: Path) -> None:
+    for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss")):
+        got, expected = rows(run_dir, kind, key), rows(single, kind, key)
+        assert len(got) == len(expected) > 0 and got == pytest.approx(expected, rel=1e-5), (key, got, expected)
+    plan = next(r["memory_plan"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train")
+    assert plan["held_over_planned"] == pytest.approx(1.0, abs=0.02), plan
+    print(f"memory plan: held {plan['held']['total_bytes']} B, planned {plan['planned']['total_bytes']} B per rank")
+
+
+def test_tp2_forward_aux_and_gradients_equal_one_process(tmp_path):
+    out = tmp_path / "diffs.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "tests.distributed.tp_worker", str(out)]
+    done = run_job(command, timeout=240, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    diffs = json.loads(out.read_text())
+    assert diffs["weights"] == 0.0  # the shards are slices of the one-process initialisation
+    assert diffs["output"] < 1e-5 and diffs["aux_loss"] < 1e-5, diffs
+    assert max(diffs["grads"].values()) < 1e-5, diffs["grads"]  # relative to each gradient's largest entry
+    assert len(diffs["grads"]) == 31  # every parameter, split (20) or whole (11)
+    shapes = diffs["local_shapes"]  # heads 4 -> 2 per rank, kv heads 2 -> 1, expert hidden 32 -> 16, mlp hidden 64 -> 32
+    assert (shapes["blocks.0.attention.wq"], shapes["blocks.0.attention.wk"], shapes["blocks.0.attention.wo"]) == ([16, 32], [8, 32], [32, 16])
+    assert (shapes["blocks.1.moe.experts.w_gate"], shapes["blocks.1.moe.experts.w_down"]) == ([4, 16, 32], [4, 32, 16])
+    assert (shapes["blocks.0.mlp.w_up"], shapes["blocks.0.mlp.w_down"]) == ([32, 32], [32, 32])
+    assert len(diffs["split"]) == 20 and not any("norm" in name or "router" in name for name in diffs["split"])
+
+
+@pytest.mark.slow
+def test_tp2_trains_like_one_process_and_its_checkpoint_resumes_on_one(single, tmp_path):
+    run_dir = train_processes(tmp_path, TP2, 2)
+    assert_same_run(run_dir, single)
+    resumed = tmp_path / "resumed"  # the step-3 checkpoint of DTensor shards, on one process
+    (run_dir / "checkpoints" / "step_00000005").rename(tmp_path / "later")
+    run_dir.rename(resumed)
+    Trainer(moec.load_spec_text(spec_text(), file="single.yaml"), run_dir=resumed, resume="latest", allow_spec_change=True).run()
+    assert rows(resumed, "train", "loss") == pytest.approx(rows(single, "train", "loss"), rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [TP2_DP2, TP2_FSDP2], ids=["tp2_dp2", "tp2_fsdp2"])
+def test_tp2_with_data_parallel_trains_like_one_process(mesh, single, tmp_path):
+    assert_same_run(train_processes(tmp_path, mesh, 4), single)
+
+
+@pytest.fixture(scope="module")
+def single_dense(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single_dense")
+    Trainer(moec.load_spec_text(dense_text(), file="single.yaml"), run_dir=run_dir).run()
+    return run_dir
+
+
+SP = "    sequence_parallel: true\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [TP2, TP2_DP2], ids=["tp2_sp", "tp2_dp2_sp"])
+def test_sequence_parallel_trains_like_one_process(mesh, single_dense, tmp_path):
+    mesh = mesh.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n" + SP)
+    run_dir = train_processes(tmp_path, mesh, 2 if mesh.startswith("mesh: {world_size: 2") else 4, dense_text)
+    assert_same_run(run_dir, single_dense)
+
+
+def test_sequence_parallel_lines(tmp_path):
+    mesh = TP2.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n" + SP)
+    source = compile_spec(moec.load_spec_text(dense_text(mesh), file="sp.yaml")).source
+    strip = [line.split("  # ")[0] for line in source.splitlines()]
+    assert "        rmsnorm_0_tp = tensor_parallel.gather_sequence(rmsnorm_0)" in strip
+    assert "        linear_3 = tensor_parallel.scatter_sequence(F.linear(attention_0, tensor_parallel.local(self.attention.wo)))" in strip
+    root = strip[strip.index("        embed_0 = F.embedding(tokens, self.embed.weight)"):][:6]
+    assert root == [
+        "        embed_0 = F.embedding(tokens, self.embed.weight)",
+        "        embed_0 = tensor_parallel.split_sequence(embed_0)",
+        "        add_1 = self.blocks[0](embed_0)",
+        "        del embed_0",
+        "        add_3 = self.blocks[1](add_1)",
+        "        add_3 = tensor_parallel.unsplit_sequence(add_3)",
+    ]
+
+
+def test_parallel_py_splits_the_groups_with_spec_lines(tmp_path):
+    path = tmp_path / "tp2.yaml"
+    path.write_text(spec_text(TP2))
+    program = compile_spec(moec.load_spec(path))
+    lines = program.parallel_source.split("def tensor_parallel")[1].splitlines()
+    assert lines[4:9] == [
+        f"    tp_mesh = mesh['tp']  # {path}:25 sharding.tensor.axis",
+        "    set_tensor_group(tp_mesh.get_group())  # model.py's f and g all-reduce over it",
+        ("    split(model.blocks[0].attention, {'wq': 0, 'wk': 0, 'wv': 0, 'wo': 1}, tp_mesh)  # attention.qkv column, "
+         f"attention.out row  {path}:25 sharding.tensor.column"),
+        ("    split(model.blocks[0].moe.experts, {'w_up': 1, 'w_gate': 1, 'w_down': 2}, tp_mesh)  # experts.up column, "
+         f"experts.down row  {path}:25 sharding.tensor.column"),
+        ("    split(model.blocks[0].mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)  # mlp.up column, "
+         f"mlp.down row  {path}:25 sharding.tensor.column"),
+    ]
+    assert "    tensor_parallel(model, mesh)\n" in program.parallel_source.split("def parallelize")[1]
+    assert "UNSUPPORTED = ()" in program.parallel_source

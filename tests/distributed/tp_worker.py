@@ -1,0 +1,117 @@
+"""One tensor-parallel forward and backward on the ranks of ``torchrun``, against the one-process model.
+
+Every rank builds the one-process program (no tensor-parallel statements) and the tp program of the
+same spec, runs both on the same batch (loss = cross entropy + aux loss) and rank 0 writes the largest
+differences of the output, the aux loss, the weights and every gradient (DTensor shards gathered).
+``python -m torch.distributed.run --nproc-per-node 2 -m tests.distributed.tp_worker OUT.json``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import moec
+from moec.compile import build_model, compile_spec, parallel_module
+
+SPEC = """version: 1
+name: tp_gqa_moe
+model:
+  d_model: 32
+  max_seq_len: 64
+  inputs: {{kind: tokens, vocab: 256}}
+  blocks:
+    - repeat: 2
+      layers:
+        - kind: attention
+          heads: 4
+          kv_heads: 2
+          rope: {{theta: 10000}}
+        - kind: moe
+          experts: 4
+          top_k: 2
+          expert: {{hidden: 32, activation: swiglu}}
+          aux: {{load_balance: 0.01, z_loss: 0.001, load_balance_batch: global}}
+        - kind: mlp
+          hidden: 64
+          activation: swiglu
+  head: {{kind: lm}}
+{mesh}schedule:
+  compile: {{enabled: false}}
+  deterministic: true
+train:
+  seed: 0
+  steps: 5
+  batch: 8
+  seq_len: 32
+  optimizer: {{lr: 3.0e-3}}
+  lr_schedule: {{warmup_steps: 2}}
+  data: {{kind: text, files: ["stdlib:json/*.py"]}}
+  eval: {{every: 3, batches: 2}}
+  checkpoint: {{every: 3, keep_last: 2}}
+"""
+TP2 = "mesh: {world_size: 2, axes: {tp: 2}}\nsharding:\n  tensor: {axis: tp}\n"
+
+
+MOE = """        - kind: moe
+          experts: 4
+          top_k: 2
+          expert: {hidden: 32, activation: swiglu}
+          aux: {load_balance: 0.01, z_loss: 0.001, load_balance_batch: global}
+"""
+
+
+def spec_text(mesh: str = "") -> str:
+    return SPEC.format(mesh=mesh)
+
+
+def dense_text(mesh: str = "") -> str:
+    """The spec without its MoE layer: GQA attention and a SwiGLU MLP (what sequence parallelism runs)."""
+    text = spec_text(mesh)
+    assert MOE in text
+    return text.replace(MOE, "")
+
+
+def loss_of(model, tokens):
+    out = model(tokens[:, :-1])
+    task = F.cross_entropy(out.output.flatten(0, 1), tokens[:, 1:].flatten())
+    (task + out.aux_loss).backward()
+    return out
+
+
+def whole(tensor):
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def main(out_path: str) -> None:
+    dist.init_process_group("gloo")
+    tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
+    single = build_model(moec.load_spec_text(spec_text(), file="single.yaml")).train()
+    expected = loss_of(single, tokens)  # before tensor_parallel sets the group
+    spec = moec.load_spec_text(spec_text(TP2), file="tp2.yaml")
+    program = compile_spec(spec)
+    model = build_model(spec, program=program, mesh=parallel_module(program).make_mesh("cpu")).train()
+    got = loss_of(model, tokens)
+    reference = dict(single.named_parameters())
+    split = sorted(name for name, p in model.named_parameters() if hasattr(p, "to_local"))
+    diffs = {
+        "output": (got.output - expected.output).abs().max().item(),
+        "aux_loss": abs(got.aux_loss.item() - expected.aux_loss.item()),
+        "weights": max((whole(p.detach()) - reference[name]).abs().max().item() for name, p in model.named_parameters()),
+        "grads": {name: ((whole(p.grad) - reference[name].grad).abs().max() / reference[name].grad.abs().max()).item()
+                  for name, p in model.named_parameters()},
+        "split": split,
+        "local_shapes": {name: list(dict(model.named_parameters())[name].to_local().shape) for name in split},
+    }
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as file:
+            json.dump(diffs, file)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
