@@ -32,7 +32,7 @@ from moec.passes.stages import stage_split
 from moec.runtime.annealing import set_annealed
 from moec.runtime.distributed import local_slice
 from moec.runtime.memory_plan import held_bytes, plan_check
-from moec.runtime.metrics import moe_health, peak_memory_bytes
+from moec.runtime.metrics import compiled_graphs, moe_health, peak_memory_bytes
 from moec.runtime.optim import lr_factor, set_learning_rates
 
 
@@ -228,6 +228,8 @@ class PipelineRun:
         }
         if held is not None:
             row["memory_plan"] = plan_check(held, trainer.program.manifest)
+        if self.spec.schedule.compile.enabled:
+            row["compiled_graphs"] = compiled_graphs()
         return row
 
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:

@@ -51,7 +51,7 @@ def run_pipeline(tmp_path, schedule: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b"])
+@pytest.mark.parametrize("schedule", ["interleaved_1f1b"])  # gpipe and 1f1b: through moec train, test_pipeline_training.py
 def test_two_stages_give_the_single_process_losses(schedule, single, tmp_path):
     result = run_pipeline(tmp_path, schedule)
     # interleaved: 4 virtual stages, rank 0 runs blocks 0 and 2, rank 1 blocks 1 and 3

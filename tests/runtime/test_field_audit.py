@@ -78,7 +78,7 @@ def compile_options(monkeypatch, *overrides) -> dict:
     s = spec(*overrides)
     program = moec.compile_spec(s)
     fake = types.SimpleNamespace(spec=s, program=program, parallel=parallel_module(program),
-                                 dist=types.SimpleNamespace(distributed=False))
+                                 dist=types.SimpleNamespace(distributed=False), pipeline=None)
     Trainer._compiled(fake, build_model(s, program=program))
     return calls[0] if calls else {}
 
