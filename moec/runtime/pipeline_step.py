@@ -73,12 +73,12 @@ def pipeline_axis(spec) -> str | None:
 class PipelineRun:
     """The schedule, this rank's stages and the step that drives them (the trainer calls it when pp > 1)."""
 
-    def __init__(self, spec, program, model: nn.Module, dist_ctx, parallel):
+    def __init__(self, spec, program, model: nn.Module, dist_ctx):
         problem = pipeline_problem(program.graph)
         if problem:
             raise PipelineError(f"sharding.pipeline: this model cannot be cut into pipeline stages: {problem}")
         options, axis = spec.sharding.pipeline, pipeline_axis(spec)
-        self.spec, self.dist, self.parallel = spec, dist_ctx, parallel
+        self.spec, self.dist = spec, dist_ctx
         self.kind, self.microbatches, self.ranks = options.schedule, options.microbatches, spec.mesh.axes[axis]
         self.axis, self.group = axis, dist_ctx.mesh[axis].get_group()
         self.rank = dist_ctx.mesh[axis].get_local_rank()
@@ -282,6 +282,6 @@ class PipelineRun:
         return stats
 
 
-def make_pipeline(spec, program, model, dist_ctx, parallel) -> PipelineRun | None:
+def make_pipeline(spec, program, model, dist_ctx) -> PipelineRun | None:
     """The pipeline run when the spec's pipeline axis is larger than 1."""
-    return PipelineRun(spec, program, model, dist_ctx, parallel) if pipeline_axis(spec) and dist_ctx.distributed else None
+    return PipelineRun(spec, program, model, dist_ctx) if pipeline_axis(spec) and dist_ctx.distributed else None

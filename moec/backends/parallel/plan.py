@@ -71,7 +71,7 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = ()) -> ParallelPlan:
     if sharding.tensor is not None and sharding.tensor.axis in active:
         unsupported.append("tensor parallelism (sharding.tensor)")
     if sharding.pipeline is not None and sharding.pipeline.axis in active:
-        unsupported += _pipeline_limits(spec, experts)
+        unsupported += _pipeline_limits(spec, experts, bool(replicate and shard))
     if replicate and shard and (len(replicate) > 1 or len(shard) > 1):
         unsupported.append("HSDP over more than one replicate or shard axis")
     precision = spec.schedule.precision  # context parallelism and a reduce dtype DDP cannot use: refused at validation
@@ -95,9 +95,11 @@ def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: t
     return limits
 
 
-def _pipeline_limits(spec, experts: list[str]) -> list[str]:
+def _pipeline_limits(spec, experts: list[str], hsdp: bool) -> list[str]:
     """What of the spec's pipeline parallelism moec.runtime.pipeline_step cannot run yet."""
     limits = ["pipeline parallelism with expert parallelism (sharding.experts)"] if experts else []
+    if hsdp:  # each stage is FSDP-sharded over all its batch axes, or over none
+        limits.append("pipeline parallelism with HSDP (a batch axis outside sharding.fsdp next to one inside)")
     if spec.sharding.tensor is not None and spec.mesh.axes.get(spec.sharding.tensor.axis, 1) > 1:
         limits.append("pipeline parallelism with tensor parallelism")
     if spec.schedule.precision.compute == "fp16":
