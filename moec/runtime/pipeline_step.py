@@ -25,8 +25,12 @@ from torch import nn
 
 from moec.backends.output import mean_stats
 from moec.backends.parallel.buckets import all_reduce_flat
+from moec.backends.parallel.pipeline import (
+    PipelineStage,
+    build_schedule,
+    pipeline_problem,
+)
 from moec.backends.parallel.plan import global_balance
-from moec.backends.parallel.pipeline import PipelineStage, build_schedule, pipeline_problem
 from moec.backends.torch.data_parallel import set_batch_group
 from moec.passes.stages import stage_split
 from moec.runtime.annealing import set_annealed
@@ -34,7 +38,6 @@ from moec.runtime.distributed import local_slice
 from moec.runtime.memory_plan import held_bytes, plan_check
 from moec.runtime.metrics import compiled_graphs, moe_health, peak_memory_bytes
 from moec.runtime.optim import lr_factor, set_learning_rates
-
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -99,8 +102,8 @@ class PipelineRun:
 
     def describe(self) -> list[str]:
         """The split ``moec train`` prints: which blocks each stage runs, on which pipeline rank."""
-        lines = [f"pipeline: {len(self.split)} stages over {self.axis} ({self.ranks} ranks), {self.kind}, "
-                 f"{self.microbatches} microbatches"]
+        lines = [(f"pipeline: {len(self.split)} stages over {self.axis} ({self.ranks} ranks), {self.kind}, "
+                  f"{self.microbatches} microbatches")]
         last = len(self.split) - 1
         for index, (first, end) in enumerate(self.split):
             extra = (" + embeddings" if index == 0 else "") + (" + final norm, head" if index == last else "")

@@ -25,8 +25,8 @@ LAYOUTS = {  # name: (processes, mesh and sharding lines)
     "pp2 1f1b": (2, "mesh: {world_size: 2, axes: {pp: 2}}\nsharding: {pipeline: {axis: pp, microbatches: 4, schedule: 1f1b}}\n"),
     "pp2 gpipe": (2, "mesh: {world_size: 2, axes: {pp: 2}}\nsharding: {pipeline: {axis: pp, microbatches: 4, schedule: gpipe}}\n"),
     # FSDP2 on each stage over dp (one unit per block, then the stage), 4 processes
-    "fsdp2 x pp2": (4, "mesh: {world_size: 4, axes: {dp: 2, pp: 2}}\n"
-                       "sharding: {batch: [dp], fsdp: [dp], pipeline: {axis: pp, microbatches: 4, schedule: 1f1b}}\n"),
+    "fsdp2 x pp2": (4, ("mesh: {world_size: 4, axes: {dp: 2, pp: 2}}\n"
+                        "sharding: {batch: [dp], fsdp: [dp], pipeline: {axis: pp, microbatches: 4, schedule: 1f1b}}\n")),
 }
 
 
@@ -70,8 +70,8 @@ def test_pipeline_gives_the_single_process_run_and_resumes_on_one_process(layout
         print(layout, key, max(abs(a - b) for a, b in zip(got, expected)))
         assert len(got) == len(expected) and got == pytest.approx(expected, abs=1e-5, rel=1e-5), key
     # every stage's MoE layers reach the metrics row: expert loads of blocks 0-3, equal to one process's
-    first = [row["moe"] for row in read_metrics(run_dir / "metrics.jsonl") if row["kind"] == "train"][0]
-    reference = [row["moe"] for row in read_metrics(single / "metrics.jsonl") if row["kind"] == "train"][0]
+    first = next(row["moe"] for row in read_metrics(run_dir / "metrics.jsonl") if row["kind"] == "train")
+    reference = next(row["moe"] for row in read_metrics(single / "metrics.jsonl") if row["kind"] == "train")
     assert list(first) == [f"blocks.{i}.moe" for i in range(4)]
     loads = [share for k in first for share in first[k]["utilization"]]
     assert loads == pytest.approx([share for k in first for share in reference[k]["utilization"]], abs=1e-6)
