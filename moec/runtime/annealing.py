@@ -15,7 +15,7 @@ def anneal_buffers(model: torch.nn.Module, program) -> list[tuple[torch.Tensor, 
     for layer, moe in program.moe_layers():
         if moe.anneal is not None:  # a spectral layer's MoE parameters live under <layer>.moe
             found.append((buffers.get(f"{layer}.{ANNEAL}", buffers.get(f"{layer}.moe.{ANNEAL}")), moe))
-    return found
+    return [(buffer, moe) for buffer, moe in found if buffer is not None]  # under a pipeline: this rank's layers
 
 
 @torch.no_grad()

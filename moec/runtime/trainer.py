@@ -34,6 +34,7 @@ from moec.runtime.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, comp
                                   steady_tokens_per_s)
 from moec.runtime.memory_plan import held_bytes, plan_check
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
+from moec.runtime.pipeline_step import PipelineError, make_pipeline
 from moec.runtime.precision import apply_accumulation
 from moec.runtime.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
 from moec.runtime.stopping import StopRequest
@@ -91,6 +92,13 @@ class Trainer:
         self.model = build_model(spec, device=self.device, program=self.program).train()
         if init_from is not None and resume is None:  # weights only (moec import hf, or another run's checkpoint)
             self._init_from(Path(init_from))
+        try:  # sharding.pipeline over more than one rank: this rank keeps its stage(s) (moec.runtime.pipeline_step)
+            self.pipeline = make_pipeline(spec, self.program, self.model, self.dist)
+        except PipelineError as err:
+            raise TrainingError(str(err)) from None
+        if self.pipeline is not None and self.display:
+            for line in self.pipeline.describe():
+                self.display.log(line)
         self.step_fn = self._compiled(self.model)
         self.optimizer = make_optimizer(self.model, self.program.graph, spec)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
@@ -102,7 +110,8 @@ class Trainer:
         self.token_model = spec.model.inputs.kind == "tokens"
         buffers = dict(self.model.named_buffers())
         self.selection_biases = {layer: (buffers[f"{layer}.{SELECTION_BIAS}"], moe.router.bias_update_rate)
-                                 for layer, moe in self.program.moe_layers() if ROUTERS[moe.router.kind].selection_bias}
+                                 for layer, moe in self.program.moe_layers() if ROUTERS[moe.router.kind].selection_bias
+                                 and f"{layer}.{SELECTION_BIAS}" in buffers}  # under a pipeline: this rank's layers
         self.start_step, self.best_val, self.best_step = 0, math.inf, None
         self.val_at: dict[int, float] = {}  # validation loss per evaluated step (checkpoint.keep_best)
         if resume is not None:
@@ -127,6 +136,9 @@ class Trainer:
         compile_ = partial(torch.compile, mode=None if options.mode == "default" else options.mode,
                            fullgraph=options.fullgraph, dynamic=options.dynamic, backend=options.backend)
         self.parallel.checkpoint_activations(model)  # schedule.activation_checkpointing, before compile (torchtitan's order)
+        if self.pipeline is not None:
+            self.model = self.pipeline.parallelize(compile_ if options.enabled else None, self._task_loss)
+            return self.model
         if not self.dist.distributed:
             return compile_cache.compiled_for_training(model, compile_, options, self.program.source) if options.enabled else model
         if options.enabled:
@@ -278,6 +290,8 @@ class Trainer:
             compile_cache.save(self.program.source)
 
     def _train_step(self, step: int) -> dict:
+        if self.pipeline is not None:
+            return self.pipeline.train_step(self, step)
         set_learning_rates(self.optimizer, self.base_lrs, lr_factor(step, self.spec))
         set_annealed(self.annealed, step)
         accum, micro_batch = self.train.grad_accum, self.train.batch // self.train.grad_accum
@@ -397,6 +411,9 @@ class Trainer:
             batch = self.data.batch("val", index, self.train.batch)
             inputs, targets = (local_slice(t, self.dist).to(self.device) for t in (batch.inputs, batch.targets))
             with self._autocast():
+                if self.pipeline is not None:  # forward only through the stages
+                    losses.append(self.pipeline.eval_loss(inputs, targets))
+                    continue
                 out = self.model(inputs)
             losses.append(self._task_loss(out.output, targets).item())
         self.model.train()

@@ -1,10 +1,10 @@
 """Checks that every ``schedule`` and ``sharding`` option the runtime cannot honour is refused here.
 
 Each yields ``(key_path, message)`` like the checks in ``moec.schema.checks``. Whole features that
-the seed specs plan for but moec does not execute yet (pipeline parallelism; tensor parallelism's
-sequence parallel and vocab split) validate, and ``moec train`` refuses them at launch
-(``UNSUPPORTED`` in the generated parallel.py); an option that nothing would ever read is refused
-here. What tensor parallelism cannot split is checked in ``moec.schema.checks_tensor``.
+the seed specs plan for but moec does not execute yet (tensor parallelism's vocab split) validate,
+and ``moec train`` refuses them at launch (``UNSUPPORTED`` in the generated parallel.py); an option
+that nothing would ever read is refused here. What tensor parallelism cannot split is checked in
+``moec.schema.checks_tensor``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ Finding = tuple[tuple, str]
 
 
 def schedule_checks() -> tuple:
-    return (_activation_checkpointing, _context_parallel, _accumulation, _gradient_reduction)
+    return (_activation_checkpointing, _context_parallel, _accumulation, _gradient_reduction, _pipeline_schedule)
 
 
 def _axis_size(spec, axes) -> int:
@@ -62,3 +62,26 @@ def _gradient_reduction(spec) -> Iterator[Finding]:
     elif _axis_size(spec, sharding.fsdp) == 1 and precision.reduce != precision.params:
         yield path, (f"{precision.reduce} gradient reduction needs FSDP (sharding.fsdp): DDP and expert parallelism without "
                      f"FSDP reduce gradients in the parameters' dtype ({precision.params})")
+
+
+def _pipeline_schedule(spec) -> Iterator[Finding]:
+    """What torch.distributed.pipelining's schedules need (moec.runtime.pipeline_step runs them)."""
+    pipeline = spec.sharding.pipeline
+    if pipeline is None or pipeline.axis not in spec.mesh.axes:
+        return
+    ranks, micro = spec.mesh.axes[pipeline.axis], pipeline.microbatches
+    if ranks == 1:  # one stage: microbatches and schedule would do nothing
+        yield ("sharding", "pipeline", "axis"), (f"axis '{pipeline.axis}' has size 1: nothing is pipelined, so microbatches "
+                                                 "and schedule would be ignored; remove sharding.pipeline (train.grad_accum "
+                                                 "splits a step into micro-batches)")
+    elif pipeline.schedule == "interleaved_1f1b":
+        if spec.model.num_layers < 2 * ranks:
+            yield ("sharding", "pipeline", "schedule"), (f"interleaved_1f1b runs 2 stages per rank, {2 * ranks} in all, but the "
+                                                         f"model has {spec.model.num_layers} block(s)")
+        rounds = max(1, micro // ranks)
+        if micro % rounds:
+            yield ("sharding", "pipeline", "microbatches"), (f"interleaved_1f1b needs a multiple of its {rounds} rounds "
+                                                             f"(microbatches // {ranks} ranks), got {micro}")
+    elif pipeline.schedule == "1f1b" and micro < ranks:
+        yield ("sharding", "pipeline", "microbatches"), (f"1f1b needs at least one microbatch per stage ({ranks}), got {micro}; "
+                                                         "raise it or use gpipe")

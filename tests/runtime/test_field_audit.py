@@ -3,9 +3,10 @@
 ``AUDIT`` holds one check per leaf field; ``test_every_field_is_audited`` fails when a field is
 added to the schema without one. A check either compares what a changed value generates or
 sets against the base spec's, or expects a refusal: a validation error (``moec.SpecError`` with
-its message) or, for the parts of the seed specs' plan not executed yet (pipeline parallelism and
-tensor parallelism's vocab split), ``moec train``'s refusal at launch
-(``UNSUPPORTED`` in the generated parallel.py).
+its message) or, for the part of the seed specs' plan not executed yet (tensor parallelism's
+vocab split), ``moec train``'s refusal at launch (``UNSUPPORTED`` in the generated parallel.py).
+Pipeline fields are checked on the pipeline run a rank would build (``moec.runtime.pipeline_step``)
+with a stand-in mesh; tests/distributed/test_pipeline_training.py runs them on processes.
 """
 
 import types
@@ -19,6 +20,7 @@ import moec
 from moec.compile import build_model, parallel_module
 from moec.runtime import compile_cache
 from moec.runtime.distributed import LaunchError, init_distributed
+from moec.runtime.pipeline_step import PipelineRun
 from moec.runtime.trainer import Trainer
 from moec.schema.parallel import Mesh, Sharding
 from moec.schema.schedule import Schedule
@@ -29,7 +31,7 @@ DDP = ("mesh.world_size=2", "mesh.axes={dp: 2}", "sharding.batch=[dp]")
 FSDP = ("mesh.world_size=2", "mesh.axes={dp: 2}", "sharding.batch=[dp]", "sharding.fsdp=[dp]")
 EP = ("mesh.world_size=2", "mesh.axes={ep: 2}", "sharding.batch=[ep]", "sharding.experts=[ep]")
 TP = ("mesh.world_size=2", "mesh.axes={tp: 2}", "sharding.tensor={axis: tp}")
-PP = ("mesh.world_size=2", "mesh.axes={pp: 2}", "sharding.pipeline={axis: pp}")
+PP = ("mesh.world_size=2", "mesh.axes={pp: 2}", "sharding.pipeline={axis: pp, microbatches: 2}")
 TRITON = ("schedule.kernels.moe=triton",)
 
 
@@ -52,7 +54,7 @@ def refused(message: str, *overrides) -> None:
 
 
 def refused_at_launch(monkeypatch, feature: str, *overrides) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 sets it
+    monkeypatch.setenv("WORLD_SIZE", str(spec(*overrides).mesh.world_size))  # as torchrun --nproc-per-node N sets it
     program = moec.compile_spec(spec(*overrides))
     assert any(feature in item for item in parallel_module(program).UNSUPPORTED)
     with pytest.raises(LaunchError, match=feature):
@@ -76,9 +78,68 @@ def compile_options(monkeypatch, *overrides) -> dict:
     s = spec(*overrides)
     program = moec.compile_spec(s)
     fake = types.SimpleNamespace(spec=s, program=program, parallel=parallel_module(program),
-                                 dist=types.SimpleNamespace(distributed=False))
+                                 dist=types.SimpleNamespace(distributed=False), pipeline=None)
     Trainer._compiled(fake, build_model(s, program=program))
     return calls[0] if calls else {}
+
+
+class _Mesh:
+    """A stand-in DeviceMesh: pipeline rank 0 of ``axes``, no process group (nothing is sent)."""
+
+    def __init__(self, *axes: str):
+        self.mesh_dim_names = axes
+
+    def __getitem__(self, axis):
+        return types.SimpleNamespace(get_group=lambda: None, get_local_rank=lambda: 0)
+
+
+def pipeline_run(*overrides) -> PipelineRun:
+    """What pipeline rank 0 of this spec builds: its stage(s), the split, the schedule's settings."""
+    s = spec(*overrides)
+    program = moec.compile_spec(s)
+    ctx = types.SimpleNamespace(mesh=_Mesh(*s.mesh.axes), device=torch.device("cpu"), dp_rank=0, dp_size=1, distributed=True)
+    return PipelineRun(s, program, build_model(s, program=program), ctx)
+
+
+def pipeline_axis_acts(mp) -> None:
+    assert not any("pipeline" in item for item in parallel_module(moec.compile_spec(spec(*PP))).UNSUPPORTED)
+    run = pipeline_run(*PP)  # rank 0 keeps block 0 and the embeddings, not block 1, the final norm or the head
+    assert list(run.part.blocks) == ["0"] and {name for name, _ in run.part.named_parameters()} >= {"embed.weight"}
+    assert not any(name.startswith(("head.", "final_norm.")) for name, _ in run.part.named_parameters())
+    refused("has size 1: nothing is pipelined", "mesh.world_size=1", "mesh.axes={pp: 1}", "sharding.pipeline={axis: pp}")
+    # what the pipeline cannot compose with yet is refused at launch by name
+    refused_at_launch(mp, "pipeline parallelism with expert parallelism", "mesh.world_size=4", "mesh.axes={pp: 2, ep: 2}",
+                      "sharding.pipeline={axis: pp, microbatches: 2}", "sharding.batch=[ep]", "sharding.experts=[ep]")
+    refused_at_launch(mp, "pipeline parallelism with fp16 compute", *PP, "schedule.precision.compute=fp16")
+
+
+def pipeline_microbatches_act(mp) -> None:
+    read = []
+    data = types.SimpleNamespace(batch=lambda split, index, rows: read.append((index, rows)) or types.SimpleNamespace(
+        inputs=torch.zeros(rows, 4), targets=torch.zeros(rows, 4)))
+    for micro in (2, 4):
+        run = pipeline_run(*PP, f"sharding.pipeline.microbatches={micro}")
+        read.clear()
+        inputs, _ = run.micro_batches(data, "train", 1, 8)  # step 1 reads batches 1 * M + m of 8 / M rows
+        assert read == [(micro + m, 8 // micro) for m in range(micro)] and inputs.shape[0] == 8
+        assert run.loss_divisor == micro
+    refused("1f1b needs at least one microbatch per stage (2), got 1", *PP, "sharding.pipeline.microbatches=1")
+
+
+def pipeline_schedule_acts(mp) -> None:
+    from torch.distributed import pipelining
+
+    built = []
+    mp.setattr(pipelining, "PipelineStage", lambda stage, index, total, device, group: (index, total))
+    for name in ("ScheduleGPipe", "Schedule1F1B", "ScheduleInterleaved1F1B"):
+        mp.setattr(pipelining, name, lambda held, n_microbatches, name=name, **kw: built.append((name, held, n_microbatches)))
+    four = ("model.blocks[0].repeat=4",)
+    for kind in ("gpipe", "1f1b", "interleaved_1f1b"):
+        pipeline_run(*PP, *four, f"sharding.pipeline.schedule={kind}").parallelize(None, None)
+    assert built == [("ScheduleGPipe", (0, 2), 2), ("Schedule1F1B", (0, 2), 2),
+                     ("ScheduleInterleaved1F1B", [(0, 4), (2, 4)], 2)]  # interleaved: stages 0 and 2 of 4 on rank 0
+    refused("interleaved_1f1b runs 2 stages per rank, 4 in all, but the model has 2 block(s)", *PP,
+            "sharding.pipeline.schedule=interleaved_1f1b")
 
 
 def launched_world(*overrides) -> None:
@@ -106,11 +167,9 @@ AUDIT = {
     "sharding.tensor.row": lambda mp: refused("experts.up is split but its pair is not", *TP, "sharding.tensor.row=[attention.out]"),
     "sharding.tensor.sequence_parallel": lambda mp: refused("is implemented for attention and mlp layers only", *TP,
                                                             "sharding.tensor.sequence_parallel=true"),
-    "sharding.pipeline.axis": lambda mp: refused_at_launch(mp, "pipeline parallelism", *PP),
-    "sharding.pipeline.microbatches": lambda mp: refused_at_launch(mp, "pipeline parallelism", *PP,
-                                                                   "sharding.pipeline.microbatches=4"),
-    "sharding.pipeline.schedule": lambda mp: refused_at_launch(mp, "pipeline parallelism", *PP,
-                                                               "sharding.pipeline.schedule=gpipe"),
+    "sharding.pipeline.axis": pipeline_axis_acts,
+    "sharding.pipeline.microbatches": pipeline_microbatches_act,
+    "sharding.pipeline.schedule": pipeline_schedule_acts,
     "schedule.precision.params": lambda mp: (
         build_model(spec("schedule.precision.params=bf16")).embed.weight.dtype == torch.bfloat16 or pytest.fail("params")),
     "schedule.precision.compute": lambda mp: differs(parallel_source, FSDP, FSDP + ("schedule.precision.compute=bf16",)),

@@ -31,7 +31,16 @@ def pipeline_problem(graph: Graph) -> str | None:
     scalars = {ref for block in blocks for ref in block.outputs if _is_scalar(graph, ref)}
     if not _sum_of(graph, graph.outputs[1], scalars):
         return "the aux loss is not a sum of the blocks' aux outputs"
+    prologue = _root_params(graph, cut[0].nodes) if cut[0].block is None else set()
+    shared = prologue & (_root_params(graph, cut[-1].nodes) if cut[-1].block is None else set())
+    if shared:  # the first and the last stage would each hold a copy, and their gradients would need summing
+        return f"the first and the last stage share {', '.join(sorted(shared))} (model.head.tie_embeddings)"
     return None
+
+
+def _root_params(graph: Graph, indices: list[int]) -> set[str]:
+    nodes = [graph.nodes[i] for i in indices]
+    return {graph[ref.node].attr["name"] for node in nodes for ref in node.inputs if graph[ref.node].op == "param"}
 
 
 class PipelineStage(nn.Module):
@@ -46,12 +55,16 @@ class PipelineStage(nn.Module):
         self.is_first, self.is_last = first == 0, last == len(model.blocks) - 1
         self.prologue = cut[0].nodes if self.is_first and cut[0].block is None else []
         self.epilogue = _needed(graph, cut[-1].nodes, graph.outputs[0]) if self.is_last and cut[-1].block is None else []
-        self.root = nn.ParameterDict({name.replace(".", "__"): param for name, param in model.named_parameters()
-                                      if name in self._root_params()})
+        # The root modules this stage reads (embed; final_norm, head), registered under their own names, so the
+        # stage's parameters carry the whole model's names (optimizer groups, checkpoints address them so).
+        for owner in sorted({name.rsplit(".", 1)[0] for name in self._root_params()}):
+            self.add_module(owner, model.get_submodule(owner))
+        self.moe_layers = tuple(layer for segment in self.block_segments for layer in getattr(model, "MOE_LAYERS", ())
+                                if layer.startswith(f"blocks.{segment.block}."))
+        self.recorded: list[tuple] = []  # per training forward: the MoE stats of this stage's layers, in moe_layers order
 
     def _root_params(self) -> set[str]:
-        nodes = [self.graph.nodes[i] for i in self.prologue + self.epilogue]
-        return {self.graph[ref.node].attr["name"] for node in nodes for ref in node.inputs if self.graph[ref.node].op == "param"}
+        return _root_params(self.graph, self.prologue + self.epilogue)
 
     def forward(self, x: torch.Tensor, aux_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """First stage: tokens -> (hidden, aux rows); later ones: (hidden, aux rows) -> (hidden, aux rows), the last
@@ -64,13 +77,18 @@ class PipelineStage(nn.Module):
             values[Ref(next(n for n in self.graph.nodes if n.op == "input").name, 0)] = x
             self._interpret(self.prologue, values, x)
             hidden = values[self.block_segments[0].inputs[0]]
+        stats = []
         for segment in self.block_segments:
             outputs = self.blocks[str(segment.block)](hidden)
-            for ref, value in zip(segment.outputs, outputs if isinstance(outputs, tuple) else (outputs,)):
-                if _is_scalar(self.graph, ref):  # an aux loss; the MoE stats after the outputs are left out
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            for ref, value in zip(segment.outputs, outputs):
+                if _is_scalar(self.graph, ref):  # an aux loss
                     aux = value if aux is None else aux + value
                 else:
                     hidden = value
+            stats += outputs[len(segment.outputs):]  # the block's MoE stats follow its outputs
+        if self.training and torch.is_grad_enabled():
+            self.recorded.append(tuple(stats))
         aux = aux if aux is not None else hidden.new_zeros(())
         aux_rows = aux.float().repeat(x.shape[0])
         if not self.is_last:
@@ -89,20 +107,21 @@ class PipelineStage(nn.Module):
                 values[Ref(node.name, i)] = value
 
     def _param(self, ref: Ref) -> torch.Tensor:
-        return self.root[self.graph[ref.node].attr["name"].replace(".", "__")]
+        return self.get_parameter(self.graph[ref.node].attr["name"])
 
 
-def build_schedule(stages: list[PipelineStage], ranks: int, rank: int, group, device, kind: str, microbatches: int, loss_fn):
+def build_schedule(stages: list[PipelineStage], ranks: int, rank: int, group, device, kind: str, microbatches: int, loss_fn,
+                   scale_grads: bool = True):
     """torch.distributed.pipelining's schedule for this rank's stage(s): stage ``rank`` (and ``rank + ranks``
-    with interleaved 1F1B, which runs two virtual stages per rank)."""
+    with interleaved 1F1B, which runs two virtual stages per rank). ``scale_grads``: the schedule divides the
+    gradients by ``microbatches`` after each step (False: ``loss_fn`` scales its losses itself)."""
     from torch.distributed import pipelining
 
     total = ranks * len(stages)
     wrapped = [pipelining.PipelineStage(stage, rank + i * ranks, total, device, group=group) for i, stage in enumerate(stages)]
     schedule = getattr(pipelining, SCHEDULES[kind])
-    if kind == "interleaved_1f1b":
-        return schedule(wrapped, n_microbatches=microbatches, loss_fn=loss_fn)
-    return schedule(wrapped[0], n_microbatches=microbatches, loss_fn=loss_fn)
+    held = wrapped if kind == "interleaved_1f1b" else wrapped[0]
+    return schedule(held, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
 
 
 def _is_scalar(graph: Graph, ref: Ref) -> bool:

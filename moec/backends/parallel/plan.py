@@ -9,7 +9,8 @@ DCP's state-dict API in torch 2.13, and DDP's plain tensors reshard to any data-
 Expert parallelism shards the routed experts over ``sharding.experts``; with FSDP, the
 experts are also FSDP-sharded over the other FSDP axes (torchtitan's dp-shard-in-ep).
 Tensor parallelism (``moec.backends.parallel.tensor``) splits the weights over the tp axis
-first, then data parallelism applies. Pipeline parallelism is not executed yet: ``unsupported``
+first, then data parallelism applies. Pipeline parallelism runs in ``moec.runtime.pipeline_step``
+(stages of this model, FSDP2 or gradient averaging per stage over the batch axes). ``unsupported``
 names what a spec asks for that this plan cannot run (``moec train`` refuses it at launch; context parallelism and
 options no engine reads are refused at validation, ``moec.schema.checks_schedule``).
 """
@@ -74,7 +75,7 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dic
     unsupported = _expert_parallel_limits(spec, experts, replicate, shard) if experts else []
     unsupported += tensor.not_built(spec) if tensor.tensor_axis(spec) is not None else []
     if sharding.pipeline is not None and sharding.pipeline.axis in active:
-        unsupported.append("pipeline parallelism (sharding.pipeline)")
+        unsupported += _pipeline_limits(spec, experts, bool(replicate and shard))
     if replicate and shard and (len(replicate) > 1 or len(shard) > 1):
         unsupported.append("HSDP over more than one replicate or shard axis")
     precision = spec.schedule.precision  # context parallelism and a reduce dtype DDP cannot use: refused at validation
@@ -97,6 +98,18 @@ def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: t
         limits.append(f"expert parallelism with kernels.moe '{spec.schedule.kernels.moe}' (it runs grouped_mm)")
     if any(moe.expert.bias for moe in _moe_configs(spec)):
         limits.append("expert parallelism with expert biases")
+    return limits
+
+
+def _pipeline_limits(spec, experts: list[str], hsdp: bool) -> list[str]:
+    """What of the spec's pipeline parallelism moec.runtime.pipeline_step cannot run yet."""
+    limits = ["pipeline parallelism with expert parallelism (sharding.experts)"] if experts else []
+    if hsdp:  # each stage is FSDP-sharded over all its batch axes, or over none
+        limits.append("pipeline parallelism with HSDP (a batch axis outside sharding.fsdp next to one inside)")
+    if spec.sharding.tensor is not None and spec.mesh.axes.get(spec.sharding.tensor.axis, 1) > 1:
+        limits.append("pipeline parallelism with tensor parallelism")
+    if spec.schedule.precision.compute == "fp16":
+        limits.append("pipeline parallelism with fp16 compute (its dynamic loss scale would have to agree across stages)")
     return limits
 
 

@@ -1,0 +1,290 @@
+"""Pipeline-parallel training under ``moec train``: the spec's ``sharding.pipeline``, composed with data parallelism.
+
+Every rank builds the whole model from the spec's seed (the same weights as one process), cuts its
+stage(s) out of it (``moec.backends.parallel.pipeline``: the prologue on the first stage, the final norm
+and head on the last) and drops the rest. A step reads ``microbatches`` micro-batches of the global
+batch as one process with ``train.grad_accum`` x ``microbatches`` does (each data-parallel rank its slice of
+each), runs the spec's schedule (gpipe, 1f1b, interleaved_1f1b) over them, computes the task loss plus the
+aux losses on the last stage, averages gradients over the data-parallel ranks (FSDP2 on each stage over
+the batch axes, or one flat all-reduce per bucket), clips by the norm over every stage's gradients and
+steps each stage's AdamW. The logged losses come from the last stage (broadcast along the pipeline), the
+MoE statistics from the stage that holds each layer (gathered), so ``metrics.jsonl`` has the rows one
+process writes. Checkpoints keep the whole model's parameter names (``PipelinePart``): DCP writes each
+stage's tensors once, and a run saved on a pipeline resumes on one process, or the reverse.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moec.backends.output import mean_stats
+from moec.backends.parallel.buckets import all_reduce_flat
+from moec.backends.parallel.pipeline import (
+    PipelineStage,
+    build_schedule,
+    pipeline_problem,
+)
+from moec.backends.parallel.plan import global_balance
+from moec.backends.torch.data_parallel import set_batch_group
+from moec.passes.stages import stage_split
+from moec.runtime.annealing import set_annealed
+from moec.runtime.distributed import local_slice
+from moec.runtime.memory_plan import held_bytes, plan_check
+from moec.runtime.metrics import compiled_graphs, moe_health, peak_memory_bytes
+from moec.runtime.optim import lr_factor, set_learning_rates
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PipelineError(RuntimeError):
+    """A pipeline this model or spec cannot run: one line for the user."""
+
+
+class PipelinePart(nn.Module):
+    """This rank's stage(s) as one module named like the whole model (``blocks.<i>...``, ``embed.weight``, ...),
+    so optimizer groups, buffers and checkpoints address its tensors by the spec's names."""
+
+    def __init__(self, stages: list[PipelineStage]):
+        super().__init__()
+        self.blocks = nn.ModuleDict({key: block for stage in stages for key, block in stage.blocks.items()})
+        for stage in stages:
+            for name, child in stage.named_children():
+                if name != "blocks":
+                    self.add_module(name, child)
+        self.stages = stages  # a plain list: not registered again, so every tensor keeps one name
+        self.MOE_LAYERS = tuple(layer for stage in stages for layer in stage.moe_layers)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for stage in self.stages:  # the stages read self.training for their prologue / epilogue
+            stage.train(mode)
+        return self
+
+
+def pipeline_axis(spec) -> str | None:
+    """The pipeline axis when it is larger than 1."""
+    pipeline = spec.sharding.pipeline
+    return pipeline.axis if pipeline is not None and spec.mesh.axes.get(pipeline.axis, 1) > 1 else None
+
+
+class PipelineRun:
+    """The schedule, this rank's stages and the step that drives them (the trainer calls it when pp > 1)."""
+
+    def __init__(self, spec, program, model: nn.Module, dist_ctx):
+        problem = pipeline_problem(program.graph)
+        if problem:
+            raise PipelineError(f"sharding.pipeline: this model cannot be cut into pipeline stages: {problem}")
+        options, axis = spec.sharding.pipeline, pipeline_axis(spec)
+        self.spec, self.dist = spec, dist_ctx
+        self.kind, self.microbatches, self.ranks = options.schedule, options.microbatches, spec.mesh.axes[axis]
+        self.axis, self.group = axis, dist_ctx.mesh[axis].get_group()
+        self.rank = dist_ctx.mesh[axis].get_local_rank()
+        virtual = 2 if self.kind == "interleaved_1f1b" else 1  # two virtual stages per rank
+        self.split = (tuple(stage_split(spec, program.graph, virtual * self.ranks)) if virtual > 1
+                      else tuple(tuple(row["blocks"]) for row in program.manifest["pipeline_stages"]))
+        self.mine = list(range(self.rank, len(self.split), self.ranks))
+        self.stages = [PipelineStage(model, program.graph, *self.split[i]) for i in self.mine]
+        self.part = PipelinePart(self.stages)
+        self.all_moe_layers = tuple(getattr(model, "MOE_LAYERS", ()))
+        self.holds_first, self.holds_last = self.stages[0].is_first, self.stages[-1].is_last
+        self.pieces: list[torch.Tensor] = []  # per micro-batch on the last stage: (task loss, aux loss)
+        self.loss_divisor = self.microbatches * spec.train.grad_accum  # micro-batches per optimizer step
+        self.task_loss = None
+        self.schedule = None
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def describe(self) -> list[str]:
+        """The split ``moec train`` prints: which blocks each stage runs, on which pipeline rank."""
+        lines = [(f"pipeline: {len(self.split)} stages over {self.axis} ({self.ranks} ranks), {self.kind}, "
+                  f"{self.microbatches} microbatches")]
+        last = len(self.split) - 1
+        for index, (first, end) in enumerate(self.split):
+            extra = (" + embeddings" if index == 0 else "") + (" + final norm, head" if index == last else "")
+            lines.append(f"  stage {index}: blocks {first}-{end}{extra} on {self.axis} rank {index % self.ranks}")
+        return lines
+
+    def parallelize(self, compile_block, task_loss) -> PipelinePart:
+        """Compile each block's forward (when asked), apply data parallelism to each stage, build the schedule."""
+        self.task_loss = task_loss
+        if compile_block is not None:
+            for block in self.part.blocks.values():
+                block.forward = compile_block(block.forward)
+        dp = self._dp_axes()
+        if dp:
+            if global_balance(self.spec):
+                set_batch_group(self._dp_mesh.get_group())  # aux.load_balance_batch 'global'
+            if self._fsdp_axes():
+                self._shard_stages()
+        # the loss scales itself (1 / (microbatches x grad_accum)): the schedule's own scaling would divide the
+        # gradients of earlier grad_accum rounds again
+        self.schedule = build_schedule(self.stages, self.ranks, self.rank, self.group, self.dist.device, self.kind,
+                                       self.microbatches, self._loss, scale_grads=False)
+        return self.part
+
+    def _dp_axes(self) -> tuple[str, ...]:
+        return tuple(axis for axis in self.dist.mesh.mesh_dim_names
+                     if axis in self.spec.sharding.batch and self.spec.mesh.axes[axis] > 1)
+
+    def _fsdp_axes(self) -> tuple[str, ...]:
+        return tuple(axis for axis in self._dp_axes() if axis in self.spec.sharding.fsdp)
+
+    @functools.cached_property
+    def _dp_mesh(self):
+        axes = self._dp_axes()
+        return self.dist.mesh[axes[0]] if len(axes) == 1 else self.dist.mesh[axes]._flatten("_".join(axes))
+
+    def _shard_stages(self) -> None:
+        """FSDP2 over the batch axes on each stage: one unit per block, then the stage (torchtitan's order)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        precision = self.spec.schedule.precision
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision.compute], reduce_dtype=DTYPES[precision.reduce])
+        mesh = self._dp_mesh
+        for stage in self.stages:
+            for block in stage.blocks.values():
+                fully_shard(block, mesh=mesh, mp_policy=policy)
+            fully_shard(stage, mesh=mesh, mp_policy=policy)
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def _loss(self, output, targets: torch.Tensor) -> torch.Tensor:
+        prediction, aux_rows = output  # aux_rows[0]: the sum of the blocks' aux losses so far
+        task, aux = self.task_loss(prediction, targets), aux_rows[0]
+        self.pieces.append(torch.stack([task.detach().double(), aux.detach().double()]))
+        return (task + aux) / self.loss_divisor
+
+    def _run(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool) -> None:
+        """One pass of the schedule over ``microbatches`` micro-batches. On its first pass, and on the first after
+        a switch between training and evaluation, the schedule infers the shapes between stages by running each
+        stage and the loss once on uninitialised tensors: those losses and MoE stats come before the real ones
+        and are dropped."""
+        before = (len(self.pieces), [len(stage.recorded) for stage in self.stages])
+        run = self.schedule.step if train else self.schedule.eval
+        args = (inputs,) if self.holds_first else ()
+        run(*args, target=targets if self.holds_last else None, losses=[])
+        keep = self.microbatches
+        self.pieces[before[0]:] = self.pieces[before[0]:][-keep:]
+        for stage, start in zip(self.stages, before[1]):
+            stage.recorded[start:] = stage.recorded[start:][-keep:]
+
+    def _from_last_stage(self) -> tuple[float, float]:
+        """(task, aux) loss, the mean over micro-batches, on every pipeline rank."""
+        if self.holds_last:
+            values = torch.stack(self.pieces).mean(0).to(self.dist.device)
+        else:
+            values = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        dist.broadcast(values, group=self.group, group_src=self.ranks - 1)
+        return values[0].item(), values[1].item()
+
+    def micro_batches(self, data, split: str, index: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batches ``index * M + m`` (m < M) of ``rows / M`` rows, as one process with grad_accum M reads them; this
+        data-parallel rank's slice of each, one after the other (the schedule cuts them apart again)."""
+        parts = [data.batch(split, index * self.microbatches + m, rows // self.microbatches) for m in range(self.microbatches)]
+        inputs = torch.cat([local_slice(part.inputs, self.dist) for part in parts])
+        targets = torch.cat([local_slice(part.targets, self.dist) for part in parts])
+        return inputs.to(self.dist.device), targets.to(self.dist.device)
+
+    def train_step(self, trainer, step: int) -> dict:
+        """One optimizer step of ``trainer`` (moec.runtime.trainer.Trainer) through the pipeline: its metrics row."""
+        train = trainer.train
+        set_learning_rates(trainer.optimizer, trainer.base_lrs, lr_factor(step, self.spec))
+        set_annealed(trainer.annealed, step)
+        start = time.perf_counter()
+        self.pieces.clear()
+        for stage in self.stages:
+            stage.recorded.clear()
+        accum = train.grad_accum
+        for round_ in range(accum):  # grad_accum rounds of the schedule, each over `microbatches` micro-batches
+            inputs, targets = self.micro_batches(trainer.data, "train", step * accum + round_, train.batch // accum)
+            with trainer._autocast():
+                self._run(inputs, targets, train=True)
+        task, aux = self._from_last_stage()
+        if not math.isfinite(task + aux):
+            from moec.runtime.trainer import TrainingError
+
+            raise TrainingError(f"loss is {task + aux} at step {step + 1} (pipeline parallel: per-layer diagnosis runs "
+                                f"on one process); {trainer._last_checkpoint('good')}")
+        self._average_gradients()
+        clip = train.grad_clip if train.grad_clip is not None else math.inf
+        grad_norm = self.clip_grad_norm(clip)
+        trainer._optimizer_step()
+        held = held_bytes(self.part, trainer.optimizer, True) if step == trainer.start_step else None
+        trainer.optimizer.zero_grad(set_to_none=True)
+        health = self.moe_health()
+        trainer._update_selection_bias({layer: health[layer] for layer in self.part.MOE_LAYERS})
+        elapsed = time.perf_counter() - start
+        mean = self.dist.mean  # over every rank: a pipeline's ranks hold the same numbers, so the data-parallel mean
+        row = {
+            "kind": "train", "step": step + 1, "loss": mean(task + aux), "task_loss": mean(task), "aux_loss": mean(aux),
+            "aux_load_balance": sum(layer.pop("aux_load_balance") for layer in health.values()),
+            "aux_z": sum(layer.pop("aux_z") for layer in health.values()),
+            "lr": trainer.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+            "tokens_per_s": train.batch * train.seq_len / max(elapsed, 1e-9),
+            "peak_memory_bytes": peak_memory_bytes(self.dist.device), "moe": health,
+        }
+        if held is not None:
+            row["memory_plan"] = plan_check(held, trainer.program.manifest)
+        if self.spec.schedule.compile.enabled:
+            row["compiled_graphs"] = compiled_graphs()
+        return row
+
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """The task loss of one validation batch (this data-parallel rank's slice), forward only through the stages."""
+        self.pieces.clear()
+        self._run(inputs.to(self.dist.device), targets.to(self.dist.device), train=False)
+        return self._from_last_stage()[0]
+
+    def _average_gradients(self) -> None:
+        """Without FSDP: average each stage's gradients over the data-parallel ranks, in flat buckets."""
+        if not self._dp_axes() or self._fsdp_axes():
+            return  # one data-parallel rank, or FSDP reduce-scattered them on the last micro-batch
+        grads = [param.grad for param in self.part.parameters() if param.grad is not None]
+        all_reduce_flat(grads, self._dp_mesh.get_group(), op=dist.ReduceOp.AVG)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """The norm of every stage's gradients together (each stage's sum of squares, summed along the pipeline),
+        and the gradients scaled down to ``max_norm`` when it is larger: ``clip_grad_norm_`` of the whole model."""
+        grads = [param.grad for param in self.part.parameters() if param.grad is not None]
+        norms = [torch.linalg.vector_norm(grad) for grad in grads]
+        norms = [norm.full_tensor() if hasattr(norm, "full_tensor") else norm for norm in norms]
+        squares = torch.stack(norms).double().square().sum() if norms else torch.zeros((), dtype=torch.float64)
+        squares = squares.to(self.dist.device)
+        dist.all_reduce(squares, group=self.group)
+        total = squares.sqrt().item()
+        coefficient = max_norm / (total + 1e-6)
+        if coefficient < 1.0:
+            for grad in grads:
+                grad.mul_(coefficient)
+        return total
+
+    def moe_health(self) -> dict:
+        """Every MoE layer's statistics (mean over micro-batches and data-parallel ranks), from the stage holding it."""
+        mine = {}
+        for stage in self.stages:
+            if stage.moe_layers and stage.recorded:
+                layers = [self._dp_mean(mean_stats(layer)) for layer in zip(*stage.recorded)]
+                mine |= moe_health(stage.moe_layers, layers)
+        gathered: list[dict] = [{} for _ in range(self.ranks)]
+        dist.all_gather_object(gathered, mine, group=self.group)
+        merged = {name: layer for part in gathered for name, layer in part.items()}
+        return {layer: merged[layer] for layer in self.all_moe_layers if layer in merged}
+
+    def _dp_mean(self, stats):
+        if self._dp_axes():
+            group = self._dp_mesh.get_group()
+            for value in stats:
+                if value is not None:
+                    dist.all_reduce(value, op=dist.ReduceOp.AVG, group=group)
+        return stats
+
+
+def make_pipeline(spec, program, model, dist_ctx) -> PipelineRun | None:
+    """The pipeline run when the spec's pipeline axis is larger than 1."""
+    return PipelineRun(spec, program, model, dist_ctx) if pipeline_axis(spec) and dist_ctx.distributed else None
