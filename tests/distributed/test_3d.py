@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 import moec
+from moec.compile import parallel_module
 from moec.runtime.metrics import read_metrics
 from moec.runtime.trainer import Trainer
 from tests.conftest import REPO
 from tests.distributed.processes import run_job
+from tests.distributed.tp_worker import dense_text
 from tests.runtime.helpers import quick_text
 
 STEPS, MICROBATCHES = 5, 4
@@ -67,3 +69,12 @@ def test_tp2_pp2_dp2_gives_the_single_process_run_and_resumes_on_one_process(tmp
     Trainer(moec.load_spec_text(spec_text(STEPS + 1), file="single.yaml"), run_dir=resumed, resume="latest",
             allow_spec_change=True).run()
     assert rows(resumed, "train", "loss")[STEPS + 1] == pytest.approx(rows(single, "train", "loss")[STEPS + 1], abs=1e-4, rel=1e-4)
+
+
+def test_pipeline_with_sequence_parallelism_is_refused_at_launch():
+    """The stages run the prologue and epilogue whole: the root's split / unsplit of the sequence would be skipped."""
+    mesh = ("mesh: {world_size: 4, axes: {pp: 2, tp: 2}}\nsharding:\n  tensor: {axis: tp, sequence_parallel: true}\n"
+            "  pipeline: {axis: pp, microbatches: 2}\n")
+    program = moec.compile_spec(moec.load_spec_text(dense_text(mesh), file="sp.yaml"))
+    assert parallel_module(program).UNSUPPORTED == (
+        "pipeline parallelism with sequence parallelism (sharding.tensor.sequence_parallel)",)
