@@ -100,7 +100,10 @@ class PipelineRun:
             from moec.compile import parallel_module
 
             parallel_module(program).tensor_parallel(model, dist_ctx.mesh)
+        self.sequence_parallel = tensor_axis(spec) is not None and spec.sharding.tensor.sequence_parallel
         self.stages = [PipelineStage(model, program.graph, *self.split[i]) for i in self.mine]
+        for stage in self.stages:
+            stage.sequence_parallel = self.sequence_parallel
         self.part = PipelinePart(self.stages)
         self.all_moe_layers = tuple(getattr(model, "MOE_LAYERS", ()))
         self.holds_first, self.holds_last = self.stages[0].is_first, self.stages[-1].is_last
@@ -253,7 +256,12 @@ class PipelineRun:
         return self._from_last_stage()[0]
 
     def _average_gradients(self) -> None:
-        """Without FSDP: average each stage's gradients over the data-parallel ranks, in flat buckets."""
+        """Without FSDP: average each stage's gradients over the data-parallel ranks, in flat buckets. Under
+        sequence parallelism the blocks' whole weights (norms) saw S / tp positions on each tp rank: summed over tp
+        first."""
+        if self.sequence_parallel:
+            partial = [p.grad for p in self.part.blocks.parameters() if p.grad is not None and not hasattr(p, "to_local")]
+            all_reduce_flat(partial, self.dist.mesh[tensor_axis(self.spec)].get_group())
         if not self._dp_axes() or self._fsdp_axes():
             return  # one data-parallel rank, or FSDP reduce-scattered them on the last micro-batch
         grads = [param.grad for param in self.part.parameters() if param.grad is not None]

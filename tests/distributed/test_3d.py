@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 import moec
-from moec.compile import parallel_module
 from moec.runtime.metrics import read_metrics
 from moec.runtime.trainer import Trainer
 from tests.conftest import REPO
@@ -71,10 +70,25 @@ def test_tp2_pp2_dp2_gives_the_single_process_run_and_resumes_on_one_process(tmp
     assert rows(resumed, "train", "loss")[STEPS + 1] == pytest.approx(rows(single, "train", "loss")[STEPS + 1], abs=1e-4, rel=1e-4)
 
 
-def test_pipeline_with_sequence_parallelism_is_refused_at_launch():
-    """The stages run the prologue and epilogue whole: the root's split / unsplit of the sequence would be skipped."""
+
+@pytest.mark.slow
+def test_pp2_tp2_with_sequence_parallelism_gives_the_single_process_run(tmp_path):
+    """A dense model (GQA attention + SwiGLU MLP, no aux loss: its stages send zeros), sequence parallel inside
+    each stage: the first stage splits the sequence after the embeddings, the last gathers it before the head, the
+    norms' gradients are summed over tp. 4 processes against one process with grad_accum 4."""
     mesh = ("mesh: {world_size: 4, axes: {pp: 2, tp: 2}}\nsharding:\n  tensor: {axis: tp, sequence_parallel: true}\n"
-            "  pipeline: {axis: pp, microbatches: 2}\n")
-    program = moec.compile_spec(moec.load_spec_text(dense_text(mesh), file="sp.yaml"))
-    assert parallel_module(program).UNSUPPORTED == (
-        "pipeline parallelism with sequence parallelism (sharding.tensor.sequence_parallel)",)
+            "  pipeline: {axis: pp, microbatches: 4}\n")
+    spec = tmp_path / "sp.yaml"
+    spec.write_text(dense_text(mesh))
+    moec_script = Path(sys.executable).parent / "moec"
+    done = run_job([str(moec_script), "train", str(spec), "--nproc", "4", "--run-dir", str(tmp_path / "run"), "--no-plots"],
+                   timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = tmp_path / "single"
+    one = dense_text().replace("  batch: 8\n", f"  batch: 8\n  grad_accum: {MICROBATCHES}\n")
+    Trainer(moec.load_spec_text(one, file="single.yaml"), run_dir=single).run()
+    for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss")):
+        got, expected = rows(tmp_path / "run", kind, key), rows(single, kind, key)
+        print("pp2 x tp2 SP", key, max(abs(got[s] - expected[s]) for s in got))
+        assert list(got) == list(expected) and got, (key, got, expected)
+        assert list(got.values()) == pytest.approx(list(expected.values()), abs=1e-5, rel=1e-5), key

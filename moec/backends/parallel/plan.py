@@ -106,10 +106,6 @@ def _pipeline_limits(spec, experts: list[str], hsdp: bool) -> list[str]:
     limits = ["pipeline parallelism with expert parallelism (sharding.experts)"] if experts else []
     if hsdp:  # each stage is FSDP-sharded over all its batch axes, or over none
         limits.append("pipeline parallelism with HSDP (a batch axis outside sharding.fsdp next to one inside)")
-    tensor = spec.sharding.tensor
-    if tensor is not None and tensor.sequence_parallel and spec.mesh.axes.get(tensor.axis, 1) > 1:
-        # the stages run the prologue and epilogue whole, without the root's split / unsplit of the sequence
-        limits.append("pipeline parallelism with sequence parallelism (sharding.tensor.sequence_parallel)")
     if spec.schedule.precision.compute == "fp16":
         limits.append("pipeline parallelism with fp16 compute (its dynamic loss scale would have to agree across stages)")
     return limits
