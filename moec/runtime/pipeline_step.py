@@ -11,6 +11,12 @@ steps each stage's AdamW. The logged losses come from the last stage (broadcast 
 MoE statistics from the stage that holds each layer (gathered), so ``metrics.jsonl`` has the rows one
 process writes. Checkpoints keep the whole model's parameter names (``PipelinePart``): DCP writes each
 stage's tensors once, and a run saved on a pipeline resumes on one process, or the reverse.
+
+With ``sharding.tensor`` (tp > 1) as well, the generated ``parallel.py``'s ``tensor_parallel`` splits the
+whole model's weights over the tp axis before the stages are cut: each stage's blocks run the rank-local
+program (Megatron's f / g over the tp group, the ranks of one stage and one batch slice), the prologue and
+epilogue stay whole. The split weights' gradients are DTensor shards: averaged over the batch axes by their
+local shards, their norms made whole over tp before the sum along the pipeline.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from moec.backends.parallel.pipeline import (
     pipeline_problem,
 )
 from moec.backends.parallel.plan import global_balance
+from moec.backends.parallel.tensor import tensor_axis
 from moec.backends.torch.data_parallel import set_batch_group
 from moec.passes.stages import stage_split
 from moec.runtime.annealing import set_annealed
@@ -89,7 +96,14 @@ class PipelineRun:
         self.split = (tuple(stage_split(spec, program.graph, virtual * self.ranks)) if virtual > 1
                       else tuple(tuple(row["blocks"]) for row in program.manifest["pipeline_stages"]))
         self.mine = list(range(self.rank, len(self.split), self.ranks))
+        if tensor_axis(spec) is not None:  # the whole model's weights split over tp first: the stages hold the shards
+            from moec.compile import parallel_module
+
+            parallel_module(program).tensor_parallel(model, dist_ctx.mesh)
+        self.sequence_parallel = tensor_axis(spec) is not None and spec.sharding.tensor.sequence_parallel
         self.stages = [PipelineStage(model, program.graph, *self.split[i]) for i in self.mine]
+        for stage in self.stages:
+            stage.sequence_parallel = self.sequence_parallel
         self.part = PipelinePart(self.stages)
         self.all_moe_layers = tuple(getattr(model, "MOE_LAYERS", ()))
         self.holds_first, self.holds_last = self.stages[0].is_first, self.stages[-1].is_last
@@ -242,15 +256,23 @@ class PipelineRun:
         return self._from_last_stage()[0]
 
     def _average_gradients(self) -> None:
-        """Without FSDP: average each stage's gradients over the data-parallel ranks, in flat buckets."""
+        """Without FSDP: average each stage's gradients over the data-parallel ranks, in flat buckets. Under
+        sequence parallelism the blocks' whole weights (norms) saw S / tp positions on each tp rank: summed over tp
+        first."""
+        if self.sequence_parallel:
+            partial = [p.grad for p in self.part.blocks.parameters() if p.grad is not None and not hasattr(p, "to_local")]
+            all_reduce_flat(partial, self.dist.mesh[tensor_axis(self.spec)].get_group())
         if not self._dp_axes() or self._fsdp_axes():
             return  # one data-parallel rank, or FSDP reduce-scattered them on the last micro-batch
         grads = [param.grad for param in self.part.parameters() if param.grad is not None]
-        all_reduce_flat(grads, self._dp_mesh.get_group(), op=dist.ReduceOp.AVG)
+        local = [grad.to_local() if hasattr(grad, "to_local") else grad for grad in grads]  # tp shards: their own part
+        all_reduce_flat(local, self._dp_mesh.get_group(), op=dist.ReduceOp.AVG)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """The norm of every stage's gradients together (each stage's sum of squares, summed along the pipeline),
-        and the gradients scaled down to ``max_norm`` when it is larger: ``clip_grad_norm_`` of the whole model."""
+        and the gradients scaled down to ``max_norm`` when it is larger: ``clip_grad_norm_`` of the whole model.
+        A tp shard's norm is made whole over tp (``full_tensor``); a whole weight counts once, as every tp rank
+        of the stage holds the same copy."""
         grads = [param.grad for param in self.part.parameters() if param.grad is not None]
         norms = [torch.linalg.vector_norm(grad) for grad in grads]
         norms = [norm.full_tensor() if hasattr(norm, "full_tensor") else norm for norm in norms]

@@ -103,6 +103,9 @@ def pipeline_run(*overrides) -> PipelineRun:
 
 def pipeline_axis_acts(mp) -> None:
     assert not any("pipeline" in item for item in parallel_module(moec.compile_spec(spec(*PP))).UNSUPPORTED)
+    # with tensor parallelism inside each stage too (tests/distributed/test_3d.py runs dp x pp x tp)
+    pp_tp = ("mesh.world_size=4", "mesh.axes={pp: 2, tp: 2}", "sharding.pipeline={axis: pp, microbatches: 2}", "sharding.tensor={axis: tp}")
+    assert parallel_module(moec.compile_spec(spec(*pp_tp))).UNSUPPORTED == ()
     run = pipeline_run(*PP)  # rank 0 keeps block 0 and the embeddings, not block 1, the final norm or the head
     assert list(run.part.blocks) == ["0"] and {name for name, _ in run.part.named_parameters()} >= {"embed.weight"}
     assert not any(name.startswith(("head.", "final_norm.")) for name, _ in run.part.named_parameters())

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moec.backends.reference.interpreter import KERNELS, Context
+from moec.backends.torch import tensor_parallel
 from moec.backends.torch.blocks import segments
 from moec.ir.graph import Graph, Ref
 
@@ -61,6 +62,7 @@ class PipelineStage(nn.Module):
             self.add_module(owner, model.get_submodule(owner))
         self.moe_layers = tuple(layer for segment in self.block_segments for layer in getattr(model, "MOE_LAYERS", ())
                                 if layer.startswith(f"blocks.{segment.block}."))
+        self.sequence_parallel = False  # tensor parallelism's sequence split around the blocks (set by the trainer)
         self.recorded: list[tuple] = []  # per training forward: the MoE stats of this stage's layers, in moe_layers order
 
     def _root_params(self) -> set[str]:
@@ -77,6 +79,8 @@ class PipelineStage(nn.Module):
             values[Ref(next(n for n in self.graph.nodes if n.op == "input").name, 0)] = x
             self._interpret(self.prologue, values, x)
             hidden = values[self.block_segments[0].inputs[0]]
+            if self.sequence_parallel:  # as the root of model.py does: the blocks run on this rank's S / tp positions
+                hidden = tensor_parallel.split_sequence(hidden)
         stats = []
         for segment in self.block_segments:
             outputs = self.blocks[str(segment.block)](hidden)
@@ -93,6 +97,8 @@ class PipelineStage(nn.Module):
         aux_rows = aux.float().repeat(x.shape[0])
         if not self.is_last:
             return hidden, aux_rows
+        if self.sequence_parallel:  # the whole sequence for the final norm and head
+            hidden = tensor_parallel.unsplit_sequence(hidden)
         values[_hidden(self.graph, self.block_segments[-1])] = hidden
         self._interpret(self.epilogue, values, hidden)
         return values[self.graph.outputs[0]], aux_rows
@@ -139,6 +145,8 @@ def _sum_of(graph: Graph, ref: Ref, leaves: set[Ref]) -> bool:
     if ref in leaves:
         return True
     node = graph[ref.node]
+    if node.op == "constant" and node.attr["value"] == 0.0:  # a model without aux losses (its stages send zeros)
+        return True
     return node.op == "add" and all(_sum_of(graph, r, leaves) for r in node.inputs)
 
 

@@ -106,8 +106,6 @@ def _pipeline_limits(spec, experts: list[str], hsdp: bool) -> list[str]:
     limits = ["pipeline parallelism with expert parallelism (sharding.experts)"] if experts else []
     if hsdp:  # each stage is FSDP-sharded over all its batch axes, or over none
         limits.append("pipeline parallelism with HSDP (a batch axis outside sharding.fsdp next to one inside)")
-    if spec.sharding.tensor is not None and spec.mesh.axes.get(spec.sharding.tensor.axis, 1) > 1:
-        limits.append("pipeline parallelism with tensor parallelism")
     if spec.schedule.precision.compute == "fp16":
         limits.append("pipeline parallelism with fp16 compute (its dynamic loss scale would have to agree across stages)")
     return limits
