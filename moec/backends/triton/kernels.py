@@ -47,6 +47,17 @@ def _expert_of_tile(pid, counts_ptr, E, BLOCK_E: tl.constexpr, BM: tl.constexpr)
 
 
 @triton.jit
+def _source_rows(order_ptr, rows, row_ok, TOP_K: tl.constexpr, GATHER: tl.constexpr):
+    """The token row each grouped row reads: through ``order`` when routed rows are gathered in the kernel
+    (row r of the grouped order is choice ``order[r]``, token ``order[r] // TOP_K``), else the row itself."""
+    if GATHER:
+        src = tl.load(order_ptr + rows, mask=row_ok, other=0) // TOP_K
+    else:
+        src = rows
+    return src
+
+
+@triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b in fp32. UPCAST (Triton's interpreter only): bf16 operands as fp32, since the
     interpreter's bf16 dot returns garbage (triton 3.9); the products are exact either way."""
@@ -67,10 +78,7 @@ def grouped_gemm_kernel(a_ptr, b_ptr, bias_ptr, out_ptr, counts_ptr, order_ptr, 
     if expert < E:
         rows = row_start + tl.arange(0, BM)
         row_ok = rows < row_end
-        if GATHER:
-            src = tl.load(order_ptr + rows, mask=row_ok, other=0) // TOP_K
-        else:
-            src = rows
+        src = _source_rows(order_ptr, rows, row_ok, TOP_K, GATHER)
         cols = pid_n * BN + tl.arange(0, BN)
         col_ok = cols < N
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -105,10 +113,7 @@ def weight_grad_kernel(g_ptr, a_ptr, dw_ptr, counts_ptr, order_ptr, E, K, N, str
     for m0 in range(start, end, BM):
         rows = m0 + tl.arange(0, BM)
         row_ok = rows < end
-        if GATHER:
-            src = tl.load(order_ptr + rows, mask=row_ok, other=0) // TOP_K
-        else:
-            src = rows
+        src = _source_rows(order_ptr, rows, row_ok, TOP_K, GATHER)
         g = tl.load(g_ptr + rows[None, :] * stride_gm + ns[:, None] * stride_gn, mask=row_ok[None, :] & (ns[:, None] < N), other=0.0)
         a = tl.load(a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
         acc = _dot(g, a, acc, PRECISION, UPCAST)
@@ -172,10 +177,7 @@ def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, bias_up_ptr, bias_gate_ptr, h_ptr, 
     if expert < E:
         rows = row_start + tl.arange(0, BM)
         row_ok = rows < row_end
-        if GATHER:
-            src = tl.load(order_ptr + rows, mask=row_ok, other=0) // TOP_K
-        else:
-            src = rows
+        src = _source_rows(order_ptr, rows, row_ok, TOP_K, GATHER)
         cols = pid_n * BN + tl.arange(0, BN)
         col_ok = cols < N
         up = tl.zeros((BM, BN), dtype=tl.float32)
