@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 
@@ -75,9 +74,7 @@ def _child(spec_file: str, mode: str, overrides: list[str]) -> None:
     if mode == "compiled":  # as the trainer compiles on one process
         options = spec.schedule.compile
         compile_cache.load(program.source)
-        compile_ = partial(torch.compile, mode=None if options.mode == "default" else options.mode,
-                           fullgraph=options.fullgraph, dynamic=options.dynamic, backend=options.backend)
-        step = compile_cache.compiled_for_training(model, compile_, options, program.source)
+        step = compile_cache.compiled_for_training(model, options, program.source)
     start = time.perf_counter()
     out = step(x)
     (out.output.float().square().mean() + out.aux_loss.float()).backward()

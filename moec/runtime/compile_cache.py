@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -61,10 +62,17 @@ def save(source: str) -> Path | None:
     return path
 
 
-def compiled_for_training(model: torch.nn.Module, compile_, options, source: str):
+def compiler(options):
+    """``torch.compile`` with the spec's ``schedule.compile`` options."""
+    return partial(torch.compile, mode=None if options.mode == "default" else options.mode, fullgraph=options.fullgraph,
+                   dynamic=options.dynamic, backend=options.backend)
+
+
+def compiled_for_training(model: torch.nn.Module, options, source: str):
     """The single-process training forward: compiled ahead of time where that applies (a fullgraph,
     default-mode Inductor compile with static shapes), else torch.compile's lazy module."""
     ahead = options.fullgraph and options.mode == "default" and options.backend == "inductor" and not options.dynamic
+    compile_ = compiler(options)
     return AheadOfTime(model, compile_(model), source) if ahead else compile_(model)
 
 

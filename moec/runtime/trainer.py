@@ -12,7 +12,6 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -133,14 +132,13 @@ class Trainer:
         options = self.spec.schedule.compile
         if options.enabled:
             compile_cache.load(self.program.source)  # a second start of this program skips Inductor's codegen
-        compile_ = partial(torch.compile, mode=None if options.mode == "default" else options.mode,
-                           fullgraph=options.fullgraph, dynamic=options.dynamic, backend=options.backend)
+        compile_ = compile_cache.compiler(options)
         self.parallel.checkpoint_activations(model)  # schedule.activation_checkpointing, before compile (torchtitan's order)
         if self.pipeline is not None:
             self.model = self.pipeline.parallelize(compile_ if options.enabled else None, self._task_loss)
             return self.model
         if not self.dist.distributed:
-            return compile_cache.compiled_for_training(model, compile_, options, self.program.source) if options.enabled else model
+            return compile_cache.compiled_for_training(model, options, self.program.source) if options.enabled else model
         if options.enabled:
             # Under expert parallelism the all-to-all's split sizes are host integers: the exchange stays
             # out of the graph, so the blocks compile in pieces around it (fullgraph would refuse).
