@@ -117,8 +117,12 @@ def _completing(pattern: tuple, states: set, names: list[str]) -> list[str]:
     if any(i == last and pattern[i] == "**" for i in states):
         return names
     finals = [pattern[i] for i in states if i == last]
-    return [name for name in names
-            if any(fnmatch.fnmatchcase(name, final) and (final.startswith(".") or not name.startswith(".")) for final in finals)]
+    return [name for name in names if any(_component_matches(final, name) for final in finals)]
+
+
+def _component_matches(component: str, name: str) -> bool:
+    """One glob component against one name; hidden names match only components that start with a dot."""
+    return not (name.startswith(".") and not component.startswith(".")) and fnmatch.fnmatchcase(name, component)
 
 
 def _advance_states(pattern: tuple, states: set, name: str | None) -> set:
@@ -138,7 +142,7 @@ def _advance_states(pattern: tuple, states: set, name: str | None) -> set:
             head = pattern[i]
             if head == "**":
                 reached |= {i, i + 1} if i + 1 == len(pattern) else {i}
-            elif not (name.startswith(".") and not head.startswith(".")) and fnmatch.fnmatchcase(name, head):
+            elif _component_matches(head, name):
                 reached.add(i + 1)
     for i in sorted(reached):  # ``**`` may match no directory at all (not when it is last: one or more)
         while i + 1 < len(pattern) and pattern[i] == "**":
