@@ -36,6 +36,12 @@ def tensor_group() -> dist.ProcessGroup | None:
     return _GROUP["group"]
 
 
+def _over_group(function: type[torch.autograd.Function], x: Tensor) -> Tensor:
+    """``function`` applied over the tensor-parallel group; without one (one process) the identity."""
+    group = _GROUP["group"]
+    return x if group is None else function.apply(x, group)
+
+
 def local(weight: Tensor) -> Tensor:
     """This rank's shard of a split weight (a DTensor on the tp mesh); a plain weight as it is."""
     return weight.to_local() if isinstance(weight, DTensor) else weight
@@ -64,14 +70,12 @@ class _Reduce(torch.autograd.Function):
 
 def copy(x: Tensor) -> Tensor:
     """Megatron's f: identity forward, gradient summed over the tensor-parallel ranks backward."""
-    group = _GROUP["group"]
-    return x if group is None else _Copy.apply(x, group)
+    return _over_group(_Copy, x)
 
 
 def reduce(x: Tensor) -> Tensor:
     """Megatron's g: partial sums of a row-split product summed over the tensor-parallel ranks."""
-    group = _GROUP["group"]
-    return x if group is None else _Reduce.apply(x, group)
+    return _over_group(_Reduce, x)
 
 
 # Sequence parallelism (Megatron-SP): between the tensor-parallel groups each rank holds S / tp
@@ -126,23 +130,19 @@ class _UnsplitSequence(torch.autograd.Function):
 
 def gather_sequence(x: Tensor) -> Tensor:
     """Sequence parallel's f: the whole sequence [B, S, D] from every rank's [B, S/tp, D]."""
-    group = _GROUP["group"]
-    return x if group is None else _GatherSequence.apply(x, group)
+    return _over_group(_GatherSequence, x)
 
 
 def scatter_sequence(x: Tensor) -> Tensor:
     """Sequence parallel's g: the partial sums of a row-split product, summed and split along the sequence."""
-    group = _GROUP["group"]
-    return x if group is None else _ScatterSequence.apply(x, group)
+    return _over_group(_ScatterSequence, x)
 
 
 def unsplit_sequence(x: Tensor) -> Tensor:
     """The whole hidden state after the blocks, for the replicated final norm and head (``split_sequence`` undone)."""
-    group = _GROUP["group"]
-    return x if group is None else _UnsplitSequence.apply(x, group)
+    return _over_group(_UnsplitSequence, x)
 
 
 def split_sequence(x: Tensor) -> Tensor:
     """This rank's S / tp positions of a hidden state every rank holds whole (the blocks' input)."""
-    group = _GROUP["group"]
-    return x if group is None else _SplitSequence.apply(x, group)
+    return _over_group(_SplitSequence, x)
