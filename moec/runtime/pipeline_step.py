@@ -21,6 +21,7 @@ local shards, their norms made whole over tp before the sum along the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -109,7 +110,7 @@ class PipelineRun:
         self.holds_first, self.holds_last = self.stages[0].is_first, self.stages[-1].is_last
         self.pieces: list[torch.Tensor] = []  # per micro-batch on the last stage: (task loss, aux loss)
         self.loss_divisor = self.microbatches * spec.train.grad_accum  # micro-batches per optimizer step
-        self.task_loss = None
+        self.task_loss, self.loss_context = None, contextlib.nullcontext
         self.schedule = None
 
     # --- setup -------------------------------------------------------------------------------
@@ -124,9 +125,10 @@ class PipelineRun:
             lines.append(f"  stage {index}: blocks {first}-{end}{extra} on {self.axis} rank {index % self.ranks}")
         return lines
 
-    def parallelize(self, compile_block, task_loss) -> PipelinePart:
-        """Compile each block's forward (when asked), apply data parallelism to each stage, build the schedule."""
-        self.task_loss = task_loss
+    def parallelize(self, compile_block, task_loss, loss_context=contextlib.nullcontext) -> PipelinePart:
+        """Compile each block's forward (when asked), apply data parallelism to each stage, build the schedule.
+        ``loss_context()``: where the schedule runs the loss and its backward (a vocab-parallel loss's)."""
+        self.task_loss, self.loss_context = task_loss, loss_context
         if compile_block is not None:
             for block in self.part.blocks.values():
                 block.forward = compile_block(block.forward)
@@ -182,7 +184,8 @@ class PipelineRun:
         before = (len(self.pieces), [len(stage.recorded) for stage in self.stages])
         run = self.schedule.step if train else self.schedule.eval
         args = (inputs,) if self.holds_first else ()
-        run(*args, target=targets if self.holds_last else None, losses=[])
+        with self.loss_context():
+            run(*args, target=targets if self.holds_last else None, losses=[])
         keep = self.microbatches
         self.pieces[before[0]:] = self.pieces[before[0]:][-keep:]
         for stage, start in zip(self.stages, before[1]):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moec.backends.output import mean_stats
+from moec.backends.torch import tensor_parallel
 from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
 from moec.compile import build_model, compile_spec, parallel_module
 from moec.runtime import compile_cache
@@ -80,6 +81,8 @@ class Trainer:
         self.device = self.dist.device
         self.run_lock = self._claim_run_dir(resume is not None, overwrite, display)
         self.expert_parallel = hasattr(self.parallel, "EXPERT_PLACEMENT")
+        vocab_axis = getattr(self.parallel, "VOCAB_PARALLEL", None)  # the head's logits split along the vocabulary
+        self.vocab_mesh = self.dist.mesh[vocab_axis] if vocab_axis and self.dist.distributed else None
         self.display = display if self.dist.is_main else None
         self.stop = StopRequest()
         torch.manual_seed(self.train.seed)
@@ -135,7 +138,8 @@ class Trainer:
         compile_ = compile_cache.compiler(options)
         self.parallel.checkpoint_activations(model)  # schedule.activation_checkpointing, before compile (torchtitan's order)
         if self.pipeline is not None:
-            self.model = self.pipeline.parallelize(compile_ if options.enabled else None, self._task_loss)
+            self.model = self.pipeline.parallelize(compile_ if options.enabled else None, self._task_loss,
+                                                   lambda: tensor_parallel.loss_context(self.vocab_mesh))
             return self.model
         if not self.dist.distributed:
             return compile_cache.compiled_for_training(model, options, self.program.source) if options.enabled else model
@@ -307,7 +311,8 @@ class Trainer:
             loss = task + out.aux_loss.float()
             if not torch.isfinite(loss):
                 raise TrainingError(self._diverged_message(step, loss, inputs))
-            self.scaler.scale(loss / accum).backward()
+            with tensor_parallel.loss_context(self.vocab_mesh):  # a vocab-parallel loss's backward reduces over tp
+                self.scaler.scale(loss / accum).backward()
             task_total += task.item() / accum
             aux_total += out.aux_loss.item() / accum
             stats.append(out.moe_stats)
@@ -374,7 +379,7 @@ class Trainer:
 
     def _task_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.token_model:
-            return F.cross_entropy(output.float().reshape(-1, output.shape[-1]), targets.reshape(-1))
+            return tensor_parallel.cross_entropy(output, targets, self.vocab_mesh)
         return F.mse_loss(output.float(), targets)
 
     def _diverged_message(self, step: int, loss: torch.Tensor, inputs: torch.Tensor) -> str:

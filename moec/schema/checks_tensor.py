@@ -6,9 +6,9 @@ end. Refused here, with the field to change: a group in the other list than its 
 a pair, tensor with expert parallelism, and layer options whose weights the split does not cover
 (attention biases, sinks and q/k norms; MLP biases; expert biases, shared experts, capacity and
 kernels other than grouped_mm); ``sequence_parallel`` beyond attention and MLP layers, with FSDP,
-or with a sequence length tp does not divide. The vocab split (``embed``, ``head``) is part of the
-seed's plan (gpt_oss_120b.yaml) not built yet: it validates so the seed builds, and ``moec train``
-names it and stops at launch (``UNSUPPORTED`` in parallel.py).
+or with a sequence length tp does not divide. The vocabulary split (``embed``, ``head``, Megatron's
+vocab-parallel embedding and head) is a column split of token models whose vocabulary tp divides;
+tied embeddings split both or neither.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ VOCAB = ("embed", "head")
 
 
 def tensor_checks() -> tuple:
-    return (_groups, _layers, _sequence_parallel)
+    return (_groups, _vocab, _layers, _sequence_parallel)
 
 
 def _split(spec):
@@ -52,6 +52,30 @@ def _groups(spec) -> Iterator[Finding]:
     ep = math.prod(spec.mesh.axes.get(axis, 1) for axis in spec.sharding.experts)
     if ep > 1:
         yield ("sharding", "tensor", "axis"), "tensor parallelism together with expert parallelism is not implemented; use one of them"
+
+
+def _vocab(spec) -> Iterator[Finding]:
+    """The vocabulary split: rows of the [V, D] embedding table and head over tp."""
+    tensor = _split(spec)
+    if tensor is None:
+        return
+    for i, group in enumerate(tensor.row):
+        if group in VOCAB:
+            yield ("sharding", "tensor", "row", i), f"{group} splits the vocabulary (its rows): list it under column"
+    split = [group for group in VOCAB if group in tensor.column]
+    if not split:
+        return
+    model, tp = spec.model, spec.mesh.axes[tensor.axis]
+    at = ("sharding", "tensor", "column")
+    if "embed" in split and model.inputs.kind != "tokens":
+        yield at, f"embed splits the token embedding's vocabulary; model.inputs is {model.inputs.kind}: remove embed"
+    if "head" in split and model.head.kind != "lm":
+        yield at, f"head splits the vocabulary of an lm head; model.head is {model.head.kind}: remove head"
+    if model.inputs.kind == "tokens" and model.inputs.vocab % tp:
+        yield ("model", "inputs", "vocab"), (f"must be divisible by the tensor-parallel size ({tp}) to split the vocabulary, "
+                                             f"got {model.inputs.vocab}: pad it (e.g. {-(-model.inputs.vocab // tp) * tp})")
+    if model.head.kind == "lm" and model.head.tie_embeddings and len(split) == 1:
+        yield at, f"{split[0]} is split but the head shares the embedding table (model.head.tie_embeddings): split both or neither"
 
 
 def _layers(spec) -> Iterator[Finding]:

@@ -8,8 +8,9 @@ whole on one process (no group: f and g are the identity, head counts come from 
 import torch
 
 import moec
+from moec.backends.torch import tensor_parallel
 from moec.compile import build_model
-from tests.distributed.tp_worker import TP2, spec_text
+from tests.distributed.tp_worker import TP2, TP2_VOCAB, spec_text
 
 
 def program(mesh: str = ""):
@@ -81,3 +82,33 @@ def test_a_moe_whose_experts_are_not_split_stays_whole():
     assert "self.moe.experts.w_up, self.moe.experts.w_gate, self.moe.experts.w_down, self.moe.shared.w_up" in compiled.source
     assert "split(model.blocks[0].mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)" in compiled.parallel_source
     assert ".moe." not in compiled.parallel_source.split("def tensor_parallel")[1].split("\n\n\n")[0]
+
+
+def test_the_vocabulary_split_lines_exactly():
+    """embed and head split (Megatron's vocab-parallel embedding and head): the lookup in this rank's rows
+    summed over tp, the head a column split whose logits stay split, parallel.py naming the axis."""
+    compiled = program(TP2_VOCAB)
+    root = compiled.source.split("    def forward(self, tokens: torch.Tensor) -> ModelOutput:\n")[1].split("\n\n")[0]
+    strip = [line.split("  # ")[0] for line in root.splitlines()[1:]]  # after the docstring
+    assert strip[0] == "        embed_0 = tensor_parallel.embedding(tokens, tensor_parallel.local(self.embed.weight))"
+    assert strip[-6:-3] == [
+        "        rmsnorm_6_tp = tensor_parallel.copy(rmsnorm_6)",
+        "        linear_16 = F.linear(rmsnorm_6_tp, tensor_parallel.local(self.head.weight))",
+        "        del rmsnorm_6, rmsnorm_6_tp",
+    ]
+    parallel = compiled.parallel_source
+    assert "\nVOCAB_PARALLEL = 'tp'  # tp.yaml:27 sharding.tensor.column: the head's logits stay split along the vocabulary" in parallel
+    assert "    split(model.embed, {'weight': 0}, tp_mesh)  # embed column  tp.yaml:27 sharding.tensor.column" in parallel
+    assert "    split(model.head, {'weight': 0}, tp_mesh)  # head column  tp.yaml:27 sharding.tensor.column" in parallel
+    assert "VOCAB_PARALLEL" not in program(TP2).parallel_source
+
+
+def test_the_vocab_parallel_program_runs_whole_on_one_process():
+    """Without a group the vocab-parallel lookup is F.embedding and the loss plain cross-entropy."""
+    spec_whole, spec_tp = (moec.load_spec_text(spec_text(mesh), file="tp.yaml") for mesh in ("", TP2_VOCAB))
+    whole, split = build_model(spec_whole), build_model(spec_tp)
+    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    a, b = whole(tokens[:, :-1]), split(tokens[:, :-1])
+    assert torch.equal(a.output, b.output)
+    expected = torch.nn.functional.cross_entropy(a.output.flatten(0, 1), tokens[:, 1:].flatten())
+    assert torch.equal(tensor_parallel.cross_entropy(b.output, tokens[:, 1:]), expected)

@@ -2,7 +2,8 @@
 
 The spec: 4 blocks of GQA attention (4 heads, 2 kv heads: one per tp rank) + a top-2-of-4 MoE whose
 experts' hidden units split over tp, with the load-balance loss over the global batch; 2 pipeline
-stages, 1F1B over 4 microbatches, each stage's blocks tensor parallel, gradients averaged over dp.
+stages, 1F1B over 4 microbatches, each stage's blocks tensor parallel and the vocabulary split over tp
+(the first stage's embedding, the last stage's head and its vocab-parallel loss), gradients averaged over dp.
 The reference is one process with ``train.grad_accum 4`` (the pipeline's micro-batches). The LR
 schedule is constant after warmup, so the 5-step run's checkpoint continues into the 6-step
 reference's step 6 on one process.
@@ -24,7 +25,7 @@ from tests.runtime.helpers import quick_text
 
 STEPS, MICROBATCHES = 5, 4
 MESH_3D = ("mesh: {world_size: 8, axes: {dp: 2, pp: 2, tp: 2}}\n"
-           "sharding:\n  batch: [dp]\n  tensor: {axis: tp}\n  pipeline: {axis: pp, microbatches: 4, schedule: 1f1b}\n")
+           "sharding:\n  batch: [dp]\n  tensor: {axis: tp, column: [attention.qkv, experts.up, mlp.up, embed, head]}\n  pipeline: {axis: pp, microbatches: 4, schedule: 1f1b}\n")
 
 
 def spec_text(steps: int, mesh: str = "") -> str:
@@ -75,8 +76,8 @@ def test_tp2_pp2_dp2_gives_the_single_process_run_and_resumes_on_one_process(tmp
 def test_pp2_tp2_with_sequence_parallelism_gives_the_single_process_run(tmp_path):
     """A dense model (GQA attention + SwiGLU MLP, no aux loss: its stages send zeros), sequence parallel inside
     each stage: the first stage splits the sequence after the embeddings, the last gathers it before the head, the
-    norms' gradients are summed over tp. 4 processes against one process with grad_accum 4."""
-    mesh = ("mesh: {world_size: 4, axes: {pp: 2, tp: 2}}\nsharding:\n  tensor: {axis: tp, sequence_parallel: true}\n"
+    norms' gradients are summed over tp; the vocabulary is split too. 4 processes against one process with grad_accum 4."""
+    mesh = ("mesh: {world_size: 4, axes: {pp: 2, tp: 2}}\nsharding:\n  tensor: {axis: tp, sequence_parallel: true, column: [attention.qkv, experts.up, mlp.up, embed, head]}\n"
             "  pipeline: {axis: pp, microbatches: 4}\n")
     spec = tmp_path / "sp.yaml"
     spec.write_text(dense_text(mesh))

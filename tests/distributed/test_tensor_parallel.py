@@ -18,7 +18,7 @@ from moec.runtime.metrics import read_metrics
 from moec.runtime.trainer import Trainer
 from tests.conftest import REPO
 from tests.distributed.processes import run_job
-from tests.distributed.tp_worker import TP2, dense_text, spec_text
+from tests.distributed.tp_worker import TP2, TP2_VOCAB, VOCAB, dense_text, spec_text
 
 TP2_DP2 = "mesh: {world_size: 4, axes: {dp: 2, tp: 2}}\nsharding:\n  batch: [dp]\n  tensor: {axis: tp}\n"
 TP2_FSDP2 = "mesh: {world_size: 4, axes: {fsdp: 2, tp: 2}}\nsharding:\n  batch: [fsdp]\n  fsdp: [fsdp]\n  tensor: {axis: tp}\n"
@@ -61,7 +61,8 @@ def test_tp2_forward_aux_and_gradients_equal_one_process(tmp_path):
                "-m", "tests.distributed.tp_worker", str(out)]
     done = run_job(command, timeout=240, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    diffs = json.loads(out.read_text())
+    layouts = json.loads(out.read_text())
+    diffs = layouts["default"]
     assert diffs["weights"] == 0.0  # the shards are slices of the one-process initialisation
     assert diffs["output"] < 1e-5 and diffs["aux_loss"] < 1e-5, diffs
     assert max(diffs["grads"].values()) < 1e-5, diffs["grads"]  # relative to each gradient's largest entry
@@ -71,13 +72,26 @@ def test_tp2_forward_aux_and_gradients_equal_one_process(tmp_path):
     assert (shapes["blocks.1.moe.experts.w_gate"], shapes["blocks.1.moe.experts.w_down"]) == ([4, 16, 32], [4, 32, 16])
     assert (shapes["blocks.0.mlp.w_up"], shapes["blocks.0.mlp.w_down"]) == ([32, 32], [32, 32])
     assert len(diffs["split"]) == 20 and not any("norm" in name or "router" in name for name in diffs["split"])
+    for layout, params, split in (("vocab", 31, 22), ("tied", 30, 21)):  # the vocabulary split, the logits too
+        diffs = layouts[layout]
+        assert diffs["weights"] == 0.0 and diffs["output"] < 1e-5 and diffs["aux_loss"] < 1e-5, (layout, diffs)
+        assert len(diffs["grads"]) == params and max(diffs["grads"].values()) < 1e-5, (layout, diffs["grads"])
+        assert len(diffs["split"]) == split and diffs["local_shapes"]["embed.weight"] == [128, 32]
+    assert layouts["vocab"]["local_shapes"]["head.weight"] == [128, 32] and "head.weight" not in layouts["tied"]["split"]
+
+
+def compiled(text: str) -> str:
+    assert "compile: {enabled: false}" in text
+    return text.replace("compile: {enabled: false}", "compile: {fullgraph: true}")
 
 
 @pytest.mark.slow
-def test_tp2_trains_like_one_process_and_its_checkpoint_resumes_on_one(single, tmp_path):
-    run_dir = train_processes(tmp_path, TP2, 2)
+def test_tp2_vocab_parallel_compiled_trains_like_one_process_and_its_checkpoint_resumes_on_one(single, tmp_path):
+    """The vocabulary split too (embed, head: vocab-parallel loss), and the blocks compiled: the eager root's
+    collectives feed compiled graphs forward (the embedding's sum) and backward (the head's f)."""
+    run_dir = train_processes(tmp_path, TP2_VOCAB, 2, lambda mesh: compiled(spec_text(mesh)))
     assert_same_run(run_dir, single)
-    resumed = tmp_path / "resumed"  # the step-3 checkpoint of DTensor shards, on one process
+    resumed = tmp_path / "resumed"  # the step-3 checkpoint of DTensor shards (the vocabulary's too), on one process
     (run_dir / "checkpoints" / "step_00000005").rename(tmp_path / "later")
     run_dir.rename(resumed)
     Trainer(moec.load_spec_text(spec_text(), file="single.yaml"), run_dir=resumed, resume="latest", allow_spec_change=True).run()
@@ -101,9 +115,10 @@ SP = "    sequence_parallel: true\n"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [TP2, TP2_DP2], ids=["tp2_sp", "tp2_dp2_sp"])
+@pytest.mark.parametrize("mesh", [TP2_VOCAB.replace(VOCAB, VOCAB + SP),
+                                  TP2_DP2.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n" + SP)],
+                         ids=["tp2_sp_vocab", "tp2_dp2_sp"])
 def test_sequence_parallel_trains_like_one_process(mesh, single_dense, tmp_path):
-    mesh = mesh.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n" + SP)
     run_dir = train_processes(tmp_path, mesh, 2 if mesh.startswith("mesh: {world_size: 2") else 4, dense_text)
     assert_same_run(run_dir, single_dense)
 

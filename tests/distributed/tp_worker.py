@@ -2,7 +2,9 @@
 
 Every rank builds the one-process program (no tensor-parallel statements) and the tp program of the
 same spec, runs both on the same batch (loss = cross entropy + aux loss) and rank 0 writes the largest
-differences of the output, the aux loss, the weights and every gradient (DTensor shards gathered).
+differences of the output, the aux loss, the weights and every gradient (DTensor shards gathered), for
+three layouts: the default groups, with the vocabulary split too (``embed``, ``head``: the logits stay
+split, the loss is vocab-parallel), and the vocabulary split with tied embeddings.
 ``python -m torch.distributed.run --nproc-per-node 2 -m tests.distributed.tp_worker OUT.json``
 """
 
@@ -13,9 +15,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import moec
+from moec.backends.torch import tensor_parallel
 from moec.compile import build_model, compile_spec, parallel_module
 
 SPEC = """version: 1
@@ -55,6 +57,8 @@ train:
   checkpoint: {{every: 3, keep_last: 2}}
 """
 TP2 = "mesh: {world_size: 2, axes: {tp: 2}}\nsharding:\n  tensor: {axis: tp}\n"
+VOCAB = "  tensor:\n    axis: tp\n    column: [attention.qkv, experts.up, mlp.up, embed, head]\n"
+TP2_VOCAB = TP2.replace("  tensor: {axis: tp}\n", VOCAB)  # Megatron's vocab-parallel embedding and head as well
 
 
 MOE = """        - kind: moe
@@ -76,10 +80,15 @@ def dense_text(mesh: str = "") -> str:
     return text.replace(MOE, "")
 
 
-def loss_of(model, tokens):
+def tied(text: str) -> str:
+    return text.replace("head: {kind: lm}", "head: {kind: lm, tie_embeddings: true}")
+
+
+def loss_of(model, tokens, vocab_mesh=None):
     out = model(tokens[:, :-1])
-    task = F.cross_entropy(out.output.flatten(0, 1), tokens[:, 1:].flatten())
-    (task + out.aux_loss).backward()
+    task = tensor_parallel.cross_entropy(out.output, tokens[:, 1:], vocab_mesh)
+    with tensor_parallel.loss_context(vocab_mesh):
+        (task + out.aux_loss).backward()
     return out
 
 
@@ -87,19 +96,22 @@ def whole(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def main(out_path: str) -> None:
-    dist.init_process_group("gloo")
-    tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
-    single = build_model(moec.load_spec_text(spec_text(), file="single.yaml")).train()
-    expected = loss_of(single, tokens)  # before tensor_parallel sets the group
-    spec = moec.load_spec_text(spec_text(TP2), file="tp2.yaml")
+def compare(single_text: str, tp_text: str, tokens: torch.Tensor) -> dict:
+    tensor_parallel.set_tensor_group(None)  # the one-process model runs whole
+    single = build_model(moec.load_spec_text(single_text, file="single.yaml")).train()
+    expected = loss_of(single, tokens)
+    spec = moec.load_spec_text(tp_text, file="tp2.yaml")
     program = compile_spec(spec)
-    model = build_model(spec, program=program, mesh=parallel_module(program).make_mesh("cpu")).train()
-    got = loss_of(model, tokens)
+    parallel = parallel_module(program)
+    mesh = parallel.make_mesh("cpu")
+    model = build_model(spec, program=program, mesh=mesh).train()  # parallel.py's tensor_parallel sets the group
+    got = loss_of(model, tokens, mesh["tp"] if hasattr(parallel, "VOCAB_PARALLEL") else None)
     reference = dict(single.named_parameters())
     split = sorted(name for name, p in model.named_parameters() if hasattr(p, "to_local"))
-    diffs = {
-        "output": (got.output - expected.output).abs().max().item(),
+    expected_output = expected.output.chunk(dist.get_world_size(), -1)[dist.get_rank()] if hasattr(
+        parallel, "VOCAB_PARALLEL") else expected.output  # logits split along the vocabulary: this rank's columns
+    return {
+        "output": (got.output - expected_output).abs().max().item(),
         "aux_loss": abs(got.aux_loss.item() - expected.aux_loss.item()),
         "weights": max((whole(p.detach()) - reference[name]).abs().max().item() for name, p in model.named_parameters()),
         "grads": {name: ((whole(p.grad) - reference[name].grad).abs().max() / reference[name].grad.abs().max()).item()
@@ -107,6 +119,14 @@ def main(out_path: str) -> None:
         "split": split,
         "local_shapes": {name: list(dict(model.named_parameters())[name].to_local().shape) for name in split},
     }
+
+
+def main(out_path: str) -> None:
+    dist.init_process_group("gloo")
+    tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
+    diffs = {"default": compare(spec_text(), spec_text(TP2), tokens),
+             "vocab": compare(spec_text(), spec_text(TP2_VOCAB), tokens),
+             "tied": compare(tied(spec_text()), tied(spec_text(TP2_VOCAB)), tokens)}
     if dist.get_rank() == 0:
         with open(out_path, "w") as file:
             json.dump(diffs, file)

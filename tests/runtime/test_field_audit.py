@@ -3,8 +3,8 @@
 ``AUDIT`` holds one check per leaf field; ``test_every_field_is_audited`` fails when a field is
 added to the schema without one. A check either compares what a changed value generates or
 sets against the base spec's, or expects a refusal: a validation error (``moec.SpecError`` with
-its message) or, for the part of the seed specs' plan not executed yet (tensor parallelism's
-vocab split), ``moec train``'s refusal at launch (``UNSUPPORTED`` in the generated parallel.py).
+its message) or, for what a spec may plan but moec does not execute yet, ``moec train``'s refusal
+at launch (``UNSUPPORTED`` in the generated parallel.py).
 Pipeline fields are checked on the pipeline run a rank would build (``moec.runtime.pipeline_step``)
 with a stand-in mesh; tests/distributed/test_pipeline_training.py runs them on processes.
 """
@@ -166,7 +166,8 @@ AUDIT = {
                                                                                 "    tensor_parallel(model, mesh)")),
     "sharding.tensor.column": lambda mp: (
         differs(parallel_source, TP, TP + ("sharding.tensor.column=[attention.qkv]", "sharding.tensor.row=[attention.out]"))
-        or refused_at_launch(mp, "vocab-parallel head", *TP, "sharding.tensor.column=[attention.qkv, mlp.up, experts.up, head]")),
+        or contains(parallel_source(*TP, "sharding.tensor.column=[attention.qkv, mlp.up, experts.up, head]"),
+                    "VOCAB_PARALLEL = 'tp'", "split(model.head, {'weight': 0}, tp_mesh)")),
     "sharding.tensor.row": lambda mp: refused("experts.up is split but its pair is not", *TP, "sharding.tensor.row=[attention.out]"),
     "sharding.tensor.sequence_parallel": lambda mp: refused("is implemented for attention and mlp layers only", *TP,
                                                             "sharding.tensor.sequence_parallel=true"),

@@ -6,13 +6,16 @@ epilogue (final norm, head), both by the reference interpreter's kernels on the 
 parameters (the prologue and epilogue are a handful of dense ops). Between stages travel the hidden
 state and the running sum of the MoE aux losses (each block's scalar outputs), so the aux losses reach
 the loss on the last stage: ``loss_fn((logits, aux_rows), targets)`` adds ``aux_rows[0]``. The model's aux output must be that
-sum (``pipeline_problem`` says why a graph cannot be pipelined).
+sum (``pipeline_problem`` says why a graph cannot be pipelined). With the vocabulary split over tp the
+embedding and the head run in their rank-local forms (``_vocab_split``), as model.py runs them.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moec.backends.reference.interpreter import KERNELS, Context
 from moec.backends.torch import tensor_parallel
@@ -108,12 +111,23 @@ class PipelineStage(nn.Module):
         for index in indices:
             node = self.graph.nodes[index]
             args = [self._param(ref) if self.graph[ref.node].op == "param" else values[ref] for ref in node.inputs]
-            result = KERNELS[node.op](ctx, node.attr, *args)
+            split = len(args) > 1 and isinstance(args[1], DTensor)  # the embedding / head of a vocabulary split over tp
+            result = _vocab_split(node, args) if split else KERNELS[node.op](ctx, node.attr, *args)
             for i, value in enumerate(result if isinstance(result, tuple) else (result,)):
                 values[Ref(node.name, i)] = value
 
     def _param(self, ref: Ref) -> torch.Tensor:
         return self.get_parameter(self.graph[ref.node].attr["name"])
+
+
+def _vocab_split(node, args: list) -> torch.Tensor:
+    """model.py's rank-local embedding and head when the vocabulary is split over tp (their tables are DTensors):
+    the lookup in this rank's rows summed over tp; the head's logits left split (the loss reduces over tp)."""
+    if node.op == "embed":
+        return tensor_parallel.embedding(args[0], args[1].to_local(), node.attr.get("padding_idx"))
+    if node.op == "linear" and len(args) == 2:
+        return F.linear(tensor_parallel.copy(args[0]), args[1].to_local())
+    raise ValueError(f"{node.op} with a tensor-parallel split weight in a pipeline stage's prologue or epilogue")
 
 
 def build_schedule(stages: list[PipelineStage], ranks: int, rank: int, group, device, kind: str, microbatches: int, loss_fn,

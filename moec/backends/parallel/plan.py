@@ -73,7 +73,6 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dic
     replicate = tuple(axis for axis in sharding.batch if axis in active and axis not in shard)
     experts = [axis for axis in sharding.experts if axis in active]
     unsupported = _expert_parallel_limits(spec, experts, replicate, shard) if experts else []
-    unsupported += tensor.not_built(spec) if tensor.tensor_axis(spec) is not None else []
     if sharding.pipeline is not None and sharding.pipeline.axis in active:
         unsupported += _pipeline_limits(spec, experts, bool(replicate and shard))
     if replicate and shard and (len(replicate) > 1 or len(shard) > 1):
@@ -141,6 +140,8 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         f"MESH_AXES = {names!r}",
         f"DATA_PARALLEL = {plan.data_parallel!r}  {where('sharding', 'batch')}: each rank reads its slice of the batch",
         f"UNSUPPORTED = {plan.unsupported!r}  # asked for by the spec, not executed yet",
+        *([f"VOCAB_PARALLEL = {plan.tensor!r}  {where('sharding', 'tensor', 'column')}: the head's logits stay split along "
+           "the vocabulary; the loss reduces over it"] if tensor.vocab_parallel_output(spec) else []),
         *_placement(spec, plan, experts, where),
         *_stages(stages, where),
         "",

@@ -8,6 +8,8 @@ weight every rank initialised from the spec seed, so the shards are the one-proc
 Gradients come back as DTensors with the same placement, checkpoints save them as DTensors (DCP
 reshards them for any mesh) and the memory plan counts their local shards. Everything else stays
 whole on every tp rank: without sequence parallelism its gradient is the same on each of them.
+The vocabulary splits like a column group (``embed``, ``head``: ``Shard(0)`` of the [V, D] tables);
+``VOCAB_PARALLEL`` in ``parallel.py`` names the axis the head's logits stay split over.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ def tensor_axis(spec) -> str | None:
     return tensor.axis if tensor is not None and spec.mesh.axes.get(tensor.axis, 1) > 1 else None
 
 
-def not_built(spec) -> list[str]:
-    """The parts of the seed's tensor-parallel plan not built yet (``moec train`` stops at launch); what
-    cannot be split is refused at validation (``moec.schema.checks_tensor``)."""
-    tp = spec.sharding.tensor
-    vocab = [group for group in tp.column + tp.row if group in ("embed", "head")]
-    return [f"vocab-parallel {' and '.join(vocab)} (sharding.tensor)"] if vocab else []
+def vocab_parallel_output(spec) -> bool:
+    """The head's logits stay split along the vocabulary (``head`` in ``sharding.tensor.column``, or ``embed``
+    with tied embeddings): the loss reduces over tp (``moec.backends.torch.tensor_parallel.cross_entropy``)."""
+    if tensor_axis(spec) is None or spec.model.head.kind != "lm":
+        return False
+    column = spec.sharding.tensor.column
+    return "head" in column or (spec.model.head.tie_embeddings and "embed" in column)
 
 
 def tensor_splits(spec, graph: Graph) -> dict[str, int]:
@@ -39,10 +42,9 @@ def tensor_splits(spec, graph: Graph) -> dict[str, int]:
     splits = {}
     for node in graph.params():
         placement = dict(node.meta).get("placement")
-        vocab = tp_group(node.attr["name"]) in ("embed", "head")  # not built: moec train refuses it at launch
         if node.attr["name"] in _moe_inputs(graph) and tp_group(node.attr["name"]) not in ("experts.up", "experts.down"):
             continue  # a shared expert or dense fallback inside a fused MoE ("w_up" reads as mlp.up): stays whole
-        if placement is not None and placement[index].startswith("Shard") and not vocab:
+        if placement is not None and placement[index].startswith("Shard"):
             splits[node.attr["name"]] = int(placement[index][6:-1])
     return splits
 

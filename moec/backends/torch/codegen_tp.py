@@ -14,6 +14,10 @@ any other program is written exactly as before. ``splits`` maps each split param
 - the fused MoE function reads the experts' local hidden slices, with *f* on its routed rows and
   *g* on the experts' outputs, before the router's weights combine them (``codegen_moe``).
 
+With ``embed`` and ``head`` split (the vocabulary), the embedding is ``tensor_parallel.embedding`` on
+the local rows of the table and the head a column-split linear whose logits stay split: the trainer's
+loss reduces over tp (``tensor_parallel.cross_entropy``).
+
 With ``sequence_parallel`` the blocks' hidden state is split along the sequence (the root splits
 the first block's input and gathers the last block's output), *f* is an all-gather along the
 sequence and *g* a reduce-scatter (Megatron-SP); validation admits it for attention and MLP layers.
@@ -55,6 +59,12 @@ def split_statement(name: str) -> str:
 
 def gather_statement(name: str) -> str:
     return f"        {name} = {MODULE}.unsplit_sequence({name})  # sequence parallel: the whole sequence after the blocks"
+
+
+def embedding(args: list[str], padding_idx: int | None) -> str:
+    """A lookup in the vocabulary-split table ``args[1]`` (already ``local``), summed over the ranks."""
+    pad = "" if padding_idx is None else f", padding_idx={padding_idx!r}"
+    return f"{MODULE}.embedding({args[0]}, {args[1]}{pad})"
 
 
 def local_heads(node: Node, args: list[str]) -> Node:

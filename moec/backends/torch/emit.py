@@ -181,6 +181,8 @@ class _Writer:
         if self.splits:
             node, args = self.tensor_parallel(node, args)
         expr = (self.decoding and self.decoding.expression(node, args)) or _expression(node, args, self.fused, self.anchor)
+        if self.splits and node.op == "embed" and self.split_of(node, 1):
+            expr = codegen_tp.embedding(args, node.attr.get("padding_idx"))  # this rank's rows of the vocabulary, summed
         if self.splits and self.split_of(node, 1) == "row":
             expr = codegen_tp.reduced(expr, self.fused.sequence_parallel)  # g: the row-split product's partial sums
         targets = ", ".join(value_name(Ref(node.name, i), self.graph) for i in range(len(node.types or (None,))))
@@ -193,8 +195,9 @@ class _Writer:
         self.free([ref for ref in node.inputs if self.last_use.get(ref) == index])
 
     def split_of(self, node: Node, position: int) -> str | None:
-        """``column`` / ``row`` when input ``position`` of a linear is a tensor-parallel split weight."""
-        if node.op != "linear" or len(node.inputs) <= position:
+        """``column`` / ``row`` when input ``position`` of a linear (or the table of an embedding) is a
+        tensor-parallel split weight."""
+        if node.op not in ("linear", "embed") or len(node.inputs) <= position:
             return None
         source = self.graph[node.inputs[position].node]
         return self.splits.get(source.attr["name"]) if source.op == "param" else None
@@ -209,10 +212,12 @@ class _Writer:
         split = self.split_of(node, 1)
         if split is None:
             return node, args
-        if split == "column":
+        if split == "column" and node.op == "linear":
             if args[0] not in self.copied:
                 self.copied.add(args[0])
-                self.lines.append(codegen_tp.copy_statement(args[0], self.fused.sequence_parallel))
+                # the root holds the whole sequence (it splits and gathers it around the blocks): there f is a copy
+                sequence_parallel = self.fused.sequence_parallel and self.owner != ""
+                self.lines.append(codegen_tp.copy_statement(args[0], sequence_parallel))
             args = [codegen_tp.copied(args[0])] + args[1:]
         return node, [args[0], codegen_tp.local(args[1]), *args[2:]]
 

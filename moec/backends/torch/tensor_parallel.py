@@ -14,15 +14,27 @@ of every split group with Megatron's conjugate functions:
 Both are autograd functions on functional collectives over the group ``parallel.py`` sets, so
 ``torch.compile`` traces them into the graph. Without a group (one process) both are the
 identity and ``local`` returns the whole weight: the same ``model.py`` runs on one process.
+
+The vocabulary splits too (``embed`` and ``head`` in ``sharding.tensor.column``): each rank holds
+V / tp rows of the embedding table and of the head. ``embedding`` looks up the tokens in this rank's
+rows (zeros for the others) and sums over the ranks; the head's logits stay split along the
+vocabulary, and ``cross_entropy`` computes the loss from the split logits with torch's
+``loss_parallel`` (max, sum of exponentials and the target's logit reduced over tp; no rank
+gathers [B, S, V]).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 from torch import Tensor
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.parallel import loss_parallel
 
 _GROUP: dict[str, dist.ProcessGroup | None] = {"group": None}
 
@@ -42,6 +54,14 @@ def _over_group(function: type[torch.autograd.Function], x: Tensor) -> Tensor:
     return x if group is None else function.apply(x, group)
 
 
+def _done(x: Tensor) -> Tensor:
+    """A functional collective's result, waited for when it ran eagerly. Eager funcol returns an
+    AsyncCollectiveTensor that waits on first use by an eager op; a compiled graph it flows into (a
+    block's forward or backward fed by the eager root: the vocab-parallel embedding and head) reads its
+    storage without waiting. Traced collectives are plain tensors: nothing to do."""
+    return x.wait() if isinstance(x, funcol.AsyncCollectiveTensor) else x
+
+
 def local(weight: Tensor) -> Tensor:
     """This rank's shard of a split weight (a DTensor on the tp mesh); a plain weight as it is."""
     return weight.to_local() if isinstance(weight, DTensor) else weight
@@ -55,13 +75,13 @@ class _Copy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return funcol.all_reduce(grad.contiguous(), "sum", ctx.group), None
+        return _done(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
 
 
 class _Reduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
-        return funcol.all_reduce(x.contiguous(), "sum", group)
+        return _done(funcol.all_reduce(x.contiguous(), "sum", group))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -86,22 +106,22 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group
-        return funcol.all_gather_tensor(x.contiguous(), 1, group)
+        return _done(funcol.all_gather_tensor(x.contiguous(), 1, group))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return funcol.reduce_scatter_tensor(grad.contiguous(), "sum", 1, ctx.group), None
+        return _done(funcol.reduce_scatter_tensor(grad.contiguous(), "sum", 1, ctx.group)), None
 
 
 class _ScatterSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group
-        return funcol.reduce_scatter_tensor(x.contiguous(), "sum", 1, group)
+        return _done(funcol.reduce_scatter_tensor(x.contiguous(), "sum", 1, group))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group), None
+        return _done(funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group)), None
 
 
 class _SplitSequence(torch.autograd.Function):
@@ -113,14 +133,14 @@ class _SplitSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group), None
+        return _done(funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group)), None
 
 
 class _UnsplitSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group
-        return funcol.all_gather_tensor(x.contiguous(), 1, group)
+        return _done(funcol.all_gather_tensor(x.contiguous(), 1, group))
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # every rank computed the same loss from the whole sequence: keep its own part
@@ -146,3 +166,54 @@ def unsplit_sequence(x: Tensor) -> Tensor:
 def split_sequence(x: Tensor) -> Tensor:
     """This rank's S / tp positions of a hidden state every rank holds whole (the blocks' input)."""
     return _over_group(_SplitSequence, x)
+
+
+# Vocabulary parallelism (Megatron's VocabParallelEmbedding and parallel cross-entropy).
+
+def embedding(tokens: Tensor, weight: Tensor, padding_idx: int | None = None) -> Tensor:
+    """The rows of ``tokens`` from a table split along the vocabulary: ``weight`` holds this rank's V / tp rows
+    (the whole table without a group). A token outside them reads zeros here; g sums the ranks' lookups."""
+    group = _GROUP["group"]
+    if group is None:
+        return F.embedding(tokens, weight, padding_idx)
+    rows = weight.shape[0]
+    start = dist.get_rank(group) * rows
+    index = tokens - start
+    outside = (index < 0) | (index >= rows)
+    pad = padding_idx - start if padding_idx is not None and start <= padding_idx < start + rows else None
+    found = F.embedding(index.masked_fill(outside, 0), weight, pad).masked_fill(outside.unsqueeze(-1), 0.0)
+    return reduce(found)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, vocab_mesh: DeviceMesh | None = None) -> Tensor:
+    """The mean cross-entropy of ``logits`` [..., V] (fp32) against ``targets`` [...]. With ``vocab_mesh`` the
+    logits are this rank's V / tp columns: torch's ``loss_parallel`` reduces over the mesh; the backward must
+    run inside ``loss_context(vocab_mesh)``."""
+    flat, flat_targets = logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if vocab_mesh is None:
+        return F.cross_entropy(flat, flat_targets)
+    with _loss_parallel():
+        return F.cross_entropy(DTensor.from_local(flat, vocab_mesh, [Shard(1)]), flat_targets).to_local()
+
+
+def loss_context(vocab_mesh: DeviceMesh | None) -> contextlib.AbstractContextManager:
+    """Where the backward of a vocab-parallel ``cross_entropy`` runs (torch's ``loss_parallel``); else nothing."""
+    return _loss_parallel() if vocab_mesh is not None else contextlib.nullcontext()
+
+
+_LOSS_PARALLEL_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def _loss_parallel():
+    """torch's ``loss_parallel``, re-entrant: leaving it switches its loss ops off for everyone, so a loss computed
+    inside an enclosing one (the pipeline schedule runs the loss and its backward in one step) must not leave it."""
+    if _LOSS_PARALLEL_DEPTH[0]:
+        yield
+        return
+    _LOSS_PARALLEL_DEPTH[0] += 1
+    try:
+        with loss_parallel():
+            yield
+    finally:
+        _LOSS_PARALLEL_DEPTH[0] -= 1
