@@ -1,8 +1,9 @@
 """Pipeline-parallel training under ``moec train``: the spec's ``sharding.pipeline``, composed with data parallelism.
 
-Every rank builds the whole model from the spec's seed (the same weights as one process), cuts its
-stage(s) out of it (``moec.backends.parallel.pipeline``: the prologue on the first stage, the final norm
-and head on the last) and drops the rest. A step reads ``microbatches`` micro-batches of the global
+Every rank builds the whole model on the meta device, cuts its stage(s) out of it
+(``moec.backends.parallel.pipeline``: the prologue on the first stage, the final norm and head on the
+last) and allocates only those, filled from the spec's seed (``materialize``: the same weights as one
+process). A step reads ``microbatches`` micro-batches of the global
 batch as one process with ``train.grad_accum`` x ``microbatches`` does (each data-parallel rank its slice of
 each), runs the spec's schedule (gpipe, 1f1b, interleaved_1f1b) over them, computes the task loss plus the
 aux losses on the last stage, averages gradients over the data-parallel ranks (FSDP2 on each stage over
@@ -23,13 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
+from moec.backends.init import init_parameter
 from moec.backends.output import mean_stats
 from moec.backends.parallel.buckets import all_reduce_flat
 from moec.backends.parallel.pipeline import (
@@ -75,6 +79,20 @@ class PipelinePart(nn.Module):
         return self
 
 
+@torch.no_grad()
+def materialize(part: nn.Module, graph, seed: int, device) -> None:
+    """Storage for a model built on the meta device, for this rank's stage(s) only, filled from the spec seed.
+    Each weight's values come from its own seed (``moec.backends.init``), so they are the one-process weights
+    whatever else the rank holds; a tp shard is this rank's slice of the whole weight."""
+    part.to_empty(device=device)
+    nodes = {node.attr["name"]: node for node in graph.params()}
+    for name, tensor in itertools.chain(part.named_parameters(), part.named_buffers()):
+        values = init_parameter(nodes[name], seed).to(device=device, dtype=tensor.dtype)
+        if isinstance(tensor, DTensor):  # Shard placements only: each rank cuts its slice, no communication
+            values, tensor = distribute_tensor(values, tensor.device_mesh, tensor.placements).to_local(), tensor.to_local()
+        tensor.copy_(values)
+
+
 def pipeline_axis(spec) -> str | None:
     """The pipeline axis when it is larger than 1."""
     pipeline = spec.sharding.pipeline
@@ -106,6 +124,8 @@ class PipelineRun:
         for stage in self.stages:
             stage.sequence_parallel = self.sequence_parallel
         self.part = PipelinePart(self.stages)
+        if next(model.parameters()).is_meta:  # built without storage: only this rank's stages are allocated
+            materialize(self.part, program.graph, spec.train.seed, dist_ctx.device)
         self.all_moe_layers = tuple(getattr(model, "MOE_LAYERS", ()))
         self.holds_first, self.holds_last = self.stages[0].is_first, self.stages[-1].is_last
         self.pieces: list[torch.Tensor] = []  # per micro-batch on the last stage: (task loss, aux loss)

@@ -34,7 +34,7 @@ from moec.runtime.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, comp
                                   steady_tokens_per_s)
 from moec.runtime.memory_plan import held_bytes, plan_check
 from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
-from moec.runtime.pipeline_step import PipelineError, make_pipeline
+from moec.runtime.pipeline_step import PipelineError, make_pipeline, pipeline_axis
 from moec.runtime.precision import apply_accumulation
 from moec.runtime.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
 from moec.runtime.stopping import StopRequest
@@ -91,7 +91,9 @@ class Trainer:
         too_big = check_fit(spec, self.program.manifest, self.device, self.dist.dp_size)
         if too_big:
             raise TrainingError(too_big)
-        self.model = build_model(spec, device=self.device, program=self.program).train()
+        # a pipeline rank builds the model on the meta device and allocates its own stages only (pipeline_step)
+        on_meta = pipeline_axis(spec) is not None and self.dist.distributed and init_from is None
+        self.model = build_model(spec, device="meta" if on_meta else self.device, program=self.program).train()
         if init_from is not None and resume is None:  # weights only (moec import hf, or another run's checkpoint)
             self._init_from(Path(init_from))
         try:  # sharding.pipeline over more than one rank: this rank keeps its stage(s) (moec.runtime.pipeline_step)
