@@ -93,6 +93,31 @@ def test_several_processes_give_the_single_process_losses(kind, single, tmp_path
         assert train_losses(resumed) == pytest.approx(expected, rel=1e-5)
 
 
+GPT_OSS_EXPERTS = "activation: clamped_swiglu, bias: true, swiglu_limit: 7.0, swiglu_alpha: 1.702}"
+
+
+def gpt_oss_experts(text: str) -> str:
+    """GPT-OSS's experts: clamped SwiGLU with up / gate / down biases."""
+    assert "activation: swiglu}" in text
+    return text.replace("activation: swiglu}", GPT_OSS_EXPERTS)
+
+
+@pytest.mark.slow
+def test_gpt_oss_experts_under_expert_parallelism_give_the_single_process_losses(tmp_path):
+    """The expert-parallel FFN applies the clamped activation and each local expert's biases (sharded over ep
+    with the weights): it computed sigmoid(gate) * up for clamped_swiglu before, and refused biases."""
+    single = tmp_path / "single"
+    Trainer(moec.load_spec_text(gpt_oss_experts(spec_text()), file="single.yaml"), run_dir=single).run()
+    text = gpt_oss_experts(spec_text(MESHES["ep"]))
+    run_dir = run_processes(tmp_path / "ep", "ep", text)
+    source = moec.compile_spec(moec.load_spec_text(text, file="ep.yaml")).source
+    assert ("experts_ffn(rows, counts, experts_w_up, experts_w_gate, experts_w_down, 'clamped_glu', "
+            "biases=(experts_b_up, experts_b_gate, experts_b_down), clamp=(7.0, 1.702))") in source
+    for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss")):
+        got, expected = ([r[key] for r in read_metrics(d / "metrics.jsonl") if r["kind"] == kind] for d in (run_dir, single))
+        assert len(got) == len(expected) > 0 and got == pytest.approx(expected, rel=1e-5), (key, got, expected)
+
+
 @pytest.mark.slow
 def test_two_expert_parallel_runs_are_bitwise_identical(tmp_path):
     """schedule.deterministic on the CPU: the all-to-all exchange and the reductions repeat exactly."""

@@ -95,8 +95,6 @@ def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: t
         limits.append("expert parallelism over an FSDP axis together with HSDP (a replicating batch axis)")
     if spec.schedule.kernels.moe not in ("auto", "grouped_mm"):
         limits.append(f"expert parallelism with kernels.moe '{spec.schedule.kernels.moe}' (it runs grouped_mm)")
-    if any(moe.expert.bias for moe in _moe_configs(spec)):
-        limits.append("expert parallelism with expert biases")
     return limits
 
 

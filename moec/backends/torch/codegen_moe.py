@@ -286,10 +286,16 @@ def _expert_parallel(moe: MoeAttrs) -> list[str]:
     """The grouped path with the expert FFN across the expert-parallel group (moec.backends.torch.experts)."""
     k, kind = moe.choices, ACTIVATIONS[moe.expert.activation]
     gate = "experts_w_gate" if kind.gated else "None"
+    extra = ""
+    if moe.expert.bias:
+        extra += ", biases=(experts_b_up, {}, experts_b_down)".format("experts_b_gate" if kind.gated else "None")
+    if kind.clamped:
+        extra += f", clamp=({moe.expert.clamp['limit']!r}, {moe.expert.clamp['alpha']!r})"
+    fn = "clamped_glu" if kind.clamped else kind.fn
     return [
         "    order = torch.argsort(flat_expert, stable=True)  # sort-by-expert permutation",
         f"    rows = x[order // {k}]  # (N*k, D) token rows in expert order",
-        f"    y_sorted = experts_ffn(rows, counts, experts_w_up, {gate}, experts_w_down, {kind.fn!r})  # the experts' ranks compute their rows (experts.py)",
+        f"    y_sorted = experts_ffn(rows, counts, experts_w_up, {gate}, experts_w_down, {fn!r}{extra})  # the experts' ranks compute their rows (experts.py)",
         f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)",
     ]
 
