@@ -2,7 +2,9 @@
 
 Every rank builds the one-process program (no tensor-parallel statements) and the tp program of the
 same spec, runs both on the same batch (loss = cross entropy + aux loss) and rank 0 writes the largest
-differences of the output, the aux loss, the weights and every gradient (DTensor shards gathered).
+differences of the output, the aux loss, the weights and every gradient (DTensor shards gathered),
+for the spec's 2 KV heads (split: one per rank) and for 1 KV head (replicated: both ranks read it
+through ``tensor_parallel.kv_shard``, also compiled with ``fullgraph=True``).
 ``python -m torch.distributed.run --nproc-per-node 2 -m tests.distributed.tp_worker OUT.json``
 """
 
@@ -16,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import moec
+from moec.backends.torch import tensor_parallel
+from moec.backends.torch.tensor_parallel import set_tensor_group
 from moec.compile import build_model, compile_spec, parallel_module
 
 SPEC = """version: 1
@@ -29,7 +33,7 @@ model:
       layers:
         - kind: attention
           heads: 4
-          kv_heads: 2
+          kv_heads: {kv_heads}
           rope: {{theta: 10000}}
         - kind: moe
           experts: 4
@@ -65,8 +69,9 @@ MOE = """        - kind: moe
 """
 
 
-def spec_text(mesh: str = "") -> str:
-    return SPEC.format(mesh=mesh)
+def spec_text(mesh: str = "", kv_heads: int = 2) -> str:
+    """kv_heads 2: one KV head per rank at tp 2; kv_heads 1: both ranks replicate it."""
+    return SPEC.format(mesh=mesh, kv_heads=kv_heads)
 
 
 def dense_text(mesh: str = "") -> str:
@@ -87,12 +92,11 @@ def whole(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def main(out_path: str) -> None:
-    dist.init_process_group("gloo")
-    tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
-    single = build_model(moec.load_spec_text(spec_text(), file="single.yaml")).train()
-    expected = loss_of(single, tokens)  # before tensor_parallel sets the group
-    spec = moec.load_spec_text(spec_text(TP2), file="tp2.yaml")
+def differences(tokens, kv_heads: int) -> dict:
+    set_tensor_group(None)  # the one-process model runs without f and g
+    single = build_model(moec.load_spec_text(spec_text(kv_heads=kv_heads), file="single.yaml")).train()
+    expected = loss_of(single, tokens)
+    spec = moec.load_spec_text(spec_text(TP2, kv_heads), file="tp2.yaml")
     program = compile_spec(spec)
     model = build_model(spec, program=program, mesh=parallel_module(program).make_mesh("cpu")).train()
     got = loss_of(model, tokens)
@@ -107,6 +111,30 @@ def main(out_path: str) -> None:
         "split": split,
         "local_shapes": {name: list(dict(model.named_parameters())[name].to_local().shape) for name in split},
     }
+    return diffs
+
+
+def compiled_kv_shard() -> float:
+    """kv_shard traced with fullgraph=True against eager, over the group the tp model set: the largest
+    relative difference of the loss and the gradients (2 KV heads of 4 rows: each rank slices its own)."""
+    generator = torch.Generator().manual_seed(2)
+    weight, x = torch.randn(8, 32, generator=generator, requires_grad=True), torch.randn(2, 5, 32, generator=generator, requires_grad=True)
+
+    def loss(x, weight):
+        return F.linear(tensor_parallel.copy(x), tensor_parallel.kv_shard(weight, 2)).square().sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True)):
+        value = fn(x, weight)
+        results.append((value.detach(), *torch.autograd.grad(value, (x, weight))))
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*results))  # relative to each one's largest entry
+
+
+def main(out_path: str) -> None:
+    dist.init_process_group("gloo")
+    tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
+    diffs = {f"kv_heads_{kv}": differences(tokens, kv) for kv in (2, 1)}
+    diffs["compiled_kv_shard"] = compiled_kv_shard()
     if dist.get_rank() == 0:
         with open(out_path, "w") as file:
             json.dump(diffs, file)

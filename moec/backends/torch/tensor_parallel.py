@@ -11,8 +11,12 @@ of every split group with Megatron's conjugate functions:
 - ``reduce`` (Megatron's *g*) after a row group (attention out, MLP down, expert down):
   all-reduces the partial sums forward; identity backward.
 
-Both are autograd functions on functional collectives over the group ``parallel.py`` sets, so
-``torch.compile`` traces them into the graph. Without a group (one process) both are the
+- ``kv_shard`` reads the k / v projection of a grouped-query attention layer with fewer KV heads
+  than ranks (``tp % kv_heads == 0``): the weight stays whole on every rank and each reads the
+  rows of the KV head its query heads use; backward sums the slices' gradients over the ranks.
+
+All are autograd functions on functional collectives over the group ``parallel.py`` sets, so
+``torch.compile`` traces them into the graph. Without a group (one process) they are the
 identity and ``local`` returns the whole weight: the same ``model.py`` runs on one process.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
@@ -76,6 +81,33 @@ def copy(x: Tensor) -> Tensor:
 def reduce(x: Tensor) -> Tensor:
     """Megatron's g: partial sums of a row-split product summed over the tensor-parallel ranks."""
     return _over_group(_Reduce, x)
+
+
+class _KvShard(torch.autograd.Function):
+    """The rows of this rank's KV head of a whole [kv_heads * head_dim, ...] weight. Query heads split
+    evenly over tp and head h reads KV head h // (heads / kv_heads), so rank r's heads all read KV head
+    r // (tp / kv_heads). Backward: the slice's gradient in place in a zero whole-size gradient, summed
+    over tp, so every rank's whole weight gets the gradient of all the query heads."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, kv_heads: int, group) -> Tensor:
+        rows = weight.shape[0] // kv_heads
+        head = dist.get_rank(group) * kv_heads // dist.get_world_size(group)
+        ctx.group, ctx.pad = group, (head * rows, weight.shape[0] - (head + 1) * rows)
+        return weight.narrow(0, head * rows, rows).clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        before, after = ctx.pad
+        whole = F.pad(grad, (0, 0) * (grad.dim() - 1) + (before, after))
+        return funcol.all_reduce(whole.contiguous(), "sum", ctx.group), None, None
+
+
+def kv_shard(weight: Tensor, kv_heads: int) -> Tensor:
+    """The rows of the KV head this rank's query heads read, from a k / v projection kept whole on every
+    tensor-parallel rank (kv_heads < tp); without a group (one process) the whole weight."""
+    group = _GROUP["group"]
+    return weight if group is None else _KvShard.apply(weight, kv_heads, group)
 
 
 # Sequence parallelism (Megatron-SP): between the tensor-parallel groups each rank holds S / tp
