@@ -5,15 +5,16 @@ tp > 1 the statements of ``moec.backends.torch.codegen_tp`` appear, and the same
 whole on one process (no group: f and g are the identity, head counts come from the widths).
 """
 
+import pytest
 import torch
 
 import moec
 from moec.compile import build_model
-from tests.distributed.tp_worker import TP2, spec_text
+from tests.distributed.tp_worker import TP2, dense_text, spec_text
 
 
-def program(mesh: str = ""):
-    return moec.compile_spec(moec.load_spec_text(spec_text(mesh), file="tp.yaml"))
+def program(mesh: str = "", kv_heads: int = 2):
+    return moec.compile_spec(moec.load_spec_text(spec_text(mesh, kv_heads), file="tp.yaml"))
 
 
 def body(source: str) -> str:
@@ -62,8 +63,32 @@ def test_the_tensor_parallel_lines_exactly():
     assert "tensor_parallel.local" not in decode.split("\n\n")[0]  # decode runs whole, on one process
 
 
-def test_the_tensor_parallel_program_runs_whole_on_one_process():
-    spec_whole, spec_tp = (moec.load_spec_text(spec_text(mesh), file="tp.yaml") for mesh in ("", TP2))
+def test_a_replicated_kv_head_is_read_through_kv_shard():
+    """1 KV head for 2 ranks: wk and wv stay whole (parallel.py does not split them, and says so), q's f
+    serves k and v too, and each reads its rank's KV head; under sequence parallelism the gradient stays partial."""
+    compiled = program(TP2, kv_heads=1)
+    strip = [line.split("  # ")[0] for line in compiled.source.split("    def forward(self, embed_0):\n")[1].splitlines()[:6]]
+    assert strip[1:5] == [
+        "        rmsnorm_0_tp = tensor_parallel.copy(rmsnorm_0)",
+        "        linear_0 = F.linear(rmsnorm_0_tp, tensor_parallel.local(self.attention.wq))",
+        "        linear_1 = F.linear(rmsnorm_0_tp, tensor_parallel.kv_shard(self.attention.wk, 1))",
+        "        linear_2 = F.linear(rmsnorm_0_tp, tensor_parallel.kv_shard(self.attention.wv, 1))",
+    ]
+    assert "kv_shard" not in compiled.source.split("    def decode(self, embed_0, cache, positions, bucket):\n")[1].split("\n\n")[0]
+    lines = compiled.parallel_source.split("def tensor_parallel")[1].splitlines()
+    assert lines[6].startswith("    split(model.blocks[0].attention, {'wq': 0, 'wo': 1}, tp_mesh)  # attention.qkv column, attention.out row")
+    assert lines[7] == ("    # model.blocks[0].attention wk, wv stay whole (1 KV head for 2 ranks): each rank reads the KV head of its "
+                        "query heads (tensor_parallel.kv_shard)  tp.yaml:25 sharding.tensor.column")
+    placements = {node.attr["name"]: dict(node.meta)["placement"] for node in compiled.graph.params()}
+    assert placements["blocks.0.attention.wk"] == ("Replicate()",) and placements["blocks.0.attention.wq"] == ("Shard(0)",)
+    sp = TP2.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n    sequence_parallel: true\n")
+    sp_source = moec.compile_spec(moec.load_spec_text(dense_text(sp, kv_heads=1), file="tp.yaml")).source
+    assert "linear_1 = F.linear(rmsnorm_0_tp, tensor_parallel.kv_shard(self.attention.wk, 1, partial=True))" in sp_source
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["split_kv", "replicated_kv"])
+def test_the_tensor_parallel_program_runs_whole_on_one_process(kv_heads):
+    spec_whole, spec_tp = (moec.load_spec_text(spec_text(mesh, kv_heads), file="tp.yaml") for mesh in ("", TP2))
     whole, split = build_model(spec_whole), build_model(spec_tp)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     a, b = whole(tokens), split(tokens)

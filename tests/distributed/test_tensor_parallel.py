@@ -112,20 +112,28 @@ def test_tp2_fsdp2_with_a_replicated_kv_head_trains_like_one_process(single_kv1,
 
 @pytest.fixture(scope="module")
 def single_dense(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("single_dense")
-    Trainer(moec.load_spec_text(dense_text(), file="single.yaml"), run_dir=run_dir).run()
-    return run_dir
+    """The one-process run of the dense spec with a given number of KV heads (each trained once)."""
+    runs = {}
+
+    def run(kv_heads: int) -> Path:
+        if kv_heads not in runs:
+            runs[kv_heads] = tmp_path_factory.mktemp(f"single_dense_kv{kv_heads}")
+            Trainer(moec.load_spec_text(dense_text(kv_heads=kv_heads), file="single.yaml"), run_dir=runs[kv_heads]).run()
+        return runs[kv_heads]
+    return run
 
 
 SP = "    sequence_parallel: true\n"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [TP2, TP2_DP2], ids=["tp2_sp", "tp2_dp2_sp"])
-def test_sequence_parallel_trains_like_one_process(mesh, single_dense, tmp_path):
+@pytest.mark.parametrize(("mesh", "kv_heads"), [(TP2, 2), (TP2_DP2, 1)], ids=["tp2_sp", "tp2_dp2_sp_replicated_kv"])
+def test_sequence_parallel_trains_like_one_process(mesh, kv_heads, single_dense, tmp_path):
+    """kv_heads 1: kv_shard leaves wk's and wv's gradients partial, reduce_gradients sums them over tp."""
     mesh = mesh.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n" + SP)
-    run_dir = train_processes(tmp_path, mesh, 2 if mesh.startswith("mesh: {world_size: 2") else 4, dense_text)
-    assert_same_run(run_dir, single_dense)
+    nproc = 2 if mesh.startswith("mesh: {world_size: 2") else 4
+    run_dir = train_processes(tmp_path, mesh, nproc, lambda mesh: dense_text(mesh, kv_heads))
+    assert_same_run(run_dir, single_dense(kv_heads))
 
 
 def test_sequence_parallel_lines(tmp_path):

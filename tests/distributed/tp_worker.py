@@ -74,9 +74,9 @@ def spec_text(mesh: str = "", kv_heads: int = 2) -> str:
     return SPEC.format(mesh=mesh, kv_heads=kv_heads)
 
 
-def dense_text(mesh: str = "") -> str:
+def dense_text(mesh: str = "", kv_heads: int = 2) -> str:
     """The spec without its MoE layer: GQA attention and a SwiGLU MLP (what sequence parallelism runs)."""
-    text = spec_text(mesh)
+    text = spec_text(mesh, kv_heads)
     assert MOE in text
     return text.replace(MOE, "")
 

@@ -219,7 +219,7 @@ class _Writer:
                 self.lines.append(codegen_tp.copy_statement(args[0], self.fused.sequence_parallel))
             args = [codegen_tp.copied(args[0])] + args[1:]
         if kv_heads is not None:
-            return node, [args[0], *(codegen_tp.kv_shard(arg, kv_heads) for arg in args[1:])]
+            return node, [args[0], *(codegen_tp.kv_shard(arg, kv_heads, self.fused.sequence_parallel) for arg in args[1:])]
         return node, [args[0], codegen_tp.local(args[1]), *args[2:]]
 
     def replicated_kv(self, node: Node) -> int | None:

@@ -87,27 +87,29 @@ class _KvShard(torch.autograd.Function):
     """The rows of this rank's KV head of a whole [kv_heads * head_dim, ...] weight. Query heads split
     evenly over tp and head h reads KV head h // (heads / kv_heads), so rank r's heads all read KV head
     r // (tp / kv_heads). Backward: the slice's gradient in place in a zero whole-size gradient, summed
-    over tp, so every rank's whole weight gets the gradient of all the query heads."""
+    over tp (unless ``partial``), so every rank's whole weight gets the gradient of all the query heads."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, kv_heads: int, group) -> Tensor:
+    def forward(ctx, weight: Tensor, kv_heads: int, partial: bool, group) -> Tensor:
         rows = weight.shape[0] // kv_heads
         head = dist.get_rank(group) * kv_heads // dist.get_world_size(group)
-        ctx.group, ctx.pad = group, (head * rows, weight.shape[0] - (head + 1) * rows)
+        ctx.group, ctx.partial, ctx.pad = group, partial, (head * rows, weight.shape[0] - (head + 1) * rows)
         return weight.narrow(0, head * rows, rows).clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         before, after = ctx.pad
         whole = F.pad(grad, (0, 0) * (grad.dim() - 1) + (before, after))
-        return funcol.all_reduce(whole.contiguous(), "sum", ctx.group), None, None
+        return (whole if ctx.partial else funcol.all_reduce(whole.contiguous(), "sum", ctx.group)), None, None, None
 
 
-def kv_shard(weight: Tensor, kv_heads: int) -> Tensor:
+def kv_shard(weight: Tensor, kv_heads: int, partial: bool = False) -> Tensor:
     """The rows of the KV head this rank's query heads read, from a k / v projection kept whole on every
-    tensor-parallel rank (kv_heads < tp); without a group (one process) the whole weight."""
+    tensor-parallel rank (kv_heads < tp); without a group (one process) the whole weight. ``partial``
+    (sequence parallelism): the gradient is left a per-rank partial sum, as the norms' are, for
+    ``parallel.py``'s ``reduce_gradients`` to sum over tp with the blocks' other whole weights."""
     group = _GROUP["group"]
-    return weight if group is None else _KvShard.apply(weight, kv_heads, group)
+    return weight if group is None else _KvShard.apply(weight, kv_heads, partial, group)
 
 
 # Sequence parallelism (Megatron-SP): between the tensor-parallel groups each rank holds S / tp
