@@ -8,7 +8,10 @@ a pair, tensor with expert parallelism, and layer options whose weights the spli
 kernels other than grouped_mm); ``sequence_parallel`` beyond attention and MLP layers, with FSDP,
 or with a sequence length tp does not divide. The vocab split (``embed``, ``head``) is part of the
 seed's plan (gpt_oss_120b.yaml) not built yet: it validates so the seed builds, and ``moec train``
-names it and stops at launch (``UNSUPPORTED`` in parallel.py).
+names it and stops at launch (``UNSUPPORTED`` in parallel.py). Sizes are checked with the other
+parallel sizes (``checks._parallel_divisibility``): heads and hidden sizes divisible by tp, kv_heads
+divisible by tp or dividing it (each KV head then replicated on tp / kv_heads ranks,
+``moec.passes.sharding.replicated_kv``).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moec
+from moec.backends.torch.tensor_parallel import kv_head_of
 from moec.compile import build_model
 from tests.distributed.tp_worker import TP2, dense_text, spec_text
 
@@ -84,6 +85,19 @@ def test_a_replicated_kv_head_is_read_through_kv_shard():
     sp = TP2.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n    sequence_parallel: true\n")
     sp_source = moec.compile_spec(moec.load_spec_text(dense_text(sp, kv_heads=1), file="tp.yaml")).source
     assert "linear_1 = F.linear(rmsnorm_0_tp, tensor_parallel.kv_shard(self.attention.wk, 1, partial=True))" in sp_source
+
+
+def test_each_rank_reads_the_kv_head_of_its_query_heads():
+    """GQA: query head h reads KV head h // (heads / kv_heads); rank r holds query heads
+    [r * heads / tp, (r + 1) * heads / tp), all of which read kv_head_of(r, tp, kv_heads)."""
+    checked = 0
+    for heads, tp, kv_heads in [(4, 2, 1), (8, 4, 2), (8, 8, 2), (12, 4, 2), (16, 8, 4), (6, 6, 3), (8, 8, 1)]:
+        per_rank = heads // tp
+        for rank in range(tp):
+            read = {h // (heads // kv_heads) for h in range(rank * per_rank, (rank + 1) * per_rank)}
+            assert read == {kv_head_of(rank, tp, kv_heads)}, (heads, tp, kv_heads, rank)
+            checked += 1
+    assert checked == 2 + 4 + 8 + 4 + 8 + 6 + 8
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["split_kv", "replicated_kv"])

@@ -83,6 +83,11 @@ def reduce(x: Tensor) -> Tensor:
     return _over_group(_Reduce, x)
 
 
+def kv_head_of(rank: int, ranks: int, kv_heads: int) -> int:
+    """The KV head tensor-parallel ``rank`` of ``ranks`` reads when ``ranks`` is a multiple of ``kv_heads``."""
+    return rank * kv_heads // ranks
+
+
 class _KvShard(torch.autograd.Function):
     """The rows of this rank's KV head of a whole [kv_heads * head_dim, ...] weight. Query heads split
     evenly over tp and head h reads KV head h // (heads / kv_heads), so rank r's heads all read KV head
@@ -92,7 +97,7 @@ class _KvShard(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, kv_heads: int, partial: bool, group) -> Tensor:
         rows = weight.shape[0] // kv_heads
-        head = dist.get_rank(group) * kv_heads // dist.get_world_size(group)
+        head = kv_head_of(dist.get_rank(group), dist.get_world_size(group), kv_heads)
         ctx.group, ctx.partial, ctx.pad = group, partial, (head * rows, weight.shape[0] - (head + 1) * rows)
         return weight.narrow(0, head * rows, rows).clone()
 
