@@ -61,7 +61,7 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     header = _header(spec, compiled, kernels)
     experts = expert_owners(compiled.graph)
     splits = tensor_splits(spec, compiled.graph)
-    kv = replicated_kv(spec, compiled.graph)
+    kv = replicated_kv(spec, compiled.graph) if splits else {}  # nothing split (annotate_sharding disabled): all whole
     plan = parallel_plan(spec, tuple(experts), splits, kv)
     source = emit_program(compiled.graph, spec_name=spec.name, header=header, moe_kernel=kernels.moe,
                           spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention,
