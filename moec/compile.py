@@ -22,6 +22,7 @@ from moec.ir.graph import Graph
 from moec.manifest import build_manifest, spec_record
 from moec.moe.params import EXPERT_PREFIX
 from moec.passes import run_pipeline
+from moec.passes.sharding import replicated_kv
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,12 +61,14 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     header = _header(spec, compiled, kernels)
     experts = expert_owners(compiled.graph)
     splits = tensor_splits(spec, compiled.graph)
-    plan = parallel_plan(spec, tuple(experts), splits)
+    kv = replicated_kv(spec, compiled.graph) if splits else {}  # nothing split (annotate_sharding disabled): all whole
+    plan = parallel_plan(spec, tuple(experts), splits, kv)
     source = emit_program(compiled.graph, spec_name=spec.name, header=header, moe_kernel=kernels.moe,
                           spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention,
                           expert_parallel=plan.experts is not None and not plan.unsupported, tiles=_tiles(spec),
                           tensor_splits={name: split_kind(name, dim) for name, dim in splits.items()},
-                          sequence_parallel=plan.sequence_parallel)
+                          sequence_parallel=plan.sequence_parallel,
+                          replicated_kv=dict(plan.replicated_kv))
     # Parameters, FLOPs and memory are facts of the model: counted on the full pipeline's graph even
     # when passes were disabled (an unfused graph has no moe node to say which weights are experts).
     facts = compiled.graph if not disable else run_pipeline(spec).graph

@@ -2,7 +2,10 @@
 
 Every parameter and activation gets ``placement``: one entry per mesh axis, in mesh order,
 each ``Replicate()``, ``Shard(d)`` or ``Partial()``. Nodes also get their pipeline ``stage``
-when the spec pipelines. Tensor-parallel groups follow the spec's column / row lists.
+when the spec pipelines. Tensor-parallel groups follow the spec's column / row lists, except the
+k / v projections of an attention layer with fewer KV heads than tensor-parallel ranks
+(``replicated_kv``): they stay whole (``Replicate()``) on every tp rank, and each rank reads the
+rows of the one KV head its query heads use (``moec.backends.torch.tensor_parallel.kv_shard``).
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ def annotate_sharding(spec: Spec, graph: Graph) -> tuple[Graph, bool]:
         return graph, False  # one device: every tensor is whole, nothing to annotate
     axes = list(spec.mesh.axes)
     stages = _stage_of(spec, graph)
+    kv = replicated_kv(spec, graph)
     nodes, issues = [], []
     for node in graph.nodes:
-        placement = _param_placement(spec, node, axes, issues) if node.op == "param" else _activation_placement(spec, node, axes)
+        placement = _param_placement(spec, node, axes, issues, kv) if node.op == "param" else _activation_placement(spec, node, axes)
         meta = dict(node.meta) | {"placement": tuple(placement)}
         if stages is not None:
             meta["stage"] = stages[node.name]
@@ -54,7 +58,22 @@ def tp_group(name: str) -> str | None:
     return None
 
 
-def _param_placement(spec: Spec, node: Node, axes: list[str], issues: list) -> list[str]:
+def replicated_kv(spec: Spec, graph: Graph) -> dict[str, int]:
+    """The k / v projections (``wk``, ``wv``, ``bk``, ``bv``) of each attention layer with fewer KV heads
+    than tensor-parallel ranks -> that layer's kv_heads. Validation admits it when tp is a multiple of
+    kv_heads: the ranks of tp // kv_heads consecutive query-head slices share one KV head."""
+    tensor = spec.sharding.tensor
+    if tensor is None or "attention.qkv" not in tensor.column:
+        return {}
+    tp = spec.mesh.axes.get(tensor.axis, 1)
+    # a layer's projections and its attention node come from the same spec path (moec.passes.lower)
+    kv_heads = {node.origin.path: node.attr["kv_heads"] for node in graph.nodes
+                if node.op == "attention" and node.origin is not None and node.attr["kv_heads"] < tp}
+    return {node.attr["name"]: kv_heads[node.origin.path] for node in graph.params()
+            if node.origin is not None and node.origin.path in kv_heads and re.search(r"\.(wk|wv|bk|bv)$", node.attr["name"])}
+
+
+def _param_placement(spec: Spec, node: Node, axes: list[str], issues: list, kv: dict[str, int]) -> list[str]:
     sharding, shape = spec.sharding, node.attr["shape"]
     placement = ["Replicate()"] * len(axes)
     is_expert = ".experts." in node.attr["name"]
@@ -63,7 +82,7 @@ def _param_placement(spec: Spec, node: Node, axes: list[str], issues: list) -> l
             placement[axes.index(axis)] = "Shard(0)"
     tensor = sharding.tensor
     group = tp_group(node.attr["name"]) if tensor is not None else None
-    if group is not None and (group in tensor.column or group in tensor.row):
+    if group is not None and (group in tensor.column or group in tensor.row) and node.attr["name"] not in kv:
         # torch weights are [out, in] (experts: [E, out, in]): columns split out, rows split in.
         dim = (0 if group in tensor.column else 1) + (1 if is_expert else 0)
         dim = min(dim, len(shape) - 1)

@@ -104,7 +104,10 @@ def _parallel_divisibility(spec: Spec) -> Iterator[Finding]:
     for b, i, layer in spec.model.layers():
         checks: list[tuple[tuple, int, int, str]] = []
         if layer.kind == "attention":
-            checks += [(("heads",), layer.heads, tp, "tensor-parallel"), (("kv_heads",), layer.kv_heads, tp, "tensor-parallel")]
+            checks.append((("heads",), layer.heads, tp, "tensor-parallel"))
+            if layer.kv_heads % tp and tp % layer.kv_heads:  # fewer KV heads than ranks: each is replicated on tp / kv_heads
+                yield _layer_path(b, i, "kv_heads"), (f"must be divisible by the tensor-parallel size ({tp}) or divide it "
+                                                      f"(each KV head then replicated on tp / kv_heads ranks), got {layer.kv_heads}")
             if layer.rope is not None and layer.head_dim % 2:
                 yield _layer_path(b, i, "head_dim"), f"must be even for RoPE, got {layer.head_dim}"
         elif layer.kind == "mlp":

@@ -8,7 +8,10 @@ a pair, tensor with expert parallelism, and layer options whose weights the spli
 kernels other than grouped_mm); ``sequence_parallel`` beyond attention and MLP layers, with FSDP,
 or with a sequence length tp does not divide. The vocabulary split (``embed``, ``head``, Megatron's
 vocab-parallel embedding and head) is a column split of token models whose vocabulary tp divides;
-tied embeddings split both or neither.
+tied embeddings split both or neither. Sizes are checked with the other
+parallel sizes (``checks._parallel_divisibility``): heads and hidden sizes divisible by tp, kv_heads
+divisible by tp or dividing it (each KV head then replicated on tp / kv_heads ranks,
+``moec.passes.sharding.replicated_kv``).
 """
 
 from __future__ import annotations

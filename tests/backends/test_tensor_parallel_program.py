@@ -5,16 +5,18 @@ tp > 1 the statements of ``moec.backends.torch.codegen_tp`` appear, and the same
 whole on one process (no group: f and g are the identity, head counts come from the widths).
 """
 
+import pytest
 import torch
 
 import moec
 from moec.backends.torch import tensor_parallel
+from moec.backends.torch.tensor_parallel import kv_head_of
 from moec.compile import build_model
-from tests.distributed.tp_worker import TP2, TP2_VOCAB, spec_text
+from tests.distributed.tp_worker import TP2, TP2_VOCAB, dense_text, spec_text
 
 
-def program(mesh: str = ""):
-    return moec.compile_spec(moec.load_spec_text(spec_text(mesh), file="tp.yaml"))
+def program(mesh: str = "", kv_heads: int = 2):
+    return moec.compile_spec(moec.load_spec_text(spec_text(mesh, kv_heads), file="tp.yaml"))
 
 
 def body(source: str) -> str:
@@ -63,8 +65,45 @@ def test_the_tensor_parallel_lines_exactly():
     assert "tensor_parallel.local" not in decode.split("\n\n")[0]  # decode runs whole, on one process
 
 
-def test_the_tensor_parallel_program_runs_whole_on_one_process():
-    spec_whole, spec_tp = (moec.load_spec_text(spec_text(mesh), file="tp.yaml") for mesh in ("", TP2))
+def test_a_replicated_kv_head_is_read_through_kv_shard():
+    """1 KV head for 2 ranks: wk and wv stay whole (parallel.py does not split them, and says so), q's f
+    serves k and v too, and each reads its rank's KV head; under sequence parallelism the gradient stays partial."""
+    compiled = program(TP2, kv_heads=1)
+    strip = [line.split("  # ")[0] for line in compiled.source.split("    def forward(self, embed_0):\n")[1].splitlines()[:6]]
+    assert strip[1:5] == [
+        "        rmsnorm_0_tp = tensor_parallel.copy(rmsnorm_0)",
+        "        linear_0 = F.linear(rmsnorm_0_tp, tensor_parallel.local(self.attention.wq))",
+        "        linear_1 = F.linear(rmsnorm_0_tp, tensor_parallel.kv_shard(self.attention.wk, 1))",
+        "        linear_2 = F.linear(rmsnorm_0_tp, tensor_parallel.kv_shard(self.attention.wv, 1))",
+    ]
+    assert "kv_shard" not in compiled.source.split("    def decode(self, embed_0, cache, positions, bucket):\n")[1].split("\n\n")[0]
+    lines = compiled.parallel_source.split("def tensor_parallel")[1].splitlines()
+    assert lines[6].startswith("    split(model.blocks[0].attention, {'wq': 0, 'wo': 1}, tp_mesh)  # attention.qkv column, attention.out row")
+    assert lines[7] == ("    # model.blocks[0].attention wk, wv stay whole (1 KV head for 2 ranks): each rank reads the KV head of its "
+                        "query heads (tensor_parallel.kv_shard)  tp.yaml:25 sharding.tensor.column")
+    placements = {node.attr["name"]: dict(node.meta)["placement"] for node in compiled.graph.params()}
+    assert placements["blocks.0.attention.wk"] == ("Replicate()",) and placements["blocks.0.attention.wq"] == ("Shard(0)",)
+    sp = TP2.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n    sequence_parallel: true\n")
+    sp_source = moec.compile_spec(moec.load_spec_text(dense_text(sp, kv_heads=1), file="tp.yaml")).source
+    assert "linear_1 = F.linear(rmsnorm_0_tp, tensor_parallel.kv_shard(self.attention.wk, 1, partial=True))" in sp_source
+
+
+def test_each_rank_reads_the_kv_head_of_its_query_heads():
+    """GQA: query head h reads KV head h // (heads / kv_heads); rank r holds query heads
+    [r * heads / tp, (r + 1) * heads / tp), all of which read kv_head_of(r, tp, kv_heads)."""
+    checked = 0
+    for heads, tp, kv_heads in [(4, 2, 1), (8, 4, 2), (8, 8, 2), (12, 4, 2), (16, 8, 4), (6, 6, 3), (8, 8, 1)]:
+        per_rank = heads // tp
+        for rank in range(tp):
+            read = {h // (heads // kv_heads) for h in range(rank * per_rank, (rank + 1) * per_rank)}
+            assert read == {kv_head_of(rank, tp, kv_heads)}, (heads, tp, kv_heads, rank)
+            checked += 1
+    assert checked == 2 + 4 + 8 + 4 + 8 + 6 + 8
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["split_kv", "replicated_kv"])
+def test_the_tensor_parallel_program_runs_whole_on_one_process(kv_heads):
+    spec_whole, spec_tp = (moec.load_spec_text(spec_text(mesh, kv_heads), file="tp.yaml") for mesh in ("", TP2))
     whole, split = build_model(spec_whole), build_model(spec_tp)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     a, b = whole(tokens), split(tokens)

@@ -74,19 +74,20 @@ def test_tp2_pp2_dp2_gives_the_single_process_run_and_resumes_on_one_process(tmp
 
 @pytest.mark.slow
 def test_pp2_tp2_with_sequence_parallelism_gives_the_single_process_run(tmp_path):
-    """A dense model (GQA attention + SwiGLU MLP, no aux loss: its stages send zeros), sequence parallel inside
-    each stage: the first stage splits the sequence after the embeddings, the last gathers it before the head, the
-    norms' gradients are summed over tp; the vocabulary is split too. 4 processes against one process with grad_accum 4."""
+    """A dense model (attention with 4 heads and 1 KV head, replicated on both tp ranks, + SwiGLU MLP, no aux
+    loss: its stages send zeros), sequence parallel inside each stage: the first stage splits the sequence after
+    the embeddings, the last gathers it before the head, the norms' and the whole wk / wv's gradients are summed
+    over tp; the vocabulary is split too. 4 processes against one process with grad_accum 4."""
     mesh = ("mesh: {world_size: 4, axes: {pp: 2, tp: 2}}\nsharding:\n  tensor: {axis: tp, sequence_parallel: true, column: [attention.qkv, experts.up, mlp.up, embed, head]}\n"
             "  pipeline: {axis: pp, microbatches: 4}\n")
     spec = tmp_path / "sp.yaml"
-    spec.write_text(dense_text(mesh))
+    spec.write_text(dense_text(mesh, kv_heads=1))
     moec_script = Path(sys.executable).parent / "moec"
     done = run_job([str(moec_script), "train", str(spec), "--nproc", "4", "--run-dir", str(tmp_path / "run"), "--no-plots"],
                    timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     single = tmp_path / "single"
-    one = dense_text().replace("  batch: 8\n", f"  batch: 8\n  grad_accum: {MICROBATCHES}\n")
+    one = dense_text(kv_heads=1).replace("  batch: 8\n", f"  batch: 8\n  grad_accum: {MICROBATCHES}\n")
     Trainer(moec.load_spec_text(one, file="single.yaml"), run_dir=single).run()
     for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss")):
         got, expected = rows(tmp_path / "run", kind, key), rows(single, kind, key)

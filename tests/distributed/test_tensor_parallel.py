@@ -4,6 +4,8 @@ The spec (tp_worker.SPEC) has GQA attention (4 heads, 2 KV heads: one per tp ran
 MoE with load-balance and z losses, and a SwiGLU MLP, so every split group runs: attention.qkv /
 attention.out, experts.up / experts.down (the expert hidden size) and mlp.up / mlp.down. The
 load-balance loss counts tokens over the global batch, so tp x dp is the one-process run too.
+With 1 KV head (``kv_heads=1``) both tp ranks replicate it: wk and wv stay whole, read through
+``tensor_parallel.kv_shard``.
 """
 
 import json
@@ -61,23 +63,27 @@ def test_tp2_forward_aux_and_gradients_equal_one_process(tmp_path):
                "-m", "tests.distributed.tp_worker", str(out)]
     done = run_job(command, timeout=240, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    layouts = json.loads(out.read_text())
-    diffs = layouts["default"]
-    assert diffs["weights"] == 0.0  # the shards are slices of the one-process initialisation
-    assert diffs["output"] < 1e-5 and diffs["aux_loss"] < 1e-5, diffs
-    assert max(diffs["grads"].values()) < 1e-5, diffs["grads"]  # relative to each gradient's largest entry
-    assert len(diffs["grads"]) == 31  # every parameter, split (20) or whole (11)
-    shapes = diffs["local_shapes"]  # heads 4 -> 2 per rank, kv heads 2 -> 1, expert hidden 32 -> 16, mlp hidden 64 -> 32
-    assert (shapes["blocks.0.attention.wq"], shapes["blocks.0.attention.wk"], shapes["blocks.0.attention.wo"]) == ([16, 32], [8, 32], [32, 16])
-    assert (shapes["blocks.1.moe.experts.w_gate"], shapes["blocks.1.moe.experts.w_down"]) == ([4, 16, 32], [4, 32, 16])
-    assert (shapes["blocks.0.mlp.w_up"], shapes["blocks.0.mlp.w_down"]) == ([32, 32], [32, 32])
-    assert len(diffs["split"]) == 20 and not any("norm" in name or "router" in name for name in diffs["split"])
+    results = json.loads(out.read_text())
+    for kv_heads, split in ((2, 20), (1, 16)):  # 1 KV head for 2 ranks: wk and wv stay whole on both
+        diffs = results[f"kv_heads_{kv_heads}"]
+        assert diffs["weights"] == 0.0  # the shards are slices of the one-process initialisation
+        assert diffs["output"] < 1e-5 and diffs["aux_loss"] < 1e-5, diffs
+        assert max(diffs["grads"].values()) < 1e-5, diffs["grads"]  # relative to each gradient's largest entry
+        assert len(diffs["grads"]) == 31  # every parameter, split or whole
+        shapes = diffs["local_shapes"]  # heads 4 -> 2 per rank, expert hidden 32 -> 16, mlp hidden 64 -> 32
+        assert (shapes["blocks.0.attention.wq"], shapes["blocks.0.attention.wo"]) == ([16, 32], [32, 16])
+        assert (shapes["blocks.1.moe.experts.w_gate"], shapes["blocks.1.moe.experts.w_down"]) == ([4, 16, 32], [4, 32, 16])
+        assert (shapes["blocks.0.mlp.w_up"], shapes["blocks.0.mlp.w_down"]) == ([32, 32], [32, 32])
+        assert len(diffs["split"]) == split and not any("norm" in name or "router" in name for name in diffs["split"])
+    assert results["kv_heads_2"]["local_shapes"]["blocks.0.attention.wk"] == [8, 32]  # kv heads 2 -> 1 per rank
+    assert not any(name.endswith((".wk", ".wv")) for name in results["kv_heads_1"]["split"])
+    assert results["compiled_kv_shard"] < 1e-6  # torch.compile(fullgraph=True) traces kv_shard and its backward
     for layout, params, split in (("vocab", 31, 22), ("tied", 30, 21)):  # the vocabulary split, the logits too
-        diffs = layouts[layout]
+        diffs = results[layout]
         assert diffs["weights"] == 0.0 and diffs["output"] < 1e-5 and diffs["aux_loss"] < 1e-5, (layout, diffs)
         assert len(diffs["grads"]) == params and max(diffs["grads"].values()) < 1e-5, (layout, diffs["grads"])
         assert len(diffs["split"]) == split and diffs["local_shapes"]["embed.weight"] == [128, 32]
-    assert layouts["vocab"]["local_shapes"]["head.weight"] == [128, 32] and "head.weight" not in layouts["tied"]["split"]
+    assert results["vocab"]["local_shapes"]["head.weight"] == [128, 32] and "head.weight" not in results["tied"]["split"]
 
 
 def compiled(text: str) -> str:
@@ -98,29 +104,49 @@ def test_tp2_vocab_parallel_compiled_trains_like_one_process_and_its_checkpoint_
     assert rows(resumed, "train", "loss") == pytest.approx(rows(single, "train", "loss"), rel=1e-5)
 
 
+@pytest.fixture(scope="module")
+def single_kv1(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single_kv1")
+    Trainer(moec.load_spec_text(spec_text(kv_heads=1), file="single.yaml"), run_dir=run_dir).run()
+    return run_dir
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [TP2_DP2, TP2_FSDP2], ids=["tp2_dp2", "tp2_fsdp2"])
-def test_tp2_with_data_parallel_trains_like_one_process(mesh, single, tmp_path):
-    assert_same_run(train_processes(tmp_path, mesh, 4), single)
+def test_tp2_with_data_parallel_trains_like_one_process(single, tmp_path):
+    assert_same_run(train_processes(tmp_path, TP2_DP2, 4), single)
+
+
+@pytest.mark.slow
+def test_tp2_fsdp2_with_a_replicated_kv_head_trains_like_one_process(single_kv1, tmp_path):
+    """1 KV head for 2 tp ranks: wk and wv whole on both (FSDP-sharded over fsdp), their gradients
+    summed over tp by kv_shard's backward; the memory plan counts them whole."""
+    assert_same_run(train_processes(tmp_path, TP2_FSDP2, 4, lambda mesh: spec_text(mesh, kv_heads=1)), single_kv1)
 
 
 @pytest.fixture(scope="module")
 def single_dense(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("single_dense")
-    Trainer(moec.load_spec_text(dense_text(), file="single.yaml"), run_dir=run_dir).run()
-    return run_dir
+    """The one-process run of the dense spec with a given number of KV heads (each trained once)."""
+    runs = {}
+
+    def run(kv_heads: int) -> Path:
+        if kv_heads not in runs:
+            runs[kv_heads] = tmp_path_factory.mktemp(f"single_dense_kv{kv_heads}")
+            Trainer(moec.load_spec_text(dense_text(kv_heads=kv_heads), file="single.yaml"), run_dir=runs[kv_heads]).run()
+        return runs[kv_heads]
+    return run
 
 
 SP = "    sequence_parallel: true\n"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [TP2_VOCAB.replace(VOCAB, VOCAB + SP),
-                                  TP2_DP2.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n" + SP)],
-                         ids=["tp2_sp_vocab", "tp2_dp2_sp"])
-def test_sequence_parallel_trains_like_one_process(mesh, single_dense, tmp_path):
-    run_dir = train_processes(tmp_path, mesh, 2 if mesh.startswith("mesh: {world_size: 2") else 4, dense_text)
-    assert_same_run(run_dir, single_dense)
+@pytest.mark.parametrize(("mesh", "kv_heads"), [(TP2_VOCAB.replace(VOCAB, VOCAB + SP), 2), (TP2_DP2.replace(
+    "  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n" + SP), 1)], ids=["tp2_sp_vocab", "tp2_dp2_sp_replicated_kv"])
+def test_sequence_parallel_trains_like_one_process(mesh, kv_heads, single_dense, tmp_path):
+    """kv_heads 1: kv_shard leaves wk's and wv's gradients partial, reduce_gradients sums them over tp."""
+    nproc = 2 if mesh.startswith("mesh: {world_size: 2") else 4
+    run_dir = train_processes(tmp_path, mesh, nproc, lambda mesh: dense_text(mesh, kv_heads))
+    assert_same_run(run_dir, single_dense(kv_heads))
 
 
 def test_sequence_parallel_lines(tmp_path):

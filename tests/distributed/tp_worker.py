@@ -3,8 +3,10 @@
 Every rank builds the one-process program (no tensor-parallel statements) and the tp program of the
 same spec, runs both on the same batch (loss = cross entropy + aux loss) and rank 0 writes the largest
 differences of the output, the aux loss, the weights and every gradient (DTensor shards gathered), for
-three layouts: the default groups, with the vocabulary split too (``embed``, ``head``: the logits stay
-split, the loss is vocab-parallel), and the vocabulary split with tied embeddings.
+the spec's 2 KV heads (split: one per rank), for 1 KV head (replicated: both ranks read it through
+``tensor_parallel.kv_shard``, also compiled with ``fullgraph=True``), with the vocabulary split too
+(``embed``, ``head``: the logits stay split, the loss is vocab-parallel), and the vocabulary split with
+tied embeddings.
 ``python -m torch.distributed.run --nproc-per-node 2 -m tests.distributed.tp_worker OUT.json``
 """
 
@@ -15,6 +17,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import moec
 from moec.backends.torch import tensor_parallel
@@ -31,7 +34,7 @@ model:
       layers:
         - kind: attention
           heads: 4
-          kv_heads: 2
+          kv_heads: {kv_heads}
           rope: {{theta: 10000}}
         - kind: moe
           experts: 4
@@ -69,13 +72,14 @@ MOE = """        - kind: moe
 """
 
 
-def spec_text(mesh: str = "") -> str:
-    return SPEC.format(mesh=mesh)
+def spec_text(mesh: str = "", kv_heads: int = 2) -> str:
+    """kv_heads 2: one KV head per rank at tp 2; kv_heads 1: both ranks replicate it."""
+    return SPEC.format(mesh=mesh, kv_heads=kv_heads)
 
 
-def dense_text(mesh: str = "") -> str:
+def dense_text(mesh: str = "", kv_heads: int = 2) -> str:
     """The spec without its MoE layer: GQA attention and a SwiGLU MLP (what sequence parallelism runs)."""
-    text = spec_text(mesh)
+    text = spec_text(mesh, kv_heads)
     assert MOE in text
     return text.replace(MOE, "")
 
@@ -121,12 +125,30 @@ def compare(single_text: str, tp_text: str, tokens: torch.Tensor) -> dict:
     }
 
 
+def compiled_kv_shard() -> float:
+    """kv_shard traced with fullgraph=True against eager, over the group the tp model set: the largest
+    relative difference of the loss and the gradients (2 KV heads of 4 rows: each rank slices its own)."""
+    generator = torch.Generator().manual_seed(2)
+    weight, x = torch.randn(8, 32, generator=generator, requires_grad=True), torch.randn(2, 5, 32, generator=generator, requires_grad=True)
+
+    def loss(x, weight):
+        return F.linear(tensor_parallel.copy(x), tensor_parallel.kv_shard(weight, 2)).square().sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True)):
+        value = fn(x, weight)
+        results.append((value.detach(), *torch.autograd.grad(value, (x, weight))))
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*results))  # relative to each one's largest entry
+
+
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
-    diffs = {"default": compare(spec_text(), spec_text(TP2), tokens),
+    diffs = {"kv_heads_2": compare(spec_text(), spec_text(TP2), tokens),
+             "kv_heads_1": compare(spec_text(kv_heads=1), spec_text(TP2, 1), tokens),
              "vocab": compare(spec_text(), spec_text(TP2_VOCAB), tokens),
-             "tied": compare(tied(spec_text()), tied(spec_text(TP2_VOCAB)), tokens)}
+             "tied": compare(tied(spec_text()), tied(spec_text(TP2_VOCAB)), tokens),
+             "compiled_kv_shard": compiled_kv_shard()}
     if dist.get_rank() == 0:
         with open(out_path, "w") as file:
             json.dump(diffs, file)

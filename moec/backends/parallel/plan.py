@@ -45,6 +45,7 @@ class ParallelPlan:
     tensor: str | None = None  # the tensor-parallel axis (larger than 1)
     tensor_splits: tuple[tuple[str, int], ...] = ()  # (parameter name, dim split over tensor)
     sequence_parallel: bool = False  # the blocks' hidden state split along the sequence over tensor
+    replicated_kv: tuple[tuple[str, int], ...] = ()  # (k / v projection kept whole on every tp rank, its kv_heads)
 
     @property
     def world_size(self) -> int:
@@ -65,8 +66,10 @@ class ParallelPlan:
         return tuple(axis for axis in self.shard if axis != self.experts) if self.experts is not None else ()
 
 
-def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dict[str, int] | None = None) -> ParallelPlan:
-    """``tensor_splits``: ``moec.backends.parallel.tensor.tensor_splits`` of the compiled graph."""
+def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dict[str, int] | None = None,
+                  replicated_kv: dict[str, int] | None = None) -> ParallelPlan:
+    """``tensor_splits``: ``moec.backends.parallel.tensor.tensor_splits`` of the compiled graph;
+    ``replicated_kv``: ``moec.passes.sharding.replicated_kv`` of it."""
     sharding, mesh = spec.sharding, spec.mesh.axes
     active = {axis for axis, size in mesh.items() if size > 1}
     shard = tuple(axis for axis in sharding.fsdp if axis in active)
@@ -81,7 +84,8 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dic
     return ParallelPlan(dict(mesh), replicate, shard, DTYPE_NAMES[precision.compute], DTYPE_NAMES[precision.reduce],
                         tuple(unsupported), experts[0] if experts else None, expert_modules if experts else (),
                         tensor.tensor_axis(spec), tuple((tensor_splits or {}).items()),
-                        tensor.tensor_axis(spec) is not None and sharding.tensor.sequence_parallel)
+                        tensor.tensor_axis(spec) is not None and sharding.tensor.sequence_parallel,
+                        tuple((replicated_kv or {}).items()) if tensor.tensor_axis(spec) is not None else ())
 
 
 def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: tuple) -> list[str]:
@@ -167,7 +171,8 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
 
 
 def _tensor_parallel_source(spec, plan: ParallelPlan, where) -> list[str]:
-    return [*tensor.split_source(), "", "", *tensor.tensor_parallel_source(spec, dict(plan.tensor_splits), where), "", ""]
+    return [*tensor.split_source(), "", "",
+            *tensor.tensor_parallel_source(spec, dict(plan.tensor_splits), where, dict(plan.replicated_kv)), "", ""]
 
 
 def expert_placement(spec, plan: ParallelPlan, experts: int) -> tuple[int, ...]:

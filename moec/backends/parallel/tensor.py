@@ -10,6 +10,9 @@ reshards them for any mesh) and the memory plan counts their local shards. Every
 whole on every tp rank: without sequence parallelism its gradient is the same on each of them.
 The vocabulary splits like a column group (``embed``, ``head``: ``Shard(0)`` of the [V, D] tables);
 ``VOCAB_PARALLEL`` in ``parallel.py`` names the axis the head's logits stay split over.
+That includes the k / v projections of an attention layer with fewer KV heads than tp ranks
+(``moec.passes.sharding.replicated_kv`` leaves them ``Replicate()``): ``model.py`` reads each
+rank's KV head through ``tensor_parallel.kv_shard``, whose backward sums the gradient over tp.
 """
 
 from __future__ import annotations
@@ -72,8 +75,9 @@ def split_source() -> list[str]:
     ]
 
 
-def tensor_parallel_source(spec, splits: dict[str, int], where) -> list[str]:
-    """``def tensor_parallel(model, mesh)``: one ``split`` line per module, with its groups and spec line."""
+def tensor_parallel_source(spec, splits: dict[str, int], where, replicated_kv: dict[str, int] | None = None) -> list[str]:
+    """``def tensor_parallel(model, mesh)``: one ``split`` line per module, with its groups and spec line, and
+    a comment per module whose k / v projections stay whole (``replicated_kv``: name -> kv_heads)."""
     from moec.backends.torch.blocks import attribute_expr
 
     axis = tensor_axis(spec)
@@ -97,7 +101,21 @@ def tensor_parallel_source(spec, splits: dict[str, int], where) -> list[str]:
         field = "column" if "column" in groups.values() else "row"
         lines.append(f"    split({attribute_expr(owner, 'model')}, {dims!r}, tp_mesh)  # {what}  "
                      f"{where('sharding', 'tensor', field)[2:]}")
+        lines += _whole_kv_comment(spec, owner, replicated_kv or {}, where)
     return lines
+
+
+def _whole_kv_comment(spec, owner: str, replicated_kv: dict[str, int], where) -> list[str]:
+    """The comment saying which of ``owner``'s k / v projections stay whole, and why."""
+    from moec.backends.torch.blocks import attribute_expr
+
+    leaves = [name.rsplit(".", 1)[1] for name in replicated_kv if name.rsplit(".", 1)[0] == owner]
+    if not leaves:
+        return []
+    kv_heads, tp = replicated_kv[f"{owner}.{leaves[0]}"], spec.mesh.axes[spec.sharding.tensor.axis]
+    heads = f"{kv_heads} KV head{'s' if kv_heads > 1 else ''}"
+    return [f"    # {attribute_expr(owner, 'model')} {', '.join(leaves)} stay whole ({heads} for {tp} ranks): each rank reads the "
+            f"KV head of its query heads (tensor_parallel.kv_shard)  {where('sharding', 'tensor', 'column')[2:]}"]
 
 
 def reduce_gradients_lines(axis: str, sequence_parallel: bool, data_parallel: str | None, names: str) -> list[str]:

@@ -8,6 +8,10 @@ any other program is written exactly as before. ``splits`` maps each split param
 - a column-split linear reads ``tensor_parallel.local(weight)``, and its input enters through
   ``tensor_parallel.copy`` once (one ``x_tp = tensor_parallel.copy(x)`` statement shared by
   q, k and v, or by up and gate);
+- a k / v projection of an attention layer with fewer KV heads than ranks (``replicated``: name ->
+  kv_heads, ``moec.passes.sharding.replicated_kv``) stays whole and is read through
+  ``tensor_parallel.kv_shard(weight, kv_heads)``, its input through the same *f* as q's (with
+  ``partial=True`` under sequence parallelism, whose ``reduce_gradients`` sums whole weights);
 - a row-split linear is wrapped in ``tensor_parallel.reduce``;
 - RoPE and attention take their head counts from the local projections' widths
   (``q.shape[-1] // head_dim``), so the same file runs whole on one process;
@@ -35,6 +39,11 @@ IMPORT = "from moec.backends.torch import tensor_parallel"
 
 def local(arg: str) -> str:
     return f"{MODULE}.local({arg})"
+
+
+def kv_shard(arg: str, kv_heads: int, sequence_parallel: bool = False) -> str:
+    """Under sequence parallelism the gradient stays partial: ``reduce_gradients`` sums the blocks' whole weights."""
+    return f"{MODULE}.kv_shard({arg}, {kv_heads}{', partial=True' if sequence_parallel else ''})"
 
 
 def copied(name: str) -> str:

@@ -47,9 +47,12 @@ def comment_safe(text: str) -> str:
 
 def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
                  attention_kernel: str = "auto", expert_parallel: bool = False, tiles: tuple[int, ...] = (),
-                 tensor_splits: dict[str, str] | None = None, sequence_parallel: bool = False) -> str:
-    """``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism (``codegen_tp``)."""
+                 tensor_splits: dict[str, str] | None = None, sequence_parallel: bool = False,
+                 replicated_kv: dict[str, int] | None = None) -> str:
+    """``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism; ``replicated_kv``: the whole
+    k / v projections read one KV head per rank -> their kv_heads (``codegen_tp``)."""
     fused = _FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles, dict(tensor_splits or {}))
+    fused.replicated_kv = dict(replicated_kv or {})
     fused.sequence_parallel = sequence_parallel and bool(tensor_splits)
     cut = segments(graph)
     forward, bodies = _forward(graph, fused, cut)
@@ -114,6 +117,7 @@ class _FusedFunctions:
         self.moe_kernel, self.spectral_kernel, self.expert_parallel = moe_kernel, spectral_kernel, expert_parallel
         self.splits = splits or {}  # tensor parallelism: parameter name -> column / row
         self.sequence_parallel = False  # and the hidden state split along the sequence between the groups
+        self.replicated_kv: dict[str, int] = {}  # k / v projections kept whole, one KV head read per rank -> kv_heads
         self.split_experts = any(EXPERT_PREFIX in name for name in self.splits)  # experts.up / experts.down listed
         self.tiles, self.triton = tiles, False  # triton: some function calls moec.backends.triton
         self.attention = "attention_eager" if attention_kernel == "eager" else "attention"  # auto, sdpa: torch SDPA
@@ -209,17 +213,25 @@ class _Writer:
         if node.op in ("moe", "spectral_moe"):
             return node, [codegen_tp.local(arg) if self.splits.get(self.graph[ref.node].attr.get("name")) else arg
                           for ref, arg in zip(node.inputs, args)]
-        split = self.split_of(node, 1)
-        if split is None:
+        split, kv_heads = self.split_of(node, 1), self.replicated_kv(node)
+        if split is None and kv_heads is None:
             return node, args
-        if split == "column" and node.op == "linear":
+        if (split == "column" and node.op == "linear") or kv_heads is not None:
             if args[0] not in self.copied:
                 self.copied.add(args[0])
                 # the root holds the whole sequence (it splits and gathers it around the blocks): there f is a copy
                 sequence_parallel = self.fused.sequence_parallel and self.owner != ""
                 self.lines.append(codegen_tp.copy_statement(args[0], sequence_parallel))
             args = [codegen_tp.copied(args[0])] + args[1:]
+        if kv_heads is not None:
+            return node, [args[0], *(codegen_tp.kv_shard(arg, kv_heads, self.fused.sequence_parallel) for arg in args[1:])]
         return node, [args[0], codegen_tp.local(args[1]), *args[2:]]
+
+    def replicated_kv(self, node: Node) -> int | None:
+        """kv_heads when ``node`` is a linear through a whole k / v projection read one KV head per rank."""
+        if node.op != "linear" or self.decoding is not None:
+            return None
+        return self.fused.replicated_kv.get(self.graph[node.inputs[1].node].attr.get("name"))
 
     def free(self, refs: list[Ref]) -> None:
         """``del`` the values read for the last time (parameters live on the module; the input stays)."""

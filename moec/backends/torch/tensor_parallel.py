@@ -11,8 +11,12 @@ of every split group with Megatron's conjugate functions:
 - ``reduce`` (Megatron's *g*) after a row group (attention out, MLP down, expert down):
   all-reduces the partial sums forward; identity backward.
 
-Both are autograd functions on functional collectives over the group ``parallel.py`` sets, so
-``torch.compile`` traces them into the graph. Without a group (one process) both are the
+- ``kv_shard`` reads the k / v projection of a grouped-query attention layer with fewer KV heads
+  than ranks (``tp % kv_heads == 0``): the weight stays whole on every rank and each reads the
+  rows of the KV head its query heads use; backward sums the slices' gradients over the ranks.
+
+All are autograd functions on functional collectives over the group ``parallel.py`` sets, so
+``torch.compile`` traces them into the graph. Without a group (one process) they are the
 identity and ``local`` returns the whole weight: the same ``model.py`` runs on one process.
 
 The vocabulary splits too (``embed`` and ``head`` in ``sharding.tensor.column``): each rank holds
@@ -96,6 +100,40 @@ def copy(x: Tensor) -> Tensor:
 def reduce(x: Tensor) -> Tensor:
     """Megatron's g: partial sums of a row-split product summed over the tensor-parallel ranks."""
     return _over_group(_Reduce, x)
+
+
+def kv_head_of(rank: int, ranks: int, kv_heads: int) -> int:
+    """The KV head tensor-parallel ``rank`` of ``ranks`` reads when ``ranks`` is a multiple of ``kv_heads``."""
+    return rank * kv_heads // ranks
+
+
+class _KvShard(torch.autograd.Function):
+    """The rows of this rank's KV head of a whole [kv_heads * head_dim, ...] weight. Query heads split
+    evenly over tp and head h reads KV head h // (heads / kv_heads), so rank r's heads all read KV head
+    r // (tp / kv_heads). Backward: the slice's gradient in place in a zero whole-size gradient, summed
+    over tp (unless ``partial``), so every rank's whole weight gets the gradient of all the query heads."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, kv_heads: int, partial: bool, group) -> Tensor:
+        rows = weight.shape[0] // kv_heads
+        head = kv_head_of(dist.get_rank(group), dist.get_world_size(group), kv_heads)
+        ctx.group, ctx.partial, ctx.pad = group, partial, (head * rows, weight.shape[0] - (head + 1) * rows)
+        return weight.narrow(0, head * rows, rows).clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        before, after = ctx.pad
+        whole = F.pad(grad, (0, 0) * (grad.dim() - 1) + (before, after))
+        return (whole if ctx.partial else _done(funcol.all_reduce(whole.contiguous(), "sum", ctx.group))), None, None, None
+
+
+def kv_shard(weight: Tensor, kv_heads: int, partial: bool = False) -> Tensor:
+    """The rows of the KV head this rank's query heads read, from a k / v projection kept whole on every
+    tensor-parallel rank (kv_heads < tp); without a group (one process) the whole weight. ``partial``
+    (sequence parallelism): the gradient is left a per-rank partial sum, as the norms' are, for
+    ``parallel.py``'s ``reduce_gradients`` to sum over tp with the blocks' other whole weights."""
+    group = _GROUP["group"]
+    return weight if group is None else _KvShard.apply(weight, kv_heads, partial, group)
 
 
 # Sequence parallelism (Megatron-SP): between the tensor-parallel groups each rank holds S / tp
