@@ -111,8 +111,11 @@ def pipeline_axis_acts(mp) -> None:
     assert not any(name.startswith(("head.", "final_norm.")) for name, _ in run.part.named_parameters())
     refused("has size 1: nothing is pipelined", "mesh.world_size=1", "mesh.axes={pp: 1}", "sharding.pipeline={axis: pp}")
     # what the pipeline cannot compose with yet is refused at launch by name
-    refused_at_launch(mp, "pipeline parallelism with expert parallelism", "mesh.world_size=4", "mesh.axes={pp: 2, ep: 2}",
-                      "sharding.pipeline={axis: pp, microbatches: 2}", "sharding.batch=[ep]", "sharding.experts=[ep]")
+    # with expert parallelism inside each stage (tests/distributed/test_pipeline_training.py runs pp x ep); not with FSDP
+    pp_ep = ("mesh.world_size=4", "mesh.axes={pp: 2, ep: 2}", "sharding.pipeline={axis: pp, microbatches: 2}",
+             "sharding.batch=[ep]", "sharding.experts=[ep]")
+    assert parallel_module(moec.compile_spec(spec(*pp_ep))).UNSUPPORTED == ()
+    refused_at_launch(mp, "pipeline parallelism with expert parallelism and FSDP", *pp_ep, "sharding.fsdp=[ep]")
     refused_at_launch(mp, "pipeline parallelism with fp16 compute", *PP, "schedule.precision.compute=fp16")
 
 

@@ -75,7 +75,7 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dic
     unsupported = _expert_parallel_limits(spec, experts, replicate, shard) if experts else []
     unsupported += tensor.not_built(spec) if tensor.tensor_axis(spec) is not None else []
     if sharding.pipeline is not None and sharding.pipeline.axis in active:
-        unsupported += _pipeline_limits(spec, experts, bool(replicate and shard))
+        unsupported += _pipeline_limits(spec, experts, bool(replicate and shard), shard)
     if replicate and shard and (len(replicate) > 1 or len(shard) > 1):
         unsupported.append("HSDP over more than one replicate or shard axis")
     precision = spec.schedule.precision  # context parallelism and a reduce dtype DDP cannot use: refused at validation
@@ -101,9 +101,11 @@ def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: t
     return limits
 
 
-def _pipeline_limits(spec, experts: list[str], hsdp: bool) -> list[str]:
+def _pipeline_limits(spec, experts: list[str], hsdp: bool, shard: tuple) -> list[str]:
     """What of the spec's pipeline parallelism moec.runtime.pipeline_step cannot run yet."""
-    limits = ["pipeline parallelism with expert parallelism (sharding.experts)"] if experts else []
+    limits = []
+    if experts and shard:  # each stage's FSDP units would have to hold the ep-sharded experts (gather_experts_around)
+        limits.append("pipeline parallelism with expert parallelism and FSDP (sharding.experts with sharding.fsdp)")
     if hsdp:  # each stage is FSDP-sharded over all its batch axes, or over none
         limits.append("pipeline parallelism with HSDP (a batch axis outside sharding.fsdp next to one inside)")
     if spec.schedule.precision.compute == "fp16":
