@@ -116,8 +116,10 @@ class PipelineRun:
             parallel.tensor_parallel(model, dist_ctx.mesh)
         self.expert_axis = expert_axis(spec)
         if self.expert_axis is not None:  # each rank keeps its ep rank's experts of every layer (EXPERT_PLACEMENT)
+            axes = (self.expert_axis,) + ((tensor_axis(spec),) if hasattr(parallel, "EXPERT_TP_SPLITS") else ())  # tp x ep: 2-D
+            mesh = dist_ctx.mesh[tuple(axis for axis in dist_ctx.mesh.mesh_dim_names if axis in axes)]
             for experts in parallel.expert_modules(model):
-                parallel.shard_experts(experts, dist_ctx.mesh[self.expert_axis])
+                parallel.shard_experts(experts, mesh)
         self.expert_params = parallel.expert_parameters(model)  # the same Parameter objects the stages hold
         self.sequence_parallel = tensor_axis(spec) is not None and spec.sharding.tensor.sequence_parallel
         self.stages = [PipelineStage(model, program.graph, *self.split[i]) for i in self.mine]

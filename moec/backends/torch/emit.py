@@ -203,9 +203,9 @@ class _Writer:
         """The rank-local form of a statement (``moec.backends.torch.codegen_tp``)."""
         if node.op in ("rope", "attention"):
             return codegen_tp.local_heads(node, args), args
-        if node.op in ("moe", "spectral_moe"):
-            return node, [codegen_tp.local(arg) if self.splits.get(self.graph[ref.node].attr.get("name")) else arg
-                          for ref, arg in zip(node.inputs, args)]
+        if node.op in ("moe", "spectral_moe"):  # under expert parallelism experts_ffn reads the DTensors' meshes itself
+            return node, [codegen_tp.local(arg) if self.splits.get(self.graph[ref.node].attr.get("name")) and not self.fused.expert_parallel
+                          else arg for ref, arg in zip(node.inputs, args)]
         split = self.split_of(node, 1)
         if split is None:
             return node, args
