@@ -180,3 +180,8 @@ def test_tp_x_ep_lines(tmp_path):
     parallel = program.parallel_source
     assert "        sharded = distribute_tensor(param.detach(), expert_mesh, [Shard(0), Shard(EXPERT_TP_SPLITS[name])])" in parallel
     assert "split(model.blocks[0].moe.experts" not in parallel  # shard_experts splits them over ep and tp at once
+    # a mesh listing tp first: the placements follow the mesh's order (a DeviceMesh slice keeps it)
+    flipped = TP2_EP2.replace("axes: {ep: 2, tp: 2}", "axes: {tp: 2, ep: 2}")
+    parallel = compile_spec(moec.load_spec_text(spec_text(flipped), file="tp_ep.yaml")).parallel_source
+    assert "        sharded = distribute_tensor(param.detach(), expert_mesh, [Shard(EXPERT_TP_SPLITS[name]), Shard(0)])" in parallel
+    assert "    ep_mesh = mesh[('tp', 'ep')]" in parallel
