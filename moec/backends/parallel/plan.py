@@ -9,7 +9,8 @@ DCP's state-dict API in torch 2.13, and DDP's plain tensors reshard to any data-
 Expert parallelism shards the routed experts over ``sharding.experts``; with FSDP, the
 experts are also FSDP-sharded over the other FSDP axes (torchtitan's dp-shard-in-ep).
 Tensor parallelism (``moec.backends.parallel.tensor``) splits the weights over the tp axis
-first, then data parallelism applies. Pipeline parallelism runs in ``moec.runtime.pipeline_step``
+first, then data parallelism applies; with expert parallelism too, ``shard_experts`` makes each
+expert weight one 2-D DTensor, experts over ep and each expert's hidden size over tp (Megatron's layout). Pipeline parallelism runs in ``moec.runtime.pipeline_step``
 (stages of this model, FSDP2 or gradient averaging per stage over the batch axes). ``unsupported``
 names what a spec asks for that this plan cannot run (``moec train`` refuses it at launch; context parallelism and
 options no engine reads are refused at validation, ``moec.schema.checks_schedule``).
