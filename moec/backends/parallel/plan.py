@@ -10,10 +10,11 @@ Expert parallelism shards the routed experts over ``sharding.experts``; with FSD
 experts are also FSDP-sharded over the other FSDP axes (torchtitan's dp-shard-in-ep).
 Tensor parallelism (``moec.backends.parallel.tensor``) splits the weights over the tp axis
 first, then data parallelism applies; with expert parallelism too, ``shard_experts`` makes each
-expert weight one 2-D DTensor, experts over ep and each expert's hidden size over tp (Megatron's layout). Pipeline parallelism runs in ``moec.runtime.pipeline_step``
-(stages of this model, FSDP2 or gradient averaging per stage over the batch axes). ``unsupported``
-names what a spec asks for that this plan cannot run (``moec train`` refuses it at launch; context parallelism and
-options no engine reads are refused at validation, ``moec.schema.checks_schedule``).
+expert weight one 2-D DTensor, experts over ep and each expert's hidden size over tp (Megatron's
+layout). Pipeline parallelism runs in ``moec.runtime.pipeline_step`` (stages of this model, FSDP2
+or gradient averaging per stage over the batch axes). ``unsupported`` names what a spec asks for
+that this plan cannot run (``moec train`` refuses it at launch; context parallelism and options
+no engine reads are refused at validation, ``moec.schema.checks_schedule``).
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
 
 def _tensor_parallel_source(spec, plan: ParallelPlan, where) -> list[str]:
     # under expert parallelism shard_experts splits the experts over ep and tp at once (one 2-D DTensor)
-    splits = {name: dim for name, dim in plan.tensor_splits if not _is_expert(plan, name) or plan.experts is None}
+    splits = {name: dim for name, dim in plan.tensor_splits if not _is_expert(plan, name)}
     return [*tensor.split_source(), "", "", *tensor.tensor_parallel_source(spec, splits, where), "", ""]
 
 
@@ -276,8 +277,8 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
         lines.append(f"    data_parallel = {_flat(axes)}.get_group()  # {' x '.join(axes)}")
         if plan.tensor is not None:
             lines += ["    others = [p.grad for p in grads if p not in experts]",
-                      "    all_reduce_flat([g.to_local() if hasattr(g, 'to_local') else g for g in others], data_parallel, "
-                      "op=dist.ReduceOp.AVG)  # tp shards: their part"]
+                      ("    all_reduce_flat([g.to_local() if hasattr(g, 'to_local') else g for g in others], data_parallel, "
+                       "op=dist.ReduceOp.AVG)  # tp shards: their part")]
         else:
             lines.append("    all_reduce_flat([p.grad for p in grads if p not in experts], data_parallel, op=dist.ReduceOp.AVG)")
     else:
@@ -304,9 +305,9 @@ def _in_mesh_order(plan: ParallelPlan, axes: tuple[str, ...]) -> tuple[str, ...]
 
 def _apply(plan: ParallelPlan, blocks: int, where) -> list[str]:
     if plan.experts is not None and plan.tensor is not None:  # FSDP with both: refused at launch (UNSUPPORTED)
-        return _shard_experts_lines(plan, where) + [
-            f"    # data parallel over {' x '.join(plan.data_parallel)}: reduce_gradients averages the gradients  "
-            f"{where('sharding', 'batch')[2:]}"]
+        averaged = (f"    # data parallel over {' x '.join(plan.data_parallel)}: reduce_gradients averages the gradients  "
+                    f"{where('sharding', 'batch')[2:]}")
+        return [*_shard_experts_lines(plan, where), averaged]
     if not plan.data_parallel and plan.tensor is not None:
         return ["    # no data-parallel axis larger than 1: every rank reads the whole batch"]
     if _tensor_without_fsdp(plan):
