@@ -18,6 +18,12 @@ whole model's weights over the tp axis before the stages are cut: each stage's b
 program (Megatron's f / g over the tp group, the ranks of one stage and one batch slice), the prologue and
 epilogue stay whole. The split weights' gradients are DTensor shards: averaged over the batch axes by their
 local shards, their norms made whole over tp before the sum along the pipeline.
+
+With ``sharding.experts`` (ep > 1), ``parallel.py``'s ``shard_experts`` splits every MoE layer's experts over
+the ep axis before the stages are cut: each stage's MoE layers hold their ep rank's experts (DTensors on
+``mesh[ep]``), and the ep ranks of a stage, which run the same schedule in the same order, exchange routed
+rows by all-to-all over their ep group. Expert gradients are summed over the other batch axes and divided by
+all data-parallel ranks (the all-to-all's backward already summed over ep), as ``reduce_gradients`` does.
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moec.backends.init import init_parameter
 from moec.backends.output import mean_stats
@@ -44,6 +49,7 @@ from moec.backends.parallel.pipeline import (
 from moec.backends.parallel.plan import global_balance
 from moec.backends.parallel.tensor import tensor_axis
 from moec.backends.torch.data_parallel import set_batch_group
+from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
 from moec.passes.stages import stage_split
 from moec.runtime.annealing import set_annealed
 from moec.runtime.distributed import local_slice
@@ -79,18 +85,21 @@ class PipelinePart(nn.Module):
         return self
 
 
+def expert_axis(spec) -> str | None:
+    """The expert-parallel axis when it is larger than 1 (one axis: several are refused at launch)."""
+    axes = [axis for axis in spec.sharding.experts if spec.mesh.axes.get(axis, 1) > 1]
+    return axes[0] if axes else None
+
+
 @torch.no_grad()
 def materialize(part: nn.Module, graph, seed: int, device) -> None:
-    """Storage for a model built on the meta device, for this rank's stage(s) only, filled from the spec seed.
-    Each weight's values come from its own seed (``moec.backends.init``), so they are the one-process weights
-    whatever else the rank holds; a tp shard is this rank's slice of the whole weight."""
+    """Storage for a model built on the meta device, for this rank's stage(s) only, filled from the spec seed
+    before any split. Each weight's values come from its own seed (``moec.backends.init``), so they are the
+    one-process weights whatever else the rank holds."""
     part.to_empty(device=device)
     nodes = {node.attr["name"]: node for node in graph.params()}
     for name, tensor in itertools.chain(part.named_parameters(), part.named_buffers()):
-        values = init_parameter(nodes[name], seed).to(device=device, dtype=tensor.dtype)
-        if isinstance(tensor, DTensor):  # Shard placements only: each rank cuts its slice, no communication
-            values, tensor = distribute_tensor(values, tensor.device_mesh, tensor.placements).to_local(), tensor.to_local()
-        tensor.copy_(values)
+        tensor.copy_(init_parameter(nodes[name], seed).to(tensor.dtype))
 
 
 def pipeline_axis(spec) -> str | None:
@@ -115,17 +124,26 @@ class PipelineRun:
         self.split = (tuple(stage_split(spec, program.graph, virtual * self.ranks)) if virtual > 1
                       else tuple(tuple(row["blocks"]) for row in program.manifest["pipeline_stages"]))
         self.mine = list(range(self.rank, len(self.split), self.ranks))
-        if tensor_axis(spec) is not None:  # the whole model's weights split over tp first: the stages hold the shards
-            from moec.compile import parallel_module
+        from moec.compile import parallel_module
 
-            parallel_module(program).tensor_parallel(model, dist_ctx.mesh)
-        self.sequence_parallel = tensor_axis(spec) is not None and spec.sharding.tensor.sequence_parallel
         self.stages = [PipelineStage(model, program.graph, *self.split[i]) for i in self.mine]
-        for stage in self.stages:
-            stage.sequence_parallel = self.sequence_parallel
         self.part = PipelinePart(self.stages)
         if next(model.parameters()).is_meta:  # built without storage: only this rank's stages are allocated
             materialize(self.part, program.graph, spec.train.seed, dist_ctx.device)
+        # the splits below replace the modules' parameters in place: the stages hold the shards
+        parallel = parallel_module(program)
+        if tensor_axis(spec) is not None:  # the whole model's weights split over tp first: the stages hold the shards
+            parallel.tensor_parallel(model, dist_ctx.mesh)
+        self.expert_axis = expert_axis(spec)
+        if self.expert_axis is not None:  # each rank keeps its ep rank's experts of every layer (EXPERT_PLACEMENT)
+            axes = (self.expert_axis,) + ((tensor_axis(spec),) if hasattr(parallel, "EXPERT_TP_SPLITS") else ())  # tp x ep: 2-D
+            mesh = dist_ctx.mesh[tuple(axis for axis in dist_ctx.mesh.mesh_dim_names if axis in axes)]
+            for experts in parallel.expert_modules(model):
+                parallel.shard_experts(experts, mesh)
+        self.expert_params = parallel.expert_parameters(model)  # the same Parameter objects the stages hold
+        self.sequence_parallel = tensor_axis(spec) is not None and spec.sharding.tensor.sequence_parallel
+        for stage in self.stages:
+            stage.sequence_parallel = self.sequence_parallel
         self.all_moe_layers = tuple(getattr(model, "MOE_LAYERS", ()))
         self.holds_first, self.holds_last = self.stages[0].is_first, self.stages[-1].is_last
         self.pieces: list[torch.Tensor] = []  # per micro-batch on the last stage: (task loss, aux loss)
@@ -150,8 +168,10 @@ class PipelineRun:
         ``loss_context()``: where the schedule runs the loss and its backward (a vocab-parallel loss's)."""
         self.task_loss, self.loss_context = task_loss, loss_context
         if compile_block is not None:
+            # under expert parallelism the all-to-all's split sizes are host integers: graph breaks around the exchange
+            options = {"fullgraph": False} if self.expert_axis is not None else {}
             for block in self.part.blocks.values():
-                block.forward = compile_block(block.forward)
+                block.forward = compile_block(block.forward, **options)
         dp = self._dp_axes()
         if dp:
             if global_balance(self.spec):
@@ -175,6 +195,16 @@ class PipelineRun:
     def _dp_mesh(self):
         axes = self._dp_axes()
         return self.dist.mesh[axes[0]] if len(axes) == 1 else self.dist.mesh[axes]._flatten("_".join(axes))
+
+    @functools.cached_property
+    def _other_dp_mesh(self):
+        """The batch axes other than the expert-parallel one (None when there are none)."""
+        other = tuple(axis for axis in self._dp_axes() if axis != self.expert_axis)
+        if other == self._dp_axes():
+            return self._dp_mesh
+        if not other:
+            return None
+        return self.dist.mesh[other[0]] if len(other) == 1 else self.dist.mesh[other]._flatten("_".join(other))
 
     def _shard_stages(self) -> None:
         """FSDP2 over the batch axes on each stage: one unit per block, then the stage (torchtitan's order)."""
@@ -234,6 +264,7 @@ class PipelineRun:
         set_learning_rates(trainer.optimizer, trainer.base_lrs, lr_factor(step, self.spec))
         set_annealed(trainer.annealed, step)
         start = time.perf_counter()
+        EXPERT_ROWS_SENT["bytes"] = 0  # evaluation's all-to-alls are not this step's
         self.pieces.clear()
         for stage in self.stages:
             stage.recorded.clear()
@@ -270,6 +301,8 @@ class PipelineRun:
             row["memory_plan"] = plan_check(held, trainer.program.manifest)
         if self.spec.schedule.compile.enabled:
             row["compiled_graphs"] = compiled_graphs()
+        if self.expert_axis is not None:
+            row["expert_parallel_bytes_sent"] = trainer._all_to_all_bytes()
         return row
 
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -287,9 +320,23 @@ class PipelineRun:
             all_reduce_flat(partial, self.dist.mesh[tensor_axis(self.spec)].get_group())
         if not self._dp_axes() or self._fsdp_axes():
             return  # one data-parallel rank, or FSDP reduce-scattered them on the last micro-batch
-        grads = [param.grad for param in self.part.parameters() if param.grad is not None]
-        local = [grad.to_local() if hasattr(grad, "to_local") else grad for grad in grads]  # tp shards: their own part
+        params = [param for param in self.part.parameters() if param.grad is not None]
+        local = [param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad  # tp shards: their own part
+                 for param in params if param not in self.expert_params]
         all_reduce_flat(local, self._dp_mesh.get_group(), op=dist.ReduceOp.AVG)
+        experts = [param.grad.to_local() for param in params if param in self.expert_params]
+        if experts:
+            self._reduce_expert_gradients(experts)
+
+    def _reduce_expert_gradients(self, grads: list[torch.Tensor]) -> None:
+        """An expert's owner already holds the sum over its ep group (the all-to-all's backward brings every ep
+        rank's rows; with ep outside the batch axes, the group shared its rows): summed over the other batch
+        axes only, then divided by all data-parallel ranks, as parallel.py's reduce_gradients does."""
+        if self._other_dp_mesh is not None:
+            all_reduce_flat(grads, self._other_dp_mesh.get_group())
+        ranks = math.prod(self.spec.mesh.axes[axis] for axis in self._dp_axes())
+        for grad in grads:
+            grad.div_(ranks)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """The norm of every stage's gradients together (each stage's sum of squares, summed along the pipeline),

@@ -4,7 +4,8 @@ The spec: 4 blocks of GQA attention (2 heads, 1 kv head) + a top-2-of-4 MoE with
 cut into 2 stages, 4 microbatches per step. A pipeline runs its microbatches one by one, so each one's
 load-balance loss covers its own rows: the reference is one process with ``train.grad_accum 4``, which
 reads the same micro-batches. Under data parallelism the counts of a microbatch are summed over the
-data-parallel ranks (``load_balance_batch: global``), so every layout computes the one-process losses.
+data-parallel ranks (``load_balance_batch: global``), so every layout computes the one-process losses;
+under expert parallelism (ep a batch axis) the ep ranks of a stage send their routed rows to each other.
 """
 
 import shutil
@@ -27,7 +28,13 @@ LAYOUTS = {  # name: (processes, mesh and sharding lines)
     # FSDP2 on each stage over dp (one unit per block, then the stage), 4 processes
     "fsdp2 x pp2": (4, ("mesh: {world_size: 4, axes: {dp: 2, pp: 2}}\n"
                         "sharding: {batch: [dp], fsdp: [dp], pipeline: {axis: pp, microbatches: 4, schedule: 1f1b}}\n")),
+    # expert parallelism inside each stage: the 2 ep ranks of a stage split its batch slice and its experts, 4 processes
+    "pp2 x ep2": (4, ("mesh: {world_size: 4, axes: {pp: 2, ep: 2}}\n"
+                      "sharding: {batch: [ep], experts: [ep], pipeline: {axis: pp, microbatches: 4, schedule: 1f1b}}\n")),
 }
+# the fuller stage (blocks 2-3 and the head) on one rank of pp 2 alone, and its routed experts' share: 2 blocks x 4 experts
+# x (up, gate, down) of 32 x 32, fp32, each counted 4 times (weight, gradient, AdamW's two moments)
+PP2_BYTES, STAGE_EXPERT_BYTES = 629_248, 2 * 4 * 3 * 32 * 32 * 4 * 4
 
 
 def spec_text(layout: str = "") -> str:
@@ -77,6 +84,9 @@ def test_pipeline_gives_the_single_process_run_and_resumes_on_one_process(layout
     assert loads == pytest.approx([share for k in first for share in reference[k]["utilization"]], abs=1e-6)
     plan = next(row["memory_plan"] for row in read_metrics(run_dir / "metrics.jsonl") if row["kind"] == "train")
     assert plan["held_over_planned"] == pytest.approx(1.0, abs=0.02), plan  # the costliest stage holds what the manifest plans
+    if "ep2" in layout:  # each rank keeps its half of its stage's experts, and routed rows travel over the ep group
+        assert plan["held"]["total_bytes"] == plan["planned"]["total_bytes"] == PP2_BYTES - STAGE_EXPERT_BYTES // 2, plan
+        assert all(row["expert_parallel_bytes_sent"] > 0 for row in read_metrics(run_dir / "metrics.jsonl") if row["kind"] == "train")
     if layout == "pp2 gpipe":
         return
     # the checkpoint of step 3 (each stage's tensors under the whole model's names) resumes on one process

@@ -24,6 +24,8 @@ from tests.distributed.tp_worker import TP2, TP2_VOCAB, VOCAB, dense_text, spec_
 
 TP2_DP2 = "mesh: {world_size: 4, axes: {dp: 2, tp: 2}}\nsharding:\n  batch: [dp]\n  tensor: {axis: tp}\n"
 TP2_FSDP2 = "mesh: {world_size: 4, axes: {fsdp: 2, tp: 2}}\nsharding:\n  batch: [fsdp]\n  fsdp: [fsdp]\n  tensor: {axis: tp}\n"
+# Megatron's expert layout: the 4 experts over ep (2 per rank), each expert's hidden size over tp (16 of 32 per rank)
+TP2_EP2 = "mesh: {world_size: 4, axes: {ep: 2, tp: 2}}\nsharding:\n  batch: [ep]\n  experts: [ep]\n  tensor: {axis: tp}\n"
 
 
 def rows(run_dir: Path, kind: str, key: str) -> list[float]:
@@ -183,3 +185,44 @@ def test_parallel_py_splits_the_groups_with_spec_lines(tmp_path):
     ]
     assert "    tensor_parallel(model, mesh)\n" in program.parallel_source.split("def parallelize")[1]
     assert "UNSUPPORTED = ()" in program.parallel_source
+
+
+@pytest.mark.slow
+def test_tp2_x_ep2_trains_like_one_process_and_its_checkpoint_resumes_on_one(single, tmp_path):
+    run_dir = train_processes(tmp_path, TP2_EP2, 4)
+    assert_same_run(run_dir, single)
+    first = next(r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train")
+    assert first["expert_parallel_bytes_sent"] > 0  # routed rows travelled over the ep group
+    # each rank holds a quarter of the experts' bytes (half the experts, half of each one's hidden size), tp 2 alone half:
+    # 2 layers x 4 experts x (up, gate, down) 32 x 32, fp32, each 4 times (weight, gradient, AdamW's two moments)
+    experts = 2 * 4 * 3 * 32 * 32 * 4 * 4
+    tp2 = compile_spec(moec.load_spec_text(spec_text(TP2), file="tp2.yaml")).manifest["memory_per_device"]["total_bytes"]
+    plan = first["memory_plan"]
+    assert plan["held"]["total_bytes"] == plan["planned"]["total_bytes"] == tp2 - experts // 4, plan
+    resumed = tmp_path / "resumed"  # the step-3 checkpoint of 2-D (ep, tp) expert shards, on one process
+    (run_dir / "checkpoints" / "step_00000005").rename(tmp_path / "later")
+    run_dir.rename(resumed)
+    Trainer(moec.load_spec_text(spec_text(), file="single.yaml"), run_dir=resumed, resume="latest", allow_spec_change=True).run()
+    assert rows(resumed, "train", "loss") == pytest.approx(rows(single, "train", "loss"), rel=1e-5)
+
+
+def test_tp_x_ep_lines(tmp_path):
+    """model.py's MoE under tp x ep: f before the routed rows, the all-to-all over ep with the DTensor weights, g after."""
+    program = compile_spec(moec.load_spec_text(spec_text(TP2_EP2), file="tp_ep.yaml"))
+    strip = [line.split("  # ")[0] for line in program.source.splitlines()]
+    start = strip.index("    order = torch.argsort(flat_expert, stable=True)")
+    assert strip[start:start + 4] == [
+        "    order = torch.argsort(flat_expert, stable=True)",
+        "    rows = tensor_parallel.copy(x)[order // 2]",
+        "    y_sorted = experts_ffn(rows, counts, experts_w_up, experts_w_gate, experts_w_down, 'silu')",
+        "    y_sorted = tensor_parallel.reduce(y_sorted)",
+    ]
+    assert "self.moe.experts.w_up, self.moe.experts.w_gate, self.moe.experts.w_down, self.training)" in program.source  # not local()
+    parallel = program.parallel_source
+    assert "        sharded = distribute_tensor(param.detach(), expert_mesh, [Shard(0), Shard(EXPERT_TP_SPLITS[name])])" in parallel
+    assert "split(model.blocks[0].moe.experts" not in parallel  # shard_experts splits them over ep and tp at once
+    # a mesh listing tp first: the placements follow the mesh's order (a DeviceMesh slice keeps it)
+    flipped = TP2_EP2.replace("axes: {ep: 2, tp: 2}", "axes: {tp: 2, ep: 2}")
+    parallel = compile_spec(moec.load_spec_text(spec_text(flipped), file="tp_ep.yaml")).parallel_source
+    assert "        sharded = distribute_tensor(param.detach(), expert_mesh, [Shard(EXPERT_TP_SPLITS[name]), Shard(0)])" in parallel
+    assert "    ep_mesh = mesh[('tp', 'ep')]" in parallel

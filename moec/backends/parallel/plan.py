@@ -9,10 +9,12 @@ DCP's state-dict API in torch 2.13, and DDP's plain tensors reshard to any data-
 Expert parallelism shards the routed experts over ``sharding.experts``; with FSDP, the
 experts are also FSDP-sharded over the other FSDP axes (torchtitan's dp-shard-in-ep).
 Tensor parallelism (``moec.backends.parallel.tensor``) splits the weights over the tp axis
-first, then data parallelism applies. Pipeline parallelism runs in ``moec.runtime.pipeline_step``
-(stages of this model, FSDP2 or gradient averaging per stage over the batch axes). ``unsupported``
-names what a spec asks for that this plan cannot run (``moec train`` refuses it at launch; context parallelism and
-options no engine reads are refused at validation, ``moec.schema.checks_schedule``).
+first, then data parallelism applies; with expert parallelism too, ``shard_experts`` makes each
+expert weight one 2-D DTensor, experts over ep and each expert's hidden size over tp (Megatron's
+layout). Pipeline parallelism runs in ``moec.runtime.pipeline_step`` (stages of this model, FSDP2
+or gradient averaging per stage over the batch axes). ``unsupported`` names what a spec asks for
+that this plan cannot run (``moec train`` refuses it at launch; context parallelism and options
+no engine reads are refused at validation, ``moec.schema.checks_schedule``).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dic
     experts = [axis for axis in sharding.experts if axis in active]
     unsupported = _expert_parallel_limits(spec, experts, replicate, shard) if experts else []
     if sharding.pipeline is not None and sharding.pipeline.axis in active:
-        unsupported += _pipeline_limits(spec, experts, bool(replicate and shard))
+        unsupported += _pipeline_limits(spec, experts, bool(replicate and shard), shard)
     if replicate and shard and (len(replicate) > 1 or len(shard) > 1):
         unsupported.append("HSDP over more than one replicate or shard axis")
     precision = spec.schedule.precision  # context parallelism and a reduce dtype DDP cannot use: refused at validation
@@ -99,12 +101,21 @@ def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: t
         limits.append("expert parallelism over an FSDP axis together with HSDP (a replicating batch axis)")
     if spec.schedule.kernels.moe not in ("auto", "grouped_mm"):
         limits.append(f"expert parallelism with kernels.moe '{spec.schedule.kernels.moe}' (it runs grouped_mm)")
+    if tensor.tensor_axis(spec) is not None:  # Megatron's layout runs with plain data parallelism over a batch ep axis
+        if shard:
+            limits.append("tensor parallelism with expert parallelism and FSDP (sharding.fsdp)")
+        if experts[0] not in replicate + shard:
+            limits.append("tensor parallelism with expert parallelism over an axis that does not split the batch")
+        if spec.sharding.placement != "contiguous":
+            limits.append(f"tensor parallelism with expert parallelism and placement {spec.sharding.placement}")
     return limits
 
 
-def _pipeline_limits(spec, experts: list[str], hsdp: bool) -> list[str]:
+def _pipeline_limits(spec, experts: list[str], hsdp: bool, shard: tuple) -> list[str]:
     """What of the spec's pipeline parallelism moec.runtime.pipeline_step cannot run yet."""
-    limits = ["pipeline parallelism with expert parallelism (sharding.experts)"] if experts else []
+    limits = []
+    if experts and shard:  # each stage's FSDP units would have to hold the ep-sharded experts (gather_experts_around)
+        limits.append("pipeline parallelism with expert parallelism and FSDP (sharding.experts with sharding.fsdp)")
     if hsdp:  # each stage is FSDP-sharded over all its batch axes, or over none
         limits.append("pipeline parallelism with HSDP (a batch axis outside sharding.fsdp next to one inside)")
     if spec.schedule.precision.compute == "fp16":
@@ -152,7 +163,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         f"    return init_device_mesh(device_type, MESH_SHAPE, mesh_dim_names=MESH_AXES)  {where('mesh')}",
         "",
         "",
-        *(shard_experts_source(_permuted(spec, plan, experts), plan.replicated_rows) + ["", ""] if plan.experts is not None else []),
+        *(_shard_experts_source(spec, plan, experts, where) + ["", ""] if plan.experts is not None else []),
         *(gather_experts_source() + ["", ""] if plan.expert_fsdp else []),
         *(hsdp_mesh_source() + ["", ""] if plan.replicate and plan.shard else []),
         *(_tensor_parallel_source(spec, plan, where) if plan.tensor is not None else []),
@@ -171,8 +182,10 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
 
 
 def _tensor_parallel_source(spec, plan: ParallelPlan, where) -> list[str]:
+    # under expert parallelism shard_experts splits the experts over ep and tp at once (one 2-D DTensor)
+    splits = {name: dim for name, dim in plan.tensor_splits if not _is_expert(plan, name)}
     return [*tensor.split_source(), "", "",
-            *tensor.tensor_parallel_source(spec, dict(plan.tensor_splits), where, dict(plan.replicated_kv)), "", ""]
+            *tensor.tensor_parallel_source(spec, splits, where, dict(plan.replicated_kv)), "", ""]
 
 
 def expert_placement(spec, plan: ParallelPlan, experts: int) -> tuple[int, ...]:
@@ -235,7 +248,7 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
              "def expert_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:",
              "    return {param for module in expert_modules(model) for param in module.parameters()}", "", "",
              "def reduce_gradients(model: torch.nn.Module, mesh: DeviceMesh) -> None:"]
-    if _tensor_without_fsdp(plan) or plan.sequence_parallel:
+    if (_tensor_without_fsdp(plan) or plan.sequence_parallel) and plan.experts is None:
         return lines + tensor.reduce_gradients_lines(plan.tensor, plan.sequence_parallel,
                                                      _flat(_in_mesh_order(plan, plan.data_parallel)) if plan.replicate else None,
                                                      " x ".join(plan.replicate))
@@ -265,10 +278,13 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
     ]
     if not plan.shard:
         axes = _in_mesh_order(plan, plan.data_parallel)
-        lines += [
-            f"    data_parallel = {_flat(axes)}.get_group()  # {' x '.join(axes)}",
-            "    all_reduce_flat([p.grad for p in grads if p not in experts], data_parallel, op=dist.ReduceOp.AVG)",
-        ]
+        lines.append(f"    data_parallel = {_flat(axes)}.get_group()  # {' x '.join(axes)}")
+        if plan.tensor is not None:
+            lines += ["    others = [p.grad for p in grads if p not in experts]",
+                      ("    all_reduce_flat([g.to_local() if hasattr(g, 'to_local') else g for g in others], data_parallel, "
+                       "op=dist.ReduceOp.AVG)  # tp shards: their part")]
+        else:
+            lines.append("    all_reduce_flat([p.grad for p in grads if p not in experts], data_parallel, op=dist.ReduceOp.AVG)")
     else:
         lines.append("    # FSDP reduced the other gradients")
     lines.append("    expert_grads = [p.grad.to_local() for p in grads if p in experts]")
@@ -292,6 +308,10 @@ def _in_mesh_order(plan: ParallelPlan, axes: tuple[str, ...]) -> tuple[str, ...]
 
 
 def _apply(plan: ParallelPlan, blocks: int, where) -> list[str]:
+    if plan.experts is not None and plan.tensor is not None:  # FSDP with both: refused at launch (UNSUPPORTED)
+        averaged = (f"    # data parallel over {' x '.join(plan.data_parallel)}: reduce_gradients averages the gradients  "
+                    f"{where('sharding', 'batch')[2:]}")
+        return [*_shard_experts_lines(plan, where), averaged]
     if not plan.data_parallel and plan.tensor is not None:
         return ["    # no data-parallel axis larger than 1: every rank reads the whole batch"]
     if _tensor_without_fsdp(plan):
@@ -330,8 +350,10 @@ def _apply(plan: ParallelPlan, blocks: int, where) -> list[str]:
 
 
 def _shard_experts_lines(plan: ParallelPlan, where) -> list[str]:
+    axes = _in_mesh_order(plan, (plan.experts, plan.tensor)) if _expert_tp_splits(plan) else (plan.experts,)
+    mesh = f"mesh[{axes[0]!r}]" if len(axes) == 1 else f"mesh[{axes!r}]"
     return [
-        f"    ep_mesh = mesh[{plan.experts!r}]  # expert parallelism: {_how_rows_travel(plan)}  {where('sharding', 'experts')}",
+        f"    ep_mesh = {mesh}  # expert parallelism: {_how_rows_travel(plan)}  {where('sharding', 'experts')}",
         "    for experts in expert_modules(model):",
         "        shard_experts(experts, ep_mesh)  # this rank keeps its experts of EXPERT_PLACEMENT",
     ]
@@ -340,6 +362,8 @@ def _shard_experts_lines(plan: ParallelPlan, where) -> list[str]:
 def _how_rows_travel(plan: ParallelPlan) -> str:
     if plan.replicated_rows:
         return "each rank runs its experts' rows of the shared batch; an all-gather returns the outputs"
+    if _expert_tp_splits(plan):
+        return f"routed rows travel by all-to-all over {plan.experts}; each expert's hidden size is split over {plan.tensor}"
     return "routed rows travel by all-to-all"
 
 
@@ -380,6 +404,42 @@ def gather_experts_source() -> list[str]:
         '    reduce-scatters their gradients and reshards them, outside training the block\'s end reshards."""',
         "    block.register_forward_pre_hook(lambda module, args: experts.unshard())",
         "    block.register_forward_hook(lambda module, args, output: None if torch.is_grad_enabled() else experts.reshard())",
+    ]
+
+
+def _shard_experts_source(spec, plan: ParallelPlan, experts: int, where) -> list[str]:
+    if _expert_tp_splits(plan):
+        return _shard_experts_2d_source(plan, where)
+    return shard_experts_source(_permuted(spec, plan, experts), plan.replicated_rows)
+
+
+def _expert_tp_splits(plan: ParallelPlan) -> dict[str, int]:
+    """Under tensor x expert parallelism: the experts' weight -> its dim split over tp (the same in every layer)."""
+    if plan.experts is None or plan.tensor is None:
+        return {}
+    return {name.rsplit(".", 1)[1]: dim for name, dim in plan.tensor_splits if _is_expert(plan, name)}
+
+
+def _is_expert(plan: ParallelPlan, name: str) -> bool:
+    return name.rsplit(".", 1)[0] in plan.expert_modules
+
+
+def _shard_experts_2d_source(plan: ParallelPlan, where) -> list[str]:
+    """Megatron's layout: experts over ep (dim 0), each expert's hidden size over tp, as one 2-D DTensor."""
+    splits = _expert_tp_splits(plan)
+    axes = _in_mesh_order(plan, (plan.experts, plan.tensor))
+    placements = ["Shard(0)" if axis == plan.experts else "Shard(EXPERT_TP_SPLITS[name])" for axis in axes]
+    return [
+        f"EXPERT_TP_SPLITS = {splits!r}  # each expert's hidden size split over {plan.tensor}  {where('sharding', 'tensor', 'column')}",
+        "",
+        "",
+        "def shard_experts(module: torch.nn.Module, expert_mesh: DeviceMesh) -> None:",
+        f'    """The [E, ...] expert weights become DTensors on the {" x ".join(axes)} mesh: sharded on dim 0 over {plan.experts}',
+        f"    (each rank keeps E / {plan.experts} experts) and along each expert's hidden size over {plan.tensor} (Megatron's",
+        f"    layout). model.py's f / g over {plan.tensor} wrap the all-to-all over {plan.experts} (moec.backends.torch.experts).\"\"\"",
+        "    for name, param in list(module.named_parameters(recurse=False)):",
+        f"        sharded = distribute_tensor(param.detach(), expert_mesh, [{', '.join(placements)}])",
+        "        module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))",
     ]
 
 

@@ -95,7 +95,7 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
     if not moe.dropless:
         lines += _capacity(moe)
     if expert_parallel:
-        lines += _expert_parallel(moe)
+        lines += _expert_parallel(moe, tensor_parallel)
     elif triton:
         lines += _triton(moe, tiles, fused_router)
     elif tensor_parallel:
@@ -282,8 +282,10 @@ def _triton(moe: MoeAttrs, tiles: tuple[int, ...], fused_router: bool) -> list[s
     return codegen_triton.permutation_lines(moe, fused_router, tiles) + codegen_triton.ffn_lines(moe, tiles)
 
 
-def _expert_parallel(moe: MoeAttrs) -> list[str]:
-    """The grouped path with the expert FFN across the expert-parallel group (moec.backends.torch.experts)."""
+def _expert_parallel(moe: MoeAttrs, tensor_parallel: bool = False) -> list[str]:
+    """The grouped path with the expert FFN across the expert-parallel group (moec.backends.torch.experts).
+    ``tensor_parallel``: the experts' weights also split each expert's hidden size over tp (Megatron's layout):
+    f on the tokens before the routed rows are gathered, g on the experts' partial outputs, as without ep."""
     k, kind = moe.choices, ACTIVATIONS[moe.expert.activation]
     gate = "experts_w_gate" if kind.gated else "None"
     extra = ""
@@ -292,12 +294,15 @@ def _expert_parallel(moe: MoeAttrs) -> list[str]:
     if kind.clamped:
         extra += f", clamp=({moe.expert.clamp['limit']!r}, {moe.expert.clamp['alpha']!r})"
     fn = "clamped_glu" if kind.clamped else kind.fn
-    return [
+    source = "tensor_parallel.copy(x)" if tensor_parallel else "x"
+    lines = [
         "    order = torch.argsort(flat_expert, stable=True)  # sort-by-expert permutation",
-        f"    rows = x[order // {k}]  # (N*k, D) token rows in expert order",
+        f"    rows = {source}[order // {k}]  # (N*k, D) token rows in expert order",
         f"    y_sorted = experts_ffn(rows, counts, experts_w_up, {gate}, experts_w_down, {fn!r}{extra})  # the experts' ranks compute their rows (experts.py)",
-        f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)",
     ]
+    if tensor_parallel:
+        lines.append("    y_sorted = tensor_parallel.reduce(y_sorted)  # g: partial sums over the expert hidden slices")
+    return lines + [f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)"]
 
 
 def _bmm(moe: MoeAttrs) -> list[str]:

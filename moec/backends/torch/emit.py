@@ -210,9 +210,9 @@ class _Writer:
         """The rank-local form of a statement (``moec.backends.torch.codegen_tp``)."""
         if node.op in ("rope", "attention"):
             return codegen_tp.local_heads(node, args), args
-        if node.op in ("moe", "spectral_moe"):
-            return node, [codegen_tp.local(arg) if self.splits.get(self.graph[ref.node].attr.get("name")) else arg
-                          for ref, arg in zip(node.inputs, args)]
+        if node.op in ("moe", "spectral_moe"):  # under expert parallelism experts_ffn reads the DTensors' meshes itself
+            return node, [codegen_tp.local(arg) if self.splits.get(self.graph[ref.node].attr.get("name")) and not self.fused.expert_parallel
+                          else arg for ref, arg in zip(node.inputs, args)]
         split, kv_heads = self.split_of(node, 1), self.replicated_kv(node)
         if split is None and kv_heads is None:
             return node, args

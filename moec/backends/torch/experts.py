@@ -68,7 +68,8 @@ def _row_biases(biases: tuple, group_sizes: Tensor, rows: int) -> tuple:
 
 def expert_group(weight) -> tuple:
     """The expert-parallel process group and its size: the mesh dim where the [E, ...] weight is
-    sharded on dim 0 (under FSDP the unsharded weight also has the FSDP dims, replicated)."""
+    sharded on dim 0 (under FSDP the unsharded weight also has the FSDP dims, replicated; under tensor
+    parallelism the tp dim, which splits each expert's hidden size)."""
     mesh = weight.device_mesh
     (dim,) = [i for i, placement in enumerate(weight.placements) if placement.is_shard(0)]
     return mesh.get_group(dim), mesh.size(dim)
