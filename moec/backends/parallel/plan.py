@@ -153,8 +153,8 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         f"MESH_AXES = {names!r}",
         f"DATA_PARALLEL = {plan.data_parallel!r}  {where('sharding', 'batch')}: each rank reads its slice of the batch",
         f"UNSUPPORTED = {plan.unsupported!r}  # asked for by the spec, not executed yet",
-        *([f"VOCAB_PARALLEL = {plan.tensor!r}  {where('sharding', 'tensor', 'column')}: the head's logits stay split along "
-           "the vocabulary; the loss reduces over it"] if tensor.vocab_parallel_output(spec) else []),
+        *([(f"VOCAB_PARALLEL = {plan.tensor!r}  {where('sharding', 'tensor', 'column')}: the head's logits stay split "
+            "along the vocabulary; the loss reduces over it")] if tensor.vocab_parallel_output(spec) else []),
         *_placement(spec, plan, experts, where),
         *_stages(stages, where),
         "",

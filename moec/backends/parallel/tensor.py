@@ -114,8 +114,8 @@ def _whole_kv_comment(spec, owner: str, replicated_kv: dict[str, int], where) ->
         return []
     kv_heads, tp = replicated_kv[f"{owner}.{leaves[0]}"], spec.mesh.axes[spec.sharding.tensor.axis]
     heads = f"{kv_heads} KV head{'s' if kv_heads > 1 else ''}"
-    return [f"    # {attribute_expr(owner, 'model')} {', '.join(leaves)} stay whole ({heads} for {tp} ranks): each rank reads the "
-            f"KV head of its query heads (tensor_parallel.kv_shard)  {where('sharding', 'tensor', 'column')[2:]}"]
+    return [(f"    # {attribute_expr(owner, 'model')} {', '.join(leaves)} stay whole ({heads} for {tp} ranks): each rank reads "
+             f"the KV head of its query heads (tensor_parallel.kv_shard)  {where('sharding', 'tensor', 'column')[2:]}")]
 
 
 def reduce_gradients_lines(axis: str, sequence_parallel: bool, data_parallel: str | None, names: str) -> list[str]:
