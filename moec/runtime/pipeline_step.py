@@ -111,7 +111,8 @@ def pipeline_axis(spec) -> str | None:
 class PipelineRun:
     """The schedule, this rank's stages and the step that drives them (the trainer calls it when pp > 1)."""
 
-    def __init__(self, spec, program, model: nn.Module, dist_ctx):
+    def __init__(self, spec, program, model: nn.Module, dist_ctx, parallel=None):
+        """``parallel``: the generated parallel.py as a module (the trainer's; loaded from ``program`` without one)."""
         problem = pipeline_problem(program.graph)
         if problem:
             raise PipelineError(f"sharding.pipeline: this model cannot be cut into pipeline stages: {problem}")
@@ -124,22 +125,16 @@ class PipelineRun:
         self.split = (tuple(stage_split(spec, program.graph, virtual * self.ranks)) if virtual > 1
                       else tuple(tuple(row["blocks"]) for row in program.manifest["pipeline_stages"]))
         self.mine = list(range(self.rank, len(self.split), self.ranks))
-        from moec.compile import parallel_module
-
         self.stages = [PipelineStage(model, program.graph, *self.split[i]) for i in self.mine]
         self.part = PipelinePart(self.stages)
         if next(model.parameters()).is_meta:  # built without storage: only this rank's stages are allocated
             materialize(self.part, program.graph, spec.train.seed, dist_ctx.device)
-        # the splits below replace the modules' parameters in place: the stages hold the shards
-        parallel = parallel_module(program)
-        if tensor_axis(spec) is not None:  # the whole model's weights split over tp first: the stages hold the shards
-            parallel.tensor_parallel(model, dist_ctx.mesh)
+        if parallel is None:
+            from moec.compile import parallel_module
+
+            parallel = parallel_module(program)
         self.expert_axis = expert_axis(spec)
-        if self.expert_axis is not None:  # each rank keeps its ep rank's experts of every layer (EXPERT_PLACEMENT)
-            axes = (self.expert_axis,) + ((tensor_axis(spec),) if hasattr(parallel, "EXPERT_TP_SPLITS") else ())  # tp x ep: 2-D
-            mesh = dist_ctx.mesh[tuple(axis for axis in dist_ctx.mesh.mesh_dim_names if axis in axes)]
-            for experts in parallel.expert_modules(model):
-                parallel.shard_experts(experts, mesh)
+        self._split_weights(model, parallel)
         self.expert_params = parallel.expert_parameters(model)  # the same Parameter objects the stages hold
         self.sequence_parallel = tensor_axis(spec) is not None and spec.sharding.tensor.sequence_parallel
         for stage in self.stages:
@@ -152,6 +147,18 @@ class PipelineRun:
         self.schedule = None
 
     # --- setup -------------------------------------------------------------------------------
+
+    def _split_weights(self, model: nn.Module, parallel) -> None:
+        """The whole model's weights split over tp, then its experts over ep, by parallel.py; the splits replace
+        the modules' parameters in place, so the stages hold the shards."""
+        spec, mesh = self.spec, self.dist.mesh
+        if tensor_axis(spec) is not None:
+            parallel.tensor_parallel(model, mesh)
+        if self.expert_axis is not None:  # each rank keeps its ep rank's experts of every layer (EXPERT_PLACEMENT)
+            axes = (self.expert_axis,) + ((tensor_axis(spec),) if hasattr(parallel, "EXPERT_TP_SPLITS") else ())  # tp x ep: 2-D
+            expert_mesh = mesh[tuple(axis for axis in mesh.mesh_dim_names if axis in axes)]
+            for experts in parallel.expert_modules(model):
+                parallel.shard_experts(experts, expert_mesh)
 
     def describe(self) -> list[str]:
         """The split ``moec train`` prints: which blocks each stage runs, on which pipeline rank."""
@@ -191,10 +198,13 @@ class PipelineRun:
     def _fsdp_axes(self) -> tuple[str, ...]:
         return tuple(axis for axis in self._dp_axes() if axis in self.spec.sharding.fsdp)
 
+    def _mesh_of(self, axes: tuple[str, ...]):
+        """The sub-mesh of ``axes``, flattened to one dim when there are several."""
+        return self.dist.mesh[axes[0]] if len(axes) == 1 else self.dist.mesh[axes]._flatten("_".join(axes))
+
     @functools.cached_property
     def _dp_mesh(self):
-        axes = self._dp_axes()
-        return self.dist.mesh[axes[0]] if len(axes) == 1 else self.dist.mesh[axes]._flatten("_".join(axes))
+        return self._mesh_of(self._dp_axes())
 
     @functools.cached_property
     def _other_dp_mesh(self):
@@ -202,9 +212,7 @@ class PipelineRun:
         other = tuple(axis for axis in self._dp_axes() if axis != self.expert_axis)
         if other == self._dp_axes():
             return self._dp_mesh
-        if not other:
-            return None
-        return self.dist.mesh[other[0]] if len(other) == 1 else self.dist.mesh[other]._flatten("_".join(other))
+        return self._mesh_of(other) if other else None
 
     def _shard_stages(self) -> None:
         """FSDP2 over the batch axes on each stage: one unit per block, then the stage (torchtitan's order)."""
@@ -377,6 +385,6 @@ class PipelineRun:
         return stats
 
 
-def make_pipeline(spec, program, model, dist_ctx) -> PipelineRun | None:
+def make_pipeline(spec, program, model, dist_ctx, parallel=None) -> PipelineRun | None:
     """The pipeline run when the spec's pipeline axis is larger than 1."""
-    return PipelineRun(spec, program, model, dist_ctx) if pipeline_axis(spec) and dist_ctx.distributed else None
+    return PipelineRun(spec, program, model, dist_ctx, parallel) if pipeline_axis(spec) and dist_ctx.distributed else None

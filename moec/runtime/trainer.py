@@ -97,7 +97,7 @@ class Trainer:
         if init_from is not None and resume is None:  # weights only (moec import hf, or another run's checkpoint)
             self._init_from(Path(init_from))
         try:  # sharding.pipeline over more than one rank: this rank keeps its stage(s) (moec.runtime.pipeline_step)
-            self.pipeline = make_pipeline(spec, self.program, self.model, self.dist)
+            self.pipeline = make_pipeline(spec, self.program, self.model, self.dist, self.parallel)
         except PipelineError as err:
             raise TrainingError(str(err)) from None
         if self.pipeline is not None and self.display:
