@@ -58,6 +58,18 @@ def _source_rows(order_ptr, rows, row_ok, TOP_K: tl.constexpr, GATHER: tl.conste
 
 
 @triton.jit
+def _tile(counts_ptr, order_ptr, E, N, TOP_K: tl.constexpr, GATHER: tl.constexpr, BLOCK_E: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr):
+    """This program's tile of a grouped GEMM over (grouped rows, output columns): its expert (E: no work), its
+    rows and their token rows (``_source_rows``), its columns, with their in-range masks."""
+    expert, row_start, row_end = _expert_of_tile(tl.program_id(0), counts_ptr, E, BLOCK_E, BM)
+    rows = row_start + tl.arange(0, BM)
+    row_ok = rows < row_end  # all false for expert E (its row range is empty)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    return expert, rows, row_ok, _source_rows(order_ptr, rows, row_ok, TOP_K, GATHER), cols, cols < N
+
+
+@triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b in fp32. UPCAST (Triton's interpreter only): bf16 operands as fp32, since the
     interpreter's bf16 dot returns garbage (triton 3.9); the products are exact either way."""
@@ -72,15 +84,8 @@ def grouped_gemm_kernel(a_ptr, b_ptr, bias_ptr, out_ptr, counts_ptr, order_ptr, 
                         HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
                         UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert, row_start, row_end = _expert_of_tile(pid_m, counts_ptr, E, BLOCK_E, BM)
+    expert, rows, row_ok, src, cols, col_ok = _tile(counts_ptr, order_ptr, E, N, TOP_K, GATHER, BLOCK_E, BM, BN)
     if expert < E:
-        rows = row_start + tl.arange(0, BM)
-        row_ok = rows < row_end
-        src = _source_rows(order_ptr, rows, row_ok, TOP_K, GATHER)
-        cols = pid_n * BN + tl.arange(0, BN)
-        col_ok = cols < N
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
@@ -171,15 +176,8 @@ def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, bias_up_ptr, bias_gate_ptr, h_ptr, 
     (``GATED``; both accumulated from the same A tile; ACTIVATION CLAMPED: ``_clamped_glu`` with
     ``limit`` and ``alpha``) or ``h = act(A @ Wup)``. Tiles and the row
     gather as ``grouped_gemm_kernel``; ``SAVE`` also stores the pre-activations for backward."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert, row_start, row_end = _expert_of_tile(pid_m, counts_ptr, E, BLOCK_E, BM)
+    expert, rows, row_ok, src, cols, col_ok = _tile(counts_ptr, order_ptr, E, N, TOP_K, GATHER, BLOCK_E, BM, BN)
     if expert < E:
-        rows = row_start + tl.arange(0, BM)
-        row_ok = rows < row_end
-        src = _source_rows(order_ptr, rows, row_ok, TOP_K, GATHER)
-        cols = pid_n * BN + tl.arange(0, BN)
-        col_ok = cols < N
         up = tl.zeros((BM, BN), dtype=tl.float32)
         gate = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
