@@ -66,6 +66,21 @@ def _done(x: Tensor) -> Tensor:
     return x.wait() if isinstance(x, funcol.AsyncCollectiveTensor) else x
 
 
+def _all_reduce(x: Tensor, group) -> Tensor:
+    """``x`` summed over the group (all-reduce), done."""
+    return _done(funcol.all_reduce(x.contiguous(), "sum", group))
+
+
+def _all_gather_sequence(x: Tensor, group) -> Tensor:
+    """Every rank's [B, S/tp, ...] concatenated along the sequence (all-gather of dim 1), done."""
+    return _done(funcol.all_gather_tensor(x.contiguous(), 1, group))
+
+
+def _reduce_scatter_sequence(x: Tensor, group) -> Tensor:
+    """``x`` summed over the group, this rank's part of the sequence (reduce-scatter of dim 1), done."""
+    return _done(funcol.reduce_scatter_tensor(x.contiguous(), "sum", 1, group))
+
+
 def local(weight: Tensor) -> Tensor:
     """This rank's shard of a split weight (a DTensor on the tp mesh); a plain weight as it is."""
     return weight.to_local() if isinstance(weight, DTensor) else weight
@@ -79,13 +94,13 @@ class _Copy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _done(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
+        return _all_reduce(grad, ctx.group), None
 
 
 class _Reduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
-        return _done(funcol.all_reduce(x.contiguous(), "sum", group))
+        return _all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -124,7 +139,7 @@ class _KvShard(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         before, after = ctx.pad
         whole = F.pad(grad, (0, 0) * (grad.dim() - 1) + (before, after))
-        return (whole if ctx.partial else _done(funcol.all_reduce(whole.contiguous(), "sum", ctx.group))), None, None, None
+        return (whole if ctx.partial else _all_reduce(whole, ctx.group)), None, None, None
 
 
 def kv_shard(weight: Tensor, kv_heads: int, partial: bool = False) -> Tensor:
@@ -144,22 +159,22 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group
-        return _done(funcol.all_gather_tensor(x.contiguous(), 1, group))
+        return _all_gather_sequence(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _done(funcol.reduce_scatter_tensor(grad.contiguous(), "sum", 1, ctx.group)), None
+        return _reduce_scatter_sequence(grad, ctx.group), None
 
 
 class _ScatterSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group
-        return _done(funcol.reduce_scatter_tensor(x.contiguous(), "sum", 1, group))
+        return _reduce_scatter_sequence(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _done(funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group)), None
+        return _all_gather_sequence(grad, ctx.group), None
 
 
 class _SplitSequence(torch.autograd.Function):
@@ -171,14 +186,14 @@ class _SplitSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _done(funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group)), None
+        return _all_gather_sequence(grad, ctx.group), None
 
 
 class _UnsplitSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group
-        return _done(funcol.all_gather_tensor(x.contiguous(), 1, group))
+        return _all_gather_sequence(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # every rank computed the same loss from the whole sequence: keep its own part
