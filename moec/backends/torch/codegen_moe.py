@@ -95,12 +95,12 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
     if not moe.dropless:
         lines += _capacity(moe)
     if expert_parallel:
-        lines += _expert_parallel(moe, tensor_parallel)
+        lines += _tensor_parallel_ends(_expert_parallel(moe)) if tensor_parallel else _expert_parallel(moe)
     elif triton:
         lines += _triton(moe, tiles, fused_router)
     elif tensor_parallel:
         assert kernel == "grouped_mm" and not moe.expert.bias, "validation admits only bias-free grouped_mm experts under tp"
-        lines += _grouped_tensor_parallel(moe)
+        lines += _tensor_parallel_ends(_grouped(moe))
     else:
         lines += {"grouped_mm": _grouped, "bmm": _bmm, "eager": _dense}[kernel](moe)
     if triton:
@@ -267,10 +267,10 @@ def _grouped(moe: MoeAttrs) -> list[str]:
     return lines
 
 
-def _grouped_tensor_parallel(moe: MoeAttrs) -> list[str]:
-    """``_grouped`` on this rank's slice of every expert's hidden size: Megatron's f on the routed rows,
-    g on the experts' outputs, so the router's weights combine whole outputs (their gradient stays whole)."""
-    lines = _grouped(moe)
+def _tensor_parallel_ends(lines: list[str]) -> list[str]:
+    """An expert path (``_grouped``, ``_expert_parallel``) on this rank's slice of every expert's hidden size:
+    Megatron's f on the routed rows, g on the experts' outputs, so the router's weights combine whole outputs
+    (their gradient stays whole)."""
     rows = next(i for i, line in enumerate(lines) if line.startswith("    rows = "))
     lines[rows] = lines[rows].replace("    rows = x[", "    rows = tensor_parallel.copy(x)[")  # f on (N, D), not the k-fold rows
     down = next(i for i, line in enumerate(lines) if line.startswith("    y_sorted = "))
@@ -282,10 +282,8 @@ def _triton(moe: MoeAttrs, tiles: tuple[int, ...], fused_router: bool) -> list[s
     return codegen_triton.permutation_lines(moe, fused_router, tiles) + codegen_triton.ffn_lines(moe, tiles)
 
 
-def _expert_parallel(moe: MoeAttrs, tensor_parallel: bool = False) -> list[str]:
-    """The grouped path with the expert FFN across the expert-parallel group (moec.backends.torch.experts).
-    ``tensor_parallel``: the experts' weights also split each expert's hidden size over tp (Megatron's layout):
-    f on the tokens before the routed rows are gathered, g on the experts' partial outputs, as without ep."""
+def _expert_parallel(moe: MoeAttrs) -> list[str]:
+    """The grouped path with the expert FFN across the expert-parallel group (moec.backends.torch.experts)."""
     k, kind = moe.choices, ACTIVATIONS[moe.expert.activation]
     gate = "experts_w_gate" if kind.gated else "None"
     extra = ""
@@ -294,15 +292,12 @@ def _expert_parallel(moe: MoeAttrs, tensor_parallel: bool = False) -> list[str]:
     if kind.clamped:
         extra += f", clamp=({moe.expert.clamp['limit']!r}, {moe.expert.clamp['alpha']!r})"
     fn = "clamped_glu" if kind.clamped else kind.fn
-    source = "tensor_parallel.copy(x)" if tensor_parallel else "x"
-    lines = [
+    return [
         "    order = torch.argsort(flat_expert, stable=True)  # sort-by-expert permutation",
-        f"    rows = {source}[order // {k}]  # (N*k, D) token rows in expert order",
+        f"    rows = x[order // {k}]  # (N*k, D) token rows in expert order",
         f"    y_sorted = experts_ffn(rows, counts, experts_w_up, {gate}, experts_w_down, {fn!r}{extra})  # the experts' ranks compute their rows (experts.py)",
+        f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)",
     ]
-    if tensor_parallel:
-        lines.append("    y_sorted = tensor_parallel.reduce(y_sorted)  # g: partial sums over the expert hidden slices")
-    return lines + [f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)"]
 
 
 def _bmm(moe: MoeAttrs) -> list[str]:
