@@ -44,8 +44,13 @@ def _temperature(router: RouterAttrs) -> dict:
     return {"temperature": router.temperature}
 
 
+def _tempered(router: RouterAttrs, logits: str) -> str:
+    """``logits / temperature``; the logits alone at temperature 1."""
+    return logits if router.temperature == 1.0 else f"{logits} / {router.temperature!r}"
+
+
 def _softmax(router: RouterAttrs, logits: str) -> str:
-    return f"torch.softmax({logits} / {router.temperature!r}, dim=-1)"
+    return f"torch.softmax({_tempered(router, logits)}, dim=-1)"
 
 
 ROUTERS = {
@@ -58,7 +63,7 @@ ROUTERS = {
         RouterKind(
             "sigmoid_bias", "independent sigmoid scores; a selection-only bias balances the load (DeepSeek-V3)",
             score_op="sigmoid", score_attrs=_temperature,
-            emit_scores=lambda r, logits: f"torch.sigmoid({logits} / {r.temperature!r})",
+            emit_scores=lambda r, logits: f"torch.sigmoid({_tempered(r, logits)})",
             selection_bias=True,
         ),
         RouterKind(

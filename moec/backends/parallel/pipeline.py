@@ -87,13 +87,12 @@ class PipelineStage(nn.Module):
         stats = []
         for segment in self.block_segments:
             outputs = self.blocks[str(segment.block)](hidden)
-            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-            for ref, value in zip(segment.outputs, outputs):
-                if _is_scalar(self.graph, ref):  # an aux loss
-                    aux = value if aux is None else aux + value
-                else:
-                    hidden = value
-            stats += outputs[len(segment.outputs):]  # the block's MoE stats follow its outputs
+            if isinstance(outputs, tuple):  # a model with MoE layers: every block returns (x, aux, stats)
+                hidden, block_aux, block_stats = outputs
+                aux = block_aux if aux is None else aux + block_aux
+                stats += block_stats
+            else:
+                hidden = outputs
         if self.training and torch.is_grad_enabled():
             self.recorded.append(tuple(stats))
         aux = aux if aux is not None else hidden.new_zeros(())

@@ -1,16 +1,15 @@
-"""The decode path of a generated program: the same graph, written once more with a KV cache.
+"""The decode path of a generated program: ``forward`` with a KV cache.
 
-``emit`` writes every module's ``forward`` from the fused graph; for models that can decode
-incrementally it writes a second method, ``decode(..., cache, positions, bucket)``, from the
-same nodes in the same order. Three ops change their expression and nothing else does:
+For models that can decode incrementally every ``forward`` takes ``cache`` (a ``KVCache``, None
+when training). Three ops read it and nothing else does:
 
-- ``rope`` rotates at the tokens' absolute ``positions`` (``rope_at``), not at 0..S-1;
-- ``attention`` writes the new keys and values into its layer's cache and attends over the
-  first ``bucket`` slots, masked by position (``attention_cached``, grouped KV heads);
-- ``pos_embed`` (learned positions) reads the table at ``positions``.
+- ``rope`` rotates at the tokens' absolute ``cache.positions``, not at 0..S-1;
+- ``attention`` writes the new keys and values into its layer's slot of the cache and attends
+  over the first ``cache.bucket`` slots, masked by position (``attention_cached``, grouped KV heads);
+- ``pos_embed`` (learned positions) reads the table at ``cache.positions``.
 
-The MoE layers call the same fused function as ``forward`` on the step's tokens. The root
-class also gets ``new_cache``, ``prefill``, ``decode_step`` and ``compile_decode``.
+The MoE layers run as in training on the step's tokens. The root class also gets ``decode``,
+``new_cache``, ``prefill``, ``decode_step`` and ``compile_decode``.
 
 Models whose output at a position depends on later positions or on the other tokens of the
 batch cannot reuse a cache; :func:`decode_support` names the reason and no decode path is
@@ -19,9 +18,6 @@ written (generation then recomputes over the window).
 
 from __future__ import annotations
 
-import inspect
-
-from moec.backends.torch import decode_snippets
 from moec.ir.graph import Graph, Node
 from moec.moe import ROUTERS
 
@@ -53,44 +49,8 @@ def attention_layers(graph: Graph) -> list[Node]:
     return [node for node in graph.nodes if node.op == "attention"]
 
 
-class DecodeExpressions:
-    """The decode-path expressions of rope, attention and pos_embed; None for every other op."""
-
-    def __init__(self, graph: Graph):
-        self.layer = {node.name: index for index, node in enumerate(attention_layers(graph))}
-
-    def expression(self, node: Node, args: list[str]) -> str | None:
-        if node.op == "rope":
-            a = node.attr
-            freqs = (f"rope_frequencies({a['head_dim']}, {a['theta']!r})" if "factor" not in a else
-                     f"yarn_frequencies({a['head_dim']}, {a['theta']!r}, {a['factor']!r}, {a['original']!r}, "
-                     f"{a['beta_fast']!r}, {a['beta_slow']!r}, {a['truncate']!r})")
-            return f"rope_at({args[0]}, {a['heads']}, {a['head_dim']}, *{freqs}, positions)"
-        if node.op == "attention":
-            a, sinks = node.attr, args[3] if len(args) == 4 else "None"
-            return (f"attention_cached({', '.join(args[:3])}, {a['heads']}, {a['kv_heads']}, {a['head_dim']}, "
-                    f"cache[{self.layer[node.name]}], positions, bucket, {a.get('window')!r}, {sinks})")
-        if node.op == "pos_embed":
-            return f"{args[0]} + {args[1]}[positions]"
-        return None
-
-
-def helpers(graph: Graph) -> list[list[str]]:
-    """Source lines of the decode snippets the program calls."""
-    used = {"attention_cached", "length_bucket"}
-    for node in graph.nodes:
-        if node.op == "rope":
-            used |= {"rope_at"} | ({"rope_frequencies"} if "factor" not in node.attr else set())
-    order = [name for name, fn in vars(decode_snippets).items() if inspect.isfunction(fn) and fn.__module__ == decode_snippets.__name__]
-    return [inspect.getsource(getattr(decode_snippets, name)).rstrip().splitlines() for name in order if name in used]
-
-
-def block_method(args: str, body: list[str]) -> list[str]:
-    return ["", f"    def decode(self, {args}, cache, positions, bucket):", *body]
-
-
-def root_methods(graph: Graph, arg: str, body: list[str]) -> list[str]:
-    """``decode`` (the graph once more) and the cache-handling methods around it."""
+def root_methods(graph: Graph, arg: str) -> list[str]:
+    """``decode`` (``forward`` with a cache) and the cache-handling methods around it."""
     layers = tuple((node.attr["kv_heads"], node.attr["head_dim"]) for node in attention_layers(graph))
     return [
         "",
@@ -98,7 +58,7 @@ def root_methods(graph: Graph, arg: str, body: list[str]) -> list[str]:
         "",
         f"    def decode(self, {arg}, cache, positions, bucket):",
         f'        """{arg} at absolute positions [B,S]; each attention layer reads and writes its cache[i] = (k, v) [B,KV,L,hd]."""',
-        *body,
+        f"        return self({arg}, KVCache(cache, positions, bucket))",
         "",
         "    def new_cache(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:",
         '        """A zeroed KV cache for ``length`` positions (at most model.max_seq_len): per attention layer (k, v) [batch, kv_heads, length, head_dim]."""',

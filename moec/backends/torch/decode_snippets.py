@@ -16,22 +16,6 @@ import math
 import torch
 
 
-def rope_frequencies(head_dim: int, theta: float) -> tuple[torch.Tensor, float]:
-    """The plain RoPE inverse frequencies (as ``rope``) and a cos/sin scale of 1."""
-    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), 1.0
-
-
-def rope_at(x: torch.Tensor, heads: int, head_dim: int, inv_freq: torch.Tensor, scale: float, positions: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding at absolute ``positions`` [B, S]: ``rope`` / ``rope_yarn`` of a full sequence, row by row."""
-    batch, seq, _ = x.shape
-    angles = positions.to(torch.float32)[..., None] * inv_freq.to(x.device)  # (B, S, hd/2)
-    cos = (torch.cat([angles, angles], -1).cos() * scale).to(x.dtype)[:, :, None, :]  # (B, S, 1, hd)
-    sin = (torch.cat([angles, angles], -1).sin() * scale).to(x.dtype)[:, :, None, :]
-    xh = x.view(batch, seq, heads, head_dim)
-    rotated = torch.cat([-xh[..., head_dim // 2 :], xh[..., : head_dim // 2]], -1)
-    return (xh * cos + rotated * sin).reshape(batch, seq, heads * head_dim)
-
-
 def attention_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
                      cache: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, bucket: int, window: int | None,
                      sinks: torch.Tensor | None) -> torch.Tensor:

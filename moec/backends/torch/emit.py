@@ -1,21 +1,30 @@
 """The torch backend's emitter: fused graph -> the source of a readable ``model.py``.
 
-The program is assembled from structured pieces — a header, sorted imports, helper
-functions copied from ``snippets``, one function per distinct fused MoE configuration, and
-one ``nn.Module`` class whose ``forward`` has one statement per graph node with its shape
-and spec provenance. Nothing from the spec is pasted as code: names are checked
-identifiers (the schema's ``LayerName``) and every other string goes in through ``repr``.
+The program reads like a model a person wrote (nanoGPT's, torchtitan's): one ``nn.Module``
+class per distinct layer (``Attention``, ``MoE``, ``FeedForward``, ``SpectralMoE``,
+``Dynamics``), one per distinct block structure, and the root model, which holds the blocks in
+an ``nn.ModuleList`` and loops over them. Classes are written per block of the graph and
+deduplicated by their text, so a spec with 2 blocks and one with 96 give the same classes.
+One ``forward`` serves training and generation: with a KV cache (``cache``) the attention
+layers write and read it, RoPE rotates at the cache's positions. The statement-per-node trace
+of the same graph is ``ir.txt``.
+
+Nothing from the spec is pasted as code: names are checked identifiers (the schema's
+``LayerName``) and every other string goes in through ``repr``.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 
-from moec.backends.torch import codegen_moe, codegen_tp, decode, snippets
-from moec.backends.torch.blocks import Segment, attribute_expr, is_fused, segments
-from moec.backends.torch.modules import block_class, root_class
-from moec.backends.torch.ops import EXPRESSIONS, SNIPPETS_USED_BY
+from moec.backends.torch import codegen_tp, decode
+from moec.backends.torch.blocks import is_fused, segments
+from moec.backends.torch.fused import FusedFunctions, fused_method, helper_sources
+from moec.backends.torch.layers import LayerPart, split_block
+from moec.backends.torch.modules import INIT_ARGS, declarations, standard_modules
+from moec.backends.torch.ops import EXPRESSIONS
+from moec.backends.torch.roots import root_class
+from moec.backends.torch.statements import Body
 from moec.ir.graph import Graph, Node, Ref
 from moec.moe import EXPERT_PREFIX, ROUTER_WEIGHT
 
@@ -23,6 +32,7 @@ IMPORTS = [
     "from __future__ import annotations",
     "",
     "import math",
+    "from typing import NamedTuple",
     "",
     "import torch",
     "import torch.nn.functional as F",
@@ -41,8 +51,8 @@ def class_name(spec_name: str) -> str:
 
 
 def comment_safe(text: str) -> str:
-    """Text for a ``#`` comment: one line, printable (escape anything else)."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+    """Text for a ``#`` comment or a docstring: one line, printable (escape anything else)."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text)).replace('"""', "'''").replace("\\", "/")
 
 
 def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
@@ -51,246 +61,237 @@ def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel:
                  replicated_kv: dict[str, int] | None = None) -> str:
     """``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism; ``replicated_kv``: the whole
     k / v projections read one KV head per rank -> their kv_heads (``codegen_tp``)."""
-    fused = _FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles, dict(tensor_splits or {}))
-    fused.replicated_kv = dict(replicated_kv or {})
-    fused.sequence_parallel = sequence_parallel and bool(tensor_splits)
-    cut = segments(graph)
-    forward, bodies = _forward(graph, fused, cut)
-    helpers = _helpers(graph, fused)
-    lines = [f"# {comment_safe(line)}" if line else "#" for line in header]
-    imports = [line.format(output_import=_output_import(graph)) for line in IMPORTS]
-    if _global_balance(graph):
-        imports.append("from moec.backends.torch.data_parallel import batch_counts")
-    if expert_parallel:
-        imports.append("from moec.backends.torch.experts import experts_ffn")
-    if fused.splits:
-        imports.append(codegen_tp.IMPORT)
-    if fused.triton:
-        imports.append("from moec.backends import triton as triton_moe")
-    lines += [""] + imports + ["", f"SPEC_NAME = {spec_name!r}", ""]
-    for block in helpers + fused.sources:
-        lines += ["", *block, ""]
-    for segment in cut:
-        if segment.block is not None:
-            lines += ["", *block_class(graph, segment, bodies[segment.block]), ""]
-    root = root_class(graph, class_name(spec_name), forward, moe_layers(graph))
-    if decode.decode_support(graph) is None:  # the decode path: the same nodes once more, with a KV cache
-        _add_decode(lines, root, graph, fused, cut)
-    lines += ["", *root, "", "", f"Model = {class_name(spec_name)}"]
-    return "\n".join(lines).rstrip() + "\n"
+    emitter = Emitter(graph, FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles,
+                                            dict(tensor_splits or {})), dict(replicated_kv or {}), sequence_parallel)
+    return emitter.program(spec_name, header)
 
 
-def _global_balance(graph: Graph) -> bool:
-    """Some MoE layer sums its load-balance counts over the data-parallel ranks (aux.load_balance_batch 'global')."""
-    return any(node.attr["moe"].aux.load_balance_batch == "global" for node in graph.nodes if node.op in ("moe", "spectral_moe"))
+class Emitter:
+    """Writes the classes of one program from the fused graph."""
+
+    def __init__(self, graph: Graph, fused: FusedFunctions, replicated_kv: dict[str, int], sequence_parallel: bool):
+        self.graph, self.fused = graph, fused
+        self.splits, self.replicated_kv = fused.splits, replicated_kv
+        self.split_names = set(self.splits) | set(replicated_kv)
+        self.sequence_parallel = sequence_parallel and bool(self.splits)
+        self.expert_parallel = fused.expert_parallel
+        self.decoding = decode.decode_support(graph) is None
+        self.modules = standard_modules(graph)
+        self.classes: dict[str, tuple[str, list[str]]] = {}  # class text (without its name line) -> (name, lines)
+        self.cut = segments(graph)
+        self.contract = BlockContract(graph, self.cut, self.decoding)
+
+    def is_fused(self, node: Node) -> bool:
+        return is_fused(node)
+
+    # --- classes ------------------------------------------------------------------------------------
+    def add_class(self, family: str, doc: str, body: list[str]) -> str:
+        """The class called ``family`` (``family2``, ... when another class of the family differs) with this body."""
+        key = "\n".join(body)
+        if key not in self.classes:
+            taken = {name for name, _ in self.classes.values()}
+            name = next(f"{family}{n if n > 1 else ''}" for n in range(1, 1000) if f"{family}{n if n > 1 else ''}" not in taken)
+            self.classes[key] = (name, [f"class {name}(nn.Module):", f'    """{comment_safe(doc)}"""', "", *body])
+        return self.classes[key][0]
+
+    def layer_class(self, part: LayerPart) -> tuple[str, bool]:
+        """The class of one layer of one block, and whether its constructor takes a KV-cache slot."""
+        nodes = [self.graph.nodes[i] for i in part.nodes]
+        has_cache = self.decoding and any(node.op == "attention" for node in nodes)
+        names = [self.graph[ref.node].attr["name"] for node in nodes for ref in node.inputs if self.graph[ref.node].op == "param"]
+        init = [f"    def __init__(self, {'slot: int, ' if has_cache else ''}{INIT_ARGS}) -> None:", "        super().__init__()"]
+        init += ["        self.slot = slot  # this layer's (k, v) in the KV cache"] if has_cache else []
+        init += declarations(self.graph, list(dict.fromkeys(names)), part.prefix, self.modules)
+        if len(nodes) == 1 and is_fused(nodes[0]):
+            forward, doc = fused_method(self, part, nodes[0])
+        else:
+            forward, doc = self.layer_forward(part, has_cache), ""
+        first = nodes[0]
+        shapes = f"{self.graph.type_of(part.inputs[0])} -> {', '.join(str(self.graph.type_of(r)) for r in part.outputs)}"
+        where = f"{first.origin}" if first.origin else part.prefix
+        doc = f"{doc + ' ' if doc else ''}{where}: {shapes}."
+        return self.add_class(part.kind(self.graph), doc, [*init, "", *forward]), has_cache
+
+    def layer_forward(self, part: LayerPart, has_cache: bool) -> list[str]:
+        body = Body(self, part.prefix, part.nodes, part.outputs)
+        args = [_argument_name(self.graph, ref, body) for ref in part.inputs]
+        if has_cache and any(self.graph.nodes[i].op == "rope" for i in part.nodes):
+            body.raw("        positions = None if cache is None else cache.positions")
+        for index in part.nodes:
+            body.node(index)
+        returned = [body.name(ref) for ref in part.outputs]
+        returned += [body.names.of[Ref(self.graph.nodes[i].name, 99)] for i in part.nodes if is_fused(self.graph.nodes[i])]
+        signature = ", ".join(args + (["cache: KVCache | None = None"] if has_cache else []))
+        return [f"    def forward(self, {signature}):", *body.lines(returned)]
+
+    def block_class(self, segment) -> tuple[str, int]:
+        """The class of one block, and the number of attention layers (KV-cache slots) it holds."""
+        items = split_block(self.graph, segment.block, segment.nodes)
+        owner = f"blocks.{segment.block}"
+        body = Body(self, owner, segment.nodes, segment.outputs)
+        self.contract.bind_inputs(segment, body)
+        init, slots, stats, aux, balance = [], 0, [], [], []
+        for item in items:
+            if isinstance(item, int):
+                node = self.graph.nodes[item]
+                names = [self.graph[ref.node].attr["name"] for ref in node.inputs if self.graph[ref.node].op == "param"]
+                init += declarations(self.graph, names, owner, self.modules)
+                body.node(item)
+                continue
+            cls, has_cache = self.layer_class(item)
+            init.append(f"        self.{item.name} = {cls}({f'slot + {slots}, ' if has_cache and slots else 'slot, ' if has_cache else ''}"
+                        f"device, dtype)")
+            slots += has_cache
+            stats_needed = any(is_fused(self.graph.nodes[i]) for i in item.nodes)
+            targets = body.bind(item.outputs, [self.contract.role_of(ref, "h") for ref in item.outputs], body.at(item.nodes[-1]))
+            aux += [t for ref, t in zip(item.outputs, targets) if self.contract.kind_of(ref) == "aux"]
+            balance += [t for ref, t in zip(item.outputs, targets) if self.contract.kind_of(ref) == "balance"]
+            if stats_needed:
+                targets.append(body.names.bind(Ref(item.prefix, 99), "stats", len(segment.nodes)))
+                stats.append(targets[-1])
+            args = [body.name(ref) for ref in item.inputs] + (["cache"] if has_cache else [])
+            body.call(targets, f"self.{item.name}({', '.join(args)})", inline=len(targets) == 1)
+        returned = self.contract.block_returns(segment, body, aux, balance, stats)
+        signature = self.contract.signature()
+        forward = [f"    def forward(self, {signature}):", *body.lines(returned)]
+        layers = ", ".join(item.name for item in items if isinstance(item, LayerPart))
+        origin = self.graph.nodes[segment.nodes[0]].origin
+        doc = f"{origin.file}:{origin.line} " if origin and origin.file and origin.line else ""
+        doc += f"model.blocks[{origin.path[2]}]: {layers}." if origin and len(origin.path) > 2 else f"{layers}."
+        head = [f"    def __init__(self, {'slot: int, ' if slots else ''}{INIT_ARGS}) -> None:", "        super().__init__()"]
+        return self.add_class("Block", doc, [*head, *init, "", *forward]), slots
+
+    # --- expressions --------------------------------------------------------------------------------
+    def expression(self, node: Node, args: list[str], body: Body) -> str | list[str]:
+        if node.op == "constant":
+            anchor = next(iter(body.names.of.values()), "x")
+            return f"torch.full((), {node.attr['value']!r}, device={anchor}.device)"
+        if node.op == "moe":
+            return f"{self.fused.moe(node.attr)}({', '.join(args)}, self.training)"
+        if node.op == "spectral_moe":
+            return f"{self.fused.spectral(node.attr)}({', '.join(args)}, self.training)"
+        if node.op == "attention":
+            return self.attention(node, args)
+        if node.op == "rope" and self.decoding:
+            return EXPRESSIONS["rope"](node, *args)[:-1] + ", positions)"
+        if node.op == "pos_embed":
+            return f"add_positions({args[0]}, {args[1]}{', None if cache is None else cache.positions' if self.decoding else ''})"
+        emit = EXPRESSIONS.get(node.op)
+        if emit is None:  # an unfused MoE / spectral op: only when a fusion pass was disabled
+            attrs = "{" + ", ".join(f"{key!r}: {value!r}" for key, value in node.attrs) + "}"
+            anchor = next(iter(body.names.of.values()), "x")
+            return f"runtime.reference_op({node.op!r}, {attrs}, self.training, {anchor}.shape[1]{''.join(', ' + a for a in args)})"
+        return emit(node, *args)
+
+    def attention(self, node: Node, args: list[str]) -> str | list[str]:
+        a = node.attr
+        sinks = args[3] if len(args) == 4 else "None"
+        if self.fused.attention_fn(node) == "attention_local":
+            full = (f"attention_local({', '.join(args[:3])}, {a['heads']}, {a['kv_heads']}, {a['head_dim']}, "
+                    f"{a.get('window')!r}, {sinks})")
+        else:
+            full = EXPRESSIONS["attention"](node, *args[:3], fn=self.fused.attention_fn(node))
+        if not self.decoding:
+            return full
+        cached = (f"attention_cached({', '.join(args[:3])}, {a['heads']}, {a['kv_heads']}, {a['head_dim']}, cache.kv[self.slot], "
+                  f"cache.positions, cache.bucket, {a.get('window')!r}, {sinks})")
+        return ["        if cache is None:", f"            @TARGET@ = {full}", "        else:",
+                f"            @TARGET@ = {cached}  # decoding: writes this step's keys and values first"]
+
+    # --- the program --------------------------------------------------------------------------------
+    def program(self, spec_name: str, header: list[str]) -> str:
+        blocks = [self.block_class(segment) for segment in self.cut if segment.block is not None]
+        root = root_class(self, class_name(spec_name), blocks)
+        imports = [line.format(output_import=_output_import(self.graph)) for line in IMPORTS]
+        if any(node.attr["moe"].aux.load_balance_batch == "global" for node in self.graph.nodes if is_fused(node)):
+            imports.append("from moec.backends.torch.data_parallel import batch_counts")
+        if self.expert_parallel:
+            imports.append("from moec.backends.torch.experts import experts_ffn")
+        if self.splits:
+            imports.append(codegen_tp.IMPORT)
+        if self.fused.triton:
+            imports.append("from moec.backends import triton as triton_moe")
+        classes = [lines for _, lines in self.classes.values()]
+        text = "\n".join(line for lines in classes for line in lines) + "\n".join(root)
+        lines = [f"# {comment_safe(line)}" if line else "#" for line in header]
+        lines += [""] + imports + ["", f"SPEC_NAME = {spec_name!r}", ""]
+        for block in helper_sources(self, text):
+            lines += ["", *block, ""]
+        for block in classes:
+            lines += ["", *block, ""]
+        lines += ["", *root, "", "", f"Model = {class_name(spec_name)}"]
+        return "\n".join(lines).rstrip() + "\n"
 
 
-def _add_decode(lines: list[str], root: list[str], graph: Graph, fused: _FusedFunctions, cut: list[Segment]) -> None:
-    """Append each block class's ``decode`` and the root's decode methods (``moec.backends.torch.decode``)."""
-    forward, bodies = _forward(graph, fused, cut, decode.DecodeExpressions(graph))
-    helpers = decode.helpers(graph)
-    first_class = next(i for i, line in enumerate(lines) if line.startswith("class "))
-    lines[first_class - 1:first_class - 1] = [line for block in helpers for line in ["", *block, ""]]
-    for segment in cut:
-        if segment.block is not None:
-            start = lines.index(f"class Block{segment.block}(nn.Module):")
-            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("class ")), len(lines))
-            while not lines[end - 1].strip():
-                end -= 1
-            args = ", ".join(value_name(ref, graph) for ref in segment.inputs)
-            lines[end:end] = decode.block_method(args, bodies[segment.block])
-    source = next(node for node in graph.nodes if node.op == "input").attr["name"]
-    root += decode.root_methods(graph, source, forward)
+class BlockContract:
+    """What every block's ``forward`` takes and returns, the same for all blocks so that the root loops over them:
+    ``x`` [, ``v``: the dynamics velocity] [, ``tokens``: a token-id router's input] [, ``cache``] ->
+    ``x`` [, ``v``] [, ``aux``: the block's aux loss [, ``balance``: its pooled load-balance statistics], ``stats``]."""
+
+    def __init__(self, graph: Graph, cut, decoding: bool):
+        self.graph = graph
+        blocks = [s for s in cut if s.block is not None]
+        ops = {graph.nodes[i].op for s in blocks for i in s.nodes}
+        self.velocity = "dynamics" in ops
+        self.tokens = any(graph[ref.node].op == "input" for s in blocks for ref in s.inputs)
+        self.aux = bool(ops & {"moe", "spectral_moe"})
+        self.balance = any(len(graph.nodes[i].types or ()) > 2 for s in blocks for i in s.nodes if is_fused(graph.nodes[i]))
+        self.cache = decoding and "attention" in ops
+        self.input_name = next((str(n.attr["name"]) for n in graph.nodes if n.op == "input"), "tokens")
+
+    def kind_of(self, ref: Ref) -> str:
+        node = self.graph[ref.node]
+        if node.op == "dynamics":
+            return "v" if ref.index == 1 else "x"
+        if is_fused(node) or self.graph.type_of(ref).rank == 0:
+            return {1: "aux", 2: "balance"}.get(ref.index, "x") if is_fused(node) else "aux"
+        return "x"
+
+    def role_of(self, ref: Ref, main: str) -> str:
+        kind = self.kind_of(ref)
+        return main if kind == "x" and self.graph[ref.node].op != "dynamics" else kind
+
+    def signature(self) -> str:
+        args = ["x"] + ([self.input_name] if self.tokens else []) + (["v=None"] if self.velocity else [])
+        return ", ".join(args + (["cache: KVCache | None = None"] if self.cache else []))
+
+    def call_args(self) -> str:
+        return ", ".join(["x"] + ([self.input_name] if self.tokens else []) + (["v"] if self.velocity else [])
+                         + (["cache"] if self.cache else []))
+
+    def outputs(self) -> list[str]:
+        return ["x"] + (["v"] if self.velocity else []) + (["aux"] if self.aux else []) + (["balance"] if self.balance else []) \
+            + (["stats"] if self.aux else [])
+
+    def bind_inputs(self, segment, body: Body) -> None:
+        for ref in segment.inputs:
+            node = self.graph[ref.node]
+            body.arg(ref, str(node.attr["name"]) if node.op == "input" else self.kind_of(ref))
+
+    def block_returns(self, segment, body: Body, aux: list[str], balance: list[str], stats: list[str]) -> list[str]:
+        values = {self.kind_of(ref): body.name(ref) for ref in segment.outputs if self.kind_of(ref) in ("x", "v")}
+        returned = [values["x"]] + ([values.get("v", "v")] if self.velocity else [])
+        if self.aux:
+            returned.append(" + ".join(aux) if aux else f"{values['x']}.new_zeros(())")
+        if self.balance:
+            assert balance, f"blocks.{segment.block}: a block without MoE layers in a model that pools their statistics"
+            returned.append(" + ".join(balance))
+        if self.aux:
+            returned.append(f"({', '.join(stats)},)" if len(stats) == 1 else f"({', '.join(stats)})")
+        return returned
+
+
+def _argument_name(graph: Graph, ref: Ref, body: Body) -> str:
+    node = graph[ref.node]
+    role_name = str(node.attr["name"]) if node.op == "input" else ("v" if node.op == "dynamics" and ref.index == 1 else "x")
+    name = body.names.bind(ref, role_name, -1)
+    return name
 
 
 def _output_import(graph: Graph) -> str:
     ops = {node.op for node in graph.nodes}
     names = ["ModelOutput"] + (["MoeStats"] if ops & {"moe", "spectral_moe"} else []) + (["mean_stats"] if "spectral_moe" in ops else [])
     return f"from moec.backends.output import {', '.join(names)}"
-
-
-class _FusedFunctions:
-    """One generated function per distinct fused configuration: fused_moe_0, fused_moe_1, fused_spectral_moe_0, ..."""
-
-    def __init__(self, moe_kernel: str, spectral_kernel: str, attention_kernel: str = "auto", expert_parallel: bool = False,
-                 tiles: tuple[int, ...] = (), splits: dict[str, str] | None = None):
-        self.moe_kernel, self.spectral_kernel, self.expert_parallel = moe_kernel, spectral_kernel, expert_parallel
-        self.splits = splits or {}  # tensor parallelism: parameter name -> column / row
-        self.sequence_parallel = False  # and the hidden state split along the sequence between the groups
-        self.replicated_kv: dict[str, int] = {}  # k / v projections kept whole, one KV head read per rank -> kv_heads
-        self.split_experts = any(EXPERT_PREFIX in name for name in self.splits)  # experts.up / experts.down listed
-        self.tiles, self.triton = tiles, False  # triton: some function calls moec.backends.triton
-        self.attention = "attention_eager" if attention_kernel == "eager" else "attention"  # auto, sdpa: torch SDPA
-        self.names: dict[tuple, str] = {}
-        self.sources: list[list[str]] = []
-
-    def moe(self, attrs: dict) -> str:
-        key = ("moe", tuple(sorted(attrs.items())))
-        if key not in self.names:
-            name = f"fused_moe_{sum(k[0] == 'moe' for k in self.names)}"
-            self.names[key] = name
-            kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs["moe"], self.expert_parallel)
-            self.triton |= codegen_moe.uses_triton(kernel) and not self.expert_parallel
-            self.sources.append(codegen_moe.moe_function(name, attrs["slots"], attrs["moe"], kernel, self.expert_parallel, self.tiles,
-                                                         tensor_parallel=self.split_experts))
-        return self.names[key]
-
-    def spectral(self, attrs: dict) -> str:
-        key = ("spectral", tuple(sorted(attrs.items())))
-        if key not in self.names:
-            moe_name = self.moe({"slots": codegen_moe.inner_slots(attrs["slots"]), "moe": attrs["moe"]})
-            name = f"fused_spectral_moe_{sum(k[0] == 'spectral' for k in self.names)}"
-            self.names[key] = name
-            self.sources.append(codegen_moe.spectral_function(name, moe_name, attrs, self.spectral_kernel))
-        return self.names[key]
-
-
-def _helpers(graph: Graph, fused: _FusedFunctions) -> list[list[str]]:
-    used = {"make_parameters"}
-    for node in graph.nodes:
-        used |= SNIPPETS_USED_BY[node.op](node) if node.op in SNIPPETS_USED_BY else set()
-        used |= {_attention_fn(node, fused)} if node.op == "attention" else set()
-        if node.op in ("moe", "spectral_moe"):
-            used |= codegen_moe.helpers_for(node.attr["moe"])
-        if node.op == "spectral_moe":
-            used |= {"rfft_real", "irfft_real", "dft_matrices", "spectral_scales", "band_index"}
-    order = [name for name, fn in vars(snippets).items() if inspect.isfunction(fn) and fn.__module__ == snippets.__name__]
-    return [inspect.getsource(getattr(snippets, name)).rstrip().splitlines() for name in order if name in used]
-
-
-def param_expr(name: str, owner: str = "") -> str:
-    """``blocks.3.moe.experts.w_up`` -> ``self.blocks[3].moe.experts.w_up`` (``self.moe.experts.w_up`` in ``blocks.3``)."""
-    return attribute_expr(name.removeprefix(owner + ".") if owner else name)
-
-
-class _Writer:
-    """Statements of one module's ``forward``: graph values by name, parameters relative to ``owner``."""
-
-    def __init__(self, graph: Graph, fused: _FusedFunctions, owner: str, anchor: str, decoding=None):
-        self.graph, self.fused, self.owner = graph, fused, owner
-        self.decoding = decoding  # DecodeExpressions when writing the decode path
-        self.anchor = anchor  # a [B,S,...] value in scope: constants' device, unfused ops' sequence length
-        self.last_use = _last_uses(graph)
-        self.lines: list[str] = []
-        self.splits = fused.splits if decoding is None else {}  # decode runs whole, on one process
-        self.copied: set[str] = set()  # values that went through tensor_parallel.copy
-
-    def name(self, ref: Ref) -> str:
-        node = self.graph[ref.node]
-        return param_expr(node.attr["name"], self.owner) if node.op == "param" else value_name(ref, self.graph)
-
-    def node(self, index: int, stats: list[str]) -> None:
-        node = self.graph.nodes[index]
-        args = [self.name(ref) for ref in node.inputs]
-        if self.splits:
-            node, args = self.tensor_parallel(node, args)
-        expr = (self.decoding and self.decoding.expression(node, args)) or _expression(node, args, self.fused, self.anchor)
-        if self.splits and node.op == "embed" and self.split_of(node, 1):
-            expr = codegen_tp.embedding(args, node.attr.get("padding_idx"))  # this rank's rows of the vocabulary, summed
-        if self.splits and self.split_of(node, 1) == "row":
-            expr = codegen_tp.reduced(expr, self.fused.sequence_parallel)  # g: the row-split product's partial sums
-        targets = ", ".join(value_name(Ref(node.name, i), self.graph) for i in range(len(node.types or (None,))))
-        if is_fused(node):
-            stats.append(f"stats_{len(stats)}")
-            targets += f", {stats[-1]}"
-        shapes = ", ".join(str(t) for t in node.types or ())
-        where = f"  {comment_safe(node.origin)}" if node.origin is not None else ""
-        self.lines.append(f"        {targets} = {expr}  # {shapes}{where}")
-        self.free([ref for ref in node.inputs if self.last_use.get(ref) == index])
-
-    def split_of(self, node: Node, position: int) -> str | None:
-        """``column`` / ``row`` when input ``position`` of a linear (or the table of an embedding) is a
-        tensor-parallel split weight."""
-        if node.op not in ("linear", "embed") or len(node.inputs) <= position:
-            return None
-        source = self.graph[node.inputs[position].node]
-        return self.splits.get(source.attr["name"]) if source.op == "param" else None
-
-    def tensor_parallel(self, node: Node, args: list[str]) -> tuple[Node, list[str]]:
-        """The rank-local form of a statement (``moec.backends.torch.codegen_tp``)."""
-        if node.op in ("rope", "attention"):
-            return codegen_tp.local_heads(node, args), args
-        if node.op in ("moe", "spectral_moe"):  # under expert parallelism experts_ffn reads the DTensors' meshes itself
-            return node, [codegen_tp.local(arg) if self.splits.get(self.graph[ref.node].attr.get("name")) and not self.fused.expert_parallel
-                          else arg for ref, arg in zip(node.inputs, args)]
-        split, kv_heads = self.split_of(node, 1), self.replicated_kv(node)
-        if split is None and kv_heads is None:
-            return node, args
-        if (split == "column" and node.op == "linear") or kv_heads is not None:
-            if args[0] not in self.copied:
-                self.copied.add(args[0])
-                # the root holds the whole sequence (it splits and gathers it around the blocks): there f is a copy
-                sequence_parallel = self.fused.sequence_parallel and self.owner != ""
-                self.lines.append(codegen_tp.copy_statement(args[0], sequence_parallel))
-            args = [codegen_tp.copied(args[0])] + args[1:]
-        if kv_heads is not None:
-            return node, [args[0], *(codegen_tp.kv_shard(arg, kv_heads, self.fused.sequence_parallel) for arg in args[1:])]
-        return node, [args[0], codegen_tp.local(args[1]), *args[2:]]
-
-    def replicated_kv(self, node: Node) -> int | None:
-        """kv_heads when ``node`` is a linear through a whole k / v projection read one KV head per rank."""
-        if node.op != "linear" or self.decoding is not None:
-            return None
-        return self.fused.replicated_kv.get(self.graph[node.inputs[1].node].attr.get("name"))
-
-    def free(self, refs: list[Ref]) -> None:
-        """``del`` the values read for the last time (parameters live on the module; the input stays)."""
-        dead = {value_name(ref, self.graph) for ref in refs if self.graph[ref.node].op not in ("param", "input")}
-        dead = sorted(dead | {codegen_tp.copied(name) for name in dead & self.copied})
-        if dead:
-            self.lines.append(f"        del {', '.join(dead)}")
-
-
-def _tuple(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names)
-
-
-def _forward(graph: Graph, fused: _FusedFunctions, cut: list[Segment], decoding=None) -> tuple[list[str], dict[int, list[str]]]:
-    """The root's forward, and each block's forward body by block index (``decoding``: their decode methods)."""
-    source = next(node for node in graph.nodes if node.op == "input").attr["name"]
-    root, stats, bodies = _Writer(graph, fused, "", source, decoding), [], {}
-    call, extra = (".decode", ", cache, positions, bucket") if decoding else ("", "")
-    for segment in cut:
-        if segment.block is None:
-            for index in segment.nodes:
-                root.node(index, stats)
-            continue
-        writer = _Writer(graph, fused, f"blocks.{segment.block}", value_name(segment.inputs[0], graph), decoding)
-        first = len(stats)
-        for index in segment.nodes:
-            writer.node(index, stats)
-        returned = [value_name(ref, graph) for ref in segment.outputs] + stats[first:]
-        writer.lines.append(f"        return {_tuple(returned)}")
-        bodies[segment.block] = writer.lines
-        args = ", ".join(root.name(ref) for ref in segment.inputs)
-        where = comment_safe(_block_origin(graph, segment))
-        sequence_parallel = fused.sequence_parallel and not decoding
-        if sequence_parallel and segment.block == 0:
-            root.lines += [codegen_tp.split_statement(root.name(ref)) for ref in segment.inputs if graph.type_of(ref).rank == 3]
-        root.lines.append(f"        {_tuple(returned)} = self.blocks[{segment.block}]{call}({args}{extra})  # {where}")
-        if sequence_parallel and segment.block == max(s.block for s in cut if s.block is not None):
-            root.lines += [codegen_tp.gather_statement(value_name(ref, graph)) for ref in segment.outputs
-                           if graph.type_of(ref).rank == 3]
-        root.free([ref for ref in segment.inputs if root.last_use.get(ref) in segment.span])
-    output, aux = (value_name(ref, graph) for ref in graph.outputs)
-    moe_stats = f"({', '.join(stats)}{',' if len(stats) == 1 else ''})"
-    root.lines.append(f"        return ModelOutput(output={output}, aux_loss={aux}, moe_stats={moe_stats})")
-    return root.lines, bodies
-
-
-def _block_origin(graph: Graph, segment: Segment) -> str:
-    """``blocks.3  specs/x.yaml:14 model.blocks[1].norm``: the block and where its first statement comes from."""
-    origin = graph.nodes[segment.nodes[0]].origin
-    return f"blocks.{segment.block}" + (f"  {origin}" if origin is not None else "")
-
-
-def value_name(ref: Ref, graph: Graph) -> str:
-    node = graph[ref.node]
-    if node.op == "param":
-        return param_expr(node.attr["name"])
-    if node.op == "input":
-        return str(node.attr["name"])
-    return ref.node if ref.index == 0 else f"{ref.node}_{ref.index}"
 
 
 def moe_layers(graph: Graph) -> tuple[str, ...]:
@@ -302,38 +303,3 @@ def moe_layers(graph: Graph) -> tuple[str, ...]:
             param = node.inputs[node.attr["slots"].index(slot)]
             names.append(graph[param.node].attr["name"].removesuffix("." + slot))
     return tuple(names)
-
-
-def _expression(node: Node, args: list[str], fused: _FusedFunctions, anchor: str) -> str:
-    if node.op == "constant":
-        return f"torch.full((), {node.attr['value']!r}, device={anchor}.device)"
-    if node.op == "moe":
-        return f"{fused.moe(node.attr)}({', '.join(args)}, self.training)"
-    if node.op == "spectral_moe":
-        return f"{fused.spectral(node.attr)}({', '.join(args)}, self.training)"
-    if node.op == "attention" and _attention_fn(node, fused) == "attention_local":
-        sinks = args[3] if len(args) == 4 else "None"
-        return (f"attention_local({', '.join(args[:3])}, {node.attr['heads']}, {node.attr['kv_heads']}, {node.attr['head_dim']}, "
-                f"{node.attr.get('window')!r}, {sinks})")
-    if node.op == "attention":
-        return EXPRESSIONS["attention"](node, *args, fn=fused.attention)
-    emit = EXPRESSIONS.get(node.op)
-    if emit is None:  # an unfused MoE / spectral op: only when a fusion pass was disabled
-        attrs = "{" + ", ".join(f"{key!r}: {value!r}" for key, value in node.attrs) + "}"
-        return f"runtime.reference_op({node.op!r}, {attrs}, self.training, {anchor}.shape[1]{''.join(', ' + a for a in args)})"
-    return emit(node, *args)
-
-
-def _attention_fn(node: Node, fused: _FusedFunctions) -> str:
-    """Sinks or a sliding window: the written-out ``attention_local``; else the kernel's choice."""
-    return "attention_local" if len(node.inputs) == 4 or node.attr.get("window") is not None else fused.attention
-
-
-def _last_uses(graph: Graph) -> dict[Ref, int]:
-    last: dict[Ref, int] = {}
-    for index, node in enumerate(graph.nodes):
-        for ref in node.inputs:
-            last[ref] = index
-    for ref in graph.outputs:
-        last[ref] = len(graph.nodes)  # returned: never deleted
-    return last

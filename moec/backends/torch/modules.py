@@ -1,95 +1,118 @@
-"""The classes of a generated program: ``Block<i>`` per block and the root model.
+"""The parameters of a generated class: torch's own modules where they fit, stacked tensors elsewhere.
 
-Each class creates the parameters it owns in ``__init__`` (a tree of small modules whose
-state_dict keys are the graph's parameter names) and has the ``forward`` written by the
-emitter. The root holds the blocks in ``self.blocks`` (an ``nn.ModuleList``).
+A group of parameters under one name becomes ``nn.Linear``, ``nn.RMSNorm``, ``nn.LayerNorm`` or
+``nn.Embedding`` when it holds exactly what that module holds and is used as it uses it (so a
+block writes ``self.attention_norm(x)``); any other group (stacked expert weights, a router
+with a selection bias, a layer's own projections) holds plain ``nn.Parameter`` s. The
+state_dict keys stay the graph's parameter names.
 """
 
 from __future__ import annotations
 
-from moec.backends.torch.blocks import Segment, attribute_expr, block_of
+from moec.backends.torch.blocks import attribute_expr
 from moec.ir.graph import Graph
 
-INIT = "    def __init__(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:"
+INIT_ARGS = "device: torch.device | str | None = None, dtype: torch.dtype = torch.float32"
+_FUSED = ("moe", "spectral_moe")
 
 
-def declarations(graph: Graph, block: int | None) -> list[str]:
-    """``__init__`` lines for the parameters of ``block`` (``None``: those outside every block)."""
-    prefix = f"blocks.{block}." if block is not None else ""
-    leaves: dict[str, tuple[dict, dict]] = {}
-    for node in graph.params():
-        name = node.attr["name"]
-        if block_of(name) != block:
-            continue
-        assert "." in name, f"parameter {name} has no owning module"
-        owner, leaf = name.removeprefix(prefix).rsplit(".", 1)
-        trainable, frozen = leaves.setdefault(owner, ({}, {}))
-        (trainable if node.attr["trainable"] else frozen)[leaf] = tuple(node.attr["shape"])
-    lines, made = [], set()
-    for owner, (trainable, frozen) in leaves.items():
-        parts = owner.split(".")
+def standard_modules(graph: Graph) -> dict[str, str]:
+    """Parameter owner (``blocks.0.attention_norm``) -> the torch module class that holds it."""
+    params = {node.name: node for node in graph.params()}
+    uses: dict[str, set[tuple[str, int]]] = {}
+    users: dict[str, list] = {}
+    for node in graph.nodes:
+        for position, ref in enumerate(node.inputs):
+            if ref.node in params:
+                name = params[ref.node].attr["name"]
+                uses.setdefault(name, set()).add((node.op, -1 if node.op in _FUSED else position))
+                users.setdefault(name, []).append(node)
+    owners: dict[str, dict[str, object]] = {}
+    for node in params.values():
+        name = str(node.attr["name"])
+        if "." in name:
+            owner, leaf = name.rsplit(".", 1)
+            owners.setdefault(owner, {})[leaf] = node
+    result = {}
+    for owner, leaves in owners.items():
+        kind = _kind(owner, leaves, uses)
+        if kind:
+            result[owner] = kind
+    return result
+
+
+def _kind(owner: str, leaves: dict, uses: dict) -> str | None:
+    if "weight" not in leaves or set(leaves) - {"weight", "bias"} or not all(n.attr["trainable"] for n in leaves.values()):
+        return None
+    weight = leaves["weight"]
+    rank, name = len(weight.attr["shape"]), weight.attr["name"]
+    weight_uses = uses.get(name, set())
+    bias_uses = uses.get(leaves["bias"].attr["name"], set()) if "bias" in leaves else set()
+    fused = {(op, -1) for op in _FUSED}
+    if rank == 1 and set(leaves) == {"weight"} and weight_uses <= {("rmsnorm", 1)} | fused and weight_uses:
+        return "RMSNorm"
+    if rank == 1 and set(leaves) == {"weight", "bias"} and weight_uses <= {("layernorm", 1)} | fused \
+            and bias_uses <= {("layernorm", 2)} | fused and weight_uses:
+        return "LayerNorm"
+    if rank == 2 and ("embed", 1) in weight_uses and weight_uses <= {("embed", 1), ("linear", 1)} and "bias" not in leaves:
+        return "Embedding"
+    if rank == 2 and weight_uses and weight_uses <= {("linear", 1)} | fused and bias_uses <= {("linear", 2)} | fused:
+        return "Linear"
+    return None
+
+
+def _module(kind: str, leaves: dict, graph: Graph) -> str:
+    weight = leaves["weight"]
+    shape = tuple(weight.attr["shape"])
+    where = "device=device, dtype=dtype"
+    if kind == "Linear":
+        return f"nn.Linear({shape[1]}, {shape[0]}, bias={'bias' in leaves}, {where})"
+    if kind == "Embedding":
+        pad = next((n.attr.get("padding_idx") for n in graph.nodes if n.op == "embed" and graph[n.inputs[1].node] is weight), None)
+        return f"nn.Embedding({shape[0]}, {shape[1]}{'' if pad is None else f', padding_idx={pad}'}, {where})"
+    eps = next((n.attr["eps"] for n in graph.nodes if n.op in ("rmsnorm", "layernorm") and graph[n.inputs[1].node] is weight), None)
+    eps_arg = "" if eps is None else f", eps={eps!r}"
+    return f"nn.{kind}({shape[0]}{eps_arg}, {where})"
+
+
+def declarations(graph: Graph, names: list[str], prefix: str, modules: dict[str, str]) -> list[str]:
+    """``__init__`` lines for the parameters ``names`` (in order), relative to the module at ``prefix``."""
+    nodes = {node.attr["name"]: node for node in graph.params()}
+    groups: dict[str, dict[str, object]] = {}
+    for name in names:
+        relative = name.removeprefix(prefix + ".") if prefix else name
+        owner, leaf = relative.rsplit(".", 1) if "." in relative else ("", relative)
+        groups.setdefault(owner, {})[leaf] = nodes[name]
+    lines, made = [], {""}
+    for owner, leaves in groups.items():
+        parts = owner.split(".") if owner else []
         for depth in range(1, len(parts)):
             parent = ".".join(parts[:depth])
             if parent not in made:
                 lines.append(f"        {attribute_expr(parent)} = nn.Module()")
                 made.add(parent)
-        shapes = ", ".join(f"{k!r}: {v!r}" for k, v in trainable.items())
-        extra = f", {{{', '.join(f'{k!r}: {v!r}' for k, v in frozen.items())}}}" if frozen else ""
-        lines.append(f"        {attribute_expr(owner)} = make_parameters(device, dtype, {{{shapes}}}{extra})")
+        full = f"{prefix}.{owner}" if prefix and owner else (owner or prefix)
+        kind = modules.get(full) if owner else None
+        if kind:
+            lines.append(f"        {attribute_expr(owner)} = {_module(kind, leaves, graph)}")
+        elif owner:
+            lines.append(f"        {attribute_expr(owner)} = {_parameters(leaves)}")
+        else:
+            lines += [_direct(leaf, node) for leaf, node in leaves.items()]
         made.add(owner)
     return lines
 
 
-def block_class(graph: Graph, segment: Segment, body: list[str]) -> list[str]:
-    from moec.backends.torch.emit import value_name
-
-    args = ", ".join(value_name(ref, graph) for ref in segment.inputs)
-    returned = ", ".join(value_name(ref, graph) for ref in segment.outputs)
-    return [
-        f"class Block{segment.block}(nn.Module):",
-        f'    """blocks.{segment.block}: forward({args}) -> {returned}{", moe stats" if "stats_" in body[-1] else ""}."""',
-        "",
-        INIT,
-        "        super().__init__()",
-        *declarations(graph, segment.block),
-        "",
-        f"    def forward(self, {args}):",
-        *body,
-    ]
+def _parameters(leaves: dict) -> str:
+    trainable = {leaf: tuple(n.attr["shape"]) for leaf, n in leaves.items() if n.attr["trainable"]}
+    frozen = {leaf: tuple(n.attr["shape"]) for leaf, n in leaves.items() if not n.attr["trainable"]}
+    shapes = ", ".join(f"{k!r}: {v!r}" for k, v in trainable.items())
+    extra = f", {{{', '.join(f'{k!r}: {v!r}' for k, v in frozen.items())}}}" if frozen else ""
+    return f"make_parameters(device, dtype, {{{shapes}}}{extra})"
 
 
-def root_class(graph: Graph, name: str, forward: list[str], moe_layers: tuple[str, ...]) -> list[str]:
-    source = next(node for node in graph.nodes if node.op == "input")
-    arg, dtype = source.attr["name"], source.attr["dtype"]
-    out_type, aux_type = (graph.type_of(ref) for ref in graph.outputs)
-    blocks = sorted({b for b in (block_of(node.attr["name"]) for node in graph.params()) if b is not None})
-    lines = [
-        f"class {name}(nn.Module):",
-        f'    """The model of spec SPEC_NAME: forward({arg}) -> ModelOutput(output, aux_loss, moe_stats)."""',
-        "",
-        f"    MOE_LAYERS = {moe_layers!r}  # the layers of ModelOutput.moe_stats, in order",
-        "",
-        INIT,
-        "        super().__init__()",
-    ]
-    if blocks:
-        made = ", ".join(f"Block{b}(device, dtype)" for b in blocks)
-        lines.append(f"        self.blocks = nn.ModuleList([{made}])")
-    lines += [
-        *declarations(graph, None),
-        "",
-        f"    def forward(self, {arg}: torch.Tensor) -> ModelOutput:",
-        f'        """{arg}: {source.type} -> output {out_type}, aux_loss {aux_type}."""',
-        *forward,
-        "",
-        "    def example_inputs(self, batch: int = 2, seq: int = 64, seed: int = 0) -> tuple[torch.Tensor]:",
-        '        """Random inputs of the right kind for ``forward``."""',
-        "        generator = torch.Generator().manual_seed(seed)",
-        "        device = next(self.parameters()).device",
-    ]
-    if dtype == "i64":
-        vocab = graph["embed.weight"].attr["shape"][0]
-        lines.append(f"        return (torch.randint(0, {vocab}, (batch, seq), generator=generator).to(device),)")
-    else:
-        lines.append(f"        return (torch.randn(batch, seq, {source.attr['shape'][2]}, generator=generator).to(device),)")
-    return lines
+def _direct(leaf: str, node) -> str:
+    shape = tuple(node.attr["shape"])
+    if node.attr["trainable"]:
+        return f"        self.{leaf} = nn.Parameter(torch.empty({shape!r}, device=device, dtype=dtype))"
+    return f"        self.register_buffer({leaf!r}, torch.empty({shape!r}, device=device, dtype=dtype))"

@@ -18,16 +18,25 @@ import torch.nn.functional as F
 from moec.backends.torch.data_parallel import batch_counts
 
 
-def rope(x: torch.Tensor, heads: int, head_dim: int, theta: float) -> torch.Tensor:
-    """Rotary embedding, rotate-half convention (HF Llama): dims i and i + head_dim/2 pair up."""
+def rotate(x: torch.Tensor, heads: int, head_dim: int, inv_freq: torch.Tensor, scale: float,
+           positions: torch.Tensor | None) -> torch.Tensor:
+    """Rotate-half RoPE (HF Llama: dims i and i + head_dim/2 pair up) at 0..S-1, or at ``positions`` [B, S] when decoding."""
     batch, seq, _ = x.shape
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim)
-    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=x.device), inv_freq)
-    cos = torch.cat([angles, angles], -1).cos().to(x.dtype)[:, None, :]  # (S, 1, hd)
-    sin = torch.cat([angles, angles], -1).sin().to(x.dtype)[:, None, :]
+    if positions is None:
+        angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=x.device), inv_freq.to(x.device))[None]  # (1, S, hd/2)
+    else:
+        angles = positions.to(torch.float32)[..., None] * inv_freq.to(x.device)  # (B, S, hd/2)
+    cos = (torch.cat([angles, angles], -1).cos() * scale).to(x.dtype)[:, :, None, :]  # (B, S, 1, hd)
+    sin = (torch.cat([angles, angles], -1).sin() * scale).to(x.dtype)[:, :, None, :]
     xh = x.view(batch, seq, heads, head_dim)
     rotated = torch.cat([-xh[..., head_dim // 2 :], xh[..., : head_dim // 2]], -1)
     return (xh * cos + rotated * sin).reshape(batch, seq, heads * head_dim)
+
+
+def rope(x: torch.Tensor, heads: int, head_dim: int, theta: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary embedding with inverse frequencies theta^(-2i/head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim)
+    return rotate(x, heads, head_dim, inv_freq, 1.0, positions)
 
 
 def yarn_frequencies(head_dim: int, theta: float, factor: float, original: int, beta_fast: float, beta_slow: float,
@@ -49,16 +58,10 @@ def yarn_frequencies(head_dim: int, theta: float, factor: float, original: int, 
 
 
 def rope_yarn(x: torch.Tensor, heads: int, head_dim: int, theta: float, factor: float, original: int, beta_fast: float,
-              beta_slow: float, truncate: bool) -> torch.Tensor:
+              beta_slow: float, truncate: bool, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary embedding with YaRN frequencies; cos and sin are scaled by 0.1 * ln(factor) + 1."""
-    batch, seq, _ = x.shape
     inv_freq, scale = yarn_frequencies(head_dim, theta, factor, original, beta_fast, beta_slow, truncate)
-    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=x.device), inv_freq.to(x.device))
-    cos = (torch.cat([angles, angles], -1).cos() * scale).to(x.dtype)[:, None, :]
-    sin = (torch.cat([angles, angles], -1).sin() * scale).to(x.dtype)[:, None, :]
-    xh = x.view(batch, seq, heads, head_dim)
-    rotated = torch.cat([-xh[..., head_dim // 2 :], xh[..., : head_dim // 2]], -1)
-    return (xh * cos + rotated * sin).reshape(batch, seq, heads * head_dim)
+    return rotate(x, heads, head_dim, inv_freq, scale, positions)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, head_dim: int, causal: bool) -> torch.Tensor:
@@ -109,6 +112,11 @@ def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
         probs = scores.softmax(-1)
     out = probs @ v
     return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+def add_positions(x: torch.Tensor, table: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """x plus the learned position embedding of each token: rows 0..S-1 of ``table``, or ``positions`` [B, S] when decoding."""
+    return x + (table[: x.shape[1]] if positions is None else table[positions])
 
 
 def clamped_glu(gate: torch.Tensor, up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:

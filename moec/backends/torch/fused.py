@@ -1,0 +1,117 @@
+"""The fused MoE and spectral MoE code of a program, and the helper functions it calls.
+
+An ``MoE`` or ``SpectralMoE`` layer's ``forward`` is the fused function of its configuration
+(``codegen_moe``) written as a method: its parameters read from ``self``, ``training`` from
+the module. A spectral layer's inner MoE, applied ``depth`` times, stays a module-level
+function. Helpers (``snippets``, ``decode_snippets``) are copied into the program when it
+calls them, found by name in the program's text.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+from moec.backends.torch import codegen_moe, codegen_tp, decode_snippets, snippets
+from moec.backends.torch.codegen_moe import slot_arg
+from moec.moe import EXPERT_PREFIX
+from moec.backends.torch.statements import param_expr
+from moec.ir.graph import Node
+
+KV_CACHE = [
+    "class KVCache(NamedTuple):",
+    '    """What a decoding forward reads: per attention layer (k, v) [B, KV, L, hd], the new tokens\' positions [B, S],',
+    '    and how many cache slots the queries read (a static length: one compiled graph per bucket)."""',
+    "",
+    "    kv: list[tuple[torch.Tensor, torch.Tensor]]",
+    "    positions: torch.Tensor",
+    "    bucket: int",
+]
+
+
+class FusedFunctions:
+    """One fused function per distinct MoE / spectral configuration, named fused_moe_0, fused_spectral_moe_0, ..."""
+
+    def __init__(self, moe_kernel: str, spectral_kernel: str, attention_kernel: str = "auto", expert_parallel: bool = False,
+                 tiles: tuple[int, ...] = (), splits: dict[str, str] | None = None):
+        self.moe_kernel, self.spectral_kernel, self.expert_parallel = moe_kernel, spectral_kernel, expert_parallel
+        self.splits = splits or {}  # tensor parallelism: parameter name -> column / row
+        self.split_experts = any(EXPERT_PREFIX in name for name in self.splits)
+        self.tiles, self.triton = tiles, False  # triton: some function calls moec.backends.triton
+        self.attention = "attention_eager" if attention_kernel == "eager" else "attention"  # auto, sdpa: torch SDPA
+        self.names: dict[tuple, str] = {}
+        self.sources: dict[str, list[str]] = {}
+
+    def moe(self, attrs: dict) -> str:
+        key = ("moe", tuple(sorted(attrs.items())))
+        if key not in self.names:
+            name = f"fused_moe_{sum(k[0] == 'moe' for k in self.names)}"
+            self.names[key] = name
+            kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs["moe"], self.expert_parallel)
+            self.triton |= codegen_moe.uses_triton(kernel) and not self.expert_parallel
+            self.sources[name] = codegen_moe.moe_function(name, attrs["slots"], attrs["moe"], kernel, self.expert_parallel, self.tiles,
+                                                          tensor_parallel=self.split_experts)
+        return self.names[key]
+
+    def spectral(self, attrs: dict) -> str:
+        key = ("spectral", tuple(sorted(attrs.items())))
+        if key not in self.names:
+            moe_name = self.moe({"slots": codegen_moe.inner_slots(attrs["slots"]), "moe": attrs["moe"]})
+            name = f"fused_spectral_moe_{sum(k[0] == 'spectral' for k in self.names)}"
+            self.names[key] = name
+            self.sources[name] = codegen_moe.spectral_function(name, moe_name, attrs, self.spectral_kernel)
+        return self.names[key]
+
+    def attention_fn(self, node: Node) -> str:
+        """Sinks or a sliding window: the written-out ``attention_local``; else the kernel's choice."""
+        return "attention_local" if len(node.inputs) == 4 or node.attr.get("window") is not None else self.attention
+
+
+def fused_method(emitter, part, node: Node) -> tuple[list[str], str]:
+    """The layer's ``forward``: the fused function of ``node`` with its parameters read from ``self``; and its summary."""
+    graph = emitter.graph
+    name = emitter.fused.moe(node.attr) if node.op == "moe" else emitter.fused.spectral(node.attr)
+    lines = emitter.fused.sources[name]
+    mapping, signature = {"training": "self.training"}, []
+    for slot, ref in zip(node.attr["slots"], node.inputs):
+        source, arg = graph[ref.node], slot_arg(slot)
+        if source.op == "param":
+            expr = param_expr(source.attr["name"], part.prefix)
+            split = emitter.splits.get(source.attr["name"]) and not emitter.expert_parallel
+            mapping[arg] = codegen_tp.local(expr) if split else expr
+            continue
+        first = next(s for s, r in zip(node.attr["slots"], node.inputs) if r == ref)
+        if first != slot:  # the same value again (the router reads the layer's input): one argument
+            mapping[arg] = slot_arg(first)
+        else:  # a token-id router's input keeps its slot name (router_in): the body's ``tokens`` is the token count
+            signature.append(arg)
+    body = ["    " + _substitute(line, mapping) for line in lines[2:]]
+    summary = lines[1].strip().strip('"').rstrip(".")
+    return [f"    def forward(self, {', '.join(signature)}):", *body], summary + "."
+
+
+def _substitute(line: str, mapping: dict[str, str]) -> str:
+    """Replace whole identifiers in the code part of ``line`` (not in its comment)."""
+    code, sep, comment = line.partition("  # ")
+    pattern = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(mapping, key=len, reverse=True)) + r")\b")
+    return pattern.sub(lambda m: mapping[m.group(1)], code) + sep + comment
+
+
+def helper_sources(emitter, text: str) -> list[list[str]]:
+    """Source lines of the helpers and fused functions the program calls (and those they call), in a fixed order."""
+    candidates: dict[str, list[str]] = {}
+    for module in (snippets, decode_snippets):
+        for name, fn in vars(module).items():
+            if inspect.isfunction(fn) and fn.__module__ == module.__name__:
+                candidates[name] = inspect.getsource(fn).rstrip().splitlines()
+    candidates.update(emitter.fused.sources)
+    chosen: list[str] = []
+    pending = text
+    while True:
+        new = [name for name in candidates if name not in chosen and re.search(rf"(?<![\w.]){re.escape(name)}\(", pending)]
+        if not new:
+            break
+        chosen += new
+        pending = "\n".join(line for name in new for line in candidates[name][1:])
+    result = [KV_CACHE] if re.search(r"\bKVCache\b", text) else []
+    return result + [candidates[name] for name in candidates if name in chosen]

@@ -1,0 +1,164 @@
+"""The root class of a generated program: embeddings, ``for block in self.blocks``, the final norm and head.
+
+The root's prologue and epilogue are the graph's nodes outside every block, written as
+statements; the blocks run in one loop (their ``forward`` s share one contract,
+``emit.BlockContract``), which sums their aux losses in block order, as the graph's epilogue
+does, and collects their MoE statistics. With a decode path the root also has the methods
+that drive generation (``moec.backends.torch.decode``).
+"""
+
+from __future__ import annotations
+
+from moec.backends.torch import codegen_tp, decode
+from moec.backends.torch.modules import INIT_ARGS, declarations
+from moec.backends.torch.statements import Body
+from moec.ir.graph import Ref
+
+
+def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
+    graph, contract = emitter.graph, emitter.contract
+    cut = emitter.cut
+    prologue = cut[0].nodes if cut[0].block is None else []
+    epilogue = cut[-1].nodes if cut[-1].block is None and len(cut) > 1 else []
+    source = next(node for node in graph.nodes if node.op == "input")
+    arg = str(source.attr["name"])
+    body = Body(emitter, "", prologue + epilogue, list(graph.outputs))
+    body.arg(Ref(source.name, 0), arg)
+    for index in prologue:
+        body.node(index)
+    block_segments = [s for s in cut if s.block is not None]
+    if block_segments:
+        _loop(emitter, body, block_segments)
+    chain = _aux_chains(emitter, block_segments, epilogue)
+    for node_name, kind in chain.items():
+        body.names.fixed(Ref(node_name, 0), kind)
+    for index in epilogue:
+        if graph.nodes[index].name not in chain:
+            body.node(index)
+    output, aux = (body.name(ref) for ref in graph.outputs)
+    stats = "tuple(stats)" if contract.aux else "()"
+    body.call([], f"return ModelOutput(output={output}, aux_loss={aux}, moe_stats={stats})")
+    names = [n.attr["name"] for n in graph.params() if not str(n.attr["name"]).startswith("blocks.")]
+    prologue_params = [p for p in names if _read_in(graph, prologue, p)]
+    init = [f"    def __init__(self, {INIT_ARGS}) -> None:", "        super().__init__()",
+            *declarations(graph, prologue_params, "", emitter.modules)]
+    if blocks:
+        init.append(f"        self.blocks = nn.ModuleList({_block_list(blocks, emitter.decoding)})")
+    init += declarations(graph, [p for p in names if p not in prologue_params], "", emitter.modules)
+    signature = f"{arg}: torch.Tensor" + (", cache: KVCache | None = None" if emitter.decoding else "")
+    out_type, aux_type = (graph.type_of(ref) for ref in graph.outputs)
+    lines = [
+        f"class {name}(nn.Module):",
+        f'    """The model of spec SPEC_NAME: forward({arg}) -> ModelOutput(output, aux_loss, moe_stats)."""',
+        "",
+        f"    MOE_LAYERS = {_moe_layers(emitter)!r}  # the layers of ModelOutput.moe_stats, in order",
+        "",
+        *init,
+        "",
+        f"    def forward(self, {signature}) -> ModelOutput:",
+        f'        """{arg}: {source.type} -> output {out_type}, aux_loss {aux_type}."""',
+        *body.lines([]),
+        "",
+        *_example_inputs(graph, source),
+    ]
+    if emitter.decoding:
+        lines += decode.root_methods(graph, arg)
+    return lines
+
+
+def _moe_layers(emitter) -> tuple[str, ...]:
+    from moec.backends.torch.emit import moe_layers
+
+    return moe_layers(emitter.graph)
+
+
+def _read_in(graph, indices: list[int], param: str) -> bool:
+    return any(graph[ref.node].op == "param" and graph[ref.node].attr["name"] == param for i in indices for ref in graph.nodes[i].inputs)
+
+
+def _block_list(blocks: list[tuple[str, int]], decoding: bool) -> str:
+    """``[Block(slot, device, dtype) for slot in range(0, 4, 2)] + ...``: runs of consecutive blocks of one class."""
+    runs: list[list] = []
+    for cls, slots in blocks:
+        if runs and runs[-1][0] == cls:
+            runs[-1][2] += 1
+        else:
+            runs.append([cls, slots, 1])
+    parts, first = [], 0
+    for cls, slots, count in runs:
+        if slots and decoding:
+            stop = first + slots * count
+            parts.append(f"[{cls}(slot, device, dtype) for slot in range({first}, {stop}{f', {slots}' if slots > 1 else ''})]")
+        else:
+            parts.append(f"[{cls}(device, dtype) for _ in range({count})]")
+        first += slots * count
+    return " + ".join(parts)
+
+
+def _loop(emitter, body: Body, segments) -> None:
+    """``for block in self.blocks: x, aux, stats = block(x, cache)`` with the sums the epilogue reads."""
+    graph, contract = emitter.graph, emitter.contract
+    hidden = next(ref for ref in segments[0].inputs if contract.kind_of(ref) == "x" and graph[ref.node].op != "input")
+    x = body.name(hidden)
+    if x != "x":
+        body.call(["x"], x)
+    if contract.aux:
+        body.call(["aux", "stats"], "0.0, []")
+    if contract.balance:
+        body.call(["balance"], "0.0")
+    if contract.velocity:
+        body.call(["v"], "None")
+    if emitter.sequence_parallel:
+        body.raw(codegen_tp.split_statement("x"))
+    outputs = ["x"] + (["v"] if contract.velocity else []) + (["block_aux"] if contract.aux else []) \
+        + (["block_balance"] if contract.balance else []) + (["block_stats"] if contract.aux else [])
+    loop = ["        for block in self.blocks:", f"            {', '.join(outputs)} = block({contract.call_args()})"]
+    if contract.aux:
+        loop.append("            aux = aux + block_aux  # the blocks' aux losses, summed in order")
+    if contract.balance:
+        loop.append("            balance = balance + block_balance")
+    if contract.aux:
+        loop.append("            stats += block_stats")
+    body.statements.append(_raw(loop))
+    if emitter.sequence_parallel:
+        body.raw(codegen_tp.gather_statement("x"))
+    last = segments[-1]
+    for ref in last.outputs:
+        kind = contract.kind_of(ref)
+        if kind in ("x", "v"):
+            body.names.fixed(ref, kind)
+    for segment in segments:  # every block's aux / balance outputs are the loop's sums
+        for ref in segment.outputs:
+            if contract.kind_of(ref) in ("aux", "balance"):
+                body.names.fixed(ref, contract.kind_of(ref))
+
+
+def _raw(lines: list[str]):
+    from moec.backends.torch.statements import Statement
+
+    return Statement([], "", lines=lines)
+
+
+def _aux_chains(emitter, segments, epilogue: list[int]) -> dict[str, str]:
+    """The epilogue's adds that sum the blocks' aux (or balance) outputs, which the loop sums: node name -> aux / balance."""
+    graph, contract = emitter.graph, emitter.contract
+    kinds = {ref: contract.kind_of(ref) for s in segments for ref in s.outputs if contract.kind_of(ref) in ("aux", "balance")}
+    chain: dict[str, str] = {}
+    for index in epilogue:
+        node = graph.nodes[index]
+        if node.op == "add" and all(ref in kinds for ref in node.inputs):
+            chain[node.name] = kinds[Ref(node.name, 0)] = kinds[node.inputs[0]]
+    return chain
+
+
+def _example_inputs(graph, source) -> list[str]:
+    lines = [
+        "    def example_inputs(self, batch: int = 2, seq: int = 64, seed: int = 0) -> tuple[torch.Tensor]:",
+        '        """Random inputs of the right kind for ``forward``."""',
+        "        generator = torch.Generator().manual_seed(seed)",
+        "        device = next(self.parameters()).device",
+    ]
+    if source.attr["dtype"] == "i64":
+        vocab = graph["embed.weight"].attr["shape"][0]
+        return lines + [f"        return (torch.randint(0, {vocab}, (batch, seq), generator=generator).to(device),)"]
+    return lines + [f"        return (torch.randn(batch, seq, {source.attr['shape'][2]}, generator=generator).to(device),)"]

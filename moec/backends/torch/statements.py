@@ -1,0 +1,199 @@
+"""The statements of one generated method: graph nodes written with role names, no ``del``.
+
+A :class:`Body` writes the nodes of one method (a layer's ``forward``, a block's, the root's)
+in graph order. Values get role names (``moec.backends.torch.naming``); a norm module or a
+layer call read once by the next statement is written inside it, so that a block reads
+``x = x + self.attention(self.attention_norm(x))``. Parameters are read relative to the
+method's module (``owner``), through ``self.<module>(x)`` where they sit in a torch module.
+Under tensor parallelism the rank-local forms come from ``moec.backends.torch.codegen_tp``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from moec.backends.torch import codegen_tp
+from moec.backends.torch.blocks import attribute_expr
+from moec.backends.torch.naming import Names, last_uses, role
+from moec.ir.graph import Graph, Node, Ref
+
+INDENT = "        "
+
+
+def param_expr(name: str, owner: str = "") -> str:
+    """``blocks.3.moe.experts.w_up`` -> ``self.moe.experts.w_up`` inside ``blocks.3``."""
+    return attribute_expr(name.removeprefix(owner + ".") if owner else name)
+
+
+@dataclass
+class Statement:
+    targets: list[str]
+    expr: str
+    inline: bool = False  # may be written inside its one reader when that is the next statement
+    lines: list[str] = field(default_factory=list)  # a multi-line statement (if / else), written as is
+
+    def render(self) -> list[str]:
+        if self.lines:
+            return self.lines
+        if not self.targets:
+            return [f"{INDENT}{self.expr}"]
+        return [f"{INDENT}{', '.join(self.targets)} = {self.expr}"]
+
+
+class Body:
+    """The statements of one method over the nodes ``indices`` of ``graph``."""
+
+    def __init__(self, emitter, owner: str, indices: list[int], returned: list[Ref]):
+        self.emitter, self.graph, self.owner = emitter, emitter.graph, owner
+        self.indices = indices
+        self.position = {index: p for p, index in enumerate(indices)}
+        self.names = Names(last_uses(self.graph, indices, returned))
+        self.statements: list[Statement] = []
+        self.copied: set[str] = set()  # names that went through tensor_parallel.copy since they were bound
+        self.splits = emitter.splits
+
+    # --- values -------------------------------------------------------------------------------------
+    def arg(self, ref: Ref, name: str) -> None:
+        self.names.fixed(ref, name)
+
+    def name(self, ref: Ref) -> str:
+        node = self.graph[ref.node]
+        return param_expr(node.attr["name"], self.owner) if node.op == "param" else self.names.of[ref]
+
+    def bind(self, refs: list[Ref], roles: list[str], at: int) -> list[str]:
+        taken: set[str] = set()
+        names = []
+        for ref, role_name in zip(refs, roles):
+            names.append(self.names.bind(ref, role_name, at, taken))
+            taken.add(names[-1])
+            self.copied.discard(names[-1])
+        return names
+
+    def at(self, index: int) -> int:
+        return self.position.get(index, len(self.indices))
+
+    # --- statements ---------------------------------------------------------------------------------
+    def node(self, index: int) -> None:
+        """One graph node as one statement (two under tensor parallelism's f)."""
+        node = self.graph.nodes[index]
+        args = [self.name(ref) for ref in node.inputs]
+        module = self.module_call(node, args)
+        if module is None and self.splits:
+            node, args = self.tensor_parallel(node, args)
+        expr = module or self.emitter.expression(node, args, self)
+        if module is None and self.splits and node.op == "embed" and self.split_of(node, 1):
+            expr = codegen_tp.embedding(args, node.attr.get("padding_idx"))
+        if module is None and self.splits and self.split_of(node, 1) == "row":
+            expr = codegen_tp.reduced(expr, self.emitter.sequence_parallel)
+        refs = [Ref(node.name, i) for i in range(len(node.types or (None,)))]
+        stats = self.emitter.is_fused(node)
+        if isinstance(expr, list):  # a multi-line form (attention with its decode branch)
+            targets = self.bind(refs, [role(self.graph, node, i, self.names.of) for i in range(len(refs))], self.at(index))
+            self.statements.append(Statement(targets, "", lines=[line.replace("@TARGET@", targets[0]) for line in expr]))
+            return
+        targets = self.bind(refs, [role(self.graph, node, i, self.names.of) for i in range(len(refs))], self.at(index))
+        if stats:
+            targets.append(self.names.bind(Ref(node.name, 99), "stats", len(self.indices)))
+        inline = module is not None and node.op in ("rmsnorm", "layernorm")
+        self.statements.append(Statement(targets, expr, inline=inline))
+
+    def call(self, targets: list[str], expr: str, inline: bool = False) -> None:
+        self.statements.append(Statement(targets, expr, inline=inline))
+
+    def raw(self, line: str) -> None:
+        self.statements.append(Statement([], "", lines=[line]))
+
+    def module_call(self, node: Node, args: list[str]) -> str | None:
+        """``self.attention_norm(x)``: a norm, linear or embedding whose parameters form a torch module."""
+        if node.op not in ("rmsnorm", "layernorm", "linear", "embed") or len(node.inputs) < 2:
+            return None
+        weight = self.graph[node.inputs[1].node]
+        if weight.op != "param":
+            return None
+        owner, leaf = str(weight.attr["name"]).rsplit(".", 1) if "." in weight.attr["name"] else ("", "")
+        kind = self.emitter.modules.get(owner)
+        wanted = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm", "linear": "Linear", "embed": "Embedding"}[node.op]
+        if kind != wanted or leaf != "weight" or self.touches_split(node):
+            return None
+        return f"{param_expr(owner, self.owner)}({args[0]})"
+
+    def touches_split(self, node: Node) -> bool:
+        return any(self.graph[ref.node].op == "param" and self.graph[ref.node].attr["name"] in self.emitter.split_names
+                   for ref in node.inputs)
+
+    # --- tensor parallelism (moec.backends.torch.codegen_tp) ----------------------------------------
+    def split_of(self, node: Node, position: int) -> str | None:
+        if node.op not in ("linear", "embed") or len(node.inputs) <= position:
+            return None
+        source = self.graph[node.inputs[position].node]
+        return self.splits.get(source.attr["name"]) if source.op == "param" else None
+
+    def tensor_parallel(self, node: Node, args: list[str]) -> tuple[Node, list[str]]:
+        if node.op in ("rope", "attention"):
+            return codegen_tp.local_heads(node, args), args
+        if node.op in ("moe", "spectral_moe"):  # under expert parallelism experts_ffn reads the DTensors' meshes itself
+            return node, [codegen_tp.local(arg) if self.splits.get(self.graph[ref.node].attr.get("name"))
+                          and not self.emitter.expert_parallel else arg for ref, arg in zip(node.inputs, args)]
+        split, kv_heads = self.split_of(node, 1), self.replicated_kv(node)
+        if split is None and kv_heads is None:
+            return node, args
+        if (split == "column" and node.op == "linear") or kv_heads is not None:
+            if args[0] not in self.copied:
+                self.copied.add(args[0])
+                # the root holds the whole sequence (it splits and gathers it around the blocks): there f is a copy
+                sequence_parallel = self.emitter.sequence_parallel and self.owner != ""
+                self.raw(codegen_tp.copy_statement(args[0], sequence_parallel))
+            args = [codegen_tp.copied(args[0])] + args[1:]
+        if kv_heads is not None:
+            return node, [args[0], *(codegen_tp.kv_shard(arg, kv_heads, self.emitter.sequence_parallel) for arg in args[1:])]
+        return node, [args[0], codegen_tp.local(args[1]), *args[2:]]
+
+    def replicated_kv(self, node: Node) -> int | None:
+        if node.op != "linear":
+            return None
+        return self.emitter.replicated_kv.get(self.graph[node.inputs[1].node].attr.get("name"))
+
+    # --- output -------------------------------------------------------------------------------------
+    def lines(self, returned: list[str]) -> list[str]:
+        """The method body, ending in ``return``; single-use module calls written inside their reader."""
+        statements = list(self.statements)
+        last = statements[-1] if statements else None
+        if last is not None and not last.lines and last.targets and last.targets == returned and not _reads(last, returned[0]):
+            statements[-1] = Statement([], f"return {last.expr}")  # the last value computed is the result
+        elif returned:
+            statements.append(Statement([], f"return {', '.join(returned)}"))
+        statements = _inline(statements)
+        return [line for statement in statements for line in statement.render()]
+
+
+def _reads(statement: Statement, name: str) -> int:
+    text = statement.expr if not statement.lines else "\n".join(statement.lines)
+    return len(re.findall(rf"(?<![\w.]){re.escape(name)}\b", text))
+
+
+def _inline(statements: list[Statement]) -> list[Statement]:
+    """Write ``t = self.norm(x)`` inside the next statement when that is its one reader."""
+    result: list[Statement] = []
+    for position, statement in enumerate(statements):
+        result.append(statement)
+        while len(result) >= 2 and _can_inline(result[-2], result[-1], statements[position + 1:]):
+            source, reader = result[-2], result[-1]
+            name = source.targets[0]
+            reader.expr = re.sub(rf"(?<![\w.]){re.escape(name)}\b", lambda _: source.expr, reader.expr, count=1)
+            del result[-2]
+    return result
+
+
+def _can_inline(source: Statement, reader: Statement, later: list[Statement]) -> bool:
+    if not source.inline or len(source.targets) != 1 or reader.lines or _reads(reader, source.targets[0]) != 1:
+        return False
+    name = source.targets[0]
+    if name in reader.targets:  # the reader binds the name again: nothing after it reads this value
+        return len(reader.expr) + len(source.expr) < 110
+    for statement in later:  # nobody after the reader reads the value before the name is bound again
+        if _reads(statement, name):
+            return False
+        if name in statement.targets:
+            break
+    return len(reader.expr) + len(source.expr) < 110
