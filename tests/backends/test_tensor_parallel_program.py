@@ -30,53 +30,44 @@ def test_a_tensor_axis_of_size_one_changes_nothing():
     assert "tensor_parallel" not in one.source and "def tensor_parallel" not in one.parallel_source
 
 
+def _method(source: str, cls: str, method: str = "forward") -> list[str]:
+    """The statements of ``cls.method`` without their trailing comments."""
+    text = source.split(f"\nclass {cls}(nn.Module):\n")[1].split(f"    def {method}(")[1].split("\n\n")[0]
+    return [line.split("  # ")[0] for line in text.splitlines()[1:]]
+
+
 def test_the_tensor_parallel_lines_exactly():
     source = program(TP2).source
     assert "# Tensor parallel over tp (2): shapes are the whole model's; a rank holds 1/2 of each split group (parallel.py).\n" in source
     assert "\nfrom moec.backends.torch import tensor_parallel\n" in source
-    forward = source.split("    def forward(self, embed_0):\n")[1].split("\n\n")[0].splitlines()
-    strip = [line.split("  # ")[0] for line in forward]  # statements without their shape / spec-line comments
-    assert strip[:12] == [
-        "        rmsnorm_0 = F.rms_norm(embed_0, (32,), self.attention_norm.weight, 1e-05)",
-        "        rmsnorm_0_tp = tensor_parallel.copy(rmsnorm_0)",
-        "        linear_0 = F.linear(rmsnorm_0_tp, tensor_parallel.local(self.attention.wq))",
-        "        linear_1 = F.linear(rmsnorm_0_tp, tensor_parallel.local(self.attention.wk))",
-        "        linear_2 = F.linear(rmsnorm_0_tp, tensor_parallel.local(self.attention.wv))",
-        "        del rmsnorm_0, rmsnorm_0_tp",
-        "        rope_0 = rope(linear_0, linear_0.shape[-1] // 8, 8, 10000.0)",
-        "        del linear_0",
-        "        rope_1 = rope(linear_1, linear_1.shape[-1] // 8, 8, 10000.0)",
-        "        del linear_1",
-        "        attention_0 = attention(rope_0, rope_1, linear_2, rope_0.shape[-1] // 8, rope_1.shape[-1] // 8, 8, True)",
-        "        del linear_2, rope_0, rope_1",
+    assert _method(source, "Attention")[1:6] == [
+        "        x_tp = tensor_parallel.copy(x)",
+        "        q = F.linear(x_tp, tensor_parallel.local(self.wq))",
+        "        k = F.linear(x_tp, tensor_parallel.local(self.wk))",
+        "        v = F.linear(x_tp, tensor_parallel.local(self.wv))",
+        "        q = rope(q, q.shape[-1] // 8, 8, 10000.0, positions)",
     ]
-    assert forward[1] == ("        rmsnorm_0_tp = tensor_parallel.copy(rmsnorm_0)  # f: identity forward, gradient summed over "
-                          "the tensor-parallel ranks")
-    assert strip[12] == "        linear_3 = tensor_parallel.reduce(F.linear(attention_0, tensor_parallel.local(self.attention.wo)))"
-    assert ("        moe_0, moe_0_1, stats_0 = fused_moe_0(rmsnorm_1, rmsnorm_1, self.moe.router.weight, "
-            "tensor_parallel.local(self.moe.experts.w_up), tensor_parallel.local(self.moe.experts.w_gate), "
-            "tensor_parallel.local(self.moe.experts.w_down), self.training)") in strip
-    assert "        linear_7 = tensor_parallel.reduce(F.linear(glu_0, tensor_parallel.local(self.mlp.w_down)))" in strip
-    moe = source.split("def fused_moe_0(")[1].split("\n\n")[0].splitlines()
-    assert "    rows = tensor_parallel.copy(x)[order // 2]  # (N*k, D) token rows in expert order" in moe
-    down = moe.index("    y_sorted = runtime.grouped_linear(hidden, experts_w_down, offsets)")
-    assert moe[down + 1] == "    y_sorted = tensor_parallel.reduce(y_sorted)  # g: partial sums over the expert hidden slices"
-    decode = source.split("    def decode(self, embed_0, cache, positions, bucket):\n")[1]
-    assert "tensor_parallel.local" not in decode.split("\n\n")[0]  # decode runs whole, on one process
+    assert ("        x_tp = tensor_parallel.copy(x)  # f: identity forward, gradient summed over the tensor-parallel ranks"
+            in source)
+    assert _method(source, "Attention")[-1] == "        return tensor_parallel.reduce(F.linear(attn, tensor_parallel.local(self.wo)))"
+    assert _method(source, "FeedForward")[-1] == "        return tensor_parallel.reduce(F.linear(hidden, tensor_parallel.local(self.w_down)))"
+    moe = _method(source, "MoE")
+    assert "        rows = tensor_parallel.copy(x)[order // 2]" in moe
+    assert "        up = runtime.grouped_linear(rows, tensor_parallel.local(self.experts.w_up), offsets)" in moe
+    down = moe.index("        y_sorted = runtime.grouped_linear(hidden, tensor_parallel.local(self.experts.w_down), offsets)")
+    assert moe[down + 1] == "        y_sorted = tensor_parallel.reduce(y_sorted)"
 
 
 def test_a_replicated_kv_head_is_read_through_kv_shard():
     """1 KV head for 2 ranks: wk and wv stay whole (parallel.py does not split them, and says so), q's f
     serves k and v too, and each reads its rank's KV head; under sequence parallelism the gradient stays partial."""
     compiled = program(TP2, kv_heads=1)
-    strip = [line.split("  # ")[0] for line in compiled.source.split("    def forward(self, embed_0):\n")[1].splitlines()[:6]]
-    assert strip[1:5] == [
-        "        rmsnorm_0_tp = tensor_parallel.copy(rmsnorm_0)",
-        "        linear_0 = F.linear(rmsnorm_0_tp, tensor_parallel.local(self.attention.wq))",
-        "        linear_1 = F.linear(rmsnorm_0_tp, tensor_parallel.kv_shard(self.attention.wk, 1))",
-        "        linear_2 = F.linear(rmsnorm_0_tp, tensor_parallel.kv_shard(self.attention.wv, 1))",
+    assert _method(compiled.source, "Attention")[1:5] == [
+        "        x_tp = tensor_parallel.copy(x)",
+        "        q = F.linear(x_tp, tensor_parallel.local(self.wq))",
+        "        k = F.linear(x_tp, tensor_parallel.kv_shard(self.wk, 1))",
+        "        v = F.linear(x_tp, tensor_parallel.kv_shard(self.wv, 1))",
     ]
-    assert "kv_shard" not in compiled.source.split("    def decode(self, embed_0, cache, positions, bucket):\n")[1].split("\n\n")[0]
     lines = compiled.parallel_source.split("def tensor_parallel")[1].splitlines()
     assert lines[6].startswith("    split(model.blocks[0].attention, {'wq': 0, 'wo': 1}, tp_mesh)  # attention.qkv column, attention.out row")
     assert lines[7] == ("    # model.blocks[0].attention wk, wv stay whole (1 KV head for 2 ranks): each rank reads the KV head of its "
@@ -85,7 +76,7 @@ def test_a_replicated_kv_head_is_read_through_kv_shard():
     assert placements["blocks.0.attention.wk"] == ("Replicate()",) and placements["blocks.0.attention.wq"] == ("Shard(0)",)
     sp = TP2.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n    sequence_parallel: true\n")
     sp_source = moec.compile_spec(moec.load_spec_text(dense_text(sp, kv_heads=1), file="tp.yaml")).source
-    assert "linear_1 = F.linear(rmsnorm_0_tp, tensor_parallel.kv_shard(self.attention.wk, 1, partial=True))" in sp_source
+    assert "k = F.linear(x_tp, tensor_parallel.kv_shard(self.wk, 1, partial=True))" in sp_source
 
 
 def test_each_rank_reads_the_kv_head_of_its_query_heads():
@@ -116,9 +107,9 @@ def test_a_moe_whose_experts_are_not_split_stays_whole():
     mesh = TP2.replace("  tensor: {axis: tp}\n", "  tensor: {axis: tp, column: [attention.qkv, mlp.up], row: [attention.out, mlp.down]}\n")
     text = spec_text(mesh).replace("aux: {load_balance: 0.01", "shared_experts: {count: 1}\n          aux: {load_balance: 0.01")
     compiled = moec.compile_spec(moec.load_spec_text(text, file="tp.yaml"))
-    moe = compiled.source.split("def fused_moe_0(")[1].split("\n\n")[0]
+    moe = "\n".join(_method(compiled.source, "MoE"))
     assert "tensor_parallel" not in moe
-    assert "self.moe.experts.w_up, self.moe.experts.w_gate, self.moe.experts.w_down, self.moe.shared.w_up" in compiled.source
+    assert "runtime.grouped_linear(rows, self.experts.w_up, offsets)" in moe and "self.shared.w_up" in moe
     assert "split(model.blocks[0].mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)" in compiled.parallel_source
     assert ".moe." not in compiled.parallel_source.split("def tensor_parallel")[1].split("\n\n\n")[0]
 
@@ -127,13 +118,12 @@ def test_the_vocabulary_split_lines_exactly():
     """embed and head split (Megatron's vocab-parallel embedding and head): the lookup in this rank's rows
     summed over tp, the head a column split whose logits stay split, parallel.py naming the axis."""
     compiled = program(TP2_VOCAB)
-    root = compiled.source.split("    def forward(self, tokens: torch.Tensor) -> ModelOutput:\n")[1].split("\n\n")[0]
-    strip = [line.split("  # ")[0] for line in root.splitlines()[1:]]  # after the docstring
-    assert strip[0] == "        embed_0 = tensor_parallel.embedding(tokens, tensor_parallel.local(self.embed.weight))"
-    assert strip[-6:-3] == [
-        "        rmsnorm_6_tp = tensor_parallel.copy(rmsnorm_6)",
-        "        linear_16 = F.linear(rmsnorm_6_tp, tensor_parallel.local(self.head.weight))",
-        "        del rmsnorm_6, rmsnorm_6_tp",
+    assert _method(compiled.source, "TpGqaMoe", "embed_inputs")[1:] == [
+        "        return tensor_parallel.embedding(tokens, tensor_parallel.local(self.embed.weight))"]
+    assert _method(compiled.source, "TpGqaMoe", "predict")[1:] == [
+        "        h = self.final_norm(x)",
+        "        h_tp = tensor_parallel.copy(h)",
+        "        return F.linear(h_tp, tensor_parallel.local(self.head.weight))",
     ]
     parallel = compiled.parallel_source
     assert "\nVOCAB_PARALLEL = 'tp'  # tp.yaml:27 sharding.tensor.column: the head's logits stay split along the vocabulary" in parallel

@@ -1,23 +1,19 @@
 """Pipeline parallelism with ``torch.distributed.pipelining``: stage modules cut from the generated model.
 
 A stage runs consecutive blocks of the generated model (``PIPELINE_STAGES``, balanced by FLOPs in
-``moec.passes.stages``). The first stage also runs the root's prologue (embeddings), the last its
-epilogue (final norm, head), both by the reference interpreter's kernels on the model's own
-parameters (the prologue and epilogue are a handful of dense ops). Between stages travel the hidden
+``moec.passes.stages``). The first stage also runs the program's ``embed_inputs`` (embeddings), the
+last its ``predict`` (final norm, head): the same code one process runs, on the stage's own parameters. Between stages travel the hidden
 state and the running sum of the MoE aux losses (each block's scalar outputs), so the aux losses reach
 the loss on the last stage: ``loss_fn((logits, aux_rows), targets)`` adds ``aux_rows[0]``. The model's aux output must be that
 sum (``pipeline_problem`` says why a graph cannot be pipelined). With the vocabulary split over tp the
-embedding and the head run in their rank-local forms (``_vocab_split``), as model.py runs them.
+embedding and the head run in model.py's rank-local forms.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from moec.backends.reference.interpreter import KERNELS, Context
 from moec.backends.torch import tensor_parallel
 from moec.backends.torch.blocks import segments
 from moec.ir.graph import Graph, Ref
@@ -54,6 +50,7 @@ class PipelineStage(nn.Module):
         super().__init__()
         cut = segments(graph)
         self.graph = graph
+        self.root = [model]  # a plain list: the root's methods run here, its parameters are not registered again
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(first, last + 1)})
         self.block_segments = [s for s in cut if s.block is not None and first <= s.block <= last]
         self.is_first, self.is_last = first == 0, last == len(model.blocks) - 1
@@ -76,12 +73,9 @@ class PipelineStage(nn.Module):
         (output, aux rows). The running aux sum travels as one copy per batch row: pipelining splits and merges every
         value along the batch (a 0-dim tensor would not concatenate); ``aux_rows[0]`` is the sum."""
         aux = None if aux_rows is None else aux_rows[0]
-        values: dict[Ref, torch.Tensor] = {}
         hidden = x
         if self.is_first:
-            values[Ref(next(n for n in self.graph.nodes if n.op == "input").name, 0)] = x
-            self._interpret(self.prologue, values, x)
-            hidden = values[self.block_segments[0].inputs[0]]
+            hidden = self.root[0].embed_inputs(x)  # the program's own embedding (model.py's embed_inputs)
             if self.sequence_parallel:  # as the root of model.py does: the blocks run on this rank's S / tp positions
                 hidden = tensor_parallel.split_sequence(hidden)
         stats = []
@@ -101,32 +95,7 @@ class PipelineStage(nn.Module):
             return hidden, aux_rows
         if self.sequence_parallel:  # the whole sequence for the final norm and head
             hidden = tensor_parallel.unsplit_sequence(hidden)
-        values[_hidden(self.graph, self.block_segments[-1])] = hidden
-        self._interpret(self.epilogue, values, hidden)
-        return values[self.graph.outputs[0]], aux_rows
-
-    def _interpret(self, indices: list[int], values: dict, anchor: torch.Tensor) -> None:
-        ctx = Context(training=self.training, device=anchor.device, symbols={"B": anchor.shape[0], "S": anchor.shape[1]})
-        for index in indices:
-            node = self.graph.nodes[index]
-            args = [self._param(ref) if self.graph[ref.node].op == "param" else values[ref] for ref in node.inputs]
-            split = len(args) > 1 and isinstance(args[1], DTensor)  # the embedding / head of a vocabulary split over tp
-            result = _vocab_split(node, args) if split else KERNELS[node.op](ctx, node.attr, *args)
-            for i, value in enumerate(result if isinstance(result, tuple) else (result,)):
-                values[Ref(node.name, i)] = value
-
-    def _param(self, ref: Ref) -> torch.Tensor:
-        return self.get_parameter(self.graph[ref.node].attr["name"])
-
-
-def _vocab_split(node, args: list) -> torch.Tensor:
-    """model.py's rank-local embedding and head when the vocabulary is split over tp (their tables are DTensors):
-    the lookup in this rank's rows summed over tp; the head's logits left split (the loss reduces over tp)."""
-    if node.op == "embed":
-        return tensor_parallel.embedding(args[0], args[1].to_local(), node.attr.get("padding_idx"))
-    if node.op == "linear" and len(args) == 2:
-        return F.linear(tensor_parallel.copy(args[0]), args[1].to_local())
-    raise ValueError(f"{node.op} with a tensor-parallel split weight in a pipeline stage's prologue or epilogue")
+        return self.root[0].predict(hidden), aux_rows  # the program's own final norm and head
 
 
 def build_schedule(stages: list[PipelineStage], ranks: int, rank: int, group, device, kind: str, microbatches: int, loss_fn,

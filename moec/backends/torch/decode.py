@@ -49,12 +49,19 @@ def attention_layers(graph: Graph) -> list[Node]:
     return [node for node in graph.nodes if node.op == "attention"]
 
 
+def repeated(values: tuple) -> str:
+    """``((2, 16),) * 64`` for 64 equal entries; the tuple itself otherwise."""
+    if len(values) > 1 and len(set(values)) == 1:
+        return f"({values[0]!r},) * {len(values)}"
+    return repr(values)
+
+
 def root_methods(graph: Graph, arg: str) -> list[str]:
     """``decode`` (``forward`` with a cache) and the cache-handling methods around it."""
     layers = tuple((node.attr["kv_heads"], node.attr["head_dim"]) for node in attention_layers(graph))
     return [
         "",
-        f"    KV_LAYERS = {layers!r}  # (kv_heads, head_dim) of each attention layer's cache, in order",
+        f"    KV_LAYERS = {repeated(layers)}  # (kv_heads, head_dim) of each attention layer's cache, in order",
         "",
         f"    def decode(self, {arg}, cache, positions, bucket):",
         f'        """{arg} at absolute positions [B,S]; each attention layer reads and writes its cache[i] = (k, v) [B,KV,L,hd]."""',

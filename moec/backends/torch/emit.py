@@ -24,7 +24,7 @@ from moec.backends.torch.layers import LayerPart, split_block
 from moec.backends.torch.modules import INIT_ARGS, declarations, standard_modules
 from moec.backends.torch.ops import EXPRESSIONS
 from moec.backends.torch.roots import root_class
-from moec.backends.torch.statements import Body
+from moec.backends.torch.statements import Body, param_expr
 from moec.ir.graph import Graph, Node, Ref
 from moec.moe import EXPERT_PREFIX, ROUTER_WEIGHT
 
@@ -91,7 +91,10 @@ class Emitter:
         if key not in self.classes:
             taken = {name for name, _ in self.classes.values()}
             name = next(f"{family}{n if n > 1 else ''}" for n in range(1, 1000) if f"{family}{n if n > 1 else ''}" not in taken)
-            self.classes[key] = (name, [f"class {name}(nn.Module):", f'    """{comment_safe(doc)}"""', "", *body])
+            lines = [comment_safe(line) for line in doc.split("\n")]
+            docstring = [f'    """{lines[0]}"""'] if len(lines) == 1 else \
+                [f'    """{lines[0]}', "", *(f"    {line}" for line in lines[1:]), '    """']
+            self.classes[key] = (name, [f"class {name}(nn.Module):", *docstring, "", *body])
         return self.classes[key][0]
 
     def layer_class(self, part: LayerPart) -> tuple[str, bool]:
@@ -104,13 +107,20 @@ class Emitter:
         init += declarations(self.graph, list(dict.fromkeys(names)), part.prefix, self.modules)
         if len(nodes) == 1 and is_fused(nodes[0]):
             forward, doc = fused_method(self, part, nodes[0])
+        elif len(nodes) == 1 and nodes[0].op == "dynamics":
+            forward, doc = self.dynamics_forward(part, nodes[0]), "INL dynamics: (x, v) -> (x', v'); v None: the first layer."
         else:
             forward, doc = self.layer_forward(part, has_cache), ""
         first = nodes[0]
         shapes = f"{self.graph.type_of(part.inputs[0])} -> {', '.join(str(self.graph.type_of(r)) for r in part.outputs)}"
         where = f"{first.origin}" if first.origin else part.prefix
-        doc = f"{doc + ' ' if doc else ''}{where}: {shapes}."
+        doc = f"{doc}\n{where}: {shapes}." if doc else f"{where}: {shapes}."
         return self.add_class(part.kind(self.graph), doc, [*init, "", *forward]), has_cache
+
+    def dynamics_forward(self, part: LayerPart, node: Node) -> list[str]:
+        """``forward(x, v=None)``: every dynamics layer alike, the first one reading no velocity (v = 0)."""
+        params = [param_expr(self.graph[ref.node].attr["name"], part.prefix) for ref in node.inputs[-5:]]
+        return ["    def forward(self, x, v=None):", f"        return {EXPRESSIONS['dynamics'](node, 'x', 'v', *params)}"]
 
     def layer_forward(self, part: LayerPart, has_cache: bool) -> list[str]:
         body = Body(self, part.prefix, part.nodes, part.outputs)
@@ -143,6 +153,8 @@ class Emitter:
                         f"device, dtype)")
             slots += has_cache
             stats_needed = any(is_fused(self.graph.nodes[i]) for i in item.nodes)
+            if _is_dynamics(self.graph, item):
+                item.outputs[:] = [Ref(self.graph.nodes[item.nodes[0]].name, i) for i in (0, 1)]
             targets = body.bind(item.outputs, [self.contract.role_of(ref, "h") for ref in item.outputs], body.at(item.nodes[-1]))
             aux += [t for ref, t in zip(item.outputs, targets) if self.contract.kind_of(ref) == "aux"]
             balance += [t for ref, t in zip(item.outputs, targets) if self.contract.kind_of(ref) == "balance"]
@@ -150,6 +162,8 @@ class Emitter:
                 targets.append(body.names.bind(Ref(item.prefix, 99), "stats", len(segment.nodes)))
                 stats.append(targets[-1])
             args = [body.name(ref) for ref in item.inputs] + (["cache"] if has_cache else [])
+            if _is_dynamics(self.graph, item):  # x, v = self.dynamics(x, v): the velocity goes in and out of every one
+                args = [args[0], "v"]
             body.call(targets, f"self.{item.name}({', '.join(args)})", inline=len(targets) == 1)
         returned = self.contract.block_returns(segment, body, aux, balance, stats)
         signature = self.contract.signature()
@@ -164,7 +178,7 @@ class Emitter:
     # --- expressions --------------------------------------------------------------------------------
     def expression(self, node: Node, args: list[str], body: Body) -> str | list[str]:
         if node.op == "constant":
-            anchor = next(iter(body.names.of.values()), "x")
+            anchor = getattr(body, "anchor", None) or next(iter(body.names.of.values()), "x")
             return f"torch.full((), {node.attr['value']!r}, device={anchor}.device)"
         if node.op == "moe":
             return f"{self.fused.moe(node.attr)}({', '.join(args)}, self.training)"
@@ -279,6 +293,10 @@ class BlockContract:
         if self.aux:
             returned.append(f"({', '.join(stats)},)" if len(stats) == 1 else f"({', '.join(stats)})")
         return returned
+
+
+def _is_dynamics(graph: Graph, part: LayerPart) -> bool:
+    return len(part.nodes) == 1 and graph.nodes[part.nodes[0]].op == "dynamics"
 
 
 def _argument_name(graph: Graph, ref: Ref, body: Body) -> str:

@@ -20,24 +20,29 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
     cut = emitter.cut
     prologue = cut[0].nodes if cut[0].block is None else []
     epilogue = cut[-1].nodes if cut[-1].block is None and len(cut) > 1 else []
+    predict = _needed(graph, epilogue, graph.outputs[0])
     source = next(node for node in graph.nodes if node.op == "input")
     arg = str(source.attr["name"])
-    body = Body(emitter, "", prologue + epilogue, list(graph.outputs))
-    body.arg(Ref(source.name, 0), arg)
-    for index in prologue:
-        body.node(index)
     block_segments = [s for s in cut if s.block is not None]
+    hidden = _hidden_input(contract, block_segments[0]) if block_segments else None
+    cache_arg = ", cache: KVCache | None = None" if emitter.decoding else ""
+    inputs = _method(emitter, prologue, [Ref(source.name, 0)], [arg], hidden or graph.outputs[0])
+    last_hidden = next((ref for ref in block_segments[-1].outputs if contract.kind_of(ref) == "x"), None) if block_segments else None
+    head = _method(emitter, predict, [last_hidden] if last_hidden else [], ["x"], graph.outputs[0])
+    body = Body(emitter, "", [i for i in epilogue if i not in predict], [graph.outputs[1]])
+    body.anchor = "x"
+    body.call(["x"], f"self.embed_inputs({arg}{', cache' if emitter.decoding else ''})")
     if block_segments:
         _loop(emitter, body, block_segments)
     chain = _aux_chains(emitter, block_segments, epilogue)
     for node_name, kind in chain.items():
         body.names.fixed(Ref(node_name, 0), kind)
     for index in epilogue:
-        if graph.nodes[index].name not in chain:
+        if index not in predict and graph.nodes[index].name not in chain:
             body.node(index)
-    output, aux = (body.name(ref) for ref in graph.outputs)
+    aux = body.name(graph.outputs[1])
     stats = "tuple(stats)" if contract.aux else "()"
-    body.call([], f"return ModelOutput(output={output}, aux_loss={aux}, moe_stats={stats})")
+    body.call([], f"return ModelOutput(output=self.predict(x), aux_loss={aux}, moe_stats={stats})")
     names = [n.attr["name"] for n in graph.params() if not str(n.attr["name"]).startswith("blocks.")]
     prologue_params = [p for p in names if _read_in(graph, prologue, p)]
     init = [f"    def __init__(self, {INIT_ARGS}) -> None:", "        super().__init__()",
@@ -45,19 +50,26 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
     if blocks:
         init.append(f"        self.blocks = nn.ModuleList({_block_list(blocks, emitter.decoding)})")
     init += declarations(graph, [p for p in names if p not in prologue_params], "", emitter.modules)
-    signature = f"{arg}: torch.Tensor" + (", cache: KVCache | None = None" if emitter.decoding else "")
     out_type, aux_type = (graph.type_of(ref) for ref in graph.outputs)
     lines = [
         f"class {name}(nn.Module):",
         f'    """The model of spec SPEC_NAME: forward({arg}) -> ModelOutput(output, aux_loss, moe_stats)."""',
         "",
-        f"    MOE_LAYERS = {_moe_layers(emitter)!r}  # the layers of ModelOutput.moe_stats, in order",
+        f"    MOE_LAYERS = {_layer_names(_moe_layers(emitter))}  # the layers of ModelOutput.moe_stats, in order",
         "",
         *init,
         "",
-        f"    def forward(self, {signature}) -> ModelOutput:",
+        f"    def forward(self, {arg}: torch.Tensor{cache_arg}) -> ModelOutput:",
         f'        """{arg}: {source.type} -> output {out_type}, aux_loss {aux_type}."""',
         *body.lines([]),
+        "",
+        f"    def embed_inputs(self, {arg}: torch.Tensor{cache_arg}) -> torch.Tensor:",
+        f'        """{arg} -> the hidden state the first block reads (a pipeline\'s first stage runs this too)."""',
+        *inputs,
+        "",
+        "    def predict(self, x: torch.Tensor) -> torch.Tensor:",
+        '        """The last block\'s hidden state -> the output (a pipeline\'s last stage runs this too)."""',
+        *head,
         "",
         *_example_inputs(graph, source),
     ]
@@ -66,10 +78,49 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
     return lines
 
 
+def _hidden_input(contract, segment) -> Ref:
+    return next(ref for ref in segment.inputs if contract.kind_of(ref) == "x" and contract.graph[ref.node].op != "input")
+
+
+def _method(emitter, indices: list[int], args: list[Ref], names: list[str], result: Ref) -> list[str]:
+    """The body of a root method over ``indices``: ``args`` bound to ``names``, returning ``result``."""
+    body = Body(emitter, "", indices, [result])
+    for ref, name in zip(args, names):
+        body.arg(ref, name)
+    for index in indices:
+        body.node(index)
+    return body.lines([body.name(result)])
+
+
+def _needed(graph, indices: list[int], output: Ref) -> list[int]:
+    """The nodes of ``indices`` that ``output`` depends on, in order."""
+    wanted = {output.node}
+    for index in reversed(indices):
+        if graph.nodes[index].name in wanted:
+            wanted |= {ref.node for ref in graph.nodes[index].inputs}
+    return [i for i in indices if graph.nodes[i].name in wanted]
+
+
 def _moe_layers(emitter) -> tuple[str, ...]:
     from moec.backends.torch.emit import moe_layers
 
     return moe_layers(emitter.graph)
+
+
+def _layer_names(names: tuple[str, ...]) -> str:
+    """``tuple(f"blocks.{i}.moe" for i in range(64))`` when every block has the same MoE layers; else the names."""
+    per_block: dict[int, list[str]] = {}
+    for name in names:
+        block, _, rest = name.removeprefix("blocks.").partition(".")
+        if not name.startswith("blocks.") or not block.isdigit():
+            return repr(names)
+        per_block.setdefault(int(block), []).append(rest)
+    layers = list(per_block.values())
+    if len(layers) < 2 or sorted(per_block) != list(range(len(layers))) or any(row != layers[0] for row in layers):
+        return repr(names)
+    if len(layers[0]) == 1:
+        return f'tuple(f"blocks.{{i}}.{layers[0][0]}" for i in range({len(layers)}))'
+    return f'tuple(f"blocks.{{i}}.{{name}}" for i in range({len(layers)}) for name in {tuple(layers[0])!r})'
 
 
 def _read_in(graph, indices: list[int], param: str) -> bool:
@@ -98,10 +149,6 @@ def _block_list(blocks: list[tuple[str, int]], decoding: bool) -> str:
 def _loop(emitter, body: Body, segments) -> None:
     """``for block in self.blocks: x, aux, stats = block(x, cache)`` with the sums the epilogue reads."""
     graph, contract = emitter.graph, emitter.contract
-    hidden = next(ref for ref in segments[0].inputs if contract.kind_of(ref) == "x" and graph[ref.node].op != "input")
-    x = body.name(hidden)
-    if x != "x":
-        body.call(["x"], x)
     if contract.aux:
         body.call(["aux", "stats"], "0.0, []")
     if contract.balance:

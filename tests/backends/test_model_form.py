@@ -1,0 +1,52 @@
+"""The form of the generated model.py: a model a person would write, not a trace of the graph."""
+
+import ast
+import re
+
+import pytest
+
+import moec
+from moec.compile import compile_spec
+from moec.ir.ops import OPS
+from tests.conftest import REPO
+
+SPECS = sorted((REPO / "specs").glob("*.yaml"))
+
+
+def _source(path, *overrides) -> str:
+    return compile_spec(moec.load_spec(path, overrides)).source
+
+
+def _shape(source: str) -> str:
+    """The program with its header comment and every number taken out: what is left is its structure."""
+    code = "\n".join(line for line in source.splitlines() if not line.startswith("#"))
+    return re.sub(r"\d+", "N", code)
+
+
+def test_depth_changes_constants_only():
+    """repeat: 2 and repeat: 64 give the same classes and the same statements: only numbers differ."""
+    spec = REPO / "specs" / "token_routed_tiny.yaml"
+    shallow, deep = _source(spec, "model.blocks[0].repeat=2"), _source(spec, "model.blocks[0].repeat=64")
+    assert shallow != deep
+    assert _shape(shallow) == _shape(deep)
+    assert len(shallow.splitlines()) == len(deep.splitlines())
+    assert "[Block(slot, device, dtype) for slot in range(0, 64)]" in deep
+
+
+def test_the_120b_spec_is_a_short_program():
+    source = compile_spec(moec.load_spec(REPO / "specs" / "gpt_oss_120b.yaml")).source
+    classes = [node.name for node in ast.parse(source).body if isinstance(node, ast.ClassDef)]
+    assert len(source.splitlines()) < 300
+    assert classes == ["KVCache", "Attention", "FeedForward", "Block", "GptOss120b"]
+    assert "for block in self.blocks:" in source
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_no_del_and_no_ssa_names(path):
+    """Every bundled spec: no ``del`` statements, no ``<op>_<n>`` value names in any method."""
+    tree = ast.parse(_source(path))
+    ssa = re.compile(rf"^({'|'.join(sorted(OPS, key=len, reverse=True))})_\d+$")
+    for node in ast.walk(tree):
+        assert not isinstance(node, ast.Delete), f"{path.name}: del at line {node.lineno}"
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            assert not ssa.match(node.id), f"{path.name}: value {node.id} at line {node.lineno}"
