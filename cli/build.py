@@ -68,6 +68,7 @@ def _write(program, out_dir: Path, render_svg: bool) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "model.py": program.source,
+        "model_support.py": program.support_source,
         "parallel.py": program.parallel_source,
         "manifest.json": json.dumps(program.manifest, indent=2) + "\n",
         "ir.txt": print_graph(program.graph),

@@ -35,6 +35,7 @@ class Program:
     manifest: dict
     log: tuple
     parallel_source: str = ""  # parallel.py: the DeviceMesh and the FSDP2 plan
+    support_source: str = ""  # model_support.py: the helpers model.py imports (torch only)
 
     @property
     def sha256(self) -> str:
@@ -63,7 +64,7 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     splits = tensor_splits(spec, compiled.graph)
     kv = replicated_kv(spec, compiled.graph) if splits else {}  # nothing split (annotate_sharding disabled): all whole
     plan = parallel_plan(spec, tuple(experts), splits, kv)
-    source = emit_program(compiled.graph, spec_name=spec.name, header=header, moe_kernel=kernels.moe,
+    source, support = emit_program(compiled.graph, spec_name=spec.name, header=header, moe_kernel=kernels.moe,
                           spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention,
                           expert_parallel=plan.experts is not None and not plan.unsupported, tiles=_tiles(spec),
                           tensor_splits={name: split_kind(name, dim) for name, dim in splits.items()},
@@ -76,7 +77,8 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     blocks = sum(block.repeat for block in spec.model.blocks)
     stages = tuple(tuple(row["blocks"]) for row in manifest["pipeline_stages"])
     parallel = emit_parallel(spec, plan, blocks, header[:3], experts=max(experts.values(), default=0), stages=stages)
-    return Program(spec=spec, graph=compiled.graph, source=source, manifest=manifest, log=compiled.log, parallel_source=parallel)
+    return Program(spec=spec, graph=compiled.graph, source=source, manifest=manifest, log=compiled.log, parallel_source=parallel,
+                   support_source=support)
 
 
 def _tiles(spec) -> tuple[int, ...]:
@@ -107,7 +109,7 @@ def _header(spec, compiled, kernels) -> list[str]:
         f"kernels: moe={kernels.moe}, spectral_moe={kernels.spectral_moe}, attention={kernels.attention}",
         "",
         "Shapes: B batch, S sequence, F = S//2+1 rfft bins; f32[B,S,64] is float32 of that shape.",
-        "Each statement ends with its shape and the spec line it comes from.",
+        "Each class names the spec line it comes from and its shapes; ir.txt is the statement-per-node trace.",
     ] + _tensor_parallel_note(spec)
 
 
@@ -129,7 +131,7 @@ def build_model(spec, device="cpu", dtype: torch.dtype | None = None, program: P
     the generated ``parallel.py`` shards it (every rank holds the full model first, so all agree).
     """
     program = program or compile_spec(spec)
-    module = load_program(program.source, path)
+    module = load_program(program.source, path, support=program.support_source)
     dtype = dtype or DTYPES[spec.schedule.precision.params]
     model = module.Model(device=device, dtype=dtype)
     if weights is not None:

@@ -28,7 +28,8 @@ def test_generated_moe_matches_hf_mixtral_sparse_moe_block():
     with torch.no_grad():
         for param in block.parameters():
             param.normal_(0, 0.2)
-    program = load_program(compile_spec(spec_with(LAYER, name="mixtral")).source)
+    compiled = compile_spec(spec_with(LAYER, name="mixtral"))
+    program = load_program(compiled.source, support=compiled.support_source)
     gate, up = block.experts.gate_up_proj.detach().chunk(2, dim=1)  # HF: [E, 2I, D], gate first
     h = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(1))
     out, aux, _ = program.fused_moe_0(h, h, block.gate.weight.detach(), up, gate, block.experts.down_proj.detach(), False)

@@ -6,7 +6,7 @@ import re
 import pytest
 
 import moec
-from moec.compile import compile_spec
+from moec.compile import build_model, compile_spec
 from moec.ir.ops import OPS
 from tests.conftest import REPO
 
@@ -50,3 +50,53 @@ def test_no_del_and_no_ssa_names(path):
         assert not isinstance(node, ast.Delete), f"{path.name}: del at line {node.lineno}"
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             assert not ssa.match(node.id), f"{path.name}: value {node.id} at line {node.lineno}"
+
+
+BLOCK_MOEC = """
+import sys
+
+
+class NoMoec:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("moec", "cli"):
+            raise ImportError(f"{name} must not be imported by a build directory")
+
+
+sys.meta_path.insert(0, NoMoec())
+sys.path.insert(0, sys.argv[1])
+import torch
+import model
+
+saved = torch.load(sys.argv[2], weights_only=True)
+net = model.Model()
+net.load_state_dict(saved["state"])
+out = net(saved["tokens"])
+print(float((out.output - saved["output"]).abs().max()), float((out.aux_loss - saved["aux"]).abs()))
+"""
+
+
+def test_a_build_directory_runs_without_moec(tmp_path):
+    """model.py and model_support.py, copied elsewhere, import torch only and compute what build_model computes."""
+    import subprocess
+    import sys
+
+    import torch
+
+    spec = moec.load_spec(REPO / "specs" / "token_routed_tiny.yaml")
+    program = compile_spec(spec)
+    build = tmp_path / "copied_build"
+    build.mkdir()
+    (build / "model.py").write_text(program.source)
+    (build / "model_support.py").write_text(program.support_source)
+    net = build_model(spec, program=program)
+    (tokens,) = net.example_inputs(batch=2, seq=16)
+    out = net(tokens)
+    torch.save({"state": net.state_dict(), "tokens": tokens, "output": out.output.detach(), "aux": out.aux_loss.detach()},
+               tmp_path / "saved.pt")
+    script = tmp_path / "run.py"
+    script.write_text(BLOCK_MOEC)
+    result = subprocess.run([sys.executable, str(script), str(build), str(tmp_path / "saved.pt")], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output_diff, aux_diff = map(float, result.stdout.split())
+    assert output_diff <= 1e-6 and aux_diff <= 1e-6

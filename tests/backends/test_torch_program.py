@@ -65,7 +65,8 @@ def test_spec_strings_never_become_code(tmp_path, monkeypatch):
 
 def test_a_traceback_from_generated_code_points_into_model_py(tmp_path):
     spec = moec.load_spec("specs/token_routed_tiny.yaml")
-    module = load_program(compile_spec(spec).source, tmp_path / "model.py")
+    program = compile_spec(spec)
+    module = load_program(program.source, tmp_path / "model.py", support=program.support_source)
     model = module.Model()
     with pytest.raises(Exception) as caught:
         model(torch.zeros(2, 8))  # float "tokens": F.embedding rejects them

@@ -62,7 +62,7 @@ def test_each_expert_takes_its_best_tokens():
     spec = spec_with(LAYERS.format(activation="gelu", extra="").replace("        - kind: attention\n          heads: 2\n", ""),
                      name="ec_rule", tokens=False)
     program = compile_spec(spec)
-    module = load_program(program.source)
+    module = load_program(program.source, support=program.support_source)
     moe = next(node for node in program.graph.nodes if node.op == "moe")
     params = {node.attr["name"]: init_parameter(node, 5) for node in program.graph.params()}
     h = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))

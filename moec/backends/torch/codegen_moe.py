@@ -262,7 +262,7 @@ def _grouped(moe: MoeAttrs) -> list[str]:
         lines += ["    row_expert = flat_expert[order]"] + [f"    bias_{p} = experts_b_{p}[row_expert]" for p in _bias_parts(moe)]
         bias = "bias_"
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_sorted",
-                  lambda a, w: f"runtime.grouped_linear({a}, {w}, offsets)", bias, moe.expert.clamp)
+                  lambda a, w: f"grouped_linear({a}, {w}, offsets)", bias, moe.expert.clamp)
     lines.append(f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)")
     return lines
 

@@ -19,7 +19,8 @@ import re
 
 from moec.backends.torch import codegen_tp, decode
 from moec.backends.torch.blocks import is_fused, segments
-from moec.backends.torch.fused import FusedFunctions, fused_method, helper_sources
+from moec.backends.torch.fused import FusedFunctions, fused_method, fused_sources
+from moec.backends.torch.support import import_lines, support
 from moec.backends.torch.layers import LayerPart, split_block
 from moec.backends.torch.modules import INIT_ARGS, declarations, standard_modules
 from moec.backends.torch.ops import EXPRESSIONS
@@ -31,15 +32,10 @@ from moec.moe import EXPERT_PREFIX, ROUTER_WEIGHT
 IMPORTS = [
     "from __future__ import annotations",
     "",
-    "import math",
-    "from typing import NamedTuple",
-    "",
     "import torch",
     "import torch.nn.functional as F",
     "from torch import nn",
     "",
-    "{output_import}",
-    "from moec.backends.torch import runtime",
 ]
 
 
@@ -58,8 +54,8 @@ def comment_safe(text: str) -> str:
 def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
                  attention_kernel: str = "auto", expert_parallel: bool = False, tiles: tuple[int, ...] = (),
                  tensor_splits: dict[str, str] | None = None, sequence_parallel: bool = False,
-                 replicated_kv: dict[str, int] | None = None) -> str:
-    """``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism; ``replicated_kv``: the whole
+                 replicated_kv: dict[str, int] | None = None) -> tuple[str, str]:
+    """(model.py, model_support.py). ``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism; ``replicated_kv``: the whole
     k / v projections read one KV head per rank -> their kv_heads (``codegen_tp``)."""
     emitter = Emitter(graph, FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles,
                                             dict(tensor_splits or {})), dict(replicated_kv or {}), sequence_parallel)
@@ -213,28 +209,33 @@ class Emitter:
                 f"            @TARGET@ = {cached}  # decoding: writes this step's keys and values first"]
 
     # --- the program --------------------------------------------------------------------------------
-    def program(self, spec_name: str, header: list[str]) -> str:
+    def program(self, spec_name: str, header: list[str]) -> tuple[str, str]:
+        """(model.py, model_support.py)."""
         blocks = [self.block_class(segment) for segment in self.cut if segment.block is not None]
         root = root_class(self, class_name(spec_name), blocks)
-        imports = [line.format(output_import=_output_import(self.graph)) for line in IMPORTS]
-        if any(node.attr["moe"].aux.load_balance_batch == "global" for node in self.graph.nodes if is_fused(node)):
-            imports.append("from moec.backends.torch.data_parallel import batch_counts")
+        classes = [lines for _, lines in self.classes.values()]
+        text = "\n".join(line for lines in classes + [root] for line in lines)
+        functions = fused_sources(self, text)
+        text += "\n".join(line for lines in functions for line in lines)
+        names, support_source = support(text)
+        imports = list(IMPORTS)
+        if re.search(r"\bmath\.", text):
+            imports[2:2] = ["import math", ""]
+        imports += import_lines(names)
+        if "runtime.reference_op" in text:
+            imports.append("from moec.backends.torch import runtime  # unfused ops: a fusion pass was disabled")
         if self.expert_parallel:
             imports.append("from moec.backends.torch.experts import experts_ffn")
         if self.splits:
             imports.append(codegen_tp.IMPORT)
         if self.fused.triton:
             imports.append("from moec.backends import triton as triton_moe")
-        classes = [lines for _, lines in self.classes.values()]
-        text = "\n".join(line for lines in classes for line in lines) + "\n".join(root)
         lines = [f"# {comment_safe(line)}" if line else "#" for line in header]
         lines += [""] + imports + ["", f"SPEC_NAME = {spec_name!r}", ""]
-        for block in helper_sources(self, text):
-            lines += ["", *block, ""]
-        for block in classes:
+        for block in functions + classes:
             lines += ["", *block, ""]
         lines += ["", *root, "", "", f"Model = {class_name(spec_name)}"]
-        return "\n".join(lines).rstrip() + "\n"
+        return "\n".join(lines).rstrip() + "\n", support_source
 
 
 class BlockContract:
@@ -304,12 +305,6 @@ def _argument_name(graph: Graph, ref: Ref, body: Body) -> str:
     role_name = str(node.attr["name"]) if node.op == "input" else ("v" if node.op == "dynamics" and ref.index == 1 else "x")
     name = body.names.bind(ref, role_name, -1)
     return name
-
-
-def _output_import(graph: Graph) -> str:
-    ops = {node.op for node in graph.nodes}
-    names = ["ModelOutput"] + (["MoeStats"] if ops & {"moe", "spectral_moe"} else []) + (["mean_stats"] if "spectral_moe" in ops else [])
-    return f"from moec.backends.output import {', '.join(names)}"
 
 
 def moe_layers(graph: Graph) -> tuple[str, ...]:

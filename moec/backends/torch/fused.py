@@ -3,31 +3,18 @@
 An ``MoE`` or ``SpectralMoE`` layer's ``forward`` is the fused function of its configuration
 (``codegen_moe``) written as a method: its parameters read from ``self``, ``training`` from
 the module. A spectral layer's inner MoE, applied ``depth`` times, stays a module-level
-function. Helpers (``snippets``, ``decode_snippets``) are copied into the program when it
-calls them, found by name in the program's text.
+function.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 
-from moec.backends.torch import codegen_moe, codegen_tp, decode_snippets, snippets
+from moec.backends.torch import codegen_moe, codegen_tp
 from moec.backends.torch.codegen_moe import slot_arg
 from moec.moe import EXPERT_PREFIX
 from moec.backends.torch.statements import param_expr
 from moec.ir.graph import Node
-
-KV_CACHE = [
-    "class KVCache(NamedTuple):",
-    '    """What a decoding forward reads: per attention layer (k, v) [B, KV, L, hd], the new tokens\' positions [B, S],',
-    '    and how many cache slots the queries read (a static length: one compiled graph per bucket)."""',
-    "",
-    "    kv: list[tuple[torch.Tensor, torch.Tensor]]",
-    "    positions: torch.Tensor",
-    "    bucket: int",
-]
-
 
 class FusedFunctions:
     """One fused function per distinct MoE / spectral configuration, named fused_moe_0, fused_spectral_moe_0, ..."""
@@ -97,21 +84,6 @@ def _substitute(line: str, mapping: dict[str, str]) -> str:
     return pattern.sub(lambda m: mapping[m.group(1)], code) + sep + comment
 
 
-def helper_sources(emitter, text: str) -> list[list[str]]:
-    """Source lines of the helpers and fused functions the program calls (and those they call), in a fixed order."""
-    candidates: dict[str, list[str]] = {}
-    for module in (snippets, decode_snippets):
-        for name, fn in vars(module).items():
-            if inspect.isfunction(fn) and fn.__module__ == module.__name__:
-                candidates[name] = inspect.getsource(fn).rstrip().splitlines()
-    candidates.update(emitter.fused.sources)
-    chosen: list[str] = []
-    pending = text
-    while True:
-        new = [name for name in candidates if name not in chosen and re.search(rf"(?<![\w.]){re.escape(name)}\(", pending)]
-        if not new:
-            break
-        chosen += new
-        pending = "\n".join(line for name in new for line in candidates[name][1:])
-    result = [KV_CACHE] if re.search(r"\bKVCache\b", text) else []
-    return result + [candidates[name] for name in candidates if name in chosen]
+def fused_sources(emitter, text: str) -> list[list[str]]:
+    """The module-level fused functions the program calls (a spectral layer's inner MoE), in the order made."""
+    return [lines for name, lines in emitter.fused.sources.items() if re.search(rf"(?<![\w.]){re.escape(name)}\(", text)]

@@ -14,16 +14,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOEC_CACHE_DIR") or Path.home() / ".cache" / "moec")
 
 
-def load_program(source: str, path: Path | None = None, filename: str = "model.py") -> types.ModuleType:
-    """Execute generated source as a module written at ``path`` (default: the cache), registered with linecache."""
-    digest = hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
+def load_program(source: str, path: Path | None = None, filename: str = "model.py", support: str | None = None) -> types.ModuleType:
+    """Execute generated source as a module written at ``path`` (default: the cache), registered with linecache.
+
+    ``support``: the source of ``model_support.py``, written beside it and what its ``from model_support import``
+    reads (the module is registered under that name only while ``source`` runs: each program has its own)."""
+    digest = hashlib.sha256(((support or "") + source).encode("utf-8")).hexdigest()[:16]
     path = Path(path or cache_dir() / digest / filename).resolve()
+    helper = None if support is None else _module(support, path.parent / "model_support.py", f"moec_support_{digest}")
+    previous = sys.modules.get("model_support")
+    if helper is not None:
+        sys.modules["model_support"] = helper
+    try:
+        return _module(source, path, f"moec_generated_{digest}")
+    finally:
+        if helper is not None and previous is not None:
+            sys.modules["model_support"] = previous
+        elif helper is not None:
+            del sys.modules["model_support"]
+
+
+def _module(source: str, path: Path, name: str) -> types.ModuleType:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text(encoding="utf-8") != source:
         path.write_text(source, encoding="utf-8")
     filename = str(path)
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-    name = f"moec_generated_{digest}"
     module = types.ModuleType(name)
     module.__file__ = filename
     sys.modules[name] = module
