@@ -16,7 +16,6 @@ step, as ``optimizer.zero_grad(set_to_none=True)`` does in training.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 import moec
-from moec.backends.torch.codegen_moe import slot_arg
 from moec.moe import ROUTERS
 
 
@@ -61,18 +59,15 @@ class MoecLayer(torch.nn.Module):
         super().__init__()
         spec = moec.load_spec_text(spec_text, "<bench layer>")
         model = moec.build_model(spec, device=device, dtype=dtype)
-        self.moe = model.blocks[0].moe
-        self.function = sys.modules[type(model).__module__].fused_moe_0
-        tensors = [*self.moe.named_parameters(), *self.moe.named_buffers()]  # buffers: e.g. a selection bias
-        names = {slot_arg(name): tensor for name, tensor in tensors}
-        arguments = list(self.function.__code__.co_varnames[2 : self.function.__code__.co_argcount - 1])
-        self.arguments = [names[a] for a in arguments]  # in the function's order
+        self.moe = model.blocks[0].moe  # the generated MoE class: forward(h), or forward(h, token ids)
         (_, attrs), = model.program.moe_layers()
         self.routes_by_id = not ROUTERS[attrs.router.kind].learned  # token_id: the router reads token ids
 
     def forward(self, x: torch.Tensor):
-        router_in = torch.arange(x.shape[1], device=x.device).unsqueeze(0) if self.routes_by_id else x  # ids 0..N-1
-        out, aux, *_ = self.function(x, router_in, *self.arguments, self.training)
+        if self.routes_by_id:
+            out, aux, *_ = self.moe(x, torch.arange(x.shape[1], device=x.device).unsqueeze(0))  # ids 0..N-1
+        else:
+            out, aux, *_ = self.moe(x)
         return out, aux
 
 

@@ -10,7 +10,6 @@ share of the tokens: the shares add up to top_k) and the layer's weighted load-b
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -90,17 +89,18 @@ def inspect_layer(spec, layer: str | None = None, tokens: int | None = None, che
     model = build_model(spec, program=program).eval()
     if checkpoint is not None:
         _load(model, checkpoint)
-    fn = model.forward.__globals__[_function_name(program.source, node.name)]
-    args = _arguments(spec, program.graph, node, model, batch, seq)
+    layer_module = model.get_submodule(name)  # the generated MoE class: forward(h) or forward(h, token ids)
+    args = _arguments(spec, node, batch, seq)
     with torch.no_grad():
-        out, _, stats = fn(*args, False)
+        out, _, *rest = layer_module(*args)
+        stats = rest[-1]
         times = []
         for _ in range(TIMED_CALLS):
             start = time.perf_counter()
-            fn(*args, False)
+            layer_module(*args)
             times.append((time.perf_counter() - start) * 1e3)
     moe = node.attr["moe"]
-    w_up = args[2 + node.attr["slots"][2:].index("experts.w_up")]
+    w_up = layer_module.get_parameter("experts.w_up")
     return LayerReport(name=name, width=args[0].shape[-1], hidden=w_up.shape[1], experts=moe.experts, top_k=moe.top_k, batch=batch,
                        seq=seq, output_shape=tuple(out.shape), time_ms=statistics.median(times), counts=[int(count) for count in stats.counts.tolist()],
                        load_balance=stats.load_balance.item(), load_balance_weight=0.0 if moe.aux.pooled else moe.aux.load_balance)
@@ -115,21 +115,13 @@ def _input_size(spec, tokens: int | None) -> tuple[int, int]:
     return tokens // seq, seq
 
 
-def _function_name(source: str, node: str) -> str:
-    """The generated function a fused node calls: ``moe_0, moe_0_1, stats_0 = fused_moe_0(...)``."""
-    found = re.search(rf"^\s+{re.escape(node)}, [\w, ]+ = (fused_moe_\d+)\(", source, re.MULTILINE)
-    assert found, f"no call of {node} in the generated source"
-    return found.group(1)
-
-
-def _arguments(spec, graph, node, model, batch: int, seq: int) -> list[torch.Tensor]:
-    """(h, router_in, *the layer's parameters): h normal, router_in h or token ids."""
+def _arguments(spec, node, batch: int, seq: int) -> list[torch.Tensor]:
+    """The layer's inputs: h normal, and the token ids when a token-id router reads them."""
     generator = torch.Generator().manual_seed(spec.train.seed)
     h = torch.randn(batch, seq, spec.model.d_model, generator=generator)
-    moe = node.attr["moe"]
-    router_in = h if ROUTERS[moe.router.kind].learned else torch.randint(0, spec.model.inputs.vocab, (batch, seq), generator=generator)
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    return [h, router_in] + [tensors[graph[ref.node].attr["name"]] for ref in node.inputs[2:]]
+    if ROUTERS[node.attr["moe"].router.kind].learned:
+        return [h]
+    return [h, torch.randint(0, spec.model.inputs.vocab, (batch, seq), generator=generator)]
 
 
 def _load(model, path: Path) -> None:

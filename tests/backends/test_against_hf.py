@@ -29,10 +29,13 @@ def test_generated_moe_matches_hf_mixtral_sparse_moe_block():
         for param in block.parameters():
             param.normal_(0, 0.2)
     compiled = compile_spec(spec_with(LAYER, name="mixtral"))
-    program = load_program(compiled.source, support=compiled.support_source)
+    moe = load_program(compiled.source, support=compiled.support_source).MoE().eval()  # the generated MoE layer class
     gate, up = block.experts.gate_up_proj.detach().chunk(2, dim=1)  # HF: [E, 2I, D], gate first
+    moe.load_state_dict({"router.weight": block.gate.weight.detach(), "experts.w_up": up, "experts.w_gate": gate,
+                         "experts.w_down": block.experts.down_proj.detach()})
     h = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(1))
-    out, aux, _ = program.fused_moe_0(h, h, block.gate.weight.detach(), up, gate, block.experts.down_proj.detach(), False)
+    with torch.no_grad():
+        out, aux, _ = moe(h)
     with torch.no_grad():
         expected = block(h)
         logits = torch.nn.functional.linear(h.reshape(-1, 16), block.gate.weight)

@@ -53,8 +53,8 @@ def test_the_tensor_parallel_lines_exactly():
     assert _method(source, "FeedForward")[-1] == "        return tensor_parallel.reduce(F.linear(hidden, tensor_parallel.local(self.w_down)))"
     moe = _method(source, "MoE")
     assert "        rows = tensor_parallel.copy(x)[order // 2]" in moe
-    assert "        up = runtime.grouped_linear(rows, tensor_parallel.local(self.experts.w_up), offsets)" in moe
-    down = moe.index("        y_sorted = runtime.grouped_linear(hidden, tensor_parallel.local(self.experts.w_down), offsets)")
+    assert "        up = grouped_linear(rows, tensor_parallel.local(self.experts.w_up), offsets)" in moe
+    down = moe.index("        y_sorted = grouped_linear(hidden, tensor_parallel.local(self.experts.w_down), offsets)")
     assert moe[down + 1] == "        y_sorted = tensor_parallel.reduce(y_sorted)"
 
 
@@ -109,7 +109,7 @@ def test_a_moe_whose_experts_are_not_split_stays_whole():
     compiled = moec.compile_spec(moec.load_spec_text(text, file="tp.yaml"))
     moe = "\n".join(_method(compiled.source, "MoE"))
     assert "tensor_parallel" not in moe
-    assert "runtime.grouped_linear(rows, self.experts.w_up, offsets)" in moe and "self.shared.w_up" in moe
+    assert "grouped_linear(rows, self.experts.w_up, offsets)" in moe and "self.shared.w_up" in moe
     assert "split(model.blocks[0].mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)" in compiled.parallel_source
     assert ".moe." not in compiled.parallel_source.split("def tensor_parallel")[1].split("\n\n\n")[0]
 

@@ -39,7 +39,7 @@ def test_resolves_to_capacity_routing_without_renormalisation_or_balance_loss():
     assert (moe.capacity.mode, moe.capacity.factor, moe.capacity.drop_policy) == ("capacity", 1.0, "zero")
     assert (moe.router.normalize, moe.aux.load_balance) == (False, 0.0)
     line = next(line for line in compile_spec(ec_spec()).source.splitlines() if line.startswith('    """expert_choice'))
-    assert line == '    """expert_choice router, each expert picks from all 4, capacity 1.0 (zero), swiglu experts via bmm."""'
+    assert line == '    """expert_choice router, each expert picks from all 4, capacity 1.0 (zero), swiglu experts via bmm.'
 
 
 @pytest.mark.parametrize("kernel, extra", [(None, ""), ("grouped_mm", "          capacity: {mode: capacity, factor: 0.5}\n"),
@@ -67,7 +67,9 @@ def test_each_expert_takes_its_best_tokens():
     params = {node.attr["name"]: init_parameter(node, 5) for node in program.graph.params()}
     h = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))
     names = [program.graph[ref.node].attr["name"] for ref in moe.inputs[2:]]
-    out, aux, stats = module.fused_moe_0(h, h, *(params[name] for name in names), False)
+    layer = module.MoE().eval()  # the generated MoE layer class, with blocks.0.moe's parameters
+    layer.load_state_dict({name.removeprefix("blocks.0.moe."): params[name] for name in names})
+    out, aux, stats = layer(h)
     capacity = math.floor(1.0 * 12 * 2 / 4)  # factor * tokens * top_k / experts = 6 tokens per expert
     expected = _by_hand(h.reshape(12, 16), *(params[name] for name in names), capacity)
     torch.testing.assert_close(out.reshape(12, 16), expected, rtol=1e-5, atol=1e-6)

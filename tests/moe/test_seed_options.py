@@ -133,8 +133,8 @@ def test_router_options_are_in_the_ir_and_the_generated_code():
     spec = moec.load_spec(fixture("m_router_options"))
     program = moec.compile_spec(spec)
     assert "scores = sinkhorn(noisy, 5, 0.7, 1.0, 3)" in program.source
-    assert "F.rms_norm(router_in.reshape(tokens, -1), (router_in.shape[-1],), router_norm_weight, 1e-05)" in program.source
-    assert "weights = router_dropout(weights, 0.05, training)" in program.source
+    assert "F.rms_norm(h.reshape(tokens, -1), (h.shape[-1],), self.router.norm.weight, 1e-05)" in program.source
+    assert "weights = router_dropout(weights, 0.05, self.training)" in program.source
     assert "aux = balance + z + entropy_loss + margin_loss" in program.source
     moe = [node for node in program.graph.nodes if node.op == "moe"][0].attr["moe"]
     assert (moe.router.norm, moe.router.dropout, moe.router.sinkhorn_topk, moe.aux.entropy, moe.aux.margin) == ("rmsnorm", 0.05, 3, 0.01, 0.01)

@@ -288,9 +288,8 @@ class BlockContract:
         returned = [values["x"]] + ([values.get("v", "v")] if self.velocity else [])
         if self.aux:
             returned.append(" + ".join(aux) if aux else f"{values['x']}.new_zeros(())")
-        if self.balance:
-            assert balance, f"blocks.{segment.block}: a block without MoE layers in a model that pools their statistics"
-            returned.append(" + ".join(balance))
+        if self.balance:  # a dense block among the MoE blocks adds nothing to the pooled statistics
+            returned.append(" + ".join(balance) if balance else "0.0")
         if self.aux:
             returned.append(f"({', '.join(stats)},)" if len(stats) == 1 else f"({', '.join(stats)})")
         return returned

@@ -17,7 +17,7 @@ from moec.backends.torch.statements import param_expr
 from moec.ir.graph import Node
 
 class FusedFunctions:
-    """One fused function per distinct MoE / spectral configuration, named fused_moe_0, fused_spectral_moe_0, ..."""
+    """One fused function per distinct MoE / spectral configuration: routed_experts, routed_experts2, spectral_mixer, ..."""
 
     def __init__(self, moe_kernel: str, spectral_kernel: str, attention_kernel: str = "auto", expert_parallel: bool = False,
                  tiles: tuple[int, ...] = (), splits: dict[str, str] | None = None):
@@ -32,7 +32,8 @@ class FusedFunctions:
     def moe(self, attrs: dict) -> str:
         key = ("moe", tuple(sorted(attrs.items())))
         if key not in self.names:
-            name = f"fused_moe_{sum(k[0] == 'moe' for k in self.names)}"
+            count = sum(k[0] == "moe" for k in self.names)
+            name = f"routed_experts{count + 1 if count else ''}"  # a spectral layer's inner MoE, called once per step
             self.names[key] = name
             kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs["moe"], self.expert_parallel)
             self.triton |= codegen_moe.uses_triton(kernel) and not self.expert_parallel
@@ -44,7 +45,8 @@ class FusedFunctions:
         key = ("spectral", tuple(sorted(attrs.items())))
         if key not in self.names:
             moe_name = self.moe({"slots": codegen_moe.inner_slots(attrs["slots"]), "moe": attrs["moe"]})
-            name = f"fused_spectral_moe_{sum(k[0] == 'spectral' for k in self.names)}"
+            count = sum(k[0] == "spectral" for k in self.names)
+            name = f"spectral_mixer{count + 1 if count else ''}"
             self.names[key] = name
             self.sources[name] = codegen_moe.spectral_function(name, moe_name, attrs, self.spectral_kernel)
         return self.names[key]

@@ -56,7 +56,8 @@ def _kind(owner: str, leaves: dict, uses: dict) -> str | None:
         return "LayerNorm"
     if rank == 2 and ("embed", 1) in weight_uses and weight_uses <= {("embed", 1), ("linear", 1)} and "bias" not in leaves:
         return "Embedding"
-    if rank == 2 and weight_uses and weight_uses <= {("linear", 1)} | fused and bias_uses <= {("linear", 2)} | fused:
+    read_by_linear = ("linear", 1) in weight_uses or owner.rsplit(".", 1)[-1] == "router"  # a router: the fused node's linear
+    if rank == 2 and read_by_linear and weight_uses <= {("linear", 1)} | fused and bias_uses <= {("linear", 2)} | fused:
         return "Linear"
     return None
 

@@ -29,6 +29,8 @@ def role(graph: Graph, node: Node, index: int, names: dict[Ref, str]) -> str:
     """The role name of output ``index`` of ``node`` (``names``: the names of the values already bound)."""
     if node.op in _MULTI:
         return _MULTI[node.op][index] if index < len(_MULTI[node.op]) else f"out{index}"
+    if node.op == "add" and node.types and node.types[0].rank == 0:
+        return "aux"
     if node.op in _SAME_AS_INPUT and node.inputs[0] in names:
         return names[node.inputs[0]].rstrip("0123456789") or "x"
     if node.op == "linear":

@@ -34,6 +34,7 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
     body.call(["x"], f"self.embed_inputs({arg}{', cache' if emitter.decoding else ''})")
     if block_segments:
         _loop(emitter, body, block_segments)
+    body.names.reserved.add("x")  # predict(x) reads it last
     chain = _aux_chains(emitter, block_segments, epilogue)
     for node_name, kind in chain.items():
         body.names.fixed(Ref(node_name, 0), kind)
