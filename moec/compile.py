@@ -43,7 +43,7 @@ class Program:
 
     def moe_layers(self) -> list[tuple[str, object]]:
         """``(layer name as in MOE_LAYERS, its MoeAttrs)`` for every MoE layer, in forward order."""
-        from moec.backends.torch.emit import moe_layers
+        from moec.backends.torch.blocks import moe_layers
 
         nodes = [node for node in self.graph.nodes if node.op in ("moe", "spectral_moe")]
         return [(name, node.attr["moe"]) for name, node in zip(moe_layers(self.graph), nodes)]

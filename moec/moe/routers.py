@@ -7,7 +7,6 @@ An entry holds everything the compiler knows about a kind of router:
   function of the same name), with its attributes;
 - ``emit_scores``: the expression the torch backend writes for the same scores (of the
   logits; for a router that is not learned, of ``"<token ids>, <experts>"``);
-- ``helpers``: the ``moec.backends.torch.snippets`` functions that expression calls;
 - ``selection_bias``: a non-trainable per-expert bias added to the scores for selection
   only (parameter ``router.selection_bias``, moved by the trainer towards even load);
 - ``expert_choice``: every expert picks its best tokens (the (token, expert) pairs are all
@@ -21,7 +20,7 @@ name in the schema's ``Router.kind`` literal, and tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from moec.moe.attrs import RouterAttrs
@@ -34,7 +33,6 @@ class RouterKind:
     score_op: str
     score_attrs: Callable[[RouterAttrs], dict]
     emit_scores: Callable[[RouterAttrs, str], str]  # (router, logits expression) -> scores expression
-    helpers: frozenset[str] = field(default_factory=frozenset)
     selection_bias: bool = False
     expert_choice: bool = False
     learned: bool = True
@@ -73,7 +71,6 @@ ROUTERS = {
                                    **({"topk": r.sinkhorn_topk} if r.sinkhorn_topk else {})},
             emit_scores=lambda r, logits: f"sinkhorn({logits}, {r.sinkhorn_iters}, {r.sinkhorn_tau!r}, {r.temperature!r}"
                                           f"{f', {r.sinkhorn_topk}' if r.sinkhorn_topk else ''})",
-            helpers=frozenset({"sinkhorn"}),
         ),
         RouterKind(
             "expert_choice", "softmax scores; each expert takes its C best tokens of the batch (Zhou et al. 2022)",
@@ -85,7 +82,7 @@ ROUTERS = {
             "library's TokenRoutedMLP); one-hot scores, weight 1",
             score_op="token_route", score_attrs=lambda r: {"table": r.table} if r.table else {},
             emit_scores=lambda r, ids_and_experts: f"token_route({ids_and_experts}{f', {r.table!r}' if r.table else ''})",
-            helpers=frozenset({"token_route"}), learned=False,
+            learned=False,
         ),
     )
 }

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from moec.ir.graph import Graph, Node, Ref
+from moec.moe import EXPERT_PREFIX, ROUTER_WEIGHT
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -79,3 +80,14 @@ def _wire(graph: Graph, segment: Segment) -> None:
 
 def is_fused(node: Node) -> bool:
     return node.op in ("moe", "spectral_moe")
+
+
+def moe_layers(graph: Graph) -> tuple[str, ...]:
+    """Names of the MoE layers, in forward order: the prefix of each one's router (or first expert) weight."""
+    names = []
+    for node in graph.nodes:
+        if node.op in ("moe", "spectral_moe"):
+            slot = ROUTER_WEIGHT if ROUTER_WEIGHT in node.attr["slots"] else EXPERT_PREFIX + "w_up"  # token_id: no router weight
+            param = node.inputs[node.attr["slots"].index(slot)]
+            names.append(graph[param.node].attr["name"].removesuffix("." + slot))
+    return tuple(names)

@@ -50,21 +50,6 @@ def uses_triton(kernel: str) -> bool:
     return kernel == "triton"
 
 
-def helpers_for(moe: MoeAttrs) -> set[str]:
-    """The snippets a fused MoE function calls."""
-    used = {"select_experts", _balance_fn(moe)} | set(ROUTERS[moe.router.kind].helpers)
-    used |= {"router_noise"} if moe.router.noise != "none" else set()
-    used |= {"router_dropout"} if moe.router.dropout > 0 else set()
-    used |= {"band_mask"} if moe.router.bands else set()
-    used |= {"router_entropy"} if moe.aux.entropy > 0 else set()
-    used |= {"router_margin"} if moe.aux.margin > 0 else set()
-    used |= {"capacity_keep"} | ({"capacity_of"} if not moe.capacity.tokens else set()) if not moe.dropless else set()
-    used |= {"annealed_capacity", "capacity_trim"} if moe.anneal and moe.anneal.capacity_factor else set()
-    used |= {"renormalize_kept"} if moe.capacity.drop_policy == "renormalize" else set()
-    used |= {"clamped_glu"} if ACTIVATIONS[moe.expert.activation].clamped else set()
-    return used
-
-
 def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, expert_parallel: bool = False,
                  tiles: tuple[int, ...] = (), tensor_parallel: bool = False) -> list[str]:
     """``tensor_parallel``: the experts' weights are this rank's slices of the expert hidden size (grouped_mm only)."""

@@ -18,16 +18,15 @@ from __future__ import annotations
 import re
 
 from moec.backends.torch import codegen_tp, decode
-from moec.backends.torch.blocks import is_fused, segments
+from moec.backends.torch.blocks import is_fused, moe_layers, segments
 from moec.backends.torch.fused import FusedFunctions, fused_method, fused_sources
-from moec.backends.torch.support import import_lines, support
 from moec.backends.torch.layers import LayerPart, split_block
 from moec.backends.torch.modules import INIT_ARGS, declarations, standard_modules
 from moec.backends.torch.ops import EXPRESSIONS
 from moec.backends.torch.roots import root_class
 from moec.backends.torch.statements import Body, param_expr
+from moec.backends.torch.support import import_lines, support
 from moec.ir.graph import Graph, Node, Ref
-from moec.moe import EXPERT_PREFIX, ROUTER_WEIGHT
 
 IMPORTS = [
     "from __future__ import annotations",
@@ -304,14 +303,3 @@ def _argument_name(graph: Graph, ref: Ref, body: Body) -> str:
     role_name = str(node.attr["name"]) if node.op == "input" else ("v" if node.op == "dynamics" and ref.index == 1 else "x")
     name = body.names.bind(ref, role_name, -1)
     return name
-
-
-def moe_layers(graph: Graph) -> tuple[str, ...]:
-    """Names of the MoE layers, in forward order: the prefix of each one's router (or first expert) weight."""
-    names = []
-    for node in graph.nodes:
-        if node.op in ("moe", "spectral_moe"):
-            slot = ROUTER_WEIGHT if ROUTER_WEIGHT in node.attr["slots"] else EXPERT_PREFIX + "w_up"  # token_id: no router weight
-            param = node.inputs[node.attr["slots"].index(slot)]
-            names.append(graph[param.node].attr["name"].removesuffix("." + slot))
-    return tuple(names)

@@ -12,9 +12,9 @@ import re
 
 from moec.backends.torch import codegen_moe, codegen_tp
 from moec.backends.torch.codegen_moe import slot_arg
-from moec.moe import EXPERT_PREFIX
 from moec.backends.torch.statements import param_expr
 from moec.ir.graph import Node
+from moec.moe import EXPERT_PREFIX
 
 class FusedFunctions:
     """One fused function per distinct MoE / spectral configuration: routed_experts, routed_experts2, spectral_mixer, ..."""

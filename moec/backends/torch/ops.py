@@ -40,10 +40,3 @@ EXPRESSIONS = {
     "dynamics": lambda n, h, *rest: (f"inl_dynamics({h}, {rest[0] if len(rest) == 6 else 'None'}, {', '.join(rest[-5:])}, "
                                      f"{n.attr['dt']!r}, {n.attr['beta_max']!r}, {n.attr['velocity_limit']!r})"),
 }
-
-# Helper functions (from moec.backends.torch.snippets) that an op's expression calls.
-SNIPPETS_USED_BY = {
-    "rope": lambda n: {"rope_yarn", "yarn_frequencies"} if "factor" in n.attr else {"rope"},
-    "clamped_glu": lambda n: {"clamped_glu"},
-    "dynamics": lambda n: {"inl_dynamics"},
-}  # attention: the kernel's snippet, chosen by the emitter

@@ -10,8 +10,9 @@ that drive generation (``moec.backends.torch.decode``).
 from __future__ import annotations
 
 from moec.backends.torch import codegen_tp, decode
+from moec.backends.torch.blocks import moe_layers
 from moec.backends.torch.modules import INIT_ARGS, declarations
-from moec.backends.torch.statements import Body
+from moec.backends.torch.statements import Body, Statement
 from moec.ir.graph import Ref
 
 
@@ -103,8 +104,6 @@ def _needed(graph, indices: list[int], output: Ref) -> list[int]:
 
 
 def _moe_layers(emitter) -> tuple[str, ...]:
-    from moec.backends.torch.emit import moe_layers
-
     return moe_layers(emitter.graph)
 
 
@@ -181,9 +180,7 @@ def _loop(emitter, body: Body, segments) -> None:
                 body.names.fixed(ref, contract.kind_of(ref))
 
 
-def _raw(lines: list[str]):
-    from moec.backends.torch.statements import Statement
-
+def _raw(lines: list[str]) -> Statement:
     return Statement([], "", lines=lines)
 
 
