@@ -68,9 +68,9 @@ def _load_source(source: Path, weights: Path | None):
         import yaml
 
         from moec.compile import build_model
-        from moec.runtime.checkpoint import META, load_model_state
+        from moec.runtime.checkpoint import META, load_model_state, verify_checkpoint
 
-        meta = json.loads((source / META).read_text())
+        meta = verify_checkpoint(source).meta  # every file against manifest.json: damage is one line naming the file
         spec = load_spec_text(yaml.safe_dump(meta["spec"], sort_keys=False), file=str(source / META))
         model = build_model(spec)
         load_model_state(source, model)
