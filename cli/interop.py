@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -20,14 +19,14 @@ def import_hf_command(
     output: Path = typer.Option(..., "--output", "-o", help="The spec to write; weights go beside it (<stem>.safetensors)."),
 ) -> None:
     """Turn a local Hugging Face model directory into a moec spec and a safetensors weights file."""
-    from moec.interop import UnsupportedConfig, import_hf
+    from moec.interop import import_hf
 
     if not (directory / "config.json").is_file():
         typer.echo(f"error: {directory}: no config.json (is it a Hugging Face model directory?)", err=True)
         raise typer.Exit(1)
     try:
         result = import_hf(directory, output)
-    except (UnsupportedConfig, KeyError, json.JSONDecodeError) as err:
+    except (ValueError, KeyError) as err:  # UnsupportedConfig, WeightsError, invalid JSON; KeyError: a tensor with no place
         typer.echo(f"error: {directory}: {err.args[0] if err.args else err}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"wrote {result.spec} ({result.family})")
@@ -35,6 +34,9 @@ def import_hf_command(
         typer.echo("no safetensors weights in the directory: the spec seed initialises the model")
     else:
         typer.echo(f"wrote {result.weights} ({result.tensors} tensors)")
+    if result.nonfinite:
+        shown = ", ".join(result.nonfinite[:5]) + (f" and {len(result.nonfinite) - 5} more" if len(result.nonfinite) > 5 else "")
+        typer.echo(f"warning: {len(result.nonfinite)} tensor(s) hold NaN or inf values, imported as they are: {shown}", err=True)
 
 
 @export_app.command("hf")
