@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -27,8 +28,7 @@ def import_hf_command(
     try:
         result = import_hf(directory, output)
     except (ValueError, KeyError) as err:  # UnsupportedConfig, WeightsError, invalid JSON; KeyError: a tensor with no place
-        typer.echo(f"error: {directory}: {err.args[0] if err.args else err}", err=True)
-        raise typer.Exit(1) from None
+        refuse(directory, err)
     typer.echo(f"wrote {result.spec} ({result.family})")
     if result.weights is None:
         typer.echo("no safetensors weights in the directory: the spec seed initialises the model")
@@ -57,9 +57,19 @@ def export_hf_command(
         print_spec_error(err)
         raise typer.Exit(1) from None
     except (NotExportable, ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {source}: {err}", err=True)
-        raise typer.Exit(1) from None
+        refuse(source, err)
     typer.echo(f"wrote {output}/config.json, {output}/model.safetensors")
+
+
+def refuse(source: Path, err: Exception) -> NoReturn:
+    """Exit 1 with one line; a message that names its own file (damaged weights, a checkpoint) is not prefixed with ``source``."""
+    from moec.interop.weights import WeightsError
+    from moec.runtime.checkpoint import CheckpointError
+
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    prefix = "" if isinstance(err, (WeightsError, CheckpointError)) else f"{source}: "
+    typer.echo(f"error: {prefix}{text}", err=True)
+    raise typer.Exit(1) from None
 
 
 def _load_source(source: Path, weights: Path | None):
