@@ -133,12 +133,14 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
                     raise WeightsError(f"{file}: tensor {name!r} is not a parameter of the model")
                 tensor = f.get_tensor(name)
                 if tuple(tensor.shape) != tuple(state[name].shape):
-                    raise WeightsError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model wants {tuple(state[name].shape)}")
+                    raise WeightsError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
+                                       f"the model wants {tuple(state[name].shape)}")
                 state[name].copy_(tensor.to(state[name].dtype))
                 seen.add(name)
     missing = sorted(set(state) - seen)
     if missing:
-        raise WeightsError(f"{path}: no weights for {len(missing)} parameter(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise WeightsError(f"{path}: no weights for {len(missing)} parameter(s): "
+                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
 
 def save_weights(state: dict[str, torch.Tensor], stem: Path, shard_bytes: int = SHARD_BYTES) -> Path:

@@ -179,7 +179,8 @@ def test_export_of_a_damaged_checkpoint_directory_is_one_line(damaged_checkpoint
 def test_train_init_from_a_damaged_checkpoint_directory_is_one_line(finished_run, damaged_checkpoint, tmp_path):
     ck, run = damaged_checkpoint, tmp_path / "run"
     result = moec_cli("train", finished_run[0], "--init-from", ck, "--run-dir", run, "--no-plots")
-    assert refused(result, run) == f"error: --init-from: {ck}/__0_0.distcp: sha256 does not match manifest.json (damaged or replaced)\n"
+    assert refused(result, run) == (f"error: --init-from: {ck}/__0_0.distcp: sha256 does not match manifest.json "
+                                    "(damaged or replaced)\n")
 
 
 def test_train_init_from_a_header_bomb_is_one_line(imported, tmp_path):
