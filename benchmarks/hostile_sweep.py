@@ -8,7 +8,8 @@ current one. Outcomes: ``clean`` (refused in one line without a traceback, or su
 success is right), ``traceback``, ``silent`` (exit 0 where it should have refused), ``hang``
 (killed at the timeout). ``lost`` marks cases where files written earlier (checkpoints,
 metrics rows) were gone or damaged afterwards. The full-disk cases mount a size-limited
-tmpfs, so they need root; elsewhere they are reported as ``n/a``.
+tmpfs, so they need root; elsewhere they are reported as ``n/a``. The ``import`` category
+writes tiny random HF Mixtral directories with transformers (nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -388,8 +389,96 @@ def paths(s: Sweep):
         s.record("signals", case, expect, rc, out, err, note=f"stopped after {time.monotonic() - sent:.1f} s")
 
 
+def _hf_mixtral(s: Sweep, name: str) -> Path:
+    """A copy of a tiny random Mixtral directory written by transformers from a config (nothing downloaded)."""
+    base = s.work / "hf-base"
+    if not base.exists():
+        import torch
+        import transformers as T
+
+        torch.manual_seed(0)
+        config = T.MixtralConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, num_local_experts=4)
+        T.AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    return Path(shutil.copytree(base, s.work / name))
+
+
+def _edit_config(**changes):
+    def apply(hf):
+        (hf / "config.json").write_text(json.dumps(json.loads((hf / "config.json").read_text()) | changes))
+    return apply
+
+
+def _edit_tensors(change):
+    def apply(hf):
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(hf / "model.safetensors")
+        change(state)
+        save_file(state, hf / "model.safetensors", metadata={"format": "pt"})
+    return apply
+
+
+def _header_bomb(path: Path) -> None:
+    path.write_bytes((1 << 62).to_bytes(8, "little") + path.read_bytes()[8:])
+
+
+def _pickled_only(hf):
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(hf / "model.safetensors"), hf / "pytorch_model.bin")
+    (hf / "model.safetensors").unlink()
+
+
+def _small_q_proj(state):
+    import torch
+
+    state["model.layers.1.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+
+
+def _non_finite(state):
+    state["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+    state["model.norm.weight"][1] = float("inf")
+
+
+IMPORTS = {  # case -> (damage, expect); "warn": exit 0 with a warning line
+    "weights only as pytorch_model.bin (a pickle)": (_pickled_only, "refuse"),
+    "model.safetensors header length 2^62": (lambda hf: _header_bomb(hf / "model.safetensors"), "refuse"),
+    "config vocab_size 10^12, embedding 64 rows": (_edit_config(vocab_size=10**12), "refuse"),
+    "a q_proj replaced by a [3, 3] tensor": (_edit_tensors(_small_q_proj), "refuse"),
+    "num_local_experts: 0": (_edit_config(num_local_experts=0), "refuse"),
+    "NaN and inf in two tensors": (_edit_tensors(_non_finite), "warn"),
+}
+
+
+def imports(s: Sweep):
+    for case, (damage, expect) in IMPORTS.items():
+        hf = _hf_mixtral(s, f"i-{len(s.results)}")
+        damage(hf)
+        out = s.work / f"i-out-{len(s.results)}"
+        rc, stdout, err = s.moec("import", "hf", hf, "-o", out / "m.yaml")
+        left = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+        s.record("import", case, "succeed" if expect == "warn" else expect, rc, stdout, err,
+                 note=f"left {', '.join(left)}" if expect == "refuse" and left else "")
+        if expect == "warn" and rc == 0 and "warning:" not in err:
+            s.results[-1]["outcome"] = "silent"
+    hf = _hf_mixtral(s, "i-export")
+    assert s.moec("import", "hf", hf, "-o", s.work / "i-export" / "m.yaml")[0] == 0
+    _header_bomb(s.work / "i-export" / "m.safetensors")
+    rc, out, err = s.moec("export", "hf", s.work / "i-export" / "m.yaml", "-o", s.work / "i-export-back")
+    s.record("import", "export hf: weights header length 2^62", "refuse", rc, out, err)
+    rc, out, err = s.moec("train", s.work / "i-export" / "m.yaml", "--init-from", s.work / "i-export" / "m.safetensors",
+                          "--run-dir", s.work / "i-export-run", "--no-plots")
+    s.record("import", "train --init-from: header length 2^62", "refuse", rc, out, err)
+    run = s.copy_run("i-ck")
+    _flip(run / "checkpoints" / "step_00000004", run)
+    rc, out, err = s.moec("export", "hf", run / "checkpoints" / "step_00000004", "-o", s.work / "i-ck-back")
+    s.record("import", "export hf: checkpoint with a flipped bit", "refuse", rc, out, err)
+
+
 CATEGORIES = {"security": security, "checkpoints": checkpoints, "writes": writes, "bounds": bounds, "yaml": yaml_cases,
-              "paths": paths}
+              "paths": paths, "import": imports}
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -20,21 +20,23 @@ def import_hf_command(
     output: Path = typer.Option(..., "--output", "-o", help="The spec to write; weights go beside it (<stem>.safetensors)."),
 ) -> None:
     """Turn a local Hugging Face model directory into a moec spec and a safetensors weights file."""
-    from moec.interop import UnsupportedConfig, import_hf
+    from moec.interop import import_hf
 
     if not (directory / "config.json").is_file():
         typer.echo(f"error: {directory}: no config.json (is it a Hugging Face model directory?)", err=True)
         raise typer.Exit(1)
     try:
         result = import_hf(directory, output)
-    except (UnsupportedConfig, KeyError, json.JSONDecodeError) as err:
-        typer.echo(f"error: {directory}: {err.args[0] if err.args else err}", err=True)
-        raise typer.Exit(1) from None
+    except (ValueError, KeyError) as err:  # UnsupportedConfig, WeightsError, invalid JSON; KeyError: a tensor with no place
+        refuse(directory, err)
     typer.echo(f"wrote {result.spec} ({result.family})")
     if result.weights is None:
         typer.echo("no safetensors weights in the directory: the spec seed initialises the model")
     else:
         typer.echo(f"wrote {result.weights} ({result.tensors} tensors)")
+    if result.nonfinite:
+        shown = ", ".join(result.nonfinite[:5]) + (f" and {len(result.nonfinite) - 5} more" if len(result.nonfinite) > 5 else "")
+        typer.echo(f"warning: {len(result.nonfinite)} tensor(s) hold NaN or inf values, imported as they are: {shown}", err=True)
 
 
 @export_app.command("hf")
@@ -55,9 +57,19 @@ def export_hf_command(
         print_spec_error(err)
         raise typer.Exit(1) from None
     except (NotExportable, ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {source}: {err}", err=True)
-        raise typer.Exit(1) from None
+        refuse(source, err)
     typer.echo(f"wrote {output}/config.json, {output}/model.safetensors")
+
+
+def refuse(source: Path, err: Exception) -> NoReturn:
+    """Exit 1 with one line; a message that names its own file (damaged weights, a checkpoint) is not prefixed with ``source``."""
+    from moec.interop.weights import WeightsError
+    from moec.runtime.checkpoint import CheckpointError
+
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    prefix = "" if isinstance(err, (WeightsError, CheckpointError)) else f"{source}: "
+    typer.echo(f"error: {prefix}{text}", err=True)
+    raise typer.Exit(1) from None
 
 
 def _load_source(source: Path, weights: Path | None):
@@ -68,9 +80,9 @@ def _load_source(source: Path, weights: Path | None):
         import yaml
 
         from moec.compile import build_model
-        from moec.runtime.checkpoint import META, load_model_state
+        from moec.runtime.checkpoint import META, load_model_state, verify_checkpoint
 
-        meta = json.loads((source / META).read_text())
+        meta = verify_checkpoint(source).meta  # every file against manifest.json: damage is one line naming the file
         spec = load_spec_text(yaml.safe_dump(meta["spec"], sort_keys=False), file=str(source / META))
         model = build_model(spec)
         load_model_state(source, model)

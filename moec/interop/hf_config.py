@@ -84,6 +84,8 @@ def _required(config: dict, family: str) -> None:
             raise UnsupportedConfig(f"config field {key!r} = {config[key]!r} is not supported: {what}")
 
     need("hidden_act", lambda v: v == "silu", "moec's experts and MLPs are SwiGLU (silu)")
+    for key in ("num_local_experts", "num_experts", "num_experts_per_tok"):
+        need(key, lambda v: type(v) is int and v >= 1, "an MoE layer needs at least one expert, and routes to at least one")
     need("attention_dropout", lambda v: v == 0, "attention dropout is not implemented")
     need("router_jitter_noise", lambda v: v == 0, "multiplicative router jitter is not implemented")
     need("clip_qkv", lambda v: v is None, "q/k/v clipping is not implemented")

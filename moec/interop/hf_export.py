@@ -173,25 +173,20 @@ def export_hf(spec, weights, directory: Path, shard_bytes: int | None = None) ->
     ``weights``: a state dict (name -> tensor) or a moec weights file.
     """
     from moec.interop.hf_weights import to_hf
-    from moec.interop.weights import SHARD_BYTES, ShardWriter, weight_files
+    from moec.interop.weights import SHARD_BYTES, ShardWriter, read_all, weight_files
 
     config, family, moe_layers = hf_config(spec)
+    if not isinstance(weights, dict):  # read (a damaged file refused) before anything is written
+        weights = read_all(weight_files(Path(weights)))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if not isinstance(weights, dict):
-        weights = _read_all(weight_files(Path(weights)))
     writer = ShardWriter(directory / "model", shard_bytes or SHARD_BYTES)
-    for name, tensor in to_hf(family, moe_layers, weights):
-        writer.add(name, tensor.detach().cpu())
+    try:
+        for name, tensor in to_hf(family, moe_layers, weights):
+            writer.add(name, tensor.detach().cpu())
+    except BaseException:
+        writer.abort()
+        raise
     writer.close()
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
-
-
-def _read_all(files: list[Path]) -> dict:
-    from safetensors.torch import load_file
-
-    state = {}
-    for file in files:
-        state |= load_file(str(file))
-    return state

@@ -4,22 +4,31 @@ The spec gets the model from ``config.json`` (see ``hf_config``) and a default `
 section (edit it before training). The weights are converted one source tensor at a time
 and written one output shard at a time, so a large checkpoint is never held twice.
 Tokenizer files, when present, are copied to ``<stem>.tokenizer/`` beside the spec.
+
+What cannot be imported faithfully is refused before anything is written: pickled weights
+(never unpickled), damaged safetensors files, a config whose sizes the tensors contradict,
+one that makes an invalid spec. Tensors holding NaN or inf are imported and listed.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
+import torch
 import yaml
 
-from moec.interop.hf_config import ARCHITECTURES, check_fields, family_of, model_section, moe_layer_indices, safe_name
-from moec.interop.weights import SHARD_BYTES, ShardWriter
+from moec.interop.hf_config import (ARCHITECTURES, UnsupportedConfig, check_fields, family_of, model_section, moe_layer_indices,
+                                    safe_name)
+from moec.interop.weights import SHARD_BYTES, ShardWriter, WeightsError, open_safetensors, tensor_shapes
+from moec.schema.errors import format_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
                    "merges.txt", "generation_config.json", "chat_template.jinja")
+EMBED = "model.embed_tokens.weight"
 
 
 @dataclass
@@ -28,6 +37,7 @@ class Imported:
     weights: Path | None  # None: the directory had no weights (the spec seed initialises)
     family: str
     tensors: int = 0
+    nonfinite: list[str] = field(default_factory=list)  # source tensors holding NaN or inf (imported as they are)
 
 
 def spec_from_config(config: dict, name: str, source: str) -> tuple[dict, str]:
@@ -70,34 +80,102 @@ class _NoAliases(yaml.SafeDumper):
 
 
 def import_hf(directory: Path, spec_path: Path, shard_bytes: int = SHARD_BYTES) -> Imported:
-    from moec.interop.hf_weights import Converter, source_files
+    """Everything is checked before anything is written: a refusal (``UnsupportedConfig``, ``WeightsError``,
+    ``KeyError``) leaves nothing at ``spec_path`` or beside it."""
+    from moec.interop.hf_weights import source_files
 
     directory, spec_path = Path(directory), Path(spec_path)
-    config = json.loads((directory / "config.json").read_text())
+    config = read_config(directory)
     spec, family = spec_from_config(config, spec_path.stem, directory.name)
     files = source_files(directory)
+    found = tensor_shapes(files)
+    check_embedding(config, found)
+    check_shapes(found, config, family, validated(spec))
     spec_path.parent.mkdir(parents=True, exist_ok=True)
-    weights, count = None, 0
-    if files:
-        from safetensors import safe_open
-
-        moe_layers = moe_layer_indices(config, family)
-        experts = config.get("num_local_experts") or config.get("num_experts") or 0
-        convert = Converter(family, moe_layers, experts, tied=bool(config.get("tie_word_embeddings", False)))
-        writer = ShardWriter(spec_path.with_suffix(""), shard_bytes, metadata={"source": directory.name, "family": family})
-        for file in files:
-            with safe_open(str(file), "pt") as f:
-                for name in f.keys():
-                    for ours, tensor in convert(name, f.get_tensor(name)):
-                        writer.add(ours, tensor)
-                        count += 1
-        convert.finish()
-        weights = writer.close()
+    weights, count, nonfinite = _write_weights(files, config, family, spec_path, directory.name, shard_bytes)
     spec_path.write_text(render_spec(spec, weights))
+    _copy_tokenizer(directory, spec_path)
+    return Imported(spec=spec_path, weights=weights, family=family, tensors=count, nonfinite=nonfinite)
+
+
+def read_config(directory: Path) -> dict:
+    config = json.loads((directory / "config.json").read_text())
+    if not isinstance(config, dict):
+        raise UnsupportedConfig(f"config.json holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def validated(spec: dict):
+    """The spec as moec loads it; an invalid one is refused now, not when training starts."""
+    from moec import SpecError, load_spec_text
+
+    try:
+        return load_spec_text(render_spec(spec, None), file="config.json")
+    except SpecError as err:
+        issue = err.issues[0]
+        raise UnsupportedConfig(f"config.json makes a spec moec refuses: {format_path(issue.path)}: {issue.message}") from None
+
+
+def check_embedding(config: dict, found: dict) -> None:
+    """vocab_size and hidden_size against the embedding, before the spec is validated (which a wrong size may fail)."""
+    if EMBED in found:
+        file, shape = found[EMBED]
+        _agree(file, EMBED, shape, (config.get("vocab_size"), config.get("hidden_size")), " (vocab_size, hidden_size)")
+
+
+def check_shapes(found: dict, config: dict, family: str, spec) -> None:
+    """Every tensor against the shape the config implies (the moec model built on the meta device, in HF names)."""
+    from moec.compile import build_model
+    from moec.interop.hf_weights import hf_shapes
+
+    if not found:
+        return
+    expected = hf_shapes(family, moe_layer_indices(config, family), build_model(spec, device="meta"))
+    for name, (file, shape) in found.items():
+        if name in expected:  # others (a fused expert layout, a stored tied head) are checked as they are converted
+            _agree(file, name, shape, expected[name])
+
+
+def _agree(file: Path, name: str, shape: tuple, expected: tuple, fields: str = "") -> None:
+    if tuple(shape) != tuple(expected):
+        raise WeightsError(f"{file}: tensor {name} has shape {list(shape)}, but config.json implies {list(expected)}{fields}")
+
+
+def _write_weights(files: list[Path], config: dict, family: str, spec_path: Path, source: str, shard_bytes: int):
+    """(weights file or None, tensors written, names of source tensors holding NaN / inf); on any error no shard is left."""
+    from moec.interop.hf_weights import Converter
+
+    if not files:
+        return None, 0, []
+    experts = config.get("num_local_experts") or config.get("num_experts") or 0
+    convert = Converter(family, moe_layer_indices(config, family), experts, tied=bool(config.get("tie_word_embeddings", False)))
+    writer = ShardWriter(spec_path.with_suffix(""), shard_bytes, metadata={"source": source, "family": family})
+    count, nonfinite = 0, []
+    try:
+        for name, tensor in _source_tensors(files):
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                nonfinite.append(name)
+            for ours, converted in convert(name, tensor):
+                writer.add(ours, converted)
+                count += 1
+        convert.finish()
+        return writer.close(), count, nonfinite
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _source_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        with open_safetensors(file) as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _copy_tokenizer(directory: Path, spec_path: Path) -> None:
     present = [directory / f for f in TOKENIZER_FILES if (directory / f).exists()]
     if present:
         target = spec_path.with_name(spec_path.stem + ".tokenizer")
         target.mkdir(exist_ok=True)
         for path in present:
             shutil.copy2(path, target / path.name)
-    return Imported(spec=spec_path, weights=weights, family=family, tensors=count)

@@ -13,12 +13,13 @@ Export writes the per-expert layout, which every transformers version loads.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from moec.interop.weights import WeightsError, index_files
 
 MOEC_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -169,10 +170,26 @@ def to_hf(family: str, moe_layers: list[bool], state: dict[str, torch.Tensor]) -
             raise KeyError(f"parameter {name!r} has no Hugging Face name")
 
 
+def hf_shapes(family: str, moe_layers: list[bool], model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> the shape a moec model (built from the config, say on the meta device) needs, per-expert layout."""
+    return {name: tuple(tensor.shape) for name, tensor in to_hf(family, moe_layers, model.state_dict())}
+
+
+PICKLED = ("pytorch_model*.bin", "*.pt", "*.pth")  # torch.save files: unpickling them can run any code
+
+
 def source_files(directory: Path) -> list[Path]:
-    """The safetensors files of an HF directory (sharded via model.safetensors.index.json or one file)."""
+    """The safetensors files of an HF directory (sharded via model.safetensors.index.json or one file).
+
+    Pickled weights without safetensors beside them are refused, never loaded.
+    """
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / f for f in files]
-    return sorted(directory.glob("*.safetensors"))
+        return [directory / f for f in index_files(index)]
+    files = sorted(directory.glob("*.safetensors"))
+    pickled = sorted({p.name for pattern in PICKLED for p in directory.glob(pattern)})
+    if pickled and not files:
+        raise WeightsError(f"{directory / pickled[0]}: pickled weights are not read (unpickling can run code); convert them to "
+                           "safetensors first, e.g. with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
+                           ".save_pretrained(OUT, safe_serialization=True)")
+    return files

@@ -176,17 +176,7 @@ def load_checkpoint(path: Path, model, optimizer) -> None:
     if not state["optim"]:  # a fresh optimizer has no moments yet: make the slots to load into
         _init_optimizer_state(optimizer)
         state = _tensor_state(model, optimizer)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)))
-    except CheckpointError:
-        raise
-    except BaseException as err:  # DCP's CheckpointException is a BaseException
-        inner = _innermost(err)
-        if isinstance(inner, CheckpointError) or not isinstance(inner, Exception):  # ours, or an interrupt
-            raise inner from None
-        raise CheckpointError(f"{path}: DCP cannot load it into this model ({type(inner).__name__}: {_first_line(inner)})") from None
+    _dcp_load(state, path)
     from_id_order(state, model)
     set_model_state_dict(model, state["model"])
     _restore_optimizer(model, optimizer, state["optim"])
@@ -198,10 +188,23 @@ def load_checkpoint(path: Path, model, optimizer) -> None:
 def load_model_state(path: Path, model) -> None:
     """Only the model's weights from a checkpoint (no optimizer, no RNG): for export and --init-from."""
     state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)))
+    _dcp_load(state, Path(path))
     model.load_state_dict(state["model"])
+
+
+def _dcp_load(state: dict, path: Path) -> None:
+    """DCP's load through :class:`SafeReader`; what goes wrong is one ``CheckpointError`` line (interrupts pass through)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)))
+    except CheckpointError:
+        raise
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        inner = _innermost(err)
+        if isinstance(inner, CheckpointError) or not isinstance(inner, Exception):  # ours, or an interrupt
+            raise inner from None
+        raise CheckpointError(f"{path}: DCP cannot load it into this model ({type(inner).__name__}: {_first_line(inner)})") from None
 
 
 def _innermost(err: BaseException) -> BaseException:

@@ -72,6 +72,8 @@ class Trainer:
                  overwrite: bool = False):
         self.spec, self.train = spec, spec.train
         self.run_dir = checked_run_dir(spec.train.checkpoint.dir if run_dir is None else run_dir)
+        if init_from is not None and resume is None:
+            self._check_init_from(Path(init_from))
         self.program = compile_spec(spec)
         try:
             self.parallel = parallel_module(self.program)  # the generated parallel.py, loaded once
@@ -164,9 +166,19 @@ class Trainer:
             display.log(lock.note)
         return lock
 
-    def _init_from(self, path: Path) -> None:
+    @staticmethod
+    def _check_init_from(path: Path) -> None:
+        """Before the run directory is claimed: a missing, damaged or forged source is refused in one line."""
+        from moec.interop.weights import WeightsError, tensor_shapes, weight_files
+
         if not path.exists():
             raise TrainingError(f"--init-from {path}: no such file or checkpoint")
+        try:
+            ckpt.verify_checkpoint(path) if path.is_dir() else tensor_shapes(weight_files(path))
+        except (ckpt.CheckpointError, WeightsError) as err:
+            raise TrainingError(f"--init-from: {err}") from None
+
+    def _init_from(self, path: Path) -> None:
         if path.is_dir():
             ckpt.load_model_state(path, self.model)
         else:
