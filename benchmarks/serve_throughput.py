@@ -24,7 +24,7 @@ import httpx
 import uvicorn
 
 import moec
-from moec.runtime.trainer import Trainer
+from moec.train.trainer import Trainer
 from moec.serve.codec import codec_for
 from moec.serve.engine import Engine
 from moec.serve.generate import Generator

@@ -13,8 +13,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from moec.runtime.data import Dataset, TextBytes, last_value_baseline, make_dataset
-from moec.runtime.metrics import bits_per_byte
+from moec.data.datasets import Dataset, TextBytes, last_value_baseline, make_dataset
+from moec.observe.metrics import bits_per_byte
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,7 +24,7 @@ def dataset_for(spec, files: list[str] | None = None) -> Dataset:
         return make_dataset(spec)
     if spec.model.inputs.kind != "tokens" or spec.train.data.kind not in ("text", "hf_dataset"):
         raise ValueError(f"--data takes text files, for models trained on text; this one trained on {spec.train.data.kind} data")
-    from moec.runtime.data import expand_globs
+    from moec.data.datasets import expand_globs
 
     paths = expand_globs(files)
     if not paths:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from moec.runtime import checkpoint as ckpt
+from moec.checkpoint import dcp as ckpt
 
 
 def find_checkpoint(path: Path) -> ckpt.CheckpointInfo:
@@ -38,7 +38,7 @@ def load_trained(path, device="cpu"):
 
     ``path``: a run directory (``runs/<name>``) or one checkpoint (``runs/<name>/checkpoints/step_...``).
     ``model.checkpoint`` is the :class:`CheckpointInfo` it came from (path, step, meta.json).
-    Raises :class:`moec.runtime.checkpoint.CheckpointError` (a ValueError) with a one-line message.
+    Raises :class:`moec.checkpoint.dcp.CheckpointError` (a ValueError) with a one-line message.
     """
     from moec import load_spec_text
     from moec.compile import build_model

@@ -7,7 +7,7 @@ import pytest
 
 import moec
 from moec.compile import build_model
-from moec.runtime import data as data_mod
+from moec.data import datasets as data_mod
 from moec.schema.checks import estimate_params
 from tests.conftest import SPEC_FILES
 from tests.hostile.helpers import moec_cli
@@ -222,8 +222,8 @@ def test_the_bounded_glob_matches_pythons_glob():
 
 
 def test_a_model_larger_than_the_machines_memory_is_refused_before_building(monkeypatch):
-    from moec.runtime import fit
-    from moec.runtime import trainer as trainer_mod
+    from moec.train import fit as fit
+    from moec.train import trainer as trainer_mod
 
     def never(*args, **kwargs):
         raise AssertionError("nothing may be built")

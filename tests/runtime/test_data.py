@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moec.runtime.data import Signals, TextBytes, Trajectories, expand_globs, last_value_baseline
+from moec.data.datasets import Signals, TextBytes, Trajectories, expand_globs, last_value_baseline
 
 
 def test_text_batches_are_a_function_of_seed_split_and_index():

@@ -8,8 +8,8 @@ import torch
 
 import moec
 from moec.compile import build_model
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.runtime.helpers import quick_text
 
 CAPACITY = "capacity: {mode: capacity, factor: 0.75, drop_policy: renormalize}"

@@ -51,11 +51,11 @@ from moec.backends.parallel.tensor import tensor_axis
 from moec.backends.torch.data_parallel import set_batch_group
 from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
 from moec.passes.stages import stage_split
-from moec.runtime.annealing import set_annealed
-from moec.runtime.distributed import local_slice
-from moec.runtime.memory_plan import held_bytes, plan_check
-from moec.runtime.metrics import compiled_graphs, moe_health, peak_memory_bytes
-from moec.runtime.optim import lr_factor, set_learning_rates
+from moec.train.annealing import set_annealed
+from moec.distributed.processes import local_slice
+from moec.observe.memory_plan import held_bytes, plan_check
+from moec.observe.metrics import compiled_graphs, moe_health, peak_memory_bytes
+from moec.train.optim import lr_factor, set_learning_rates
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -267,7 +267,7 @@ class PipelineRun:
         return inputs.to(self.dist.device), targets.to(self.dist.device)
 
     def train_step(self, trainer, step: int) -> dict:
-        """One optimizer step of ``trainer`` (moec.runtime.trainer.Trainer) through the pipeline: its metrics row."""
+        """One optimizer step of ``trainer`` (moec.train.trainer.Trainer) through the pipeline: its metrics row."""
         train = trainer.train
         set_learning_rates(trainer.optimizer, trainer.base_lrs, lr_factor(step, self.spec))
         set_annealed(trainer.annealed, step)
@@ -283,7 +283,7 @@ class PipelineRun:
                 self._run(inputs, targets, train=True)
         task, aux = self._from_last_stage()
         if not math.isfinite(task + aux):
-            from moec.runtime.trainer import TrainingError
+            from moec.train.trainer import TrainingError
 
             raise TrainingError(f"loss is {task + aux} at step {step + 1} (pipeline parallel: per-layer diagnosis runs "
                                 f"on one process); {trainer._last_checkpoint('good')}")

@@ -21,23 +21,23 @@ from moec.backends.output import mean_stats
 from moec.backends.torch import tensor_parallel
 from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
 from moec.compile import build_model, compile_spec, parallel_module
-from moec.runtime import compile_cache
+from moec.checkpoint import compile_cache as compile_cache
 from moec.moe import ROUTERS, SELECTION_BIAS
-from moec.runtime import checkpoint as ckpt
-from moec.runtime.annealing import anneal_buffers, set_annealed
-from moec.runtime.data import last_value_baseline, make_dataset
-from moec.runtime.diagnose import describe_nonfinite
-from moec.runtime.fit import check_fit
-from moec.runtime.distributed import LaunchError, clip_grad_norm, init_distributed, local_slice, timed_out
-from moec.runtime.loggers import run_loggers
-from moec.runtime.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes,
+from moec.checkpoint import dcp as ckpt
+from moec.train.annealing import anneal_buffers, set_annealed
+from moec.data.datasets import last_value_baseline, make_dataset
+from moec.train.diagnose import describe_nonfinite
+from moec.train.fit import check_fit
+from moec.distributed.processes import LaunchError, clip_grad_norm, init_distributed, local_slice, timed_out
+from moec.observe.loggers import run_loggers
+from moec.observe.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes,
                                   steady_tokens_per_s)
-from moec.runtime.memory_plan import held_bytes, plan_check
-from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
-from moec.runtime.pipeline_step import PipelineError, make_pipeline, pipeline_axis
-from moec.runtime.precision import apply_accumulation
-from moec.runtime.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
-from moec.runtime.stopping import StopRequest
+from moec.observe.memory_plan import held_bytes, plan_check
+from moec.train.optim import lr_factor, make_optimizer, set_learning_rates
+from moec.train.pipeline_step import PipelineError, make_pipeline, pipeline_axis
+from moec.train.precision import apply_accumulation
+from moec.checkpoint.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
+from moec.train.stopping import StopRequest
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -96,7 +96,7 @@ class Trainer:
         self.model = build_model(spec, device="meta" if on_meta else self.device, program=self.program).train()
         if init_from is not None and resume is None:  # weights only (moec import hf, or another run's checkpoint)
             self._init_from(Path(init_from))
-        try:  # sharding.pipeline over more than one rank: this rank keeps its stage(s) (moec.runtime.pipeline_step)
+        try:  # sharding.pipeline over more than one rank: this rank keeps its stage(s) (moec.train.pipeline_step)
             self.pipeline = make_pipeline(spec, self.program, self.model, self.dist, self.parallel)
         except PipelineError as err:
             raise TrainingError(str(err)) from None
@@ -155,7 +155,7 @@ class Trainer:
         return self.model
 
     def _claim_run_dir(self, resume: bool, overwrite: bool, display):
-        """The run directory's lock and fresh-run rule (moec.runtime.rundir), decided on rank 0 for all ranks."""
+        """The run directory's lock and fresh-run rule (moec.checkpoint.rundir), decided on rank 0 for all ranks."""
         try:
             lock = claim_on_rank0(self.run_dir, resume, overwrite, self.dist)
         except RunDirError as err:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cli.output import print_spec_error
+from moec.cli.output import print_spec_error
 
 import_app = typer.Typer(help="Import a model from another framework as a spec + weights.", no_args_is_help=True)
 export_app = typer.Typer(help="Export a spec + weights to another framework.", no_args_is_help=True)
@@ -68,7 +68,7 @@ def _load_source(source: Path, weights: Path | None):
         import yaml
 
         from moec.compile import build_model
-        from moec.runtime.checkpoint import META, load_model_state
+        from moec.checkpoint.dcp import META, load_model_state
 
         meta = json.loads((source / META).read_text())
         spec = load_spec_text(yaml.safe_dump(meta["spec"], sort_keys=False), file=str(source / META))

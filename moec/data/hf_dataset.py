@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moec.runtime.data import MAX_TEXT_BYTES, TextBytes
+from moec.data.datasets import MAX_TEXT_BYTES, TextBytes
 from moec.schema.checks import DATASET_FORMATS
 
 

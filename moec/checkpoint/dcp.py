@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from moec.runtime.checkpoint_verify import (  # noqa: F401 - the checkpoint API is used through this module
+from moec.checkpoint.verify import (  # noqa: F401 - the checkpoint API is used through this module
     MANIFEST,
     MANIFEST_FORMAT,
     META,
@@ -52,7 +52,7 @@ from moec.runtime.checkpoint_verify import (  # noqa: F401 - the checkpoint API 
     read_dcp_metadata,
     verify_checkpoint,
 )
-from moec.runtime.expert_order import from_id_order, to_id_order
+from moec.checkpoint.expert_order import from_id_order, to_id_order
 
 # --- saving --------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ the uninterrupted run would have seen.
   windows of ``seq_len + 1`` bytes.
 - ``signals``: 1-D sines, sums of harmonics and spirals projected to 1-D.
 - ``trajectories``: 3-D helix, elliptical orbit, Lissajous curve and Lorenz attractor.
-- ``hf_dataset``: a text column of local Hugging Face dataset files (``moec.runtime.hf_dataset``).
-- ``token_files``: pre-tokenized ids, memory-mapped (``moec.runtime.token_files``).
+- ``hf_dataset``: a text column of local Hugging Face dataset files (``moec.data.hf_dataset``).
+- ``token_files``: pre-tokenized ids, memory-mapped (``moec.data.token_files``).
 - ``random_tokens``: uniform bytes (for benchmarks: nothing to learn).
 
 A batch is ``(inputs, targets)``: inputs ``[B, S]`` token ids or ``[B, S, dims]`` values,
@@ -343,11 +343,11 @@ def make_dataset(spec) -> Dataset:
     if data.kind == "text":
         return TextBytes(train.seed, train.seq_len, pool_last, list(data.files), data.val_fraction, data.tokenizer)
     if data.kind == "hf_dataset":
-        from moec.runtime.hf_dataset import HfDatasetText
+        from moec.data.hf_dataset import HfDatasetText
 
         return HfDatasetText(train.seed, train.seq_len, pool_last, data)
     if data.kind == "token_files":
-        from moec.runtime.token_files import TokenFiles
+        from moec.data.token_files import TokenFiles
 
         return TokenFiles(train.seed, train.seq_len, pool_last, list(data.train), list(data.val), data.dtype, model.inputs.vocab)
     if data.kind == "random_tokens":
