@@ -13,7 +13,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from moec.data.datasets import Dataset, TextBytes, last_value_baseline, make_dataset
+from moec.data.datasets import Dataset, TextBytes, expand_globs, last_value_baseline, read_text
+from moec.data.kinds import make_dataset
 from moec.observe.metrics import bits_per_byte
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -24,16 +25,12 @@ def dataset_for(spec, files: list[str] | None = None) -> Dataset:
         return make_dataset(spec)
     if spec.model.inputs.kind != "tokens" or spec.train.data.kind not in ("text", "hf_dataset"):
         raise ValueError(f"--data takes text files, for models trained on text; this one trained on {spec.train.data.kind} data")
-    from moec.data.datasets import expand_globs
-
     paths = expand_globs(files)
     if not paths:
         raise ValueError(f"--data {' '.join(files)}: no such files")
-    dataset = TextBytes.__new__(TextBytes)
-    Dataset.__init__(dataset, spec.train.seed, spec.train.seq_len, spec.model.head.pool == "last")
-    text = TextBytes._read(paths)
-    dataset._use_text({"train": text, "val": text}, spec.train.data.tokenizer)
-    return dataset
+    text = read_text(paths)
+    return TextBytes(spec.train.seed, spec.train.seq_len, spec.model.head.pool == "last", {"train": text, "val": text},
+                     spec.train.data.tokenizer, {"train": paths, "val": paths})
 
 
 @torch.no_grad()

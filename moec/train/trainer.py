@@ -25,7 +25,8 @@ from moec.checkpoint import compile_cache as compile_cache
 from moec.moe import ROUTERS, SELECTION_BIAS
 from moec.checkpoint import dcp as ckpt
 from moec.train.annealing import anneal_buffers, set_annealed
-from moec.data.datasets import last_value_baseline, make_dataset
+from moec.data.datasets import last_value_baseline
+from moec.data.kinds import make_dataset
 from moec.train.diagnose import describe_nonfinite
 from moec.train.fit import check_fit
 from moec.distributed.processes import LaunchError, clip_grad_norm, init_distributed, local_slice, timed_out

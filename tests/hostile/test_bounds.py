@@ -166,7 +166,7 @@ def test_text_files_are_read_only_up_to_the_byte_budget(tmp_path, monkeypatch):
     real_read = os.read
     monkeypatch.setattr(data_mod.os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
     monkeypatch.setattr(data_mod, "MAX_TEXT_BYTES", 100_000)
-    tensor = data_mod.TextBytes._read([big])
+    tensor = data_mod.read_text([big])
     monkeypatch.undo()
     assert tensor.numel() == 100_001 and sum(reads) == 100_000  # the budget, plus the file separator
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import moec
-from moec.data.datasets import make_dataset
+from moec.data.kinds import make_dataset
 from moec.observe.metrics import read_metrics
 from moec.train.trainer import Trainer
 from tests.conftest import REPO

@@ -6,7 +6,7 @@ import sysconfig
 import pytest
 
 import moec
-from moec.data.datasets import make_dataset
+from moec.data.kinds import make_dataset
 from tests.runtime.helpers import quick_text
 
 tokenizers = pytest.importorskip("tokenizers")  # a dependency of transformers (the dev extra)

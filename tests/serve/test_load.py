@@ -7,7 +7,7 @@ import torch
 
 import moec
 from moec.checkpoint.dcp import CheckpointError, load_model_state
-from moec.data.datasets import make_dataset
+from moec.data.kinds import make_dataset
 
 
 def test_the_loaded_model_has_the_trained_weights(trained_run):
