@@ -72,7 +72,8 @@ def _run_train(spec, spec_path: Path, resume, allow_spec_change: bool, run_dir, 
                allow_data_change: bool, overwrite: bool = False) -> None:
     from moec.observe.display import Display
     from moec.observe.plots import plot_run
-    from moec.train.trainer import Aborted, Trainer, TrainingError
+    from moec.train.errors import Aborted, TrainingError
+    from moec.train.trainer import Trainer
 
     main = int(os.environ.get("RANK", "0")) == 0
     display = Display() if main else None
