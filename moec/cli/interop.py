@@ -67,8 +67,8 @@ def _load_source(source: Path, weights: Path | None):
     if source.is_dir():
         import yaml
 
-        from moec.compile import build_model
         from moec.checkpoint.dcp import META, load_model_state
+        from moec.compile import build_model
 
         meta = json.loads((source / META).read_text())
         spec = load_spec_text(yaml.safe_dump(meta["spec"], sort_keys=False), file=str(source / META))

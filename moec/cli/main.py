@@ -45,8 +45,8 @@ def validate(
     resolved: bool = typer.Option(False, "--resolved", help="Print each spec with every default filled in."),
 ) -> None:
     """Check specs; print every problem as FILE:LINE:COL: KEY: MESSAGE."""
-    from moec.cli.output import print_resolved, print_spec_error, print_valid
     from moec import SpecError, load_spec
+    from moec.cli.output import print_resolved, print_spec_error, print_valid
     from moec.schema.overrides import is_override
 
     overrides = [arg for arg in specs if is_override(arg)]

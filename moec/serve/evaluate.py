@@ -8,17 +8,14 @@ losses), so the number equals the run's own validation loss at the checkpoint's 
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
 
 from moec.data.datasets import Dataset, TextBytes, expand_globs, last_value_baseline, read_text
 from moec.data.kinds import make_dataset
+from moec.dtypes import autocast
 from moec.observe.metrics import bits_per_byte
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def dataset_for(spec, files: list[str] | None = None) -> Dataset:
     if not files:
@@ -39,14 +36,13 @@ def evaluate(model, spec, files: list[str] | None = None, batches: int | None = 
     dataset = dataset_for(spec, files)
     batches = batches or spec.train.eval.batches
     device = next(model.parameters()).device
-    dtype = AUTOCAST.get(spec.schedule.precision.compute)
     token_model = spec.model.inputs.kind == "tokens"
     model.eval()
     losses = []
     for index in range(batches):
         batch = dataset.batch("val", index, spec.train.batch)
         inputs, targets = batch.inputs.to(device), batch.targets.to(device)
-        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        with autocast(spec.schedule.precision.compute, device.type):
             output = model(inputs).output
         loss = (F.cross_entropy(output.float().reshape(-1, output.shape[-1]), targets.reshape(-1)) if token_model
                 else F.mse_loss(output.float(), targets))

@@ -50,15 +50,14 @@ from moec.backends.parallel.plan import global_balance
 from moec.backends.parallel.tensor import tensor_axis
 from moec.backends.torch.data_parallel import set_batch_group
 from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
-from moec.passes.stages import stage_split
-from moec.train.annealing import set_annealed
 from moec.distributed.processes import local_slice
+from moec.dtypes import DTYPES
 from moec.observe.memory_plan import held_bytes, plan_check
 from moec.observe.metrics import compiled_graphs, moe_health, peak_memory_bytes
+from moec.passes.stages import stage_split
+from moec.train.annealing import set_annealed
 from moec.train.errors import TrainingError
 from moec.train.optim import lr_factor, set_learning_rates
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class PipelineError(RuntimeError):

@@ -20,29 +20,27 @@ import torch.nn.functional as F
 from moec.backends.output import mean_stats
 from moec.backends.torch import tensor_parallel
 from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
-from moec.compile import build_model, compile_spec, parallel_module
-from moec.checkpoint import compile_cache as compile_cache
-from moec.moe import ROUTERS, SELECTION_BIAS
+from moec.checkpoint import compile_cache
 from moec.checkpoint import dcp as ckpt
-from moec.train.annealing import anneal_buffers, set_annealed
+from moec.checkpoint.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
+from moec.compile import build_model, compile_spec, parallel_module
 from moec.data.datasets import last_value_baseline
 from moec.data.kinds import make_dataset
-from moec.train.diagnose import describe_nonfinite
-from moec.train.fit import check_fit
 from moec.distributed.processes import LaunchError, clip_grad_norm, init_distributed, local_slice, timed_out
+from moec.dtypes import autocast
+from moec.moe import ROUTERS, SELECTION_BIAS
 from moec.observe.loggers import run_loggers
+from moec.observe.memory_plan import held_bytes, plan_check
 from moec.observe.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes,
                                   steady_tokens_per_s)
-from moec.observe.memory_plan import held_bytes, plan_check
+from moec.train.annealing import anneal_buffers, set_annealed
+from moec.train.diagnose import describe_nonfinite
+from moec.train.errors import Aborted, TrainingError
+from moec.train.fit import check_fit
 from moec.train.optim import lr_factor, make_optimizer, set_learning_rates
 from moec.train.pipeline_step import PipelineError, make_pipeline, pipeline_axis
 from moec.train.precision import apply_accumulation
-from moec.checkpoint.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
-from moec.train.errors import Aborted, TrainingError
 from moec.train.stopping import StopRequest
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass
 class RunResult:
@@ -368,10 +366,8 @@ class Trainer:
         return stats
 
     def autocast(self):
-        dtype = AUTOCAST.get(self.spec.schedule.precision.compute)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        """The forward's autocast (``schedule.precision.compute``) on this rank's device."""
+        return autocast(self.spec.schedule.precision.compute, self.device.type)
 
     def _task_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.token_model:

@@ -222,7 +222,7 @@ def test_the_bounded_glob_matches_pythons_glob():
 
 
 def test_a_model_larger_than_the_machines_memory_is_refused_before_building(monkeypatch):
-    from moec.train import fit as fit
+    from moec.train import fit
     from moec.train import trainer as trainer_mod
 
     def never(*args, **kwargs):

@@ -10,7 +10,7 @@ import pytest
 from torch.distributed.checkpoint import filesystem as dcp_fs
 
 from moec.checkpoint import dcp as ckpt
-from moec.observe import metrics as metrics
+from moec.observe import metrics
 from moec.observe.metrics import MetricsWriter, read_metrics
 from moec.train.trainer import Trainer
 from tests.hostile.helpers import copy_run, moec_cli, tree_digest, write_spec

@@ -8,8 +8,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import moec
-from moec.compile import build_model
 from moec.backends.init import init_parameter
+from moec.compile import build_model
 from moec.moe.anneal import ANNEAL, Schedule
 from moec.train.annealing import anneal_buffers, set_annealed
 from moec.train.trainer import Trainer

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moec
-from moec.checkpoint import compile_cache as compile_cache
+from moec.checkpoint import compile_cache
 from moec.observe.metrics import compiled_graphs
 from moec.train.trainer import Trainer
 from tests.runtime.helpers import quick_text

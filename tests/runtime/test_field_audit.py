@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import moec
+from moec.checkpoint import compile_cache
 from moec.compile import build_model, parallel_module
-from moec.checkpoint import compile_cache as compile_cache
 from moec.distributed.processes import LaunchError, init_distributed
-from moec.train.pipeline_step import PipelineRun
-from moec.train.trainer import Trainer
 from moec.schema.parallel import Mesh, Sharding
 from moec.schema.schedule import Schedule
+from moec.train.pipeline_step import PipelineRun
+from moec.train.trainer import Trainer
 from tests.runtime.helpers import quick_text
 
 BASE = quick_text(steps=2, every=10)

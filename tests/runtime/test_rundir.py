@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from moec.checkpoint import dcp as ckpt
-from moec.observe.metrics import read_metrics
 from moec.checkpoint.rundir import LOCK, RunLock, claim
+from moec.observe.metrics import read_metrics
 from tests.conftest import REPO
 from tests.hostile.helpers import moec_cli, tree_digest, write_spec
 

@@ -30,8 +30,9 @@ from moec.backends.parallel.placement import (
     placement,
 )
 from moec.backends.torch.blocks import attribute_expr
+from moec.dtypes import DTYPES
 
-DTYPE_NAMES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
+DTYPE_NAMES = {name: str(dtype) for name, dtype in DTYPES.items()}  # as the generated parallel.py spells them
 
 
 @dataclass(frozen=True)
