@@ -10,7 +10,7 @@ Public API (stable names)::
     out = ref(*ref.example_inputs(batch=2, seq=64))     # .output and .aux_loss
 """
 
-__version__ = "0.1.0"
+from moec.version import __version__
 
 # Everything is imported on first use: moec.schema loads pydantic, moec.compile loads torch, and
 # `moec --help` (moec.cli, a subpackage: importing it runs this file) must stay instant.

@@ -26,7 +26,7 @@ REWRITE_IN_PROGRESS = ("moec/backends/torch/", "moec/passes/", "moec/ir/", "moec
 # or take a private name (importer, imported, name). Nothing outside those folders may be listed.
 # Each listed edge is the import inside a function that closes its cycle.
 KNOWN_CYCLE_EDGES = {
-    ("moec.compile", "moec"),  # `from moec import __version__`, while moec's compile_spec imports moec.compile
+    ("moec.compile", "moec"),  # `from moec import __version__` (moec.version has it), while moec.compile_spec imports moec.compile
     ("moec.backends.torch.modules", "moec.backends.torch.emit"),  # value_name; emit.py imports modules.py
     ("moec.moe.attrs", "moec.moe.routers"),  # ROUTERS; routers.py imports attrs.py
 }
