@@ -2,7 +2,7 @@
 
     python benchmarks/hostile_sweep.py CHECKOUT OUT.json [--only CATEGORY]
 
-Every case runs ``python -m cli.main ...`` in a subprocess with ``PYTHONPATH=CHECKOUT``, so the
+Every case runs ``python -m moec.cli.main ...`` in a subprocess with ``PYTHONPATH=CHECKOUT``, so the
 same script measures an old checkout (``git archive <commit> | tar -x -C DIR``) and the
 current one. Outcomes: ``clean`` (refused in one line without a traceback, or succeeded where
 success is right), ``traceback``, ``silent`` (exit 0 where it should have refused), ``hang``
@@ -74,7 +74,7 @@ class Sweep:
                 import resource
 
                 resource.setrlimit(resource.RLIMIT_AS, (limit_memory, limit_memory))
-        cmd = [sys.executable, "-m", "cli.main", *map(str, args)]
+        cmd = [sys.executable, "-m", "moec.cli.main", *map(str, args)]
         try:
             done = subprocess.run(cmd, cwd=cwd or self.checkout, env=env or self.env, capture_output=True, text=True,
                                   timeout=timeout, preexec_fn=preexec)
@@ -317,7 +317,7 @@ def bounds(s: Sweep):
         handle.truncate(1 << 30)
     (d / "small.txt").write_text("hello world " * 200)
     (d / "spec.yaml").write_text(quick(files=f"{d}/*.txt", steps=2))
-    cmd = [sys.executable, "-m", "cli.main", "train", str(d / "spec.yaml"), "--run-dir", str(d / "run"), "--no-plots"]
+    cmd = [sys.executable, "-m", "moec.cli.main", "train", str(d / "spec.yaml"), "--run-dir", str(d / "run"), "--no-plots"]
     proc = subprocess.Popen(cmd, cwd=s.checkout, env=s.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     err = proc.stderr.read()
@@ -368,7 +368,7 @@ def paths(s: Sweep):
         d = s.work / f"p-sig-{len(s.results)}"
         d.mkdir()
         (d / "spec.yaml").write_text(quick(steps=8, eval_batches=5000))
-        cmd = [sys.executable, "-m", "cli.main", "train", str(d / "spec.yaml"), "--run-dir", str(d / "run"), "--no-plots"]
+        cmd = [sys.executable, "-m", "moec.cli.main", "train", str(d / "spec.yaml"), "--run-dir", str(d / "run"), "--no-plots"]
         proc = subprocess.Popen(cmd, cwd=s.checkout, env=s.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         metrics = d / "run" / "metrics.jsonl"
         deadline = time.monotonic() + 120

@@ -24,11 +24,11 @@ import httpx
 import uvicorn
 
 import moec
-from moec.runtime.trainer import Trainer
 from moec.serve.codec import codec_for
 from moec.serve.engine import Engine
 from moec.serve.generate import Generator
 from moec.serve.server import create_app
+from moec.train.trainer import Trainer
 
 
 def trained_run() -> Path:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 PROBE = """
 import json, statistics, sys, time
-from moec.runtime.token_files import TokenFiles
+from moec.data.token_files import TokenFiles
 
 def rss():
     fields = dict(line.split(":") for line in open("/proc/self/status") if line.startswith(("Rss", "VmHWM")))

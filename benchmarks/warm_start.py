@@ -23,7 +23,7 @@ def time_to_step_one(spec: str, moec_cache: Path, inductor_cache: Path, run_dir:
     env = dict(os.environ, MOEC_CACHE_DIR=str(moec_cache), TORCHINDUCTOR_CACHE_DIR=str(inductor_cache))
     metrics = run_dir / "metrics.jsonl"
     start = time.perf_counter()
-    command = [sys.executable, "-c", "from cli.main import main; main()", "train", spec, "--stop-at", "2", "--no-plots",
+    command = [sys.executable, "-c", "from moec.cli.main import main; main()", "train", spec, "--stop-at", "2", "--no-plots",
                "--run-dir", str(run_dir)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while process.poll() is None:

@@ -10,13 +10,20 @@ Public API (stable names)::
     out = ref(*ref.example_inputs(batch=2, seq=64))     # .output and .aux_loss
 """
 
-from moec.schema import Spec, SpecError, SpecIssue, json_schema, load_spec, load_spec_text
+from moec.version import __version__
 
-__version__ = "0.1.0"
+# Everything is imported on first use: moec.schema loads pydantic, moec.compile loads torch, and
+# `moec --help` (moec.cli, a subpackage: importing it runs this file) must stay instant.
+SCHEMA_NAMES = ("Spec", "SpecError", "SpecIssue", "json_schema", "load_spec", "load_spec_text")
 
 
-# The entry points live in moec.compile, which imports torch: imported on first use, so that
-# `moec validate` and `moec --help` stay fast.
+def __getattr__(name: str):
+    """``moec.load_spec`` and the other schema names, imported from moec.schema on first use."""
+    if name in SCHEMA_NAMES:
+        from moec import schema
+
+        return getattr(schema, name)
+    raise AttributeError(f"module 'moec' has no attribute {name!r}")
 
 
 def compile_spec(spec, disable: tuple[str, ...] = ()):

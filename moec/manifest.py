@@ -17,11 +17,11 @@ from __future__ import annotations
 import math
 import platform
 
+from moec.dtypes import BYTES
 from moec.ir.graph import Graph
 from moec.moe.params import EXPERT_PREFIX
 from moec.passes.flops import flops_per_token, numel
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def build_manifest(spec, compiled, versions: dict[str, str], graph: Graph | None = None) -> dict:
@@ -95,7 +95,7 @@ def _flops_record(spec, graph: Graph) -> dict:
 def _per_stage_bytes(spec, graph: Graph) -> dict[int, list[float]]:
     """Stage -> [parameter, gradient, optimizer] bytes one device of that stage holds."""
     axes = list(spec.mesh.axes)
-    param_bytes = DTYPE_BYTES[spec.schedule.precision.params]
+    param_bytes = BYTES[spec.schedule.precision.params]
     per_stage: dict[int, list[float]] = {}
     for node in graph.params():
         placement = node.meta_dict.get("placement", ())

@@ -17,6 +17,7 @@ import torch
 
 from moec.bench.layers import LayerShape, candidates, step_of
 from moec.bench.timing import interleaved, prefixed
+from moec.dtypes import DTYPES
 from moec.moe.activations import MIXTRAL_ACTIVATION
 from moec.schema.model import ExpertFfn
 
@@ -61,7 +62,7 @@ def _comparable_to_hf(layer_yaml: str) -> bool:
 def bench_spec(spec, tokens: list[int], reps: int = 7, device: str = "cpu", compiled: bool = True,
                progress: Callable[[str], None] | None = None) -> list[Row]:
     dev = torch.device(device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.schedule.precision.params]
+    dtype = DTYPES[spec.schedule.precision.params]
     rows: list[Row] = []
     for where, layer_yaml, base in moe_layers(spec):
         for count in tokens:

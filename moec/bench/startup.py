@@ -60,8 +60,8 @@ def _child(spec_file: str, mode: str, overrides: list[str]) -> None:
     import torch
 
     import moec
+    from moec.checkpoint import compile_cache
     from moec.compile import build_model
-    from moec.runtime import compile_cache
 
     spec = moec.load_spec(Path(spec_file), overrides=tuple(overrides))
     program = moec.compile_spec(spec)

@@ -32,7 +32,7 @@ class ParamDecl:
     slot: str
     shape: tuple[int, ...]
     part: str  # the spec key under the layer it comes from: router | expert | shared_experts | "" (the layer)
-    group: str  # optimiser group (moec.runtime.optim)
+    group: str  # optimiser group (moec.train.optim)
     init: str = "normal"  # normal | zeros | ones | values | an expert init scheme (init_of)
     values: tuple[float, ...] = ()  # init 'values': the initial contents
     output_projection: bool = False  # std scaled by depth (writes into the residual stream)

@@ -39,7 +39,7 @@ def _context_parallel(spec) -> Iterator[Finding]:
 
 
 def _accumulation(spec) -> Iterator[Finding]:
-    """fp32 accumulation is what the trainer sets (moec.runtime.precision); torch has no switch for bf16 accumulators."""
+    """fp32 accumulation is what the trainer sets (moec.train.precision); torch has no switch for bf16 accumulators."""
     if spec.schedule.precision.accumulate != "fp32":
         yield ("schedule", "precision", "accumulate"), ("bf16 accumulation cannot be requested from torch (CPU matmuls always "
                                                         "accumulate in fp32; CUDA only allows reduced-precision split-K "
@@ -65,7 +65,7 @@ def _gradient_reduction(spec) -> Iterator[Finding]:
 
 
 def _pipeline_schedule(spec) -> Iterator[Finding]:
-    """What torch.distributed.pipelining's schedules need (moec.runtime.pipeline_step runs them)."""
+    """What torch.distributed.pipelining's schedules need (moec.train.pipeline_step runs them)."""
     pipeline = spec.sharding.pipeline
     if pipeline is None or pipeline.axis not in spec.mesh.axes:
         return

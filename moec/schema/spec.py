@@ -49,6 +49,11 @@ class Spec(Base):
         """The :class:`moec.schema.loader.LoadedYaml` this spec was read from, if any."""
         return self._source
 
+    def attach_source(self, loaded) -> "Spec":
+        """Record where this spec was read from (moec.load_spec does; the model is frozen, its source is not)."""
+        self._source = loaded
+        return self
+
 
 def resolve(spec: Spec) -> Spec:
     """Fill every derived default (``null`` in the schema) with its concrete value."""

@@ -45,8 +45,7 @@ def validate_loaded(loaded: LoadedYaml) -> Spec:
     findings = run_checks(spec)
     if findings:
         raise SpecError([_located(loaded, path, message) for path, message in findings])
-    spec._source = loaded
-    return spec
+    return spec.attach_source(loaded)
 
 
 def _cross_section_issues(loaded: LoadedYaml, known: list[SpecIssue]) -> list[SpecIssue]:

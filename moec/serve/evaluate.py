@@ -8,32 +8,26 @@ losses), so the number equals the run's own validation loss at the checkpoint's 
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
 
-from moec.runtime.data import Dataset, TextBytes, last_value_baseline, make_dataset
-from moec.runtime.metrics import bits_per_byte
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
+from moec.data.datasets import Dataset, TextBytes, expand_globs, last_value_baseline, read_text
+from moec.data.kinds import make_dataset
+from moec.dtypes import autocast
+from moec.observe.metrics import bits_per_byte
 
 def dataset_for(spec, files: list[str] | None = None) -> Dataset:
     if not files:
         return make_dataset(spec)
     if spec.model.inputs.kind != "tokens" or spec.train.data.kind not in ("text", "hf_dataset"):
         raise ValueError(f"--data takes text files, for models trained on text; this one trained on {spec.train.data.kind} data")
-    from moec.runtime.data import expand_globs
-
     paths = expand_globs(files)
     if not paths:
         raise ValueError(f"--data {' '.join(files)}: no such files")
-    dataset = TextBytes.__new__(TextBytes)
-    Dataset.__init__(dataset, spec.train.seed, spec.train.seq_len, spec.model.head.pool == "last")
-    text = TextBytes._read(paths)
-    dataset._use_text({"train": text, "val": text}, spec.train.data.tokenizer)
-    return dataset
+    text = read_text(paths)
+    return TextBytes(spec.train.seed, spec.train.seq_len, spec.model.head.pool == "last", {"train": text, "val": text},
+                     spec.train.data.tokenizer, {"train": paths, "val": paths})
 
 
 @torch.no_grad()
@@ -42,14 +36,13 @@ def evaluate(model, spec, files: list[str] | None = None, batches: int | None = 
     dataset = dataset_for(spec, files)
     batches = batches or spec.train.eval.batches
     device = next(model.parameters()).device
-    dtype = AUTOCAST.get(spec.schedule.precision.compute)
     token_model = spec.model.inputs.kind == "tokens"
     model.eval()
     losses = []
     for index in range(batches):
         batch = dataset.batch("val", index, spec.train.batch)
         inputs, targets = batch.inputs.to(device), batch.targets.to(device)
-        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        with autocast(spec.schedule.precision.compute, device.type):
             output = model(inputs).output
         loss = (F.cross_entropy(output.float().reshape(-1, output.shape[-1]), targets.reshape(-1)) if token_model
                 else F.mse_loss(output.float(), targets))

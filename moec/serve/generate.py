@@ -90,7 +90,7 @@ def rollout(model, spec, steps: int, context: int | None = None, index: int = 0)
     The window is recomputed for every step (the rollout is short; continuous models with a
     decode path could use it, but these models' Sinkhorn routers have none).
     """
-    from moec.runtime.data import make_dataset
+    from moec.data.kinds import make_dataset
 
     window = spec.model.max_seq_len
     context = context or max(1, min(spec.train.seq_len, window) - steps)

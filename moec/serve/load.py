@@ -11,7 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from moec.runtime import checkpoint as ckpt
+from moec.checkpoint import dcp as ckpt
+from moec.compile import build_model
+from moec.schema import load_spec_text
 
 
 def find_checkpoint(path: Path) -> ckpt.CheckpointInfo:
@@ -38,11 +40,8 @@ def load_trained(path, device="cpu"):
 
     ``path``: a run directory (``runs/<name>``) or one checkpoint (``runs/<name>/checkpoints/step_...``).
     ``model.checkpoint`` is the :class:`CheckpointInfo` it came from (path, step, meta.json).
-    Raises :class:`moec.runtime.checkpoint.CheckpointError` (a ValueError) with a one-line message.
+    Raises :class:`moec.checkpoint.dcp.CheckpointError` (a ValueError) with a one-line message.
     """
-    from moec import load_spec_text
-    from moec.compile import build_model
-
     info = find_checkpoint(Path(path))
     spec = load_spec_text(yaml.safe_dump(info.meta["spec"], sort_keys=False), file=str(info.path / ckpt.META))
     model = build_model(spec, device=device)

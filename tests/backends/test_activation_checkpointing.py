@@ -5,8 +5,8 @@ import torch
 
 import moec
 from moec.compile import build_model, parallel_module
-from moec.runtime.cpu_memory import peak_allocated_bytes
-from moec.runtime.trainer import Trainer
+from moec.observe.cpu_memory import peak_allocated_bytes
+from moec.train.trainer import Trainer
 from tests.runtime.helpers import quick_text
 
 MODEL = """version: 1

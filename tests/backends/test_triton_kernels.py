@@ -86,7 +86,7 @@ def test_an_annealed_capacity_keeps_the_trimmed_rows_only():
     come from the permutation's totals (the kept rows), so the program agrees with the reference at each step."""
     from moec.backends.init import init_parameter
     from moec.compile import build_model
-    from moec.runtime.annealing import anneal_buffers, set_annealed
+    from moec.train.annealing import anneal_buffers, set_annealed
     from tests.backends.test_torch_differential import rel_error
     from tests.moe.test_annealing import ANNEALED
     from tests.moe.test_seed_options import moe_spec

@@ -2,7 +2,7 @@
 
 from typer.testing import CliRunner
 
-from cli.main import app
+from moec.cli.main import app
 from tests.runtime.helpers import quick_text
 
 EP4 = "mesh: {world_size: 4, axes: {ep: 4}}\nsharding: {batch: [ep], experts: [ep], placement: PLACEMENT}\n"

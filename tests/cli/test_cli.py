@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
+from moec.cli.main import app
 from tests.conftest import REPO, SPEC_FILES
 
 runner = CliRunner()
@@ -66,7 +66,7 @@ def test_schema_is_json_and_written_to_file(tmp_path):
 
 def test_console_script_runs_and_help_does_not_import_torch():
     # The installed entry point, in a fresh interpreter: --help must stay instant.
-    code = "import sys; from cli.main import app; sys.argv=['moec','--help']\ntry: app()\nexcept SystemExit: pass\nprint('torch' in sys.modules, 'moec' in sys.modules)"
+    code = "import sys; from moec.cli.main import app; sys.argv=['moec','--help']\ntry: app()\nexcept SystemExit: pass\nprint('torch' in sys.modules, 'moec.schema' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip().endswith("False False")
     moec_script = Path(sys.executable).parent / "moec"  # installed next to this interpreter

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import moec
-from cli.main import app
+from moec.cli.main import app
 from moec.interop.weights import save_weights
 
 runner = CliRunner()

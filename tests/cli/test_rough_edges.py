@@ -9,9 +9,9 @@ import pytest
 from rich.console import Console
 
 import moec
-from moec.runtime.display import Display
-from moec.runtime.metrics import steady_tokens_per_s
-from moec.runtime.trainer import RunResult
+from moec.observe.display import Display
+from moec.observe.metrics import steady_tokens_per_s
+from moec.train.trainer import RunResult
 from tests.hostile.helpers import moec_cli, write_spec
 from tests.runtime.helpers import quick_spec, quick_text
 
@@ -87,7 +87,7 @@ def test_the_progress_says_compiling_before_the_first_step():
 
 
 def test_off_a_terminal_the_summary_is_not_cut_at_80_columns(monkeypatch):
-    from moec.runtime.display import _console
+    from moec.observe.display import _console
 
     monkeypatch.delenv("COLUMNS", raising=False)
     assert _console().width == 240

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import moec
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.conftest import REPO
 from tests.distributed.processes import run_job
 from tests.distributed.tp_worker import dense_text

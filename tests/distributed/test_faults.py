@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moec.runtime import checkpoint as ckpt
+from moec.checkpoint import dcp as ckpt
 from tests.conftest import REPO
 from tests.distributed.test_parallel_training import MESHES, spec_text
 

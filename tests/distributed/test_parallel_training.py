@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 import moec
-from cli.main import app
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.cli.main import app
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.conftest import REPO
 from tests.distributed.processes import run_job
 from tests.runtime.helpers import quick_text

@@ -1,4 +1,4 @@
-"""``moec train`` with pipeline parallelism (moec.runtime.pipeline_step) on 2 and 4 CPU processes (gloo).
+"""``moec train`` with pipeline parallelism (moec.train.pipeline_step) on 2 and 4 CPU processes (gloo).
 
 The spec: 4 blocks of GQA attention (2 heads, 1 kv head) + a top-2-of-4 MoE with its load-balance loss,
 cut into 2 stages, 4 microbatches per step. A pipeline runs its microbatches one by one, so each one's
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import moec
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.conftest import REPO
 from tests.distributed.processes import run_job
 from tests.runtime.helpers import quick_text

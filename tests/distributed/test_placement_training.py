@@ -9,8 +9,8 @@ import pytest
 
 import moec
 from moec.backends.parallel.placement import placement
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.conftest import REPO
 from tests.distributed.processes import run_job
 from tests.distributed.test_parallel_training import MESHES, single, spec_text, train_losses  # noqa: F401 - single: a fixture

@@ -16,8 +16,8 @@ import pytest
 
 import moec
 from moec.compile import compile_spec
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.conftest import REPO
 from tests.distributed.processes import run_job
 from tests.distributed.tp_worker import TP2, TP2_VOCAB, VOCAB, dense_text, spec_text

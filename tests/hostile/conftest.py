@@ -1,6 +1,6 @@
 import pytest
 
-from moec.runtime.trainer import Trainer
+from moec.train.trainer import Trainer
 from tests.hostile.helpers import write_spec
 from tests.runtime.helpers import quick_spec
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cli.main import app
-from moec.runtime import checkpoint as ckpt
-from moec.runtime.rundir import LOCK
+from moec.checkpoint import dcp as ckpt
+from moec.checkpoint.rundir import LOCK
+from moec.cli.main import app
 from tests.runtime.helpers import quick_text
 
 runner = CliRunner()

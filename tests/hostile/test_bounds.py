@@ -7,7 +7,7 @@ import pytest
 
 import moec
 from moec.compile import build_model
-from moec.runtime import data as data_mod
+from moec.data import datasets as data_mod
 from moec.schema.checks import estimate_params
 from tests.conftest import SPEC_FILES
 from tests.hostile.helpers import moec_cli
@@ -166,7 +166,7 @@ def test_text_files_are_read_only_up_to_the_byte_budget(tmp_path, monkeypatch):
     real_read = os.read
     monkeypatch.setattr(data_mod.os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
     monkeypatch.setattr(data_mod, "MAX_TEXT_BYTES", 100_000)
-    tensor = data_mod.TextBytes._read([big])
+    tensor = data_mod.read_text([big])
     monkeypatch.undo()
     assert tensor.numel() == 100_001 and sum(reads) == 100_000  # the budget, plus the file separator
 
@@ -222,8 +222,8 @@ def test_the_bounded_glob_matches_pythons_glob():
 
 
 def test_a_model_larger_than_the_machines_memory_is_refused_before_building(monkeypatch):
-    from moec.runtime import fit
-    from moec.runtime import trainer as trainer_mod
+    from moec.train import fit
+    from moec.train import trainer as trainer_mod
 
     def never(*args, **kwargs):
         raise AssertionError("nothing may be built")

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from moec.runtime import checkpoint as ckpt
-from moec.runtime.metrics import read_metrics
+from moec.checkpoint import dcp as ckpt
+from moec.observe.metrics import read_metrics
 from tests.hostile.helpers import copy_run, moec_cli, reseal, tree_digest, write_spec
 
 HINT = "; --resume-from latest-valid resumes from the newest checkpoint that verifies"

@@ -5,9 +5,9 @@ import signal
 import time
 
 import moec
-from moec.runtime import checkpoint as ckpt
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.checkpoint import dcp as ckpt
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.hostile.helpers import moec_cli, write_spec
 from tests.runtime.helpers import quick_text
 
@@ -85,7 +85,7 @@ def test_sigint_during_a_long_evaluation_stops_within_a_batch_and_saves(tmp_path
 def test_a_second_sigint_aborts_at_once_and_the_cli_exits_130(tmp_path, monkeypatch):
     spec_path = tmp_path / "long_eval.yaml"
     spec_path.write_text(quick_text(steps=8, every=4).replace("eval: {every: 4, batches: 2}", "eval: {every: 4, batches: 5000}"))
-    from moec.runtime import data as data_mod
+    from moec.data import datasets as data_mod
 
     real_batch, drawn = data_mod.TextBytes.batch, []
 
@@ -124,7 +124,7 @@ def test_an_unreadable_checkpoint_directory_is_one_line(finished_run, tmp_path, 
 
 def test_a_signal_after_the_loop_has_stopped_still_exits_130_without_a_traceback(tmp_path, monkeypatch):
     # The second SIGINT often lands after the first one's save, while the summary is printed.
-    from moec.runtime import display as display_mod
+    from moec.observe import display as display_mod
 
     spec_path = write_spec(tmp_path, steps=2, every=2)
     real_summary = display_mod.Display.summary

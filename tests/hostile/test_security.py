@@ -8,8 +8,8 @@ import warnings
 import pytest
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-from moec.runtime import checkpoint as ckpt
-from moec.runtime.metrics import read_metrics
+from moec.checkpoint import dcp as ckpt
+from moec.observe.metrics import read_metrics
 from tests.hostile.helpers import copy_run, moec_cli, reseal, tree_digest, write_spec
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from torch.distributed.checkpoint import filesystem as dcp_fs
 
-from moec.runtime import checkpoint as ckpt
-from moec.runtime import metrics
-from moec.runtime.metrics import MetricsWriter, read_metrics
-from moec.runtime.trainer import Trainer
+from moec.checkpoint import dcp as ckpt
+from moec.observe import metrics
+from moec.observe.metrics import MetricsWriter, read_metrics
+from moec.train.trainer import Trainer
 from tests.hostile.helpers import copy_run, moec_cli, tree_digest, write_spec
 from tests.runtime.helpers import quick_text
 
@@ -65,7 +65,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_a_clean_stop_and_resumable(fini
 
 
 class _OsWithFullDisk:
-    """``os`` for moec.runtime.metrics whose ``write`` fails half-way through the n-th row."""
+    """``os`` for moec.observe.metrics whose ``write`` fails half-way through the n-th row."""
 
     def __init__(self, fail_on):
         self.calls, self.fail_on = 0, fail_on

@@ -8,7 +8,7 @@ import transformers as T
 from typer.testing import CliRunner
 
 import moec
-from cli.main import app
+from moec.cli.main import app
 from moec.interop import load_weights
 
 runner = CliRunner()
@@ -49,7 +49,7 @@ def test_export_refuses_what_no_family_holds(tmp_path):
 
 
 def test_trainer_init_from_loads_the_imported_weights(tmp_path):
-    from moec.runtime.trainer import Trainer
+    from moec.train.trainer import Trainer
 
     hf = saved_mixtral(tmp_path / "hf")
     assert runner.invoke(app, ["import", "hf", str(hf), "-o", str(tmp_path / "m.yaml")]).exit_code == 0

@@ -8,11 +8,11 @@ import torch
 from torch._dynamo.utils import counters
 
 import moec
-from moec.compile import build_model
 from moec.backends.init import init_parameter
+from moec.compile import build_model
 from moec.moe.anneal import ANNEAL, Schedule
-from moec.runtime.annealing import anneal_buffers, set_annealed
-from moec.runtime.trainer import Trainer
+from moec.train.annealing import anneal_buffers, set_annealed
+from moec.train.trainer import Trainer
 from tests.backends.test_torch_differential import rel_error
 from tests.moe.test_seed_options import fixture, moe_spec
 

@@ -11,8 +11,8 @@ import moec
 from moec.backends.init import init_parameter
 from moec.backends.torch.loader import load_program
 from moec.compile import compile_spec
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.backends.test_torch_differential import assert_agree
 from tests.passes.helpers import spec_with
 

@@ -14,8 +14,8 @@ import moec
 from moec import json_schema
 from moec.backends.reference import routing
 from moec.backends.torch import snippets
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.backends.test_torch_differential import assert_agree
 from tests.passes.helpers import spec_with
 

@@ -5,8 +5,8 @@ import math
 import pytest
 
 import moec
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.backends.test_torch_differential import assert_agree
 from tests.passes.helpers import spec_with
 

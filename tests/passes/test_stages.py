@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 import moec
-from cli.main import app
+from moec.cli.main import app
 from moec.passes.stages import balanced_split
 
 

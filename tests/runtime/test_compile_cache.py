@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import moec
-from moec.runtime import compile_cache
-from moec.runtime.metrics import compiled_graphs
-from moec.runtime.trainer import Trainer
+from moec.checkpoint import compile_cache
+from moec.observe.metrics import compiled_graphs
+from moec.train.trainer import Trainer
 from tests.runtime.helpers import quick_text
 
 COMPILED = quick_text(steps=3, every=10).replace("compile: {enabled: false}", "compile: {fullgraph: true}")

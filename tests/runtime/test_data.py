@@ -3,23 +3,23 @@
 import pytest
 import torch
 
-from moec.runtime.data import Signals, TextBytes, Trajectories, expand_globs, last_value_baseline
+from moec.data.datasets import Signals, TextBytes, Trajectories, expand_globs, last_value_baseline
 
 
 def test_text_batches_are_a_function_of_seed_split_and_index():
-    data = TextBytes(seed=0, seq_len=16, pool_last=False, files=["stdlib:json/*.py"], val_fraction=0.3)
+    data = TextBytes.from_files(seed=0, seq_len=16, pool_last=False, files=["stdlib:json/*.py"], val_fraction=0.3)
     a, b = data.batch("train", 5, 4), data.batch("train", 5, 4)
     assert torch.equal(a.inputs, b.inputs) and not torch.equal(a.inputs, data.batch("train", 6, 4).inputs)
     assert torch.equal(a.targets[:, :-1], a.inputs[:, 1:])  # next byte at every position
     assert a.inputs.dtype == torch.int64 and int(a.inputs.max()) < 256
     assert not set(data.files["train"]) & set(data.files["val"]) and data.files["val"]
-    again = TextBytes(seed=0, seq_len=16, pool_last=False, files=["stdlib:json/*.py"], val_fraction=0.3)
+    again = TextBytes.from_files(seed=0, seq_len=16, pool_last=False, files=["stdlib:json/*.py"], val_fraction=0.3)
     assert again.files == data.files  # the split depends on file names only
 
 
 def test_missing_text_files_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no files match"):
-        TextBytes(seed=0, seq_len=8, pool_last=False, files=[str(tmp_path / "*.txt")], val_fraction=0.1)
+        TextBytes.from_files(seed=0, seq_len=8, pool_last=False, files=[str(tmp_path / "*.txt")], val_fraction=0.1)
     assert expand_globs(["stdlib:json/__init__.py"])[0].name == "__init__.py"
 
 

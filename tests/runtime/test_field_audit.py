@@ -5,7 +5,7 @@ added to the schema without one. A check either compares what a changed value ge
 sets against the base spec's, or expects a refusal: a validation error (``moec.SpecError`` with
 its message) or, for what a spec may plan but moec does not execute yet, ``moec train``'s refusal
 at launch (``UNSUPPORTED`` in the generated parallel.py).
-Pipeline fields are checked on the pipeline run a rank would build (``moec.runtime.pipeline_step``)
+Pipeline fields are checked on the pipeline run a rank would build (``moec.train.pipeline_step``)
 with a stand-in mesh; tests/distributed/test_pipeline_training.py runs them on processes.
 """
 
@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import moec
+from moec.checkpoint import compile_cache
 from moec.compile import build_model, parallel_module
-from moec.runtime import compile_cache
-from moec.runtime.distributed import LaunchError, init_distributed
-from moec.runtime.pipeline_step import PipelineRun
-from moec.runtime.trainer import Trainer
+from moec.distributed.processes import LaunchError, init_distributed
 from moec.schema.parallel import Mesh, Sharding
 from moec.schema.schedule import Schedule
+from moec.train.pipeline_step import PipelineRun
+from moec.train.trainer import Trainer
 from tests.runtime.helpers import quick_text
 
 BASE = quick_text(steps=2, every=10)

@@ -7,8 +7,8 @@ import torch
 
 import moec
 from moec.compile import compile_spec
-from moec.runtime.fit import check_fit, needed_bytes
-from moec.runtime.trainer import Trainer, TrainingError
+from moec.train.fit import check_fit, needed_bytes
+from moec.train.trainer import Trainer, TrainingError
 from tests.runtime.helpers import quick_spec, quick_text
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import moec
-from moec.runtime.data import make_dataset
+from moec.data.kinds import make_dataset
 from tests.runtime.helpers import quick_text
 
 pytest.importorskip("datasets")  # the dev extra installs it

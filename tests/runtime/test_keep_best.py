@@ -1,9 +1,9 @@
 """train.checkpoint.keep_best: N keeps the N checkpoints with the lowest validation loss besides the newest ones."""
 
 import moec
-from moec.runtime import checkpoint as ckpt
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.checkpoint import dcp as ckpt
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.runtime.helpers import quick_text
 
 

@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 
 import moec
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.runtime.helpers import quick_text
 
 

@@ -3,9 +3,9 @@
 import torch
 
 import moec
-from moec.runtime.memory_plan import held_bytes, local_bytes, plan_check
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.observe.memory_plan import held_bytes, local_bytes, plan_check
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.runtime.helpers import quick_text
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from moec.runtime.mfu import device_peak, mfu
+from moec.observe.mfu import device_peak, mfu
 
 
 def test_mfu_uses_the_dense_peak_of_the_named_device():

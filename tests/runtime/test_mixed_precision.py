@@ -8,14 +8,15 @@ import torch
 
 import moec
 from moec.compile import build_model
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.dtypes import DTYPES
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.runtime.helpers import quick_text
 
 CAPACITY = "capacity: {mode: capacity, factor: 0.75, drop_policy: renormalize}"
 KERNELS = {"dropless": ("grouped_mm", "eager"), "capacity": ("bmm", "grouped_mm", "eager")}
 MATRIX = [(mode, kernel, dtype) for mode, kernels in KERNELS.items() for kernel in kernels for dtype in ("fp32", "bf16", "fp16")]
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 
 def precision_spec(mode: str, kernel: str, dtype: str, steps: int = 4, compiled: bool = False):
@@ -53,11 +54,11 @@ def test_autocast_forward_matches_the_fp32_reference(mode, kernel, dtype):
     spec = precision_spec(mode, kernel, dtype)
     model, ref = build_model(spec).eval(), moec.reference_model(spec).eval()
     inputs = ref.example_inputs(batch=2, seq=16)
-    with torch.no_grad(), torch.autocast("cpu", dtype=AUTOCAST[dtype]):
+    with torch.no_grad(), torch.autocast("cpu", dtype=DTYPES[dtype]):
         low, ref_low = model(*inputs), ref(*inputs)
     with torch.no_grad():
         exact = ref(*inputs)
-    assert low.output.dtype == AUTOCAST[dtype]
+    assert low.output.dtype == DTYPES[dtype]
     tolerance = {"bf16": 0.05, "fp16": 0.01}[dtype]
     for out in (low, ref_low):
         error = (out.output.float() - exact.output).abs().max() / exact.output.abs().max()

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from moec.runtime.plots import ema, plot_run, step_bins
+from moec.observe.plots import ema, plot_run, step_bins
 
 
 def png_size(path) -> tuple[int, int]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from moec.runtime import checkpoint as ckpt
-from moec.runtime.metrics import read_metrics
-from moec.runtime.rundir import LOCK, RunLock, claim
+from moec.checkpoint import dcp as ckpt
+from moec.checkpoint.rundir import LOCK, RunLock, claim
+from moec.observe.metrics import read_metrics
 from tests.conftest import REPO
 from tests.hostile.helpers import moec_cli, tree_digest, write_spec
 
@@ -94,7 +94,7 @@ def test_resuming_with_other_overrides_is_a_spec_change(two_step_run, tmp_path):
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
     spec_path, run = write_spec(tmp_path, steps=2, every=2), tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from moec.runtime.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from moec.checkpoint.rundir import RunLock; "
                                f"RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

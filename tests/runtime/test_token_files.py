@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import moec
-from moec.runtime.data import make_dataset
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer
+from moec.data.kinds import make_dataset
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer
 from tests.conftest import REPO
 from tests.runtime.helpers import quick_text
 
@@ -99,7 +99,7 @@ def test_memory_does_not_grow_with_the_file(tmp_path):
     (np.arange(32 << 20) % 50000).astype(np.uint16).tofile(tmp_path / "big.bin")
     script = textwrap.dedent(f"""
         import json
-        from moec.runtime.token_files import TokenFiles
+        from moec.data.token_files import TokenFiles
         def rss():
             fields = dict(line.split(":") for line in open("/proc/self/status") if line.startswith("Rss"))
             return {{key: int(value.split()[0]) * 1024 for key, value in fields.items()}}

@@ -6,7 +6,7 @@ import sysconfig
 import pytest
 
 import moec
-from moec.runtime.data import make_dataset
+from moec.data.kinds import make_dataset
 from tests.runtime.helpers import quick_text
 
 tokenizers = pytest.importorskip("tokenizers")  # a dependency of transformers (the dev extra)
@@ -67,8 +67,8 @@ def test_data_prepare_writes_the_token_files_training_reads(tokenizer_file, tmp_
     from tokenizers import Tokenizer
     from typer.testing import CliRunner
 
-    from cli.main import app
-    from moec.runtime.data import split_files
+    from moec.cli.main import app
+    from moec.data.datasets import split_files
 
     path, _ = tokenizer_file
     spec_path = tmp_path / "q.yaml"

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import moec
-from moec.runtime import checkpoint as ckpt
-from moec.runtime.metrics import read_metrics
-from moec.runtime.trainer import Trainer, TrainingError
+from moec.checkpoint import dcp as ckpt
+from moec.observe.metrics import read_metrics
+from moec.train.trainer import Trainer, TrainingError
 from tests.conftest import REPO
 from tests.runtime.helpers import quick_spec, quick_text
 
@@ -186,7 +186,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
 def test_plot_command_writes_readable_pngs(full_run):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from moec.cli.main import app
 
     run_dir, _ = full_run
     result = CliRunner().invoke(app, ["plot", str(run_dir)])

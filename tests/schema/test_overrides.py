@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 import moec
-from cli.main import app
+from moec.cli.main import app
 from moec.schema.overrides import is_override, parse_path
 from tests.runtime.helpers import quick_text
 

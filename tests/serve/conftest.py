@@ -2,7 +2,7 @@
 
 import pytest
 
-from moec.runtime.trainer import Trainer
+from moec.train.trainer import Trainer
 from tests.runtime.helpers import quick_spec
 
 

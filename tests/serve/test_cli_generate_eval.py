@@ -6,8 +6,8 @@ import torch
 from typer.testing import CliRunner
 
 import moec
-from cli.main import app
-from moec.runtime.metrics import read_metrics
+from moec.cli.main import app
+from moec.observe.metrics import read_metrics
 from moec.serve.generate import Generator, plot_rollout, rollout
 from moec.serve.sampling import Sampling
 

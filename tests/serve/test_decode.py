@@ -6,7 +6,7 @@ import torch
 import moec
 from moec.backends.init import init_parameter
 from moec.backends.torch.decode import decode_support
-from moec.runtime.metrics import compiled_graphs
+from moec.observe.metrics import compiled_graphs
 from moec.serve.generate import Generator
 from moec.serve.sampling import Sampling
 from tests.passes.helpers import spec_with

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import moec
-from moec.runtime.checkpoint import CheckpointError, load_model_state
-from moec.runtime.data import make_dataset
+from moec.checkpoint.dcp import CheckpointError, load_model_state
+from moec.data.kinds import make_dataset
 
 
 def test_the_loaded_model_has_the_trained_weights(trained_run):

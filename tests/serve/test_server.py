@@ -13,7 +13,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 import moec
-from cli.main import app as cli
+from moec.cli.main import app as cli
 from moec.serve.codec import codec_for
 from moec.serve.engine import Engine
 from moec.serve.generate import Generator

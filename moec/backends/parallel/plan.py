@@ -11,7 +11,7 @@ experts are also FSDP-sharded over the other FSDP axes (torchtitan's dp-shard-in
 Tensor parallelism (``moec.backends.parallel.tensor``) splits the weights over the tp axis
 first, then data parallelism applies; with expert parallelism too, ``shard_experts`` makes each
 expert weight one 2-D DTensor, experts over ep and each expert's hidden size over tp (Megatron's
-layout). Pipeline parallelism runs in ``moec.runtime.pipeline_step`` (stages of this model, FSDP2
+layout). Pipeline parallelism runs in ``moec.train.pipeline_step`` (stages of this model, FSDP2
 or gradient averaging per stage over the batch axes). ``unsupported`` names what a spec asks for
 that this plan cannot run (``moec train`` refuses it at launch; context parallelism and options
 no engine reads are refused at validation, ``moec.schema.checks_schedule``).
@@ -30,8 +30,9 @@ from moec.backends.parallel.placement import (
     placement,
 )
 from moec.backends.torch.blocks import attribute_expr
+from moec.dtypes import DTYPES
 
-DTYPE_NAMES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
+DTYPE_NAMES = {name: str(dtype) for name, dtype in DTYPES.items()}  # as the generated parallel.py spells them
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: t
 
 
 def _pipeline_limits(spec, experts: list[str], hsdp: bool, shard: tuple) -> list[str]:
-    """What of the spec's pipeline parallelism moec.runtime.pipeline_step cannot run yet."""
+    """What of the spec's pipeline parallelism moec.train.pipeline_step cannot run yet."""
     limits = []
     if experts and shard:  # each stage's FSDP units would have to hold the ep-sharded experts (gather_experts_around)
         limits.append("pipeline parallelism with expert parallelism and FSDP (sharding.experts with sharding.fsdp)")
@@ -465,7 +466,7 @@ def shard_experts_source(permuted: bool = False, replicated_rows: bool = False) 
         "def shard_experts(module: torch.nn.Module, ep_mesh: DeviceMesh) -> None:",
         '    """The [E, ...] expert weights, rows put in EXPERT_ORDER, become DTensors sharded on dim 0: each rank',
         "    keeps its experts of EXPERT_PLACEMENT. experts_ffn sends each routed row to its expert's row, and",
-        '    checkpoints store the experts in id order (moec.runtime.expert_order), so any placement resumes them."""',
+        '    checkpoints store the experts in id order (moec.checkpoint.expert_order), so any placement resumes them."""',
         "    for name, param in list(module.named_parameters(recurse=False)):",
         "        assert param.shape[0] == len(EXPERT_ORDER), f'{name}: {param.shape[0]} experts, EXPERT_ORDER has {len(EXPERT_ORDER)}'",
         "        sharded = distribute_tensor(param.detach()[list(EXPERT_ORDER)], ep_mesh, [Shard(0)])",

@@ -20,15 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moec.backends.triton.ops import (
-    experts_block,
-    launch_bias_grad,
-    launch_grouped_gemm,
-    launch_weight_grad,
-    precision_of,
-    routed_rows,
-    rows_to_tokens,
-)
+from moec.backends.triton.launch import experts_block, launch_bias_grad, launch_grouped_gemm, launch_weight_grad, precision_of
+from moec.backends.triton.ops import routed_rows, rows_to_tokens
 from moec.backends.triton.tiles import tile_for
 from moec.moe.activations import is_gated, triton_epilogue
 

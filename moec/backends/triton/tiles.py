@@ -7,19 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import astuple, dataclass
+from dataclasses import astuple
 from pathlib import Path
 
 import torch
 
-
-@dataclass(frozen=True)
-class Tile:
-    BM: int
-    BN: int
-    BK: int
-    warps: int
-    stages: int
+from moec.backends.triton.launch import Tile, launch_grouped_gemm
 
 
 INTERPRETER = Tile(32, 32, 32, 1, 1)
@@ -60,8 +53,6 @@ def _load() -> dict:
 def _autotune(x: torch.Tensor, w: torch.Tensor, rows: int, key: str) -> Tile:
     """Time the forward kernel with each candidate on this call's shapes (evenly split rows); keep the fastest."""
     import triton.testing
-
-    from moec.backends.triton.ops import launch_grouped_gemm
 
     experts = w.shape[0]
     counts = torch.full((experts,), rows // experts, dtype=torch.int32, device=x.device)

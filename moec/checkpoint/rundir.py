@@ -139,7 +139,7 @@ def _alive(pid: int) -> bool:
 
 def existing_run(run_dir: Path) -> str | None:
     """What a run left in ``run_dir`` (``metrics.jsonl with 306 rows, checkpoints up to step 300``), or None."""
-    from moec.runtime.checkpoint import STEP_DIR, checkpoint_root
+    from moec.checkpoint.dcp import STEP_DIR, checkpoint_root
 
     found = []
     metrics = Path(run_dir) / METRICS
@@ -208,7 +208,7 @@ def claim_on_rank0(run_dir: Path, resume: bool, overwrite: bool, dist_ctx) -> Ru
 
 def write_run_spec(run_dir: Path, spec, overrides: list[str]) -> Path:
     """``<run>/spec.yaml``: the resolved spec the run trains, its source file and overrides in the header."""
-    from moec.runtime.metrics import replace_atomically
+    from moec.observe.metrics import replace_atomically
     from moec.schema import resolved_yaml
 
     source = spec.source

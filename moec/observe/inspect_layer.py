@@ -125,7 +125,7 @@ def _arguments(spec, node, batch: int, seq: int) -> list[torch.Tensor]:
 
 
 def _load(model, path: Path) -> None:
-    from moec.runtime import checkpoint as ckpt
+    from moec.checkpoint import dcp as ckpt
 
     if not path.exists():
         raise InspectError(f"--checkpoint {path}: no such file or checkpoint directory")

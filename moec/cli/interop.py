@@ -7,7 +7,7 @@ from typing import NoReturn
 
 import typer
 
-from cli.output import print_spec_error
+from moec.cli.output import print_spec_error
 
 import_app = typer.Typer(help="Import a model from another framework as a spec + weights.", no_args_is_help=True)
 export_app = typer.Typer(help="Export a spec + weights to another framework.", no_args_is_help=True)
@@ -64,7 +64,7 @@ def export_hf_command(
 def refuse(source: Path, err: Exception) -> NoReturn:
     """Exit 1 with one line; a message that names its own file (damaged weights, a checkpoint) is not prefixed with ``source``."""
     from moec.interop.weights import WeightsError
-    from moec.runtime.checkpoint import CheckpointError
+    from moec.checkpoint.dcp import CheckpointError
 
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     prefix = "" if isinstance(err, (WeightsError, CheckpointError)) else f"{source}: "
@@ -79,8 +79,8 @@ def _load_source(source: Path, weights: Path | None):
     if source.is_dir():
         import yaml
 
+        from moec.checkpoint.dcp import META, load_model_state, verify_checkpoint
         from moec.compile import build_model
-        from moec.runtime.checkpoint import META, load_model_state, verify_checkpoint
 
         meta = verify_checkpoint(source).meta  # every file against manifest.json: damage is one line naming the file
         spec = load_spec_text(yaml.safe_dump(meta["spec"], sort_keys=False), file=str(source / META))

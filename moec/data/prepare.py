@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moec.runtime.data import split_files
+from moec.data.datasets import split_files
 
 CHUNK_BYTES = 4 << 20
 

@@ -1,4 +1,4 @@
-"""``moec inspect``: the moe_basics seed's report for one MoE layer (moec.runtime.inspect_layer)."""
+"""``moec inspect``: the moe_basics seed's report for one MoE layer (moec.observe.inspect_layer)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from pathlib import Path
 
 import typer
 
-from cli.output import load_spec_or_exit
+from moec.cli.output import load_spec_or_exit
 
 
 def run_inspect(spec_path: Path, overrides: tuple[str, ...], layer: str | None, tokens: int | None, checkpoint: Path | None) -> None:
-    from moec.runtime.inspect_layer import InspectError, inspect_layer
+    from moec.observe.inspect_layer import InspectError, inspect_layer
 
     spec = load_spec_or_exit(spec_path, overrides)
     try:

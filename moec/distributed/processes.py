@@ -137,7 +137,7 @@ def launch(nproc: int, argv: list[str], shutdown_timeout_s: float = 120.0) -> No
                           rdzv_endpoint="127.0.0.1:0", run_id=f"moec-{os.getpid()}", max_restarts=0, monitor_interval=0.5,
                           shutdown_timeout=max(1, math.ceil(shutdown_timeout_s)))
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "cli.main", *argv)
+        elastic_launch(config, entrypoint=sys.executable)("-m", "moec.cli.main", *argv)
     except SignalException as err:
         raise JobStopped(128 + err.sigval.value) from None
     except ChildFailedError as err:

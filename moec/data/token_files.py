@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moec.runtime.data import Dataset
+from moec.data.datasets import Dataset
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 EDGE_BYTES = 1 << 20  # the fingerprint hashes this much at each end of a file

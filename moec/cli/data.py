@@ -1,4 +1,4 @@
-"""``moec data prepare``: a thin wrapper over ``moec.runtime.prepare``."""
+"""``moec data prepare``: a thin wrapper over ``moec.data.prepare``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.output import load_spec_or_exit
+from moec.cli.output import load_spec_or_exit
 
 data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
 
@@ -24,7 +24,7 @@ def prepare_command(
     """Tokenize the spec's text sources once into token files, and print the train.data that reads them."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    from moec.runtime.prepare import prepare_tokens, total_bytes
+    from moec.data.prepare import prepare_tokens, total_bytes
     from moec.schema.spec import path_safe
 
     spec = load_spec_or_exit(spec_path, tuple(overrides or ()))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moec.runtime.metrics import read_metrics
+from moec.observe.metrics import read_metrics
 
 EMA_WEIGHT = 0.9  # of the previous smoothed value; bias-corrected like TensorBoard's smoothing
 MAX_COLUMNS = 200

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from moec.runtime.metrics import summarize_health
+from moec.observe.metrics import summarize_health
 
 
 class Display:
@@ -73,10 +73,10 @@ def _console() -> Console:
 
 
 def _mfu(trainer, result) -> str | None:
-    """The MFU line where the device's peak is known (CUDA devices in moec.runtime.mfu.PEAKS)."""
+    """The MFU line where the device's peak is known (CUDA devices in moec.observe.mfu.PEAKS)."""
     import torch
 
-    from moec.runtime.mfu import mfu
+    from moec.observe.mfu import mfu
 
     if trainer.device.type != "cuda":
         return None

@@ -9,8 +9,8 @@ the uninterrupted run would have seen.
   windows of ``seq_len + 1`` bytes.
 - ``signals``: 1-D sines, sums of harmonics and spirals projected to 1-D.
 - ``trajectories``: 3-D helix, elliptical orbit, Lissajous curve and Lorenz attractor.
-- ``hf_dataset``: a text column of local Hugging Face dataset files (``moec.runtime.hf_dataset``).
-- ``token_files``: pre-tokenized ids, memory-mapped (``moec.runtime.token_files``).
+- ``hf_dataset``: a text column of local Hugging Face dataset files (``moec.data.hf_dataset``).
+- ``token_files``: pre-tokenized ids, read a window at a time (``moec.data.token_files``).
 - ``random_tokens``: uniform bytes (for benchmarks: nothing to learn).
 
 A batch is ``(inputs, targets)``: inputs ``[B, S]`` token ids or ``[B, S, dims]`` values,
@@ -173,15 +173,14 @@ def split_files(files: list[str], val_fraction: float) -> dict[str, list[Path]]:
 
 
 class TextBytes(Dataset):
-    def __init__(self, seed: int, seq_len: int, pool_last: bool, files: list[str], val_fraction: float, tokenizer: str = "bytes"):
-        super().__init__(seed, seq_len, pool_last)
-        self.files = parts = split_files(files, val_fraction)
-        self._use_text({split: self._read(split_paths) for split, split_paths in parts.items()}, tokenizer)
+    """Windows of text: each split's bytes as they are, or as a tokenizer's ids."""
 
-    def _use_text(self, data: dict[str, torch.Tensor], tokenizer: str) -> None:
-        """Each split's bytes, as they are or as a tokenizer's ids; the fingerprint of what batches come from."""
-        seq_len = self.seq_len
-        self.data, unit = data, "bytes"
+    def __init__(self, seed: int, seq_len: int, pool_last: bool, text: dict[str, torch.Tensor], tokenizer: str = "bytes",
+                 files: dict[str, list[Path]] | None = None):
+        """``text``: each split's bytes (``read_text``); ``files``: the paths they came from, per split."""
+        super().__init__(seed, seq_len, pool_last)
+        self.files = files or {}
+        self.data, unit = text, "bytes"
         if tokenizer != "bytes":  # ids of a Hugging Face tokenizer; bits per byte still counts the text's bytes
             text_bytes = self.data["val"].numel()
             self.data = tokenize(self.data, tokenizer)
@@ -195,21 +194,17 @@ class TextBytes(Dataset):
             if data.numel() <= seq_len + 1:
                 raise ValueError(f"{split} text has {data.numel()} {unit}; need more than seq_len + 1 = {seq_len + 1}")
 
+    @classmethod
+    def from_files(cls, seed: int, seq_len: int, pool_last: bool, files: list[str], val_fraction: float,
+                   tokenizer: str = "bytes") -> "TextBytes":
+        """``kind: text``: local files (globs), split into train / validation by file."""
+        parts = split_files(files, val_fraction)
+        return cls(seed, seq_len, pool_last, {split: read_text(paths) for split, paths in parts.items()}, tokenizer, parts)
+
     @property
     def fingerprint(self) -> str:
         """sha256 of the bytes the batches come from (both splits, after the byte budget)."""
         return self._fingerprint
-
-    @staticmethod
-    def _read(paths: list[Path]) -> torch.Tensor:
-        """Up to MAX_TEXT_BYTES in all, streamed: a huge file is read only as far as the budget."""
-        buffer, total = bytearray(), 0
-        for path in paths:
-            buffer += _read_text_file(path, MAX_TEXT_BYTES - total) + b"\n"
-            total = len(buffer)
-            if total >= MAX_TEXT_BYTES:
-                break
-        return torch.frombuffer(buffer, dtype=torch.uint8).clone() if buffer else torch.zeros(0, dtype=torch.uint8)
 
     def windows(self, generator, split, size):
         data = self.data[split]
@@ -236,6 +231,18 @@ def tokenize(splits: dict[str, torch.Tensor], tokenizer_file: str) -> dict[str, 
         encoded = tokenizer.encode_batch(chunks, add_special_tokens=False)
         out[split] = torch.tensor([i for e in encoded for i in e.ids], dtype=torch.int32)
     return out
+
+
+def read_text(paths: list[Path]) -> torch.Tensor:
+    """The files' bytes, each followed by a newline, up to MAX_TEXT_BYTES in all, streamed: a huge
+    file is read only as far as the budget."""
+    buffer, total = bytearray(), 0
+    for path in paths:
+        buffer += _read_text_file(path, MAX_TEXT_BYTES - total) + b"\n"
+        total = len(buffer)
+        if total >= MAX_TEXT_BYTES:
+            break
+    return torch.frombuffer(buffer, dtype=torch.uint8).clone() if buffer else torch.zeros(0, dtype=torch.uint8)
 
 
 def _read_text_file(path: Path, limit: int) -> bytes:
@@ -335,26 +342,6 @@ class Trajectories(_Synthetic):
             points.append(state)
         path = torch.stack(points, 1)
         return (path - torch.tensor([0.0, 0.0, 25.0], dtype=torch.float64)) / 10.0
-
-
-def make_dataset(spec) -> Dataset:
-    data, train, model = spec.train.data, spec.train, spec.model
-    pool_last = model.head.pool == "last"
-    if data.kind == "text":
-        return TextBytes(train.seed, train.seq_len, pool_last, list(data.files), data.val_fraction, data.tokenizer)
-    if data.kind == "hf_dataset":
-        from moec.runtime.hf_dataset import HfDatasetText
-
-        return HfDatasetText(train.seed, train.seq_len, pool_last, data)
-    if data.kind == "token_files":
-        from moec.runtime.token_files import TokenFiles
-
-        return TokenFiles(train.seed, train.seq_len, pool_last, list(data.train), list(data.val), data.dtype, model.inputs.vocab)
-    if data.kind == "random_tokens":
-        return RandomTokens(train.seed, train.seq_len, pool_last, model.inputs.vocab)
-    if data.kind == "signals":
-        return Signals(train.seed, train.seq_len, pool_last, list(data.patterns), data.noise)
-    return Trajectories(train.seed, train.seq_len, pool_last, list(data.patterns), data.noise)
 
 
 def last_value_baseline(dataset: Dataset, batches: int, size: int) -> float:

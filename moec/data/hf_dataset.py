@@ -16,16 +16,15 @@ from pathlib import Path
 
 import torch
 
-from moec.runtime.data import MAX_TEXT_BYTES, TextBytes
+from moec.data.datasets import MAX_TEXT_BYTES, TextBytes
 from moec.schema.checks import DATASET_FORMATS
 
 
 class HfDatasetText(TextBytes):
     def __init__(self, seed: int, seq_len: int, pool_last: bool, data):
-        super(TextBytes, self).__init__(seed, seq_len, pool_last)  # Dataset's: the files are not text files
-        self.files = {split: _expand(getattr(data, split), split) for split in ("train", "val")}
-        text = {split: _column_bytes(paths, data.text_field, split) for split, paths in self.files.items()}
-        self._use_text(text, data.tokenizer)
+        files = {split: _expand(getattr(data, split), split) for split in ("train", "val")}
+        text = {split: _column_bytes(paths, data.text_field, split) for split, paths in files.items()}
+        super().__init__(seed, seq_len, pool_last, text, data.tokenizer, files)
 
 
 def _expand(patterns: list[str], split: str) -> list[Path]:

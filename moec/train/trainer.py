@@ -20,35 +20,27 @@ import torch.nn.functional as F
 from moec.backends.output import mean_stats
 from moec.backends.torch import tensor_parallel
 from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
+from moec.checkpoint import compile_cache
+from moec.checkpoint import dcp as ckpt
+from moec.checkpoint.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
 from moec.compile import build_model, compile_spec, parallel_module
-from moec.runtime import compile_cache
+from moec.data.datasets import last_value_baseline
+from moec.data.kinds import make_dataset
+from moec.distributed.processes import LaunchError, clip_grad_norm, init_distributed, local_slice, timed_out
+from moec.dtypes import autocast
 from moec.moe import ROUTERS, SELECTION_BIAS
-from moec.runtime import checkpoint as ckpt
-from moec.runtime.annealing import anneal_buffers, set_annealed
-from moec.runtime.data import last_value_baseline, make_dataset
-from moec.runtime.diagnose import describe_nonfinite
-from moec.runtime.fit import check_fit
-from moec.runtime.distributed import LaunchError, clip_grad_norm, init_distributed, local_slice, timed_out
-from moec.runtime.loggers import run_loggers
-from moec.runtime.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes,
+from moec.observe.loggers import run_loggers
+from moec.observe.memory_plan import held_bytes, plan_check
+from moec.observe.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes,
                                   steady_tokens_per_s)
-from moec.runtime.memory_plan import held_bytes, plan_check
-from moec.runtime.optim import lr_factor, make_optimizer, set_learning_rates
-from moec.runtime.pipeline_step import PipelineError, make_pipeline, pipeline_axis
-from moec.runtime.precision import apply_accumulation
-from moec.runtime.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
-from moec.runtime.stopping import StopRequest
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on: the message is for the user (no traceback)."""
-
-
-class Aborted(TrainingError):
-    """A second SIGINT / SIGTERM: stop now, without finishing the step or saving."""
-
+from moec.train.annealing import anneal_buffers, set_annealed
+from moec.train.diagnose import describe_nonfinite
+from moec.train.errors import Aborted, TrainingError
+from moec.train.fit import check_fit
+from moec.train.optim import lr_factor, make_optimizer, set_learning_rates
+from moec.train.pipeline_step import PipelineError, make_pipeline, pipeline_axis
+from moec.train.precision import apply_accumulation
+from moec.train.stopping import StopRequest
 
 @dataclass
 class RunResult:
@@ -98,7 +90,7 @@ class Trainer:
         self.model = build_model(spec, device="meta" if on_meta else self.device, program=self.program).train()
         if init_from is not None and resume is None:  # weights only (moec import hf, or another run's checkpoint)
             self._init_from(Path(init_from))
-        try:  # sharding.pipeline over more than one rank: this rank keeps its stage(s) (moec.runtime.pipeline_step)
+        try:  # sharding.pipeline over more than one rank: this rank keeps its stage(s) (moec.train.pipeline_step)
             self.pipeline = make_pipeline(spec, self.program, self.model, self.dist, self.parallel)
         except PipelineError as err:
             raise TrainingError(str(err)) from None
@@ -157,7 +149,7 @@ class Trainer:
         return self.model
 
     def _claim_run_dir(self, resume: bool, overwrite: bool, display):
-        """The run directory's lock and fresh-run rule (moec.runtime.rundir), decided on rank 0 for all ranks."""
+        """The run directory's lock and fresh-run rule (moec.checkpoint.rundir), decided on rank 0 for all ranks."""
         try:
             lock = claim_on_rank0(self.run_dir, resume, overwrite, self.dist)
         except RunDirError as err:
@@ -318,7 +310,7 @@ class Trainer:
         for micro in range(accum):
             batch = self.data.batch("train", step * accum + micro, micro_batch)
             inputs, targets = (local_slice(t, self.dist).to(self.device) for t in (batch.inputs, batch.targets))
-            with self._autocast():
+            with self.autocast():
                 out = self.step_fn(inputs)
 
             task = self._task_loss(out.output, targets)
@@ -335,13 +327,13 @@ class Trainer:
         clip = self.train.grad_clip if self.train.grad_clip is not None else math.inf
         self.scaler.unscale_(self.optimizer)  # clip and report the true gradient norm (no-op unless fp16)
         grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
-        self._optimizer_step()
+        self.optimizer_step()
         # the memory plan, checked on the first step: what this rank holds against the manifest
         held = held_bytes(self.model, self.optimizer, self.dist.distributed) if step == self.start_step else None
         self.optimizer.zero_grad(set_to_none=True)
         layers = [self._global(mean_stats(layer)) for layer in zip(*stats)]  # mean over micro-batches, then ranks
         health = moe_health(self.model.MOE_LAYERS, layers)
-        self._update_selection_bias(health)
+        self.update_selection_bias(health)
         elapsed = time.perf_counter() - start
         row = {
             "kind": "train", "step": step + 1, "loss": self.dist.mean(task_total + aux_total),
@@ -359,10 +351,10 @@ class Trainer:
         if self.scaler.is_enabled():
             row |= {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
         if self.dist.distributed and self.expert_parallel:
-            row["expert_parallel_bytes_sent"] = self._all_to_all_bytes()
+            row["expert_parallel_bytes_sent"] = self.all_to_all_bytes()
         return row
 
-    def _optimizer_step(self) -> None:
+    def optimizer_step(self) -> None:
         """optimizer.step(), through the fp16 GradScaler: it skips the step when a gradient is inf / NaN and
         lowers the scale (a lower scale after update() is how a skipped step shows)."""
         scale = self.scaler.get_scale()
@@ -371,7 +363,7 @@ class Trainer:
         if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
             self.skipped_steps += 1
 
-    def _all_to_all_bytes(self) -> int:
+    def all_to_all_bytes(self) -> int:
         """Bytes of routed rows this step's all-to-alls sent off-rank, summed over ranks (forward and backward)."""
         sent = torch.tensor([2 * EXPERT_ROWS_SENT["bytes"]], dtype=torch.float64)
         torch.distributed.all_reduce(sent)
@@ -385,11 +377,9 @@ class Trainer:
                     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
         return stats
 
-    def _autocast(self):
-        dtype = AUTOCAST.get(self.spec.schedule.precision.compute)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+    def autocast(self):
+        """The forward's autocast (``schedule.precision.compute``) on this rank's device."""
+        return autocast(self.spec.schedule.precision.compute, self.device.type)
 
     def _task_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.token_model:
@@ -398,19 +388,19 @@ class Trainer:
 
     def _diverged_message(self, step: int, loss: torch.Tensor, inputs: torch.Tensor) -> str:
         where = describe_nonfinite(self.program, self.model, inputs, self.train.seed)
-        return f"loss is {loss.item()} at step {step + 1}: {where}; {self._last_checkpoint('good')}"
+        return f"loss is {loss.item()} at step {step + 1}: {where}; {self.last_checkpoint('good')}"
 
-    def _last_checkpoint(self, what: str = "complete") -> str:
+    def last_checkpoint(self, what: str = "complete") -> str:
         found = ckpt.list_checkpoints(self.run_dir)
         return f"the last {what} checkpoint is {found[-1].path} (step {found[-1].step})" if found else "no checkpoint was written yet"
 
     def _write_failed(self, err: OSError) -> str:
         where = err.filename or self.run_dir
         if err.errno in ckpt.NO_SPACE:
-            return f"no space left on the device writing {where}; {self._last_checkpoint()}"
-        return f"cannot write {where}: {err.strerror or err}; {self._last_checkpoint()}"
+            return f"no space left on the device writing {where}; {self.last_checkpoint()}"
+        return f"cannot write {where}: {err.strerror or err}; {self.last_checkpoint()}"
 
-    def _update_selection_bias(self, health: dict) -> None:
+    def update_selection_bias(self, health: dict) -> None:
         """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts."""
         for layer, (bias, rate) in self.selection_biases.items():
             load = torch.tensor(health[layer]["utilization"], device=self.device)
@@ -427,7 +417,7 @@ class Trainer:
                 return None
             batch = self.data.batch("val", index, self.train.batch)
             inputs, targets = (local_slice(t, self.dist).to(self.device) for t in (batch.inputs, batch.targets))
-            with self._autocast():
+            with self.autocast():
                 if self.pipeline is not None:  # forward only through the stages
                     losses.append(self.pipeline.eval_loss(inputs, targets))
                     continue
@@ -480,7 +470,7 @@ class Trainer:
                 raise
             raise TrainingError(f"a collective did not finish within train.collective_timeout_s "
                                 f"({self.train.collective_timeout_s:g} s) after step {result.step}: another rank died or "
-                                f"hangs; {self._last_checkpoint()}") from None
+                                f"hangs; {self.last_checkpoint()}") from None
 
     def _aborted(self, name: str) -> Aborted:
-        return Aborted(f"stopped by a second {name} without saving; {self._last_checkpoint()}")
+        return Aborted(f"stopped by a second {name} without saving; {self.last_checkpoint()}")

@@ -50,14 +50,14 @@ from moec.backends.parallel.plan import global_balance
 from moec.backends.parallel.tensor import tensor_axis
 from moec.backends.torch.data_parallel import set_batch_group
 from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
+from moec.distributed.processes import local_slice
+from moec.dtypes import DTYPES
+from moec.observe.memory_plan import held_bytes, plan_check
+from moec.observe.metrics import compiled_graphs, moe_health, peak_memory_bytes
 from moec.passes.stages import stage_split
-from moec.runtime.annealing import set_annealed
-from moec.runtime.distributed import local_slice
-from moec.runtime.memory_plan import held_bytes, plan_check
-from moec.runtime.metrics import compiled_graphs, moe_health, peak_memory_bytes
-from moec.runtime.optim import lr_factor, set_learning_rates
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from moec.train.annealing import set_annealed
+from moec.train.errors import TrainingError
+from moec.train.optim import lr_factor, set_learning_rates
 
 
 class PipelineError(RuntimeError):
@@ -267,7 +267,7 @@ class PipelineRun:
         return inputs.to(self.dist.device), targets.to(self.dist.device)
 
     def train_step(self, trainer, step: int) -> dict:
-        """One optimizer step of ``trainer`` (moec.runtime.trainer.Trainer) through the pipeline: its metrics row."""
+        """One optimizer step of ``trainer`` (moec.train.trainer.Trainer) through the pipeline: its metrics row."""
         train = trainer.train
         set_learning_rates(trainer.optimizer, trainer.base_lrs, lr_factor(step, self.spec))
         set_annealed(trainer.annealed, step)
@@ -279,22 +279,20 @@ class PipelineRun:
         accum = train.grad_accum
         for round_ in range(accum):  # grad_accum rounds of the schedule, each over `microbatches` micro-batches
             inputs, targets = self.micro_batches(trainer.data, "train", step * accum + round_, train.batch // accum)
-            with trainer._autocast():
+            with trainer.autocast():
                 self._run(inputs, targets, train=True)
         task, aux = self._from_last_stage()
         if not math.isfinite(task + aux):
-            from moec.runtime.trainer import TrainingError
-
             raise TrainingError(f"loss is {task + aux} at step {step + 1} (pipeline parallel: per-layer diagnosis runs "
-                                f"on one process); {trainer._last_checkpoint('good')}")
+                                f"on one process); {trainer.last_checkpoint('good')}")
         self._average_gradients()
         clip = train.grad_clip if train.grad_clip is not None else math.inf
         grad_norm = self.clip_grad_norm(clip)
-        trainer._optimizer_step()
+        trainer.optimizer_step()
         held = held_bytes(self.part, trainer.optimizer, True) if step == trainer.start_step else None
         trainer.optimizer.zero_grad(set_to_none=True)
         health = self.moe_health()
-        trainer._update_selection_bias({layer: health[layer] for layer in self.part.MOE_LAYERS})
+        trainer.update_selection_bias({layer: health[layer] for layer in self.part.MOE_LAYERS})
         elapsed = time.perf_counter() - start
         mean = self.dist.mean  # over every rank: a pipeline's ranks hold the same numbers, so the data-parallel mean
         row = {
@@ -310,7 +308,7 @@ class PipelineRun:
         if self.spec.schedule.compile.enabled:
             row["compiled_graphs"] = compiled_graphs()
         if self.expert_axis is not None:
-            row["expert_parallel_bytes_sent"] = trainer._all_to_all_bytes()
+            row["expert_parallel_bytes_sent"] = trainer.all_to_all_bytes()
         return row
 
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:

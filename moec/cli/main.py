@@ -45,8 +45,8 @@ def validate(
     resolved: bool = typer.Option(False, "--resolved", help="Print each spec with every default filled in."),
 ) -> None:
     """Check specs; print every problem as FILE:LINE:COL: KEY: MESSAGE."""
-    from cli.output import print_resolved, print_spec_error, print_valid
     from moec import SpecError, load_spec
+    from moec.cli.output import print_resolved, print_spec_error, print_valid
     from moec.schema.overrides import is_override
 
     overrides = [arg for arg in specs if is_override(arg)]
@@ -80,7 +80,7 @@ def build(
     disable_pass: List[str] = typer.Option([], "--disable-pass", help="Skip a pass by name (repeatable)."),
 ) -> None:
     """Compile a spec: write model.py, manifest.json, ir.txt and graph.dot; print a summary."""
-    from cli.build import run_build
+    from moec.cli.build import run_build
 
     run_build(spec, output, dump_ir=dump_ir, render_svg=graph, disable=tuple(disable_pass), overrides=tuple(overrides or ()))
 
@@ -112,7 +112,7 @@ def train(
     ),
 ) -> None:
     """Train a spec: metrics.jsonl, checkpoints and plots under the run directory."""
-    from cli.train import run_train
+    from moec.cli.train import run_train
 
     if overwrite and (resume or resume_from):
         raise typer.BadParameter("--overwrite starts afresh; it cannot be combined with --resume / --resume-from",
@@ -133,7 +133,7 @@ def inspect(
                                               "file (default: the spec seed's)."),
 ) -> None:
     """Report one MoE layer on a random input: shapes, forward time, tokens per expert, load-balance loss."""
-    from cli.inspect_layer import run_inspect
+    from moec.cli.inspect_layer import run_inspect
 
     run_inspect(spec, tuple(overrides or ()), layer, tokens, checkpoint)
 
@@ -141,7 +141,7 @@ def inspect(
 @app.command()
 def plot(run: Path = typer.Argument(..., help="A run directory with metrics.jsonl.", show_default=False)) -> None:
     """Draw loss, expert-utilisation and throughput PNGs for a run."""
-    from moec.runtime.plots import plot_run
+    from moec.observe.plots import plot_run
 
     if not (run / "metrics.jsonl").is_file():
         typer.echo(f"error: {run}: no metrics.jsonl (is it a run directory?)", err=True)
@@ -187,7 +187,7 @@ def bench(
     """Time each MoE layer of a spec against dense GEMMs, HF grouped_mm experts and a per-expert loop; each spectral
     MoE layer against attention as the sequence grows, and with the DFT against torch.fft; with --startup, the build
     and the first step's compile, cold and warm."""
-    from cli.bench import run_bench
+    from moec.cli.bench import run_bench
 
     run_bench(spec, tokens, reps, device, compiled, json_out, tuple(overrides or ()), seqs, crossover_seqs, startup)
 
@@ -210,20 +210,20 @@ def schema(
 
 
 def _register_interop() -> None:
-    from cli.interop import export_app, import_app
+    from moec.cli.interop import export_app, import_app
 
     app.add_typer(import_app, name="import")
     app.add_typer(export_app, name="export")
 
 
 def _register_data() -> None:
-    from cli.data import data_app
+    from moec.cli.data import data_app
 
     app.add_typer(data_app, name="data")
 
 
 def _register_inference() -> None:
-    from cli.infer import evaluate, generate, serve
+    from moec.cli.infer import evaluate, generate, serve
 
     app.command("generate")(generate)
     app.command("eval")(evaluate)

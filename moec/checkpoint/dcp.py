@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from moec.runtime.checkpoint_verify import (  # noqa: F401 - the checkpoint API is used through this module
+from moec.checkpoint.expert_order import from_id_order, to_id_order
+from moec.checkpoint.verify import (  # noqa: F401 - the checkpoint API is used through this module
     MANIFEST,
     MANIFEST_FORMAT,
     META,
@@ -43,16 +44,15 @@ from moec.runtime.checkpoint_verify import (  # noqa: F401 - the checkpoint API 
     CheckpointError,
     CheckpointInfo,
     SafeReader,
-    _file_table,
-    _first_line,
     checkpoint_dirs,
     checkpoint_root,
+    file_table,
+    first_line,
     list_checkpoints,
     read_checkpoint,
     read_dcp_metadata,
     verify_checkpoint,
 )
-from moec.runtime.expert_order import from_id_order, to_id_order
 
 # --- saving --------------------------------------------------------------------------------
 
@@ -96,7 +96,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict, data
             meta = meta | {"step": step}
             _write_synced(tmp / META, json.dumps(meta, indent=1))
             manifest = {"format": MANIFEST_FORMAT, "step": step, "spec_sha256": meta.get("spec_sha256"),
-                        "data_fingerprint": data_fingerprint, "files": _file_table(tmp)}
+                        "data_fingerprint": data_fingerprint, "files": file_table(tmp)}
             _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1))  # last: it vouches for the rest
             _fsync_dir(tmp)
     except BaseException as err:  # DCP wraps what went wrong in its CheckpointException (a BaseException)
@@ -204,7 +204,7 @@ def _dcp_load(state: dict, path: Path) -> None:
         inner = _innermost(err)
         if isinstance(inner, CheckpointError) or not isinstance(inner, Exception):  # ours, or an interrupt
             raise inner from None
-        raise CheckpointError(f"{path}: DCP cannot load it into this model ({type(inner).__name__}: {_first_line(inner)})") from None
+        raise CheckpointError(f"{path}: DCP cannot load it into this model ({type(inner).__name__}: {first_line(inner)})") from None
 
 
 def _innermost(err: BaseException) -> BaseException:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from cli.output import human, load_spec_or_exit, print_spec_error
+from moec.cli.output import human, load_spec_or_exit, print_spec_error
 
 
 def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: bool, disable: tuple[str, ...],

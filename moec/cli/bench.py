@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from cli.output import load_spec_or_exit
+from moec.cli.output import load_spec_or_exit
 
 
 def run_bench(spec_path: Path, tokens: list[int] | None, reps: int, device: str, compiled: bool, as_json: bool,

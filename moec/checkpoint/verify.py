@@ -79,7 +79,7 @@ def read_dcp_metadata(path: Path) -> dcp_metadata.Metadata:
     try:
         metadata = _MetadataUnpickler(io.BytesIO(data)).load()
     except Exception as err:  # noqa: BLE001 - any failure of a hostile or torn pickle is the same refusal
-        raise CheckpointError(f"{path}: not a DCP metadata file ({type(err).__name__}: {_first_line(err)})") from None
+        raise CheckpointError(f"{path}: not a DCP metadata file ({type(err).__name__}: {first_line(err)})") from None
     if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.state_dict_metadata, dict):
         raise CheckpointError(f"{path}: not a DCP metadata file (it holds a {type(metadata).__name__})")
     return metadata
@@ -96,7 +96,8 @@ class SafeReader(FileSystemReader):
         return metadata
 
 
-def _file_table(directory: Path) -> dict:
+def file_table(directory: Path) -> dict:
+    """The manifest's ``files``: size and sha256 of every file under ``directory`` but the manifest."""
     return {path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != MANIFEST}
 
@@ -240,6 +241,7 @@ def _read_limited(file: Path, limit: int) -> bytes:
     return data
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An error's message as one line (its type's name when it has none), for CheckpointError's text."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

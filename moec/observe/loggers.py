@@ -1,6 +1,6 @@
 """Where metrics rows go besides ``metrics.jsonl``: the loggers the spec's ``train.log`` names.
 
-``metrics.jsonl`` (:class:`moec.runtime.metrics.MetricsWriter`) is always first: plots, resume
+``metrics.jsonl`` (:class:`moec.observe.metrics.MetricsWriter`) is always first: plots, resume
 and the summary read it. ``tensorboard`` writes the same numbers as TensorBoard scalars under
 ``<run>/tensorboard`` with torch's ``SummaryWriter`` (the optional ``tensorboard`` package):
 ``train/<field>``, ``eval/<field>`` and ``moe/<layer>/<field>``, at the row's step and wall time.

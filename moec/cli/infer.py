@@ -12,7 +12,7 @@ SOURCE_HELP = "A run directory (its newest checkpoint that verifies) or one chec
 
 
 def _load(source: Path):
-    from moec.runtime.checkpoint import CheckpointError
+    from moec.checkpoint.dcp import CheckpointError
     from moec.schema import SpecError
     from moec.serve.load import load_trained
 

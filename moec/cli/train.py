@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from cli.output import load_spec_or_exit
+from moec.cli.output import load_spec_or_exit
 
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -45,7 +45,7 @@ def _exit_cleanly_on_signals():
 def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at=None, nproc=None,
               init_from=None, allow_data_change: bool = False, overrides: tuple[str, ...] = (), overwrite: bool = False) -> None:
     """The training loop handles signals itself (finish the step, save); around it a signal exits 130 / 143."""
-    from moec.runtime.distributed import JobStopped, LaunchError, launch, launched_world_size
+    from moec.distributed.processes import JobStopped, LaunchError, launch, launched_world_size
 
     spec = load_spec_or_exit(spec_path, overrides)
     if nproc is not None and launched_world_size() == 1:
@@ -70,9 +70,10 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
 
 def _run_train(spec, spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at, init_from,
                allow_data_change: bool, overwrite: bool = False) -> None:
-    from moec.runtime.display import Display
-    from moec.runtime.plots import plot_run
-    from moec.runtime.trainer import Aborted, Trainer, TrainingError
+    from moec.observe.display import Display
+    from moec.observe.plots import plot_run
+    from moec.train.errors import Aborted, TrainingError
+    from moec.train.trainer import Trainer
 
     main = int(os.environ.get("RANK", "0")) == 0
     display = Display() if main else None

@@ -1,1 +1,0 @@
-"""Running a compiled model: data, training loop, checkpoints, metrics, plots."""
