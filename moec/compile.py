@@ -50,7 +50,7 @@ class Program:
 
 
 def versions() -> dict[str, str]:
-    from moec import __version__
+    from moec.version import __version__
 
     return {"moec": __version__, "torch": torch.__version__}
 

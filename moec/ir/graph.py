@@ -55,7 +55,7 @@ class Origin:
         return f"{where}{self.label or '/'.join(map(str, self.path))}"
 
 
-def _freeze(mapping: Mapping[str, AttrValue] | Iterable[tuple[str, AttrValue]]) -> tuple[tuple[str, AttrValue], ...]:
+def freeze(mapping: Mapping[str, AttrValue] | Iterable[tuple[str, AttrValue]]) -> tuple[tuple[str, AttrValue], ...]:
     items = mapping.items() if isinstance(mapping, Mapping) else mapping
     return tuple((str(key), tuple(value) if isinstance(value, list) else value) for key, value in items)
 
@@ -89,7 +89,7 @@ class Node:
     def with_(self, **changes) -> "Node":
         for key in ("attrs", "meta"):
             if key in changes:
-                changes[key] = _freeze(changes[key])
+                changes[key] = freeze(changes[key])
         return replace(self, **changes)
 
 

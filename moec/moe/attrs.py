@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moec.moe.anneal import AnnealAttrs, constant, schedule_of
+from moec.moe.routers import ROUTERS
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,6 @@ class MoeAttrs:
     @property
     def choices(self) -> int:
         """(token, expert) pairs per token that routing considers: top_k, or every expert for expert choice."""
-        from moec.moe.routers import ROUTERS
-
         return self.experts if ROUTERS[self.router.kind].expert_choice else self.top_k
 
     @property

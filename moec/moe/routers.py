@@ -21,9 +21,10 @@ name in the schema's ``Router.kind`` literal, and tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from moec.moe.attrs import RouterAttrs
+if TYPE_CHECKING:  # annotations only: attrs.py reads the registry
+    from moec.moe.attrs import RouterAttrs
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from moec.ir.graph import AttrValue, Namespace, Node, Origin, Ref, _freeze
+from moec.ir.graph import AttrValue, Namespace, Node, Origin, Ref, freeze
 from moec.moe.params import EXPERT_INITS, init_of
 from moec.schema.errors import SpecIssue, format_path
 
@@ -36,7 +36,7 @@ class GraphBuilder:
 
     def add(self, op: str, inputs: list[Ref], path: tuple, outputs: int = 1, **attrs: AttrValue) -> Ref | tuple[Ref, ...]:
         name = self.names.fresh(op)
-        node = Node(name=name, op=op, inputs=tuple(inputs), attrs=_freeze(attrs), origin=self.origin(path))
+        node = Node(name=name, op=op, inputs=tuple(inputs), attrs=freeze(attrs), origin=self.origin(path))
         self.nodes.append(node)
         return node.out() if outputs == 1 else tuple(node.out(i) for i in range(outputs))
 
@@ -61,7 +61,7 @@ class GraphBuilder:
         name = self.names.exact(key)
         attrs = {"name": key, "shape": tuple(shape), "init": init, "std": float(std), "trainable": trainable, "group": group}
         attrs |= {"values": tuple(float(v) for v in values)} if init in ("values", "chunks") else {}
-        self.nodes.append(Node(name=name, op="param", attrs=_freeze(attrs), origin=self.origin(path)))
+        self.nodes.append(Node(name=name, op="param", attrs=freeze(attrs), origin=self.origin(path)))
         self.param_refs[key] = Ref(name)
         return self.param_refs[key]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moec.ir.graph import Graph, Namespace, Node, Ref, _freeze
+from moec.ir.graph import Graph, Namespace, Node, Ref, freeze
 from moec.moe import MoeAttrs, decompose, moe_slots, placeholders
 from moec.passes.builder import MOE_AUX_META, MOE_BALANCE_META, MOE_META
 from moec.passes.rewrite import fresh_name, only_used_inside, replace_subgraph
@@ -37,7 +37,7 @@ class _Expected:
         self.names = Namespace()
 
     def add(self, op, inputs, path, outputs=1, **attrs):
-        node = Node(name=self.names.fresh(op), op=op, inputs=tuple(inputs), attrs=_freeze(attrs))
+        node = Node(name=self.names.fresh(op), op=op, inputs=tuple(inputs), attrs=freeze(attrs))
         self.nodes[node.name] = node
         return node.out() if outputs == 1 else tuple(node.out(i) for i in range(outputs))
 
@@ -93,7 +93,7 @@ def _rewrite(graph: Graph, m: MoeMatch) -> Graph:
     stand_ins = placeholders(m.slots)
     inputs = tuple(m.bound[stand_ins[slot].node] for slot in m.slots)
     combine = next(graph[n] for n in sorted(m.nodes) if graph[n].op == "combine")  # the layer's own line
-    node = Node(name=name, op="moe", inputs=inputs, attrs=_freeze({"slots": m.slots, "moe": m.attrs}), origin=combine.origin)
+    node = Node(name=name, op="moe", inputs=inputs, attrs=freeze({"slots": m.slots, "moe": m.attrs}), origin=combine.origin)
     node = node.with_(types=tuple(graph[root].types[0] for root in m.roots)) if graph.typed else node
     mapping = {Ref(root): Ref(name, i) for i, root in enumerate(m.roots)}
     return replace_subgraph(graph, m.nodes, node, mapping)

@@ -8,7 +8,7 @@ input is the step's value, optionally with the band features (``band_embed`` /
 
 from __future__ import annotations
 
-from moec.ir.graph import Graph, Node, Ref, _freeze
+from moec.ir.graph import Graph, Node, Ref, freeze
 from moec.moe.params import BAND_TABLE
 from moec.passes.rewrite import fresh_name, only_used_inside, replace_subgraph
 
@@ -106,7 +106,7 @@ def _rewrite(graph: Graph, irfft: Node, rfft: Node, steps: list[Node], band, aux
     attrs = {"slots": tuple(slots), "depth": len(steps), "fft_norm": rfft.attr["norm"], "band": kind, **moe_attrs}
     attrs |= {} if residual else {"residual": False}  # only when off: today's graphs and their printed IR are unchanged
     name = fresh_name(graph, "spectral_moe")
-    node = Node(name=name, op="spectral_moe", inputs=tuple(inputs), attrs=_freeze(attrs), origin=irfft.origin)
+    node = Node(name=name, op="spectral_moe", inputs=tuple(inputs), attrs=freeze(attrs), origin=irfft.origin)
     aux_ref = Ref(aux_root) if aux_root != steps[0].name else Ref(aux_root, 1)  # depth 1: the moe's aux output
     if graph.typed:
         node = node.with_(types=(irfft.types[0], graph.type_of(aux_ref)))
