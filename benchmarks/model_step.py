@@ -1,13 +1,17 @@
 """A whole training step of token_routed_tiny against HF transformers' MixtralForCausalLM of the
 same shape and weights, both under torch.compile, interleaved in one process.
 
-    python benchmarks/model_step.py [--reps 7] [--inner 5] [--no-compile]
+    python benchmarks/model_step.py [--reps 7] [--inner 5] [--no-compile] [--baseline OLD/model.py]
 
 One step: zero the gradients, forward on the spec's batch (batch x seq_len random token ids),
 next-token cross-entropy (HF's: labels = inputs, shifted) + aux loss, backward, AdamW step. The HF model comes from moec's own export
 (``export_hf``, loaded by ``from_pretrained``: the same parameters, 254,784 of them), with the load-balance loss
 pooled over the model as HF computes it (``aux.load_balance_scope=model``) and HF's
 ``output_router_logits`` on, so both add the same auxiliary loss. "x HF" > 1: moec is faster.
+
+``--baseline``: a ``model.py`` written by another moec (``moec build`` of the same spec and overrides
+at another commit), loaded with the same weights and timed in the same interleaved rounds: the
+program before and after a change of the emitter, side by side.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--inner", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--baseline", type=Path, help="a model.py built by another moec from the same spec and overrides")
     args = parser.parse_args()
     spec = moec.load_spec(args.spec, overrides=OVERRIDES)
     torch.manual_seed(0)
@@ -86,13 +91,31 @@ def main() -> None:
         ours = lm_loss(out, tokens)
         theirs = hf(input_ids=tokens, labels=tokens).loss
     print(f"  first loss: moec {ours.item():.6f}, HF {theirs.item():.6f}")
+    baseline = _baseline(args.baseline, model, tokens) if args.baseline else None
     if not args.no_compile:
         model, hf = torch.compile(model, fullgraph=True), torch.compile(hf)
+        baseline = baseline and torch.compile(baseline, fullgraph=True)
     steps = {"moec": moec_step(spec, model, tokens), "hf mixtral": hf_step(hf, tokens)}
+    if baseline is not None:
+        steps["baseline"] = moec_step(spec, baseline, tokens)
     timings = {t.name: t for t in interleaved(steps, torch.device("cpu"), args.reps, inner=args.inner, warmup=3)}
     for name, t in timings.items():
         print(f"  {name:12s} {t.median_s * 1e3:8.2f} ms/step  [{t.low_s * 1e3:.2f}-{t.high_s * 1e3:.2f}]")
     print(f"  moec is {timings['moec'].ratio_to(timings['hf mixtral']):.2f}x HF")
+    if baseline is not None:
+        print(f"  moec is {timings['moec'].ratio_to(timings['baseline']):.2f}x the baseline program")
+
+
+def _baseline(path: Path, model, tokens):
+    """The other program's model with this model's weights (the same state-dict names); its first loss must agree."""
+    from moec.backends.torch.loader import load_program
+
+    old = load_program(path.read_text(), Path(tempfile.mkdtemp()) / "baseline_model.py").Model().train()
+    old.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        a, b = lm_loss(model(tokens), tokens), lm_loss(old(tokens), tokens)
+    print(f"  first loss: baseline program {b.item():.6f} (this one {a.item():.6f})")
+    return old
 
 
 if __name__ == "__main__":
