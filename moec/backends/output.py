@@ -20,6 +20,10 @@ class MoeStats(NamedTuple):
     entropy_loss: torch.Tensor | None = None
     margin_loss: torch.Tensor | None = None
 
+    def detached(self, dtype: torch.dtype) -> MoeStats:
+        """Every field detached from the graph and in ``dtype`` (the statistics carry no gradient)."""
+        return MoeStats(*[None if value is None else value.detach().to(dtype) for value in self])
+
 
 def mean_stats(stats: Sequence[MoeStats]) -> MoeStats:
     """Field-wise mean: over the steps of a spectral MoE, or the micro-batches of a training step."""

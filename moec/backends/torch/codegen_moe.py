@@ -134,17 +134,14 @@ def _fallback(moe: MoeAttrs) -> list[str]:
 
 
 def _stats(moe: MoeAttrs) -> list[str]:
-    """Detached health numbers for the trainer (moec.backends.output.MoeStats)."""
-    dropped = "1.0 - kept.float().mean()" if not moe.dropless else "logits.new_zeros(())"
-    values = f"counts, {dropped}, entropy, balance, z"
+    """Detached health numbers for the trainer (``MoeStats``): counts, dropped share, router entropy, aux terms."""
+    dropped = "1.0 - kept.float().mean()  # the share of routed choices capacity dropped" if not moe.dropless else \
+        "logits.new_zeros(())  # dropless: none"
+    fields = "counts, dropped, router_entropy(scores), balance, z"
     rewards = (("entropy_loss", moe.aux.entropy), ("margin_loss", moe.aux.margin))
     if any(weight > 0 for _, weight in rewards):  # both reward fields, 0 for the one not set
-        values += "".join(f", {name if weight > 0 else 'logits.new_zeros(())'}" for name, weight in rewards)
-    return [
-        "    probs = scores / scores.sum(-1, keepdim=True)",
-        "    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()",
-        f"    stats = MoeStats(*[value.detach().to(logits.dtype) for value in ({values})])",
-    ]
+        fields += "".join(f", {name if weight > 0 else 'logits.new_zeros(())'}" for name, weight in rewards)
+    return [f"    dropped = {dropped}", f"    stats = MoeStats({fields}).detached(logits.dtype)"]
 
 
 def _fixed_router(moe: MoeAttrs) -> list[str]:

@@ -204,8 +204,8 @@ class Emitter:
             return full
         cached = (f"attention_cached({', '.join(args[:3])}, {a['heads']}, {a['kv_heads']}, {a['head_dim']}, cache.kv[self.slot], "
                   f"cache.positions, cache.bucket, {a.get('window')!r}, {sinks})")
-        return ["        if cache is None:", f"            @TARGET@ = {full}", "        else:",
-                f"            @TARGET@ = {cached}  # decoding: writes this step's keys and values first"]
+        return ["        if cache is None:", f"            @TARGET@ = {full}", "        else:  # decoding: this step's keys and values go into the cache first",
+                f"            @TARGET@ = {cached}"]
 
     # --- the program --------------------------------------------------------------------------------
     def program(self, spec_name: str, header: list[str]) -> tuple[str, str]:
