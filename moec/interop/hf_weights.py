@@ -20,8 +20,8 @@ from typing import Iterator
 import torch
 
 from moec.interop.weights import WeightsError, index_files
+from moec.ir.names import split_block_name
 
-MOEC_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 GLOBAL = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "final_norm.weight", "lm_head.weight": "head.weight"}
@@ -152,10 +152,10 @@ def to_hf(family: str, moe_layers: list[bool], state: dict[str, torch.Tensor]) -
         if name in glob:
             yield glob[name], tensor
             continue
-        found = MOEC_BLOCK.match(name)
-        if not found:
+        found = split_block_name(name)
+        if found is None:
             raise KeyError(f"parameter {name!r} has no Hugging Face name")
-        index, rest = int(found.group(1)), found.group(2)
+        index, rest = found
         prefix = f"model.layers.{index}."
         if rest.startswith("moe.experts.") and family == "gpt_oss":
             if rest == "moe.experts.w_up":  # one interleaved tensor from four of ours: emitted once per layer

@@ -8,12 +8,11 @@ without discounting the causal mask, plus ~2.5 S log2 S per channel for each FFT
 from __future__ import annotations
 
 import math
-import re
 
 from moec.ir.graph import Graph, Node
+from moec.ir.names import block_of
 from moec.moe.params import EXPERT_PREFIX, ROUTER_WEIGHT
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def numel(node: Node) -> int:
@@ -47,7 +46,7 @@ def block_flops(spec, graph: Graph, blocks: int) -> tuple[float, list[float], fl
         if node.op in ("param", "input"):
             continue
         params = [graph[ref.node].attr["name"] for ref in node.inputs if graph[ref.node].op == "param"]
-        found = [int(m.group(1)) for m in map(_BLOCK.match, params) if m]
+        found = [b for b in map(block_of, params) if b is not None]
         if found:
             current, started = max(found), True
         elif params and started:

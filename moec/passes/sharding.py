@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from moec.ir.graph import Graph, Node
+from moec.ir.names import block_of
 from moec.passes.builder import origin_issue
 from moec.passes.stages import stage_split
 from moec.schema.errors import SpecError
@@ -131,9 +132,9 @@ def _stage_of(spec: Spec, graph: Graph) -> dict[str, int] | None:
     stage_of_block = {block: stage for stage, (first, last) in enumerate(split) for block in range(first, last + 1)}
     result: dict[str, int] = {}
     for node in graph.nodes:
-        found = re.match(r"^blocks\.(\d+)\.", node.attr.get("name", "")) if node.op == "param" else None
-        if found:
-            stage = stage_of_block[int(found.group(1))]
+        block = block_of(node.attr["name"]) if node.op == "param" else None
+        if block is not None:
+            stage = stage_of_block[block]
         elif node.op == "param" and node.attr["name"].startswith(("head.", "final_norm.")):
             stage = len(split) - 1
         else:

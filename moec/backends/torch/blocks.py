@@ -11,13 +11,12 @@ and pipeline stages hold; the state_dict keys stay the graph's parameter names.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from moec.ir.graph import Graph, Node, Ref
+from moec.ir.names import block_of
 from moec.moe import EXPERT_PREFIX, ROUTER_WEIGHT
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 @dataclass
@@ -35,11 +34,6 @@ class Segment:
 def attribute_expr(dotted: str, root: str = "self") -> str:
     """``blocks.3.moe`` -> ``self.blocks[3].moe``: a module or parameter path as Python attribute access."""
     return root + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in dotted.split("."))
-
-
-def block_of(param_name: str) -> int | None:
-    found = _BLOCK.match(param_name)
-    return int(found.group(1)) if found else None
 
 
 def segments(graph: Graph) -> list[Segment]:
