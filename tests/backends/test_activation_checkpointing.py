@@ -78,7 +78,7 @@ def test_generated_plan_names_the_checkpointed_blocks():
             "        block.forward = partial(checkpoint, block.forward, use_reentrant=False)\n") in source
     selective = moec.compile_spec(spec_for("selective")).parallel_source
     assert "def save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:" in selective
-    assert ("    for index in (0, 1, 2, 3):  # every block  # ac.yaml:23 schedule.activation_checkpointing\n" in selective)
+    assert ("    for index in range(0, 4):  # every block  # ac.yaml:23 schedule.activation_checkpointing\n" in selective)
     assert "context_fn=partial(create_selective_checkpoint_contexts, save_matmuls))" in selective
     off = moec.compile_spec(spec_for("none")).parallel_source
     assert "torch.utils.checkpoint" not in off and '"""Nothing to do: activation checkpointing is off."""' in off

@@ -69,8 +69,9 @@ def test_a_replicated_kv_head_is_read_through_kv_shard():
         "        v = F.linear(x_tp, tensor_parallel.kv_shard(self.wv, 1))",
     ]
     lines = compiled.parallel_source.split("def tensor_parallel")[1].splitlines()
-    assert lines[6].startswith("    split(model.blocks[0].attention, {'wq': 0, 'wo': 1}, tp_mesh)  # attention.qkv column, attention.out row")
-    assert lines[7] == ("    # model.blocks[0].attention wk, wv stay whole (1 KV head for 2 ranks): each rank reads the KV head of its "
+    assert lines[6] == "    for block in model.blocks:"
+    assert lines[7].startswith("        split(block.attention, {'wq': 0, 'wo': 1}, tp_mesh)  # attention.qkv column, attention.out row")
+    assert lines[8] == ("        # block.attention wk, wv stay whole (1 KV head for 2 ranks): each rank reads the KV head of its "
                         "query heads (tensor_parallel.kv_shard)  tp.yaml:25 sharding.tensor.column")
     placements = {node.attr["name"]: dict(node.meta)["placement"] for node in compiled.graph.params()}
     assert placements["blocks.0.attention.wk"] == ("Replicate()",) and placements["blocks.0.attention.wq"] == ("Shard(0)",)
@@ -110,8 +111,8 @@ def test_a_moe_whose_experts_are_not_split_stays_whole():
     moe = "\n".join(_method(compiled.source, "MoE"))
     assert "tensor_parallel" not in moe
     assert "grouped_linear(rows, self.experts.w_up, offsets)" in moe and "self.shared.w_up" in moe
-    assert "split(model.blocks[0].mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)" in compiled.parallel_source
-    assert ".moe." not in compiled.parallel_source.split("def tensor_parallel")[1].split("\n\n\n")[0]
+    assert "split(block.mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)" in compiled.parallel_source
+    assert ".moe" not in compiled.parallel_source.split("def tensor_parallel")[1].split("\n\n\n")[0]
 
 
 def test_the_vocabulary_split_lines_exactly():

@@ -174,14 +174,15 @@ def test_parallel_py_splits_the_groups_with_spec_lines(tmp_path):
     path.write_text(spec_text(TP2))
     program = compile_spec(moec.load_spec(path))
     lines = program.parallel_source.split("def tensor_parallel")[1].splitlines()
-    assert lines[4:9] == [
+    assert lines[4:10] == [
         f"    tp_mesh = mesh['tp']  # {path}:25 sharding.tensor.axis",
         "    set_tensor_group(tp_mesh.get_group())  # model.py's f and g all-reduce over it",
-        ("    split(model.blocks[0].attention, {'wq': 0, 'wk': 0, 'wv': 0, 'wo': 1}, tp_mesh)  # attention.qkv column, "
+        "    for block in model.blocks:",
+        ("        split(block.attention, {'wq': 0, 'wk': 0, 'wv': 0, 'wo': 1}, tp_mesh)  # attention.qkv column, "
          f"attention.out row  {path}:25 sharding.tensor.column"),
-        ("    split(model.blocks[0].moe.experts, {'w_up': 1, 'w_gate': 1, 'w_down': 2}, tp_mesh)  # experts.up column, "
+        ("        split(block.moe.experts, {'w_up': 1, 'w_gate': 1, 'w_down': 2}, tp_mesh)  # experts.up column, "
          f"experts.down row  {path}:25 sharding.tensor.column"),
-        ("    split(model.blocks[0].mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)  # mlp.up column, "
+        ("        split(block.mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)  # mlp.up column, "
          f"mlp.down row  {path}:25 sharding.tensor.column"),
     ]
     assert "    tensor_parallel(model, mesh)\n" in program.parallel_source.split("def parallelize")[1]
@@ -221,7 +222,7 @@ def test_tp_x_ep_lines(tmp_path):
     assert "tensor_parallel.local(self.experts" not in program.source  # experts_ffn reads the DTensors' meshes itself
     parallel = program.parallel_source
     assert "        sharded = distribute_tensor(param.detach(), expert_mesh, [Shard(0), Shard(EXPERT_TP_SPLITS[name])])" in parallel
-    assert "split(model.blocks[0].moe.experts" not in parallel  # shard_experts splits them over ep and tp at once
+    assert "split(block.moe.experts" not in parallel  # shard_experts splits them over ep and tp at once
     # a mesh listing tp first: the placements follow the mesh's order (a DeviceMesh slice keeps it)
     flipped = TP2_EP2.replace("axes: {ep: 2, tp: 2}", "axes: {tp: 2, ep: 2}")
     parallel = compile_spec(moec.load_spec_text(spec_text(flipped), file="tp_ep.yaml")).parallel_source

@@ -52,7 +52,7 @@ def checkpointing_source(ac, blocks: int, where) -> list[str]:
     return lines + header + [
         f'    """{ac.mode.capitalize()} activation checkpointing: the backward pass recomputes these blocks\' forward',
         f'    (torch\'s non-reentrant checkpoint), keeping {keeps}."""',
-        f"    for index in {chosen!r}:  # {_every(ac.every)}  {where('schedule', 'activation_checkpointing')}",
+        f"    for index in {_indices(chosen)}:  # {_every(ac.every)}  {where('schedule', 'activation_checkpointing')}",
         "        block = model.blocks[index]",
         f"        block.forward = partial(checkpoint, block.forward, use_reentrant=False{context})",
     ]
@@ -69,6 +69,15 @@ def _policy_source() -> list[str]:
         "",
         "",
     ]
+
+
+def _indices(chosen: tuple[int, ...]) -> str:
+    """``range(1, 96, 2)`` for evenly spaced block indices, else the tuple."""
+    if len(chosen) > 2:
+        step = chosen[1] - chosen[0]
+        if step > 0 and all(b - a == step for a, b in zip(chosen, chosen[1:])):
+            return f"range({chosen[0]}, {chosen[-1] + 1}{f', {step}' if step > 1 else ''})"
+    return repr(chosen)
 
 
 def _every(n: int) -> str:

@@ -18,6 +18,7 @@ rank's KV head through ``tensor_parallel.kv_shard``, whose backward sums the gra
 from __future__ import annotations
 
 from moec.ir.graph import Graph
+from moec.ir.names import split_block_name
 from moec.passes.sharding import tp_group
 
 
@@ -78,8 +79,6 @@ def split_source() -> list[str]:
 def tensor_parallel_source(spec, splits: dict[str, int], where, replicated_kv: dict[str, int] | None = None) -> list[str]:
     """``def tensor_parallel(model, mesh)``: one ``split`` line per module, with its groups and spec line, and
     a comment per module whose k / v projections stay whole (``replicated_kv``: name -> kv_heads)."""
-    from moec.backends.torch.blocks import attribute_expr
-
     axis = tensor_axis(spec)
     lines = [
         "def tensor_parallel(model: torch.nn.Module, mesh: DeviceMesh) -> None:",
@@ -93,28 +92,58 @@ def tensor_parallel_source(spec, splits: dict[str, int], where, replicated_kv: d
     for name, dim in splits.items():
         owner, leaf = name.rsplit(".", 1)
         modules.setdefault(owner, {})[leaf] = dim
+    per_block = _same_in_every_block(modules, replicated_kv or {})
+    if per_block is not None:  # one plan for every block: a loop, as torchtitan's parallelize_module calls
+        lines.append("    for block in model.blocks:")
+        for relative, dims in per_block.items():
+            lines += ["    " + line for line in _split_lines(spec, f"blocks.0.{relative}", dims, where, replicated_kv, "block")]
+        modules = {owner: dims for owner, dims in modules.items() if split_block_name(owner) is None}
     for owner, dims in modules.items():
-        groups = {}
-        for leaf, dim in dims.items():
-            groups.setdefault(tp_group(f"{owner}.{leaf}"), split_kind(f"{owner}.{leaf}", dim))
-        what = ", ".join(f"{group} {kind}" for group, kind in groups.items())
-        field = "column" if "column" in groups.values() else "row"
-        lines.append(f"    split({attribute_expr(owner, 'model')}, {dims!r}, tp_mesh)  # {what}  "
-                     f"{where('sharding', 'tensor', field)[2:]}")
-        lines += _whole_kv_comment(spec, owner, replicated_kv or {}, where)
+        lines += _split_lines(spec, owner, dims, where, replicated_kv)
     return lines
 
 
-def _whole_kv_comment(spec, owner: str, replicated_kv: dict[str, int], where) -> list[str]:
-    """The comment saying which of ``owner``'s k / v projections stay whole, and why."""
+def _same_in_every_block(modules: dict[str, dict[str, int]], replicated_kv: dict[str, int]) -> dict[str, dict[str, int]] | None:
+    """Block-relative owner -> its split dims, when every block splits the same weights the same way (else None)."""
+    per_block: dict[int, dict[str, dict[str, int]]] = {}
+    for owner, dims in modules.items():
+        found = split_block_name(owner)
+        if found is not None:
+            per_block.setdefault(found[0], {})[found[1]] = dims
+    whole = {}
+    for name in replicated_kv:
+        found = split_block_name(name)
+        whole.setdefault(found[0] if found else None, set()).add(found[1] if found else name)
+    rows = list(per_block.values())
+    kept = list(whole.values())
+    if not rows or sorted(per_block) != list(range(len(rows))) or any(row != rows[0] for row in rows) \
+            or any(k != kept[0] for k in kept) or None in whole:
+        return None
+    return rows[0]
+
+
+def _split_lines(spec, owner: str, dims: dict[str, int], where, replicated_kv, root: str = "model") -> list[str]:
+    """``split(<owner>, dims, tp_mesh)`` with its groups and spec line (``root`` 'block': relative to a block)."""
     from moec.backends.torch.blocks import attribute_expr
 
+    groups = {}
+    for leaf, dim in dims.items():
+        groups.setdefault(tp_group(f"{owner}.{leaf}"), split_kind(f"{owner}.{leaf}", dim))
+    what = ", ".join(f"{group} {kind}" for group, kind in groups.items())
+    field = "column" if "column" in groups.values() else "row"
+    target = attribute_expr(owner.split(".", 2)[2], "block") if root == "block" else attribute_expr(owner, "model")
+    return [f"    split({target}, {dims!r}, tp_mesh)  # {what}  {where('sharding', 'tensor', field)[2:]}",
+            *_whole_kv_comment(spec, owner, replicated_kv or {}, where, target)]
+
+
+def _whole_kv_comment(spec, owner: str, replicated_kv: dict[str, int], where, target: str) -> list[str]:
+    """The comment saying which of ``owner``'s k / v projections stay whole, and why."""
     leaves = [name.rsplit(".", 1)[1] for name in replicated_kv if name.rsplit(".", 1)[0] == owner]
     if not leaves:
         return []
     kv_heads, tp = replicated_kv[f"{owner}.{leaves[0]}"], spec.mesh.axes[spec.sharding.tensor.axis]
     heads = f"{kv_heads} KV head{'s' if kv_heads > 1 else ''}"
-    return [(f"    # {attribute_expr(owner, 'model')} {', '.join(leaves)} stay whole ({heads} for {tp} ranks): each rank reads "
+    return [(f"    # {target} {', '.join(leaves)} stay whole ({heads} for {tp} ranks): each rank reads "
              f"the KV head of its query heads (tensor_parallel.kv_shard)  {where('sharding', 'tensor', 'column')[2:]}")]
 
 
