@@ -75,54 +75,55 @@ def _matmul_grouped(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     return out
 
 
-@torch.library.custom_op("moec::grouped_linear", mutates_args=())
-def _grouped_linear(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    return _matmul_grouped(x, w.transpose(1, 2), offsets)
+def _define_ops():
+    """Register ``moec::grouped_linear`` (with its fake kernel and backward) and its two gradient ops."""
+
+    @torch.library.custom_op("moec::grouped_linear", mutates_args=())
+    def grouped_linear_op(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+        return _matmul_grouped(x, w.transpose(1, 2), offsets)
+
+    @grouped_linear_op.register_fake
+    def _(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], w.shape[1])
+
+    @torch.library.custom_op("moec::grouped_linear_weight_grad", mutates_args=())
+    def weight_grad(grad: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
+        """d(loss)/d(w)[e] = grad[group e].T @ x[group e], shape [E, N, K] (the weight's layout)."""
+        if _native_ok(grad, x):
+            return F.grouped_mm(grad.t(), x, offs=offsets)
+        out = x.new_zeros(offsets.shape[0], grad.shape[1], x.shape[1])
+        for expert, (start, end) in enumerate(_groups(offsets)):
+            torch.mm(grad[start:end].t(), x[start:end], out=out[expert])
+        return out
+
+    @weight_grad.register_fake
+    def _(grad: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
+        return x.new_empty(offsets.shape[0], grad.shape[1], x.shape[1])
+
+    @torch.library.custom_op("moec::grouped_linear_input_grad", mutates_args=())
+    def input_grad(grad: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+        """d(loss)/d(x)[group e] = grad[group e] @ w[e], shape [M, K]."""
+        return _matmul_grouped(grad, w, offsets)
+
+    @input_grad.register_fake
+    def _(grad: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+        return grad.new_empty(grad.shape[0], w.shape[2])
+
+    def setup(ctx, inputs, output) -> None:
+        x, w, offsets = inputs
+        ctx.save_for_backward(x, w, offsets)
+
+    def backward(ctx, grad: Tensor):
+        x, w, offsets = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = input_grad(grad, w, offsets) if ctx.needs_input_grad[0] else None
+        grad_w = weight_grad(grad, x, offsets) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+    grouped_linear_op.register_autograd(backward, setup_context=setup)
+    return grouped_linear_op
 
 
-@_grouped_linear.register_fake
-def _(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], w.shape[1])
-
-
-@torch.library.custom_op("moec::grouped_linear_weight_grad", mutates_args=())
-def _grouped_linear_weight_grad(grad: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
-    """d(loss)/d(w)[e] = grad[group e].T @ x[group e], shape [E, N, K] (the weight's layout)."""
-    if _native_ok(grad, x):
-        return F.grouped_mm(grad.t(), x, offs=offsets)
-    out = x.new_zeros(offsets.shape[0], grad.shape[1], x.shape[1])
-    for expert, (start, end) in enumerate(_groups(offsets)):
-        torch.mm(grad[start:end].t(), x[start:end], out=out[expert])
-    return out
-
-
-@_grouped_linear_weight_grad.register_fake
-def _(grad: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
-    return x.new_empty(offsets.shape[0], grad.shape[1], x.shape[1])
-
-
-@torch.library.custom_op("moec::grouped_linear_input_grad", mutates_args=())
-def _grouped_linear_input_grad(grad: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    """d(loss)/d(x)[group e] = grad[group e] @ w[e], shape [M, K]."""
-    return _matmul_grouped(grad, w, offsets)
-
-
-@_grouped_linear_input_grad.register_fake
-def _(grad: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    return grad.new_empty(grad.shape[0], w.shape[2])
-
-
-def _setup(ctx, inputs, output) -> None:
-    x, w, offsets = inputs
-    ctx.save_for_backward(x, w, offsets)
-
-
-def _backward(ctx, grad: Tensor):
-    x, w, offsets = ctx.saved_tensors
-    grad = grad.contiguous()
-    grad_x = _grouped_linear_input_grad(grad, w, offsets) if ctx.needs_input_grad[0] else None
-    grad_w = _grouped_linear_weight_grad(grad, x, offsets) if ctx.needs_input_grad[1] else None
-    return grad_x, grad_w, None
-
-
-_grouped_linear.register_autograd(_backward, setup_context=_setup)
+# Registered once per process: moec's copy and a build's model_support.py share whichever came first (a second
+# registration would replace the first one's kernels under the callers that still hold it).
+_grouped_linear = torch.ops.moec.grouped_linear if hasattr(torch.ops.moec, "grouped_linear") else _define_ops()
