@@ -21,7 +21,7 @@ def load_program(source: str, path: Path | None = None, filename: str = "model.p
     reads (the module is registered under that name only while ``source`` runs: each program has its own)."""
     digest = hashlib.sha256(((support or "") + source).encode("utf-8")).hexdigest()[:16]
     path = Path(path or cache_dir() / digest / filename).resolve()
-    helper = None if support is None else _module(support, path.parent / "model_support.py", f"moec_support_{digest}")
+    helper = None if support is None else _support(support, path.parent / "model_support.py", f"moec_support_{digest}")
     previous = sys.modules.get("model_support")
     if helper is not None:
         sys.modules["model_support"] = helper
@@ -34,6 +34,13 @@ def load_program(source: str, path: Path | None = None, filename: str = "model.p
             del sys.modules["model_support"]
 
 
+def _support(source: str, path: Path, name: str) -> types.ModuleType:
+    """One module object per support source in a process: compiled code guards the classes it defines (MoeStats)
+    through ``sys.modules[name]``, so a second module under the same name would fail those guards."""
+    loaded = sys.modules.get(name)
+    return loaded if loaded is not None and getattr(loaded, "__source__", None) == source else _module(source, path, name)
+
+
 def _module(source: str, path: Path, name: str) -> types.ModuleType:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text(encoding="utf-8") != source:
@@ -42,6 +49,7 @@ def _module(source: str, path: Path, name: str) -> types.ModuleType:
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     module = types.ModuleType(name)
     module.__file__ = filename
+    module.__source__ = source
     sys.modules[name] = module
     exec(compile(source, filename, "exec"), module.__dict__)
     return module
