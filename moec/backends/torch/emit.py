@@ -24,7 +24,7 @@ from moec.backends.torch.layers import LayerPart, split_block
 from moec.backends.torch.modules import INIT_ARGS, declarations, standard_modules
 from moec.backends.torch.ops import EXPRESSIONS
 from moec.backends.torch.roots import root_class
-from moec.backends.torch.statements import Body, param_expr
+from moec.backends.torch.statements import Body, param_expr, stats_ref
 from moec.backends.torch.support import import_lines, support
 from moec.ir.graph import Graph, Node, Ref
 
@@ -76,9 +76,6 @@ class Emitter:
         self.cut = segments(graph)
         self.contract = BlockContract(graph, self.cut, self.decoding)
 
-    def is_fused(self, node: Node) -> bool:
-        return is_fused(node)
-
     # --- classes ------------------------------------------------------------------------------------
     def add_class(self, family: str, doc: str, body: list[str]) -> str:
         """The class called ``family`` (``family2``, ... when another class of the family differs) with this body."""
@@ -125,7 +122,7 @@ class Emitter:
         for index in part.nodes:
             body.node(index)
         returned = [body.name(ref) for ref in part.outputs]
-        returned += [body.names.of[Ref(self.graph.nodes[i].name, 99)] for i in part.nodes if is_fused(self.graph.nodes[i])]
+        returned += [body.names.of[stats_ref(self.graph.nodes[i].name)] for i in part.nodes if is_fused(self.graph.nodes[i])]
         signature = ", ".join(args + (["cache: KVCache | None = None"] if has_cache else []))
         return [f"    def forward(self, {signature}):", *body.lines(returned)]
 
@@ -154,7 +151,7 @@ class Emitter:
             aux += [t for ref, t in zip(item.outputs, targets) if self.contract.kind_of(ref) == "aux"]
             balance += [t for ref, t in zip(item.outputs, targets) if self.contract.kind_of(ref) == "balance"]
             if stats_needed:
-                targets.append(body.names.bind(Ref(item.prefix, 99), "stats", len(segment.nodes)))
+                targets.append(body.names.bind(stats_ref(item.prefix), "stats", len(segment.nodes)))
                 stats.append(targets[-1])
             args = [body.name(ref) for ref in item.inputs] + (["cache"] if has_cache else [])
             if _is_dynamics(self.graph, item):  # x, v = self.dynamics(x, v): the velocity goes in and out of every one

@@ -14,11 +14,16 @@ import re
 from dataclasses import dataclass, field
 
 from moec.backends.torch import codegen_tp
-from moec.backends.torch.blocks import attribute_expr
+from moec.backends.torch.blocks import attribute_expr, is_fused
 from moec.backends.torch.naming import Names, last_uses, role
 from moec.ir.graph import Graph, Node, Ref
 
 INDENT = "        "
+
+
+def stats_ref(name: str) -> Ref:
+    """The MoeStats a fused node (or a layer call holding one) returns after its graph outputs: not a graph value."""
+    return Ref(name, 99)
 
 
 def param_expr(name: str, owner: str = "") -> str:
@@ -87,14 +92,14 @@ class Body:
         if module is None and self.splits and self.split_of(node, 1) == "row":
             expr = codegen_tp.reduced(expr, self.emitter.sequence_parallel)
         refs = [Ref(node.name, i) for i in range(len(node.types or (None,)))]
-        stats = self.emitter.is_fused(node)
+        stats = is_fused(node)
         if isinstance(expr, list):  # a multi-line form (attention with its decode branch)
             targets = self.bind(refs, [role(self.graph, node, i, self.names.of) for i in range(len(refs))], self.at(index))
             self.statements.append(Statement(targets, "", lines=[line.replace("@TARGET@", targets[0]) for line in expr]))
             return
         targets = self.bind(refs, [role(self.graph, node, i, self.names.of) for i in range(len(refs))], self.at(index))
         if stats:
-            targets.append(self.names.bind(Ref(node.name, 99), "stats", len(self.indices)))
+            targets.append(self.names.bind(stats_ref(node.name), "stats", len(self.indices)))
         inline = module is not None and node.op in ("rmsnorm", "layernorm")
         self.statements.append(Statement(targets, expr, inline=inline))
 
