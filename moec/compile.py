@@ -16,6 +16,7 @@ from moec.backends.init import init_parameter
 from moec.backends.parallel import emit_parallel, parallel_plan
 from moec.backends.parallel.tensor import split_kind, tensor_axis, tensor_splits
 from moec.backends.reference import ReferenceModel
+from moec.backends.torch.decode import decode_support
 from moec.backends.torch.emit import emit_program
 from moec.backends.torch.loader import load_program
 from moec.ir.graph import Graph
@@ -68,7 +69,6 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
                           spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention,
                           expert_parallel=plan.experts is not None and not plan.unsupported, tiles=_tiles(spec),
                           tensor_splits={name: split_kind(name, dim) for name, dim in splits.items()},
-                          sequence_parallel=plan.sequence_parallel,
                           replicated_kv=dict(plan.replicated_kv))
     # Parameters, FLOPs and memory are facts of the model: counted on the full pipeline's graph even
     # when passes were disabled (an unfused graph has no moe node to say which weights are experts).
@@ -76,7 +76,8 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
     manifest = build_manifest(spec, compiled, versions(), facts)
     blocks = sum(block.repeat for block in spec.model.blocks)
     stages = tuple(tuple(row["blocks"]) for row in manifest["pipeline_stages"])
-    parallel = emit_parallel(spec, plan, blocks, header[:3], experts=max(experts.values(), default=0), stages=stages)
+    parallel = emit_parallel(spec, plan, blocks, header[:3], experts=max(experts.values(), default=0), stages=stages,
+                             cache_input=decode_support(compiled.graph) is None)
     return Program(spec=spec, graph=compiled.graph, source=source, manifest=manifest, log=compiled.log, parallel_source=parallel,
                    support_source=support)
 
@@ -148,7 +149,7 @@ def build_model(spec, device="cpu", dtype: torch.dtype | None = None, program: P
 
 def parallel_module(program: Program, path: Path | None = None):
     """The generated ``parallel.py`` as a module (``make_mesh``, ``parallelize``, ``MESH_AXES``, ...)."""
-    return load_program(program.parallel_source, path, filename="parallel.py")
+    return load_program(program.parallel_source, path, filename="parallel.py", support=program.support_source)
 
 
 @torch.no_grad()

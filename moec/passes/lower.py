@@ -105,10 +105,10 @@ def _lower_attention(b, spec, layer, prefix, path, h) -> Ref:
     d, hd = spec.model.d_model, layer.head_dim
     q_width, kv_width = layer.heads * hd, layer.kv_heads * hd
     std, out_std = init_std(spec), init_std(spec, output_projection=True)
-    bias = f"{prefix}.b" if layer.bias else None  # true: q, k, v and o; "qkv": q, k, v only
-    q = b.linear(h, f"{prefix}.wq", q_width, d, path, std, bias and bias + "q")
-    k = b.linear(h, f"{prefix}.wk", kv_width, d, path, std, bias and bias + "k")
-    v = b.linear(h, f"{prefix}.wv", kv_width, d, path, std, bias and bias + "v")
+    bias = layer.bias  # true: q, k, v and o; "qkv": q, k, v only
+    q = b.linear(h, f"{prefix}.wq.weight", q_width, d, path, std, f"{prefix}.wq.bias" if bias else None)
+    k = b.linear(h, f"{prefix}.wk.weight", kv_width, d, path, std, f"{prefix}.wk.bias" if bias else None)
+    v = b.linear(h, f"{prefix}.wv.weight", kv_width, d, path, std, f"{prefix}.wv.bias" if bias else None)
     if layer.qk_norm is not None:
         q, k = _qk_norm(b, layer, prefix, path + ("qk_norm",), q, k)
     if layer.rope is not None:
@@ -119,7 +119,7 @@ def _lower_attention(b, spec, layer, prefix, path, h) -> Ref:
     window = {} if layer.window is None else {"window": layer.window}
     a = b.add("attention", [q, k, v, *sinks], path, heads=layer.heads, kv_heads=layer.kv_heads, head_dim=hd, causal=layer.causal,
               **window)
-    return b.linear(a, f"{prefix}.wo", d, q_width, path, out_std, bias + "o" if layer.bias is True else None)
+    return b.linear(a, f"{prefix}.wo.weight", d, q_width, path, out_std, f"{prefix}.wo.bias" if layer.bias is True else None)
 
 
 def _lower_dynamics(b, spec, layer, prefix, path, x, velocity) -> tuple[Ref, Ref]:

@@ -18,9 +18,14 @@ from moec.passes.builder import GraphBuilder, init_std
 
 def lower_ffn(b: GraphBuilder, spec, h: Ref, prefix: str, path: tuple, width: int, hidden: int, activation: str,
               bias: bool) -> Ref:
-    decls = ffn_params("", width, hidden, activation, bias, part="", group="rest")
+    decls = [replace(decl, slot=_as_linear(decl.slot)) for decl in ffn_params("", width, hidden, activation, bias, part="", group="rest")]
     params = b.declare(spec, prefix, path, decls)
     return ffn(b, h, list(params.values()), activation, bias, path)
+
+
+def _as_linear(slot: str) -> str:
+    """A dense FFN's projections are ``nn.Linear`` s: ``w_up`` -> ``w_up.weight``, its bias ``b_up`` -> ``w_up.bias``."""
+    return f"w_{slot[2:]}.bias" if slot.startswith("b_") else f"{slot}.weight"
 
 
 def lower_moe(b: GraphBuilder, spec, layer, h: Ref, prefix: str, path: tuple) -> tuple[Ref, ...]:

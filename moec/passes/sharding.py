@@ -23,10 +23,10 @@ from moec.schema.spec import Spec
 _TP_GROUPS = [
     (r"\.experts\.(w_up|w_gate|b_up)$", "experts.up"),
     (r"\.experts\.(w_down|b_down)$", "experts.down"),
-    (r"\.(wq|wk|wv|bq|bk|bv)$", "attention.qkv"),
-    (r"\.(wo|bo)$", "attention.out"),
-    (r"\.(w_up|w_gate|b_up)$", "mlp.up"),
-    (r"\.(w_down|b_down)$", "mlp.down"),
+    (r"\.(wq|wk|wv)\.(weight|bias)$", "attention.qkv"),
+    (r"\.wo\.(weight|bias)$", "attention.out"),
+    (r"\.(w_up|w_gate)\.(weight|bias)$", "mlp.up"),
+    (r"\.w_down\.(weight|bias)$", "mlp.down"),
     (r"^embed\.weight$", "embed"),
     (r"^head\.weight$", "head"),
 ]
@@ -60,7 +60,7 @@ def tp_group(name: str) -> str | None:
 
 
 def replicated_kv(spec: Spec, graph: Graph) -> dict[str, int]:
-    """The k / v projections (``wk``, ``wv``, ``bk``, ``bv``) of each attention layer with fewer KV heads
+    """The k / v projections (``wk``, ``wv``: weights and biases) of each attention layer with fewer KV heads
     than tensor-parallel ranks -> that layer's kv_heads. Validation admits it when tp is a multiple of
     kv_heads: the ranks of tp // kv_heads consecutive query-head slices share one KV head."""
     tensor = spec.sharding.tensor
@@ -71,7 +71,7 @@ def replicated_kv(spec: Spec, graph: Graph) -> dict[str, int]:
     kv_heads = {node.origin.path: node.attr["kv_heads"] for node in graph.nodes
                 if node.op == "attention" and node.origin is not None and node.attr["kv_heads"] < tp}
     return {node.attr["name"]: kv_heads[node.origin.path] for node in graph.params()
-            if node.origin is not None and node.origin.path in kv_heads and re.search(r"\.(wk|wv|bk|bv)$", node.attr["name"])}
+            if node.origin is not None and node.origin.path in kv_heads and re.search(r"\.(wk|wv)\.(weight|bias)$", node.attr["name"])}
 
 
 def _param_placement(spec: Spec, node: Node, axes: list[str], issues: list, kv: dict[str, int]) -> list[str]:

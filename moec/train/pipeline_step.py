@@ -137,8 +137,7 @@ class PipelineRun:
         self._split_weights(model, parallel)
         self.expert_params = parallel.expert_parameters(model)  # the same Parameter objects the stages hold
         self.sequence_parallel = tensor_axis(spec) is not None and spec.sharding.tensor.sequence_parallel
-        for stage in self.stages:
-            stage.sequence_parallel = self.sequence_parallel
+        self.parallel = parallel
         self.all_moe_layers = tuple(getattr(model, "MOE_LAYERS", ()))
         self.holds_first, self.holds_last = self.stages[0].is_first, self.stages[-1].is_last
         self.pieces: list[torch.Tensor] = []  # per micro-batch on the last stage: (task loss, aux loss)
@@ -319,11 +318,10 @@ class PipelineRun:
 
     def _average_gradients(self) -> None:
         """Without FSDP: average each stage's gradients over the data-parallel ranks, in flat buckets. Under
-        sequence parallelism the blocks' whole weights (norms) saw S / tp positions on each tp rank: summed over tp
-        first."""
+        sequence parallelism the norms saw S / tp positions on each tp rank: their partial gradients summed over tp
+        first (parallel.py's ``sum_partial_gradients``)."""
         if self.sequence_parallel:
-            partial = [p.grad for p in self.part.blocks.parameters() if p.grad is not None and not hasattr(p, "to_local")]
-            all_reduce_flat(partial, self.dist.mesh[tensor_axis(self.spec)].get_group())
+            self.parallel.sum_partial_gradients(self.part)
         if not self._dp_axes() or self._fsdp_axes():
             return  # one data-parallel rank, or FSDP reduce-scattered them on the last micro-batch
         params = [param for param in self.part.parameters() if param.grad is not None]

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from moec.backends.output import mean_stats
-from moec.backends.torch import tensor_parallel
 from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
 from moec.checkpoint import compile_cache
 from moec.checkpoint import dcp as ckpt
@@ -38,6 +37,7 @@ from moec.train.diagnose import describe_nonfinite
 from moec.train.errors import Aborted, TrainingError
 from moec.train.fit import check_fit
 from moec.train.optim import lr_factor, make_optimizer, set_learning_rates
+from moec.train.vocab_loss import cross_entropy, loss_context
 from moec.train.pipeline_step import PipelineError, make_pipeline, pipeline_axis
 from moec.train.precision import apply_accumulation
 from moec.train.stopping import StopRequest
@@ -135,7 +135,7 @@ class Trainer:
         self.parallel.checkpoint_activations(model)  # schedule.activation_checkpointing, before compile (torchtitan's order)
         if self.pipeline is not None:
             self.model = self.pipeline.parallelize(compile_ if options.enabled else None, self._task_loss,
-                                                   lambda: tensor_parallel.loss_context(self.vocab_mesh))
+                                                   lambda: loss_context(self.vocab_mesh))
             return self.model
         if not self.dist.distributed:
             return compile_cache.compiled_for_training(model, options, self.program.source) if options.enabled else model
@@ -317,7 +317,7 @@ class Trainer:
             loss = task + out.aux_loss.float()
             if not torch.isfinite(loss):
                 raise TrainingError(self._diverged_message(step, loss, inputs))
-            with tensor_parallel.loss_context(self.vocab_mesh):  # a vocab-parallel loss's backward reduces over tp
+            with loss_context(self.vocab_mesh):  # a vocab-parallel loss's backward reduces over tp
                 self.scaler.scale(loss / accum).backward()
             task_total += task.item() / accum
             aux_total += out.aux_loss.item() / accum
@@ -383,7 +383,7 @@ class Trainer:
 
     def _task_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.token_model:
-            return tensor_parallel.cross_entropy(output, targets, self.vocab_mesh)
+            return cross_entropy(output, targets, self.vocab_mesh)
         return F.mse_loss(output.float(), targets)
 
     def _diverged_message(self, step: int, loss: torch.Tensor, inputs: torch.Tensor) -> str:

@@ -5,7 +5,7 @@ MoE with load-balance and z losses, and a SwiGLU MLP, so every split group runs:
 attention.out, experts.up / experts.down (the expert hidden size) and mlp.up / mlp.down. The
 load-balance loss counts tokens over the global batch, so tp x dp is the one-process run too.
 With 1 KV head (``kv_heads=1``) both tp ranks replicate it: wk and wv stay whole, read through
-``tensor_parallel.kv_shard``.
+parallel.py's ``ReplicatedKvHead``.
 """
 
 import json
@@ -73,13 +73,13 @@ def test_tp2_forward_aux_and_gradients_equal_one_process(tmp_path):
         assert max(diffs["grads"].values()) < 1e-5, diffs["grads"]  # relative to each gradient's largest entry
         assert len(diffs["grads"]) == 31  # every parameter, split or whole
         shapes = diffs["local_shapes"]  # heads 4 -> 2 per rank, expert hidden 32 -> 16, mlp hidden 64 -> 32
-        assert (shapes["blocks.0.attention.wq"], shapes["blocks.0.attention.wo"]) == ([16, 32], [32, 16])
+        assert (shapes["blocks.0.attention.wq.weight"], shapes["blocks.0.attention.wo.weight"]) == ([16, 32], [32, 16])
         assert (shapes["blocks.1.moe.experts.w_gate"], shapes["blocks.1.moe.experts.w_down"]) == ([4, 16, 32], [4, 32, 16])
-        assert (shapes["blocks.0.mlp.w_up"], shapes["blocks.0.mlp.w_down"]) == ([32, 32], [32, 32])
+        assert (shapes["blocks.0.mlp.w_up.weight"], shapes["blocks.0.mlp.w_down.weight"]) == ([32, 32], [32, 32])
         assert len(diffs["split"]) == split and not any("norm" in name or "router" in name for name in diffs["split"])
-    assert results["kv_heads_2"]["local_shapes"]["blocks.0.attention.wk"] == [8, 32]  # kv heads 2 -> 1 per rank
-    assert not any(name.endswith((".wk", ".wv")) for name in results["kv_heads_1"]["split"])
-    assert results["compiled_kv_shard"] < 1e-6  # torch.compile(fullgraph=True) traces kv_shard and its backward
+    assert results["kv_heads_2"]["local_shapes"]["blocks.0.attention.wk.weight"] == [8, 32]  # kv heads 2 -> 1 per rank
+    assert not any(name.endswith((".wk.weight", ".wv.weight")) for name in results["kv_heads_1"]["split"])
+    assert results["compiled_kv_head"] < 1e-6  # torch.compile(fullgraph=True) traces ReplicatedKvHead and its backward
     for layout, params, split in (("vocab", 31, 22), ("tied", 30, 21)):  # the vocabulary split, the logits too
         diffs = results[layout]
         assert diffs["weights"] == 0.0 and diffs["output"] < 1e-5 and diffs["aux_loss"] < 1e-5, (layout, diffs)
@@ -152,21 +152,38 @@ def test_sequence_parallel_trains_like_one_process(mesh, kv_heads, single_dense,
 
 
 def test_sequence_parallel_lines(tmp_path):
+    """Megatron-SP through torch's plans: the norms on S / tp positions (SequenceParallel), each layer's input
+    gathered (PrepareModuleInput), the row splits reduce-scattered (RowwiseParallel to Shard(1)), the hidden state
+    split at the first block and gathered after the last; model.py is the one-process program."""
     mesh = TP2.replace("  tensor: {axis: tp}\n", "  tensor:\n    axis: tp\n" + SP)
-    source = compile_spec(moec.load_spec_text(dense_text(mesh), file="sp.yaml")).source
-    strip = [line.split("  # ")[0] for line in source.splitlines()]
-    assert "        x_tp = tensor_parallel.gather_sequence(x)" in strip
-    assert "        return tensor_parallel.scatter_sequence(F.linear(attn, tensor_parallel.local(self.wo)))" in strip
-    root = strip[strip.index("        x = self.embed_inputs(tokens, cache)"):][:7]
-    assert root == [
-        "        x = self.embed_inputs(tokens, cache)",
-        "        x = tensor_parallel.split_sequence(x)",
-        "        for block in self.blocks:",
-        "            x = block(x, cache)",
-        "        x = tensor_parallel.unsplit_sequence(x)",
-        "        aux = torch.full((), 0.0, device=x.device)",
-        "        return ModelOutput(output=self.predict(x), aux_loss=aux, moe_stats=())",
+    program = compile_spec(moec.load_spec_text(dense_text(mesh), file="sp.yaml"))
+    plain = compile_spec(moec.load_spec_text(dense_text(TP2), file="sp.yaml"))
+    assert program.source.split("SPEC_NAME")[1] == plain.source.split("SPEC_NAME")[1]
+    strip = [line.split("  # ")[0] for line in program.parallel_source.splitlines()]
+    start = strip.index("    for block in model.blocks:")
+    assert strip[start:start + 17] == [
+        "    for block in model.blocks:",
+        "        parallelize_module(block, tp_mesh, {",
+        "            'attention_norm': SequenceParallel(use_local_output=True),",
+        ("            'attention': PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None), "
+         "use_local_output=True),"),
+        "            'attention.wq': ColwiseParallel(),",
+        "            'attention.wk': ColwiseParallel(),",
+        "            'attention.wv': ColwiseParallel(),",
+        "            'attention.wo': RowwiseParallel(output_layouts=Shard(1)),",
+        "            'mlp_norm': SequenceParallel(use_local_output=True),",
+        "            'mlp': PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True),",
+        "            'mlp.w_up': ColwiseParallel(),",
+        "            'mlp.w_gate': ColwiseParallel(),",
+        "            'mlp.w_down': RowwiseParallel(output_layouts=Shard(1)),",
+        "        })",
+        "",
+        ("    parallelize_module(model.blocks[0], tp_mesh, PrepareModuleInput(input_layouts=(Replicate(),), "
+         "desired_input_layouts=(Shard(1),), use_local_output=True))"),
+        ("    parallelize_module(model.blocks[-1], tp_mesh, PrepareModuleOutput(output_layouts=Shard(1), "
+         "desired_output_layouts=Replicate()))"),
     ]
+    assert "    sum_partial_gradients(model)" in strip  # the norms' gradients are partial sums over tp
 
 
 def test_parallel_py_splits_the_groups_with_spec_lines(tmp_path):
@@ -174,19 +191,28 @@ def test_parallel_py_splits_the_groups_with_spec_lines(tmp_path):
     path.write_text(spec_text(TP2))
     program = compile_spec(moec.load_spec(path))
     lines = program.parallel_source.split("def tensor_parallel")[1].splitlines()
-    assert lines[4:10] == [
+    assert lines[4:18] == [
         f"    tp_mesh = mesh['tp']  # {path}:25 sharding.tensor.axis",
-        "    set_tensor_group(tp_mesh.get_group())  # model.py's f and g all-reduce over it",
         "    for block in model.blocks:",
-        ("        split(block.attention, {'wq': 0, 'wk': 0, 'wv': 0, 'wo': 1}, tp_mesh)  # attention.qkv column, "
-         f"attention.out row  {path}:25 sharding.tensor.column"),
-        ("        split(block.moe.experts, {'w_up': 1, 'w_gate': 1, 'w_down': 2}, tp_mesh)  # experts.up column, "
+        "        parallelize_module(block, tp_mesh, {",
+        f"            'attention.wq': ColwiseParallel(),  # attention.qkv column  {path}:25 sharding.tensor.column",
+        "            'attention.wk': ColwiseParallel(),",
+        "            'attention.wv': ColwiseParallel(),",
+        f"            'attention.wo': RowwiseParallel(),  # attention.out row  {path}:25 sharding.tensor.row",
+        ("            'moe.experts': ExpertHiddenSplit({'w_up': 1, 'w_gate': 1, 'w_down': 2}),  # experts.up column, "
          f"experts.down row  {path}:25 sharding.tensor.column"),
-        ("        split(block.mlp, {'w_up': 0, 'w_gate': 0, 'w_down': 1}, tp_mesh)  # mlp.up column, "
-         f"mlp.down row  {path}:25 sharding.tensor.column"),
+        f"            'mlp.w_up': ColwiseParallel(),  # mlp.up column  {path}:25 sharding.tensor.column",
+        "            'mlp.w_gate': ColwiseParallel(),",
+        f"            'mlp.w_down': RowwiseParallel(),  # mlp.down row  {path}:25 sharding.tensor.row",
+        "        })",
+        "",
+        "",
     ]
+    assert "from model_support import ExpertHiddenSplit  # moec's own styles: torch has none for these" in program.parallel_source
     assert "    tensor_parallel(model, mesh)\n" in program.parallel_source.split("def parallelize")[1]
     assert "UNSUPPORTED = ()" in program.parallel_source
+    imports = [line for line in program.parallel_source.splitlines() if line.startswith(("import ", "from "))]
+    assert not any("moec" in line for line in imports), imports  # torch and the build's own model_support only
 
 
 @pytest.mark.slow
@@ -215,14 +241,14 @@ def test_tp_x_ep_lines(tmp_path):
     start = strip.index("        order = torch.argsort(flat_expert, stable=True)")
     assert strip[start:start + 4] == [
         "        order = torch.argsort(flat_expert, stable=True)",
-        "        rows = tensor_parallel.copy(x)[order // 2]",
+        "        rows = copy_to_shards(x, self.experts.w_up)[order // 2]",
         "        y_sorted = experts_ffn(rows, counts, self.experts.w_up, self.experts.w_gate, self.experts.w_down, 'silu')",
-        "        y_sorted = tensor_parallel.reduce(y_sorted)",
+        "        y_sorted = sum_over_shards(y_sorted, self.experts.w_down)",
     ]
-    assert "tensor_parallel.local(self.experts" not in program.source  # experts_ffn reads the DTensors' meshes itself
+    assert "local(self.experts" not in program.source  # experts_ffn reads the DTensors' meshes itself
     parallel = program.parallel_source
     assert "        sharded = distribute_tensor(param.detach(), expert_mesh, [Shard(0), Shard(EXPERT_TP_SPLITS[name])])" in parallel
-    assert "split(block.moe.experts" not in parallel  # shard_experts splits them over ep and tp at once
+    assert "ExpertHiddenSplit" not in parallel  # shard_experts splits them over ep and tp at once
     # a mesh listing tp first: the placements follow the mesh's order (a DeviceMesh slice keeps it)
     flipped = TP2_EP2.replace("axes: {ep: 2, tp: 2}", "axes: {tp: 2, ep: 2}")
     parallel = compile_spec(moec.load_spec_text(spec_text(flipped), file="tp_ep.yaml")).parallel_source

@@ -4,7 +4,7 @@ Every rank builds the one-process program (no tensor-parallel statements) and th
 same spec, runs both on the same batch (loss = cross entropy + aux loss) and rank 0 writes the largest
 differences of the output, the aux loss, the weights and every gradient (DTensor shards gathered), for
 the spec's 2 KV heads (split: one per rank), for 1 KV head (replicated: both ranks read it through
-``tensor_parallel.kv_shard``, also compiled with ``fullgraph=True``), with the vocabulary split too
+``ReplicatedKvHead``, also compiled with ``fullgraph=True``), with the vocabulary split too
 (``embed``, ``head``: the logits stay split, the loss is vocab-parallel), and the vocabulary split with
 tied embeddings.
 ``python -m torch.distributed.run --nproc-per-node 2 -m tests.distributed.tp_worker OUT.json``
@@ -18,11 +18,13 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import parallelize_module
 
 import moec
-from moec.backends.torch import tensor_parallel
+from moec.backends.torch.tp_support import ReplicatedKvHead
 from moec.compile import build_model, compile_spec, parallel_module
+from moec.train.vocab_loss import cross_entropy, loss_context
 
 SPEC = """version: 1
 name: tp_gqa_moe
@@ -91,8 +93,8 @@ def tied(text: str) -> str:
 
 def loss_of(model, tokens, vocab_mesh=None):
     out = model(tokens[:, :-1])
-    task = tensor_parallel.cross_entropy(out.output, tokens[:, 1:], vocab_mesh)
-    with tensor_parallel.loss_context(vocab_mesh):
+    task = cross_entropy(out.output, tokens[:, 1:], vocab_mesh)
+    with loss_context(vocab_mesh):
         (task + out.aux_loss).backward()
     return out
 
@@ -102,14 +104,13 @@ def whole(tensor):
 
 
 def compare(single_text: str, tp_text: str, tokens: torch.Tensor) -> dict:
-    tensor_parallel.set_tensor_group(None)  # the one-process model runs whole
     single = build_model(moec.load_spec_text(single_text, file="single.yaml")).train()
     expected = loss_of(single, tokens)
     spec = moec.load_spec_text(tp_text, file="tp2.yaml")
     program = compile_spec(spec)
     parallel = parallel_module(program)
     mesh = parallel.make_mesh("cpu")
-    model = build_model(spec, program=program, mesh=mesh).train()  # parallel.py's tensor_parallel sets the group
+    model = build_model(spec, program=program, mesh=mesh).train()  # parallel.py's tensor_parallel splits it
     got = loss_of(model, tokens, mesh["tp"] if hasattr(parallel, "VOCAB_PARALLEL") else None)
     reference = dict(single.named_parameters())
     split = sorted(name for name, p in model.named_parameters() if hasattr(p, "to_local"))
@@ -126,19 +127,24 @@ def compare(single_text: str, tp_text: str, tokens: torch.Tensor) -> dict:
     }
 
 
-def compiled_kv_shard() -> float:
-    """kv_shard traced with fullgraph=True against eager, over the group the tp model set: the largest
-    relative difference of the loss and the gradients (2 KV heads of 4 rows: each rank slices its own)."""
+def compiled_kv_head() -> float:
+    """ReplicatedKvHead (a whole k projection, each rank keeping its KV head) traced with fullgraph=True against
+    eager: the largest relative difference of the loss and the gradients (2 KV heads of 4 rows)."""
     generator = torch.Generator().manual_seed(2)
-    weight, x = torch.randn(8, 32, generator=generator, requires_grad=True), torch.randn(2, 5, 32, generator=generator, requires_grad=True)
+    x = torch.randn(2, 5, 32, generator=generator, requires_grad=True)
+    linear = torch.nn.Linear(32, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(8, 32, generator=generator))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    parallelize_module(linear, mesh, ReplicatedKvHead(2))
 
-    def loss(x, weight):
-        return F.linear(tensor_parallel.copy(x), tensor_parallel.kv_shard(weight, 2)).square().sum()
+    def loss(x):
+        return linear(x).square().sum()
 
     results = []
     for fn in (loss, torch.compile(loss, fullgraph=True)):
-        value = fn(x, weight)
-        results.append((value.detach(), *torch.autograd.grad(value, (x, weight))))
+        value = fn(x)
+        results.append((value.detach(), *torch.autograd.grad(value, (x, linear.weight))))
     return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*results))  # relative to each one's largest entry
 
 
@@ -149,7 +155,7 @@ def main(out_path: str) -> None:
              "kv_heads_1": compare(spec_text(kv_heads=1), spec_text(TP2, 1), tokens),
              "vocab": compare(spec_text(), spec_text(TP2_VOCAB), tokens),
              "tied": compare(tied(spec_text()), tied(spec_text(TP2_VOCAB)), tokens),
-             "compiled_kv_shard": compiled_kv_shard()}
+             "compiled_kv_head": compiled_kv_head()}
     if dist.get_rank() == 0:
         with open(out_path, "w") as file:
             json.dump(diffs, file)

@@ -5,8 +5,9 @@ A stage runs consecutive blocks of the generated model (``PIPELINE_STAGES``, bal
 last its ``predict`` (final norm, head): the same code one process runs, on the stage's own parameters. Between stages travel the hidden
 state and the running sum of the MoE aux losses (each block's scalar outputs), so the aux losses reach
 the loss on the last stage: ``loss_fn((logits, aux_rows), targets)`` adds ``aux_rows[0]``. The model's aux output must be that
-sum (``pipeline_problem`` says why a graph cannot be pipelined). With the vocabulary split over tp the
-embedding and the head run in model.py's rank-local forms.
+sum (``pipeline_problem`` says why a graph cannot be pipelined). Under tensor parallelism the modules carry
+parallel.py's plans (sequence parallelism splits the hidden state at the first block and gathers it after the
+last), so a stage runs them as the whole model does.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moec.backends.torch import tensor_parallel
 from moec.backends.torch.blocks import segments
 from moec.ir.graph import Graph, Ref
 
@@ -62,7 +62,6 @@ class PipelineStage(nn.Module):
             self.add_module(owner, model.get_submodule(owner))
         self.moe_layers = tuple(layer for segment in self.block_segments for layer in getattr(model, "MOE_LAYERS", ())
                                 if layer.startswith(f"blocks.{segment.block}."))
-        self.sequence_parallel = False  # tensor parallelism's sequence split around the blocks (set by the trainer)
         self.recorded: list[tuple] = []  # per training forward: the MoE stats of this stage's layers, in moe_layers order
 
     def _root_params(self) -> set[str]:
@@ -76,8 +75,6 @@ class PipelineStage(nn.Module):
         hidden = x
         if self.is_first:
             hidden = self.root[0].embed_inputs(x)  # the program's own embedding (model.py's embed_inputs)
-            if self.sequence_parallel:  # as the root of model.py does: the blocks run on this rank's S / tp positions
-                hidden = tensor_parallel.split_sequence(hidden)
         stats = []
         for segment in self.block_segments:
             outputs = self.blocks[str(segment.block)](hidden)
@@ -93,8 +90,6 @@ class PipelineStage(nn.Module):
         aux_rows = aux.float().repeat(x.shape[0])
         if not self.is_last:
             return hidden, aux_rows
-        if self.sequence_parallel:  # the whole sequence for the final norm and head
-            hidden = tensor_parallel.unsplit_sequence(hidden)
         return self.root[0].predict(hidden), aux_rows  # the program's own final norm and head
 
 

@@ -133,7 +133,8 @@ def _moe_configs(spec):
 
 
 def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], experts: int = 0,
-                  stages: tuple[tuple[int, int], ...] = ()) -> str:
+                  stages: tuple[tuple[int, int], ...] = (), cache_input: bool = True) -> str:
+    """``cache_input``: the model's attention layers take the KV cache as their second input (a decoding model)."""
     where, ac = _locator(spec), spec.schedule.activation_checkpointing
     shape, names = tuple(plan.axes.values()), tuple(plan.axes)
     lines = [f"# {line}" if line else "#" for line in header] + [
@@ -147,6 +148,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         "from torch.distributed.device_mesh import DeviceMesh, init_device_mesh",
         "from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard",
         "from torch.distributed.tensor import Shard, distribute_tensor",
+        *_tensor_imports(spec, plan),
         *checkpointing.torch_imports(ac.mode),
         *_moec_imports(spec, plan),
         "",
@@ -167,7 +169,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         *(_shard_experts_source(spec, plan, experts, where) + ["", ""] if plan.experts is not None else []),
         *(gather_experts_source() + ["", ""] if plan.expert_fsdp else []),
         *(hsdp_mesh_source() + ["", ""] if plan.replicate and plan.shard else []),
-        *(_tensor_parallel_source(spec, plan, where) if plan.tensor is not None else []),
+        *(_tensor_parallel_source(spec, plan, where, cache_input) if plan.tensor is not None else []),
         *checkpointing.checkpointing_source(ac, blocks, where), "", "",
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
         '    """Data parallelism over the batch axes (FSDP2 per block, then the root; or DDP)'
@@ -182,11 +184,11 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
     return "\n".join(lines) + "\n"
 
 
-def _tensor_parallel_source(spec, plan: ParallelPlan, where) -> list[str]:
+def _tensor_parallel_source(spec, plan: ParallelPlan, where, cache_input: bool) -> list[str]:
     # under expert parallelism shard_experts splits the experts over ep and tp at once (one 2-D DTensor)
     splits = {name: dim for name, dim in plan.tensor_splits if not _is_expert(plan, name)}
-    return [*tensor.split_source(), "", "",
-            *tensor.tensor_parallel_source(spec, splits, where, dict(plan.replicated_kv)), "", ""]
+    partial = [*tensor.sum_partial_gradients_source(), "", ""] if plan.sequence_parallel else []
+    return [*tensor.tensor_parallel_source(spec, splits, where, dict(plan.replicated_kv), cache_input), "", "", *partial]
 
 
 def expert_placement(spec, plan: ParallelPlan, experts: int) -> tuple[int, ...]:
@@ -250,7 +252,7 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
              "    return {param for module in expert_modules(model) for param in module.parameters()}", "", "",
              "def reduce_gradients(model: torch.nn.Module, mesh: DeviceMesh) -> None:"]
     if (_tensor_without_fsdp(plan) or plan.sequence_parallel) and plan.experts is None:
-        return lines + tensor.reduce_gradients_lines(plan.tensor, plan.sequence_parallel,
+        return lines + tensor.reduce_gradients_lines(plan.sequence_parallel,
                                                      _flat(_in_mesh_order(plan, plan.data_parallel)) if plan.replicate else None,
                                                      " x ".join(plan.replicate))
     if plan.experts is None:
@@ -481,9 +483,24 @@ def shard_experts_source(permuted: bool = False, replicated_rows: bool = False) 
 def _moec_imports(spec, plan: ParallelPlan) -> list[str]:
     reduces = (plan.experts is not None and not plan.expert_fsdp) or _tensor_without_fsdp(plan) or plan.sequence_parallel
     imports = (["from moec.backends.parallel.buckets import all_reduce_flat"] if reduces else []) + (
-        ["from moec.backends.torch.data_parallel import set_batch_group"] if _sets_batch_group(spec, plan) else []) + (
-        ["from moec.backends.torch.tensor_parallel import set_tensor_group"] if plan.tensor is not None else [])
+        ["from moec.backends.torch.data_parallel import set_batch_group"] if _sets_batch_group(spec, plan) else [])
     return ["", *imports] if imports else []
+
+
+def _tensor_imports(spec, plan: ParallelPlan) -> list[str]:
+    """torch's tensor-parallel plans, and moec's own two styles from the build's model_support.py."""
+    if plan.tensor is None:
+        return []
+    styles = ["ColwiseParallel", "RowwiseParallel", "parallelize_module"]
+    if plan.sequence_parallel:
+        styles[2:2] = ["PrepareModuleInput", "PrepareModuleOutput", "SequenceParallel"]
+    own = (["ExpertHiddenSplit"] if any(".experts." in name for name, _ in plan.tensor_splits) and plan.experts is None else []) \
+        + (["ReplicatedKvHead"] if plan.replicated_kv else [])
+    placements = (["DTensor", "Replicate"] if plan.sequence_parallel else
+                  ["Replicate"] if any(name == "embed.weight" for name, _ in plan.tensor_splits) else [])
+    lines = [f"from torch.distributed.tensor import {', '.join(placements)}"] if placements else []
+    lines.append(f"from torch.distributed.tensor.parallel import {', '.join(styles)}")
+    return lines + ([f"from model_support import {', '.join(own)}  # moec's own styles: torch has none for these"] if own else [])
 
 
 def global_balance(spec) -> bool:

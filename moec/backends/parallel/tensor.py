@@ -1,20 +1,19 @@
-"""Tensor parallelism in the generated ``parallel.py``: which weights split, and the code that splits them.
+"""Tensor parallelism in the generated ``parallel.py``: which weights split, and torch's plans that split them.
 
 ``tensor_splits`` reads the placements ``annotate_sharding`` gave the parameters on the
 tensor-parallel axis: ``Shard(0)`` for column groups (``Shard(1)`` for the experts' [E, out, in]
 weights), ``Shard(1)`` for row groups (experts ``Shard(2)``). ``parallel.py``'s
-``tensor_parallel(model, mesh)`` turns each of them into a DTensor on the tp mesh, from the whole
-weight every rank initialised from the spec seed, so the shards are the one-process weights.
-Gradients come back as DTensors with the same placement, checkpoints save them as DTensors (DCP
-reshards them for any mesh) and the memory plan counts their local shards. Everything else stays
-whole on every tp rank: without sequence parallelism its gradient is the same on each of them.
-The vocabulary splits like a column group (``embed``, ``head``: ``Shard(0)`` of the [V, D] tables);
-``VOCAB_PARALLEL`` in ``parallel.py`` names the axis the head's logits stay split over.
-That includes the k / v projections of an attention layer with fewer KV heads than tp ranks
-(``moec.passes.sharding.replicated_kv`` leaves them ``Replicate()``): ``model.py`` reads each
-rank's KV head through ``tensor_parallel.kv_shard``, whose backward sums the gradient over tp.
+``tensor_parallel(model, mesh)`` applies them with ``parallelize_module``: ``ColwiseParallel`` /
+``RowwiseParallel`` for attention and MLP projections, ``RowwiseParallel`` / ``ColwiseParallel`` for
+the vocabulary-split embedding and head, ``SequenceParallel`` and ``PrepareModuleInput`` for
+sequence parallelism (torchtitan's plan). Two styles are moec's own (``moec.backends.torch.tp_support``,
+copied into model_support.py): ``ExpertHiddenSplit`` (each expert's hidden size over tp) and
+``ReplicatedKvHead`` (the k / v projections of an attention layer with fewer KV heads than tp ranks,
+which ``moec.passes.sharding.replicated_kv`` leaves whole: each rank keeps its KV head).
+Every rank initialised the whole weights from the spec seed first, so the shards are the
+one-process weights; gradients come back as DTensors, checkpoints save them as DTensors (DCP
+reshards them for any mesh) and the memory plan counts their local shards.
 """
-
 from __future__ import annotations
 
 from moec.ir.graph import Graph
@@ -30,7 +29,7 @@ def tensor_axis(spec) -> str | None:
 
 def vocab_parallel_output(spec) -> bool:
     """The head's logits stay split along the vocabulary (``head`` in ``sharding.tensor.column``, or ``embed``
-    with tied embeddings): the loss reduces over tp (``moec.backends.torch.tensor_parallel.cross_entropy``)."""
+    with tied embeddings): the loss reduces over tp (``moec.train.vocab_loss.cross_entropy``)."""
     if tensor_axis(spec) is None or spec.model.head.kind != "lm":
         return False
     column = spec.sharding.tensor.column
@@ -64,100 +63,158 @@ def split_kind(name: str, dim: int) -> str:
     return "column" if dim == (1 if ".experts." in name else 0) else "row"
 
 
-def split_source() -> list[str]:
-    return [
-        "def split(module: torch.nn.Module, dims: dict[str, int], tp_mesh: DeviceMesh) -> None:",
-        '    """Each named weight becomes a DTensor sharded on its dim over tp. Every rank initialised the whole',
-        '    weight from the spec seed first, so the shards are exactly the one-process weights."""',
-        "    for name, dim in dims.items():",
-        "        param = getattr(module, name)",
-        "        sharded = distribute_tensor(param.detach(), tp_mesh, [Shard(dim)])",
-        "        module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))",
-    ]
-
-
-def tensor_parallel_source(spec, splits: dict[str, int], where, replicated_kv: dict[str, int] | None = None) -> list[str]:
-    """``def tensor_parallel(model, mesh)``: one ``split`` line per module, with its groups and spec line, and
-    a comment per module whose k / v projections stay whole (``replicated_kv``: name -> kv_heads)."""
-    axis = tensor_axis(spec)
+def tensor_parallel_source(spec, splits: dict[str, int], where, replicated_kv: dict[str, int] | None = None,
+                           cache_input: bool = True) -> list[str]:
+    """``def tensor_parallel(model, mesh)``: torch's ``parallelize_module`` with one plan for every block (a loop) or
+    one per block, the vocabulary's plan on the root, and under sequence parallelism the split of the blocks'
+    hidden state. ``cache_input``: attention layers take the KV cache as a second input."""
+    axis, tensor = tensor_axis(spec), spec.sharding.tensor
     lines = [
         "def tensor_parallel(model: torch.nn.Module, mesh: DeviceMesh) -> None:",
-        f'    """Megatron-style tensor parallelism over {axis}: column groups split their output features,',
-        "    row groups their input features; model.py reads the local shards and all-reduces at the ends",
-        '    of each group (moec.backends.torch.tensor_parallel)."""',
+        f'    """Megatron-style tensor parallelism over {axis} with torch\'s plans: column groups split their output',
+        "    features (ColwiseParallel), row groups their input features (RowwiseParallel). Every rank initialised the",
+        '    whole weights from the spec seed first, so the shards are exactly the one-process weights."""',
         f"    tp_mesh = mesh[{axis!r}]  {where('sharding', 'tensor', 'axis')}",
-        "    set_tensor_group(tp_mesh.get_group())  # model.py's f and g all-reduce over it",
     ]
-    modules: dict[str, dict[str, int]] = {}
-    for name, dim in splits.items():
-        owner, leaf = name.rsplit(".", 1)
-        modules.setdefault(owner, {})[leaf] = dim
-    per_block = _same_in_every_block(modules, replicated_kv or {})
-    if per_block is not None:  # one plan for every block: a loop, as torchtitan's parallelize_module calls
-        lines.append("    for block in model.blocks:")
-        for relative, dims in per_block.items():
-            lines += ["    " + line for line in _split_lines(spec, f"blocks.0.{relative}", dims, where, replicated_kv, "block")]
-        modules = {owner: dims for owner, dims in modules.items() if split_block_name(owner) is None}
-    for owner, dims in modules.items():
-        lines += _split_lines(spec, owner, dims, where, replicated_kv)
+    plans = _block_plans(spec, splits, replicated_kv or {}, cache_input, where)
+    same = list(plans.values())
+    if same and all(plan == same[0] for plan in same) and sorted(plans) == list(range(len(plans))):
+        lines += ["    for block in model.blocks:", *_indent(_parallelize("block", same[0]))]
+    else:
+        for block, plan in plans.items():
+            lines += _parallelize(f"model.blocks[{block}]", plan)
+    root = _root_plan(spec, splits, where)
+    if root:
+        lines += _parallelize("model", root)
+    if "embed.weight" in splits:
+        lines += [
+            "    # RowwiseParallel hands on the lookups' sum un-waited (an AsyncCollectiveTensor), which a compiled block",
+            "    # cannot take through its backward (torch 2.13): the first block reads a plain copy",
+            "    model.embed.register_forward_hook(lambda _module, _inputs, summed: summed.clone())",
+        ]
+    if tensor.sequence_parallel:
+        lines += [
+            f"    # sequence parallel: the blocks run on S / {axis} positions, the final norm and head on all of them  "
+            f"{where('sharding', 'tensor', 'sequence_parallel')[2:]}",
+            "    parallelize_module(model.blocks[0], tp_mesh, PrepareModuleInput(input_layouts=(Replicate(),), "
+            "desired_input_layouts=(Shard(1),), use_local_output=True))",
+            "    parallelize_module(model.blocks[-1], tp_mesh, PrepareModuleOutput(output_layouts=Shard(1), "
+            "desired_output_layouts=Replicate()))",
+        ]
     return lines
 
 
-def _same_in_every_block(modules: dict[str, dict[str, int]], replicated_kv: dict[str, int]) -> dict[str, dict[str, int]] | None:
-    """Block-relative owner -> its split dims, when every block splits the same weights the same way (else None)."""
-    per_block: dict[int, dict[str, dict[str, int]]] = {}
-    for owner, dims in modules.items():
-        found = split_block_name(owner)
-        if found is not None:
-            per_block.setdefault(found[0], {})[found[1]] = dims
-    whole = {}
-    for name in replicated_kv:
+def _indent(lines: list[str]) -> list[str]:
+    return ["    " + line for line in lines]
+
+
+def _parallelize(target: str, plan: list[tuple[str, str, str]]) -> list[str]:
+    """``parallelize_module(target, tp_mesh, {...})`` with one entry per line: (module, style, comment)."""
+    lines = [f"    parallelize_module({target}, tp_mesh, {{"]
+    lines += [f"        {module!r}: {style},{f'  # {comment}' if comment else ''}" for module, style, comment in plan]
+    return lines + ["    })"]
+
+
+_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_up", "w_gate", "w_down", "experts")  # plan entries in forward order
+
+
+def _block_plans(spec, splits: dict[str, int], replicated_kv: dict[str, int], cache_input: bool, where) -> dict[int, list]:
+    """Block index -> its plan entries (block-relative module, style, comment), layer by layer in forward order."""
+    sequence_parallel = spec.sharding.tensor.sequence_parallel
+    plans: dict[int, dict[str, dict[str, tuple[str, str]]]] = {}  # block -> layer -> module -> (style, group)
+    for name in list(splits) + list(replicated_kv):
         found = split_block_name(name)
-        whole.setdefault(found[0] if found else None, set()).add(found[1] if found else name)
-    rows = list(per_block.values())
-    kept = list(whole.values())
-    if not rows or sorted(per_block) != list(range(len(rows))) or any(row != rows[0] for row in rows) \
-            or any(k != kept[0] for k in kept) or None in whole:
-        return None
-    return rows[0]
+        if found is None:
+            continue
+        block, relative = found
+        module = relative.rsplit(".", 1)[0]
+        layer = module.split(".", 1)[0]
+        entries = plans.setdefault(block, {}).setdefault(layer, {})
+        if name in replicated_kv:
+            kv_heads = replicated_kv[name]
+            entries[module] = (f"ReplicatedKvHead({kv_heads})", f"{kv_heads} KV head{'s' if kv_heads > 1 else ''} for "
+                               f"{_tp(spec)} ranks: whole, each rank keeps the head of its queries")
+        elif ".experts." in name:
+            owner = name.rsplit(".", 1)[0]
+            dims = {leaf.rsplit(".", 1)[1]: dim for leaf, dim in splits.items() if leaf.rsplit(".", 1)[0] == owner}
+            entries[module] = (f"ExpertHiddenSplit({dims!r})", "experts.up column, experts.down row")
+        else:
+            kind = split_kind(name, splits[name])
+            row = "RowwiseParallel(output_layouts=Shard(1))" if sequence_parallel else "RowwiseParallel()"
+            entries[module] = ("ColwiseParallel()" if kind == "column" else row, f"{tp_group(name)} {kind}")
+            if sequence_parallel:
+                entries.update(_sequence_parallel_entries(layer, cache_input and tp_group(name).startswith("attention")))
+    return {block: _entries(plans[block], where) for block in sorted(plans)}
 
 
-def _split_lines(spec, owner: str, dims: dict[str, int], where, replicated_kv, root: str = "model") -> list[str]:
-    """``split(<owner>, dims, tp_mesh)`` with its groups and spec line (``root`` 'block': relative to a block)."""
-    from moec.backends.torch.blocks import attribute_expr
-
-    groups = {}
-    for leaf, dim in dims.items():
-        groups.setdefault(tp_group(f"{owner}.{leaf}"), split_kind(f"{owner}.{leaf}", dim))
-    what = ", ".join(f"{group} {kind}" for group, kind in groups.items())
-    field = "column" if "column" in groups.values() else "row"
-    target = attribute_expr(owner.split(".", 2)[2], "block") if root == "block" else attribute_expr(owner, "model")
-    return [f"    split({target}, {dims!r}, tp_mesh)  # {what}  {where('sharding', 'tensor', field)[2:]}",
-            *_whole_kv_comment(spec, owner, replicated_kv or {}, where, target)]
+def _sequence_parallel_entries(layer: str, takes_cache: bool) -> dict[str, tuple[str, str]]:
+    """The layer's norm on this rank's S / tp positions, and the layer's input gathered to the whole sequence."""
+    inputs = "(Shard(1), None)" if takes_cache else "(Shard(1),)"
+    gather = (f"PrepareModuleInput(input_layouts={inputs}, desired_input_layouts={inputs.replace('Shard(1)', 'Replicate()')}, "
+              "use_local_output=True)")
+    return {f"{layer}_norm": ("SequenceParallel(use_local_output=True)", "sequence parallel: norms on S / tp positions"),
+            layer: (gather, "")}
 
 
-def _whole_kv_comment(spec, owner: str, replicated_kv: dict[str, int], where, target: str) -> list[str]:
-    """The comment saying which of ``owner``'s k / v projections stay whole, and why."""
-    leaves = [name.rsplit(".", 1)[1] for name in replicated_kv if name.rsplit(".", 1)[0] == owner]
-    if not leaves:
-        return []
-    kv_heads, tp = replicated_kv[f"{owner}.{leaves[0]}"], spec.mesh.axes[spec.sharding.tensor.axis]
-    heads = f"{kv_heads} KV head{'s' if kv_heads > 1 else ''}"
-    return [(f"    # {target} {', '.join(leaves)} stay whole ({heads} for {tp} ranks): each rank reads "
-             f"the KV head of its query heads (tensor_parallel.kv_shard)  {where('sharding', 'tensor', 'column')[2:]}")]
+def _tp(spec) -> int:
+    return spec.mesh.axes[spec.sharding.tensor.axis]
 
 
-def reduce_gradients_lines(axis: str, sequence_parallel: bool, data_parallel: str | None, names: str) -> list[str]:
+def _order(module: str) -> tuple[int, int]:
+    """A layer's norm, then the layer's own input plan, then its projections in forward order."""
+    if module.endswith("_norm"):
+        return (0, 0)
+    if "." not in module:
+        return (1, 0)
+    leaf = module.rsplit(".", 1)[1]
+    return (2, _PROJECTIONS.index(leaf) if leaf in _PROJECTIONS else len(_PROJECTIONS))
+
+
+def _entries(layers: dict[str, dict[str, tuple[str, str]]], where) -> list[tuple[str, str, str]]:
+    """(module, style, comment): the first module of each spec group names the group and its spec line."""
+    entries, said = [], set()
+    for modules in layers.values():
+        for module in sorted(modules, key=_order):
+            style, group = modules[module]
+            comment = ""
+            if group and group not in said:
+                said.add(group)
+                field = "sequence_parallel" if group.startswith("sequence") else "row" if group.endswith(" row") else "column"
+                comment = f"{group}  {where('sharding', 'tensor', field)[2:]}"
+            entries.append((module, style, comment))
+    return entries
+
+
+def _root_plan(spec, splits: dict[str, int], where) -> list[tuple[str, str, str]]:
+    """The vocabulary split: the embedding's rows (its lookups summed over tp) and the head's columns (the logits
+    stay split: the loss reduces over tp). A head tied to the embedding reads its rows in model.py."""
+    entries = []
+    if "embed.weight" in splits:
+        entries.append(("embed", "RowwiseParallel(input_layouts=Replicate())",
+                        f"vocabulary split  {where('sharding', 'tensor', 'column')[2:]}"))
+    if "head.weight" in splits:
+        entries.append(("head", "ColwiseParallel()", "the logits stay split along the vocabulary"))
+    return entries
+
+
+def sum_partial_gradients_source() -> list[str]:
+    return [
+        "def sum_partial_gradients(model: torch.nn.Module) -> None:",
+        '    """Sequence parallel: each tp rank ran the norms on its S / tp positions, so their gradients are partial',
+        '    sums (DTensors placed Partial): summed over tp now."""',
+        "    for param in model.parameters():",
+        "        if isinstance(param.grad, DTensor) and param.grad.placements != param.placements:",
+        "            param.grad = param.grad.redistribute(param.device_mesh, param.placements)",
+    ]
+
+
+def reduce_gradients_lines(sequence_parallel: bool, data_parallel: str | None, names: str) -> list[str]:
     """The body of ``reduce_gradients`` under tensor parallelism without FSDP, or with sequence parallelism."""
-    lines = ['    """' + ("Sequence parallel: each tp rank ran the blocks' norms on its S / tp positions, so the "
-                          "gradients of\n    the blocks' whole weights are partial sums: summed over tp. " if sequence_parallel else "")
+    lines = ['    """' + ("Sequence parallel: the norms' partial gradients summed over tp. " if sequence_parallel else "")
              + ("Averaged over the data-parallel\n    ranks, tp shards and whole weights alike. " if data_parallel else "")
              + "One flat all-reduce per bucket, in\n    model.parameters() order, the same on every rank.\"\"\""]
     if sequence_parallel:
-        lines += [
-            "    partial = [p.grad for p in model.blocks.parameters() if p.grad is not None and not hasattr(p, 'to_local')]",
-            f"    all_reduce_flat(partial, mesh[{axis!r}].get_group())  # sum over {axis}",
-        ]
+        lines.append("    sum_partial_gradients(model)")
     if data_parallel:
         lines += [
             "    grads = [param.grad for param in model.parameters() if param.grad is not None]",

@@ -20,6 +20,8 @@ in order (deterministic; no atomic scatter-add).
 
 from __future__ import annotations
 
+import re
+
 from moec.backends.torch import codegen_triton
 from moec.moe import ACTIVATIONS, BAND_TABLE, ROUTERS, SELECTION_BIAS, MoeAttrs
 from moec.moe.decompose import ROUTER_NORM_EPS
@@ -80,7 +82,7 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
     if not moe.dropless:
         lines += _capacity(moe)
     if expert_parallel:
-        lines += _tensor_parallel_ends(_expert_parallel(moe)) if tensor_parallel else _expert_parallel(moe)
+        lines += _tensor_parallel_ends(_expert_parallel(moe), expert_parallel=True) if tensor_parallel else _expert_parallel(moe)
     elif triton:
         lines += _triton(moe, tiles, fused_router)
     elif tensor_parallel:
@@ -249,15 +251,22 @@ def _grouped(moe: MoeAttrs) -> list[str]:
     return lines
 
 
-def _tensor_parallel_ends(lines: list[str]) -> list[str]:
+def _tensor_parallel_ends(lines: list[str], expert_parallel: bool = False) -> list[str]:
     """An expert path (``_grouped``, ``_expert_parallel``) on this rank's slice of every expert's hidden size:
     Megatron's f on the routed rows, g on the experts' outputs, so the router's weights combine whole outputs
-    (their gradient stays whole)."""
+    (their gradient stays whole). The grouped path reads the local slices (``local``); ``experts_ffn`` reads
+    the DTensors' meshes itself."""
+    if not expert_parallel:
+        lines = [_EXPERT_WEIGHT.sub(lambda m: f"local({m.group(0)})", line) for line in lines]
     rows = next(i for i, line in enumerate(lines) if line.startswith("    rows = "))
-    lines[rows] = lines[rows].replace("    rows = x[", "    rows = tensor_parallel.copy(x)[")  # f on (N, D), not the k-fold rows
+    # f on (N, D), not the k-fold rows
+    lines[rows] = lines[rows].replace("    rows = x[", "    rows = copy_to_shards(x, experts_w_up)[")
     down = next(i for i, line in enumerate(lines) if line.startswith("    y_sorted = "))
-    lines.insert(down + 1, "    y_sorted = tensor_parallel.reduce(y_sorted)  # g: partial sums over the expert hidden slices")
+    lines.insert(down + 1, "    y_sorted = sum_over_shards(y_sorted, experts_w_down)  # g: partial sums over the expert hidden slices")
     return lines
+
+
+_EXPERT_WEIGHT = re.compile(r"(?<![\w.])experts_[wb]_(up|gate|down)\b")
 
 
 def _triton(moe: MoeAttrs, tiles: tuple[int, ...], fused_router: bool) -> list[str]:

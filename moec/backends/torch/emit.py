@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from moec.backends.torch import codegen_tp, decode
+from moec.backends.torch import decode
 from moec.backends.torch.blocks import is_fused, moe_layers, segments
 from moec.backends.torch.fused import FusedFunctions, fused_method, fused_sources
 from moec.backends.torch.layers import LayerPart, split_block
@@ -52,23 +52,20 @@ def comment_safe(text: str) -> str:
 
 def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
                  attention_kernel: str = "auto", expert_parallel: bool = False, tiles: tuple[int, ...] = (),
-                 tensor_splits: dict[str, str] | None = None, sequence_parallel: bool = False,
-                 replicated_kv: dict[str, int] | None = None) -> tuple[str, str]:
+                 tensor_splits: dict[str, str] | None = None, replicated_kv: dict[str, int] | None = None) -> tuple[str, str]:
     """(model.py, model_support.py). ``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism; ``replicated_kv``: the whole
-    k / v projections read one KV head per rank -> their kv_heads (``codegen_tp``)."""
+    k / v projections that stay whole -> their kv_heads (parallel.py's ``ReplicatedKvHead`` comes from model_support)."""
     emitter = Emitter(graph, FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles,
-                                            dict(tensor_splits or {})), dict(replicated_kv or {}), sequence_parallel)
+                                            dict(tensor_splits or {})), dict(replicated_kv or {}))
     return emitter.program(spec_name, header)
 
 
 class Emitter:
     """Writes the classes of one program from the fused graph."""
 
-    def __init__(self, graph: Graph, fused: FusedFunctions, replicated_kv: dict[str, int], sequence_parallel: bool):
+    def __init__(self, graph: Graph, fused: FusedFunctions, replicated_kv: dict[str, int]):
         self.graph, self.fused = graph, fused
         self.splits, self.replicated_kv = fused.splits, replicated_kv
-        self.split_names = set(self.splits) | set(replicated_kv)
-        self.sequence_parallel = sequence_parallel and bool(self.splits)
         self.expert_parallel = fused.expert_parallel
         self.decoding = decode.decode_support(graph) is None
         self.modules = standard_modules(graph)
@@ -213,7 +210,9 @@ class Emitter:
         text = "\n".join(line for lines in classes + [root] for line in lines)
         functions = fused_sources(self, text)
         text += "\n".join(line for lines in functions for line in lines)
-        names, support_source = support(text)
+        styles = (("ExpertHiddenSplit",) if self.fused.split_experts and not self.expert_parallel else ()) \
+            + (("ReplicatedKvHead",) if self.replicated_kv else ())  # parallel.py's own styles, from model_support
+        names, support_source = support(text, styles)
         imports = list(IMPORTS)
         if re.search(r"\bmath\.", text):
             imports[2:2] = ["import math", ""]
@@ -222,8 +221,6 @@ class Emitter:
             imports.append("from moec.backends.torch import runtime  # unfused ops: a fusion pass was disabled")
         if self.expert_parallel:
             imports.append("from moec.backends.torch.experts import experts_ffn")
-        if self.splits:
-            imports.append(codegen_tp.IMPORT)
         if self.fused.triton:
             imports.append("from moec.backends import triton as triton_moe")
         lines = [f"# {comment_safe(line)}" if line else "#" for line in header]
@@ -267,8 +264,9 @@ class BlockContract:
         return ", ".join(args + (["cache: KVCache | None = None"] if self.cache else []))
 
     def call_args(self) -> str:
+        """The root's arguments to a block; ``cache`` by keyword, so a sequence-parallel plan sees one input layout."""
         return ", ".join(["x"] + ([self.input_name] if self.tokens else []) + (["v"] if self.velocity else [])
-                         + (["cache"] if self.cache else []))
+                         + (["cache=cache"] if self.cache else []))
 
     def outputs(self) -> list[str]:
         return ["x"] + (["v"] if self.velocity else []) + (["aux"] if self.aux else []) + (["balance"] if self.balance else []) \

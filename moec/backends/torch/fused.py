@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from moec.backends.torch import codegen_moe, codegen_tp
+from moec.backends.torch import codegen_moe
 from moec.backends.torch.codegen_moe import slot_arg
 from moec.backends.torch.statements import param_expr
 from moec.ir.graph import Node
@@ -65,9 +65,7 @@ def fused_method(emitter, part, node: Node) -> tuple[list[str], str]:
     for slot, ref in zip(node.attr["slots"], node.inputs):
         source, arg = graph[ref.node], slot_arg(slot)
         if source.op == "param":
-            expr = param_expr(source.attr["name"], part.prefix)
-            split = emitter.splits.get(source.attr["name"]) and not emitter.expert_parallel
-            mapping[arg] = codegen_tp.local(expr) if split else expr
+            mapping[arg] = param_expr(source.attr["name"], part.prefix)  # split experts: the body reads local(...)
             continue
         first = next(s for s, r in zip(node.attr["slots"], node.inputs) if r == ref)
         if first != slot:  # the same value again (the router reads the layer's input): one argument

@@ -12,7 +12,7 @@ import keyword
 from moec.ir.graph import Graph, Node, Ref
 
 # Names a value may not take: the modules and helpers a method calls.
-RESERVED = frozenset({"self", "torch", "F", "nn", "math", "cache", "positions", "tensor_parallel", "triton_moe", "runtime"})
+RESERVED = frozenset({"self", "torch", "F", "nn", "math", "cache", "positions", "local", "copy_to_shards", "sum_over_shards", "triton_moe", "runtime"})
 
 _BY_OP = {
     "embed": "x", "pos_embed": "x", "add": "x", "select_last": "x", "rmsnorm": "h", "layernorm": "h", "attention": "attn",

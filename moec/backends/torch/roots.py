@@ -9,7 +9,7 @@ that drive generation (``moec.backends.torch.decode``).
 
 from __future__ import annotations
 
-from moec.backends.torch import codegen_tp, decode
+from moec.backends.torch import decode
 from moec.backends.torch.blocks import moe_layers
 from moec.backends.torch.modules import INIT_ARGS, declarations
 from moec.backends.torch.statements import Body, Statement
@@ -155,8 +155,6 @@ def _loop(emitter, body: Body, segments) -> None:
         body.call(["balance"], "0.0")
     if contract.velocity:
         body.call(["v"], "None")
-    if emitter.sequence_parallel:
-        body.raw(codegen_tp.split_statement("x"))
     outputs = ["x"] + (["v"] if contract.velocity else []) + (["block_aux"] if contract.aux else []) \
         + (["block_balance"] if contract.balance else []) + (["block_stats"] if contract.aux else [])
     loop = ["        for block in self.blocks:", f"            {', '.join(outputs)} = block({contract.call_args()})"]
@@ -167,8 +165,6 @@ def _loop(emitter, body: Body, segments) -> None:
     if contract.aux:
         loop.append("            stats += block_stats")
     body.statements.append(_raw(loop))
-    if emitter.sequence_parallel:
-        body.raw(codegen_tp.gather_statement("x"))
     last = segments[-1]
     for ref in last.outputs:
         kind = contract.kind_of(ref)

@@ -55,7 +55,6 @@ class Body:
         self.position = {index: p for p, index in enumerate(indices)}
         self.names = Names(last_uses(self.graph, indices, returned))
         self.statements: list[Statement] = []
-        self.copied: set[str] = set()  # names that went through tensor_parallel.copy since they were bound
         self.splits = emitter.splits
 
     # --- values -------------------------------------------------------------------------------------
@@ -72,7 +71,6 @@ class Body:
         for ref, role_name in zip(refs, roles):
             names.append(self.names.bind(ref, role_name, at, taken))
             taken.add(names[-1])
-            self.copied.discard(names[-1])
         return names
 
     def at(self, index: int) -> int:
@@ -80,17 +78,13 @@ class Body:
 
     # --- statements ---------------------------------------------------------------------------------
     def node(self, index: int) -> None:
-        """One graph node as one statement (two under tensor parallelism's f)."""
+        """One graph node as one statement."""
         node = self.graph.nodes[index]
         args = [self.name(ref) for ref in node.inputs]
         module = self.module_call(node, args)
         if module is None and self.splits:
             node, args = self.tensor_parallel(node, args)
         expr = module or self.emitter.expression(node, args, self)
-        if module is None and self.splits and node.op == "embed" and self.split_of(node, 1):
-            expr = codegen_tp.embedding(args, node.attr.get("padding_idx"))
-        if module is None and self.splits and self.split_of(node, 1) == "row":
-            expr = codegen_tp.reduced(expr, self.emitter.sequence_parallel)
         refs = [Ref(node.name, i) for i in range(len(node.types or (None,)))]
         stats = is_fused(node)
         if isinstance(expr, list):  # a multi-line form (attention with its decode branch)
@@ -119,45 +113,19 @@ class Body:
         owner, leaf = str(weight.attr["name"]).rsplit(".", 1) if "." in weight.attr["name"] else ("", "")
         kind = self.emitter.modules.get(owner)
         wanted = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm", "linear": "Linear", "embed": "Embedding"}[node.op]
-        if kind != wanted or leaf != "weight" or self.touches_split(node):
+        if kind != wanted or leaf != "weight":
             return None
         return f"{param_expr(owner, self.owner)}({args[0]})"
 
-    def touches_split(self, node: Node) -> bool:
-        return any(self.graph[ref.node].op == "param" and self.graph[ref.node].attr["name"] in self.emitter.split_names
-                   for ref in node.inputs)
-
     # --- tensor parallelism (moec.backends.torch.codegen_tp) ----------------------------------------
-    def split_of(self, node: Node, position: int) -> str | None:
-        if node.op not in ("linear", "embed") or len(node.inputs) <= position:
-            return None
-        source = self.graph[node.inputs[position].node]
-        return self.splits.get(source.attr["name"]) if source.op == "param" else None
-
     def tensor_parallel(self, node: Node, args: list[str]) -> tuple[Node, list[str]]:
+        """The rank-local form of a node that is not a torch module call: attention and RoPE count their heads from
+        the local projections, a linear reading a split table it does not own (a tied head) reads its local rows."""
         if node.op in ("rope", "attention"):
             return codegen_tp.local_heads(node, args), args
-        if node.op in ("moe", "spectral_moe"):  # under expert parallelism experts_ffn reads the DTensors' meshes itself
-            return node, [codegen_tp.local(arg) if self.splits.get(self.graph[ref.node].attr.get("name"))
-                          and not self.emitter.expert_parallel else arg for ref, arg in zip(node.inputs, args)]
-        split, kv_heads = self.split_of(node, 1), self.replicated_kv(node)
-        if split is None and kv_heads is None:
-            return node, args
-        if (split == "column" and node.op == "linear") or kv_heads is not None:
-            if args[0] not in self.copied:
-                self.copied.add(args[0])
-                # the root holds the whole sequence (it splits and gathers it around the blocks): there f is a copy
-                sequence_parallel = self.emitter.sequence_parallel and self.owner != ""
-                self.raw(codegen_tp.copy_statement(args[0], sequence_parallel))
-            args = [codegen_tp.copied(args[0])] + args[1:]
-        if kv_heads is not None:
-            return node, [args[0], *(codegen_tp.kv_shard(arg, kv_heads, self.emitter.sequence_parallel) for arg in args[1:])]
-        return node, [args[0], codegen_tp.local(args[1]), *args[2:]]
-
-    def replicated_kv(self, node: Node) -> int | None:
-        if node.op != "linear":
-            return None
-        return self.emitter.replicated_kv.get(self.graph[node.inputs[1].node].attr.get("name"))
+        if node.op == "linear" and self.graph[node.inputs[1].node].attr.get("name") in self.splits:
+            return node, codegen_tp.tied_head(args)
+        return node, args
 
     # --- output -------------------------------------------------------------------------------------
     def lines(self, returned: list[str]) -> list[str]:

@@ -3,9 +3,10 @@
 model.py holds the model (its classes); what it calls that is not a model (RoPE, attention
 kernels, the KV-cache attention, routing helpers, the grouped GEMM custom op, the output types)
 is copied here from moec's tested sources, only what this program uses, and imported by name:
-``from model_support import ModelOutput, rope, ...``. Programs of distributed specs still
-import moec's collectives (``tensor_parallel``, ``experts_ffn``, ``batch_counts``) until
-parallel.py applies torch's own plans.
+``from model_support import ModelOutput, rope, ...``. A tensor-parallel program also gets what
+torch's plans cannot express (``moec.backends.torch.tp_support``), parallel.py imports it from here
+too. Programs of expert- or data-parallel specs still import moec's collectives (``experts_ffn``,
+``batch_counts``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import inspect
 import re
 
 from moec.backends import output
-from moec.backends.torch import decode_snippets, grouped, snippets
+from moec.backends.torch import decode_snippets, grouped, snippets, tp_support
 
 MODULE = "model_support"
 HEADER = [
@@ -41,9 +42,16 @@ KV_CACHE = [
 ]
 
 
-def _functions(module) -> dict[str, list[str]]:
+def _functions(module, classes: bool = False) -> dict[str, list[str]]:
+    kinds = (inspect.isfunction, inspect.isclass) if classes else (inspect.isfunction,)
     return {name: inspect.getsource(fn).rstrip().splitlines() for name, fn in vars(module).items()
-            if inspect.isfunction(fn) and fn.__module__ == module.__name__}
+            if any(kind(fn) for kind in kinds) and fn.__module__ == module.__name__}
+
+
+def _imports(module) -> list[str]:
+    """The ``import`` lines of ``module`` after ``from __future__``."""
+    lines = inspect.getsource(module).splitlines()
+    return [line for line in lines if line.startswith(("import ", "from ")) and "__future__" not in line]
 
 
 def _grouped_source() -> list[str]:
@@ -61,6 +69,7 @@ def _blocks() -> dict[str, list[str]]:
     blocks["grouped_linear"] = _grouped_source()
     blocks.update(_functions(snippets))
     blocks.update(_functions(decode_snippets))
+    blocks.update(_functions(tp_support, classes=True))
     return blocks
 
 
@@ -68,11 +77,12 @@ def _used(name: str, text: str) -> bool:
     return re.search(rf"(?<![\w.]){re.escape(name)}\b", text) is not None
 
 
-def support(program_text: str) -> tuple[list[str], str]:
-    """(the names model.py imports from model_support, the source of model_support.py) for a program's text."""
+def support(program_text: str, parallel_names: tuple[str, ...] = ()) -> tuple[list[str], str]:
+    """(the names model.py imports from model_support, the source of model_support.py) for a program's text;
+    ``parallel_names``: what parallel.py imports from it as well."""
     blocks = _blocks()
     chosen: list[str] = []
-    pending = program_text
+    pending = program_text + "\n" + " ".join(parallel_names)
     while True:
         new = [name for name in blocks if name not in chosen and _used(name, pending)]
         if not new:
@@ -81,6 +91,9 @@ def support(program_text: str) -> tuple[list[str], str]:
         pending = "\n".join(line for name in new for line in blocks[name][1:])
     imported = sorted((name for name in chosen if _used(name, program_text)), key=str.lower)
     lines = list(HEADER)
+    tp_names = set(_functions(tp_support, classes=True))
+    if tp_names & set(chosen):
+        lines += [line for line in _imports(tp_support) if line not in HEADER]
     if "global_load_balance_loss" in chosen:
         lines.append("")
         lines.append("from moec.backends.torch.data_parallel import batch_counts  # the data-parallel group's counts")
