@@ -29,8 +29,8 @@ GLOBAL = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "fin
 LAYER = {
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "{ffn}_norm.weight",
-    **{f"self_attn.{p}_proj.weight": f"attention.w{p}" for p in "qkvo"},
-    **{f"self_attn.{p}_proj.bias": f"attention.b{p}" for p in "qkvo"},
+    **{f"self_attn.{p}_proj.weight": f"attention.w{p}.weight" for p in "qkvo"},
+    **{f"self_attn.{p}_proj.bias": f"attention.w{p}.bias" for p in "qkvo"},
     "self_attn.q_norm.weight": "attention.q_norm.weight",
     "self_attn.k_norm.weight": "attention.k_norm.weight",
     "{moe}.gate.weight": "moe.router.weight",  # GPT-OSS: mlp.router.{weight,bias} instead (ROUTER_GPT_OSS)
@@ -39,9 +39,9 @@ LAYER = {
     "mlp.shared_expert.down_proj.weight": "moe.shared.w_down",
     "mlp.shared_expert_gate.weight": "moe.shared_gate.weight",
     "self_attn.sinks": "attention.sinks",
-    "mlp.gate_proj.weight": "mlp.w_gate",
-    "mlp.up_proj.weight": "mlp.w_up",
-    "mlp.down_proj.weight": "mlp.w_down",
+    "mlp.gate_proj.weight": "mlp.w_gate.weight",
+    "mlp.up_proj.weight": "mlp.w_up.weight",
+    "mlp.down_proj.weight": "mlp.w_down.weight",
 }
 EXPERT_PROJ = {"mixtral": {"w1": "w_gate", "w3": "w_up", "w2": "w_down"}}
 DEFAULT_EXPERT_PROJ = {"gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_down"}

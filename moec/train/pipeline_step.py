@@ -136,7 +136,6 @@ class PipelineRun:
         self.expert_axis = expert_axis(spec)
         self._split_weights(model, parallel)
         self.expert_params = parallel.expert_parameters(model)  # the same Parameter objects the stages hold
-        self.sequence_parallel = tensor_axis(spec) is not None and spec.sharding.tensor.sequence_parallel
         self.parallel = parallel
         self.all_moe_layers = tuple(getattr(model, "MOE_LAYERS", ()))
         self.holds_first, self.holds_last = self.stages[0].is_first, self.stages[-1].is_last
@@ -319,9 +318,10 @@ class PipelineRun:
     def _average_gradients(self) -> None:
         """Without FSDP: average each stage's gradients over the data-parallel ranks, in flat buckets. Under
         sequence parallelism the norms saw S / tp positions on each tp rank: their partial gradients summed over tp
-        first (parallel.py's ``sum_partial_gradients``)."""
-        if self.sequence_parallel:
-            self.parallel.sum_partial_gradients(self.part)
+        first, and the vocabulary-split embedding's whole gradient cut to its rows (parallel.py's
+        ``match_gradient_placements``)."""
+        if hasattr(self.parallel, "match_gradient_placements"):
+            self.parallel.match_gradient_placements(self.part)
         if not self._dp_axes() or self._fsdp_axes():
             return  # one data-parallel rank, or FSDP reduce-scattered them on the last micro-batch
         params = [param for param in self.part.parameters() if param.grad is not None]

@@ -177,13 +177,13 @@ def test_sequence_parallel_lines(tmp_path):
         "            'mlp.w_gate': ColwiseParallel(),",
         "            'mlp.w_down': RowwiseParallel(output_layouts=Shard(1)),",
         "        })",
-        "",
+        "  ",  # the comment: the blocks run on S / tp positions, the final norm and head on all of them
         ("    parallelize_module(model.blocks[0], tp_mesh, PrepareModuleInput(input_layouts=(Replicate(),), "
          "desired_input_layouts=(Shard(1),), use_local_output=True))"),
         ("    parallelize_module(model.blocks[-1], tp_mesh, PrepareModuleOutput(output_layouts=Shard(1), "
          "desired_output_layouts=Replicate()))"),
     ]
-    assert "    sum_partial_gradients(model)" in strip  # the norms' gradients are partial sums over tp
+    assert "    match_gradient_placements(model)" in strip  # the norms' gradients are partial sums over tp
 
 
 def test_parallel_py_splits_the_groups_with_spec_lines(tmp_path):

@@ -133,14 +133,14 @@ def test_annotate_sharding_places_experts_batch_tensor_and_pipeline():
     assert spectral["blocks.0.spectral_moe.moe.router.weight"].meta_dict["placement"] == ("Replicate()", "Replicate()")
     assert spectral["input_0"].meta_dict["placement"] == ("Shard(0)", "Replicate()")
     gpt = run_pipeline(moec.load_spec("specs/gpt_oss_120b.yaml")).graph  # mesh (tp 8, pp 6, dp 4)
-    assert gpt["blocks.0.attention.wq"].meta_dict["placement"] == ("Shard(0)", "Replicate()", "Replicate()")
-    assert gpt["blocks.0.attention.wo"].meta_dict["placement"] == ("Shard(1)", "Replicate()", "Replicate()")
+    assert gpt["blocks.0.attention.wq.weight"].meta_dict["placement"] == ("Shard(0)", "Replicate()", "Replicate()")
+    assert gpt["blocks.0.attention.wo.weight"].meta_dict["placement"] == ("Shard(1)", "Replicate()", "Replicate()")
     # stages balanced by FLOPs (tests/passes/test_stages.py): blocks 0-12, 13-29, ..., 81-95 with the head
-    assert [gpt[f"blocks.{i}.mlp.w_up"].meta_dict["stage"] for i in (0, 12, 13, 80, 81, 95)] == [0, 0, 1, 4, 5, 5]
+    assert [gpt[f"blocks.{i}.mlp.w_up.weight"].meta_dict["stage"] for i in (0, 12, 13, 80, 81, 95)] == [0, 0, 1, 4, 5, 5]
     assert gpt["head.weight"].meta_dict["stage"] == 5
     mixtral = run_pipeline(moec.load_spec("specs/moe_basics.yaml")).graph  # mesh (fsdp 8, ep 8), FSDP over fsdp
     assert mixtral["blocks.0.moe.experts.w_down"].meta_dict["placement"] == ("Shard(1)", "Shard(0)")
-    assert mixtral["blocks.0.attention.wq"].meta_dict["placement"] == ("Shard(0)", "Replicate()")
+    assert mixtral["blocks.0.attention.wq.weight"].meta_dict["placement"] == ("Shard(0)", "Replicate()")
     single, changed = annotate_sharding(moec.load_spec("specs/token_routed_tiny.yaml"), typed_tiny_graph())
     assert not changed
 

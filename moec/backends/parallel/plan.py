@@ -51,6 +51,13 @@ class ParallelPlan:
     replicated_kv: tuple[tuple[str, int], ...] = ()  # (k / v projection kept whole on every tp rank, its kv_heads)
 
     @property
+    def mismatched_gradients(self) -> bool:
+        """Some gradients come back placed unlike their parameters (sequence parallel's norms: partial sums; the
+        vocabulary-split embedding: whole) and no FSDP redistributes them: ``match_gradient_placements`` does."""
+        split_embedding = any(name == "embed.weight" for name, _ in self.tensor_splits)
+        return self.tensor is not None and not self.shard and (self.sequence_parallel or split_embedding)
+
+    @property
     def world_size(self) -> int:
         return math.prod(self.axes.values())
 
@@ -187,7 +194,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
 def _tensor_parallel_source(spec, plan: ParallelPlan, where, cache_input: bool) -> list[str]:
     # under expert parallelism shard_experts splits the experts over ep and tp at once (one 2-D DTensor)
     splits = {name: dim for name, dim in plan.tensor_splits if not _is_expert(plan, name)}
-    partial = [*tensor.sum_partial_gradients_source(), "", ""] if plan.sequence_parallel else []
+    partial = [*tensor.match_gradient_placements_source(), "", ""] if plan.mismatched_gradients else []
     return [*tensor.tensor_parallel_source(spec, splits, where, dict(plan.replicated_kv), cache_input), "", "", *partial]
 
 
@@ -251,8 +258,8 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
              "def expert_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:",
              "    return {param for module in expert_modules(model) for param in module.parameters()}", "", "",
              "def reduce_gradients(model: torch.nn.Module, mesh: DeviceMesh) -> None:"]
-    if (_tensor_without_fsdp(plan) or plan.sequence_parallel) and plan.experts is None:
-        return lines + tensor.reduce_gradients_lines(plan.sequence_parallel,
+    if (_tensor_without_fsdp(plan) or plan.mismatched_gradients) and plan.experts is None:
+        return lines + tensor.reduce_gradients_lines(plan.mismatched_gradients,
                                                      _flat(_in_mesh_order(plan, plan.data_parallel)) if plan.replicate else None,
                                                      " x ".join(plan.replicate))
     if plan.experts is None:
@@ -481,7 +488,7 @@ def shard_experts_source(permuted: bool = False, replicated_rows: bool = False) 
 
 
 def _moec_imports(spec, plan: ParallelPlan) -> list[str]:
-    reduces = (plan.experts is not None and not plan.expert_fsdp) or _tensor_without_fsdp(plan) or plan.sequence_parallel
+    reduces = (plan.experts is not None and not plan.expert_fsdp) or _tensor_without_fsdp(plan)
     imports = (["from moec.backends.parallel.buckets import all_reduce_flat"] if reduces else []) + (
         ["from moec.backends.torch.data_parallel import set_batch_group"] if _sets_batch_group(spec, plan) else [])
     return ["", *imports] if imports else []
@@ -496,7 +503,7 @@ def _tensor_imports(spec, plan: ParallelPlan) -> list[str]:
         styles[2:2] = ["PrepareModuleInput", "PrepareModuleOutput", "SequenceParallel"]
     own = (["ExpertHiddenSplit"] if any(".experts." in name for name, _ in plan.tensor_splits) and plan.experts is None else []) \
         + (["ReplicatedKvHead"] if plan.replicated_kv else [])
-    placements = (["DTensor", "Replicate"] if plan.sequence_parallel else
+    placements = (["DTensor", "Replicate"] if plan.mismatched_gradients else
                   ["Replicate"] if any(name == "embed.weight" for name, _ in plan.tensor_splits) else [])
     lines = [f"from torch.distributed.tensor import {', '.join(placements)}"] if placements else []
     lines.append(f"from torch.distributed.tensor.parallel import {', '.join(styles)}")

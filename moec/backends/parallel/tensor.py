@@ -179,7 +179,7 @@ def _entries(layers: dict[str, dict[str, tuple[str, str]]], where) -> list[tuple
             comment = ""
             if group and group not in said:
                 said.add(group)
-                field = "sequence_parallel" if group.startswith("sequence") else "row" if group.endswith(" row") else "column"
+                field = "sequence_parallel" if group.startswith("sequence") else "column" if "column" in group else "row"
                 comment = f"{group}  {where('sharding', 'tensor', field)[2:]}"
             entries.append((module, style, comment))
     return entries
@@ -197,24 +197,26 @@ def _root_plan(spec, splits: dict[str, int], where) -> list[tuple[str, str, str]
     return entries
 
 
-def sum_partial_gradients_source() -> list[str]:
+def match_gradient_placements_source() -> list[str]:
     return [
-        "def sum_partial_gradients(model: torch.nn.Module) -> None:",
-        '    """Sequence parallel: each tp rank ran the norms on its S / tp positions, so their gradients are partial',
-        '    sums (DTensors placed Partial): summed over tp now."""',
+        "def match_gradient_placements(model: torch.nn.Module) -> None:",
+        '    """torch hands some gradients back placed unlike their parameters: under sequence parallelism the norms\'',
+        "    are partial sums over tp (each rank ran them on its S / tp positions), the vocabulary-split embedding's is",
+        '    whole on every rank. Each goes to its parameter\'s placement (summed over tp; this rank\'s rows)."""',
         "    for param in model.parameters():",
         "        if isinstance(param.grad, DTensor) and param.grad.placements != param.placements:",
         "            param.grad = param.grad.redistribute(param.device_mesh, param.placements)",
     ]
 
 
-def reduce_gradients_lines(sequence_parallel: bool, data_parallel: str | None, names: str) -> list[str]:
-    """The body of ``reduce_gradients`` under tensor parallelism without FSDP, or with sequence parallelism."""
-    lines = ['    """' + ("Sequence parallel: the norms' partial gradients summed over tp. " if sequence_parallel else "")
+def reduce_gradients_lines(mismatched: bool, data_parallel: str | None, names: str) -> list[str]:
+    """The body of ``reduce_gradients`` under tensor parallelism without FSDP, or with gradients placed unlike their
+    parameters (``mismatched``)."""
+    lines = ['    """' + ("Gradients put in their parameters' placements first. " if mismatched else "")
              + ("Averaged over the data-parallel\n    ranks, tp shards and whole weights alike. " if data_parallel else "")
              + "One flat all-reduce per bucket, in\n    model.parameters() order, the same on every rank.\"\"\""]
-    if sequence_parallel:
-        lines.append("    sum_partial_gradients(model)")
+    if mismatched:
+        lines.append("    match_gradient_placements(model)")
     if data_parallel:
         lines += [
             "    grads = [param.grad for param in model.parameters() if param.grad is not None]",
