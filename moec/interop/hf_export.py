@@ -78,6 +78,8 @@ def _check_attention(decoder: Decoder, family: Family, refuse) -> None:
         refuse(f"{path}.bias", f"must be {family.attention_bias!r}")
     if family.attention_bias is None and attention.bias is not False and attention.bias is not True:
         refuse(f"{path}.bias", "q/k/v-only bias exists only in Qwen2 families")
+    if (attention.qk_norm.scope if attention.qk_norm else None) != family.qk_norm:
+        refuse(f"{path}.qk_norm", "q/k norm exists only in Qwen3-MoE (scope: head) and OLMoE (scope: projection)")
 
 
 def _check_moe(ffn, path: str, family: Family, refuse) -> None:

@@ -86,6 +86,7 @@ class Family:
     expert_layout = None
     # What export accepts (hf_export checks these for every family).
     attention_bias: bool | str | None = None  # the one value the family's attention bias takes; None: True or False
+    qk_norm: str | None = None  # the scope of its q/k norm (None: none)
     windows_and_yarn = False  # sliding windows and YaRN RoPE
     dense_layers = True  # dense MLP layers beside MoE ones
     shared_experts = False

@@ -55,7 +55,7 @@ class GptOss(Family):
     reads = frozenset(COMMON_READS + MOE_READS + ["attention_bias", "layer_types", "sliding_window", "swiglu_limit", "swiglu_alpha",
                                                   "experts_per_token", "initial_context_length"])
     moe, expert_count_key, expert_layout = True, "num_local_experts", InterleavedLayout()
-    attention_bias, windows_and_yarn = True, True
+    attention_bias, windows_and_yarn, dense_layers = True, True, False  # every GPT-OSS layer is MoE
     expert_activation, expert_and_router_bias = "clamped_swiglu", True
 
     def check_config(self, config: dict) -> None:

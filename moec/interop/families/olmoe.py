@@ -9,7 +9,7 @@ class Olmoe(Family):
     name, architecture = "olmoe", "OlmoeForCausalLM"
     reads = frozenset(COMMON_READS + MOE_READS + ["attention_bias", "clip_qkv", "norm_topk_prob"])
     moe, expert_count_key, expert_layout = True, "num_experts", MLP_EXPERTS
-    dense_layers = False
+    qk_norm, dense_layers = "projection", False
 
     def attention_fields(self, config: dict) -> dict:
         return super().attention_fields(config) | {"qk_norm": {"scope": "projection", "eps": config["rms_norm_eps"]}}

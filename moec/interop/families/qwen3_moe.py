@@ -10,6 +10,7 @@ class Qwen3Moe(Family):
     name, architecture = "qwen3_moe", "Qwen3MoeForCausalLM"
     reads = frozenset(QWEN_MOE_READS + ["attention_bias"])
     moe, expert_count_key, expert_layout = True, "num_local_experts", MLP_EXPERTS
+    qk_norm = "head"
 
     def attention_fields(self, config: dict) -> dict:
         return super().attention_fields(config) | {"qk_norm": {"scope": "head", "eps": config["rms_norm_eps"]}}
