@@ -4,7 +4,7 @@ Needs ``safetensors`` (the ``[hf]`` extra); ``transformers`` is not needed to im
 export (config.json is read and written as JSON), only to run the result with HF.
 """
 
-from moec.interop.hf_config import UnsupportedConfig
+from moec.interop.errors import UnsupportedConfig
 from moec.interop.weights import load_weights, save_weights
 
 __all__ = ["UnsupportedConfig", "export_hf", "import_hf", "load_weights", "save_weights"]

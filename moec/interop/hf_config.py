@@ -1,8 +1,9 @@
 """A Hugging Face ``config.json`` <-> the ``model`` section of a moec spec.
 
-One table per architecture says what moec reads; every other key of the config is either
-known not to change the math (``INERT``), required to hold a value moec implements
-(``_required``), or refused by name. Nothing is silently dropped.
+Each family (``families/<model_type>.py``) says which fields it reads; every other key of the
+config is either known not to change the math (``INERT``), required to hold a value moec
+implements (``_required`` and the family's ``check_config``), or refused by name. Nothing is
+silently dropped.
 
 The mapping (HF decoder layer ``i`` = moec block ``i`` with an ``attention`` and a ``moe``
 or ``mlp`` layer; consecutive identical layers are one spec block with ``repeat``):
@@ -23,10 +24,11 @@ from __future__ import annotations
 
 import re
 
+from moec.interop.errors import UnsupportedConfig
+from moec.interop.families import BY_ARCHITECTURE, FAMILIES, Family
+from moec.interop.families.base import need
 
-class UnsupportedConfig(ValueError):
-    """A config field (or value) moec cannot express; the message names it."""
-
+__all__ = ["UnsupportedConfig", "check_fields", "family_of", "model_section", "moe_layer_indices", "rope_section", "safe_name"]
 
 # Keys that do not change what the model computes (bookkeeping, generation, outputs).
 INERT = frozenset(
@@ -35,85 +37,39 @@ INERT = frozenset(
     "problem_type return_dict transformers_version use_cache tokenizer_class max_window_layers".split()
 )
 
-FAMILIES = {  # architecture -> (family, model_type)
-    "MixtralForCausalLM": "mixtral",
-    "Qwen2MoeForCausalLM": "qwen2_moe",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-    "OlmoeForCausalLM": "olmoe",
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "GptOssForCausalLM": "gpt_oss",
-}
-MODEL_TYPES = {family: family for family in FAMILIES.values()}
-ARCHITECTURES = {family: arch for arch, family in FAMILIES.items()}
 
-_COMMON = ("vocab_size hidden_size num_hidden_layers num_attention_heads num_key_value_heads head_dim max_position_embeddings "
-           "rms_norm_eps hidden_act rope_parameters rope_theta rope_scaling tie_word_embeddings pad_token_id attention_dropout "
-           "intermediate_size")
-_MOE = "num_experts num_local_experts num_experts_per_tok router_aux_loss_coef"
-_QWEN = "sliding_window use_sliding_window layer_types decoder_sparse_step mlp_only_layers moe_intermediate_size norm_topk_prob"
-READS = {  # what each family reads (beyond INERT)
-    "mixtral": f"{_COMMON} {_MOE} sliding_window router_jitter_noise",
-    "qwen2_moe": f"{_COMMON} {_MOE} {_QWEN} qkv_bias shared_expert_intermediate_size",
-    "qwen3_moe": f"{_COMMON} {_MOE} {_QWEN} attention_bias",
-    "olmoe": f"{_COMMON} {_MOE} attention_bias clip_qkv norm_topk_prob",
-    "llama": f"{_COMMON} attention_bias mlp_bias pretraining_tp",
-    "qwen2": f"{_COMMON} sliding_window use_sliding_window layer_types",
-    "gpt_oss": f"{_COMMON} {_MOE} attention_bias layer_types sliding_window swiglu_limit swiglu_alpha experts_per_token "
-               "initial_context_length",
-}
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
-YARN_KEYS = {"rope_type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate"}
-
-
-def family_of(config: dict) -> str:
+def family_of(config: dict) -> Family:
     archs = config.get("architectures") or []
     for arch in archs:
-        if arch in FAMILIES:
-            return FAMILIES[arch]
-    if config.get("model_type") in MODEL_TYPES and not archs:
-        return MODEL_TYPES[config["model_type"]]
+        if arch in BY_ARCHITECTURE:
+            return BY_ARCHITECTURE[arch]
+    if config.get("model_type") in FAMILIES and not archs:
+        return FAMILIES[config["model_type"]]
     name = archs[0] if archs else config.get("model_type", "<no architectures or model_type>")
-    raise UnsupportedConfig(f"architecture {name!r} cannot be imported; moec imports {', '.join(FAMILIES)}")
+    raise UnsupportedConfig(f"architecture {name!r} cannot be imported; moec imports {', '.join(BY_ARCHITECTURE)}")
 
 
-def _required(config: dict, family: str) -> None:
+def _required(config: dict, family: Family) -> None:
     """Values moec implements only one way: anything else is refused with its field name."""
-    def need(key: str, ok, what: str) -> None:
-        if key in config and not ok(config[key]):
-            raise UnsupportedConfig(f"config field {key!r} = {config[key]!r} is not supported: {what}")
-
-    need("hidden_act", lambda v: v == "silu", "moec's experts and MLPs are SwiGLU (silu)")
+    need(config, "hidden_act", lambda v: v == "silu", "moec's experts and MLPs are SwiGLU (silu)")
     for key in ("num_local_experts", "num_experts", "num_experts_per_tok"):
-        need(key, lambda v: type(v) is int and v >= 1, "an MoE layer needs at least one expert, and routes to at least one")
-    need("attention_dropout", lambda v: v == 0, "attention dropout is not implemented")
-    need("router_jitter_noise", lambda v: v == 0, "multiplicative router jitter is not implemented")
-    need("clip_qkv", lambda v: v is None, "q/k/v clipping is not implemented")
-    need("mlp_bias", lambda v: v is False, "MLP biases on dense layers are not mapped")
-    need("pretraining_tp", lambda v: v == 1, "only pretraining_tp 1 computes the plain linear layers")
-    need("rope_scaling", lambda v: v is None, "RoPE scaling is not implemented")
-    # Qwen's sliding_window acts only with use_sliding_window; Mixtral's acts whenever it is set.
-    need("use_sliding_window", lambda v: v is False, "sliding-window attention is not implemented for this family")
-    if family == "mixtral":
-        need("sliding_window", lambda v: v is None, "sliding-window attention is not implemented for this family")
-    if family == "gpt_oss":
-        need("layer_types", lambda v: set(v) <= {"full_attention", "sliding_attention"}, "layers are full or sliding attention")
-        need("experts_per_token", lambda v: v == config.get("num_experts_per_tok"), "it must equal num_experts_per_tok")
-        need("attention_bias", lambda v: v is True, "GPT-OSS attention has biases")
-        for key in ("rope_parameters", "rope_scaling"):
-            need(key, lambda v: v is None or v.get("rope_type") in ("default", "yarn") and set(v) <= YARN_KEYS,
-                 f"only plain RoPE or YaRN with the keys {sorted(YARN_KEYS)} is implemented")
-        return
-    need("layer_types", lambda v: all(t == "full_attention" for t in v), "only full attention is implemented for this family")
-    need("rope_parameters", lambda v: v is None or v.get("rope_type", "default") == "default" and set(v) <= {"rope_type", "rope_theta"},
-         "only plain RoPE (rope_type 'default') is implemented for this family")
+        need(config, key, lambda v: type(v) is int and v >= 1, "an MoE layer needs at least one expert, and routes to at least one")
+    need(config, "attention_dropout", lambda v: v == 0, "attention dropout is not implemented")
+    need(config, "router_jitter_noise", lambda v: v == 0, "multiplicative router jitter is not implemented")
+    need(config, "clip_qkv", lambda v: v is None, "q/k/v clipping is not implemented")
+    need(config, "mlp_bias", lambda v: v is False, "MLP biases on dense layers are not mapped")
+    need(config, "pretraining_tp", lambda v: v == 1, "only pretraining_tp 1 computes the plain linear layers")
+    need(config, "rope_scaling", lambda v: v is None, "RoPE scaling is not implemented")
+    # Qwen's sliding_window acts only with use_sliding_window; Mixtral's acts whenever it is set (its check_config).
+    need(config, "use_sliding_window", lambda v: v is False, "sliding-window attention is not implemented for this family")
+    family.check_config(config)
 
 
-def check_fields(config: dict, family: str) -> None:
-    known = INERT | set(READS[family].split())
+def check_fields(config: dict, family: Family) -> None:
+    known = INERT | family.reads
     unknown = sorted(key for key in config if key not in known)
     if unknown:
-        raise UnsupportedConfig(f"config field {unknown[0]!r} of {ARCHITECTURES[family]} cannot be expressed in a moec spec"
+        raise UnsupportedConfig(f"config field {unknown[0]!r} of {family.architecture} cannot be expressed in a moec spec"
                                 + (f" (also: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""))
     _required(config, family)
 
@@ -135,36 +91,26 @@ def rope_section(config: dict) -> dict:
     return rope
 
 
-def moe_layer_indices(config: dict, family: str) -> list[bool]:
+def moe_layer_indices(config: dict, family: Family) -> list[bool]:
     """For each decoder layer: does it have an MoE (else a dense MLP)?"""
     layers = config["num_hidden_layers"]
-    if family not in MOE_FAMILIES:
+    if not family.moe:
         return [False] * layers
     step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
     return [i not in dense and (i + 1) % step == 0 for i in range(layers)]
 
 
-def model_section(config: dict, family: str) -> dict:
+def model_section(config: dict, family: Family) -> dict:
     """The spec's ``model`` mapping for a checked config."""
     d, heads = config["hidden_size"], config["num_attention_heads"]
-    head_dim = config.get("head_dim") or d // heads
     attention = {"kind": "attention", "heads": heads, "kv_heads": config.get("num_key_value_heads") or heads,
-                 "head_dim": head_dim, "rope": rope_section(config)}
-    if family in ("qwen2", "qwen2_moe") and config.get("qkv_bias", True):
-        attention["bias"] = "qkv"
-    elif config.get("attention_bias"):
-        attention["bias"] = True
-    if family == "qwen3_moe":
-        attention["qk_norm"] = {"scope": "head", "eps": config["rms_norm_eps"]}
-    elif family == "olmoe":
-        attention["qk_norm"] = {"scope": "projection", "eps": config["rms_norm_eps"]}
-    if family == "gpt_oss":
-        attention["sinks"] = True
+                 "head_dim": config.get("head_dim") or d // heads, "rope": rope_section(config)} | family.attention_fields(config)
     norm = {"kind": "rmsnorm", "eps": config["rms_norm_eps"]}
     layers = []
     types = config.get("layer_types") or ["full_attention"] * config["num_hidden_layers"]
+    dense = {"kind": "mlp", "hidden": config["intermediate_size"], "activation": "swiglu"}
     for has_moe, kind in zip(moe_layer_indices(config, family), types):
-        ffn = _moe_layer(config, family) if has_moe else {"kind": "mlp", "hidden": config["intermediate_size"], "activation": "swiglu"}
+        ffn = family.moe_layer(config) if has_moe else dense
         own = dict(attention, window=config["sliding_window"]) if kind == "sliding_attention" else attention
         layers.append([own, ffn])
     blocks = []
@@ -184,26 +130,6 @@ def model_section(config: dict, family: str) -> dict:
         "final_norm": norm,
         "head": {"kind": "lm", "tie_embeddings": bool(config.get("tie_word_embeddings", False))},
     }
-
-
-def _moe_layer(config: dict, family: str) -> dict:
-    experts = config.get("num_local_experts") or config.get("num_experts")
-    layer = {
-        "kind": "moe",
-        "experts": experts,
-        "top_k": config["num_experts_per_tok"],
-        "expert": {"hidden": config.get("moe_intermediate_size") or config["intermediate_size"], "activation": "swiglu"},
-        "router": {"kind": "topk", "normalize": True if family == "mixtral" else bool(config.get("norm_topk_prob", False))},
-    }
-    if family == "gpt_oss":  # softmax over the top-k logits = the renormalised top-k of the full softmax
-        layer["expert"] |= {"activation": "clamped_swiglu", "bias": True, "swiglu_limit": float(config.get("swiglu_limit", 7.0)),
-                            "swiglu_alpha": float(config.get("swiglu_alpha", 1.702))}
-        layer["router"] |= {"normalize": True, "bias": True}
-    if family == "qwen2_moe" and config.get("shared_expert_intermediate_size"):
-        layer["shared_experts"] = {"count": 1, "hidden": config["shared_expert_intermediate_size"], "gate": True}
-    # HF adds router_aux_loss_coef * load_balancing_loss_func(all layers) when output_router_logits is on.
-    layer["aux"] = {"load_balance": float(config.get("router_aux_loss_coef", 0.0)), "load_balance_scope": "model", "z_loss": 0.0}
-    return layer
 
 
 def safe_name(text: str) -> str:

@@ -1,9 +1,11 @@
 """``moec export hf``: a spec (+ trained weights) -> an HF directory ``from_pretrained`` loads.
 
-The family is read off the spec: per-head q/k norm -> Qwen3-MoE, whole-projection q/k norm ->
-OLMoE, a gated shared expert -> Qwen2-MoE, other MoE -> Mixtral; dense with q/k/v-only bias
--> Qwen2, else Llama. Whatever an HF family cannot hold (a router kind, capacity, noise,
-learned positions, ...) is refused with the spec path that has it.
+The family is read off the spec: the one family whose ``claims`` accepts its attention and MoE
+layers (sinks -> GPT-OSS; per-head q/k norm -> Qwen3-MoE, whole-projection q/k norm -> OLMoE,
+a shared expert -> Qwen2-MoE, other MoE -> Mixtral; dense with q/k/v-only bias -> Qwen2, else
+Llama). Whatever an HF family cannot hold (a router kind, capacity, noise, learned positions,
+...) is refused with the spec path that has it: the limits every family shares here, the
+family's own in its ``check_moe`` and class attributes.
 """
 
 from __future__ import annotations
@@ -11,13 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moec.interop.hf_config import ARCHITECTURES
+from moec.interop.errors import NotExportable
+from moec.interop.families import FAMILIES, Family
+from moec.interop.families.base import Decoder
 
-EXPERT_KEY = {"gpt_oss": "num_local_experts", "mixtral": "num_local_experts", "qwen3_moe": "num_local_experts", "qwen2_moe": "num_experts", "olmoe": "num_experts"}
-
-
-class NotExportable(ValueError):
-    """A spec no supported HF family can represent; the message says which field."""
+__all__ = ["NotExportable", "export_hf", "hf_config", "unrolled"]
 
 
 def unrolled(model) -> list[tuple[str, object, object]]:
@@ -34,29 +34,24 @@ def unrolled(model) -> list[tuple[str, object, object]]:
     return layers
 
 
-def _family(model, layers) -> str:
+def _family(decoder: Decoder) -> Family:
+    layers = decoder.layers
     attentions = {repr(layers[i][2][0].model_copy(update={"window": None})) for i in range(len(layers))}
     if len(attentions) != 1:
         raise NotExportable("model.blocks: every attention layer must be the same in an HF config (but for GPT-OSS's window)")
-    attention = layers[0][2][0]
-    if attention.sinks:
-        return "gpt_oss"
+    attention = decoder.attention
+    claimed = [family for family in FAMILIES.values() if family.claims(attention, decoder.moe)]
+    assert len(claimed) == 1, f"families claiming one spec: {[family.name for family in claimed]}"
+    family = claimed[0]
     windows = [i for i in range(len(layers)) if layers[i][2][0].window is not None]
-    if windows or attention.rope is not None and attention.rope.scaling is not None:
+    if not family.windows_and_yarn and (windows or attention.rope is not None and attention.rope.scaling is not None):
         raise NotExportable(f"{layers[(windows or [0])[0]][0]}.layers[0]: sliding windows and YaRN export only as GPT-OSS (with sinks)")
-    moes = [ffn for _, _, (_, ffn) in layers if ffn.kind == "moe"]
-    if not moes:
-        return "qwen2" if attention.bias == "qkv" else "llama"
-    if attention.qk_norm is not None:
-        return "qwen3_moe" if attention.qk_norm.scope == "head" else "olmoe"
-    if moes[0].shared_experts is not None:
-        return "qwen2_moe"
-    return "mixtral"
+    return family
 
 
-def _check(model, layers, family: str) -> None:
+def _check(model, decoder: Decoder, family: Family) -> None:
     def refuse(path: str, why: str):
-        raise NotExportable(f"{path}: {why} (exporting as {ARCHITECTURES[family]})")
+        raise NotExportable(f"{path}: {why} (exporting as {family.architecture})")
 
     if model.inputs.kind != "tokens" or model.head.kind != "lm" or model.head.pool != "none":
         refuse("model.head", "HF causal LMs take token ids and predict every position")
@@ -64,99 +59,79 @@ def _check(model, layers, family: str) -> None:
         refuse("model.position", "HF families use RoPE only")
     if model.final_norm is None or model.final_norm.kind != "rmsnorm":
         refuse("model.final_norm", "HF families end with an RMSNorm")
-    attention = layers[0][2][0]
-    if attention.rope is None or not attention.causal or attention.dropout:
-        refuse(f"{layers[0][0]}.layers[0]", "HF attention is causal, with RoPE and no dropout")
-    wants_bias = {"qwen2": "qkv", "qwen2_moe": "qkv", "mixtral": False, "gpt_oss": True}
-    if family in wants_bias and attention.bias != wants_bias[family]:
-        refuse(f"{layers[0][0]}.layers[0].bias", f"must be {wants_bias[family]!r}")
-    if family in ("qwen3_moe", "olmoe") and attention.bias is not False and attention.bias is not True:
-        refuse(f"{layers[0][0]}.layers[0].bias", "q/k/v-only bias exists only in Qwen2 families")
-    for where, _, (_, ffn) in layers:
+    _check_attention(decoder, family, refuse)
+    for where, _, (_, ffn) in decoder.layers:
         path = f"{where}.layers[1]"
         if ffn.kind == "mlp":
-            if ffn.activation != "swiglu" or ffn.bias or family in ("mixtral", "olmoe"):
+            if ffn.activation != "swiglu" or ffn.bias or not family.dense_layers:
                 refuse(path, "dense layers must be bias-free SwiGLU and exist only in Llama / Qwen families")
             continue
-        router, oss = ffn.router, family == "gpt_oss"
-        wanted = ("clamped_swiglu" if oss else "swiglu", oss, "topk", 1.0, "none", "dropless", oss)
-        if (ffn.expert.activation, ffn.expert.bias, router.kind, router.temperature, router.noise.kind, ffn.capacity.mode,
-                router.bias) != wanted:
-            refuse(path, "HF MoE layers are dropless softmax top-k routers (temperature 1, no noise) over SwiGLU experts "
-                   "(GPT-OSS: clamped, with expert and router biases; others: no biases)")
-        if oss and not router.normalize:
-            refuse(f"{path}.router.normalize", "GPT-OSS takes the softmax of the top-k logits (normalize: true)")
-        if router.norm != "none" or router.dropout:
-            refuse(f"{path}.router", "HF MoE routers have no input norm and no router dropout")
-        if ffn.aux.entropy or ffn.aux.margin:
-            refuse(f"{path}.aux", "HF has no entropy or margin router loss")
-        if ffn.aux.z_loss or ffn.aux.load_balance_scope != "model":
-            refuse(f"{path}.aux", "HF pools the load-balance loss over the model (load_balance_scope: model) and has no z-loss")
-        if family == "mixtral" and not router.normalize:
-            refuse(f"{path}.router.normalize", "Mixtral always renormalises the top-k weights")
-        shared = ffn.shared_experts
-        if family == "qwen2_moe" and (shared is None or shared.count != 1 or not shared.gate):
-            refuse(f"{path}.shared_experts", "Qwen2-MoE has one gated shared expert in every MoE layer")
-        if family != "qwen2_moe" and shared is not None:
-            refuse(f"{path}.shared_experts", "only Qwen2-MoE has shared experts")
+        _check_moe(ffn, path, family, refuse)
+        family.check_moe(ffn, path, refuse)
 
 
-def hf_config(spec) -> tuple[dict, str, list[bool]]:
+def _check_attention(decoder: Decoder, family: Family, refuse) -> None:
+    attention, path = decoder.attention, f"{decoder.layers[0][0]}.layers[0]"
+    if attention.rope is None or not attention.causal or attention.dropout:
+        refuse(path, "HF attention is causal, with RoPE and no dropout")
+    if family.attention_bias is not None and attention.bias != family.attention_bias:
+        refuse(f"{path}.bias", f"must be {family.attention_bias!r}")
+    if family.attention_bias is None and attention.bias is not False and attention.bias is not True:
+        refuse(f"{path}.bias", "q/k/v-only bias exists only in Qwen2 families")
+    if (attention.qk_norm.scope if attention.qk_norm else None) != family.qk_norm:
+        refuse(f"{path}.qk_norm", "q/k norm exists only in Qwen3-MoE (scope: head) and OLMoE (scope: projection)")
+
+
+def _check_moe(ffn, path: str, family: Family, refuse) -> None:
+    """What every family's MoE layer is: a dropless softmax top-k router over SwiGLU experts, HF's aux loss."""
+    router, bias = ffn.router, family.expert_and_router_bias
+    wanted = (family.expert_activation, bias, "topk", 1.0, "none", "dropless", bias)
+    if (ffn.expert.activation, ffn.expert.bias, router.kind, router.temperature, router.noise.kind, ffn.capacity.mode,
+            router.bias) != wanted:
+        refuse(path, "HF MoE layers are dropless softmax top-k routers (temperature 1, no noise) over SwiGLU experts "
+               "(GPT-OSS: clamped, with expert and router biases; others: no biases)")
+    if router.norm != "none" or router.dropout:
+        refuse(f"{path}.router", "HF MoE routers have no input norm and no router dropout")
+    if ffn.aux.entropy or ffn.aux.margin:
+        refuse(f"{path}.aux", "HF has no entropy or margin router loss")
+    if ffn.aux.z_loss or ffn.aux.load_balance_scope != "model":
+        refuse(f"{path}.aux", "HF pools the load-balance loss over the model (load_balance_scope: model) and has no z-loss")
+    if ffn.shared_experts is not None and not family.shared_experts:
+        refuse(f"{path}.shared_experts", "only Qwen2-MoE has shared experts")
+
+
+def hf_config(spec) -> tuple[dict, Family, list[bool]]:
     """(config.json mapping, family, which layers are MoE) for an exportable spec."""
     model = spec.model
-    layers = unrolled(model)
-    family = _family(model, layers)
-    _check(model, layers, family)
-    attention = layers[0][2][0]
-    moe_layers = [ffn.kind == "moe" for _, _, (_, ffn) in layers]
-    dense = [ffn for _, _, (_, ffn) in layers if ffn.kind == "mlp"]
+    decoder = Decoder(unrolled(model))
+    family = _family(decoder)
+    _check(model, decoder, family)
+    attention, moe, dense = decoder.attention, decoder.moe, decoder.dense
     config = {
-        "architectures": [ARCHITECTURES[family]],
-        "model_type": family,
+        "architectures": [family.architecture],
+        "model_type": family.name,
         "vocab_size": model.inputs.vocab,
         "hidden_size": model.d_model,
-        "num_hidden_layers": len(layers),
+        "num_hidden_layers": len(decoder.layers),
         "num_attention_heads": attention.heads,
         "num_key_value_heads": attention.kv_heads,
         "head_dim": attention.head_dim,
         "max_position_embeddings": model.max_seq_len,
-        "rms_norm_eps": layers[0][1].norm.eps,
+        "rms_norm_eps": decoder.layers[0][1].norm.eps,
         "hidden_act": "silu",
         "rope_parameters": _rope(attention.rope),
         "tie_word_embeddings": model.head.tie_embeddings,
         "pad_token_id": model.inputs.pad_id,
         "attention_dropout": 0.0,
-    }
-    if family in ("llama", "qwen3_moe", "olmoe", "gpt_oss"):
-        config["attention_bias"] = attention.bias is True
-    if family == "gpt_oss":
-        windows = {ffn[0].window for _, _, ffn in layers} - {None}
-        if len(windows) > 1:
-            raise NotExportable("model.blocks: GPT-OSS has one sliding_window for every sliding layer")
-        config["layer_types"] = ["sliding_attention" if ffn[0].window else "full_attention" for _, _, ffn in layers]
-        config["sliding_window"] = windows.pop() if windows else None
-    if family == "qwen2_moe":
-        config["qkv_bias"] = True
-    if any(moe_layers):
-        moe = next(ffn for _, _, (_, ffn) in layers if ffn.kind == "moe")
-        config |= {EXPERT_KEY[family]: moe.experts, "num_experts_per_tok": moe.top_k, "router_aux_loss_coef": moe.aux.load_balance,
-                   "output_router_logits": False}
-        if family in ("qwen2_moe", "qwen3_moe"):
-            config |= {"moe_intermediate_size": moe.expert.hidden, "decoder_sparse_step": 1,
-                       "mlp_only_layers": [i for i, has in enumerate(moe_layers) if not has],
-                       "norm_topk_prob": moe.router.normalize}
-        if family == "olmoe":
-            config["norm_topk_prob"] = moe.router.normalize
-        if family == "qwen2_moe":
-            config["shared_expert_intermediate_size"] = moe.shared_experts.hidden
-        if family == "gpt_oss":
-            config |= {"swiglu_limit": moe.expert.swiglu_limit, "swiglu_alpha": moe.expert.swiglu_alpha}
-        config["intermediate_size"] = dense[0].hidden if dense else moe.expert.hidden
-    else:
-        config["intermediate_size"] = dense[0].hidden
+        "intermediate_size": dense[0].hidden if dense else moe.expert.hidden,
+    } | family.config_fields(decoder)
+    if moe is not None:
+        config |= {family.expert_count_key: moe.experts, "num_experts_per_tok": moe.top_k,
+                   "router_aux_loss_coef": moe.aux.load_balance, "output_router_logits": False}
+        config |= family.moe_config_fields(moe, decoder)
     if len({ffn.hidden for ffn in dense}) > 1:
         raise NotExportable("model.blocks: HF configs have one intermediate_size for every dense layer")
-    return config, family, moe_layers
+    return config, family, decoder.moe_layers
 
 
 def _rope(rope) -> dict:

@@ -21,8 +21,10 @@ from typing import Iterator
 import torch
 import yaml
 
-from moec.interop.hf_config import (ARCHITECTURES, UnsupportedConfig, check_fields, family_of, model_section, moe_layer_indices,
-                                    safe_name)
+from moec.interop.errors import UnsupportedConfig
+from moec.interop.families import Family
+from moec.interop.families.base import expert_count
+from moec.interop.hf_config import check_fields, family_of, model_section, moe_layer_indices, safe_name
 from moec.interop.weights import SHARD_BYTES, ShardWriter, WeightsError, open_safetensors, tensor_shapes
 from moec.schema.errors import format_path
 
@@ -35,12 +37,12 @@ EMBED = "model.embed_tokens.weight"
 class Imported:
     spec: Path
     weights: Path | None  # None: the directory had no weights (the spec seed initialises)
-    family: str
+    family: str  # the HF model_type
     tensors: int = 0
     nonfinite: list[str] = field(default_factory=list)  # source tensors holding NaN or inf (imported as they are)
 
 
-def spec_from_config(config: dict, name: str, source: str) -> tuple[dict, str]:
+def spec_from_config(config: dict, name: str, source: str) -> tuple[dict, Family]:
     """(spec mapping, family) for an HF config; raises ``UnsupportedConfig`` naming a field."""
     family = family_of(config)
     check_fields(config, family)
@@ -49,7 +51,7 @@ def spec_from_config(config: dict, name: str, source: str) -> tuple[dict, str]:
     spec = {
         "version": 1,
         "name": safe_name(name),
-        "description": f"{ARCHITECTURES[family]} imported from {source} by moec import hf.",
+        "description": f"{family.architecture} imported from {source} by moec import hf.",
         "model": model,
         "train": {
             "seed": 0,
@@ -95,7 +97,7 @@ def import_hf(directory: Path, spec_path: Path, shard_bytes: int = SHARD_BYTES) 
     weights, count, nonfinite = _write_weights(files, config, family, spec_path, directory.name, shard_bytes)
     spec_path.write_text(render_spec(spec, weights))
     _copy_tokenizer(directory, spec_path)
-    return Imported(spec=spec_path, weights=weights, family=family, tensors=count, nonfinite=nonfinite)
+    return Imported(spec=spec_path, weights=weights, family=family.name, tensors=count, nonfinite=nonfinite)
 
 
 def read_config(directory: Path) -> dict:
@@ -123,7 +125,7 @@ def check_embedding(config: dict, found: dict) -> None:
         _agree(file, EMBED, shape, (config.get("vocab_size"), config.get("hidden_size")), " (vocab_size, hidden_size)")
 
 
-def check_shapes(found: dict, config: dict, family: str, spec) -> None:
+def check_shapes(found: dict, config: dict, family: Family, spec) -> None:
     """Every tensor against the shape the config implies (the moec model built on the meta device, in HF names)."""
     from moec.compile import build_model
     from moec.interop.hf_weights import hf_shapes
@@ -141,15 +143,14 @@ def _agree(file: Path, name: str, shape: tuple, expected: tuple, fields: str = "
         raise WeightsError(f"{file}: tensor {name} has shape {list(shape)}, but config.json implies {list(expected)}{fields}")
 
 
-def _write_weights(files: list[Path], config: dict, family: str, spec_path: Path, source: str, shard_bytes: int):
+def _write_weights(files: list[Path], config: dict, family: Family, spec_path: Path, source: str, shard_bytes: int):
     """(weights file or None, tensors written, names of source tensors holding NaN / inf); on any error no shard is left."""
     from moec.interop.hf_weights import Converter
 
     if not files:
         return None, 0, []
-    experts = config.get("num_local_experts") or config.get("num_experts") or 0
-    convert = Converter(family, moe_layer_indices(config, family), experts, tied=bool(config.get("tie_word_embeddings", False)))
-    writer = ShardWriter(spec_path.with_suffix(""), shard_bytes, metadata={"source": source, "family": family})
+    convert = Converter(family, moe_layer_indices(config, family), expert_count(config), tied=bool(config.get("tie_word_embeddings", False)))
+    writer = ShardWriter(spec_path.with_suffix(""), shard_bytes, metadata={"source": source, "family": family.name})
     count, nonfinite = 0, []
     try:
         for name, tensor in _source_tensors(files):
