@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -192,8 +193,26 @@ def load_model_state(path: Path, model) -> None:
     model.load_state_dict(state["model"])
 
 
+# State-dict keys of checkpoints written before attention and MLP projections became nn.Linear modules.
+_OLD_NAMES = re.compile(r"^model\.blocks\.\d+\.(attention\.[wb][qkvo]|mlp\.[wb]_(up|gate|down))$")
+
+
+def _refuse_old_names(path: Path) -> None:
+    """One line for a checkpoint whose projections carry the names from before ``attention.wq.weight``."""
+    try:
+        keys = SafeReader(str(path)).read_metadata().state_dict_metadata
+    except Exception:  # unreadable metadata: DCP's load says what is wrong
+        return
+    old = sorted(key for key in keys if _OLD_NAMES.match(key))
+    if old:
+        raise CheckpointError(f"{path}: written by an older moec, whose state-dict names ({old[0][len('model.'):]}) predate "
+                              "the nn.Linear ones (attention.wq.weight, mlp.w_up.weight); export it to Hugging Face with "
+                              "that moec and import it here (moec export hf / moec import hf), or retrain")
+
+
 def _dcp_load(state: dict, path: Path) -> None:
     """DCP's load through :class:`SafeReader`; what goes wrong is one ``CheckpointError`` line (interrupts pass through)."""
+    _refuse_old_names(path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -68,7 +68,7 @@ def test_one_expert_top_1_equals_a_dense_ffn():
     mlp = moec.reference_model(spec_with("        - kind: mlp\n          hidden: 24\n          activation: swiglu\n")).eval()
     state = mlp.state_dict()
     for name in ("w_up", "w_gate", "w_down"):
-        state[f"blocks.0.mlp.{name}"] = moe.state_dict()[f"blocks.0.moe.experts.{name}"][0]
+        state[f"blocks.0.mlp.{name}.weight"] = moe.state_dict()[f"blocks.0.moe.experts.{name}"][0]
     state["blocks.0.mlp_norm.weight"] = moe.state_dict()["blocks.0.moe_norm.weight"]
     mlp.load_state_dict(state)
     inputs = mlp.example_inputs(batch=2, seq=8)

@@ -159,3 +159,25 @@ def test_changed_data_files_refuse_a_resume_unless_allowed(tmp_path):
     result = moec_cli("train", spec_path, "--run-dir", run, "--resume", "--no-plots", "--allow-data-change")
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_with_the_names_from_before_nn_linear_is_refused_in_one_line(tmp_path):
+    """attention.wq / mlp.w_up (raw parameters) became attention.wq.weight / mlp.w_up.weight: an old checkpoint is
+    refused with one line naming a key and the way over (Hugging Face export and import), not DCP's missing-key error."""
+    import torch.distributed.checkpoint as dcp
+
+    import moec
+    from tests.distributed.tp_worker import dense_text
+
+    model = moec.build_model(moec.load_spec_text(dense_text(), file="old.yaml"))
+    old = {name.replace(".weight", "") if (".attention.w" in name or ".mlp.w_" in name) else name: value
+           for name, value in model.state_dict().items()}
+    assert "blocks.0.attention.wq" in old and "blocks.0.mlp.w_down" in old
+    dcp.save({"model": old}, checkpoint_id=str(tmp_path / "step_00000001"))
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        ckpt.load_model_state(tmp_path / "step_00000001", model)
+    message = str(refused.value)
+    assert message == (f"{tmp_path / 'step_00000001'}: written by an older moec, whose state-dict names "
+                       "(blocks.0.attention.wk) predate the nn.Linear ones (attention.wq.weight, mlp.w_up.weight); export "
+                       "it to Hugging Face with that moec and import it here (moec export hf / moec import hf), or retrain")
+    assert "\n" not in message
