@@ -14,6 +14,7 @@ import torch
 
 from moec.backends.init import init_parameter
 from moec.backends.parallel import emit_parallel, parallel_plan
+from moec.backends.parallel.plan import support_names
 from moec.backends.parallel.tensor import split_kind, tensor_axis, tensor_splits
 from moec.backends.reference import ReferenceModel
 from moec.backends.torch.decode import decode_support
@@ -69,7 +70,7 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
                           spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention,
                           expert_parallel=plan.experts is not None and not plan.unsupported, tiles=_tiles(spec),
                           tensor_splits={name: split_kind(name, dim) for name, dim in splits.items()},
-                          replicated_kv=dict(plan.replicated_kv))
+                          parallel_names=support_names(plan))
     # Parameters, FLOPs and memory are facts of the model: counted on the full pipeline's graph even
     # when passes were disabled (an unfused graph has no moe node to say which weights are experts).
     facts = compiled.graph if not disable else run_pipeline(spec).graph

@@ -48,8 +48,6 @@ from moec.backends.parallel.pipeline import (
 )
 from moec.backends.parallel.plan import global_balance
 from moec.backends.parallel.tensor import tensor_axis
-from moec.backends.torch.data_parallel import set_batch_group
-from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
 from moec.distributed.processes import local_slice
 from moec.dtypes import DTYPES
 from moec.observe.memory_plan import held_bytes, plan_check
@@ -180,7 +178,7 @@ class PipelineRun:
         dp = self._dp_axes()
         if dp:
             if global_balance(self.spec):
-                set_batch_group(self._dp_mesh.get_group())  # aux.load_balance_batch 'global'
+                self.parallel.use_batch_group(self.part, self._dp_mesh.get_group())  # aux.load_balance_batch 'global'
             if self._fsdp_axes():
                 self._shard_stages()
         # the loss scales itself (1 / (microbatches x grad_accum)): the schedule's own scaling would divide the
@@ -270,7 +268,7 @@ class PipelineRun:
         set_learning_rates(trainer.optimizer, trainer.base_lrs, lr_factor(step, self.spec))
         set_annealed(trainer.annealed, step)
         start = time.perf_counter()
-        EXPERT_ROWS_SENT["bytes"] = 0  # evaluation's all-to-alls are not this step's
+        trainer.expert_rows_sent()["bytes"] = 0  # evaluation's all-to-alls are not this step's
         self.pieces.clear()
         for stage in self.stages:
             stage.recorded.clear()

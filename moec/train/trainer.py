@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moec.backends.output import mean_stats
-from moec.backends.torch.experts import SENT as EXPERT_ROWS_SENT
+from moec.backends.torch.loader import support_module
 from moec.checkpoint import compile_cache
 from moec.checkpoint import dcp as ckpt
 from moec.checkpoint.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
@@ -304,7 +304,7 @@ class Trainer:
         set_annealed(self.annealed, step)
         accum, micro_batch = self.train.grad_accum, self.train.batch // self.train.grad_accum
         start = time.perf_counter()
-        EXPERT_ROWS_SENT["bytes"] = 0  # evaluation's all-to-alls are not this step's
+        self.expert_rows_sent()["bytes"] = 0  # evaluation's all-to-alls are not this step's
         task_total = aux_total = 0.0
         stats = []
         for micro in range(accum):
@@ -363,9 +363,15 @@ class Trainer:
         if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
             self.skipped_steps += 1
 
+    def expert_rows_sent(self) -> dict:
+        """The byte counter of the program's experts_ffn (its copy in the build's model_support.py); a fresh one
+        when the program has none."""
+        module = support_module(self.program.source, self.program.support_source)
+        return getattr(module, "SENT", {"bytes": 0})
+
     def all_to_all_bytes(self) -> int:
         """Bytes of routed rows this step's all-to-alls sent off-rank, summed over ranks (forward and backward)."""
-        sent = torch.tensor([2 * EXPERT_ROWS_SENT["bytes"]], dtype=torch.float64)
+        sent = torch.tensor([2 * self.expert_rows_sent()["bytes"]], dtype=torch.float64)
         torch.distributed.all_reduce(sent)
         return int(sent.item())
 

@@ -42,9 +42,18 @@ def test_the_120b_spec_is_a_short_program():
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
-def test_no_del_and_no_ssa_names(path):
-    """Every bundled spec: no ``del`` statements, no ``<op>_<n>`` value names in any method."""
-    tree = ast.parse(_source(path))
+def test_no_del_no_ssa_names_and_no_moec_imports(path):
+    """Every bundled spec: no ``del`` statements, no ``<op>_<n>`` value names in any method; model.py, parallel.py and
+    model_support.py import torch and each other, never moec (distributed builds included; the one lazy import of moec's
+    Triton GEMM on CUDA, inside a try, falls back to torch where moec is absent)."""
+    program = compile_spec(moec.load_spec(path))
+    for name, text in (("model.py", program.source), ("parallel.py", program.parallel_source),
+                       ("model_support.py", program.support_source)):
+        imported = [node for node in ast.parse(text).body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        modules = [alias.name for node in imported if isinstance(node, ast.Import) for alias in node.names]
+        modules += [node.module for node in imported if isinstance(node, ast.ImportFrom)]
+        assert not [m for m in modules if m.split(".")[0] == "moec"], f"{path.name} {name}: {modules}"
+    tree = ast.parse(program.source)
     ssa = re.compile(rf"^({'|'.join(sorted(OPS, key=len, reverse=True))})_\d+$")
     for node in ast.walk(tree):
         assert not isinstance(node, ast.Delete), f"{path.name}: del at line {node.lineno}"

@@ -2,6 +2,7 @@
 load-balance loss and router gradient of one process on the whole batch; the default (local)
 counts do not (that difference is why the option exists)."""
 
+import functools
 import os
 import socket
 
@@ -10,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moec.backends.torch.data_parallel import set_batch_group
-from moec.backends.torch.snippets import global_load_balance_loss, load_balance_loss
+from moec.backends.torch.data_parallel import global_load_balance_loss
+from moec.backends.torch.snippets import load_balance_loss
 
 EXPERTS, TOKENS = 4, 16
 
@@ -39,10 +40,10 @@ def worker(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        set_batch_group(dist.group.WORLD)
         _, logits = batch()
         half = logits.chunk(2)[rank]
-        for name, fn in (("global", global_load_balance_loss), ("local", load_balance_loss)):
+        over_world = functools.partial(global_load_balance_loss, group=dist.group.WORLD)  # the layer's batch_group
+        for name, fn in (("global", over_world), ("local", load_balance_loss)):
             loss, grad = loss_and_grad(fn, half)
             value = torch.tensor([loss])
             dist.all_reduce(value, op=dist.ReduceOp.AVG)  # what the trainer logs: the mean over ranks
@@ -51,7 +52,6 @@ def worker(rank: int, port: int, results) -> None:
             if rank == 0:
                 results[name] = (value.item(), torch.cat(grads))
     finally:
-        set_batch_group(None)
         dist.destroy_process_group()
 
 
@@ -79,4 +79,4 @@ def test_global_counts_give_the_whole_batch_loss_and_gradient():
 def test_without_a_group_the_global_loss_is_the_local_one():
     scores, _ = batch()
     counts = counts_of(scores)
-    assert torch.equal(global_load_balance_loss(scores, counts, EXPERTS), load_balance_loss(scores, counts, EXPERTS))
+    assert torch.equal(global_load_balance_loss(scores, counts, EXPERTS, None), load_balance_loss(scores, counts, EXPERTS))

@@ -157,7 +157,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         "from torch.distributed.tensor import Shard, distribute_tensor",
         *_tensor_imports(spec, plan),
         *checkpointing.torch_imports(ac.mode),
-        *_moec_imports(spec, plan),
+        *_support_imports(plan),
         "",
         f"MESH_SHAPE = {shape!r}  {where('mesh', 'axes')}",
         f"MESH_AXES = {names!r}",
@@ -177,6 +177,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         *(gather_experts_source() + ["", ""] if plan.expert_fsdp else []),
         *(hsdp_mesh_source() + ["", ""] if plan.replicate and plan.shard else []),
         *(_tensor_parallel_source(spec, plan, where, cache_input) if plan.tensor is not None else []),
+        *(use_batch_group_source() + ["", ""] if _sets_batch_group(spec, plan) else []),
         *checkpointing.checkpointing_source(ac, blocks, where), "", "",
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
         '    """Data parallelism over the batch axes (FSDP2 per block, then the root; or DDP)'
@@ -487,27 +488,33 @@ def shard_experts_source(permuted: bool = False, replicated_rows: bool = False) 
     ]
 
 
-def _moec_imports(spec, plan: ParallelPlan) -> list[str]:
+def support_names(plan: ParallelPlan) -> tuple[str, ...]:
+    """What parallel.py imports from the build's model_support.py: moec's own tensor-parallel styles (torch has none
+    for these) and the bucketed all-reduce of the gradients ``reduce_gradients`` averages itself."""
+    styles = (("ExpertHiddenSplit",) if plan.tensor is not None and plan.experts is None
+              and any(".experts." in name for name, _ in plan.tensor_splits) else ()) \
+        + (("ReplicatedKvHead",) if plan.replicated_kv else ())
     reduces = (plan.experts is not None and not plan.expert_fsdp) or _tensor_without_fsdp(plan)
-    imports = (["from moec.backends.parallel.buckets import all_reduce_flat"] if reduces else []) + (
-        ["from moec.backends.torch.data_parallel import set_batch_group"] if _sets_batch_group(spec, plan) else [])
-    return ["", *imports] if imports else []
+    return styles + (("all_reduce_flat",) if reduces else ())
+
+
+def _support_imports(plan: ParallelPlan) -> list[str]:
+    names = support_names(plan)
+    return ["", f"from model_support import {', '.join(names)}  # this build's helpers"] \
+        if names else []
 
 
 def _tensor_imports(spec, plan: ParallelPlan) -> list[str]:
-    """torch's tensor-parallel plans, and moec's own two styles from the build's model_support.py."""
+    """torch's tensor-parallel plans."""
     if plan.tensor is None:
         return []
     styles = ["ColwiseParallel", "RowwiseParallel", "parallelize_module"]
     if plan.sequence_parallel:
         styles[2:2] = ["PrepareModuleInput", "PrepareModuleOutput", "SequenceParallel"]
-    own = (["ExpertHiddenSplit"] if any(".experts." in name for name, _ in plan.tensor_splits) and plan.experts is None else []) \
-        + (["ReplicatedKvHead"] if plan.replicated_kv else [])
     placements = (["DTensor", "Replicate"] if plan.mismatched_gradients else
                   ["Replicate"] if any(name == "embed.weight" for name, _ in plan.tensor_splits) else [])
     lines = [f"from torch.distributed.tensor import {', '.join(placements)}"] if placements else []
-    lines.append(f"from torch.distributed.tensor.parallel import {', '.join(styles)}")
-    return lines + ([f"from model_support import {', '.join(own)}  # moec's own styles: torch has none for these"] if own else [])
+    return lines + [f"from torch.distributed.tensor.parallel import {', '.join(styles)}"]
 
 
 def global_balance(spec) -> bool:
@@ -523,8 +530,19 @@ def _batch_group_lines(spec, plan: ParallelPlan, where) -> list[str]:
     if not _sets_batch_group(spec, plan):
         return []
     axes = _in_mesh_order(plan, plan.data_parallel)
-    return [f"    set_batch_group({_flat(axes)}.get_group())  # aux.load_balance_batch 'global': "
-            f"expert counts summed over {' x '.join(axes)}  {where('sharding', 'batch')}"]
+    return [f"    use_batch_group(model, {_flat(axes)}.get_group())  # aux.load_balance_batch 'global': "
+            f"expert counts summed over {' x '.join(axes)}  {where('sharding', 'batch')[2:]}"]
+
+
+def use_batch_group_source() -> list[str]:
+    return [
+        "def use_batch_group(model: torch.nn.Module, group: dist.ProcessGroup) -> None:",
+        '    """The MoE layers that sum their expert counts over the whole batch (aux.load_balance_batch \'global\') sum',
+        '    them over ``group``, the data-parallel ranks."""',
+        "    for layer in model.modules():",
+        "        if hasattr(layer, 'batch_group'):",
+        "            layer.batch_group = group",
+    ]
 
 
 def _flat(axes: tuple[str, ...]) -> str:

@@ -112,7 +112,19 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
         ]
     else:
         lines.append("    return out.view(batch, seq, width), aux, stats")
-    return lines
+    return with_batch_group(lines)
+
+
+def uses_batch_group(lines: list[str]) -> bool:
+    """The function body sums expert counts over the data-parallel group (aux.load_balance_batch 'global')."""
+    return any(re.search(r"\bbatch_group\b", line.partition("  # ")[0]) for line in lines[2:])
+
+
+def with_batch_group(lines: list[str]) -> list[str]:
+    """``batch_group`` (None: one process) after ``training`` in the signature when the body reads it."""
+    if not uses_batch_group(lines):
+        return lines
+    return [lines[0].replace(", training: bool):", ", training: bool, batch_group=None):"), *lines[1:]]
 
 
 def _router_input(moe: MoeAttrs) -> str:
@@ -327,7 +339,8 @@ def _aux(moe: MoeAttrs) -> list[str]:
     zero = "logits.new_zeros(())"
     weights = moe.aux
     per_layer = weights.load_balance if not weights.pooled else 0.0  # pooled: the model computes it
-    balance = f"{per_layer!r} * {_balance_fn(moe)}(scores, counts, {moe.experts})" if per_layer > 0 else zero
+    group = ", batch_group" if moe.aux.load_balance_batch == "global" else ""
+    balance = f"{per_layer!r} * {_balance_fn(moe)}(scores, counts, {moe.experts}{group})" if per_layer > 0 else zero
     z = f"{weights.z_loss!r} * torch.logsumexp(logits, dim=-1).pow(2).mean()" if weights.z_loss > 0 else zero
     rewards = [(name, weight) for name, weight in (("entropy_loss", weights.entropy), ("margin_loss", weights.margin)) if weight > 0]
     aux = " + ".join(name for name, weight in (("balance", per_layer), ("z", weights.z_loss), *rewards) if weight > 0)
@@ -345,14 +358,15 @@ def _pooled_stats(moe: MoeAttrs) -> list[str]:
     probs = "(scores / scores.sum(-1, keepdim=True)).mean(0)"
     if moe.aux.load_balance_batch != "global":
         return [f"    balance_stats = torch.stack([counts.to(scores.dtype) / tokens, {probs}])"]
-    return ["    total, ranks = batch_counts(counts)  # summed over the data-parallel ranks",
+    return ["    total, ranks = batch_counts(counts, batch_group)  # summed over the data-parallel ranks",
             f"    balance_stats = torch.stack([total.to(scores.dtype) / (tokens * ranks), {probs}])"]
 
 
 DFT_MAX_SEQ = 64  # kernels.spectral_moe 'auto': a DFT matmul up to this length, torch.fft above
 
 
-def spectral_function(name: str, moe_name: str, attrs: dict, kernel: str) -> list[str]:
+def spectral_function(name: str, moe_name: str, attrs: dict, kernel: str, batch_group: bool = False) -> list[str]:
+    """``batch_group``: the inner MoE function sums its expert counts over the data-parallel group."""
     slots = list(attrs["slots"])
     args = ", ".join(slot_arg(s) for s in slots)
     moe_args = ", ".join(slot_arg(s) for s in inner_slots(slots)[2:])
@@ -368,7 +382,7 @@ def spectral_function(name: str, moe_name: str, attrs: dict, kernel: str) -> lis
         f"    z = rfft_real(x, {norm!r}, use_dft)  # (B, F, 2D): real parts, then imaginary parts",
         "    aux, stats = None, []",
         f"    for _ in range({attrs['depth']}):",
-        f"        y, step_aux, step_stats = {moe_name}(z, {router_in}, {moe_args}, training)",
+        f"        y, step_aux, step_stats = {moe_name}(z, {router_in}, {moe_args}, training{', batch_group' if batch_group else ''})",
         "        z = z + y" if residual else "        z = y  # residual: false",
         "        aux = step_aux if aux is None else aux + step_aux",
         "        stats.append(step_stats)",

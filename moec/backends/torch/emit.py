@@ -52,20 +52,20 @@ def comment_safe(text: str) -> str:
 
 def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
                  attention_kernel: str = "auto", expert_parallel: bool = False, tiles: tuple[int, ...] = (),
-                 tensor_splits: dict[str, str] | None = None, replicated_kv: dict[str, int] | None = None) -> tuple[str, str]:
-    """(model.py, model_support.py). ``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism; ``replicated_kv``: the whole
-    k / v projections that stay whole -> their kv_heads (parallel.py's ``ReplicatedKvHead`` comes from model_support)."""
+                 tensor_splits: dict[str, str] | None = None, parallel_names: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(model.py, model_support.py). ``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism;
+    ``parallel_names``: what parallel.py imports from model_support.py (``moec.backends.parallel.plan.support_names``)."""
     emitter = Emitter(graph, FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles,
-                                            dict(tensor_splits or {})), dict(replicated_kv or {}))
+                                            dict(tensor_splits or {})), parallel_names)
     return emitter.program(spec_name, header)
 
 
 class Emitter:
     """Writes the classes of one program from the fused graph."""
 
-    def __init__(self, graph: Graph, fused: FusedFunctions, replicated_kv: dict[str, int]):
+    def __init__(self, graph: Graph, fused: FusedFunctions, parallel_names: tuple[str, ...] = ()):
         self.graph, self.fused = graph, fused
-        self.splits, self.replicated_kv = fused.splits, replicated_kv
+        self.splits, self.parallel_names = fused.splits, parallel_names
         self.expert_parallel = fused.expert_parallel
         self.decoding = decode.decode_support(graph) is None
         self.modules = standard_modules(graph)
@@ -96,6 +96,9 @@ class Emitter:
         init += declarations(self.graph, list(dict.fromkeys(names)), part.prefix, self.modules)
         if len(nodes) == 1 and is_fused(nodes[0]):
             forward, doc = fused_method(self, part, nodes[0])
+            if any("self.batch_group" in line for line in forward):
+                init.append("        self.batch_group = None  # the data-parallel ranks' group (parallel.py sets it): "
+                            "expert counts over the whole batch")
         elif len(nodes) == 1 and nodes[0].op == "dynamics":
             forward, doc = self.dynamics_forward(part, nodes[0]), "INL dynamics: (x, v) -> (x', v'); v None: the first layer."
         else:
@@ -210,17 +213,13 @@ class Emitter:
         text = "\n".join(line for lines in classes + [root] for line in lines)
         functions = fused_sources(self, text)
         text += "\n".join(line for lines in functions for line in lines)
-        styles = (("ExpertHiddenSplit",) if self.fused.split_experts and not self.expert_parallel else ()) \
-            + (("ReplicatedKvHead",) if self.replicated_kv else ())  # parallel.py's own styles, from model_support
-        names, support_source = support(text, styles)
+        names, support_source = support(text, self.parallel_names)
         imports = list(IMPORTS)
         if re.search(r"\bmath\.", text):
             imports[2:2] = ["import math", ""]
         imports += import_lines(names)
         if "runtime.reference_op" in text:
             imports.append("from moec.backends.torch import runtime  # unfused ops: a fusion pass was disabled")
-        if self.expert_parallel:
-            imports.append("from moec.backends.torch.experts import experts_ffn")
         if self.fused.triton:
             imports.append("from moec.backends import triton as triton_moe")
         lines = [f"# {comment_safe(line)}" if line else "#" for line in header]

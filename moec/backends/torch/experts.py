@@ -22,6 +22,9 @@ The split sizes are host integers, so the expert-parallel path is kept out of ``
 graph; with plain tensors (one process) ``experts_ffn`` is traced like any grouped GEMM.
 Gradients: the reverse all-to-all carries every rank's row gradients to the expert's owner,
 so a local expert's gradient sums the contributions of all ranks' tokens.
+
+A build's ``model_support.py`` holds a copy (the process group comes from the DTensor weights'
+mesh); the trainer reads the copy's ``SENT`` (``moec.backends.torch.loader.support_module``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from moec.backends.torch import runtime
+from moec.backends.torch.grouped import grouped_linear
 from moec.backends.torch.snippets import clamped_glu
 
 # Bytes this process sent in the forward all-to-alls since the trainer last read it (rows there
@@ -49,13 +52,13 @@ def local_ffn(rows: Tensor, group_sizes: Tensor, w_up: Tensor, w_gate: Tensor | 
     expert's biases when given."""
     offsets = torch.cumsum(group_sizes, 0).to(torch.int32)
     b_up, b_gate, b_down = _row_biases(biases, group_sizes, rows.shape[0])
-    up = runtime.grouped_linear(rows, w_up, offsets) + b_up
+    up = grouped_linear(rows, w_up, offsets) + b_up
     if fn == "clamped_glu":
-        hidden = clamped_glu(runtime.grouped_linear(rows, w_gate, offsets) + b_gate, up, *clamp)
+        hidden = clamped_glu(grouped_linear(rows, w_gate, offsets) + b_gate, up, *clamp)
     else:
         act = getattr(F, fn)
-        hidden = act(runtime.grouped_linear(rows, w_gate, offsets) + b_gate) * up if w_gate is not None else act(up)
-    return runtime.grouped_linear(hidden, w_down, offsets) + b_down
+        hidden = act(grouped_linear(rows, w_gate, offsets) + b_gate) * up if w_gate is not None else act(up)
+    return grouped_linear(hidden, w_down, offsets) + b_down
 
 
 def _row_biases(biases: tuple, group_sizes: Tensor, rows: int) -> tuple:

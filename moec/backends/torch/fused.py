@@ -48,7 +48,8 @@ class FusedFunctions:
             count = sum(k[0] == "spectral" for k in self.names)
             name = f"spectral_mixer{count + 1 if count else ''}"
             self.names[key] = name
-            self.sources[name] = codegen_moe.spectral_function(name, moe_name, attrs, self.spectral_kernel)
+            inner = codegen_moe.uses_batch_group(self.sources[moe_name])
+            self.sources[name] = codegen_moe.with_batch_group(codegen_moe.spectral_function(name, moe_name, attrs, self.spectral_kernel, inner))
         return self.names[key]
 
     def attention_fn(self, node: Node) -> str:
@@ -61,7 +62,7 @@ def fused_method(emitter, part, node: Node) -> tuple[list[str], str]:
     graph = emitter.graph
     name = emitter.fused.moe(node.attr) if node.op == "moe" else emitter.fused.spectral(node.attr)
     lines = emitter.fused.sources[name]
-    mapping, signature = {"training": "self.training"}, []
+    mapping, signature = {"training": "self.training", "batch_group": "self.batch_group"}, []
     for slot, ref in zip(node.attr["slots"], node.inputs):
         source, arg = graph[ref.node], slot_arg(slot)
         if source.op == "param":

@@ -14,12 +14,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOEC_CACHE_DIR") or Path.home() / ".cache" / "moec")
 
 
+def _digest(source: str, support: str | None) -> str:
+    return hashlib.sha256(((support or "") + source).encode("utf-8")).hexdigest()[:16]
+
+
+def support_module(source: str, support: str) -> types.ModuleType | None:
+    """The ``model_support`` module ``load_program(source, support=support)`` loaded in this process, or None."""
+    return sys.modules.get(f"moec_support_{_digest(source, support)}")
+
+
 def load_program(source: str, path: Path | None = None, filename: str = "model.py", support: str | None = None) -> types.ModuleType:
     """Execute generated source as a module written at ``path`` (default: the cache), registered with linecache.
 
     ``support``: the source of ``model_support.py``, written beside it and what its ``from model_support import``
     reads (the module is registered under that name only while ``source`` runs: each program has its own)."""
-    digest = hashlib.sha256(((support or "") + source).encode("utf-8")).hexdigest()[:16]
+    digest = _digest(source, support)
     path = Path(path or cache_dir() / digest / filename).resolve()
     helper = None if support is None else _support(support, path.parent / "model_support.py", f"moec_support_{digest}")
     previous = sys.modules.get("model_support")

@@ -2,8 +2,7 @@
 
 They are ordinary, tested functions: the emitter copies their source with
 ``inspect.getsource``, so what runs in ``model.py`` is exactly what is tested here. Each
-must depend only on ``math``, ``torch`` and ``F`` (torch.nn.functional), or on ``batch_counts``,
-which programs that use it import (moec.backends.torch.data_parallel). No data-dependent
+must depend only on ``math``, ``torch`` and ``F`` (torch.nn.functional). No data-dependent
 Python control flow: every branch is on shapes, dtypes or constants, so that
 ``torch.compile(fullgraph=True)`` traces them without breaks or recompiles.
 """
@@ -14,8 +13,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from moec.backends.torch.data_parallel import batch_counts
 
 
 def rotate(x: torch.Tensor, heads: int, head_dim: int, inv_freq: torch.Tensor, scale: float,
@@ -237,13 +234,6 @@ def load_balance_loss(scores: torch.Tensor, counts: torch.Tensor, experts: int) 
     """E * sum_e (c_e / N) * P_e with P_e the mean of the per-token normalised scores."""
     probs = scores / scores.sum(-1, keepdim=True)
     return experts * torch.sum(counts.to(probs.dtype) / scores.shape[0] * probs.mean(0))
-
-
-def global_load_balance_loss(scores: torch.Tensor, counts: torch.Tensor, experts: int) -> torch.Tensor:
-    """load_balance_loss with c_e and N over every data-parallel rank's tokens (aux.load_balance_batch 'global')."""
-    total, ranks = batch_counts(counts)
-    probs = scores / scores.sum(-1, keepdim=True)
-    return experts * torch.sum(total.to(probs.dtype) / (scores.shape[0] * ranks) * probs.mean(0))
 
 
 def dft_matrices(seq: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,9 @@ kernels, the KV-cache attention, routing helpers, the grouped GEMM custom op, th
 is copied here from moec's tested sources, only what this program uses, and imported by name:
 ``from model_support import ModelOutput, rope, ...``. A tensor-parallel program also gets what
 torch's plans cannot express (``moec.backends.torch.tp_support``), parallel.py imports it from here
-too. Programs of expert- or data-parallel specs still import moec's collectives (``experts_ffn``,
-``batch_counts``).
+too; a data-parallel one the global load-balance counts (``moec.backends.torch.data_parallel``) and
+the bucketed all-reduce parallel.py averages gradients with (``moec.backends.parallel.buckets``); an
+expert-parallel one the all-to-all exchange (``moec.backends.torch.experts``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import inspect
 import re
 
 from moec.backends import output
-from moec.backends.torch import decode_snippets, grouped, snippets, tp_support
+from moec.backends.parallel import buckets
+from moec.backends.torch import data_parallel, decode_snippets, experts, grouped, snippets, tp_support
 
 MODULE = "model_support"
 HEADER = [
@@ -48,10 +50,16 @@ def _functions(module, classes: bool = False) -> dict[str, list[str]]:
             if any(kind(fn) for kind in kinds) and fn.__module__ == module.__name__}
 
 
+def _constants(module) -> dict[str, list[str]]:
+    """``NAME = value`` lines at the top level of ``module``, by name."""
+    return {line.split(" = ", 1)[0]: [line] for line in inspect.getsource(module).splitlines()
+            if re.match(r"^[A-Z][A-Z0-9_]* = ", line)}
+
+
 def _imports(module) -> list[str]:
     """The ``import`` lines of ``module`` after ``from __future__``."""
     lines = inspect.getsource(module).splitlines()
-    return [line for line in lines if line.startswith(("import ", "from ")) and "__future__" not in line]
+    return [line for line in lines if line.startswith(("import ", "from ")) and "__future__" not in line and "moec" not in line]
 
 
 def _grouped_source() -> list[str]:
@@ -69,7 +77,10 @@ def _blocks() -> dict[str, list[str]]:
     blocks["grouped_linear"] = _grouped_source()
     blocks.update(_functions(snippets))
     blocks.update(_functions(decode_snippets))
+    blocks.update(_functions(data_parallel))
+    blocks.update(_constants(experts) | _functions(experts, classes=True))
     blocks.update(_functions(tp_support, classes=True))
+    blocks.update(_constants(buckets) | _functions(buckets))
     return blocks
 
 
@@ -91,12 +102,9 @@ def support(program_text: str, parallel_names: tuple[str, ...] = ()) -> tuple[li
         pending = "\n".join(line for name in new for line in blocks[name][1:])
     imported = sorted((name for name in chosen if _used(name, program_text)), key=str.lower)
     lines = list(HEADER)
-    tp_names = set(_functions(tp_support, classes=True))
-    if tp_names & set(chosen):
-        lines += [line for line in _imports(tp_support) if line not in HEADER]
-    if "global_load_balance_loss" in chosen:
-        lines.append("")
-        lines.append("from moec.backends.torch.data_parallel import batch_counts  # the data-parallel group's counts")
+    for module in (data_parallel, experts, tp_support, buckets):  # the collectives' imports, when one of theirs is copied
+        if set(_functions(module, classes=True)) & set(chosen):
+            lines += [line for line in _imports(module) if line not in lines]
     for name in blocks:
         if name in chosen:
             lines += ["", "", *blocks[name]]
