@@ -7,13 +7,15 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from moec.layers import TP_GROUPS
 from moec.schema.base import Base, PosInt, field_error
 
 AxisName = Literal["dp", "fsdp", "ep", "tp", "pp", "cp"]
 AxisList = Annotated[list[AxisName], Field(max_length=6)]
 
-# Parameter groups that tensor parallelism splits by columns (outputs) or rows (inputs).
-TpGroup = Literal["attention.qkv", "attention.out", "mlp.up", "mlp.down", "experts.up", "experts.down", "embed", "head"]
+# Parameter groups that tensor parallelism splits by columns (outputs) or rows (inputs): the layer kinds'
+# (moec/layers/<kind>/__init__.py) and the model's embedding and head, as moec.layers.TP_GROUPS lists them.
+TpGroup = Literal[tuple(TP_GROUPS)]
 
 
 class Mesh(Base):

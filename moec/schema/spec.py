@@ -7,8 +7,9 @@ from typing import Annotated, Literal
 from pydantic import Field, PrivateAttr, field_validator
 from pydantic_core import PydanticCustomError
 
+from moec.layers.fields import GATED_ACTIVATIONS
 from moec.schema.base import Base
-from moec.schema.model import GATED_ACTIVATIONS, Model
+from moec.schema.model import Model
 from moec.schema.parallel import Mesh, Sharding
 from moec.schema.schedule import Schedule
 from moec.schema.train import Train
