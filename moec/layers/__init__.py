@@ -31,4 +31,9 @@ def tp_groups() -> dict[str, list[TpWeights]]:
 
 TP_GROUPS = tp_groups()
 
-__all__ = ["LAYER_KINDS", "MODEL_TP_GROUPS", "TP_GROUPS", "LayerKind", "Lowering", "TpWeights"]
+
+def default_split(split: str) -> list[str]:
+    """The groups tensor parallelism splits by ``split`` ("column" / "row") when the spec does not list them."""
+    return [name for name, weights in TP_GROUPS.items() if any(w.split == split for w in weights)]
+
+__all__ = ["LAYER_KINDS", "MODEL_TP_GROUPS", "TP_GROUPS", "LayerKind", "Lowering", "TpWeights", "default_split", "tp_groups"]

@@ -45,3 +45,11 @@ def no_dropout(dropout: float) -> None:
     """Dropout is accepted by the schema but no backend applies it yet: refuse it rather than ignore it."""
     if dropout > 0:
         raise field_error("dropout", f"is not implemented yet (the model would train without it); remove it, got {dropout}")
+
+
+def default_hidden(width: int, activation: str) -> int:
+    """An FFN's hidden size when the spec leaves it null (``DEFAULT_HIDDEN``)."""
+    # Gated FFNs keep the parameter count of a 4x FFN: 2/3 * 4 * width, rounded up to 8.
+    if activation in GATED_ACTIVATIONS:
+        return -(-(8 * width // 3) // 8) * 8
+    return 4 * width

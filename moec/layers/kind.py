@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Literal, Mapping
 
 if TYPE_CHECKING:
     from moec.ir.graph import Graph, Node, Ref
@@ -20,11 +20,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class TpWeights:
     """The weights of one tensor-parallel group, named by their suffix under their layer (``wq``,
-    ``experts.w_up``) or, with ``root``, by their whole name (``embed.weight``)."""
+    ``experts.w_up``) or, with ``root``, by their whole name (``embed.weight``). ``split`` is how
+    tensor parallelism splits them unless the spec says otherwise (``sharding.tensor.column`` /
+    ``row``): by columns (output features) or rows (input features); None: only when the spec names it."""
 
     names: tuple[str, ...]
     linear: bool = False  # nn.Linear modules: each name's ``.weight`` and ``.bias``
     root: bool = False
+    split: Literal["column", "row"] | None = None
 
     def matches(self, name: str) -> bool:
         """Whether the parameter called ``name`` is one of these weights."""
@@ -61,6 +64,7 @@ class LayerKind:
     flops: Mapping[str, FlopsFn] = field(default_factory=dict)  # IR op of the fused graph -> its FLOPs per token
     tp_groups: Mapping[str, TpWeights] = field(default_factory=dict)  # tensor-parallel group -> its weights
     wrapped: bool = True  # x + layer(norm(x)) in its block; False: it updates the residual stream itself
+    resolve: Callable[[dict, int], None] = lambda layer, d_model: None  # (dumped layer, d_model): fill its null defaults
 
     @property
     def name(self) -> str:

@@ -60,3 +60,9 @@ class Attention(Base):
             raise field_error("window", "a sliding window is implemented for causal attention only")
         no_dropout(self.dropout)
         return self
+
+
+def resolve_attention(layer: dict, d_model: int) -> None:
+    """Fill the derived defaults of a dumped ``Attention`` (``moec validate --resolved``)."""
+    layer["kv_heads"] = layer["kv_heads"] or layer["heads"]
+    layer["head_dim"] = layer["head_dim"] or max(1, d_model // layer["heads"])

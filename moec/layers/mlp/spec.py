@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from moec.layers.fields import DEFAULT_HIDDEN, Activation, LayerName, no_dropout
+from moec.layers.fields import DEFAULT_HIDDEN, Activation, LayerName, default_hidden, no_dropout
 from moec.schema.base import Base, Dim, Prob, field_error
 
 
@@ -26,3 +26,8 @@ class Mlp(Base):
         if self.activation == "clamped_swiglu":
             raise field_error("activation", "'clamped_swiglu' is an expert activation (GPT-OSS); use 'swiglu' for a dense layer")
         return self
+
+
+def resolve_mlp(layer: dict, d_model: int) -> None:
+    """Fill the derived defaults of a dumped ``Mlp`` (``moec validate --resolved``)."""
+    layer["hidden"] = layer["hidden"] or default_hidden(d_model, layer["activation"])

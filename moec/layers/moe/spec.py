@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from moec.layers.fields import DEFAULT_HIDDEN, Activation, LayerName, no_dropout
+from moec.layers.fields import DEFAULT_HIDDEN, Activation, LayerName, default_hidden, no_dropout
 from moec.schema.base import MAX_DIM, Base, Dim, NonNegFloat, PosFloat, PosInt, Prob, field_error
 
 # The names of moec.moe.ROUTERS (tests keep them equal); the registry says what each one computes.
@@ -255,3 +255,36 @@ class Moe(MoeConfig):
 
     kind: Literal["moe"]
     name: LayerName | None = None
+
+
+def resolve_moe(layer: dict, d_model: int) -> None:
+    resolve_moe_config(layer, d_model)
+
+
+def resolve_moe_config(moe: dict, width: int) -> None:
+    """Fill the derived defaults of a dumped ``MoeConfig`` whose experts see ``width`` channels."""
+    expert = moe["expert"]
+    expert["hidden"] = expert["hidden"] or default_hidden(width, expert["activation"])
+    if expert["activation"] == "clamped_swiglu":  # GPT-OSS's values
+        expert["swiglu_limit"] = expert["swiglu_limit"] or 7.0
+        expert["swiglu_alpha"] = expert["swiglu_alpha"] or 1.702
+    router = moe["router"]
+    if router["kind"] == "sinkhorn" and router["sinkhorn"] is None:
+        router["sinkhorn"] = {"iters": 5, "tau": 0.7}
+    if router["kind"] == "sigmoid_bias" and router["bias_update_rate"] is None:
+        router["bias_update_rate"] = 1e-3
+    capacity = moe["capacity"]
+    if router["kind"] == "expert_choice":  # see MoeConfig: capacity-based, balanced by construction
+        capacity["mode"] = "capacity"
+        capacity["factor"] = capacity["factor"] or (1.0 if capacity["tokens"] is None else None)
+        router["normalize"] = False
+        moe["aux"]["load_balance"] = 0.0
+    if router["kind"] == "token_id":  # see MoeConfig: a fixed expert per token id, weight 1, nothing to balance
+        router["normalize"] = False
+        moe["aux"]["load_balance"] = 0.0
+    if capacity["mode"] == "capacity":
+        capacity["factor"] = capacity["factor"] or (1.25 if capacity["tokens"] is None else None)
+        capacity["drop_policy"] = capacity["drop_policy"] or "zero"
+    shared = moe["shared_experts"]
+    if shared is not None and shared["hidden"] is None:
+        shared["hidden"] = expert["hidden"]

@@ -4,9 +4,15 @@ from moec.layers.kind import LayerKind
 from moec.layers.moe import EXPERT_TP_GROUPS
 from moec.layers.spectral_moe.cost import spectral_moe_flops, spectral_moe_params
 from moec.layers.spectral_moe.lower import lower_spectral_moe
-from moec.layers.spectral_moe.spec import SpectralMoe
+from moec.layers.spectral_moe.spec import SpectralMoe, resolve_spectral_moe
 
-KIND = LayerKind(spec=SpectralMoe, lower=lower_spectral_moe, params=spectral_moe_params, flops={"spectral_moe": spectral_moe_flops},
-                 tp_groups=EXPERT_TP_GROUPS)
+KIND = LayerKind(
+    spec=SpectralMoe,
+    resolve=resolve_spectral_moe,
+    lower=lower_spectral_moe,
+    params=spectral_moe_params,
+    flops={"spectral_moe": spectral_moe_flops},
+    tp_groups=EXPERT_TP_GROUPS,
+)
 
 __all__ = ["KIND", "SpectralMoe"]

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from moec.layers.fields import LayerName
-from moec.layers.moe.spec import MoeConfig
+from moec.layers.moe.spec import MoeConfig, resolve_moe_config
 from moec.schema.base import Base, PosInt, field_error
 
 
@@ -40,3 +40,8 @@ class SpectralMoe(Base):
             if self.moe.router.kind != "topk":
                 raise field_error("bands", f"restricts a softmax top-k router; router kind '{self.moe.router.kind}' is not supported with it")
         return self
+
+
+def resolve_spectral_moe(layer: dict, d_model: int) -> None:
+    """Spectral experts see the real view of complex tokens: 2 * d_model channels."""
+    resolve_moe_config(layer["moe"], 2 * d_model)
