@@ -20,7 +20,8 @@ import platform
 from moec.dtypes import BYTES
 from moec.ir.graph import Graph
 from moec.moe.params import EXPERT_PREFIX
-from moec.passes.flops import flops_per_token, numel
+from moec.layers.kind import numel
+from moec.passes.flops import flops_per_token
 
 
 

@@ -19,7 +19,7 @@ from moec.bench.layers import LayerShape, candidates, step_of
 from moec.bench.timing import interleaved, prefixed
 from moec.dtypes import DTYPES
 from moec.moe.activations import MIXTRAL_ACTIVATION
-from moec.schema.model import ExpertFfn
+from moec.layers.moe.spec import ExpertFfn
 
 
 @dataclass(frozen=True)

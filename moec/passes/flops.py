@@ -1,33 +1,26 @@
 """FLOPs per token of each node of a fused graph: one home for the manifest and the pipeline split.
 
-2 x the multiply-adds of every matmul a token passes through (a spectral layer's MoE runs on
-F = S//2+1 bins per sequence, ``depth`` times), plus attention's QK^T and AV at ``train.seq_len``
-without discounting the causal mask, plus ~2.5 S log2 S per channel for each FFT.
+2 x the multiply-adds of every matmul a token passes through; the ops of a layer kind (attention,
+moe, spectral_moe, dynamics) are costed by the kind (``moec/layers/<kind>/cost.py``), attention's
+at ``train.seq_len``.
 """
 
 from __future__ import annotations
 
-import math
-
 from moec.ir.graph import Graph, Node
 from moec.ir.names import block_of
-from moec.moe.params import EXPERT_PREFIX, ROUTER_WEIGHT
+from moec.layers import LAYER_KINDS
+from moec.layers.kind import numel
 
-
-
-def numel(node: Node) -> int:
-    return math.prod(node.attr["shape"])
+# The ops a layer kind costs itself (moec/layers/<kind>/cost.py); every other op but ``linear`` is free.
+_KIND_FLOPS = {op: flops for kind in LAYER_KINDS.values() for op, flops in kind.flops.items()}
 
 
 def node_flops(graph: Graph, node: Node, seq: int) -> float:
     if node.op == "linear":
         return 2 * numel(graph[node.inputs[1].node]) * _rows_per_token(node, seq)
-    if node.op == "attention":
-        return 4 * seq * node.attr["heads"] * node.attr["head_dim"]
-    if node.op in ("moe", "spectral_moe"):
-        return _moe_flops(graph, node, seq)
-    if node.op == "dynamics":  # the controller's two matmuls (its last five inputs: mu, W_in, b_in, W_out, b_out)
-        return 2 * sum(numel(graph[ref.node]) for ref in (node.inputs[-4], node.inputs[-2]))
+    if node.op in _KIND_FLOPS:
+        return _KIND_FLOPS[node.op](graph, node, seq)
     return 0.0
 
 
@@ -65,17 +58,3 @@ def _rows_per_token(node: Node, seq: int) -> float:
     """Rows of a [B, S', ...] value per input token: 1 for S' = S, 1/S for a pooled [B, 1, ...]."""
     dim = node.types[0].shape[1] if node.types and node.types[0].rank >= 2 else "S"
     return 1.0 if dim == "S" else (1.0 / seq if dim == 1 else 1.0)
-
-
-def _moe_flops(graph: Graph, node: Node, seq: int) -> float:
-    attrs, moe = node.attr, node.attr["moe"]
-    per_slot = {slot: numel(graph[ref.node]) for slot, ref in zip(attrs["slots"], node.inputs) if graph[ref.node].op == "param"}
-    experts = sum(size for slot, size in per_slot.items() if slot.startswith(EXPERT_PREFIX + "w"))
-    shared = sum(size for slot, size in per_slot.items() if slot.startswith("shared."))
-    routed_token = 2 * (per_slot.get(ROUTER_WEIGHT, 0) + experts * moe.top_k / moe.experts + shared)  # token_id: no router weight
-    if node.op == "moe":
-        return routed_token
-    bins = seq // 2 + 1
-    width = node.types[0].shape[-1]
-    fft = 2 * 2.5 * width * math.log2(max(seq, 2))
-    return attrs["depth"] * routed_token * bins / seq + fft

@@ -10,27 +10,14 @@ rows of the one KV head its query heads use (``moec.backends.torch.tensor_parall
 
 from __future__ import annotations
 
-import re
-
 from moec.ir.graph import Graph, Node
 from moec.ir.names import block_of
+from moec.layers import TP_GROUPS
+from moec.layers.attention import KV_PROJECTIONS
 from moec.passes.builder import origin_issue
 from moec.passes.stages import stage_split
 from moec.schema.errors import SpecError
 from moec.schema.spec import Spec
-
-# Parameter-name suffix -> tensor-parallel group (see moec.schema.parallel.TpGroup).
-_TP_GROUPS = [
-    (r"\.experts\.(w_up|w_gate|b_up)$", "experts.up"),
-    (r"\.experts\.(w_down|b_down)$", "experts.down"),
-    (r"\.(wq|wk|wv)\.(weight|bias)$", "attention.qkv"),
-    (r"\.wo\.(weight|bias)$", "attention.out"),
-    (r"\.(w_up|w_gate)\.(weight|bias)$", "mlp.up"),
-    (r"\.w_down\.(weight|bias)$", "mlp.down"),
-    (r"^embed\.weight$", "embed"),
-    (r"^head\.weight$", "head"),
-]
-
 
 def annotate_sharding(spec: Spec, graph: Graph) -> tuple[Graph, bool]:
     if spec.mesh.world_size == 1:
@@ -52,11 +39,9 @@ def annotate_sharding(spec: Spec, graph: Graph) -> tuple[Graph, bool]:
 
 
 def tp_group(name: str) -> str | None:
-    """The tensor-parallel group (moec.schema.parallel.TpGroup) a parameter belongs to, by its name."""
-    for pattern, group in _TP_GROUPS:
-        if re.search(pattern, name):
-            return group
-    return None
+    """The tensor-parallel group (moec.schema.parallel.TpGroup) a parameter belongs to, by its name: each layer kind
+    declares its groups' weights (``moec.layers.TP_GROUPS``)."""
+    return next((group for group, weights in TP_GROUPS.items() if any(w.matches(name) for w in weights)), None)
 
 
 def replicated_kv(spec: Spec, graph: Graph) -> dict[str, int]:
@@ -71,7 +56,7 @@ def replicated_kv(spec: Spec, graph: Graph) -> dict[str, int]:
     kv_heads = {node.origin.path: node.attr["kv_heads"] for node in graph.nodes
                 if node.op == "attention" and node.origin is not None and node.attr["kv_heads"] < tp}
     return {node.attr["name"]: kv_heads[node.origin.path] for node in graph.params()
-            if node.origin is not None and node.origin.path in kv_heads and re.search(r"\.(wk|wv)\.(weight|bias)$", node.attr["name"])}
+            if node.origin is not None and node.origin.path in kv_heads and KV_PROJECTIONS.matches(node.attr["name"])}
 
 
 def _param_placement(spec: Spec, node: Node, axes: list[str], issues: list, kv: dict[str, int]) -> list[str]:

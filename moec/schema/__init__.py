@@ -1,8 +1,34 @@
-"""The spec language: pydantic models, YAML loading with line marks, cross-section checks."""
+"""The spec language: pydantic models, YAML loading with line marks, cross-section checks.
+
+The spec's models are imported on first use: a layer kind's spec (``moec/layers/<kind>/spec.py``)
+imports ``moec.schema.base``, and ``moec.schema.model`` imports the layer kinds, so loading a
+submodule of this package must not load the whole spec.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from moec.schema.errors import SpecError, SpecIssue
-from moec.schema.spec import SCHEMA_VERSION, Spec
-from moec.schema.validate import load_spec, load_spec_text
+
+if TYPE_CHECKING:
+    from moec.schema.spec import Spec
+
+SPEC_NAMES = ("SCHEMA_VERSION", "Spec")
+LOADER_NAMES = ("load_spec", "load_spec_text")
+
+
+def __getattr__(name: str):
+    """``moec.schema.Spec``, ``load_spec`` and the other names of ``moec.schema.spec`` / ``validate``."""
+    if name in SPEC_NAMES:
+        from moec.schema import spec
+
+        return getattr(spec, name)
+    if name in LOADER_NAMES:
+        from moec.schema import validate
+
+        return getattr(validate, name)
+    raise AttributeError(f"module 'moec.schema' has no attribute {name!r}")
 
 
 def resolved_yaml(spec: Spec) -> str:
@@ -24,6 +50,8 @@ def _kind_first(value):
 
 def json_schema() -> dict:
     """The JSON Schema of a spec, for editors (see docs/editor.md)."""
+    from moec.schema.spec import SCHEMA_VERSION, Spec
+
     schema = Spec.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = f"moec-spec-v{SCHEMA_VERSION}"

@@ -10,10 +10,10 @@ import importlib.util
 import math
 from typing import Iterator
 
+from moec.layers import LAYER_KINDS
 from moec.schema.checks_schedule import schedule_checks
 from moec.schema.checks_tensor import tensor_checks
 from moec.schema.errors import format_path
-from moec.schema.model import GATED_ACTIVATIONS
 from moec.schema.spec import Spec
 from moec.schema.train import DEFAULT_COLLECTIVE_TIMEOUT_S
 
@@ -358,8 +358,9 @@ def estimate_params(spec: Spec) -> int:
     total = model.inputs.vocab * d if model.inputs.kind == "tokens" else model.inputs.dims * d + d
     total += model.max_seq_len * d if model.position == "learned" else 0
     for block in model.blocks:
-        norm = _norm_params(block.norm, d)  # every layer but dynamics has its own norm
-        total += block.repeat * sum(_layer_params(layer, spec) + (norm if layer.kind != "dynamics" else 0) for layer in block.layers)
+        norm = _norm_params(block.norm, d)  # every wrapped layer (all but dynamics) has its own norm
+        kinds = [LAYER_KINDS[layer.kind] for layer in block.layers]
+        total += block.repeat * sum(kind.params(layer, spec) + (norm if kind.wrapped else 0) for kind, layer in zip(kinds, block.layers))
     total += _norm_params(model.final_norm, d) if model.final_norm is not None else 0
     if model.head.kind == "lm":
         return total + (0 if model.head.tie_embeddings else model.inputs.vocab * d)
@@ -368,50 +369,3 @@ def estimate_params(spec: Spec) -> int:
 
 def _norm_params(norm, width: int) -> int:
     return width if norm.kind == "rmsnorm" else 2 * width
-
-
-def _ffn_params(width: int, hidden: int, activation: str, bias: bool = False) -> int:
-    gates = 2 if activation in GATED_ACTIVATIONS else 1  # a gated FFN has a gate projection (and bias) too
-    return (gates + 1) * width * hidden + ((gates * hidden + width) if bias else 0)
-
-
-def _layer_params(layer, spec: Spec) -> int:
-    d = spec.model.d_model
-    if layer.kind == "attention":
-        return _attention_params(layer, d)
-    if layer.kind == "mlp":
-        return _ffn_params(d, layer.hidden, layer.activation, layer.bias)
-    if layer.kind == "moe":
-        return _moe_params(layer, d, d)
-    if layer.kind == "dynamics":  # mu, controller_in (weight, bias), controller_out (weight, bias)
-        return d + (2 * d + 1) * layer.controller_hidden + (layer.controller_hidden + 1) * 3 * d
-    width = 2 * d  # spectral: real and imaginary channels; the band table is shared by the depth steps
-    band = (spec.model.max_seq_len // 2 + 1) * width if layer.band == "embedding" else 0
-    return band + _moe_params(layer.moe, width, width + 1 if layer.band == "index_feature" else width)
-
-
-def _attention_params(layer, d: int) -> int:
-    q, kv = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
-    total = d * (2 * q + 2 * kv)
-    total += {True: q + 2 * kv + d, "qkv": q + 2 * kv}.get(layer.bias, 0)
-    total += layer.heads if layer.sinks else 0
-    if layer.qk_norm is not None:
-        total += 2 * layer.head_dim if layer.qk_norm.scope == "head" else q + kv
-    return total
-
-
-def _moe_params(moe, width: int, router_width: int) -> int:
-    expert = moe.expert
-    total = router_width * moe.experts if moe.router.kind != "token_id" else 0  # token_id: no router weight
-    total += moe.experts * _ffn_params(width, expert.hidden, expert.activation, expert.bias)
-    total += moe.experts if moe.router.kind == "sigmoid_bias" else 0  # the selection-bias buffer
-    total += moe.experts if moe.router.bias else 0
-    total += {"none": 0, "rmsnorm": router_width, "layernorm": 2 * router_width}[moe.router.norm]
-    annealed = (moe.router.temperature, moe.router.noise.std if moe.router.noise.kind != "none" else 0.0, moe.capacity.factor)
-    total += 3 if any(not isinstance(value, (int, float, type(None))) for value in annealed) else 0  # the router.anneal buffer
-    if moe.capacity.fallback == "dense":  # one expert-shaped dense FFN
-        total += _ffn_params(width, expert.hidden, expert.activation, expert.bias)
-    if moe.shared_experts is not None:
-        total += _ffn_params(width, moe.shared_experts.count * moe.shared_experts.hidden, expert.activation)
-        total += width if moe.shared_experts.gate else 0
-    return total

@@ -7,13 +7,15 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from moec.layers import TP_GROUPS, default_split
 from moec.schema.base import Base, PosInt, field_error
 
 AxisName = Literal["dp", "fsdp", "ep", "tp", "pp", "cp"]
 AxisList = Annotated[list[AxisName], Field(max_length=6)]
 
-# Parameter groups that tensor parallelism splits by columns (outputs) or rows (inputs).
-TpGroup = Literal["attention.qkv", "attention.out", "mlp.up", "mlp.down", "experts.up", "experts.down", "embed", "head"]
+# Parameter groups that tensor parallelism splits by columns (outputs) or rows (inputs): the layer kinds'
+# (moec/layers/<kind>/__init__.py) and the model's embedding and head, as moec.layers.TP_GROUPS lists them.
+TpGroup = Literal[tuple(TP_GROUPS)]
 
 
 class Mesh(Base):
@@ -36,10 +38,10 @@ class TensorParallel(Base):
 
     axis: AxisName
     column: list[TpGroup] = Field(
-        default_factory=lambda: ["attention.qkv", "mlp.up", "experts.up"], description="Split along output features."
+        default_factory=lambda: default_split("column"), description="Split along output features."
     )
     row: list[TpGroup] = Field(
-        default_factory=lambda: ["attention.out", "mlp.down", "experts.down"], description="Split along input features."
+        default_factory=lambda: default_split("row"), description="Split along input features."
     )
     sequence_parallel: bool = Field(
         False, description="Megatron-SP: between the split groups each rank holds S / tp positions (norms, residuals); "

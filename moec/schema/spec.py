@@ -7,8 +7,9 @@ from typing import Annotated, Literal
 from pydantic import Field, PrivateAttr, field_validator
 from pydantic_core import PydanticCustomError
 
+from moec.layers import LAYER_KINDS
 from moec.schema.base import Base
-from moec.schema.model import GATED_ACTIVATIONS, Model
+from moec.schema.model import Model
 from moec.schema.parallel import Mesh, Sharding
 from moec.schema.schedule import Schedule
 from moec.schema.train import Train
@@ -77,51 +78,7 @@ def resolve(spec: Spec) -> Spec:
 
 def _resolve_layer(layer: dict, d_model: int) -> None:
     layer["name"] = layer["name"] or layer["kind"]
-    if layer["kind"] == "attention":
-        layer["kv_heads"] = layer["kv_heads"] or layer["heads"]
-        layer["head_dim"] = layer["head_dim"] or max(1, d_model // layer["heads"])
-    elif layer["kind"] == "mlp":
-        layer["hidden"] = layer["hidden"] or _default_hidden(d_model, layer["activation"])
-    elif layer["kind"] == "moe":
-        _resolve_moe(layer, d_model)
-    elif layer["kind"] == "spectral_moe":
-        # Spectral experts see the real view of complex tokens: 2 * d_model channels.
-        _resolve_moe(layer["moe"], 2 * d_model)
-
-
-def _resolve_moe(moe: dict, width: int) -> None:
-    expert = moe["expert"]
-    expert["hidden"] = expert["hidden"] or _default_hidden(width, expert["activation"])
-    if expert["activation"] == "clamped_swiglu":  # GPT-OSS's values
-        expert["swiglu_limit"] = expert["swiglu_limit"] or 7.0
-        expert["swiglu_alpha"] = expert["swiglu_alpha"] or 1.702
-    router = moe["router"]
-    if router["kind"] == "sinkhorn" and router["sinkhorn"] is None:
-        router["sinkhorn"] = {"iters": 5, "tau": 0.7}
-    if router["kind"] == "sigmoid_bias" and router["bias_update_rate"] is None:
-        router["bias_update_rate"] = 1e-3
-    capacity = moe["capacity"]
-    if router["kind"] == "expert_choice":  # see MoeConfig: capacity-based, balanced by construction
-        capacity["mode"] = "capacity"
-        capacity["factor"] = capacity["factor"] or (1.0 if capacity["tokens"] is None else None)
-        router["normalize"] = False
-        moe["aux"]["load_balance"] = 0.0
-    if router["kind"] == "token_id":  # see MoeConfig: a fixed expert per token id, weight 1, nothing to balance
-        router["normalize"] = False
-        moe["aux"]["load_balance"] = 0.0
-    if capacity["mode"] == "capacity":
-        capacity["factor"] = capacity["factor"] or (1.25 if capacity["tokens"] is None else None)
-        capacity["drop_policy"] = capacity["drop_policy"] or "zero"
-    shared = moe["shared_experts"]
-    if shared is not None and shared["hidden"] is None:
-        shared["hidden"] = expert["hidden"]
-
-
-def _default_hidden(width: int, activation: str) -> int:
-    # Gated FFNs keep the parameter count of a 4x FFN: 2/3 * 4 * width, rounded up to 8.
-    if activation in GATED_ACTIVATIONS:
-        return -(-(8 * width // 3) // 8) * 8
-    return 4 * width
+    LAYER_KINDS[layer["kind"]].resolve(layer, d_model)
 
 
 def path_safe(name: str, fallback: str = "run") -> str:
