@@ -127,8 +127,8 @@ def test_a_model_without_a_decode_path_is_served_one_request_at_a_time():
         request = Request([1, 2, 3], 3, Sampling(temperature=0), 0, asyncio.get_running_loop())
         engine.submit(request)
         tokens = []
-        while (token := await request.output.get()) is not DONE:
-            tokens.append(token)
+        while (item := await request.output.get()) is not DONE:
+            tokens.append(item.token)
         return tokens
 
     try:
