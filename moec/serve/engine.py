@@ -179,9 +179,9 @@ class Engine:
 
     def _finish(self, row: int, request: Request, reason: str) -> None:
         request.finish_reason = reason
-        request.emit(DONE)
-        self.rows[row] = None
+        self.rows[row] = None  # before DONE: whoever reads DONE sees the row free
         self.counts["completed"] += 1
+        request.emit(DONE)
 
     def _recompute_one(self) -> None:
         """No decode path (spectral MoE, Sinkhorn routers): the whole request, one forward over the window per token.

@@ -35,21 +35,21 @@ class OpenAI:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}", "model",
                            "model_not_found")
 
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         """A prompt's token ids, checked against the vocabulary and the window (400 naming the problem)."""
         try:
             ids = self.codec.encode(prompt) if isinstance(prompt, str) else prompt
         except ValueError as err:
-            raise APIError(400, str(err), "prompt", "invalid_prompt") from None
+            raise APIError(400, str(err), param, "invalid_prompt") from None
         if any(token >= self.vocab for token in ids):
             bad = next(token for token in ids if token >= self.vocab)
             raise APIError(400, f"token id {bad} is outside the model's vocabulary (model.inputs.vocab is {self.vocab})",
-                           "prompt", "invalid_token")
+                           param, "invalid_token")
         if not ids:
-            raise APIError(400, "the prompt is empty", "prompt", "invalid_prompt")
+            raise APIError(400, "the prompt is empty", param, "invalid_prompt")
         if len(ids) > self.window:
             raise APIError(400, f"the prompt has {len(ids)} tokens; the model's window (model.max_seq_len) is {self.window}",
-                           "prompt", "context_length_exceeded")
+                           param, "context_length_exceeded")
         return ids
 
     def jobs(self, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None = None,
@@ -59,6 +59,9 @@ class OpenAI:
             sampling = Sampling(body.temperature, body.top_k, body.top_p)
         except ValueError as err:
             raise APIError(400, str(err), None, "invalid_value") from None
+        if len(prompts) * body.n > self.engine.queue_limit:
+            raise APIError(400, f"this request needs {len(prompts) * body.n} generations (prompts x n); the server queues "
+                           f"at most {self.engine.queue_limit} (--queue)", "n", "too_many_choices")
         seed = body.seed if body.seed is not None else random.randrange(2**62)
         return [Job(p * body.n + i, ids, self.window - len(ids) if max_tokens is None else max_tokens, sampling, seed + i,
                     tuple(body.stops()), logprobs, echoes[p] if echoes else None)
@@ -86,7 +89,7 @@ class OpenAI:
             text = render_chat(messages, self.codec.chat_template, self.codec.special)
         except ValueError as err:
             raise APIError(400, str(err), "messages", "invalid_messages") from None
-        return self.prompt_ids(text)
+        return self.prompt_ids(text, "messages")
 
 
 def openai_router(api: OpenAI) -> APIRouter:

@@ -50,7 +50,10 @@ class Request:
     error: str | None = None  # set when the engine failed on this request (then DONE follows)
 
     def emit(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.output.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.output.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: it is gone, nothing to tell it
+            pass
 
 
 def scores(logits: torch.Tensor, tokens: list[int], top: int) -> list[Sampled]:

@@ -2,48 +2,17 @@
 
 import asyncio
 import json
-import socket
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 import moec
 from moec.cli.main import app as cli
-from moec.serve.codec import codec_for
 from moec.serve.engine import Engine
 from moec.serve.generate import Generator
-from moec.serve.server import create_app
-
-
-@contextmanager
-def running_server(run_dir, **engine_options):
-    model, spec = moec.load_trained(run_dir)
-    engine = Engine(Generator(model, spec, compile=False), **engine_options)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, codec_for(spec), spec, model.checkpoint), log_level="warning"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        engine.stop()
-
-
-@pytest.fixture(scope="module")
-def server(trained_run):
-    with running_server(trained_run[0], slots=4, queue_limit=32, prefix_cache_tokens=256) as url:
-        yield url
+from tests.serve.helpers import running_server
 
 
 def test_health(server):
@@ -100,15 +69,22 @@ def test_prefix_cache_hits_are_counted(server):
     assert after["hits"] == before["hits"] + 1 and after["hit_tokens"] == before["hit_tokens"] + len("import os\nimport sys\n")
 
 
-def test_a_full_queue_answers_503(trained_run):
+def test_a_full_queue_answers_503_on_both_routes(trained_run):
+    """One slot and one waiting place: of 12 requests at once, the two that fit are served; /v1 answers in OpenAI's shape."""
+    routes = [("/generate", {"prompt": "a", "max_new_tokens": 60})] * 6 + [
+        ("/v1/completions", {"model": "quick", "prompt": "a", "max_tokens": 60})] * 6
     with running_server(trained_run[0], slots=1, queue_limit=1) as url:
         async def everyone():
             async with httpx.AsyncClient(timeout=60) as http:
-                return await asyncio.gather(*(http.post(f"{url}/generate", json={"prompt": "a", "max_new_tokens": 60})
-                                              for _ in range(6)))
+                return await asyncio.gather(*(http.post(f"{url}{route}", json=body) for route, body in routes))
 
-        codes = [reply.status_code for reply in asyncio.run(everyone())]
-        assert codes.count(503) >= 1 and codes.count(200) >= 2 and codes.count(200) + codes.count(503) == 6
+        replies = asyncio.run(everyone())
+        codes = [reply.status_code for reply in replies]
+        assert codes.count(200) >= 2 and codes.count(200) + codes.count(503) == 12
+        assert codes[:6].count(503) >= 1 and codes[6:].count(503) >= 1
+        assert all(r.json()["error"]["code"] == "queue_full" for r in replies[6:] if r.status_code == 503)
+        group = httpx.post(f"{url}/v1/completions", json={"model": "quick", "prompt": ["a", "b"], "max_tokens": 1}, timeout=10)
+        assert group.status_code == 400 and "at most 1 (--queue)" in group.json()["error"]["message"]
         stats = httpx.get(f"{url}/stats", timeout=10).json()
         assert stats["rejected"] == codes.count(503)
 
