@@ -74,6 +74,8 @@ class StopText:
 
     def feed(self, text: str) -> tuple[str, bool]:
         """(the text that is safe to show, whether a stop string was reached: the text ends before it)."""
+        if not self.stops:
+            return text, False
         self.held += text
         found = [at for at in (self.held.find(stop) for stop in self.stops) if at >= 0]
         if found:
@@ -139,6 +141,10 @@ def _echo(job: Job, request: Request, codec, scorer: Scorer) -> Event:
 
 async def merged(streams: list[AsyncIterator[Event]]) -> AsyncIterator[Event]:
     """The events of every stream in the order they are produced (an error in one is raised here)."""
+    if len(streams) == 1:  # one prompt, one choice: no task and queue between the engine's output and the answer
+        async for event in streams[0]:
+            yield event
+        return
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
 

@@ -36,20 +36,15 @@ class OpenAI:
                            "model_not_found")
 
     def prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
-        """A prompt's token ids, checked against the vocabulary and the window (400 naming the problem)."""
+        """A prompt's token ids, checked as every route checks them (:meth:`Generator.check_prompt`): a 400 naming
+        the problem (an empty prompt, an id past the vocabulary, more tokens than the window)."""
+        ids: list[int] = []
         try:
             ids = self.codec.encode(prompt) if isinstance(prompt, str) else prompt
+            self.engine.generator.check_prompt(ids)
         except ValueError as err:
-            raise APIError(400, str(err), param, "invalid_prompt") from None
-        if any(token >= self.vocab for token in ids):
-            bad = next(token for token in ids if token >= self.vocab)
-            raise APIError(400, f"token id {bad} is outside the model's vocabulary (model.inputs.vocab is {self.vocab})",
-                           param, "invalid_token")
-        if not ids:
-            raise APIError(400, "the prompt is empty", param, "invalid_prompt")
-        if len(ids) > self.window:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; the model's window (model.max_seq_len) is {self.window}",
-                           param, "context_length_exceeded")
+            code = "context_length_exceeded" if len(ids) > self.window else "invalid_prompt"
+            raise APIError(400, str(err), param, code) from None
         return ids
 
     def jobs(self, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None = None,

@@ -69,24 +69,42 @@ def test_prefix_cache_hits_are_counted(server):
     assert after["hits"] == before["hits"] + 1 and after["hit_tokens"] == before["hit_tokens"] + len("import os\nimport sys\n")
 
 
-def test_a_full_queue_answers_503_on_both_routes(trained_run):
-    """One slot and one waiting place: of 12 requests at once, the two that fit are served; /v1 answers in OpenAI's shape."""
-    routes = [("/generate", {"prompt": "a", "max_new_tokens": 60})] * 6 + [
-        ("/v1/completions", {"model": "quick", "prompt": "a", "max_tokens": 60})] * 6
+def test_a_full_queue_answers_503(trained_run):
     with running_server(trained_run[0], slots=1, queue_limit=1) as url:
         async def everyone():
             async with httpx.AsyncClient(timeout=60) as http:
-                return await asyncio.gather(*(http.post(f"{url}{route}", json=body) for route, body in routes))
+                return await asyncio.gather(*(http.post(f"{url}/generate", json={"prompt": "a", "max_new_tokens": 60})
+                                              for _ in range(6)))
 
-        replies = asyncio.run(everyone())
-        codes = [reply.status_code for reply in replies]
-        assert codes.count(200) >= 2 and codes.count(200) + codes.count(503) == 12
-        assert codes[:6].count(503) >= 1 and codes[6:].count(503) >= 1
-        assert all(r.json()["error"]["code"] == "queue_full" for r in replies[6:] if r.status_code == 503)
-        group = httpx.post(f"{url}/v1/completions", json={"model": "quick", "prompt": ["a", "b"], "max_tokens": 1}, timeout=10)
-        assert group.status_code == 400 and "at most 1 (--queue)" in group.json()["error"]["message"]
+        codes = [reply.status_code for reply in asyncio.run(everyone())]
+        assert codes.count(503) >= 1 and codes.count(200) >= 2 and codes.count(200) + codes.count(503) == 6
         stats = httpx.get(f"{url}/stats", timeout=10).json()
         assert stats["rejected"] == codes.count(503)
+
+
+def test_the_openai_routes_answer_a_full_queue_with_503_in_their_shape(trained_model):
+    """An engine whose thread is stopped never drains its queue: one waiting request fills a queue of one."""
+    from fastapi.testclient import TestClient
+
+    from moec.serve.codec import BytesCodec
+    from moec.serve.engine import Request
+    from moec.serve.sampling import Sampling
+    from moec.serve.server import create_app
+
+    model, spec = trained_model
+    engine = Engine(Generator(model, spec, compile=False), slots=1, queue_limit=1)
+    engine.stop()
+    engine.submit(Request([1], 1, Sampling(), 0, asyncio.new_event_loop()))
+    client = TestClient(create_app(engine, BytesCodec(), spec))
+    full = client.post("/v1/completions", json={"model": "quick", "prompt": "a"})
+    assert full.status_code == 503 and full.json() == {"error": {
+        "message": "the queue is full (1 waiting requests); retry later", "type": "server_error", "param": None,
+        "code": "queue_full"}}
+    assert client.post("/generate", json={"prompt": "a"}).status_code == 503
+    group = client.post("/v1/chat/completions", json={"model": "quick", "messages": [{"role": "user", "content": "a"}], "n": 2})
+    assert group.status_code == 400 and group.json()["error"]["message"] == (
+        "this request needs 2 generations (prompts x n); the server queues at most 1 (--queue)")
+    assert engine.stats()["rejected"] == 2
 
 
 def test_a_model_without_a_decode_path_is_served_one_request_at_a_time():
