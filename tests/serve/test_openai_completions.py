@@ -5,6 +5,9 @@ equals ``moec generate --temperature 0``, choice i of a seeded request equals th
 seed + i, and streamed text equals the whole answer.
 """
 
+import time
+
+import httpx
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -107,3 +110,15 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_alone(client, trained_model
     assert (torch.tensor(first.logprobs.token_logprobs[1:]) - truth).abs().max().item() < 1e-5
     assert second.logprobs.token_logprobs[1:] == pytest.approx(first.logprobs.token_logprobs[1:4], abs=1e-5)
     assert first.logprobs.top_logprobs[1] == {"h": first.logprobs.token_logprobs[1]}  # logprobs 0: the token's own
+
+
+def test_a_client_that_goes_away_cancels_its_request(server):
+    before = httpx.get(f"{server}/stats", timeout=10).json()
+    body = {"model": BYTE_MODEL, "prompt": "x", "max_tokens": 63, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as reply:
+        assert next(reply.iter_lines()).startswith("data: {")  # the first token's chunk; then the client hangs up
+    deadline = time.time() + 10
+    while (after := httpx.get(f"{server}/stats", timeout=10).json())["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert after["active"] == 0 and after["completed"] == before["completed"] + 1
+    assert after["tokens"] - before["tokens"] < 63  # dropped before its last token
