@@ -136,3 +136,7 @@ def test_a_model_without_a_decode_path_is_served_one_request_at_a_time():
 def test_serve_without_a_run_is_one_line(tmp_path):
     out = CliRunner().invoke(cli, ["serve", str(tmp_path / "nope")])
     assert out.exit_code == 1 and out.stderr.strip() == f"error: {tmp_path / 'nope'}: no such run or checkpoint directory"
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(open("specs/token_routed_tiny.yaml").read())
+    out = CliRunner().invoke(cli, ["serve", str(spec)])
+    assert out.exit_code == 1 and out.stderr.strip() == f"error: {spec}: no weights beside the spec ({tmp_path / 'tiny.safetensors'})"
