@@ -14,9 +14,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from moec.serve.engine import DONE, Engine, QueueFull, Request
+from moec.serve.engine import Engine
 from moec.serve.openai_errors import APIError
-from moec.serve.request import Sampled
+from moec.serve.request import DONE, QueueFull, Request, Sampled
 from moec.serve.sampling import Sampling
 
 FINISH = {"length": "length", "window": "length", "stop": "stop", "cancelled": "stop"}

@@ -25,8 +25,6 @@ from moec.serve.prefix_cache import PrefixCache
 from moec.serve.request import DONE, QueueFull, Request, Sampled, prompt_scores, scores
 from moec.serve.sampling import next_tokens
 
-__all__ = ["DONE", "Engine", "QueueFull", "Request", "Sampled"]
-
 
 class Engine:
     def __init__(self, generator: Generator, slots: int = 8, queue_limit: int = 64, prefix_cache_tokens: int = 8192):

@@ -18,9 +18,10 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from moec.serve.engine import DONE, Engine, QueueFull, Request
+from moec.serve.engine import Engine
 from moec.serve.openai_api import OpenAI, openai_router
 from moec.serve.openai_errors import install_error_handlers
+from moec.serve.request import DONE, QueueFull, Request
 from moec.serve.sampling import Sampling
 
 MAX_NEW_TOKENS = 4096

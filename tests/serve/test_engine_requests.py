@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import moec
-from moec.serve.engine import DONE, Engine, Request
+from moec.serve.engine import Engine
 from moec.serve.generate import Generator
+from moec.serve.request import DONE, Request
 from moec.serve.sampling import Sampling
 from tests.passes.helpers import MOE, spec_with
 

@@ -87,7 +87,7 @@ def test_the_openai_routes_answer_a_full_queue_with_503_in_their_shape(trained_m
     from fastapi.testclient import TestClient
 
     from moec.serve.codec import BytesCodec
-    from moec.serve.engine import Request
+    from moec.serve.request import Request
     from moec.serve.sampling import Sampling
     from moec.serve.server import create_app
 
@@ -108,7 +108,7 @@ def test_the_openai_routes_answer_a_full_queue_with_503_in_their_shape(trained_m
 
 
 def test_a_model_without_a_decode_path_is_served_one_request_at_a_time():
-    from moec.serve.engine import DONE, Request
+    from moec.serve.request import DONE, Request
     from moec.serve.sampling import Sampling
     from tests.passes.helpers import MOE, spec_with
 
