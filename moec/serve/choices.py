@@ -108,11 +108,11 @@ class Scorer:
 async def events(job: Job, request: Request, codec) -> AsyncIterator[Event]:
     scorer, stop, decode = Scorer(codec, job.logprobs), StopText(job.stops), codec.decoder()
     item = await request.output.get()
+    if item is DONE and request.error:  # the prefill failed: there is no prompt to score either
+        raise APIError(500, f"generation failed: {request.error}", None, "engine_error")
     if job.echo is not None:
         yield _echo(job, request, codec, scorer)
-    generated = 0
     while item is not DONE:
-        generated += 1
         piece = decode(item.token)
         shown, stopped = stop.feed(piece)
         yield Event(job.index, shown, scorer(item, piece), 1)
