@@ -11,14 +11,15 @@ import typer
 SOURCE_HELP = "A run directory (its newest checkpoint that verifies) or one checkpoint directory."
 
 
-def _load(source: Path):
+def _load(source: Path, served: bool = False):
+    """(model, spec), or with ``served`` (model, spec, codec) of a run, a checkpoint or an imported spec file."""
     from moec.checkpoint.dcp import CheckpointError
     from moec.schema import SpecError
-    from moec.serve.load import load_trained
+    from moec.serve.load import load_served, load_trained
 
     try:
-        return load_trained(source)
-    except (CheckpointError, SpecError) as err:
+        return load_served(source) if served else load_trained(source)
+    except (CheckpointError, SpecError, ValueError) as err:  # ValueError: an imported spec's damaged weights file
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
 
@@ -116,7 +117,8 @@ def evaluate(
 
 
 def serve(
-    source: Path = typer.Argument(..., help=SOURCE_HELP, show_default=False),
+    source: Path = typer.Argument(..., help=SOURCE_HELP + " Or the spec file of moec import hf (weights and tokenizer "
+                                  "beside it).", show_default=False),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default; 0.0.0.0 exposes it)."),
     port: int = typer.Option(8080, "--port", min=0, max=65535),
     slots: int = typer.Option(8, "--slots", min=1, help="Requests decoded together in one batched step."),
@@ -124,7 +126,8 @@ def serve(
     prefix_cache_tokens: int = typer.Option(8192, "--prefix-cache-tokens", min=0, help="Prompt tokens whose KV the LRU prefix cache keeps."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Run the decode path eagerly (no torch.compile)."),
 ) -> None:
-    """Serve generation over HTTP: POST /generate (SSE with stream: true), GET /health, GET /stats."""
+    """Serve generation over HTTP: the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models), POST /generate,
+    GET /health, GET /stats."""
     try:
         import uvicorn
 
@@ -132,11 +135,10 @@ def serve(
     except ImportError as err:
         typer.echo(f"error: moec serve needs the [serve] extra (pip install 'moec[serve]'): {err}", err=True)
         raise typer.Exit(1) from None
-    from moec.serve.codec import codec_for
     from moec.serve.engine import Engine
     from moec.serve.generate import Generator
 
-    model, spec = _load(source)
+    model, spec, codec = _load(source, served=True)
     if spec.model.inputs.kind != "tokens":
         typer.echo(f"error: {spec.name} takes continuous inputs: moec serve serves token models (roll it out with "
                    "moec generate --steps)", err=True)
@@ -147,6 +149,6 @@ def serve(
                    "recomputing the window per token", err=True)
     engine = Engine(generator, slots=slots, queue_limit=queue, prefix_cache_tokens=prefix_cache_tokens)
     try:
-        uvicorn.run(create_app(engine, codec_for(spec), spec, model.checkpoint), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(engine, codec, spec, model.checkpoint), host=host, port=port, log_level="warning")
     finally:
         engine.stop()

@@ -5,49 +5,25 @@ Requests wait in a bounded queue (:class:`QueueFull` when it is full: HTTP 503).
 (reusing a cached prompt prefix, :mod:`moec.serve.prefix_cache`) and its keys and values are
 copied into a free row; then every step runs ``decode_step`` once for all rows, each at its
 own position, and samples each row with its request's own seeded generator (so a request's
-text does not depend on what else is running). A request ends after ``max_new_tokens`` or
-when its row reaches the model's window. Models without a decode path are served one request
-at a time, recomputing the window per token.
+text does not depend on what else is running). A request ends after ``max_new_tokens``, on
+one of its stop tokens, when its row reaches the model's window, or when its caller cancels
+it. Models without a decode path are served one request at a time, recomputing the window
+per token. Log-probabilities, where a request asks for them, come from the same logits that
+sample (:mod:`moec.serve.request`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 
 from moec.serve.generate import Generator
 from moec.serve.prefix_cache import PrefixCache
-from moec.serve.sampling import Sampling, next_tokens
-
-DONE = None  # the last item of a request's output queue
-
-
-class QueueFull(RuntimeError):
-    pass
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    max_new_tokens: int
-    sampling: Sampling
-    seed: int
-    loop: asyncio.AbstractEventLoop
-    output: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then DONE
-    generated: int = 0
-    last: int = 0  # the newest token, the input of the next step
-    position: int = 0  # where ``last`` sits in the sequence
-    generator: torch.Generator | None = None
-    finish_reason: str = "length"
-    error: str | None = None  # set when the engine failed on this request (then DONE follows)
-
-    def emit(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.output.put_nowait, item)
+from moec.serve.request import DONE, QueueFull, Request, Sampled, prompt_scores, scores
+from moec.serve.sampling import next_tokens
 
 
 class Engine:
@@ -65,13 +41,14 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="moec-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, request: Request) -> None:
+    def submit(self, *requests: Request) -> None:
+        """Queue every request, or none of them (:class:`QueueFull`) when they do not all fit."""
         with self.lock:
-            if len(self.pending) >= self.queue_limit:
+            if len(self.pending) + len(requests) > self.queue_limit:
                 self.counts["rejected"] += 1
                 raise QueueFull(f"the queue is full ({self.queue_limit} waiting requests); retry later")
-            self.counts["requests"] += 1
-            self.pending.append(request)
+            self.counts["requests"] += len(requests)
+            self.pending.extend(requests)
         self.wake.set()
 
     def stop(self) -> None:
@@ -105,8 +82,8 @@ class Engine:
     def _fail_active(self, message: str) -> None:
         for row, request in enumerate(self.rows):
             if request is not None:
-                request.error, request.finish_reason = message, "error"
-                self._finish(row, request)
+                request.error = message
+                self._finish(row, request, "error")
 
     def _admit(self) -> bool:
         admitted = False
@@ -119,20 +96,26 @@ class Engine:
                 request = self.pending.popleft()
             request.generator = torch.Generator().manual_seed(request.seed)
             self.rows[row] = request
-            if self.generator.cached:
+            admitted = True
+            if request.cancelled:
+                self._finish(row, request, "cancelled")
+            elif self.generator.cached:
                 started = time.perf_counter()
                 try:
                     self._prefill(row, request)
                 except Exception as err:  # noqa: BLE001 - this request fails; the others go on
-                    request.error, request.finish_reason = f"{type(err).__name__}: {err}", "error"
-                    self._finish(row, request)
+                    request.error = f"{type(err).__name__}: {err}"
+                    self._finish(row, request, "error")
                 self.busy_s += time.perf_counter() - started
-            admitted = True
         return admitted
 
     def _prefill(self, row: int, request: Request) -> None:
-        """The prompt's KV into ``row`` (its cached prefix copied, the rest computed); the first token sampled."""
-        known, entry = self.prefix.lookup(request.prompt)
+        """The prompt's KV into ``row`` (its cached prefix copied, the rest computed); the first token sampled.
+
+        A request for the prompt's log-probabilities prefills the whole prompt: the prefix cache
+        keeps the logits after a prompt's last token only.
+        """
+        known, entry = (0, None) if request.echo_logprobs else self.prefix.lookup(request.prompt)
         own = self.model.new_cache(1, self.window)
         if entry is not None:
             for (k, v), (ck, cv) in zip(own, entry.kv):
@@ -141,15 +124,21 @@ class Engine:
         if logits is None:
             device = next(self.model.parameters()).device
             rest = torch.tensor([request.prompt[known:]], dtype=torch.long, device=device)
-            logits = self.model.prefill(rest, own, start=known)[:, -1]
+            every = self.model.prefill(rest, own, start=known)[0]  # [S - known, V]
+            if request.echo_logprobs:
+                request.prompt_scores = prompt_scores(every, request.prompt, request.logprobs or 0)
+            logits = every[-1:]
             self.prefix.store(request.prompt, own, logits)
         for (k, v), (ok, ov) in zip(self.cache, own):
             k[row], v[row] = ok[0], ov[0]
         request.position = len(request.prompt)
-        self._emit(row, request, next_tokens(logits, request.sampling, request.generator)[0])
+        self._sample(row, request, logits)
 
     def _step(self) -> None:
         """One decode step for every row; idle rows decode a dummy token at position 0 (overwritten on admission)."""
+        for row, request in enumerate(self.rows):
+            if request is not None and request.cancelled:
+                self._finish(row, request, "cancelled")
         active = [(row, r) for row, r in enumerate(self.rows) if r is not None]
         if not active:
             return
@@ -163,28 +152,48 @@ class Engine:
         self.counts["max_batch"] = max(self.counts["max_batch"], len(active))
         for row, request in active:
             request.position += 1
-            self._emit(row, request, next_tokens(logits[row:row + 1], request.sampling, request.generator)[0])
+            self._sample(row, request, logits[row:row + 1])
 
-    def _emit(self, row: int, request: Request, token: torch.Tensor) -> None:
-        request.last = int(token)
+    def _sample(self, row: int, request: Request, logits: torch.Tensor) -> bool:
+        """Choose the next token from [1, V] logits and send it; False when the request has ended."""
+        if request.generated >= request.max_new_tokens:  # max_tokens 0: the prompt alone
+            self._finish(row, request, "length")
+            return False
+        token = int(next_tokens(logits, request.sampling, request.generator)[0])
+        if token in request.stop_tokens:
+            self._finish(row, request, "stop")
+            return False
+        request.last = token
         request.generated += 1
         self.counts["tokens"] += 1
-        request.emit(request.last)
-        if request.generated >= request.max_new_tokens or request.position >= self.window:
-            request.finish_reason = "length" if request.generated >= request.max_new_tokens else "window"
-            self._finish(row, request)
+        request.emit(scores(logits, [token], request.logprobs)[0] if request.logprobs is not None else Sampled(token))
+        if request.generated >= request.max_new_tokens:
+            self._finish(row, request, "length")
+            return False
+        if self.generator.cached and request.position >= self.window:
+            self._finish(row, request, "window")
+            return False
+        return True
 
-    def _finish(self, row: int, request: Request) -> None:
-        request.emit(DONE)
-        self.rows[row] = None
+    def _finish(self, row: int, request: Request, reason: str) -> None:
+        request.finish_reason = reason
+        self.rows[row] = None  # before DONE: whoever reads DONE sees the row free
         self.counts["completed"] += 1
+        request.emit(DONE)
 
     def _recompute_one(self) -> None:
-        """No decode path (spectral MoE, Sinkhorn routers): the whole request, one token per full window."""
+        """No decode path (spectral MoE, Sinkhorn routers): the whole request, one forward over the window per token.
+
+        The same arithmetic as :meth:`Generator.stream` without a cache, so the same seed gives the same text.
+        """
         request = self.rows[0]
-        stream = self.generator.stream(request.prompt, request.max_new_tokens, request.sampling, request.seed)
-        for token in stream:
-            request.generated += 1
-            self.counts["tokens"] += 1
-            request.emit(token)
-        self._finish(0, request)
+        device = next(self.model.parameters()).device
+        tokens = torch.tensor([request.prompt], dtype=torch.long, device=device)
+        every = self.model(tokens[:, -self.window:]).output[0]
+        if request.echo_logprobs:
+            request.prompt_scores = prompt_scores(every, request.prompt, request.logprobs or 0)
+        while not request.cancelled and self._sample(0, request, every[-1:]):
+            tokens = torch.cat([tokens, torch.tensor([[request.last]], device=device)], 1)
+            every = self.model(tokens[:, -self.window:]).output[0]
+        if request.cancelled and self.rows[0] is request:
+            self._finish(0, request, "cancelled")

@@ -40,8 +40,13 @@ class Generator:
             model.compile_decode(fullgraph=True, backend=backend)
 
     def check_prompt(self, prompt: list[int]) -> None:
+        """A ValueError naming the problem: an empty prompt, an id past the vocabulary, a prompt longer than the window."""
         if not prompt:
             raise ValueError("the prompt is empty")
+        vocab = self.spec.model.inputs.vocab
+        if any(not 0 <= token < vocab for token in prompt):
+            bad = next(token for token in prompt if not 0 <= token < vocab)
+            raise ValueError(f"token id {bad} is outside the model's vocabulary (model.inputs.vocab is {vocab})")
         if len(prompt) > self.window:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the model's window (model.max_seq_len) is {self.window}")
 

@@ -2,7 +2,8 @@
 
 Users never touch the DCP layout: the spec comes from the checkpoint's meta.json (the
 resolved spec the run trained), the program is compiled from it, and the weights are read
-with the same verified loader the trainer resumes with.
+with the same verified loader the trainer resumes with. ``load_served`` also takes the spec
+file of ``moec import hf``, with its weights and tokenizer beside it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import yaml
 
 from moec.checkpoint import dcp as ckpt
 from moec.compile import build_model
-from moec.schema import load_spec_text
+from moec.schema import load_spec, load_spec_text
 
 
 def find_checkpoint(path: Path) -> ckpt.CheckpointInfo:
@@ -48,3 +49,23 @@ def load_trained(path, device="cpu"):
     ckpt.load_model_state(info.path, model)
     model.checkpoint = info
     return model.eval(), spec
+
+
+def load_served(path):
+    """``(model, spec, codec)`` for ``moec serve``: a run or checkpoint (with its data's codec), or a spec file
+    with its weights beside it (``<stem>.safetensors`` or ``.safetensors.index.json``) and, when ``moec import hf``
+    copied one, its tokenizer (``<stem>.tokenizer/tokenizer.json``, whose chat template the chat route renders)."""
+    from moec.serve.codec import TokenizerCodec, codec_for
+
+    path = Path(path)
+    if not path.is_file():
+        model, spec = load_trained(path)
+        return model, spec, codec_for(spec)
+    spec = load_spec(path)
+    found = [p for p in (path.with_suffix(".safetensors"), path.with_suffix(".safetensors.index.json")) if p.exists()]
+    if not found:
+        raise ckpt.CheckpointError(f"{path}: no weights beside the spec ({path.with_suffix('.safetensors')})")
+    model = build_model(spec, weights=found[0]).eval()
+    model.checkpoint = None
+    tokenizer = path.with_name(path.stem + ".tokenizer") / "tokenizer.json"
+    return model, spec, TokenizerCodec(str(tokenizer)) if tokenizer.is_file() else codec_for(spec)

@@ -5,7 +5,8 @@ an out-of-range number: 422 with pydantic's message) and answers with the whole 
 with server-sent events (``stream: true``): one ``data: {"text": ..., "token": ...}`` per
 token, then ``data: {"done": true, ...}``. A prompt longer than the model's window is a 400,
 a full queue a 503. ``GET /health`` and ``GET /stats`` (requests, tokens/s, prefix-cache hits,
-queue depth) answer at once.
+queue depth) answer at once. The OpenAI-compatible routes (``/v1/completions``,
+``/v1/chat/completions``, ``/v1/models``, ``/tokenize``, ...) are in :mod:`moec.serve.openai_api`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from moec.serve.engine import DONE, Engine, QueueFull, Request
+from moec.serve.engine import Engine
+from moec.serve.openai_api import OpenAI, openai_router
+from moec.serve.openai_errors import install_error_handlers
+from moec.serve.request import DONE, QueueFull, Request
 from moec.serve.sampling import Sampling
 
 MAX_NEW_TOKENS = 4096
@@ -37,6 +41,8 @@ class GenerateRequest(BaseModel):
 
 def create_app(engine: Engine, codec, spec, checkpoint=None) -> FastAPI:
     app = FastAPI(title=f"moec serve {spec.name}")
+    install_error_handlers(app)
+    app.include_router(openai_router(OpenAI(engine, codec, spec.name, spec.model.inputs.vocab, int(engine.started))))
 
     @app.get("/health")
     def health() -> dict:
@@ -63,9 +69,9 @@ def create_app(engine: Engine, codec, spec, checkpoint=None) -> FastAPI:
         if body.stream:
             return StreamingResponse(_events(request, decode), media_type="text/event-stream")
         tokens, text = [], []
-        while (token := await request.output.get()) is not DONE:
-            tokens.append(token)
-            text.append(decode(token))
+        while (item := await request.output.get()) is not DONE:
+            tokens.append(item.token)
+            text.append(decode(item.token))
         if request.error:
             raise HTTPException(500, f"generation failed: {request.error}")
         return {"text": "".join(text), "tokens": tokens, "finish_reason": request.finish_reason}
@@ -75,8 +81,8 @@ def create_app(engine: Engine, codec, spec, checkpoint=None) -> FastAPI:
 
 async def _events(request: Request, decode):
     count = 0
-    while (token := await request.output.get()) is not DONE:
+    while (item := await request.output.get()) is not DONE:
         count += 1
-        yield f"data: {json.dumps({'text': decode(token), 'token': token})}\n\n"
+        yield f"data: {json.dumps({'text': decode(item.token), 'token': item.token})}\n\n"
     last = {"done": True, "tokens": count, "finish_reason": request.finish_reason} | ({"error": request.error} if request.error else {})
     yield f"data: {json.dumps(last)}\n\n"

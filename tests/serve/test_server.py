@@ -2,48 +2,17 @@
 
 import asyncio
 import json
-import socket
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 import moec
 from moec.cli.main import app as cli
-from moec.serve.codec import codec_for
 from moec.serve.engine import Engine
 from moec.serve.generate import Generator
-from moec.serve.server import create_app
-
-
-@contextmanager
-def running_server(run_dir, **engine_options):
-    model, spec = moec.load_trained(run_dir)
-    engine = Engine(Generator(model, spec, compile=False), **engine_options)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, codec_for(spec), spec, model.checkpoint), log_level="warning"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        engine.stop()
-
-
-@pytest.fixture(scope="module")
-def server(trained_run):
-    with running_server(trained_run[0], slots=4, queue_limit=32, prefix_cache_tokens=256) as url:
-        yield url
+from tests.serve.helpers import running_server
 
 
 def test_health(server):
@@ -113,8 +82,33 @@ def test_a_full_queue_answers_503(trained_run):
         assert stats["rejected"] == codes.count(503)
 
 
+def test_the_openai_routes_answer_a_full_queue_with_503_in_their_shape(trained_model):
+    """An engine whose thread is stopped never drains its queue: one waiting request fills a queue of one."""
+    from fastapi.testclient import TestClient
+
+    from moec.serve.codec import BytesCodec
+    from moec.serve.request import Request
+    from moec.serve.sampling import Sampling
+    from moec.serve.server import create_app
+
+    model, spec = trained_model
+    engine = Engine(Generator(model, spec, compile=False), slots=1, queue_limit=1)
+    engine.stop()
+    engine.submit(Request([1], 1, Sampling(), 0, asyncio.new_event_loop()))
+    client = TestClient(create_app(engine, BytesCodec(), spec))
+    full = client.post("/v1/completions", json={"model": "quick", "prompt": "a"})
+    assert full.status_code == 503 and full.json() == {"error": {
+        "message": "the queue is full (1 waiting requests); retry later", "type": "server_error", "param": None,
+        "code": "queue_full"}}
+    assert client.post("/generate", json={"prompt": "a"}).status_code == 503
+    group = client.post("/v1/chat/completions", json={"model": "quick", "messages": [{"role": "user", "content": "a"}], "n": 2})
+    assert group.status_code == 400 and group.json()["error"]["message"] == (
+        "this request needs 2 generations (prompts x n); the server queues at most 1 (--queue)")
+    assert engine.stats()["rejected"] == 2
+
+
 def test_a_model_without_a_decode_path_is_served_one_request_at_a_time():
-    from moec.serve.engine import DONE, Request
+    from moec.serve.request import DONE, Request
     from moec.serve.sampling import Sampling
     from tests.passes.helpers import MOE, spec_with
 
@@ -127,8 +121,8 @@ def test_a_model_without_a_decode_path_is_served_one_request_at_a_time():
         request = Request([1, 2, 3], 3, Sampling(temperature=0), 0, asyncio.get_running_loop())
         engine.submit(request)
         tokens = []
-        while (token := await request.output.get()) is not DONE:
-            tokens.append(token)
+        while (item := await request.output.get()) is not DONE:
+            tokens.append(item.token)
         return tokens
 
     try:
@@ -142,3 +136,7 @@ def test_a_model_without_a_decode_path_is_served_one_request_at_a_time():
 def test_serve_without_a_run_is_one_line(tmp_path):
     out = CliRunner().invoke(cli, ["serve", str(tmp_path / "nope")])
     assert out.exit_code == 1 and out.stderr.strip() == f"error: {tmp_path / 'nope'}: no such run or checkpoint directory"
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(open("specs/token_routed_tiny.yaml").read())
+    out = CliRunner().invoke(cli, ["serve", str(spec)])
+    assert out.exit_code == 1 and out.stderr.strip() == f"error: {spec}: no weights beside the spec ({tmp_path / 'tiny.safetensors'})"
