@@ -154,7 +154,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         "from torch.distributed._composable.replicate import replicate",
         "from torch.distributed.device_mesh import DeviceMesh, init_device_mesh",
         "from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard",
-        "from torch.distributed.tensor import Shard, distribute_tensor",
+        f"from torch.distributed.tensor import {', '.join(_placement_imports(plan))}",
         *_tensor_imports(spec, plan),
         *checkpointing.torch_imports(ac.mode),
         *_support_imports(plan),
@@ -504,6 +504,16 @@ def _support_imports(plan: ParallelPlan) -> list[str]:
         if names else []
 
 
+def _placement_imports(plan: ParallelPlan) -> list[str]:
+    """What parallel.py imports from torch.distributed.tensor."""
+    names = ["Shard", "distribute_tensor"]
+    if plan.mismatched_gradients:
+        names.append("DTensor")
+    if plan.mismatched_gradients or any(name == "embed.weight" for name, _ in plan.tensor_splits):
+        names.append("Replicate")
+    return sorted(names, key=lambda name: (name[0].islower(), name))  # classes, then functions
+
+
 def _tensor_imports(spec, plan: ParallelPlan) -> list[str]:
     """torch's tensor-parallel plans."""
     if plan.tensor is None:
@@ -511,10 +521,7 @@ def _tensor_imports(spec, plan: ParallelPlan) -> list[str]:
     styles = ["ColwiseParallel", "RowwiseParallel", "parallelize_module"]
     if plan.sequence_parallel:
         styles[2:2] = ["PrepareModuleInput", "PrepareModuleOutput", "SequenceParallel"]
-    placements = (["DTensor", "Replicate"] if plan.mismatched_gradients else
-                  ["Replicate"] if any(name == "embed.weight" for name, _ in plan.tensor_splits) else [])
-    lines = [f"from torch.distributed.tensor import {', '.join(placements)}"] if placements else []
-    return lines + [f"from torch.distributed.tensor.parallel import {', '.join(styles)}"]
+    return [f"from torch.distributed.tensor.parallel import {', '.join(styles)}"]
 
 
 def global_balance(spec) -> bool:
