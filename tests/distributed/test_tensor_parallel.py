@@ -208,7 +208,7 @@ def test_parallel_py_splits_the_groups_with_spec_lines(tmp_path):
         "",
         "",
     ]
-    assert "from model_support import ExpertHiddenSplit  # moec's own styles: torch has none for these" in program.parallel_source
+    assert "\nfrom model_support import ExpertHiddenSplit  # this build's helpers\n" in program.parallel_source
     assert "    tensor_parallel(model, mesh)\n" in program.parallel_source.split("def parallelize")[1]
     assert "UNSUPPORTED = ()" in program.parallel_source
     imports = [line for line in program.parallel_source.splitlines() if line.startswith(("import ", "from "))]
