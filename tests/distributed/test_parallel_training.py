@@ -146,7 +146,7 @@ def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
         axes = {"ddp": "dp", "fsdp": "fsdp", "ep": "ep", "fsdp_ep": "fsdp x ep"}[kind]
         group = {"ddp": "mesh['dp']", "fsdp": "mesh['fsdp']", "ep": "mesh['ep']", "fsdp_ep": "mesh[('fsdp', 'ep')]._flatten('fsdp_ep')"}[kind]
         assert body[2 + (kind in ("ep", "fsdp_ep"))] == (  # the ranks whose expert counts the load-balance loss sums
-            f"    set_batch_group({group}.get_group())  # aux.load_balance_batch 'global': expert counts summed over "
+            f"    use_batch_group(model, {group}.get_group())  # aux.load_balance_batch 'global': expert counts summed over "
             f"{axes}  # {where}:20 sharding.batch")
         body.pop(2 + (kind in ("ep", "fsdp_ep")))
         if kind == "ddp":

@@ -185,7 +185,7 @@ AUDIT = {
     "sharding.tensor.column": lambda mp: (
         differs(parallel_source, TP, TP + ("sharding.tensor.column=[attention.qkv]", "sharding.tensor.row=[attention.out]"))
         or contains(parallel_source(*TP, "sharding.tensor.column=[attention.qkv, mlp.up, experts.up, head]"),
-                    "VOCAB_PARALLEL = 'tp'", "split(model.head, {'weight': 0}, tp_mesh)")),
+                    "VOCAB_PARALLEL = 'tp'", "'head': ColwiseParallel(),")),
     "sharding.tensor.row": lambda mp: refused("experts.up is split but its pair is not", *TP, "sharding.tensor.row=[attention.out]"),
     "sharding.tensor.sequence_parallel": lambda mp: refused("is implemented for attention and mlp layers only", *TP,
                                                             "sharding.tensor.sequence_parallel=true"),

@@ -538,7 +538,7 @@ def _batch_group_lines(spec, plan: ParallelPlan, where) -> list[str]:
         return []
     axes = _in_mesh_order(plan, plan.data_parallel)
     return [f"    use_batch_group(model, {_flat(axes)}.get_group())  # aux.load_balance_batch 'global': "
-            f"expert counts summed over {' x '.join(axes)}  {where('sharding', 'batch')[2:]}"]
+            f"expert counts summed over {' x '.join(axes)}  {where('sharding', 'batch')}"]
 
 
 def use_batch_group_source() -> list[str]:

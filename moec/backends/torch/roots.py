@@ -9,6 +9,8 @@ that drive generation (``moec.backends.torch.decode``).
 
 from __future__ import annotations
 
+import re
+
 from moec.backends.torch import decode
 from moec.backends.torch.blocks import moe_layers
 from moec.backends.torch.modules import INIT_ARGS, declarations
@@ -32,7 +34,8 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
     head = _method(emitter, predict, [last_hidden] if last_hidden else [], ["x"], graph.outputs[0])
     body = Body(emitter, "", [i for i in epilogue if i not in predict], [graph.outputs[1]])
     body.anchor = "x"
-    body.call(["x"], f"self.embed_inputs({arg}{', cache' if emitter.decoding else ''})")
+    reads_cache = emitter.decoding and any(re.search(r"\bcache\b", line) for line in inputs)  # learned positions
+    body.call(["x"], f"self.embed_inputs({arg}{', cache' if reads_cache else ''})")
     if block_segments:
         _loop(emitter, body, block_segments)
     body.names.reserved.add("x")  # predict(x) reads it last
@@ -65,7 +68,7 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
         f'        """{arg}: {source.type} -> output {out_type}, aux_loss {aux_type}."""',
         *body.lines([]),
         "",
-        f"    def embed_inputs(self, {arg}: torch.Tensor{cache_arg}) -> torch.Tensor:",
+        f"    def embed_inputs(self, {arg}: torch.Tensor{cache_arg if reads_cache else ''}) -> torch.Tensor:",
         f'        """{arg} -> the hidden state the first block reads (a pipeline\'s first stage runs this too)."""',
         *inputs,
         "",
