@@ -107,11 +107,16 @@ def main() -> None:
 
 
 def _baseline(path: Path, model, tokens):
-    """The other program's model with this model's weights (the same state-dict names); its first loss must agree."""
+    """The other program's model (with the ``model_support.py`` beside it, when there is one) with this model's
+    weights; names from before the nn.Linear projections (``attention.wq`` for ``attention.wq.weight``) are mapped.
+    Its first loss must agree."""
     from moec.backends.torch.loader import load_program
 
-    old = load_program(path.read_text(), Path(tempfile.mkdtemp()) / "baseline_model.py").Model().train()
-    old.load_state_dict(model.state_dict())
+    support = path.with_name("model_support.py")
+    old = load_program(path.read_text(), Path(tempfile.mkdtemp()) / "baseline_model.py",
+                       support=support.read_text() if support.exists() else None).Model().train()
+    names = set(old.state_dict())
+    old.load_state_dict({name if name in names else name.removesuffix(".weight"): value for name, value in model.state_dict().items()})
     with torch.no_grad():
         a, b = lm_loss(model(tokens), tokens), lm_loss(old(tokens), tokens)
     print(f"  first loss: baseline program {b.item():.6f} (this one {a.item():.6f})")
