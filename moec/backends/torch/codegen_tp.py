@@ -21,9 +21,6 @@ from dataclasses import replace
 
 from moec.ir.graph import Node
 
-HELPERS = ("local", "copy_to_shards", "sum_over_shards")
-
-
 def local(arg: str) -> str:
     return f"local({arg})"
 
