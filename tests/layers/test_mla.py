@@ -22,7 +22,7 @@ VARIANTS = {  # name -> extra fields of the mla layer
     "q_lora": f"          q_lora_rank: {Q_RANK}\n",
     "plain_q_yarn_bias": f"          bias: true\n          rope: {{scaling: {YARN}}}\n",
     "q_lora_yarn_rotate_half": f"          q_lora_rank: {Q_RANK}\n          rope: {{interleave: false, scaling: {{kind: yarn, factor: 2.0, "
-                               "original_max_seq_len: 16}}\n",
+                               "original_max_seq_len: 32}}\n",
 }
 
 
@@ -62,7 +62,7 @@ HF_CASES = {  # name -> (moec variant, DeepseekV3Config fields)
                             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8}}),
     "q_lora_yarn_rotate_half": ("q_lora_yarn_rotate_half", {
         "q_lora_rank": Q_RANK, "rope_interleave": False,
-        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 16}}),
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 32}}),
 }
 HF_NAMES = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj", "wkv_a": "kv_a_proj_with_mqa",
             "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
