@@ -138,8 +138,9 @@ def _layernorm(types, attrs):
     return _same(x)
 
 
-# YaRN (rope.scaling): factor, original, beta_fast, beta_slow, truncate are all set or none.
-@op("rope", 1, required="heads head_dim theta", optional="factor original beta_fast beta_slow truncate")
+# YaRN (rope.scaling): factor, original, beta_fast, beta_slow, truncate are all set or none; ``scale`` (DeepSeek's mscale)
+# replaces YaRN's cos / sin scale. ``interleave``: dims (2i, 2i+1) pair up (HF's rope_interleave), else i and i + head_dim/2.
+@op("rope", 1, required="heads head_dim theta", optional="factor original beta_fast beta_slow truncate scale interleave")
 def _rope(types, attrs):
     (x,) = types
     _last(x, attrs["heads"] * attrs["head_dim"], "rope input")
@@ -159,6 +160,36 @@ def _attention(types, attrs):
     _last(v, kv * hd, "attention v")
     _expect(heads % kv == 0, f"heads ({heads}) must be a multiple of kv_heads ({kv})")
     return _same(q)
+
+
+@op("split", 1, required="sizes heads parts")
+def _split(types, attrs):
+    """Each head's slice of x [.., heads * sum(sizes)] cut into parts: output i is [.., heads * sizes[i]]; ``parts`` names them."""
+    (x,) = types
+    sizes, heads = tuple(attrs["sizes"]), attrs["heads"]
+    _expect(len(sizes) == len(attrs["parts"]) >= 2, f"split needs a name per part and two parts or more, got {sizes}, {attrs['parts']}")
+    _last(x, heads * sum(sizes), "split input")
+    return tuple(TensorType(x.shape[:-1] + (heads * size,), x.dtype) for size in sizes)
+
+
+@op("latent_cache", 2)
+def _latent_cache(types, attrs):
+    """MLA's decode-cache point: (kv latent, rope key) in and out, the identity in a full forward."""
+    kv, k_pe = types
+    _expect(kv.shape[:-1] == k_pe.shape[:-1], f"latent_cache takes a latent and a rope key per token, got {kv}, {k_pe}")
+    return _same(kv) + _same(k_pe)
+
+
+@op("mla_attention", 5, required="heads scale")
+def _mla_attention(types, attrs):
+    """q_nope, q_pe, k_nope [.., H*nope / H*rope / H*nope], k_pe [.., rope] (one key for the heads), v [.., H*v] -> [.., H*v]."""
+    q_nope, q_pe, k_nope, k_pe, v = types
+    heads = attrs["heads"]
+    _expect(q_nope.shape[-1] % heads == 0 and v.shape[-1] % heads == 0, f"mla_attention: q {q_nope} and v {v} must split into {heads} heads")
+    _last(k_nope, q_nope.shape[-1], "mla_attention k_nope")
+    _last(q_pe, heads * k_pe.shape[-1], "mla_attention q_pe")
+    _expect(k_pe.shape[-1] % 2 == 0, f"mla_attention needs an even rope dim, got {k_pe}")
+    return _same(v)
 
 
 op("activation", 1, required="fn")(_elementwise)

@@ -7,11 +7,12 @@ the schema's layer union (``moec.schema.model``), ``moec.passes.lower``, ``moec.
 (``moec.schema.parallel``). Adding a kind: a folder, a line below, tests (docs/adding-a-layer-kind.md).
 """
 
-from moec.layers import attention, dynamics, mlp, moe, spectral_moe
+from moec.layers import attention, dynamics, mla, mlp, moe, spectral_moe
 from moec.layers.kind import LayerKind, Lowering, TpWeights
 
 # In this order in the schema's union (and so in its JSON Schema).
-LAYER_KINDS: dict[str, LayerKind] = {kind.name: kind for kind in (attention.KIND, mlp.KIND, moe.KIND, spectral_moe.KIND, dynamics.KIND)}
+LAYER_KINDS: dict[str, LayerKind] = {kind.name: kind for kind in (attention.KIND, mlp.KIND, moe.KIND, spectral_moe.KIND, dynamics.KIND,
+                                                                   mla.KIND)}
 
 # Groups of the model itself, not of a layer: the vocabulary split of the embedding and the head.
 MODEL_TP_GROUPS = {"embed": TpWeights(("embed.weight",), root=True), "head": TpWeights(("head.weight",), root=True)}

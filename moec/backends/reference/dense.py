@@ -44,12 +44,18 @@ def layernorm(ctx, attrs, x, weight, bias):
 
 
 def rope(ctx, attrs, x):
-    """Rotary embedding, rotate-half convention (as HF Llama): pairs (i, i + head_dim/2)."""
+    """Rotary embedding, rotate-half convention (as HF Llama): pairs (i, i + head_dim/2).
+
+    ``interleave`` (HF's rope_interleave): pairs (2i, 2i+1), written here as a de-interleave of each head
+    ([evens, odds]) followed by the rotate-half rotation, which is what HF's interleaved RoPE computes."""
     heads, head_dim, theta = attrs["heads"], attrs["head_dim"], attrs["theta"]
+    batch, seq, _ = x.shape
+    if attrs.get("interleave"):
+        xh = x.view(batch, seq, heads, head_dim)
+        x = torch.cat([xh[..., 0::2], xh[..., 1::2]], -1).reshape(batch, seq, heads * head_dim)
     if "factor" in attrs:  # YaRN
         return snippets.rope_yarn(x, heads, head_dim, theta, attrs["factor"], attrs["original"], attrs["beta_fast"],
-                                  attrs["beta_slow"], attrs["truncate"])
-    batch, seq, _ = x.shape
+                                  attrs["beta_slow"], attrs["truncate"], scale=attrs.get("scale"))
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim)
     angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=x.device), inv_freq)  # [S, hd/2]
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
@@ -64,6 +70,30 @@ def attention(ctx, attrs, q, k, v, sinks=None):
     if sinks is not None or attrs.get("window") is not None:
         return snippets.attention_local(q, k, v, attrs["heads"], attrs["kv_heads"], attrs["head_dim"], attrs.get("window"), sinks)
     return snippets.attention_eager(q, k, v, attrs["heads"], attrs["kv_heads"], attrs["head_dim"], attrs["causal"])
+
+
+def split(ctx, attrs, x):
+    """Each head's slice cut into ``sizes`` parts: [.., heads * sum(sizes)] -> one [.., heads * size] per part."""
+    heads, sizes = attrs["heads"], list(attrs["sizes"])
+    parts = x.reshape(*x.shape[:-1], heads, sum(sizes)).split(sizes, dim=-1)
+    return tuple(part.reshape(*x.shape[:-1], -1) for part in parts)
+
+
+def latent_cache(ctx, attrs, kv, k_pe):
+    """MLA's decode-cache point: the identity in a full forward (the reference does not decode)."""
+    return kv, k_pe
+
+
+def mla_attention(ctx, attrs, q_nope, q_pe, k_nope, k_pe, v):
+    """Causal softmax(q kᵀ · scale) v per head, q = [q_nope, q_pe], k = [k_nope, k_pe] with one k_pe for every head."""
+    heads, (batch, seq, _) = attrs["heads"], q_nope.shape
+    q = torch.cat([q_nope.view(batch, seq, heads, -1), q_pe.view(batch, seq, heads, -1)], -1).transpose(1, 2)
+    k_pe = k_pe.view(batch, seq, 1, -1).repeat(1, 1, heads, 1)
+    k = torch.cat([k_nope.view(batch, seq, heads, -1), k_pe], -1).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) * attrs["scale"]
+    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+    out = scores.masked_fill(future, float("-inf")).softmax(-1) @ v.view(batch, seq, heads, -1).transpose(1, 2)
+    return out.transpose(1, 2).reshape(batch, seq, -1)
 
 
 def activation(ctx, attrs, x):
@@ -112,5 +142,6 @@ def constant(ctx, attrs):
 KERNELS = {
     "embed": embed, "linear": linear, "pos_embed": pos_embed, "rmsnorm": rmsnorm, "layernorm": layernorm,
     "head_rmsnorm": head_rmsnorm, "sigmoid_gate": sigmoid_gate, "rope": rope, "attention": attention, "activation": activation, "glu": glu, "clamped_glu": clamped_glu, "add": add,
-    "select_last": select_last, "constant": constant, "dynamics": dynamics,
+    "select_last": select_last, "constant": constant, "dynamics": dynamics, "split": split, "latent_cache": latent_cache,
+    "mla_attention": mla_attention,
 }

@@ -1,11 +1,13 @@
 """The decode path of a generated program: ``forward`` with a KV cache.
 
 For models that can decode incrementally every ``forward`` takes ``cache`` (a ``KVCache``, None
-when training). Three ops read it and nothing else does:
+when training). These ops read it and nothing else does:
 
 - ``rope`` rotates at the tokens' absolute ``cache.positions``, not at 0..S-1;
 - ``attention`` writes the new keys and values into its layer's slot of the cache and attends
   over the first ``cache.bucket`` slots, masked by position (``attention_cached``, grouped KV heads);
+- MLA's ``latent_cache`` writes the new latent and rope key into its layer's slot and returns the first
+  ``cache.bucket`` positions of both (``latent_cache``); ``mla_attention`` masks them by position;
 - ``pos_embed`` (learned positions) reads the table at ``cache.positions``.
 
 The MoE layers run as in training on the step's tokens. The root class also gets ``decode``,
@@ -23,13 +25,15 @@ from moec.moe import ROUTERS
 
 # Ops whose expression does not depend on where a token sits in the sequence (besides the three above).
 POSITION_FREE = {"embed", "linear", "rmsnorm", "head_rmsnorm", "layernorm", "activation", "glu", "clamped_glu", "add",
-                 "sigmoid_gate", "constant", "load_balance_pooled", "moe", "dynamics"}
+                 "sigmoid_gate", "constant", "load_balance_pooled", "moe", "dynamics", "split"}
+# MLA (multi-head latent attention): ``latent_cache`` writes and reads the layer's slot, ``mla_attention`` masks by position.
+MLA_OPS = ("latent_cache", "mla_attention")
 
 
 def decode_support(graph: Graph) -> str | None:
     """None when the graph can decode with a KV cache, else why not (one line)."""
     for node in graph.nodes:
-        if node.op in ("param", "input", "rope", "pos_embed") or node.op in POSITION_FREE and node.op != "moe":
+        if node.op in ("param", "input", "rope", "pos_embed", *MLA_OPS) or node.op in POSITION_FREE and node.op != "moe":
             continue
         if node.op == "spectral_moe":
             return "its spectral MoE layers mix the whole window (an FFT over the sequence)"
@@ -45,8 +49,16 @@ def decode_support(graph: Graph) -> str | None:
     return None
 
 
-def attention_layers(graph: Graph) -> list[Node]:
-    return [node for node in graph.nodes if node.op == "attention"]
+def cache_layers(graph: Graph) -> list[tuple[int, int, int]]:
+    """(heads, width of the first, width of the second tensor) of each layer's cache slot, in order: attention
+    (kv_heads, head_dim, head_dim) for its keys and values, MLA (1, kv_lora_rank, qk_rope_head_dim) for its latent and rope key."""
+    layers = []
+    for node in graph.nodes:
+        if node.op == "attention":
+            layers.append((node.attr["kv_heads"], node.attr["head_dim"], node.attr["head_dim"]))
+        elif node.op == "latent_cache":
+            layers.append((1, *(graph.type_of(ref).shape[-1] for ref in node.inputs)))
+    return layers
 
 
 def repeated(values: tuple) -> str:
@@ -58,20 +70,23 @@ def repeated(values: tuple) -> str:
 
 def root_methods(graph: Graph, arg: str) -> list[str]:
     """``decode`` (``forward`` with a cache) and the cache-handling methods around it."""
-    layers = tuple((node.attr["kv_heads"], node.attr["head_dim"]) for node in attention_layers(graph))
+    layers = tuple(cache_layers(graph))
+    mla = any(node.op == "latent_cache" for node in graph.nodes)
+    what = "attention (kv_heads, head_dim, head_dim), MLA (1, kv_lora_rank, qk_rope_head_dim)" if mla else "(kv_heads, head_dim, head_dim)"
     return [
         "",
-        f"    KV_LAYERS = {repeated(layers)}  # (kv_heads, head_dim) of each attention layer's cache, in order",
+        f"    KV_LAYERS = {repeated(layers)}  # per layer's cache: {what}",
         "",
         f"    def decode(self, {arg}, cache, positions, bucket):",
-        f'        """{arg} at absolute positions [B,S]; each attention layer reads and writes its cache[i] = (k, v) [B,KV,L,hd]."""',
+        f'        """{arg} at absolute positions [B,S]; each attention layer reads and writes its cache[i] = (k, v) [B,KV,L,hd]'
+        + (', each MLA layer its (latent, rope key) [B,1,L,r], [B,1,L,rope]."""' if mla else '."""'),
         f"        return self({arg}, KVCache(cache, positions, bucket))",
         "",
         "    def new_cache(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:",
-        '        """A zeroed KV cache for ``length`` positions (at most model.max_seq_len): per attention layer (k, v) [batch, kv_heads, length, head_dim]."""',
+        '        """A zeroed KV cache for ``length`` positions (at most model.max_seq_len): per layer two [batch, heads, length, width]."""',
         "        param = next(self.parameters())",
-        "        return [tuple(torch.zeros(batch, kv, length, hd, device=param.device, dtype=param.dtype) for _ in range(2))",
-        "                for kv, hd in self.KV_LAYERS]",
+        "        return [tuple(torch.zeros(batch, heads, length, width, device=param.device, dtype=param.dtype) for width in widths)",
+        "                for heads, *widths in self.KV_LAYERS]",
         "",
         "    def compile_decode(self, **options):",
         '        """torch.compile the decode path with static shapes: one graph per (input length, key bucket)."""',

@@ -52,6 +52,17 @@ def attention_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     return out.permute(0, 3, 1, 2, 4).reshape(batch, seq, heads * head_dim)
 
 
+def latent_cache(kv: torch.Tensor, k_pe: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
+                 bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA's latent cache: this step's latent kv (B,S,r) and rope key (B,S,rope) go in at ``positions``; the first
+    ``bucket`` positions of both come out, (B,L,r) and (B,L,rope). The cache is a pair of (B, 1, L, r) and (B, 1, L, rope)."""
+    kv_cache, pe_cache = cache
+    for new, stored in ((kv, kv_cache), (k_pe, pe_cache)):
+        index = positions[:, None, :, None].expand(new.shape[0], 1, new.shape[1], new.shape[2])
+        stored.scatter_(2, index, new[:, None].to(stored.dtype))
+    return kv_cache[:, 0, :bucket].to(kv.dtype), pe_cache[:, 0, :bucket].to(k_pe.dtype)
+
+
 def length_bucket(length: int, limit: int, smallest: int = 16) -> int:
     """The power of two >= ``length`` (at least ``smallest``), capped at ``limit``: the static lengths decode compiles for."""
     bucket = smallest

@@ -28,6 +28,9 @@ from moec.backends.torch.statements import Body, param_expr, stats_ref
 from moec.backends.torch.support import import_lines, support
 from moec.ir.graph import Graph, Node, Ref
 
+# The ops that read and write a layer's KV-cache slot: attention's keys and values, MLA's latent and rope key.
+CACHE_OPS = ("attention", "latent_cache")
+
 IMPORTS = [
     "from __future__ import annotations",
     "",
@@ -89,10 +92,11 @@ class Emitter:
     def layer_class(self, part: LayerPart) -> tuple[str, bool]:
         """The class of one layer of one block, and whether its constructor takes a KV-cache slot."""
         nodes = [self.graph.nodes[i] for i in part.nodes]
-        has_cache = self.decoding and any(node.op == "attention" for node in nodes)
+        has_cache = self.decoding and any(node.op in CACHE_OPS for node in nodes)
         names = [self.graph[ref.node].attr["name"] for node in nodes for ref in node.inputs if self.graph[ref.node].op == "param"]
         init = [f"    def __init__(self, {'slot: int, ' if has_cache else ''}{INIT_ARGS}) -> None:", "        super().__init__()"]
-        init += ["        self.slot = slot  # this layer's (k, v) in the KV cache"] if has_cache else []
+        init += [f"        self.slot = slot  # this layer's {'(latent, rope key)' if any(n.op == 'latent_cache' for n in nodes) else '(k, v)'} "
+                 "in the KV cache"] if has_cache else []
         init += declarations(self.graph, list(dict.fromkeys(names)), part.prefix, self.modules)
         if len(nodes) == 1 and is_fused(nodes[0]):
             forward, doc = fused_method(self, part, nodes[0])
@@ -179,7 +183,15 @@ class Emitter:
         if node.op == "attention":
             return self.attention(node, args)
         if node.op == "rope" and self.decoding:
-            return EXPRESSIONS["rope"](node, *args)[:-1] + ", positions)"
+            return EXPRESSIONS["rope"](node, *args, positions="positions")
+        if node.op == "mla_attention":
+            fn = "mla_attention_eager" if self.fused.attention == "attention_eager" else "mla_attention"
+            return EXPRESSIONS["mla_attention"](node, *args, fn=fn, positions="positions" if self.decoding else None)
+        if node.op == "latent_cache":  # the identity in a full forward: its values keep their names
+            if not self.decoding:
+                return None
+            return ["        if cache is not None:  # decoding: this step's latent and rope key go into the cache, the bucket's come out",
+                    f"            @TARGETS@ = latent_cache({', '.join(args)}, cache.kv[self.slot], cache.positions, cache.bucket)"]
         if node.op == "pos_embed":
             return f"add_positions({args[0]}, {args[1]}{', None if cache is None else cache.positions' if self.decoding else ''})"
         emit = EXPRESSIONS.get(node.op)
@@ -243,7 +255,7 @@ class BlockContract:
         self.tokens = any(graph[ref.node].op == "input" for s in blocks for ref in s.inputs)
         self.aux = bool(ops & {"moe", "spectral_moe"})
         self.balance = any(len(graph.nodes[i].types or ()) > 2 for s in blocks for i in s.nodes if is_fused(graph.nodes[i]))
-        self.cache = decoding and "attention" in ops
+        self.cache = decoding and bool(ops & set(CACHE_OPS))
         self.input_name = next((str(n.attr["name"]) for n in graph.nodes if n.op == "input"), "tokens")
 
     def kind_of(self, ref: Ref) -> str:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from moec.ir.graph import Graph, Node, Ref
 
-_KIND_BY_OP = (("spectral_moe", "SpectralMoE"), ("moe", "MoE"), ("attention", "Attention"), ("dynamics", "Dynamics"))
+_KIND_BY_OP = (("spectral_moe", "SpectralMoE"), ("moe", "MoE"), ("attention", "Attention"), ("mla_attention", "MLA"),
+               ("dynamics", "Dynamics"))
 
 
 @dataclass
@@ -25,7 +26,7 @@ class LayerPart:
     outputs: list[Ref] = field(default_factory=list)  # body values read after it
 
     def kind(self, graph: Graph) -> str:
-        """The class family: Attention, MoE, SpectralMoE, Dynamics or FeedForward."""
+        """The class family: Attention, MLA, MoE, SpectralMoE, Dynamics or FeedForward."""
         ops = {graph.nodes[i].op for i in self.nodes}
         return next((kind for op, kind in _KIND_BY_OP if op in ops), "FeedForward")
 

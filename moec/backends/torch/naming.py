@@ -17,12 +17,14 @@ RESERVED = frozenset({"self", "torch", "F", "nn", "math", "cache", "positions", 
 _BY_OP = {
     "embed": "x", "pos_embed": "x", "add": "x", "select_last": "x", "rmsnorm": "h", "layernorm": "h", "attention": "attn",
     "activation": "hidden", "glu": "hidden", "clamped_glu": "hidden", "sigmoid_gate": "out", "constant": "aux",
-    "load_balance_pooled": "pooled",
+    "load_balance_pooled": "pooled", "mla_attention": "attn",
 }
+_NORM_ROLE = {"q_norm": "q", "k_norm": "k", "kv_norm": "kv"}  # a layer's own norm of a projection: the value keeps its role
 _SAME_AS_INPUT = {"rope", "head_rmsnorm"}  # q = rope(q, ...): the value keeps its role
 _MULTI = {"moe": ("out", "aux", "balance"), "spectral_moe": ("out", "aux"), "dynamics": ("x", "v")}
 _LINEAR = {"wq": "q", "wk": "k", "wv": "v", "wo": "out", "w_up": "up", "w_gate": "gate", "w_down": "out", "router": "logits",
-           "head": "logits", "input_proj": "x", "shared_gate": "gate"}
+           "head": "logits", "input_proj": "x", "shared_gate": "gate",
+           "wq_a": "q", "wq_b": "q", "wkv_a": "kv", "wkv_b": "kv"}
 
 
 def role(graph: Graph, node: Node, index: int, names: dict[Ref, str]) -> str:
@@ -31,14 +33,24 @@ def role(graph: Graph, node: Node, index: int, names: dict[Ref, str]) -> str:
         return _MULTI[node.op][index] if index < len(_MULTI[node.op]) else f"out{index}"
     if node.op == "add" and node.types and node.types[0].rank == 0:
         return "aux"
+    if node.op == "split":  # the parts name themselves: q_nope, q_pe
+        return str(node.attr["parts"][index])
+    if node.op == "latent_cache" and node.inputs[index] in names:  # kv, k_pe = latent_cache(kv, k_pe, ...)
+        return names[node.inputs[index]]
+    if node.op == "rmsnorm" and _leaf(graph, node) in _NORM_ROLE:
+        return _NORM_ROLE[_leaf(graph, node)]
     if node.op in _SAME_AS_INPUT and node.inputs[0] in names:
         return names[node.inputs[0]].rstrip("0123456789") or "x"
     if node.op == "linear":
-        weight = graph[node.inputs[1].node]
-        parts = str(weight.attr.get("name", "")).split(".")
-        leaf = parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
+        leaf = _leaf(graph, node)
         return _LINEAR.get(leaf, leaf if leaf.isidentifier() else "y")
     return _BY_OP.get(node.op, node.op)
+
+
+def _leaf(graph: Graph, node: Node) -> str:
+    """The module of a linear's or norm's weight: ``wq`` for ``blocks.0.attention.wq.weight``."""
+    parts = str(graph[node.inputs[1].node].attr.get("name", "")).split(".")
+    return parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
 
 
 class Names:

@@ -16,6 +16,18 @@ def _padding(node) -> str:
     return "" if index is None else f", padding_idx={index!r}"
 
 
+def _rope(node, x: str, positions: str | None) -> str:
+    """``rope(x, heads, head_dim, theta[, positions])`` or ``rope_yarn(...)``; DeepSeek's interleaved pairs and mscale as keywords."""
+    a = node.attr
+    args = [x, str(a["heads"]), str(a["head_dim"]), repr(a["theta"])]
+    if "factor" in a:
+        args += [repr(a[key]) for key in ("factor", "original", "beta_fast", "beta_slow", "truncate")]
+    args += [positions] if positions else []
+    args += ["interleaved=True"] if a.get("interleave") else []
+    args += [f"scale={a['scale']!r}"] if "scale" in a else []
+    return f"{'rope_yarn' if 'factor' in a else 'rope'}({', '.join(args)})"
+
+
 EXPRESSIONS = {
     "embed": lambda n, tokens, table: f"F.embedding({tokens}, {table}{_padding(n)})",
     "linear": lambda n, x, w, b=None: f"F.linear({x}, {w}{', ' + b if b else ''})",
@@ -27,9 +39,12 @@ EXPRESSIONS = {
     "load_balance_pooled": lambda n, stats: (f"{n.attr['weight']!r} * {n.attr['experts']} * torch.sum({stats}[0] / {n.attr['layers']} "
                                             f"* ({stats}[1] / {n.attr['layers']}))"),
     "layernorm": lambda n, x, w, b: f"F.layer_norm({x}, ({_width(n)},), {w}, {b}, {n.attr['eps']!r})",
-    "rope": lambda n, x: (f"rope({x}, {n.attr['heads']}, {n.attr['head_dim']}, {n.attr['theta']!r})" if "factor" not in n.attr else
-                          f"rope_yarn({x}, {n.attr['heads']}, {n.attr['head_dim']}, {n.attr['theta']!r}, {n.attr['factor']!r}, "
-                          f"{n.attr['original']!r}, {n.attr['beta_fast']!r}, {n.attr['beta_slow']!r}, {n.attr['truncate']!r})"),
+    "rope": lambda n, x, positions=None: _rope(n, x, positions),
+    "split": lambda n, x: (f"{x}.split({list(n.attr['sizes'])!r}, dim=-1)" if n.attr["heads"] == 1 else
+                           f"split_heads({x}, {n.attr['heads']}, {tuple(n.attr['sizes'])!r})"),
+    # fn: mla_attention (torch SDPA) or mla_attention_eager (kernels.attention: eager); positions: decoding
+    "mla_attention": lambda n, *args, fn="mla_attention", positions=None: (
+        f"{fn}({', '.join(args)}, {n.attr['heads']}, {n.attr['scale']!r}{', ' + positions if positions else ''})"),
     # fn: the snippet chosen by kernels.attention (attention = torch SDPA, attention_eager = written out)
     "attention": lambda n, q, k, v, fn="attention": f"{fn}({q}, {k}, {v}, {n.attr['heads']}, {n.attr['kv_heads']}, {n.attr['head_dim']}, {n.attr['causal']})",
     "activation": lambda n, x: f"F.{n.attr['fn']}({x})",

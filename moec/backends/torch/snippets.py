@@ -16,24 +16,34 @@ import torch.nn.functional as F
 
 
 def rotate(x: torch.Tensor, heads: int, head_dim: int, inv_freq: torch.Tensor, scale: float,
-           positions: torch.Tensor | None) -> torch.Tensor:
-    """Rotate-half RoPE (HF Llama: dims i and i + head_dim/2 pair up) at 0..S-1, or at ``positions`` [B, S] when decoding."""
+           positions: torch.Tensor | None, interleaved: bool = False) -> torch.Tensor:
+    """Rotate-half RoPE (HF Llama: dims i and i + head_dim/2 pair up) at 0..S-1, or at ``positions`` [B, S] when decoding.
+
+    ``interleaved`` (DeepSeek, HF's rope_interleave): dims 2i and 2i+1 pair up, and each head comes out as
+    [rotated evens, rotated odds] (HF ``apply_rotary_pos_emb_interleave``).
+    """
     batch, seq, _ = x.shape
     if positions is None:
         angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=x.device), inv_freq.to(x.device))[None]  # (1, S, hd/2)
     else:
         angles = positions.to(torch.float32)[..., None] * inv_freq.to(x.device)  # (B, S, hd/2)
+    xh = x.view(batch, seq, heads, head_dim)
+    if interleaved:
+        cos = (angles.cos() * scale).to(x.dtype)[:, :, None, :]  # (B, S, 1, hd/2)
+        sin = (angles.sin() * scale).to(x.dtype)[:, :, None, :]
+        even, odd = xh[..., 0::2], xh[..., 1::2]
+        return torch.cat([even * cos - odd * sin, odd * cos + even * sin], -1).reshape(batch, seq, heads * head_dim)
     cos = (torch.cat([angles, angles], -1).cos() * scale).to(x.dtype)[:, :, None, :]  # (B, S, 1, hd)
     sin = (torch.cat([angles, angles], -1).sin() * scale).to(x.dtype)[:, :, None, :]
-    xh = x.view(batch, seq, heads, head_dim)
     rotated = torch.cat([-xh[..., head_dim // 2 :], xh[..., : head_dim // 2]], -1)
     return (xh * cos + rotated * sin).reshape(batch, seq, heads * head_dim)
 
 
-def rope(x: torch.Tensor, heads: int, head_dim: int, theta: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+def rope(x: torch.Tensor, heads: int, head_dim: int, theta: float, positions: torch.Tensor | None = None,
+         interleaved: bool = False) -> torch.Tensor:
     """Rotary embedding with inverse frequencies theta^(-2i/head_dim)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim)
-    return rotate(x, heads, head_dim, inv_freq, 1.0, positions)
+    return rotate(x, heads, head_dim, inv_freq, 1.0, positions, interleaved)
 
 
 def yarn_frequencies(head_dim: int, theta: float, factor: float, original: int, beta_fast: float, beta_slow: float,
@@ -55,10 +65,53 @@ def yarn_frequencies(head_dim: int, theta: float, factor: float, original: int, 
 
 
 def rope_yarn(x: torch.Tensor, heads: int, head_dim: int, theta: float, factor: float, original: int, beta_fast: float,
-              beta_slow: float, truncate: bool, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotary embedding with YaRN frequencies; cos and sin are scaled by 0.1 * ln(factor) + 1."""
-    inv_freq, scale = yarn_frequencies(head_dim, theta, factor, original, beta_fast, beta_slow, truncate)
-    return rotate(x, heads, head_dim, inv_freq, scale, positions)
+              beta_slow: float, truncate: bool, positions: torch.Tensor | None = None, interleaved: bool = False,
+              scale: float | None = None) -> torch.Tensor:
+    """Rotary embedding with YaRN frequencies; cos and sin are scaled by 0.1 * ln(factor) + 1, or by ``scale`` (DeepSeek's mscale)."""
+    inv_freq, yarn_scale = yarn_frequencies(head_dim, theta, factor, original, beta_fast, beta_slow, truncate)
+    return rotate(x, heads, head_dim, inv_freq, yarn_scale if scale is None else scale, positions, interleaved)
+
+
+def split_heads(x: torch.Tensor, heads: int, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """Each head's slice of x (B, S, heads * sum(sizes)) cut into parts: (B, S, heads * size) each."""
+    parts = x.unflatten(-1, (heads, sum(sizes))).split(list(sizes), dim=-1)
+    return tuple(part.flatten(-2) for part in parts)
+
+
+def _mla_heads(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
+               heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, H, S, nope+rope), k (B, H, L, nope+rope) with the one rope key repeated over the heads, v (B, H, L, v)."""
+    batch, seq, _ = q_nope.shape
+    length = k_nope.shape[1]
+    q = torch.cat([q_nope.view(batch, seq, heads, -1), q_pe.view(batch, seq, heads, -1)], -1).transpose(1, 2)
+    k_pe = k_pe.view(batch, length, 1, -1).expand(batch, length, heads, k_pe.shape[-1])
+    k = torch.cat([k_nope.view(batch, length, heads, -1), k_pe], -1).transpose(1, 2)
+    return q, k, v.view(batch, length, heads, -1).transpose(1, 2)
+
+
+def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor, heads: int,
+                  scale: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """MLA's attention (torch SDPA): each head's query [q_nope, q_pe] against its key [k_nope, k_pe] -> (B, S, H*v).
+
+    Causal over the S keys, or, decoding, over L cached keys: key j is visible to a query at ``positions`` p when j <= p.
+    """
+    batch, seq, _ = q_nope.shape
+    q, k, v = _mla_heads(q_nope, q_pe, k_nope, k_pe, v, heads)
+    mask = None if positions is None else (torch.arange(k.shape[2], device=q.device) <= positions[..., None])[:, None]  # (B, 1, S, L)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=positions is None, scale=scale)
+    return out.transpose(1, 2).reshape(batch, seq, -1)
+
+
+def mla_attention_eager(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
+                        heads: int, scale: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """MLA's attention written out (softmax(q k^T * scale) v, as HF's eager path): kernels.attention 'eager'."""
+    batch, seq, _ = q_nope.shape
+    q, k, v = _mla_heads(q_nope, q_pe, k_nope, k_pe, v, heads)
+    scores = q @ k.transpose(-1, -2) * scale  # (B, H, S, L)
+    query_pos = torch.arange(seq, device=q.device)[None, :, None] if positions is None else positions[..., None]  # (B|1, S, 1)
+    hidden = torch.arange(k.shape[2], device=q.device) > query_pos
+    out = scores.masked_fill(hidden[:, None], float("-inf")).softmax(-1) @ v
+    return out.transpose(1, 2).reshape(batch, seq, -1)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, head_dim: int, causal: bool) -> torch.Tensor:

@@ -87,9 +87,16 @@ class Body:
         expr = module or self.emitter.expression(node, args, self)
         refs = [Ref(node.name, i) for i in range(len(node.types or (None,)))]
         stats = is_fused(node)
+        if expr is None:  # the identity (MLA's latent_cache outside decoding): the outputs are the inputs
+            for ref, name in zip(refs, args):
+                self.names.fixed(ref, name)
+            return
         if isinstance(expr, list):  # a multi-line form (attention with its decode branch)
             targets = self.bind(refs, [role(self.graph, node, i, self.names.of) for i in range(len(refs))], self.at(index))
-            self.statements.append(Statement(targets, "", lines=[line.replace("@TARGET@", targets[0]) for line in expr]))
+            if any("@TARGETS@" in line for line in expr):  # updates its inputs in one branch: they must keep their names
+                assert targets == args, f"{node.name}: {targets} != {args}"
+            self.statements.append(Statement(targets, "", lines=[line.replace("@TARGETS@", ", ".join(targets))
+                                                                 .replace("@TARGET@", targets[0]) for line in expr]))
             return
         targets = self.bind(refs, [role(self.graph, node, i, self.names.of) for i in range(len(refs))], self.at(index))
         if stats:
