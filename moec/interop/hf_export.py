@@ -92,6 +92,8 @@ def _check_moe(ffn, path: str, family: Family, refuse) -> None:
                "(GPT-OSS: clamped, with expert and router biases; others: no biases)")
     if router.norm != "none" or router.dropout:
         refuse(f"{path}.router", "HF MoE routers have no input norm and no router dropout")
+    if router.groups != 1 or router.scale != 1.0:
+        refuse(f"{path}.router", "the exported HF families have no group-limited routing (groups) and no routed scaling (scale)")
     if ffn.aux.entropy or ffn.aux.margin:
         refuse(f"{path}.aux", "HF has no entropy or margin router loss")
     if ffn.aux.z_loss or ffn.aux.load_balance_scope != "model":

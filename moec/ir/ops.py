@@ -251,7 +251,8 @@ def _dynamics(types, attrs):
 
 
 # Router score ops keep their input's shape: [B,S,E] logits -> [B,S,E] scores.
-for _name, _required in (("softmax", "temperature"), ("sigmoid", "temperature"), ("renormalize", ""), ("router_dropout", "p")):
+for _name, _required in (("softmax", "temperature"), ("sigmoid", "temperature"), ("renormalize", ""), ("router_dropout", "p"),
+                         ("weight_scale", "factor")):
     op(_name, 1, required=_required)(_elementwise)
 
 
@@ -276,11 +277,17 @@ def _token_route(types, attrs):
     return (TensorType(ids.shape + (attrs["experts"],), "f32"),)
 
 
-@op("topk", (1, 2), required="k")
+@op("topk", (1, 2), required="k", optional="groups top_groups")
 def _topk(types, attrs):
+    """With ``groups`` / ``top_groups`` (group-limited routing): k of the experts in the top_groups best of groups equal groups."""
     scores = types[0]
     _expect(scores.rank == 3, f"topk takes scores [B,S,E], got {scores}")
     _expect(attrs["k"] <= scores.shape[-1], f"k ({attrs['k']}) exceeds experts ({scores.shape[-1]})")
+    if "groups" in attrs:
+        groups, top_groups, experts = attrs["groups"], attrs["top_groups"], scores.shape[-1]
+        _expect(experts % groups == 0 and experts // groups >= 2 and top_groups <= groups
+                and attrs["k"] <= top_groups * (experts // groups),
+                f"topk: {groups} groups of >= 2 experts, k ({attrs['k']}) <= top_groups ({top_groups}) * group size, got {experts} experts")
     if len(types) == 2:
         _expect(types[1].shape == (scores.shape[-1],), f"selection bias must be [{scores.shape[-1]}], got {types[1]}")
     out = scores.shape[:-1] + (attrs["k"],)
@@ -329,7 +336,7 @@ def _fallback_add(types, attrs):
     return _same(out)
 
 
-@op("load_balance_loss", 2, required="experts top_k weight")
+@op("load_balance_loss", 2, required="experts top_k weight", optional="per_sequence")
 def _load_balance(types, attrs):
     return (TensorType((), "f32"),)
 

@@ -29,6 +29,9 @@ class RouterAttrs:
     dropout: float = 0.0  # training: per token, with this probability the best choice's weight is zeroed
     sinkhorn_topk: int = 0  # sinkhorn: each token's kernel keeps its topk highest logits (0: all)
     table: tuple[int, ...] = ()  # token_id: expert = table[id % len(table)]; empty: id % experts
+    groups: int = 1  # group-limited routing: the experts in this many equal groups (DeepSeek's n_group)
+    top_groups: int = 1  # ... and a token's experts taken from its top_groups best groups (topk_group); inert at groups 1
+    scale: float = 1.0  # the combine weights times this, after renormalisation (DeepSeek's routed_scaling_factor)
     bands: int = 0  # spectral bands: the F bins in this many contiguous groups, each routed among its E / bands experts
 
 
@@ -59,7 +62,7 @@ class ExpertAttrs:
 class AuxAttrs:
     load_balance: float = 0.0
     z_loss: float = 0.0
-    load_balance_scope: str = "layer"  # layer | model (the layer outputs its balance statistics; the model pools them)
+    load_balance_scope: str = "layer"  # layer | sequence (per sequence, averaged) | model (the layer outputs its balance statistics; the model pools them)
     load_balance_batch: str = "local"  # local | global (expert counts summed over the data-parallel ranks)
     entropy: float = 0.0  # weight of the entropy reward -H(p)
     margin: float = 0.0  # weight of the margin reward -(p_top1 - p_top2)
@@ -67,6 +70,11 @@ class AuxAttrs:
     @property
     def pooled(self) -> bool:
         return self.load_balance_scope == "model"
+
+    @property
+    def per_sequence(self) -> bool:
+        """DeepSeek-V3's sequence-wise balance loss: f_e and P_e over each sequence's tokens, the loss averaged over sequences."""
+        return self.load_balance_scope == "sequence"
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,9 @@ def moe_attrs(cfg) -> MoeAttrs:
             dropout=router.dropout,
             sinkhorn_topk=(router.sinkhorn.topk or 0) if router.sinkhorn else 0,
             table=tuple(router.table or ()),
+            groups=router.groups,
+            top_groups=router.top_groups or router.groups,
+            scale=router.scale,
         ),
         expert=_expert_attrs(cfg.expert),
         capacity=CapacityAttrs(mode=capacity.mode, factor=constant(capacity.factor), tokens=capacity.tokens or 0,

@@ -13,9 +13,10 @@ drift apart. The ops (each one node; semantics in docs/semantics.md)::
     noisy   = band_mask(noisy)                        # spectral bands: -inf outside the bin's group of experts
     noisy   = anneal_temperature(noisy, anneal)       # router.temperature annealed: / router.anneal[0]
     scores  = <router score op>(noisy)                # softmax | sigmoid | sinkhorn: [B,S,E]
-    w, idx  = topk(scores [, selection_bias], k=choices)  # [B,S,k]
+    w, idx  = topk(scores [, selection_bias], k=choices [, groups, top_groups])  # [B,S,k]; groups: router.groups > 1
     w       = router_dropout(w)                       # router.dropout (training only)
     w       = renormalize(w)                          # router.normalize
+    w       = weight_scale(w)                         # router.scale != 1
     w, kept = capacity(scores, idx, w [, anneal])     # capacity mode only; factor router.anneal[2] if annealed
     xd      = dispatch(h, idx)                        # [B,S,k,D]
     yd      = expert_ffn(xd, idx [, kept], experts.*) # [B,S,k,D]
@@ -23,6 +24,7 @@ drift apart. The ops (each one node; semantics in docs/semantics.md)::
     out     = fallback_add(out, ffn(h, fallback.*), kept)  # capacity.fallback 'dense': tokens every expert dropped
     out     = out (+ shared experts' FFN [* sigmoid(h @ shared_gate.T)])
     aux     = load_balance_loss(scores, idx) + z_loss(logits) [+ entropy_loss(scores)] [+ margin_loss(scores)]
+                                                      # per_sequence: aux.load_balance_scope 'sequence'
     stats   = balance_stats(scores, idx)              # aux.load_balance_scope 'model': instead of
                                                       # load_balance_loss; the model pools them
 
@@ -97,11 +99,14 @@ def decompose(b, attrs: MoeAttrs, h: Ref, router_in: Ref, params: Mapping[str, R
         noisy = b.add("anneal_temperature", [noisy, params[ANNEAL]], rpath)
     scores = b.add(kind.score_op, [noisy], rpath, **kind.score_attrs(router))
     select = [scores] + ([params[SELECTION_BIAS]] if kind.selection_bias else [])
-    weights, indices = b.add("topk", select, rpath, outputs=2, k=attrs.choices)
+    groups = {"groups": router.groups, "top_groups": router.top_groups} if router.groups > 1 else {}
+    weights, indices = b.add("topk", select, rpath, outputs=2, k=attrs.choices, **groups)
     if router.dropout > 0:
         weights = b.add("router_dropout", [weights], rpath, p=router.dropout)
     if router.normalize:
         weights = b.add("renormalize", [weights], rpath)
+    if router.scale != 1.0:
+        weights = b.add("weight_scale", [weights], rpath, factor=router.scale)
     return _route_and_combine(b, attrs, h, params, path, logits, scores, weights, indices)
 
 
@@ -144,7 +149,7 @@ def _route_and_combine(b, attrs: MoeAttrs, h: Ref, params: Mapping[str, Ref], pa
         return out, z, stats
     # Both terms are always there (a weight of 0 included): backends skip a term whose weight is 0.
     balance = b.add("load_balance_loss", [scores, indices], apath, experts=attrs.experts, top_k=attrs.top_k,
-                    weight=attrs.aux.load_balance)
+                    weight=attrs.aux.load_balance, **({"per_sequence": True} if attrs.aux.per_sequence else {}))
     z = b.add("z_loss", [logits], apath, weight=attrs.aux.z_loss)
     aux = _rewards(b, attrs, scores, b.add("add", [balance, z], apath), apath)
     b.mark_moe(out, aux, attrs)

@@ -12,7 +12,15 @@ An entry holds everything the compiler knows about a kind of router:
 - ``expert_choice``: every expert picks its best tokens (the (token, expert) pairs are all
   candidates, and capacity keeps each expert's C best) instead of every token its top_k;
 - ``learned``: false for a router with no weight: its score op reads the layer's ``router_in``
-  directly (``token_id``: the token ids) and the scores stand in for the logits.
+  directly (``token_id``: the token ids) and the scores stand in for the logits;
+- ``group_limited``: the kind accepts ``router.groups`` / ``router.top_groups`` (DeepSeek's
+  ``n_group`` / ``topk_group``): the experts in equal groups, a group's score the sum of its two
+  best (selection-biased) scores, a token's top_k taken from its top_groups best groups only
+  (the ``topk`` op's ``groups`` / ``top_groups`` attributes; ``select_grouped_experts`` in a
+  program).
+
+Every learned router also takes ``router.scale`` (DeepSeek's ``routed_scaling_factor``): the
+combine weights times it, after renormalisation (op ``weight_scale``).
 
 Adding a router kind is one entry here, its score kernel when no existing one fits, the
 name in the schema's ``Router.kind`` literal, and tests.
@@ -37,6 +45,7 @@ class RouterKind:
     selection_bias: bool = False
     expert_choice: bool = False
     learned: bool = True
+    group_limited: bool = False
 
 
 def _temperature(router: RouterAttrs) -> dict:
@@ -57,13 +66,13 @@ ROUTERS = {
     for kind in (
         RouterKind(
             "topk", "softmax over experts, each token takes its top_k (Switch, Mixtral)",
-            score_op="softmax", score_attrs=_temperature, emit_scores=_softmax,
+            score_op="softmax", score_attrs=_temperature, emit_scores=_softmax, group_limited=True,
         ),
         RouterKind(
             "sigmoid_bias", "independent sigmoid scores; a selection-only bias balances the load (DeepSeek-V3)",
             score_op="sigmoid", score_attrs=_temperature,
             emit_scores=lambda r, logits: f"torch.sigmoid({_tempered(r, logits)})",
-            selection_bias=True,
+            selection_bias=True, group_limited=True,
         ),
         RouterKind(
             "sinkhorn", "Sinkhorn-balanced assignment over the batch, then top_k (BASE layers, the m library)",

@@ -82,10 +82,35 @@ def token_route(ctx, attrs, ids):
 
 
 def topk(ctx, attrs, scores, selection_bias=None):
-    """The k highest (scores + bias) per token, ties to the lower expert; weights are the unbiased scores."""
+    """The k highest (scores + bias) per token, ties to the lower expert; weights are the unbiased scores.
+
+    Group-limited (``groups``, ``top_groups``): expert e is in group e // (E / groups); a group's score
+    is the sum of its two highest (scores + bias); only the experts of a token's top_groups best groups
+    (ties to the lower group) are candidates.
+    """
     select = scores if selection_bias is None else scores + selection_bias
+    if "groups" in attrs:
+        select = _group_limited(select, attrs["groups"], attrs["top_groups"])
     indices = torch.sort(select, dim=-1, descending=True, stable=True).indices[..., : attrs["k"]]
     return scores.gather(-1, indices), indices
+
+
+def _group_limited(select, groups, top_groups):
+    """``select`` with -inf outside each token's top_groups best groups (group score: the sum of its best two)."""
+    size = select.shape[-1] // groups
+    group_scores = torch.stack([torch.sort(select[..., g * size : (g + 1) * size], dim=-1, descending=True).values[..., :2].sum(-1)
+                                for g in range(groups)], dim=-1)  # [B,S,groups]
+    best = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[..., :top_groups]
+    masked = torch.full_like(select, float("-inf"))
+    for g in range(groups):
+        inside = (best == g).any(-1, keepdim=True)
+        masked[..., g * size : (g + 1) * size] = torch.where(inside, select[..., g * size : (g + 1) * size], float("-inf"))
+    return masked
+
+
+def weight_scale(ctx, attrs, weights):
+    """router.scale: the combine weights times ``factor`` (DeepSeek's routed_scaling_factor), after renormalisation."""
+    return weights * attrs["factor"]
 
 
 def router_dropout(ctx, attrs, weights):
@@ -194,7 +219,13 @@ def load_balance_loss(ctx, attrs, scores, indices):
 
     c_e: tokens whose top-k includes expert e (before capacity drops); P_e: the mean over
     the N = B*S tokens of the router scores normalised to sum to 1 per token.
+    ``per_sequence`` (aux.load_balance_scope 'sequence', DeepSeek-V3's sequence-wise loss): c_e, N and
+    P_e of each sequence (dim 0) on its own, the loss the mean over the sequences.
     """
+    if attrs.get("per_sequence"):
+        per_attrs = {**attrs, "per_sequence": False}
+        losses = [load_balance_loss(ctx, per_attrs, scores[b : b + 1], indices[b : b + 1]) for b in range(scores.shape[0])]
+        return torch.stack(losses).mean()
     experts = attrs["experts"]
     probs = scores / scores.sum(-1, keepdim=True)
     tokens = probs.shape[0] * probs.shape[1]
@@ -256,7 +287,7 @@ def band_index(ctx, attrs, z):
 
 KERNELS = {
     "noise": noise, "anneal_temperature": anneal_temperature, "band_mask": band_mask, "softmax": softmax, "sigmoid": sigmoid, "sinkhorn": sinkhorn, "token_route": token_route, "topk": topk,
-    "renormalize": renormalize, "router_dropout": router_dropout, "entropy_loss": entropy_loss, "margin_loss": margin_loss,
+    "renormalize": renormalize, "weight_scale": weight_scale, "router_dropout": router_dropout, "entropy_loss": entropy_loss, "margin_loss": margin_loss,
     "capacity": capacity, "dispatch": dispatch, "expert_ffn": expert_ffn,
     "combine": combine, "fallback_add": fallback_add, "load_balance_loss": load_balance_loss, "z_loss": z_loss,
     "balance_stats": balance_stats, "load_balance_pooled": load_balance_pooled, "rfft": rfft, "irfft": irfft,

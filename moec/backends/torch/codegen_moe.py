@@ -186,15 +186,23 @@ def _router(moe: MoeAttrs, selection_bias: bool, fused: bool = False, tiles: tup
     if fused:  # one Triton kernel, renormalising too unless router dropout comes between
         lines += codegen_triton.router_lines(moe, logits, selection_bias, tiles)
     else:
-        lines += [
-            f"    scores = {ROUTERS[router.kind].emit_scores(router, logits)}  # (N, E)",
-            f"    weights, chosen = select_experts(scores, {moe.choices}{', router_selection_bias' if selection_bias else ''})  # (N, k)",
-        ]
+        lines += [f"    scores = {ROUTERS[router.kind].emit_scores(router, logits)}  # (N, E)", _select(moe, selection_bias)]
     if router.dropout > 0:
         lines.append(f"    weights = router_dropout(weights, {router.dropout!r}, training)  # the best choice dropped for some tokens")
     if router.normalize and not (fused and router.dropout == 0):
         lines.append("    weights = weights / weights.sum(-1, keepdim=True)")
+    if router.scale != 1.0:
+        lines.append(f"    weights = weights * {router.scale!r}  # router.scale, after renormalisation")
     return lines
+
+
+def _select(moe: MoeAttrs, selection_bias: bool) -> str:
+    bias = ", router_selection_bias" if selection_bias else ""
+    router = moe.router
+    if router.groups == 1:
+        return f"    weights, chosen = select_experts(scores, {moe.choices}{bias})  # (N, k)"
+    return (f"    weights, chosen = select_grouped_experts(scores, {moe.choices}, {router.groups}, {router.top_groups}{bias})"
+            f"  # (N, k) from each token's {router.top_groups} best of {router.groups} expert groups")
 
 
 def _capacity(moe: MoeAttrs) -> list[str]:
@@ -341,6 +349,8 @@ def _aux(moe: MoeAttrs) -> list[str]:
     per_layer = weights.load_balance if not weights.pooled else 0.0  # pooled: the model computes it
     group = ", batch_group" if moe.aux.load_balance_batch == "global" else ""
     balance = f"{per_layer!r} * {_balance_fn(moe)}(scores, counts, {moe.experts}{group})" if per_layer > 0 else zero
+    if per_layer > 0 and weights.per_sequence:  # aux.load_balance_scope 'sequence': each sequence's tokens, averaged
+        balance = f"{per_layer!r} * sequence_load_balance_loss(scores, chosen, batch, {moe.experts})"
     z = f"{weights.z_loss!r} * torch.logsumexp(logits, dim=-1).pow(2).mean()" if weights.z_loss > 0 else zero
     rewards = [(name, weight) for name, weight in (("entropy_loss", weights.entropy), ("margin_loss", weights.margin)) if weight > 0]
     aux = " + ".join(name for name, weight in (("balance", per_layer), ("z", weights.z_loss), *rewards) if weight > 0)

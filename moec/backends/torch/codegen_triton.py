@@ -4,7 +4,8 @@
 
 - the router (``router_lines``): for the softmax (``topk``) and sigmoid (``sigmoid_bias``)
   routers, one kernel from logits to scores, top-k weights (renormalised when the spec says
-  so), choices and per-block expert counts; other routers keep their torch lines;
+  so), choices and per-block expert counts; other routers, and group-limited ones
+  (``router.groups`` > 1), keep their torch lines;
 - the permutation (``permutation_lines``): rows sorted by expert from counts and prefix sums,
   no argsort; with capacity the dropped choices form a last group that is never computed;
 - the experts' first projection with their biases and the activation in its epilogue, then
@@ -22,8 +23,10 @@ FUSED_SCORES = {"softmax": False, "sigmoid": True}  # a router's score op -> the
 
 
 def fuses_router(moe: MoeAttrs) -> bool:
+    """The fused kernel takes a plain top-k; a group-limited router keeps its torch lines (``select_grouped_experts``)
+    before the Triton permutation and experts. ``router.scale`` is a torch line after either."""
     kind = ROUTERS[moe.router.kind]
-    return kind.learned and not kind.expert_choice and kind.score_op in FUSED_SCORES
+    return kind.learned and not kind.expert_choice and kind.score_op in FUSED_SCORES and moe.router.groups == 1
 
 
 def _tile_arg(tiles: tuple[int, ...]) -> str:

@@ -241,6 +241,21 @@ def select_experts(scores: torch.Tensor, top_k: int, bias: torch.Tensor | None =
     return scores.gather(-1, chosen), chosen
 
 
+def select_grouped_experts(scores: torch.Tensor, top_k: int, groups: int, top_groups: int,
+                           bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited top-k (DeepSeek's n_group / topk_group): the experts in ``groups`` equal groups, a group's score
+    the sum of its two best (scores + bias); the top-k of (scores + bias) among the experts of the top_groups best
+    groups. Ties to the lower group and expert; weights are the unbiased scores."""
+    select = scores if bias is None else scores + bias
+    tokens, experts = select.shape
+    group_scores = select.view(tokens, groups, experts // groups).topk(2, dim=-1).values.sum(-1)  # (N, groups)
+    best = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :top_groups]  # (N, top_groups)
+    allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, best, True)  # (N, groups)
+    select = select.masked_fill(~allowed.repeat_interleave(experts // groups, dim=1), float("-inf"))
+    chosen = torch.sort(select, dim=-1, descending=True, stable=True).indices[:, :top_k]  # (N, k)
+    return scores.gather(-1, chosen), chosen
+
+
 def capacity_of(tokens: int, factor: float, top_k: int, experts: int) -> int:
     """Slots per expert: C = max(1, floor(factor * tokens * top_k / experts))."""
     return max(1, math.floor(factor * tokens * top_k / experts))
@@ -287,6 +302,14 @@ def load_balance_loss(scores: torch.Tensor, counts: torch.Tensor, experts: int) 
     """E * sum_e (c_e / N) * P_e with P_e the mean of the per-token normalised scores."""
     probs = scores / scores.sum(-1, keepdim=True)
     return experts * torch.sum(counts.to(probs.dtype) / scores.shape[0] * probs.mean(0))
+
+
+def sequence_load_balance_loss(scores: torch.Tensor, chosen: torch.Tensor, batch: int, experts: int) -> torch.Tensor:
+    """E * mean over sequences of sum_e (c_e / S) * P_e, c_e and P_e over that sequence's S tokens (DeepSeek-V3's sequence-wise loss)."""
+    probs = (scores / scores.sum(-1, keepdim=True)).view(batch, -1, experts)  # (B, S, E)
+    picks = chosen.reshape(batch, -1)  # (B, S*k)
+    counts = probs.new_zeros(batch, experts).scatter_add_(1, picks, torch.ones_like(picks, dtype=probs.dtype))  # (B, E)
+    return experts * torch.sum(counts / probs.shape[1] * probs.mean(1)) / batch
 
 
 def dft_matrices(seq: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from moec.layers.fields import DEFAULT_HIDDEN, Activation, LayerName, default_hidden, no_dropout
+from moec.moe.routers import ROUTERS
 from moec.schema.base import MAX_DIM, Base, Dim, NonNegFloat, PosFloat, PosInt, Prob, field_error
 
 # The names of moec.moe.ROUTERS (tests keep them equal); the registry says what each one computes.
@@ -49,7 +50,9 @@ class Sinkhorn(Base):
 
 
 # Options of learned router logits, with the value that leaves them out (token_id accepts only that).
-_LEARNED_ROUTER_OPTIONS = {"temperature": 1.0, "noise": Noise(), "normalize": False, "bias": False, "norm": "none", "dropout": 0.0}
+_LEARNED_ROUTER_OPTIONS = {"temperature": 1.0, "noise": Noise(), "normalize": False, "bias": False, "norm": "none", "dropout": 0.0,
+                           "scale": 1.0}
+_GROUP_LIMITED = " and ".join(f"'{name}'" for name, kind in ROUTERS.items() if kind.group_limited)
 
 
 class Router(Base):
@@ -71,6 +74,12 @@ class Router(Base):
     table: Annotated[list[Annotated[int, Field(ge=0, le=MAX_DIM)]], Field(min_length=1, max_length=MAX_DIM)] | None = Field(
         None, description="Only with kind: token_id: a fixed routing table, token id t goes to expert table[t % len(table)] "
         "(len(table) <= vocab). null: expert t % experts (the complexity library's TokenRoutedMLP).")
+    groups: PosInt = Field(1, description="Group-limited routing (DeepSeek's n_group; kinds topk and sigmoid_bias): the experts in this "
+                           "many equal groups, a group's score the sum of its two best (selection-biased) scores; a token chooses "
+                           "only among the experts of its top_groups best groups. 1: no limit.")
+    top_groups: PosInt | None = Field(None, description="With groups > 1 (required there): how many groups a token's experts come "
+                                      "from (DeepSeek's topk_group), top_k <= top_groups * experts / groups. Default: groups.")
+    scale: PosFloat = Field(1.0, description="The combine weights times this, after renormalisation (DeepSeek's routed_scaling_factor).")
 
     @model_validator(mode="after")
     def _options_match_kind(self) -> "Router":
@@ -82,6 +91,13 @@ class Router(Base):
             raise field_error("bias_update_rate", f"is used only by kind 'sigmoid_bias', but the router kind is '{self.kind}'")
         if self.table is not None and self.kind != "token_id":
             raise field_error("table", f"is used only by kind 'token_id', but the router kind is '{self.kind}'")
+        for name in ("groups", "top_groups"):  # 1 limits nothing (a resolved spec says so for every kind)
+            if (getattr(self, name) or 1) > 1 and not ROUTERS[self.kind].group_limited:
+                raise field_error(name, f"is used only by kinds {_GROUP_LIMITED} (group-limited top-k), but the router kind is '{self.kind}'")
+        if self.groups > 1 and self.top_groups is None:
+            raise field_error("groups", f"splits the experts into {self.groups} groups: set top_groups (how many of them a token may use)")
+        if self.top_groups is not None and self.top_groups > self.groups:
+            raise field_error("top_groups", f"must be <= groups ({self.groups}), got {self.top_groups}")
         if self.kind == "token_id":
             for name, inert in _LEARNED_ROUTER_OPTIONS.items():
                 if name in self.model_fields_set and getattr(self, name) != inert:
@@ -130,9 +146,11 @@ class AuxLoss(Base):
     """Weights of the router's auxiliary losses (0 disables one)."""
 
     load_balance: NonNegFloat = 0.01
-    load_balance_scope: Literal["layer", "model"] = Field(
-        "layer", description="layer: one load-balance loss per MoE layer, summed (Megatron, torchtitan); model: expert counts "
-        "and router probabilities pooled over all MoE layers, one product (HF transformers' load_balancing_loss_func)."
+    load_balance_scope: Literal["layer", "sequence", "model"] = Field(
+        "layer", description="layer: one load-balance loss per MoE layer, summed (Megatron, torchtitan); sequence: per layer, "
+        "the balance term of each sequence's tokens, averaged over the sequences (DeepSeek-V3's complementary sequence-wise "
+        "loss); model: expert counts and router probabilities pooled over all MoE layers, one product (HF transformers' "
+        "load_balancing_loss_func)."
     )
     load_balance_batch: Literal["local", "global"] = Field(
         "local", description="The tokens whose expert counts enter the load-balance loss. local: this rank's micro-batch "
@@ -147,6 +165,11 @@ class AuxLoss(Base):
     def _batch_needs_a_loss(self) -> "AuxLoss":
         if self.load_balance_batch != "local" and self.load_balance == 0:
             raise field_error("load_balance_batch", "chooses the tokens of the load-balance loss, but load_balance is 0 (no loss)")
+        if self.load_balance_scope == "sequence" and self.load_balance == 0:
+            raise field_error("load_balance_scope", "'sequence' balances each sequence's tokens, but load_balance is 0 (no loss)")
+        if self.load_balance_scope == "sequence" and self.load_balance_batch != "local":
+            raise field_error("load_balance_batch", "'global' sums the expert counts over the data-parallel ranks, but "
+                              "load_balance_scope 'sequence' counts each sequence's own tokens; use one of them")
         return self
 
 
@@ -214,7 +237,26 @@ class MoeConfig(Base):
             raise field_error("router.sinkhorn.topk", f"must be between top_k ({self.top_k}) and experts ({self.experts}), got {topk}")
         if self.aux.margin > 0 and self.experts < 2:
             raise field_error("aux.margin", "needs at least 2 experts (top-1 minus top-2)")
+        self._groups_fit()
+        if router.scale != 1.0 and self.capacity.drop_policy == "renormalize":
+            raise field_error("router.scale", "would be undone by capacity.drop_policy 'renormalize' (the kept weights rescaled "
+                              "to sum to 1); use drop_policy 'zero' or scale 1")
         return self
+
+    def _groups_fit(self) -> None:
+        """Group-limited routing: equal groups of at least 2 experts (a group scores by its top 2), enough experts to choose from."""
+        groups, top_groups = self.router.groups, self.router.top_groups
+        if groups == 1:
+            return
+        if self.experts % groups:
+            raise field_error("router.groups", f"must divide experts ({self.experts}), got {groups}")
+        size = self.experts // groups
+        if size < 2:
+            raise field_error("router.groups", f"leaves {size} expert per group; a group's score is the sum of its best 2 scores, "
+                              f"so groups must be <= experts / 2 ({self.experts // 2})")
+        if self.top_k > top_groups * size:
+            raise field_error("top_k", f"must be <= top_groups * experts / groups ({top_groups} * {size} = {top_groups * size}): "
+                              f"a token chooses only among the experts of its top_groups best groups, got {self.top_k}")
 
     @model_validator(mode="after")
     def _token_id_options(self) -> "MoeConfig":
@@ -226,6 +268,9 @@ class MoeConfig(Base):
         for name in ("load_balance", "z_loss", "entropy", "margin"):
             if name in self.aux.model_fields_set and getattr(self.aux, name) > 0:
                 raise field_error(f"aux.{name}", "has no learned router to act on with kind 'token_id'; set it to 0 or remove it")
+        if self.aux.load_balance_scope == "sequence":
+            raise field_error("aux.load_balance_scope", "'sequence' shapes a load-balance loss, which kind 'token_id' does not have "
+                              "(a fixed table); remove it")
         for i, expert in enumerate(self.router.table or ()):
             if expert >= self.experts:
                 raise field_error(f"router.table.{i}", f"must be an expert index < experts ({self.experts}), got {expert}")
@@ -247,6 +292,9 @@ class MoeConfig(Base):
                               "of tokens); set it to 0 or remove it")
         if self.aux.load_balance_batch != "local":
             raise field_error("aux.load_balance_batch", "does not apply to expert_choice: it has no load-balance loss; remove it")
+        if self.aux.load_balance_scope == "sequence":
+            raise field_error("aux.load_balance_scope", "'sequence' does not apply to expert_choice: it has no load-balance loss; "
+                              "remove it")
         return self
 
 
@@ -273,6 +321,7 @@ def resolve_moe_config(moe: dict, width: int) -> None:
         router["sinkhorn"] = {"iters": 5, "tau": 0.7}
     if router["kind"] == "sigmoid_bias" and router["bias_update_rate"] is None:
         router["bias_update_rate"] = 1e-3
+    router["top_groups"] = router["top_groups"] or router["groups"]
     capacity = moe["capacity"]
     if router["kind"] == "expert_choice":  # see MoeConfig: capacity-based, balanced by construction
         capacity["mode"] = "capacity"

@@ -39,6 +39,8 @@ class SpectralMoe(Base):
                 raise field_error("bands", f"leaves {self.moe.experts // self.bands} experts per band, fewer than top_k ({self.moe.top_k})")
             if self.moe.router.kind != "topk":
                 raise field_error("bands", f"restricts a softmax top-k router; router kind '{self.moe.router.kind}' is not supported with it")
+            if self.moe.router.groups > 1:
+                raise field_error("moe.router.groups", "limits each token to groups of experts, as bands does by frequency; use one of them")
         return self
 
 
