@@ -33,6 +33,8 @@ def mean_stats(stats: Sequence[MoeStats]) -> MoeStats:
 @dataclass
 class ModelOutput:
     output: torch.Tensor  # logits [B,S,V] / predictions [B,S,out] (S is 1 with pool: last)
-    aux_loss: torch.Tensor  # scalar: the weighted sum of every MoE layer's aux losses
+    aux_loss: torch.Tensor  # scalar: the weighted sum of every MoE layer's aux losses (the MTP modules' blocks included)
     # Generated models only: one MoeStats per MoE layer, in the order of the class's MOE_LAYERS.
     moe_stats: tuple[MoeStats, ...] = ()
+    # Multi-token prediction (head.mtp; training only): depth k's logits [B,S,V], position i predicting token i+k+1.
+    mtp_logits: tuple[torch.Tensor, ...] = ()

@@ -231,6 +231,25 @@ def _select_last(types, attrs):
     return (TensorType((x.shape[0], 1, x.shape[2]), x.dtype),)
 
 
+@op("shift_tokens", 1, required="steps")
+def _shift_tokens(types, attrs):
+    """Token ids moved ``steps`` positions left, the last ``steps`` positions 0 (multi-token prediction's inputs)."""
+    (tokens,) = types
+    _expect(tokens.dtype == "i64" and tokens.rank == 2, f"shift_tokens takes i64 ids [B,S], got {tokens}")
+    return _same(tokens)
+
+
+@op("concat", 2)
+def _concat(types, attrs):
+    """[.., A] ++ [.., C] -> [.., A+C] along the last dimension."""
+    a, c = types
+    _float(a, "concat input")
+    _expect(a.shape[:-1] == c.shape[:-1], f"concat takes values that differ in the last dimension only, got {a}, {c}")
+    last = a.shape[-1] + c.shape[-1] if isinstance(a.shape[-1], int) and isinstance(c.shape[-1], int) else None
+    _expect(last is not None, f"concat needs static last dimensions, got {a}, {c}")
+    return (TensorType(a.shape[:-1] + (last,), "f32"),)
+
+
 @op("dynamics", (6, 7), required="dt beta_max velocity_limit")
 def _dynamics(types, attrs):
     """INL dynamics: (h, [v], mu, controller_in w/b, controller_out w/b) -> (h', v'); without v, v = 0."""

@@ -21,8 +21,8 @@ def verify(graph: Graph) -> None:
     for node in graph.nodes:
         _check_node(node, seen, graph.typed)
         seen[node.name] = node
-    if len(graph.outputs) != 2:
-        raise VerifyError(f"a graph has two outputs (prediction, aux_loss), got {len(graph.outputs)}")
+    if len(graph.outputs) < 2:
+        raise VerifyError(f"a graph has two outputs (prediction, aux_loss), then with multi-token prediction one logits per depth and their aux loss; got {len(graph.outputs)}")
     for ref in graph.outputs:
         _check_ref(ref, seen, "graph output")
     _check_no_dangling(graph)

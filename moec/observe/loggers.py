@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TRAIN_SCALARS = ("loss", "task_loss", "aux_loss", "aux_load_balance", "aux_z", "lr", "grad_norm", "tokens_per_s")
+TRAIN_SCALARS = ("loss", "task_loss", "aux_loss", "aux_load_balance", "aux_z", "mtp_loss", "lr", "grad_norm", "tokens_per_s")
 EVAL_SCALARS = ("val_loss", "val_bits_per_byte", "val_bits_per_token", "val_mse", "val_mse_over_last_value")
 MOE_SCALARS = ("dropped_fraction", "gate_entropy")
 
@@ -22,6 +22,7 @@ def scalars(row: dict) -> dict[str, float]:
     """The row's numbers under the loggers' names: ``train/loss``, ``eval/val_loss``, ``moe/<layer>/<field>``."""
     names = TRAIN_SCALARS if row["kind"] == "train" else EVAL_SCALARS
     out = {f"{row['kind']}/{name}": row[name] for name in names if isinstance(row.get(name), (int, float))}
+    out |= {f"train/{name}": value for name, value in row.items() if name.startswith("mtp_loss_")}  # per MTP depth
     for layer, health in row.get("moe", {}).items():
         out |= {f"moe/{layer}/{name}": health[name] for name in MOE_SCALARS}
     return out

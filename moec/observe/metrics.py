@@ -4,7 +4,8 @@ Every row has ``kind``, ``step``, ``time`` (Unix seconds) and ``elapsed_s`` (sec
 started, summed over resumes). Train rows: ``{"kind": "train", "step", "loss", "task_loss", "aux_loss", "aux_load_balance",
 "aux_z", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes", "moe": {layer:
 {"utilization": [fraction of routed (token, choice) pairs per expert], "dropped_fraction",
-"gate_entropy"}}}``. Eval rows: ``{"kind": "eval", "step", "val_loss"}`` plus
+"gate_entropy"}}}``, with ``head.mtp`` also ``mtp_loss`` (the weighted term ``loss`` includes) and ``mtp_loss_<k>``
+(depth k's cross-entropy). Eval rows: ``{"kind": "eval", "step", "val_loss"}`` plus
 ``val_bits_per_byte`` for text (per byte of the text, whatever the tokenizer), ``val_bits_per_token``
 for token files (whose bytes are unknown) or ``val_mse`` for continuous data.
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 from moec.ir.graph import Graph, Ref
 from moec.layers import LAYER_KINDS, Lowering
 from moec.passes.builder import GraphBuilder, init_std
+from moec.schema.model import Norm
 from moec.schema.spec import Spec
 
 
@@ -23,15 +24,17 @@ def lower(spec: Spec) -> Graph:
     index = 0
     for entry, block in enumerate(model.blocks):
         for _ in range(block.repeat):
-            x = _lower_block(cx, block, entry, index, x)
+            x = _lower_block(cx, block, entry, f"blocks.{index}", x)
             index += 1
+    hidden = x  # the last block's output: depth 1 of multi-token prediction reads it
     if model.final_norm is not None:
         x = _norm(b, x, model.final_norm, "final_norm", ("model", "final_norm"), model.d_model)
     prediction = _lower_head(b, spec, x)
     if cx.balance:
         cx.aux_terms.append(_pooled_load_balance(b, cx.balance))
     aux = _sum(b, cx.aux_terms, ("model",))
-    return Graph(nodes=tuple(b.nodes), outputs=(prediction, aux), notes=(("spec", spec.name),))
+    mtp = _lower_mtp(Lowering(b, spec), hidden) if model.head.kind == "lm" and model.head.mtp is not None else ()
+    return Graph(nodes=tuple(b.nodes), outputs=(prediction, aux, *mtp), notes=(("spec", spec.name),))
 
 
 def _lower_inputs(b: GraphBuilder, spec: Spec) -> Ref:
@@ -62,14 +65,14 @@ def _pooled_load_balance(b, balance) -> Ref:
                  experts=layer.experts, weight=layer.aux.load_balance)
 
 
-def _lower_block(cx: Lowering, block, entry: int, index: int, x: Ref) -> Ref:
+def _lower_block(cx: Lowering, block, entry: int, owner: str, x: Ref) -> Ref:
     """Each layer through its kind's lowering, wrapped as x + layer(norm(x)) or norm(x + layer(x)) unless its kind
     updates the residual stream itself."""
     b, d = cx.b, cx.spec.model.d_model
     norm_path = ("model", "blocks", entry, "norm")
     for j, layer in enumerate(block.layers):
         path = ("model", "blocks", entry, "layers", j)
-        prefix = f"blocks.{index}.{layer.name}"
+        prefix = f"{owner}.{layer.name}"
         kind = LAYER_KINDS[layer.kind]
         if not kind.wrapped:
             x = kind.lower(cx, layer, prefix, path, x)
@@ -103,6 +106,35 @@ def _lower_head(b, spec, x) -> Ref:
     weight = b.param("head.weight", (model.head.out_dims, model.d_model), path, std=init_std(spec), group="head")
     bias = b.param("head.bias", (model.head.out_dims,), path, init="zeros", group="bias")
     return b.add("linear", [x, weight, bias], path)
+
+
+def _lower_mtp(cx: Lowering, hidden: Ref) -> tuple[Ref, ...]:
+    """DeepSeek-V3's multi-token prediction modules: the logits of each depth k = 1..D, position i predicting token i+k+1,
+    then the sum of their blocks' aux losses (the graph's outputs after prediction and aux; only the main model's
+    nodes reach the first two).
+
+    Module k: h = eh_proj(RMSNorm(embed(token i+k)) ++ RMSNorm(h_{k-1})) (the embedding first, as DeepSeek-V3's
+    checkpoints and Megatron order it; h_0 is the last block's output before the final norm), one block shaped like
+    the spec's last block, then RMSNorm and the shared head. The sequence keeps its length S: token i+k is the input
+    shifted left by k with id 0 in the last k positions, whose predictions have no target (causal attention keeps
+    them from earlier positions)."""
+    b, spec = cx.b, cx.spec
+    model, mtp, path = spec.model, spec.model.head.mtp, ("model", "head", "mtp")
+    d, last = model.d_model, model.blocks[-1]
+    norm = Norm(kind="rmsnorm", eps=last.norm.eps)
+    tokens = next(Ref(node.name) for node in b.nodes if node.op == "input")
+    head = b.param_refs["embed.weight"] if model.head.tie_embeddings else b.param_refs["head.weight"]
+    pad = {} if model.inputs.pad_id is None else {"padding_idx": model.inputs.pad_id}
+    logits = []
+    for k in range(1, mtp.depth + 1):
+        owner = f"mtp.{k - 1}"
+        shifted = b.add("shift_tokens", [tokens], path, steps=k)
+        e = _norm(b, b.add("embed", [shifted, b.param_refs["embed.weight"]], path, **pad), norm, f"{owner}.enorm", path, d)
+        h = _norm(b, hidden, norm, f"{owner}.hnorm", path, d)
+        proj = b.param(f"{owner}.eh_proj.weight", (d, 2 * d), path, std=init_std(spec), group="mtp")
+        hidden = _lower_block(cx, last, len(model.blocks) - 1, f"{owner}.block", b.add("linear", [b.add("concat", [e, h], path), proj], path))
+        logits.append(b.add("linear", [_norm(b, hidden, norm, f"{owner}.norm", path, d), head], path))
+    return (*logits, _sum(b, cx.aux_terms, path))
 
 
 def _sum(b, terms: list[Ref], path: tuple) -> Ref:

@@ -38,6 +38,7 @@ def run_checks(spec: Spec) -> list[Finding]:
         _expert_placement,
         _kernels_serve_spec,
         _pooled_load_balance,
+        _mtp_parallelism,
         _size_is_sane,
         _loggers_installed,
     ):
@@ -123,6 +124,26 @@ def _parallel_divisibility(spec: Spec) -> Iterator[Finding]:
         stages = axis_size(spec, [spec.sharding.pipeline.axis])
         if spec.model.num_layers < stages:
             yield ("sharding", "pipeline", "axis"), f"{stages} pipeline stages but only {spec.model.num_layers} blocks"
+
+
+def _mtp_parallelism(spec: Spec) -> Iterator[Finding]:
+    """What multi-token prediction (head.mtp) runs under: one process, data parallelism and FSDP."""
+    mtp = getattr(spec.model.head, "mtp", None)
+    if mtp is None:
+        return
+    path, sharding = ("model", "head", "mtp"), spec.sharding
+    if sharding.pipeline is not None and axis_size(spec, [sharding.pipeline.axis]) > 1:
+        # as torchtitan's deepseek_v3 refuses it: the MTP modules read the embedding (the first stage's) and the last
+        # block's hidden state and the head (the last stage's), and their loss is not the last stage's logits alone
+        yield path, ("multi-token prediction is not supported with pipeline parallelism: its modules need the first stage's "
+                     "embedding and the last stage's hidden state and head; remove head.mtp or sharding.pipeline")
+    for role, size in (("tensor", axis_size(spec, [sharding.tensor.axis]) if sharding.tensor else 1),
+                       ("expert", axis_size(spec, sharding.experts))):
+        if size > 1:
+            yield path, (f"multi-token prediction is not supported with {role} parallelism yet: parallel.py's plan covers "
+                         "model.blocks, not the MTP modules' blocks; use data parallelism or FSDP")
+    if spec.train.seq_len <= mtp.depth:
+        yield path, f"depth {mtp.depth} leaves no position with a target at train.seq_len {spec.train.seq_len}"
 
 
 def _batch_divisibility(spec: Spec) -> Iterator[Finding]:
@@ -358,13 +379,19 @@ def estimate_params(spec: Spec) -> int:
     total = model.inputs.vocab * d if model.inputs.kind == "tokens" else model.inputs.dims * d + d
     total += model.max_seq_len * d if model.position == "learned" else 0
     for block in model.blocks:
-        norm = _norm_params(block.norm, d)  # every wrapped layer (all but dynamics) has its own norm
-        kinds = [LAYER_KINDS[layer.kind] for layer in block.layers]
-        total += block.repeat * sum(kind.params(layer, spec) + (norm if kind.wrapped else 0) for kind, layer in zip(kinds, block.layers))
+        total += block.repeat * _block_params(spec, block)
     total += _norm_params(model.final_norm, d) if model.final_norm is not None else 0
     if model.head.kind == "lm":
+        if model.head.mtp is not None:  # per depth: enorm, hnorm, eh_proj [d, 2d], a copy of the last block, norm
+            total += model.head.mtp.depth * (3 * d + 2 * d * d + _block_params(spec, model.blocks[-1]))
         return total + (0 if model.head.tie_embeddings else model.inputs.vocab * d)
     return total + model.head.out_dims * (d + 1)
+
+
+def _block_params(spec: Spec, block) -> int:
+    norm = _norm_params(block.norm, spec.model.d_model)  # every wrapped layer (all but dynamics) has its own norm
+    kinds = [LAYER_KINDS[layer.kind] for layer in block.layers]
+    return sum(kind.params(layer, spec) + (norm if kind.wrapped else 0) for kind, layer in zip(kinds, block.layers))
 
 
 def _norm_params(norm, width: int) -> int:

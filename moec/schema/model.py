@@ -75,12 +75,29 @@ class ContinuousInputs(Base):
 Inputs = Annotated[Union[TokenInputs, ContinuousInputs], Field(discriminator="kind")]
 
 
+class Mtp(Base):
+    """DeepSeek-V3's multi-token prediction (training only): ``depth`` extra modules, module k predicting token
+    i+k+1 from position i; each is RMSNorm(previous hidden) ++ RMSNorm(embed(token i+k)) -> [2d -> d] projection ->
+    one block shaped like the model's last block -> RMSNorm -> the shared head."""
+
+    depth: Annotated[int, Field(ge=1, le=16, description="D: the number of MTP modules (DeepSeek-V3: 1).")]
+    weight: PosFloat = Field(description="lambda: the MTP loss is weight x the mean over depths of their cross-entropies "
+                                         "(DeepSeek-V3: 0.3, then 0.1).")
+
+
 class LmHead(Base):
     """Logits over the vocabulary; trained with cross-entropy on the next token."""
 
     kind: Literal["lm"]
     tie_embeddings: bool = False
     pool: Literal["none", "last"] = Field("none", description="last: predict only from the final position.")
+    mtp: Mtp | None = Field(None, description="Multi-token prediction modules trained alongside the head; none by default.")
+
+    @model_validator(mode="after")
+    def _mtp_predicts_every_position(self) -> "LmHead":
+        if self.mtp is not None and self.pool == "last":
+            raise field_error("mtp", "predicts a token from every position; it cannot be used with pool 'last'")
+        return self
 
 
 class RegressionHead(Base):
@@ -129,7 +146,23 @@ class Model(Base):
                 raise field_error(f"{where}.heads", f"must divide d_model ({self.d_model}), got {layer.heads}; or set head_dim")
             if layer.kv_heads is not None and layer.heads % layer.kv_heads:
                 raise field_error(f"{where}.kv_heads", f"must divide heads ({layer.heads}), got {layer.kv_heads}")
+        if self.head.kind == "lm" and self.head.mtp is not None:
+            self._mtp_block_fits()
         return self
+
+    def _mtp_block_fits(self) -> None:
+        """An MTP module's block copies the last block: a decoder layer (attention / mla, mlp / moe), as DeepSeek-V3's."""
+        last = len(self.blocks) - 1
+        for i, layer in enumerate(self.blocks[-1].layers):
+            if layer.kind in ("dynamics", "spectral_moe"):
+                raise field_error("head.mtp", f"copies the last block (blocks.{last}) into each MTP module, whose layer {i} is "
+                                              f"{layer.kind!r}; multi-token prediction supports attention, mla, mlp and moe layers")
+            if layer.kind == "moe" and layer.router.kind == "token_id":
+                raise field_error("head.mtp", f"copies the last block (blocks.{last}) into each MTP module, whose layer {i} routes "
+                                              "by token id; multi-token prediction supports the learned routers")
+            if layer.kind == "moe" and layer.aux.load_balance_scope == "model":
+                raise field_error("head.mtp", f"copies the last block (blocks.{last}) into each MTP module, whose layer {i} pools "
+                                              "its load balance over the model (load_balance_scope 'model'); use 'layer' or 'sequence'")
 
     def _token_ids_fit(self, router: Router, where: str) -> None:
         if self.inputs.kind != "tokens":

@@ -37,6 +37,7 @@ from moec.train.diagnose import describe_nonfinite
 from moec.train.errors import Aborted, TrainingError
 from moec.train.fit import check_fit
 from moec.train.optim import lr_factor, make_optimizer, set_learning_rates
+from moec.train.mtp import mtp_loss, mtp_losses
 from moec.train.vocab_loss import cross_entropy, loss_context
 from moec.train.pipeline_step import PipelineError, make_pipeline, pipeline_axis
 from moec.train.precision import apply_accumulation
@@ -77,6 +78,7 @@ class Trainer:
         self.expert_parallel = hasattr(self.parallel, "EXPERT_PLACEMENT")
         vocab_axis = getattr(self.parallel, "VOCAB_PARALLEL", None)  # the head's logits split along the vocabulary
         self.vocab_mesh = self.dist.mesh[vocab_axis] if vocab_axis and self.dist.distributed else None
+        self.mtp = getattr(spec.model.head, "mtp", None)  # multi-token prediction: its loss joins the training loss
         self.display = display if self.dist.is_main else None
         self.stop = StopRequest()
         torch.manual_seed(self.train.seed)
@@ -306,6 +308,7 @@ class Trainer:
         start = time.perf_counter()
         self.expert_rows_sent()["bytes"] = 0  # evaluation's all-to-alls are not this step's
         task_total = aux_total = 0.0
+        mtp_totals = [0.0] * self.mtp.depth if self.mtp else []  # head.mtp: each depth's cross-entropy
         stats = []
         for micro in range(accum):
             batch = self.data.batch("train", step * accum + micro, micro_batch)
@@ -315,6 +318,10 @@ class Trainer:
 
             task = self._task_loss(out.output, targets)
             loss = task + out.aux_loss.float()
+            if self.mtp:  # lambda x the mean of the depths' cross-entropies (DeepSeek-V3's MTP loss)
+                depths = mtp_losses(out.mtp_logits, targets, self.vocab_mesh)
+                loss = loss + mtp_loss(depths, self.mtp.weight)
+                mtp_totals = [total + depth.item() / accum for total, depth in zip(mtp_totals, depths)]
             if not torch.isfinite(loss):
                 raise TrainingError(self._diverged_message(step, loss, inputs))
             with loss_context(self.vocab_mesh):  # a vocab-parallel loss's backward reduces over tp
@@ -344,6 +351,10 @@ class Trainer:
             "tokens_per_s": self.train.batch * self.train.seq_len / max(elapsed, 1e-9),
             "peak_memory_bytes": peak_memory_bytes(self.device), "moe": health,
         }
+        if self.mtp:  # the weighted term the loss adds, then each depth's cross-entropy
+            row["mtp_loss"] = self.dist.mean(self.mtp.weight * sum(mtp_totals) / len(mtp_totals))
+            row |= {f"mtp_loss_{k}": self.dist.mean(total) for k, total in enumerate(mtp_totals, 1)}
+            row["loss"] = self.dist.mean(task_total + aux_total) + row["mtp_loss"]
         if held is not None:
             row["memory_plan"] = plan_check(held, self.program.manifest)
         if self.spec.schedule.compile.enabled:

@@ -117,6 +117,15 @@ def select_last(ctx, attrs, x):
     return x[:, -1:, :]
 
 
+def shift_tokens(ctx, attrs, tokens):
+    """tokens[:, steps:] padded with id 0 at the end: position i holds token i+steps (Megatron's roll, zero-filled)."""
+    return F.pad(tokens[:, attrs["steps"]:], (0, attrs["steps"]))
+
+
+def concat(ctx, attrs, a, c):
+    return torch.cat([a, c], dim=-1)
+
+
 def dynamics(ctx, attrs, h, *rest):
     """INL dynamics: (h', v') from h and the velocity v (0 when not given), written step by step.
 
@@ -142,6 +151,6 @@ def constant(ctx, attrs):
 KERNELS = {
     "embed": embed, "linear": linear, "pos_embed": pos_embed, "rmsnorm": rmsnorm, "layernorm": layernorm,
     "head_rmsnorm": head_rmsnorm, "sigmoid_gate": sigmoid_gate, "rope": rope, "attention": attention, "activation": activation, "glu": glu, "clamped_glu": clamped_glu, "add": add,
-    "select_last": select_last, "constant": constant, "dynamics": dynamics, "split": split, "latent_cache": latent_cache,
+    "select_last": select_last, "shift_tokens": shift_tokens, "concat": concat, "constant": constant, "dynamics": dynamics, "split": split, "latent_cache": latent_cache,
     "mla_attention": mla_attention,
 }

@@ -28,7 +28,7 @@ class Context:
 
 
 class ReferenceModel(nn.Module):
-    """``forward(inputs) -> ModelOutput(output, aux_loss)`` by interpreting ``graph``."""
+    """``forward(inputs) -> ModelOutput(output, aux_loss, mtp_logits)`` by interpreting ``graph``."""
 
     def __init__(self, graph: Graph, seed: int, device="cpu"):
         super().__init__()
@@ -68,8 +68,11 @@ class ReferenceModel(nn.Module):
         values: dict[str, tuple] = {}
         for node in self.graph.nodes:
             values[node.name] = self._run(node, ctx, values, inputs)
-        prediction, aux = (values[ref.node][ref.index] for ref in self.graph.outputs)
-        return ModelOutput(output=prediction, aux_loss=aux)
+        prediction, aux, *mtp = (values[ref.node][ref.index] for ref in self.graph.outputs)
+        if not mtp or not self.training:  # multi-token prediction runs in training only
+            return ModelOutput(output=prediction, aux_loss=aux)
+        *logits, mtp_aux = mtp  # multi-token prediction: the depths' logits, their blocks' aux losses
+        return ModelOutput(output=prediction, aux_loss=aux + mtp_aux, mtp_logits=tuple(logits))
 
     def _run(self, node: Node, ctx: Context, values: dict, inputs: torch.Tensor) -> tuple:
         if node.op == "input":

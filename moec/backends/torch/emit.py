@@ -21,6 +21,7 @@ from moec.backends.torch import decode
 from moec.backends.torch.blocks import is_fused, moe_layers, segments
 from moec.backends.torch.fused import FusedFunctions, fused_method, fused_sources
 from moec.backends.torch.layers import LayerPart, split_block
+from moec.backends.torch.mtp import MtpPart, main_graph, mtp_class
 from moec.backends.torch.modules import INIT_ARGS, declarations, standard_modules
 from moec.backends.torch.ops import EXPRESSIONS
 from moec.backends.torch.roots import root_class
@@ -58,16 +59,17 @@ def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel:
                  tensor_splits: dict[str, str] | None = None, parallel_names: tuple[str, ...] = ()) -> tuple[str, str]:
     """(model.py, model_support.py). ``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism;
     ``parallel_names``: what parallel.py imports from model_support.py (``moec.backends.parallel.plan.support_names``)."""
+    graph, mtp_part = main_graph(graph)  # the main model; head.mtp's modules are written around its last block
     emitter = Emitter(graph, FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles,
-                                            dict(tensor_splits or {})), parallel_names)
+                                            dict(tensor_splits or {})), parallel_names, mtp_part)
     return emitter.program(spec_name, header)
 
 
 class Emitter:
     """Writes the classes of one program from the fused graph."""
 
-    def __init__(self, graph: Graph, fused: FusedFunctions, parallel_names: tuple[str, ...] = ()):
-        self.graph, self.fused = graph, fused
+    def __init__(self, graph: Graph, fused: FusedFunctions, parallel_names: tuple[str, ...] = (), mtp: MtpPart | None = None):
+        self.graph, self.fused, self.mtp = graph, fused, mtp
         self.splits, self.parallel_names = fused.splits, parallel_names
         self.expert_parallel = fused.expert_parallel
         self.decoding = decode.decode_support(graph) is None
@@ -222,6 +224,9 @@ class Emitter:
         blocks = [self.block_class(segment) for segment in self.cut if segment.block is not None]
         root = root_class(self, class_name(spec_name), blocks)
         classes = [lines for _, lines in self.classes.values()]
+        if self.mtp is not None:
+            last, slots = blocks[-1]
+            classes.append(mtp_class(self.mtp, last, bool(slots) and self.decoding, self.contract))
         text = "\n".join(line for lines in classes + [root] for line in lines)
         functions = fused_sources(self, text)
         text += "\n".join(line for lines in functions for line in lines)

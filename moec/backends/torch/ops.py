@@ -52,6 +52,8 @@ EXPRESSIONS = {
     "clamped_glu": lambda n, gate, up: f"clamped_glu({gate}, {up}, {n.attr['limit']!r}, {n.attr['alpha']!r})",
     "add": lambda n, x, y: f"{x} + {y}",
     "select_last": lambda n, x: f"{x}[:, -1:, :]",
+    "shift_tokens": lambda n, x: f"F.pad({x}[:, {n.attr['steps']}:], (0, {n.attr['steps']}))",
+    "concat": lambda n, a, c: f"torch.cat([{a}, {c}], dim=-1)",
     "dynamics": lambda n, h, *rest: (f"inl_dynamics({h}, {rest[0] if len(rest) == 6 else 'None'}, {', '.join(rest[-5:])}, "
                                      f"{n.attr['dt']!r}, {n.attr['beta_max']!r}, {n.attr['velocity_limit']!r})"),
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from moec.backends.torch import decode
+from moec.backends.torch import decode, mtp
 from moec.backends.torch.blocks import moe_layers
 from moec.backends.torch.modules import INIT_ARGS, declarations
 from moec.backends.torch.statements import Body, Statement
@@ -47,7 +47,11 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
             body.node(index)
     aux = body.name(graph.outputs[1])
     stats = "tuple(stats)" if contract.aux else "()"
-    body.call([], f"return ModelOutput(output=self.predict(x), aux_loss={aux}, moe_stats={stats})")
+    if emitter.mtp is None:
+        body.call([], f"return ModelOutput(output=self.predict(x), aux_loss={aux}, moe_stats={stats})")
+    else:
+        shared_head = "self.head({})" if emitter.modules.get("head") == "Linear" else "F.linear({}, self.embed.weight)"
+        body.statements.append(_raw(mtp.root_lines(arg, shared_head, aux, stats, contract)))
     names = [n.attr["name"] for n in graph.params() if not str(n.attr["name"]).startswith("blocks.")]
     prologue_params = [p for p in names if _read_in(graph, prologue, p)]
     init = [f"    def __init__(self, {INIT_ARGS}) -> None:", "        super().__init__()",
@@ -55,10 +59,14 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
     if blocks:
         init.append(f"        self.blocks = nn.ModuleList({_block_list(blocks, emitter.decoding)})")
     init += declarations(graph, [p for p in names if p not in prologue_params], "", emitter.modules)
+    if emitter.mtp is not None:
+        init.append(f"        self.mtp = nn.ModuleList([{mtp.MTP_CLASS}(device, dtype) for _ in range({emitter.mtp.depth})])  "
+                    "# multi-token prediction (training only)")
     out_type, aux_type = (graph.type_of(ref) for ref in graph.outputs)
     lines = [
         f"class {name}(nn.Module):",
-        f'    """The model of spec SPEC_NAME: forward({arg}) -> ModelOutput(output, aux_loss, moe_stats)."""',
+        f'    """The model of spec SPEC_NAME: forward({arg}) -> ModelOutput(output, aux_loss, moe_stats'
+        f'{", mtp_logits in training" if emitter.mtp else ""})."""',
         "",
         f"    MOE_LAYERS = {_layer_names(_moe_layers(emitter))}  # the layers of ModelOutput.moe_stats, in order",
         "",
