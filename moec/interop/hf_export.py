@@ -55,6 +55,8 @@ def _check(model, decoder: Decoder, family: Family) -> None:
 
     if model.inputs.kind != "tokens" or model.head.kind != "lm" or model.head.pool != "none":
         refuse("model.head", "HF causal LMs take token ids and predict every position")
+    if model.head.mtp is not None:
+        refuse("model.head.mtp", "HF transformers' causal LMs have no multi-token prediction modules; remove head.mtp")
     if model.position != "none":
         refuse("model.position", "HF families use RoPE only")
     if model.final_norm is None or model.final_norm.kind != "rmsnorm":

@@ -160,3 +160,11 @@ def test_training_logs_each_depths_loss(tmp_path):
         assert all(4.0 < loss < 7.0 for loss in depths)  # about ln(256) = 5.55 at the start
         assert row["mtp_loss"] == pytest.approx(WEIGHT * sum(depths) / 2)
         assert row["loss"] == pytest.approx(row["task_loss"] + row["aux_loss"] + row["mtp_loss"])
+
+
+def test_hf_export_refuses_the_mtp_modules():
+    from moec.interop.errors import NotExportable
+    from moec.interop.hf_export import hf_config
+
+    with pytest.raises(NotExportable, match=r"^model\.head\.mtp: HF transformers' causal LMs have no multi-token prediction"):
+        hf_config(mtp_spec(1, last=DENSE))

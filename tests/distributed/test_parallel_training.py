@@ -191,3 +191,18 @@ def test_activation_checkpointing_under_fsdp_gives_the_single_process_losses(sin
     """Selective checkpointing inside FSDP2's units: the recomputed forward finds its parameters gathered."""
     text = spec_text(MESHES["fsdp"]).replace("schedule:\n", "schedule:\n  activation_checkpointing: {mode: selective}\n")
     assert train_losses(run_processes(tmp_path, "fsdp", text)) == pytest.approx(train_losses(single), rel=1e-5)
+
+
+def mtp_rows(run_dir: Path) -> list[tuple]:
+    return [(r["loss"], r["mtp_loss_1"], r["mtp_loss_2"], r["grad_norm"]) for r in read_metrics(run_dir / "metrics.jsonl")
+            if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+def test_multi_token_prediction_under_fsdp_gives_the_single_process_losses(tmp_path):
+    """head.mtp (depth 2): the MTP modules are sharded with the root; losses per depth and gradient norms as on one process."""
+    text = spec_text(MESHES["fsdp"]).replace("head: {kind: lm}", "head: {kind: lm, mtp: {depth: 2, weight: 0.3}}")
+    single = tmp_path / "single"
+    Trainer(moec.load_spec_text(text.replace(MESHES["fsdp"], ""), file="single.yaml"), run_dir=single).run()
+    expected, got = mtp_rows(single), mtp_rows(run_processes(tmp_path, "fsdp", text))
+    assert len(got) == 5 and [v for row in got for v in row] == pytest.approx([v for row in expected for v in row], rel=1e-5)
