@@ -142,6 +142,9 @@ def test_parameters_and_flops_count_the_mtp_modules_exactly(case):
     assert program.manifest["parameters"]["total"] == estimate_params(spec) == total
     block = sum(p.numel() for p in model.mtp[0].block.parameters())
     assert total - estimate_params(plain) == depth * (3 * D + 2 * D * D + block)
+    routed = 4 * 3 * D * 8 if last == MOE else 0  # 4 swiglu experts [8, 16]: top 2 of 4 active per token
+    active = program.manifest["parameters"]["active_per_token"] - plain_program.manifest["parameters"]["active_per_token"]
+    assert active == depth * (3 * D + 2 * D * D + block - routed // 2)
     # per depth: eh_proj [D, 2D], a copy of the last block, the shared head [V, D] (2 FLOPs per multiply-add)
     last_block = block_flops(plain, plain_program.graph, 2)[1][-1]
     extra = flops_per_token(spec, program.graph) - flops_per_token(plain, plain_program.graph)
