@@ -72,7 +72,8 @@ def root_methods(graph: Graph, arg: str) -> list[str]:
     """``decode`` (``forward`` with a cache) and the cache-handling methods around it."""
     layers = tuple(cache_layers(graph))
     mla = any(node.op == "latent_cache" for node in graph.nodes)
-    what = "attention (kv_heads, head_dim, head_dim), MLA (1, kv_lora_rank, qk_rope_head_dim)" if mla else "(kv_heads, head_dim, head_dim)"
+    what = ("attention (kv_heads, key width, value width), MLA (1, kv_lora_rank, qk_rope_head_dim)" if mla
+            else "(kv_heads, key width, value width)")
     return [
         "",
         f"    KV_LAYERS = {repeated(layers)}  # per layer's cache: {what}",
