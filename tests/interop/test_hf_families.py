@@ -231,3 +231,20 @@ def test_sharded_weights_round_trip(tmp_path):
     again = T.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
     for key, value in hf.state_dict().items():
         assert torch.equal(value, again.state_dict()[key]), key
+
+
+def test_deepseek_v3_tiny_exports_and_transformers_computes_the_same_logits(tmp_path):
+    """The bundled CPU spec (MLA, dense-first, 16 experts in 4 groups, a shared expert) as DeepseekV3ForCausalLM."""
+    spec = moec.load_spec("specs/deepseek_v3_tiny.yaml")
+    model = moec.build_model(spec).eval()
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("selection_bias"):
+                buffer.copy_(0.01 * torch.randn_like(buffer))
+    export_hf(spec, model.state_dict(), tmp_path)
+    hf = T.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM" and hf.config.first_k_dense_replace == 2
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids).output, hf(ids).logits
+    assert rel(ours, theirs) < 1e-5
