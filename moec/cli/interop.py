@@ -34,6 +34,8 @@ def import_hf_command(
         typer.echo("no safetensors weights in the directory: the spec seed initialises the model")
     else:
         typer.echo(f"wrote {result.weights} ({result.tensors} tensors)")
+    for note in result.notes:
+        typer.echo(f"not imported: {note}")
     if result.nonfinite:
         shown = ", ".join(result.nonfinite[:5]) + (f" and {len(result.nonfinite) - 5} more" if len(result.nonfinite) > 5 else "")
         typer.echo(f"warning: {len(result.nonfinite)} tensor(s) hold NaN or inf values, imported as they are: {shown}", err=True)

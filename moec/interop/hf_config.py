@@ -26,7 +26,7 @@ import re
 
 from moec.interop.errors import UnsupportedConfig
 from moec.interop.families import BY_ARCHITECTURE, FAMILIES, Family
-from moec.interop.families.base import need
+from moec.interop.families.base import need, rope_section, rope_theta
 
 __all__ = ["UnsupportedConfig", "check_fields", "family_of", "model_section", "moe_layer_indices", "rope_section", "safe_name"]
 
@@ -74,37 +74,15 @@ def check_fields(config: dict, family: Family) -> None:
     _required(config, family)
 
 
-def rope_theta(config: dict) -> float:
-    params = config.get("rope_parameters") or {}
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-
-
-def rope_section(config: dict) -> dict:
-    """``{theta[, scaling: yarn]}`` from v5 ``rope_parameters`` or v4 ``rope_scaling`` + ``rope_theta``."""
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope = {"theta": rope_theta(config)}
-    if params.get("rope_type") == "yarn":  # the defaults of HF's _compute_yarn_parameters
-        rope["scaling"] = {"kind": "yarn", "factor": float(params["factor"]),
-                           "original_max_seq_len": params["original_max_position_embeddings"],
-                           "beta_fast": float(params.get("beta_fast") or 32.0), "beta_slow": float(params.get("beta_slow") or 1.0),
-                           "truncate": bool(params.get("truncate", True))}
-    return rope
-
-
 def moe_layer_indices(config: dict, family: Family) -> list[bool]:
     """For each decoder layer: does it have an MoE (else a dense MLP)?"""
-    layers = config["num_hidden_layers"]
-    if not family.moe:
-        return [False] * layers
-    step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
-    return [i not in dense and (i + 1) % step == 0 for i in range(layers)]
+    return family.sparse_layers(config)
 
 
 def model_section(config: dict, family: Family) -> dict:
     """The spec's ``model`` mapping for a checked config."""
-    d, heads = config["hidden_size"], config["num_attention_heads"]
-    attention = {"kind": "attention", "heads": heads, "kv_heads": config.get("num_key_value_heads") or heads,
-                 "head_dim": config.get("head_dim") or d // heads, "rope": rope_section(config)} | family.attention_fields(config)
+    d = config["hidden_size"]
+    attention = family.attention_layer(config)
     norm = {"kind": "rmsnorm", "eps": config["rms_norm_eps"]}
     layers = []
     types = config.get("layer_types") or ["full_attention"] * config["num_hidden_layers"]

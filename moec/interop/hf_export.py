@@ -15,9 +15,11 @@ from pathlib import Path
 
 from moec.interop.errors import NotExportable
 from moec.interop.families import FAMILIES, Family
-from moec.interop.families.base import Decoder
+from moec.interop.families.base import Decoder, rope_parameters
 
 __all__ = ["NotExportable", "export_hf", "hf_config", "unrolled"]
+
+ROUTERS = {family.router_kind for family in FAMILIES.values()}
 
 
 def unrolled(model) -> list[tuple[str, object, object]]:
@@ -26,8 +28,9 @@ def unrolled(model) -> list[tuple[str, object, object]]:
     for b, block in enumerate(model.blocks):
         where = f"model.blocks[{b}]"
         kinds = [layer.kind for layer in block.layers]
-        if kinds not in (["attention", "moe"], ["attention", "mlp"]) or [l.name for l in block.layers] not in ([None, None], ["attention", kinds[1]]):
-            raise NotExportable(f"{where}.layers: HF decoder layers are [attention, moe | mlp] with default names, got {kinds}")
+        if kinds[0] not in ("attention", "mla") or kinds[1:] not in (["moe"], ["mlp"]) or [l.name for l in block.layers] not in (
+                [None, None], kinds):
+            raise NotExportable(f"{where}.layers: HF decoder layers are [attention | mla, moe | mlp] with default names, got {kinds}")
         if block.residual != "pre_norm" or block.norm.kind != "rmsnorm":
             raise NotExportable(f"{where}: HF families are pre-norm RMSNorm")
         layers += [(where, block, block.layers)] * block.repeat
@@ -36,14 +39,24 @@ def unrolled(model) -> list[tuple[str, object, object]]:
 
 def _family(decoder: Decoder) -> Family:
     layers = decoder.layers
-    attentions = {repr(layers[i][2][0].model_copy(update={"window": None})) for i in range(len(layers))}
+    attentions = {repr(layers[i][2][0].model_copy(update={"window": None}) if layers[i][2][0].kind == "attention" else layers[i][2][0])
+                  for i in range(len(layers))}
     if len(attentions) != 1:
         raise NotExportable("model.blocks: every attention layer must be the same in an HF config (but for GPT-OSS's window)")
     attention = decoder.attention
-    claimed = [family for family in FAMILIES.values() if family.claims(attention, decoder.moe)]
+    moe = decoder.moe
+    # The attention kind and the router kind pick the candidates; a router no family has goes to the softmax top-k
+    # families, which refuse it by its path (_check_moe).
+    router = (moe.router.kind if moe.router.kind in ROUTERS else "topk") if moe is not None else None
+    candidates = [family for family in FAMILIES.values() if family.attention_kind == attention.kind
+                  and (router is None or family.router_kind == router)]
+    if not candidates:
+        raise NotExportable(f"{layers[0][0]}.layers: no HF family has {attention.kind!r} attention with a "
+                            f"{moe.router.kind if moe else 'dense'!r} layer")
+    claimed = [family for family in candidates if family.claims(attention, moe)]
     assert len(claimed) == 1, f"families claiming one spec: {[family.name for family in claimed]}"
     family = claimed[0]
-    windows = [i for i in range(len(layers)) if layers[i][2][0].window is not None]
+    windows = [i for i in range(len(layers)) if getattr(layers[i][2][0], "window", None) is not None]
     if not family.windows_and_yarn and (windows or attention.rope is not None and attention.rope.scaling is not None):
         raise NotExportable(f"{layers[(windows or [0])[0]][0]}.layers[0]: sliding windows and YaRN export only as GPT-OSS (with sinks)")
     return family
@@ -61,7 +74,9 @@ def _check(model, decoder: Decoder, family: Family) -> None:
         refuse("model.position", "HF families use RoPE only")
     if model.final_norm is None or model.final_norm.kind != "rmsnorm":
         refuse("model.final_norm", "HF families end with an RMSNorm")
-    _check_attention(decoder, family, refuse)
+    if decoder.attention.kind == "attention":
+        _check_attention(decoder, family, refuse)
+    family.check_attention(decoder.attention, f"{decoder.layers[0][0]}.layers[0]", refuse)
     for where, _, (_, ffn) in decoder.layers:
         path = f"{where}.layers[1]"
         if ffn.kind == "mlp":
@@ -76,32 +91,36 @@ def _check_attention(decoder: Decoder, family: Family, refuse) -> None:
     attention, path = decoder.attention, f"{decoder.layers[0][0]}.layers[0]"
     if attention.rope is None or not attention.causal or attention.dropout:
         refuse(path, "HF attention is causal, with RoPE and no dropout")
-    if family.attention_bias is not None and attention.bias != family.attention_bias:
-        refuse(f"{path}.bias", f"must be {family.attention_bias!r}")
+    if family.attention_bias is not None and attention.bias not in _values(family.attention_bias):
+        refuse(f"{path}.bias", f"must be {' or '.join(map(repr, _values(family.attention_bias)))}")
     if family.attention_bias is None and attention.bias is not False and attention.bias is not True:
         refuse(f"{path}.bias", "q/k/v-only bias exists only in Qwen2 families")
-    if (attention.qk_norm.scope if attention.qk_norm else None) != family.qk_norm:
-        refuse(f"{path}.qk_norm", "q/k norm exists only in Qwen3-MoE (scope: head) and OLMoE (scope: projection)")
+    if (attention.qk_norm.scope if attention.qk_norm else None) not in _values(family.qk_norm):
+        refuse(f"{path}.qk_norm", "q/k norm exists only in Qwen3-MoE and GLM-4.5-MoE (scope: head) and OLMoE (scope: projection)")
+
+
+def _values(allowed) -> tuple:
+    return allowed if isinstance(allowed, tuple) else (allowed,)
 
 
 def _check_moe(ffn, path: str, family: Family, refuse) -> None:
     """What every family's MoE layer is: a dropless softmax top-k router over SwiGLU experts, HF's aux loss."""
     router, bias = ffn.router, family.expert_and_router_bias
-    wanted = (family.expert_activation, bias, "topk", 1.0, "none", "dropless", bias)
+    wanted = (family.expert_activation, bias, family.router_kind, 1.0, "none", "dropless", bias)
     if (ffn.expert.activation, ffn.expert.bias, router.kind, router.temperature, router.noise.kind, ffn.capacity.mode,
             router.bias) != wanted:
         refuse(path, "HF MoE layers are dropless softmax top-k routers (temperature 1, no noise) over SwiGLU experts "
                "(GPT-OSS: clamped, with expert and router biases; others: no biases)")
     if router.norm != "none" or router.dropout:
         refuse(f"{path}.router", "HF MoE routers have no input norm and no router dropout")
-    if router.groups != 1 or router.scale != 1.0:
+    if not family.group_routing and (router.groups != 1 or router.scale != 1.0):
         refuse(f"{path}.router", "the exported HF families have no group-limited routing (groups) and no routed scaling (scale)")
     if ffn.aux.entropy or ffn.aux.margin:
         refuse(f"{path}.aux", "HF has no entropy or margin router loss")
     if ffn.aux.z_loss or ffn.aux.load_balance_scope != "model":
         refuse(f"{path}.aux", "HF pools the load-balance loss over the model (load_balance_scope: model) and has no z-loss")
     if ffn.shared_experts is not None and not family.shared_experts:
-        refuse(f"{path}.shared_experts", "only Qwen2-MoE has shared experts")
+        refuse(f"{path}.shared_experts", "only Qwen2-MoE, DeepSeek-V3 and GLM-4.5-MoE have shared experts")
 
 
 def hf_config(spec) -> tuple[dict, Family, list[bool]]:
@@ -118,32 +137,25 @@ def hf_config(spec) -> tuple[dict, Family, list[bool]]:
         "hidden_size": model.d_model,
         "num_hidden_layers": len(decoder.layers),
         "num_attention_heads": attention.heads,
-        "num_key_value_heads": attention.kv_heads,
-        "head_dim": attention.head_dim,
+        **family.attention_config(attention),
         "max_position_embeddings": model.max_seq_len,
         "rms_norm_eps": decoder.layers[0][1].norm.eps,
         "hidden_act": "silu",
-        "rope_parameters": _rope(attention.rope),
         "tie_word_embeddings": model.head.tie_embeddings,
         "pad_token_id": model.inputs.pad_id,
         "attention_dropout": 0.0,
         "intermediate_size": dense[0].hidden if dense else moe.expert.hidden,
     } | family.config_fields(decoder)
     if moe is not None:
-        config |= {family.expert_count_key: moe.experts, "num_experts_per_tok": moe.top_k,
-                   "router_aux_loss_coef": moe.aux.load_balance, "output_router_logits": False}
+        config |= {family.expert_count_key: moe.experts, "num_experts_per_tok": moe.top_k, "output_router_logits": False}
+        if family.aux_loss:
+            config["router_aux_loss_coef"] = moe.aux.load_balance
+        elif moe.aux.load_balance:
+            raise NotExportable(f"model.blocks: {family.architecture} has no auxiliary load-balance loss; set aux.load_balance: 0")
         config |= family.moe_config_fields(moe, decoder)
     if len({ffn.hidden for ffn in dense}) > 1:
         raise NotExportable("model.blocks: HF configs have one intermediate_size for every dense layer")
     return config, family, decoder.moe_layers
-
-
-def _rope(rope) -> dict:
-    if rope.scaling is None:
-        return {"rope_type": "default", "rope_theta": rope.theta}
-    yarn = rope.scaling
-    return {"rope_type": "yarn", "rope_theta": rope.theta, "factor": yarn.factor, "original_max_position_embeddings": yarn.original_max_seq_len,
-            "beta_fast": yarn.beta_fast, "beta_slow": yarn.beta_slow, "truncate": yarn.truncate}
 
 
 def export_hf(spec, weights, directory: Path, shard_bytes: int | None = None) -> Path:

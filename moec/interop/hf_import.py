@@ -40,6 +40,7 @@ class Imported:
     family: str  # the HF model_type
     tensors: int = 0
     nonfinite: list[str] = field(default_factory=list)  # source tensors holding NaN or inf (imported as they are)
+    notes: list[str] = field(default_factory=list)  # what the import leaves out on purpose (Family.import_notes)
 
 
 def spec_from_config(config: dict, name: str, source: str) -> tuple[dict, Family]:
@@ -65,12 +66,12 @@ def spec_from_config(config: dict, name: str, source: str) -> tuple[dict, Family
     return spec, family
 
 
-def render_spec(spec: dict, weights: Path | None) -> str:
+def render_spec(spec: dict, weights: Path | None, notes: list[str] = ()) -> str:
     lines = [
         f"# {spec['description']}",
         f"# Weights: {weights.name if weights else 'none in the source directory; the spec seed initialises'}.",
         "# The train section is a placeholder: set data (the model's tokenizer is not byte-level) and the schedule.",
-    ]
+    ] + [f"# Not imported: {note}" for note in notes]
     return "\n".join(lines) + "\n" + yaml.dump(spec, Dumper=_NoAliases, sort_keys=False, default_flow_style=None, width=120)
 
 
@@ -95,9 +96,10 @@ def import_hf(directory: Path, spec_path: Path, shard_bytes: int = SHARD_BYTES) 
     check_shapes(found, config, family, validated(spec))
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     weights, count, nonfinite = _write_weights(files, config, family, spec_path, directory.name, shard_bytes)
-    spec_path.write_text(render_spec(spec, weights))
+    notes = family.import_notes(config)
+    spec_path.write_text(render_spec(spec, weights, notes))
     _copy_tokenizer(directory, spec_path)
-    return Imported(spec=spec_path, weights=weights, family=family.name, tensors=count, nonfinite=nonfinite)
+    return Imported(spec=spec_path, weights=weights, family=family.name, tensors=count, nonfinite=nonfinite, notes=notes)
 
 
 def read_config(directory: Path) -> dict:

@@ -43,7 +43,7 @@ def test_names_are_one_to_one_and_share_the_llama_table(name):
     for has_moe in (False, True) if family.moe else (False,):
         names = family.layer_names(has_moe)
         assert len(set(names.values())) == len(names), "two HF names for one moec parameter: export could not choose"
-        for hf, ours in ATTENTION.items():
+        for hf, ours in ATTENTION.items() if family.attention_kind == "attention" else ():  # MLA: its own table
             assert names[f"self_attn.{hf}"] == f"attention.{ours}"
         if not has_moe:
             for hf, ours in SWIGLU.items():
@@ -98,6 +98,6 @@ def test_q_k_norm_is_refused_by_families_without_it():
         for block in model["blocks"]:
             block["layers"][0]["qk_norm"] = {"scope": "head"}
 
-    why = "q/k norm exists only in Qwen3-MoE (scope: head) and OLMoE (scope: projection)"
+    why = "q/k norm exists only in Qwen3-MoE and GLM-4.5-MoE (scope: head) and OLMoE (scope: projection)"
     assert exported_as(llama, qk_norm) == f"model.blocks[0].layers[0].qk_norm: {why} (exporting as LlamaForCausalLM)"
     assert exported_as(gpt_oss_config(), qk_norm) == f"model.blocks[0].layers[0].qk_norm: {why} (exporting as GptOssForCausalLM)"

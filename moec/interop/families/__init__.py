@@ -5,7 +5,7 @@ Adding a family is one file here (a ``Family`` subclass, see ``base.py``), one l
 message listing the architectures moec imports.
 """
 
-from moec.interop.families import gpt_oss, llama, mixtral, olmoe, qwen2, qwen2_moe, qwen3_moe
+from moec.interop.families import deepseek_v3, glm4_moe, gpt_oss, llama, mixtral, olmoe, qwen2, qwen2_moe, qwen3_moe
 from moec.interop.families.base import Family
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
@@ -16,6 +16,8 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     llama.FAMILY,
     qwen2.FAMILY,
     gpt_oss.FAMILY,
+    deepseek_v3.FAMILY,
+    glm4_moe.FAMILY,
 )}
 BY_ARCHITECTURE = {family.architecture: family for family in FAMILIES.values()}
 

@@ -47,7 +47,32 @@ def need(config: dict, key: str, ok: Callable[[object], bool], what: str) -> Non
 
 
 def expert_count(config: dict) -> int:
-    return config.get("num_local_experts") or config.get("num_experts") or 0
+    return config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0
+
+
+def rope_theta(config: dict) -> float:
+    params = config.get("rope_parameters") or {}
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def rope_section(config: dict) -> dict:
+    """``{theta[, scaling: yarn]}`` from v5 ``rope_parameters`` or v4 ``rope_scaling`` + ``rope_theta``."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = {"theta": rope_theta(config)}
+    if params.get("rope_type") == "yarn":  # the defaults of HF's _compute_yarn_parameters
+        rope["scaling"] = {"kind": "yarn", "factor": float(params["factor"]),
+                           "original_max_seq_len": params["original_max_position_embeddings"],
+                           "beta_fast": float(params.get("beta_fast") or 32.0), "beta_slow": float(params.get("beta_slow") or 1.0),
+                           "truncate": bool(params.get("truncate", True))}
+    return rope
+
+
+def rope_parameters(rope) -> dict:
+    if rope.scaling is None:
+        return {"rope_type": "default", "rope_theta": rope.theta}
+    yarn = rope.scaling
+    return {"rope_type": "yarn", "rope_theta": rope.theta, "factor": yarn.factor, "original_max_position_embeddings": yarn.original_max_seq_len,
+            "beta_fast": yarn.beta_fast, "beta_slow": yarn.beta_slow, "truncate": yarn.truncate}
 
 
 @dataclass(frozen=True)
@@ -84,13 +109,17 @@ class Family:
     expert_count_key = "num_experts"
     expert_layout = None
     # What export accepts (hf_export checks these for every family).
-    attention_bias: bool | str | None = None  # the one value the family's attention bias takes; None: True or False
-    qk_norm: str | None = None  # the scope of its q/k norm (None: none)
+    attention_bias: bool | str | tuple | None = None  # the value (or values) the family's attention bias takes; None: True or False
+    qk_norm: str | tuple | None = None  # the scope (or scopes) of its q/k norm (None: none)
     windows_and_yarn = False  # sliding windows and YaRN RoPE
     dense_layers = True  # dense MLP layers beside MoE ones
     shared_experts = False
     expert_activation = "swiglu"
     expert_and_router_bias = False
+    attention_kind = "attention"  # the spec's attention layer kind, also its moec name (``<kind>_norm``, ``<kind>.``)
+    router_kind = "topk"
+    group_routing = False  # router groups / top_groups / scale (DeepSeek's n_group, topk_group, routed_scaling_factor)
+    aux_loss = True  # HF adds router_aux_loss_coef * its load-balance loss (config field router_aux_loss_coef)
 
     # --- config.json -> spec ---
 
@@ -101,6 +130,24 @@ class Family:
         need(config, "rope_parameters",
              lambda v: v is None or v.get("rope_type", "default") == "default" and set(v) <= {"rope_type", "rope_theta"},
              "only plain RoPE (rope_type 'default') is implemented for this family")
+
+    def attention_layer(self, config: dict) -> dict:
+        """The spec's attention layer (every decoder layer's; ``hf_config`` adds a sliding window)."""
+        d, heads = config["hidden_size"], config["num_attention_heads"]
+        return {"kind": "attention", "heads": heads, "kv_heads": config.get("num_key_value_heads") or heads,
+                "head_dim": config.get("head_dim") or d // heads, "rope": rope_section(config)} | self.attention_fields(config)
+
+    def sparse_layers(self, config: dict) -> list[bool]:
+        """For each decoder layer: does it have an MoE (else a dense MLP)? Qwen's decoder_sparse_step / mlp_only_layers."""
+        layers = config["num_hidden_layers"]
+        if not self.moe:
+            return [False] * layers
+        step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
+        return [i not in dense and (i + 1) % step == 0 for i in range(layers)]
+
+    def import_notes(self, config: dict) -> list[str]:
+        """What the import leaves out on purpose (written into the spec's header and the import's report)."""
+        return []
 
     def attention_fields(self, config: dict) -> dict:
         """The attention layer's fields after kind, heads, kv_heads, head_dim and rope."""
@@ -127,10 +174,14 @@ class Family:
 
     def layer_names(self, has_moe: bool) -> dict[str, str]:
         """HF suffix within ``model.layers.<i>.`` -> moec suffix within ``blocks.<i>.``, both ways."""
-        ffn = "moe" if has_moe else "mlp"
-        names = {"input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": f"{ffn}_norm.weight"}
-        names |= prefixed("self_attn.", "attention.", ATTENTION | self.attention_names())
+        ffn, attention = "moe" if has_moe else "mlp", self.attention_kind
+        names = {"input_layernorm.weight": f"{attention}_norm.weight", "post_attention_layernorm.weight": f"{ffn}_norm.weight"}
+        names |= prefixed("self_attn.", f"{attention}.", self.attention_table())
         return names | (self.moe_names() if has_moe else prefixed("mlp.", "mlp.", SWIGLU))
+
+    def attention_table(self) -> dict[str, str]:
+        """All attention tensors: HF ``self_attn.<key>`` -> moec ``<attention_kind>.<value>``."""
+        return ATTENTION | self.attention_names()
 
     def attention_names(self) -> dict[str, str]:
         """Attention tensors beyond q/k/v/o: HF ``self_attn.<key>`` -> moec ``attention.<value>``."""
@@ -151,6 +202,13 @@ class Family:
 
         Exactly one family claims each spec (tests/interop/test_families.py checks it)."""
         raise NotImplementedError
+
+    def check_attention(self, attention, path: str, refuse: Refuse) -> None:
+        """Family-specific refusals of the attention layer (``hf_export`` checks plain attention's common limits)."""
+
+    def attention_config(self, attention) -> dict:
+        """config.json fields of the attention layer: heads beyond num_attention_heads, head size, RoPE."""
+        return {"num_key_value_heads": attention.kv_heads, "head_dim": attention.head_dim, "rope_parameters": rope_parameters(attention.rope)}
 
     def check_moe(self, ffn, path: str, refuse: Refuse) -> None:
         """Family-specific refusals of an MoE layer (``hf_export`` has checked the common ones)."""
