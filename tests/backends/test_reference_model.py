@@ -34,9 +34,9 @@ def test_fused_graph_interprets_to_the_same_numbers(models):
 
 def test_gradients_reach_every_parameter(models):
     spec, unfused, _ = models
-    unfused.eval()
+    unfused.train(spec.model.head.kind == "lm" and spec.model.head.mtp is not None)  # MTP modules run in training only
     out = unfused(*unfused.example_inputs(batch=2, seq=32))
-    (out.output.square().mean() + out.aux_loss).backward()
+    (out.output.square().mean() + out.aux_loss + sum(logits.square().mean() for logits in out.mtp_logits)).backward()
     missing = [name for name, p in unfused.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
     unfused.zero_grad(set_to_none=True)

@@ -14,6 +14,8 @@ def test_fused_ir(path, snapshot):
     compiled = run_pipeline(spec)  # verifies after every pass
     graph = compiled.graph
     moe_layers = sum(block.repeat for block in spec.model.blocks for layer in block.layers if layer.kind == "moe")
+    mtp = getattr(spec.model.head, "mtp", None)  # each MTP module holds a copy of the last block
+    moe_layers += mtp.depth * sum(layer.kind == "moe" for layer in spec.model.blocks[-1].layers) if mtp else 0
     spectral_layers = sum(block.repeat for block in spec.model.blocks for layer in block.layers if layer.kind == "spectral_moe")
     assert sum(node.op == "moe" for node in graph.nodes) == moe_layers
     assert sum(node.op == "spectral_moe" for node in graph.nodes) == spectral_layers
