@@ -16,17 +16,14 @@ from dataclasses import dataclass, field
 from moec.ir.graph import Graph, Namespace, Node, Ref, freeze
 from moec.moe import MoeAttrs, decompose, moe_slots, placeholders
 from moec.passes.builder import MOE_AUX_META, MOE_BALANCE_META, MOE_META
-from moec.passes.rewrite import fresh_name, only_used_inside, replace_subgraph
+from moec.passes.rewrite import fresh_names, only_used_inside, replace_subgraphs
 
 
 def fuse_moe(graph: Graph) -> tuple[Graph, bool]:
-    changed = False
-    for root in [node for node in graph.nodes if MOE_META in node.meta_dict]:
-        match = match_moe(graph, graph[root.name])
-        if match is not None:
-            graph = _rewrite(graph, match)
-            changed = True
-    return graph, changed
+    matches = [match_moe(graph, root) for root in graph.nodes if MOE_META in root.meta_dict]
+    names = fresh_names(graph)
+    replacements = [_replacement(graph, match, names.fresh("moe")) for match in matches if match is not None]
+    return (replace_subgraphs(graph, replacements), True) if replacements else (graph, False)
 
 
 class _Expected:
@@ -88,12 +85,12 @@ def _walk(expected: _Expected, graph: Graph, want: Ref, have: Ref, seen: dict[st
     return all(_walk(expected, graph, w, h, seen, match) for w, h in zip(spec.inputs, node.inputs))
 
 
-def _rewrite(graph: Graph, m: MoeMatch) -> Graph:
-    name = fresh_name(graph, "moe")
+def _replacement(graph: Graph, m: MoeMatch, name: str):
+    """The fused node of one match, the nodes it absorbs and where reads of the old roots now go."""
     stand_ins = placeholders(m.slots)
     inputs = tuple(m.bound[stand_ins[slot].node] for slot in m.slots)
     combine = next(graph[n] for n in sorted(m.nodes) if graph[n].op == "combine")  # the layer's own line
     node = Node(name=name, op="moe", inputs=inputs, attrs=freeze({"slots": m.slots, "moe": m.attrs}), origin=combine.origin)
     node = node.with_(types=tuple(graph[root].types[0] for root in m.roots)) if graph.typed else node
     mapping = {Ref(root): Ref(name, i) for i, root in enumerate(m.roots)}
-    return replace_subgraph(graph, m.nodes, node, mapping)
+    return m.nodes, node, mapping

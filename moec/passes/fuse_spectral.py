@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from moec.ir.graph import Graph, Node, Ref, freeze
 from moec.moe.params import BAND_TABLE
-from moec.passes.rewrite import fresh_name, only_used_inside, replace_subgraph
+from moec.passes.rewrite import fresh_names, only_used_inside, replace_subgraphs
 
 
 def fuse_spectral(graph: Graph) -> tuple[Graph, bool]:
-    changed = False
-    for irfft in [node for node in graph.nodes if node.op == "irfft"]:
-        found = _match(graph, irfft)
-        if found is not None:
-            graph = _rewrite(graph, irfft, *found)
-            changed = True
-    return graph, changed
+    matches = [(irfft, _match(graph, irfft)) for irfft in graph.nodes if irfft.op == "irfft"]
+    names = fresh_names(graph)
+    replacements = [_replacement(graph, names.fresh("spectral_moe"), irfft, *found) for irfft, found in matches if found is not None]
+    return (replace_subgraphs(graph, replacements), True) if replacements else (graph, False)
 
 
 def _match(graph: Graph, irfft: Node):
@@ -96,8 +93,8 @@ def _aux_chain(graph: Graph, steps: list[Node], absorbed: set[str]) -> str | Non
     return total.node
 
 
-def _rewrite(graph: Graph, irfft: Node, rfft: Node, steps: list[Node], band, aux_root: str, absorbed: set[str],
-             residual: bool) -> Graph:
+def _replacement(graph: Graph, name: str, irfft: Node, rfft: Node, steps: list[Node], band, aux_root: str,
+                 absorbed: set[str], residual: bool):
     kind, table = band
     moe = steps[0]
     slots = ["x"] + ([BAND_TABLE] if table is not None else []) + list(moe.attr["slots"][2:])
@@ -105,10 +102,9 @@ def _rewrite(graph: Graph, irfft: Node, rfft: Node, steps: list[Node], band, aux
     moe_attrs = {key: value for key, value in moe.attrs if key != "slots"}
     attrs = {"slots": tuple(slots), "depth": len(steps), "fft_norm": rfft.attr["norm"], "band": kind, **moe_attrs}
     attrs |= {} if residual else {"residual": False}  # only when off: today's graphs and their printed IR are unchanged
-    name = fresh_name(graph, "spectral_moe")
     node = Node(name=name, op="spectral_moe", inputs=tuple(inputs), attrs=freeze(attrs), origin=irfft.origin)
     aux_ref = Ref(aux_root) if aux_root != steps[0].name else Ref(aux_root, 1)  # depth 1: the moe's aux output
     if graph.typed:
         node = node.with_(types=(irfft.types[0], graph.type_of(aux_ref)))
     mapping = {irfft.out(): Ref(name, 0), aux_ref: Ref(name, 1)}
-    return replace_subgraph(graph, absorbed, node, mapping)
+    return absorbed, node, mapping

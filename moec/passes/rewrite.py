@@ -20,22 +20,30 @@ def only_used_inside(graph: Graph, absorbed: set[str], roots: set[str]) -> bool:
     return True
 
 
-def replace_subgraph(graph: Graph, absorbed: set[str], new_node: Node, mapping: dict[Ref, Ref]) -> Graph:
-    """Drop ``absorbed``, add ``new_node``, redirect reads of old outputs per ``mapping``."""
-    roots = {ref.node for ref in mapping}
-    nodes = []
+def replace_subgraphs(graph: Graph, replacements: list[tuple[set[str], Node, dict[Ref, Ref]]]) -> Graph:
+    """For each ``(absorbed, new_node, mapping)``: drop ``absorbed``, add ``new_node``, redirect reads of old outputs.
+
+    The replacements must be disjoint (a pass matches them all on one graph, then rewrites once:
+    one rewrite per match would copy and re-sort the whole graph each time, quadratic in depth).
+    """
+    new_at = {ref.node: new_node for _, new_node, mapping in replacements for ref in mapping}  # root -> its new node
+    absorbed = set().union(*(dropped for dropped, _, _ in replacements))
+    mapping = {old: new for _, _, redirects in replacements for old, new in redirects.items()}
+    nodes, placed = [], set()
     for node in graph.nodes:
-        if node.name in roots and new_node not in nodes:
-            nodes.append(new_node)  # where the first root was; the sort below fixes any order
+        new_node = new_at.get(node.name)
+        if new_node is not None and new_node.name not in placed:
+            nodes.append(new_node)  # where its first root was; the sort below fixes any order
+            placed.add(new_node.name)
         if node.name not in absorbed:
             nodes.append(renamed_inputs(node, mapping))
     outputs = tuple(mapping.get(ref, ref) for ref in graph.outputs)
     return graph.with_nodes(stable_toposort(nodes), outputs=outputs)
 
 
-def fresh_name(graph: Graph, prefix: str) -> str:
-    """``<prefix>_<n>`` with n past every ``<prefix>_<m>`` in the graph: names grow in creation order."""
-    return Namespace(taken=(node.name for node in graph.nodes)).fresh(prefix)
+def fresh_names(graph: Graph) -> Namespace:
+    """Names ``<prefix>_<n>`` with n past every ``<prefix>_<m>`` in the graph: names grow in creation order."""
+    return Namespace(taken=(node.name for node in graph.nodes))
 
 
 def stable_toposort(nodes: list[Node]) -> list[Node]:
