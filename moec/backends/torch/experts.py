@@ -88,7 +88,7 @@ def expert_group(weight) -> tuple:
 
 
 def dispatch_experts(x: Tensor, chosen: Tensor, weights: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
-                   fn: str, biases: tuple = (), clamp: tuple[float, float] | None = None) -> Tensor:
+                     fn: str, biases: tuple = (), clamp: tuple[float, float] | None = None) -> Tensor:
     """(N, D): each token's routed experts' outputs, weighted and summed in choice order."""
     ffn = functools.partial(local_ffn, fn=fn, biases=biases, clamp=clamp)
     if not isinstance(w_up, DTensor):  # one process: traced by torch.compile like any grouped GEMM, no graph break
