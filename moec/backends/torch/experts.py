@@ -35,7 +35,7 @@ reads the copy's ``SENT`` (``moec.backends.torch.loader.support_module``).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -121,7 +121,8 @@ def _local(ffn: functools.partial) -> functools.partial:
     return functools.partial(ffn, biases=biases)
 
 
-class Dispatch(NamedTuple):
+@dataclass(frozen=True)
+class Dispatch:
     """Where a rank's tokens go: one row per (token, destination rank), one pair per (token, choice)."""
 
     row_token: Tensor  # (R,) the token of each row; rows by destination rank, then token
