@@ -176,6 +176,7 @@ def run_rows(rows: Tensor, row_of_pair: Tensor, local_expert: Tensor, pair_weigh
 @torch.compiler.disable
 def _expert_parallel(x: Tensor, chosen: Tensor, weights: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
                      ffn) -> Tensor:
+    """The deduplicated dispatch: plan the rows, send them (or take this rank's), run and combine, sum per token."""
     group, ranks = expert_group(w_up)
     per_rank = w_up.shape[0] // ranks
     row = _weight_row(chosen, getattr(w_up, "expert_order", None))
