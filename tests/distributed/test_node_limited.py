@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import moec
+from moec.backends.parallel.placement import node_limit
 from moec.backends.torch.experts import dispatch_experts, plan_dispatch
 from moec.observe.metrics import read_metrics
 from moec.train.trainer import Trainer
@@ -104,3 +105,10 @@ def test_dispatch_experts_on_one_process_sums_each_tokens_experts_in_choice_orde
         expected = sum(weights[n, j] * w_down[e] @ (F.silu(w_gate[e] @ x[n]) * (w_up[e] @ x[n]))
                        for j, e in enumerate(chosen[n].tolist()))
         torch.testing.assert_close(out[n], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_groups_bound_the_destinations_only_when_they_line_up_with_the_ranks():
+    assert node_limit(4, 2, "contiguous", 2) == 2 and node_limit(4, 2, "contiguous", 4) == 2  # 2 groups, 1 group per rank
+    assert node_limit(8, 4, "contiguous", 8) == 4  # deepseek_v3_671b.yaml: 8 groups over ep 8, top 4
+    assert node_limit(4, 2, "contiguous", 8) is None  # a group split over 2 ranks
+    assert node_limit(4, 2, "consistent_hash", 2) is None and node_limit(1, 1, "contiguous", 2) is None
