@@ -5,7 +5,9 @@ started, summed over resumes). Train rows: ``{"kind": "train", "step", "loss", "
 "aux_z", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes", "moe": {layer:
 {"utilization": [fraction of routed (token, choice) pairs per expert], "dropped_fraction",
 "gate_entropy"}}}``, with ``head.mtp`` also ``mtp_loss`` (the weighted term ``loss`` includes) and ``mtp_loss_<k>``
-(depth k's cross-entropy). Eval rows: ``{"kind": "eval", "step", "val_loss"}`` plus
+(depth k's cross-entropy); under expert parallelism ``expert_parallel_bytes_sent`` (the deduplicated dispatch's
+off-rank bytes, forward and backward, summed over ranks), ``expert_parallel_bytes_undeduplicated`` (one row per
+(token, choice) instead) and ``expert_parallel_destinations`` (the most ranks a token reached). Eval rows: ``{"kind": "eval", "step", "val_loss"}`` plus
 ``val_bits_per_byte`` for text (per byte of the text, whatever the tokenizer), ``val_bits_per_token``
 for token files (whose bytes are unknown) or ``val_mse`` for continuous data.
 """

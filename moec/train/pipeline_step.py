@@ -268,7 +268,7 @@ class PipelineRun:
         set_learning_rates(trainer.optimizer, trainer.base_lrs, lr_factor(step, self.spec))
         set_annealed(trainer.annealed, step)
         start = time.perf_counter()
-        trainer.expert_rows_sent()["bytes"] = 0  # evaluation's all-to-alls are not this step's
+        trainer.reset_expert_rows_sent()
         self.pieces.clear()
         for stage in self.stages:
             stage.recorded.clear()
@@ -304,7 +304,7 @@ class PipelineRun:
         if self.spec.schedule.compile.enabled:
             row["compiled_graphs"] = compiled_graphs()
         if self.expert_axis is not None:
-            row["expert_parallel_bytes_sent"] = trainer.all_to_all_bytes()
+            row |= trainer.all_to_all_bytes()
         return row
 
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:

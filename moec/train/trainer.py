@@ -306,7 +306,7 @@ class Trainer:
         set_annealed(self.annealed, step)
         accum, micro_batch = self.train.grad_accum, self.train.batch // self.train.grad_accum
         start = time.perf_counter()
-        self.expert_rows_sent()["bytes"] = 0  # evaluation's all-to-alls are not this step's
+        self.reset_expert_rows_sent()
         task_total = aux_total = 0.0
         mtp_totals = [0.0] * self.mtp.depth if self.mtp else []  # head.mtp: each depth's cross-entropy
         stats = []
@@ -362,7 +362,7 @@ class Trainer:
         if self.scaler.is_enabled():
             row |= {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
         if self.dist.distributed and self.expert_parallel:
-            row["expert_parallel_bytes_sent"] = self.all_to_all_bytes()
+            row |= self.all_to_all_bytes()
         return row
 
     def optimizer_step(self) -> None:
@@ -375,16 +375,25 @@ class Trainer:
             self.skipped_steps += 1
 
     def expert_rows_sent(self) -> dict:
-        """The byte counter of the program's experts_ffn (its copy in the build's model_support.py); a fresh one
+        """The counters of the program's dispatch_experts (its copy in the build's model_support.py); fresh ones
         when the program has none."""
         module = support_module(self.program.source, self.program.support_source)
-        return getattr(module, "SENT", {"bytes": 0})
+        return getattr(module, "SENT", {"bytes": 0, "undeduplicated": 0, "destinations": 0})
 
-    def all_to_all_bytes(self) -> int:
-        """Bytes of routed rows this step's all-to-alls sent off-rank, summed over ranks (forward and backward)."""
-        sent = torch.tensor([2 * self.expert_rows_sent()["bytes"]], dtype=torch.float64)
-        torch.distributed.all_reduce(sent)
-        return int(sent.item())
+    def reset_expert_rows_sent(self) -> None:
+        """Evaluation's all-to-alls are not this step's."""
+        self.expert_rows_sent().update(bytes=0, undeduplicated=0, destinations=0)
+
+    def all_to_all_bytes(self) -> dict:
+        """This step's expert-parallel exchange, over all ranks (forward and backward): the bytes sent off-rank,
+        what one row per (token, choice) would have sent, and the most ranks one token's rows reached."""
+        sent = self.expert_rows_sent()
+        totals = torch.tensor([sent["bytes"], sent["undeduplicated"]], dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        destinations = torch.tensor([sent["destinations"]])
+        torch.distributed.all_reduce(destinations, op=torch.distributed.ReduceOp.MAX)
+        return {"expert_parallel_bytes_sent": int(totals[0]), "expert_parallel_bytes_undeduplicated": int(totals[1]),
+                "expert_parallel_destinations": int(destinations)}
 
     def _global(self, stats):
         """A layer's stats averaged over the data-parallel ranks (each saw its slice of the batch)."""

@@ -61,7 +61,7 @@ def test_parallel_py_shows_the_hashed_placement_and_permutes_the_weights(tmp_pat
     assert body[-5:] == [
         "        sharded = distribute_tensor(param.detach()[list(EXPERT_ORDER)], ep_mesh, [Shard(0)])",
         "        sharded = torch.nn.Parameter(sharded, requires_grad=param.requires_grad)",
-        "        sharded.expert_order = EXPERT_ORDER  # read by experts_ffn",
+        "        sharded.expert_order = EXPERT_ORDER  # read by dispatch_experts",
         "        module.register_parameter(name, sharded)",
         "    module.expert_order = EXPERT_ORDER  # read by checkpoints",
     ]

@@ -102,3 +102,12 @@ def _arc_lengths(points: list[int], nodes: list[int]) -> list[int]:
         before = nodes[bisect.bisect_right(nodes, p) - 1]  # index -1 wraps to the last node
         out.append((p - before) % RING)
     return out
+
+
+def node_limit(groups: int, top_groups: int, kind: str, ranks: int) -> int | None:
+    """The most ranks one token's rows reach when a group-limited router's expert groups line up with the ranks
+    (contiguous placement, ``groups`` a multiple of ``ranks``: each group's experts on one rank): ``top_groups``,
+    DeepSeek-V3's node-limited routing. None when they do not line up (a group split over ranks, or hashed)."""
+    if groups == 1 or kind != "contiguous" or groups % ranks:
+        return None
+    return min(top_groups, ranks)

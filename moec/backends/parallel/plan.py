@@ -26,6 +26,7 @@ from moec.backends.parallel import checkpointing, tensor
 from moec.backends.parallel.placement import (
     experts_of,
     moves_when_growing,
+    node_limit,
     physical_order,
     placement,
 )
@@ -226,7 +227,8 @@ def _placement(spec, plan: ParallelPlan, experts: int, where) -> list[str]:
     owners = expert_placement(spec, plan, experts)
     table = ", ".join(f"{r}: {tuple(held)}" for r, held in enumerate(experts_of(owners, ranks)))
     if kind == "contiguous":
-        return [f"EXPERT_PLACEMENT = {{{table}}}  # {plan.experts} rank -> its experts, contiguous  {where('sharding', 'experts')}"]
+        return [f"EXPERT_PLACEMENT = {{{table}}}  # {plan.experts} rank -> its experts, contiguous  {where('sharding', 'experts')}",
+                *[f"# node-limited: {line}" for line in node_limited(spec, plan)]]
     lines = [f"EXPERT_PLACEMENT = {{{table}}}  # {plan.experts} rank -> its experts, {kind} "
              f"(seed {spec.train.seed})  {where('sharding', 'placement')}"]
     if _permuted(spec, plan, experts):
@@ -243,12 +245,25 @@ def placement_report(spec, plan: ParallelPlan, experts: int) -> list[str]:
     owners = expert_placement(spec, plan, experts)
     lines = [f"expert placement ({kind}, {experts} experts over {plan.experts} {ranks}):"]
     lines += [f"  rank {r}: {' '.join(map(str, held))}" for r, held in enumerate(experts_of(owners, ranks))]
+    lines += [f"  node-limited: {line}" for line in node_limited(spec, plan)]
     if ranks + 1 > experts:  # every rank must own an expert: ep cannot grow
         return lines
     growth = {k: moves_when_growing(k, experts, ranks, seed) for k in ("contiguous", "consistent_hash")}
     other = "consistent_hash" if kind == "contiguous" else "contiguous"
     lines.append(f"  {plan.experts} {ranks} -> {ranks + 1} moves {growth[kind]} of {experts} experts "
                  f"({other} would move {growth[other]})")
+    return lines
+
+
+def node_limited(spec, plan: ParallelPlan) -> list[str]:
+    """Per distinct group-limited router whose groups line up with the ep ranks: the most ranks a token reaches."""
+    ranks, lines = plan.axes[plan.experts], []
+    for moe in _moe_configs(spec):
+        bound = node_limit(moe.router.groups, moe.router.top_groups, spec.sharding.placement, ranks)
+        line = (f"router.groups {moe.router.groups} over {plan.experts} {ranks} ({moe.router.groups // ranks} per rank): "
+                f"a token's rows reach at most {bound} ranks (router.top_groups)")
+        if bound is not None and line not in lines:
+            lines.append(line)
     return lines
 
 
@@ -455,7 +470,7 @@ def _shard_experts_2d_source(plan: ParallelPlan, where) -> list[str]:
 
 
 def shard_experts_source(permuted: bool = False, replicated_rows: bool = False) -> list[str]:
-    mark = (["        sharded.replicated_rows = True  # ep is not a batch axis: its ranks share the tokens (read by experts_ffn)"]
+    mark = (["        sharded.replicated_rows = True  # ep is not a batch axis: its ranks share the tokens (read by dispatch_experts)"]
             if replicated_rows else [])
     if not permuted:
         return [
@@ -475,13 +490,13 @@ def shard_experts_source(permuted: bool = False, replicated_rows: bool = False) 
     return [
         "def shard_experts(module: torch.nn.Module, ep_mesh: DeviceMesh) -> None:",
         '    """The [E, ...] expert weights, rows put in EXPERT_ORDER, become DTensors sharded on dim 0: each rank',
-        "    keeps its experts of EXPERT_PLACEMENT. experts_ffn sends each routed row to its expert's row, and",
+        "    keeps its experts of EXPERT_PLACEMENT. dispatch_experts sends a token to the ranks of its experts' rows, and",
         '    checkpoints store the experts in id order (moec.checkpoint.expert_order), so any placement resumes them."""',
         "    for name, param in list(module.named_parameters(recurse=False)):",
         "        assert param.shape[0] == len(EXPERT_ORDER), f'{name}: {param.shape[0]} experts, EXPERT_ORDER has {len(EXPERT_ORDER)}'",
         "        sharded = distribute_tensor(param.detach()[list(EXPERT_ORDER)], ep_mesh, [Shard(0)])",
         "        sharded = torch.nn.Parameter(sharded, requires_grad=param.requires_grad)",
-        "        sharded.expert_order = EXPERT_ORDER  # read by experts_ffn",
+        "        sharded.expert_order = EXPERT_ORDER  # read by dispatch_experts",
         *mark,
         "        module.register_parameter(name, sharded)",
         "    module.expert_order = EXPERT_ORDER  # read by checkpoints",

@@ -82,7 +82,7 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
     if not moe.dropless:
         lines += _capacity(moe)
     if expert_parallel:
-        lines += _tensor_parallel_ends(_expert_parallel(moe), expert_parallel=True) if tensor_parallel else _expert_parallel(moe)
+        lines += _expert_parallel(moe, tensor_parallel)
     elif triton:
         lines += _triton(moe, tiles, fused_router)
     elif tensor_parallel:
@@ -92,7 +92,7 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
         lines += {"grouped_mm": _grouped, "bmm": _bmm, "eager": _dense}[kernel](moe)
     if triton:
         lines.append(codegen_triton.combine_line(tiles))
-    else:
+    elif not expert_parallel:  # dispatch_experts combines on the experts' ranks
         lines.append("    out = weights[:, 0, None] * y[:, 0]  # combine: choices summed in order")
         lines += [f"    out = out + weights[:, {j}, None] * y[:, {j}]" for j in range(1, k)]
     if moe.capacity.fallback_weight:
@@ -271,13 +271,11 @@ def _grouped(moe: MoeAttrs) -> list[str]:
     return lines
 
 
-def _tensor_parallel_ends(lines: list[str], expert_parallel: bool = False) -> list[str]:
-    """An expert path (``_grouped``, ``_expert_parallel``) on this rank's slice of every expert's hidden size:
-    Megatron's f on the routed rows, g on the experts' outputs, so the router's weights combine whole outputs
-    (their gradient stays whole). The grouped path reads the local slices (``local``); ``experts_ffn`` reads
-    the DTensors' meshes itself."""
-    if not expert_parallel:
-        lines = [_EXPERT_WEIGHT.sub(lambda m: f"local({m.group(0)})", line) for line in lines]
+def _tensor_parallel_ends(lines: list[str]) -> list[str]:
+    """The grouped path on this rank's slice of every expert's hidden size (its ``local`` slices): Megatron's f on
+    the routed rows, g on the experts' outputs, so the router's weights combine whole outputs (their gradient
+    stays whole)."""
+    lines = [_EXPERT_WEIGHT.sub(lambda m: f"local({m.group(0)})", line) for line in lines]
     rows = next(i for i, line in enumerate(lines) if line.startswith("    rows = "))
     # f on (N, D), not the k-fold rows
     lines[rows] = lines[rows].replace("    rows = x[", "    rows = copy_to_shards(x, experts_w_up)[")
@@ -293,9 +291,10 @@ def _triton(moe: MoeAttrs, tiles: tuple[int, ...], fused_router: bool) -> list[s
     return codegen_triton.permutation_lines(moe, fused_router, tiles) + codegen_triton.ffn_lines(moe, tiles)
 
 
-def _expert_parallel(moe: MoeAttrs) -> list[str]:
-    """The grouped path with the expert FFN across the expert-parallel group (moec.backends.torch.experts)."""
-    k, kind = moe.choices, ACTIVATIONS[moe.expert.activation]
+def _expert_parallel(moe: MoeAttrs, tensor_parallel: bool = False) -> list[str]:
+    """The experts across the expert-parallel group (moec.backends.torch.experts), combined there: one row per
+    (token, rank holding its experts). Under tp too, Megatron's f on the tokens (dispatch_experts applies g)."""
+    kind = ACTIVATIONS[moe.expert.activation]
     gate = "experts_w_gate" if kind.gated else "None"
     extra = ""
     if moe.expert.bias:
@@ -303,11 +302,10 @@ def _expert_parallel(moe: MoeAttrs) -> list[str]:
     if kind.clamped:
         extra += f", clamp=({moe.expert.clamp['limit']!r}, {moe.expert.clamp['alpha']!r})"
     fn = "clamped_glu" if kind.clamped else kind.fn
+    x = "copy_to_shards(x, experts_w_up)" if tensor_parallel else "x"
     return [
-        "    order = torch.argsort(flat_expert, stable=True)  # sort-by-expert permutation",
-        f"    rows = x[order // {k}]  # (N*k, D) token rows in expert order",
-        f"    y_sorted = experts_ffn(rows, counts, experts_w_up, {gate}, experts_w_down, {fn!r}{extra})  # the experts' ranks compute their rows (experts.py)",
-        f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)",
+        f"    out = dispatch_experts({x}, chosen, weights, experts_w_up, {gate}, experts_w_down, {fn!r}{extra})"
+        "  # a token travels once to each rank of its experts, combined there (experts.py)",
     ]
 
 

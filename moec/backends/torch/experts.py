@@ -1,35 +1,41 @@
-"""Routed experts on rows sorted by expert, on this rank or across an expert-parallel group.
+"""Routed experts, combined, on this rank or across an expert-parallel group.
 
-``experts_ffn(rows, counts, w_up, w_gate, w_down, fn, biases=(), clamp=None)``: ``rows`` (M, D) are the
-(token, choice) rows sorted by global expert id, ``counts`` (E,) how many rows each expert gets; ``fn``
-the activation (a ``torch.nn.functional`` name, or ``clamped_glu`` with ``clamp = (limit, alpha)``,
-GPT-OSS's), ``biases`` the experts' ``(b_up, b_gate or None, b_down)`` [E, ...], split like the weights.
-With plain tensors every expert is local: one grouped GEMM per projection. With DTensor
-weights sharded ``Shard(0)`` over an expert-parallel mesh (rank r holds weight rows
-[r*E/P, (r+1)*E/P): experts in id order, or in the weights' ``expert_order`` when
-``sharding.placement`` is consistent_hash, the rows regrouped to match), only the routed rows travel:
+``dispatch_experts(x, chosen, weights, w_up, w_gate, w_down, fn, biases=(), clamp=None)``: ``x`` (N, D) the tokens,
+``chosen`` / ``weights`` (N, k) each token's experts and their weights; returns (N, D), the sum over each token's
+choices of ``weight * expert(x)``, in choice order. ``fn`` is the activation (a ``torch.nn.functional`` name, or
+``clamped_glu`` with ``clamp = (limit, alpha)``, GPT-OSS's), ``biases`` the experts' ``(b_up, b_gate or None, b_down)``
+[E, ...], split like the weights. With plain tensors every expert is local: (token, choice) rows sorted by expert,
+one grouped GEMM per projection. With DTensor weights sharded ``Shard(0)`` over an expert-parallel mesh (rank r
+holds weight rows [r*E/P, (r+1)*E/P): experts in id order, or in the weights' ``expert_order`` when
+``sharding.placement`` is consistent_hash), the dispatch is deduplicated:
 
-1. exchange the per-expert counts (all-to-all of P x E/P integers);
-2. send each rank the rows of its experts (``all_to_all_single`` with autograd);
-3. regroup the received rows by local expert, grouped GEMMs with the local weights;
-4. send the results back (the reverse all-to-all) in the original row order.
+1. one row per (token, destination rank), not per (token, choice): a token routed to several experts of one
+   rank travels there once; beside the rows go the (token, choice) pairs (their weight, local expert and row);
+2. the rows and pairs travel by ``all_to_all_single`` (with autograd for the rows and the weights);
+3. the destination fans each row out to its local experts (grouped GEMMs over the pairs sorted by expert) and
+   combines their weighted outputs into one row per (token, source rank);
+4. those rows go back (the reverse all-to-all) and each token sums its destinations' rows.
 
-When the expert-parallel axis does not split the batch (``sharding.batch`` leaves it out), every
-rank of the group holds the same rows: each runs the rows of its own experts and an all-gather
-of the outputs gives every rank all of them (``replicated_rows`` set on the weights by parallel.py).
+With router groups that line up with the ranks (``router.groups`` a multiple of ep, contiguous placement) a
+token reaches at most ``router.top_groups`` ranks: DeepSeek-V3's node-limited routing.
 
-The split sizes are host integers, so the expert-parallel path is kept out of ``torch.compile``'s
-graph; with plain tensors (one process) ``experts_ffn`` is traced like any grouped GEMM.
-Gradients: the reverse all-to-all carries every rank's row gradients to the expert's owner,
-so a local expert's gradient sums the contributions of all ranks' tokens.
+When the expert-parallel axis does not split the batch (``sharding.batch`` leaves it out), every rank of the
+group holds the same rows: each runs the rows of its own experts and an all-gather of the combined rows gives
+every rank all of them (``replicated_rows`` set on the weights by parallel.py).
 
-A build's ``model_support.py`` holds a copy (the process group comes from the DTensor weights'
-mesh); the trainer reads the copy's ``SENT`` (``moec.backends.torch.loader.support_module``).
+The split sizes are host integers, so the expert-parallel path is kept out of ``torch.compile``'s graph; with
+plain tensors (one process) ``dispatch_experts`` is traced like any grouped GEMM. Gradients: the reverse all-to-all
+carries every rank's row gradients to the expert's owner, so a local expert's gradient sums the contributions of
+all ranks' tokens; the weights' gradients travel back with them.
+
+A build's ``model_support.py`` holds a copy (the process group comes from the DTensor weights' mesh); the trainer
+reads the copy's ``SENT`` (``moec.backends.torch.loader.support_module``).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -40,10 +46,13 @@ from torch.distributed.tensor import DTensor
 
 from moec.backends.torch.grouped import grouped_linear
 from moec.backends.torch.snippets import clamped_glu
+from moec.backends.torch.tp_support import sum_over_shards
 
-# Bytes this process sent in the forward all-to-alls since the trainer last read it (rows there
-# and back); the backward sends the same amount again. Only routed rows travel, never the batch.
-SENT = {"bytes": 0}
+# Since the trainer last reset it, this process's off-rank bytes, forward and backward: ``bytes`` what the
+# deduplicated dispatch sent (rows there and back, the pairs' weights and their gradients, the pairs' integers),
+# ``undeduplicated`` what one row per (token, choice) would have sent; ``destinations`` the most ranks a token reached.
+SENT = {"bytes": 0, "undeduplicated": 0, "destinations": 0}
+PAIR_INTS = 2  # a pair's local expert and the place of its row in the message (int32 each)
 
 
 def local_ffn(rows: Tensor, group_sizes: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str,
@@ -78,12 +87,31 @@ def expert_group(weight) -> tuple:
     return mesh.get_group(dim), mesh.size(dim)
 
 
-def experts_ffn(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str,
-                biases: tuple = (), clamp: tuple[float, float] | None = None) -> Tensor:
+def dispatch_experts(x: Tensor, chosen: Tensor, weights: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
+                     fn: str, biases: tuple = (), clamp: tuple[float, float] | None = None) -> Tensor:
+    """(N, D): each token's routed experts' outputs, weighted and summed in choice order."""
     ffn = functools.partial(local_ffn, fn=fn, biases=biases, clamp=clamp)
     if not isinstance(w_up, DTensor):  # one process: traced by torch.compile like any grouped GEMM, no graph break
-        return ffn(rows, counts, w_up, w_gate, w_down)
-    return _expert_parallel_ffn(rows, counts, w_up, w_gate, w_down, ffn)
+        return _combine(_choice_outputs(x, chosen, ffn, w_up, w_gate, w_down), weights)
+    return _expert_parallel(x, chosen, weights, w_up, w_gate, w_down, ffn)
+
+
+def _choice_outputs(x: Tensor, chosen: Tensor, ffn, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor) -> Tensor:
+    """(N, k, D): the expert output of each (token, choice), every expert local."""
+    tokens, k = chosen.shape
+    flat_expert = chosen.reshape(-1)
+    order = torch.argsort(flat_expert, stable=True)  # sort-by-expert permutation
+    counts = torch.zeros(w_up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
+    y_sorted = ffn(x[order // k], counts, w_up, w_gate, w_down)
+    return torch.empty_like(y_sorted).index_copy(0, order, y_sorted).view(tokens, k, -1)
+
+
+def _combine(y: Tensor, weights: Tensor) -> Tensor:
+    """(N, k, D) outputs weighted by (N, k) and summed over the choices in order."""
+    out = weights[:, 0, None] * y[:, 0]
+    for j in range(1, y.shape[1]):
+        out = out + weights[:, j, None] * y[:, j]
+    return out
 
 
 def _local(ffn: functools.partial) -> functools.partial:
@@ -93,55 +121,123 @@ def _local(ffn: functools.partial) -> functools.partial:
     return functools.partial(ffn, biases=biases)
 
 
+@dataclass(frozen=True)
+class Dispatch:
+    """Where a rank's tokens go: one row per (token, destination rank), one pair per (token, choice)."""
+
+    row_token: Tensor  # (R,) the token of each row; rows by destination rank, then token
+    row_place: Tensor  # (R,) the row's place among its token's destinations (where it lands on the way back)
+    row_sizes: list[int]  # rows to each rank
+    pair_order: Tensor  # (N*k,) the (token, choice) pairs by destination rank, then token, then choice
+    pair_ints: Tensor  # (N*k, 2) int32, in pair order: the local expert, the row's place in its message
+    pair_sizes: list[int]  # pairs to each rank
+    destinations: int  # the most ranks one token reaches
+
+
+def plan_dispatch(rank_of: Tensor, local_of: Tensor, ranks: int) -> Dispatch:
+    """``rank_of`` / ``local_of`` (N, k): the rank holding each choice's expert, and that expert's row there."""
+    k = rank_of.shape[1]
+    reaches = torch.zeros(rank_of.shape[0], ranks, dtype=torch.bool, device=rank_of.device).scatter_(1, rank_of, True)  # (N, P)
+    row_rank, row_token = reaches.t().nonzero(as_tuple=True)  # (R,): a token routed twice to one rank is one row
+    place_in_message = reaches.t().cumsum(1) - 1  # (P, N) where token n's row is in the message to rank p
+    place_among = reaches.cumsum(1) - 1  # (N, P) where rank p is among token n's destinations
+    flat_rank = rank_of.reshape(-1)
+    pair_order = torch.argsort(flat_rank, stable=True)
+    pair_rank, pair_token = flat_rank[pair_order], pair_order // k
+    pair_ints = torch.stack([local_of.reshape(-1)[pair_order], place_in_message[pair_rank, pair_token]], 1).to(torch.int32)
+    return Dispatch(row_token, place_among[row_token, row_rank], reaches.sum(0).tolist(), pair_order, pair_ints,
+                    torch.bincount(flat_rank, minlength=ranks).tolist(), int(reaches.sum(1).max()))
+
+
+def sum_into(values: Tensor, row_of: Tensor, place: Tensor, rows: int, width: int) -> Tensor:
+    """(rows, D): value i put at slot ``place[i]`` of row ``row_of[i]`` (each slot once), the slots summed in a
+    fixed order (deterministic: no atomic scatter-add)."""
+    slots = values.new_zeros(rows, width, *values.shape[1:]).index_put((row_of, place), values)
+    return slots.sum(1)
+
+
+def run_rows(rows: Tensor, row_of_pair: Tensor, local_expert: Tensor, pair_weights: Tensor, ffn, w_up: Tensor,
+             w_gate: Tensor | None, w_down: Tensor) -> Tensor:
+    """One row per received row: its pairs' local experts run (grouped GEMMs, pairs sorted by expert), their
+    outputs weighted and summed. ``row_of_pair`` is nondecreasing: a row's pairs arrive together, in choice order."""
+    local = [w.to_local() if w is not None else None for w in (w_up, w_gate, w_down)]
+    order = torch.argsort(local_expert, stable=True)
+    counts = torch.bincount(local_expert, minlength=local[0].shape[0])
+    y_sorted = _local(ffn)(rows[row_of_pair[order]], counts, *local)
+    y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to pair order
+    if any(p.is_shard(w_down.ndim - 1) for p in w_down.placements):  # tp splits each expert's hidden size too
+        y = sum_over_shards(y, w_down)  # partial sums added before the router's weights combine them
+    per_row = torch.bincount(row_of_pair, minlength=rows.shape[0])
+    place = torch.arange(len(row_of_pair), device=rows.device) - (torch.cumsum(per_row, 0) - per_row)[row_of_pair]
+    width = int(per_row.max()) if len(per_row) else 0
+    return sum_into(pair_weights[:, None] * y, row_of_pair, place, rows.shape[0], width)
+
+
 @torch.compiler.disable
-def _expert_parallel_ffn(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, ffn) -> Tensor:
-    # Every rank of the expert-parallel group holds the same rows when ep is not a batch axis.
-    exchange = _split_replicated if getattr(w_up, "replicated_rows", False) else _exchange
-    order = getattr(w_up, "expert_order", None)  # the expert in each weight row, set when not contiguous
+def _expert_parallel(x: Tensor, chosen: Tensor, weights: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
+                     ffn) -> Tensor:
+    """The deduplicated dispatch: plan the rows, send them (or take this rank's), run and combine, sum per token."""
+    group, ranks = expert_group(w_up)
+    per_rank = w_up.shape[0] // ranks
+    row = _weight_row(chosen, getattr(w_up, "expert_order", None))
+    plan = plan_dispatch(row // per_rank, row % per_rank, ranks)
+    replicated = getattr(w_up, "replicated_rows", False)  # every rank of the group holds the same tokens
+    _count(plan, x, weights, dist.get_rank(group), replicated)
+    run = functools.partial(run_rows, ffn=ffn, w_up=w_up, w_gate=w_gate, w_down=w_down)
+    back = (_split_replicated if replicated else _exchange)(x, weights, plan, run, group)  # (R, D) in row order
+    return sum_into(back, plan.row_token, plan.row_place, x.shape[0], plan.destinations)
+
+
+def _weight_row(chosen: Tensor, order) -> Tensor:
+    """The weight row of each chosen expert: its id, or (placement consistent_hash) its place in ``order``, the
+    expert in each weight row."""
     if order is None:
-        return exchange(rows, counts, w_up, w_gate, w_down, ffn)
-    # Weight rows are grouped by owner rank (placement consistent_hash): regroup the routed rows
-    # from expert order into weight-row order, exchange, and put the results back.
-    expert_at = torch.tensor(order, device=rows.device)
-    row_of_expert = torch.empty_like(expert_at).index_copy_(0, expert_at, torch.arange(len(order), device=rows.device))
-    regroup = torch.argsort(row_of_expert.repeat_interleave(counts), stable=True)
-    out = exchange(rows[regroup], counts[expert_at], w_up, w_gate, w_down, ffn)
-    return torch.empty_like(out).index_copy(0, regroup, out)
+        return chosen
+    expert_at = torch.tensor(order, device=chosen.device)
+    return torch.empty_like(expert_at).index_copy_(0, expert_at, torch.arange(len(order), device=chosen.device))[chosen]
 
 
-def _exchange(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, ffn) -> Tensor:
-    """Rows sorted by weight row, ``counts`` per weight row; rank r holds rows [r*E/P, (r+1)*E/P)."""
-    group, ranks = expert_group(w_up)
-    local = [w.to_local() if w is not None else None for w in (w_up, w_gate, w_down)]
-    send = counts.view(ranks, -1)  # (P, E/P): rows for each destination rank, per its local expert
-    received_counts = torch.empty_like(send)
-    dist.all_to_all_single(received_counts, send, group=group)  # (P, E/P): rows from each source, per my expert
-    send_sizes, receive_sizes = send.sum(1).tolist(), received_counts.sum(1).tolist()
-    received = funcol.all_to_all_single_autograd(rows, receive_sizes, send_sizes, group)  # differentiable: the reverse in backward
-    me = dist.get_rank(group)
-    SENT["bytes"] += 2 * (sum(send_sizes) - send_sizes[me]) * rows.shape[1] * rows.element_size()  # rows leaving this rank
-    # Received rows come by source rank, then local expert; group them by local expert (stable).
-    local_experts = torch.arange(send.shape[1], device=rows.device).repeat(ranks)
-    expert_of_row = torch.repeat_interleave(local_experts, received_counts.reshape(-1))
-    order = torch.argsort(expert_of_row, stable=True)
-    out = _local(ffn)(received[order], received_counts.sum(0), *local)
-    back = torch.empty_like(out).index_copy(0, order, out)  # undo the grouping
-    return funcol.all_to_all_single_autograd(back, send_sizes, receive_sizes, group)
+def _exchange(x: Tensor, weights: Tensor, plan: Dispatch, run, group) -> Tensor:
+    """Rows and pairs to their ranks, the combined rows back, in the order they left."""
+    sizes = torch.tensor([plan.row_sizes, plan.pair_sizes], device=x.device).t().contiguous()  # (P, 2) to each rank
+    received = torch.empty_like(sizes)
+    dist.all_to_all_single(received, sizes, group=group)  # (P, 2) rows and pairs from each rank
+    rows_in, pairs_in = received[:, 0].tolist(), received[:, 1].tolist()
+    rows = funcol.all_to_all_single_autograd(x[plan.row_token], rows_in, plan.row_sizes, group)  # the reverse in backward
+    pair_weights = funcol.all_to_all_single_autograd(weights.reshape(-1)[plan.pair_order], pairs_in, plan.pair_sizes, group)
+    ints = plan.pair_ints.new_empty(sum(pairs_in), plan.pair_ints.shape[1])
+    dist.all_to_all_single(ints, plan.pair_ints, pairs_in, plan.pair_sizes, group=group)
+    first_row = received.new_tensor([sum(rows_in[:source]) for source in range(len(rows_in))])  # of each source's message
+    row_of_pair = ints[:, 1].long() + first_row.repeat_interleave(received[:, 1])
+    combined = run(rows, row_of_pair, ints[:, 0].long(), pair_weights)
+    return funcol.all_to_all_single_autograd(combined, plan.row_sizes, rows_in, group)
 
 
-def _split_replicated(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, ffn) -> Tensor:
-    """Rows sorted by weight row, the same on every rank of the group (ep is not a batch axis): each
-    rank runs the rows of its own experts, then an all-gather gives every rank all the outputs.
-    Backward mirrors it: a rank's rows get their gradient from the rank that ran them (each rank's
-    gradient of the output is the same, so its own slice is all it needs)."""
-    group, ranks = expert_group(w_up)
-    local = [w.to_local() if w is not None else None for w in (w_up, w_gate, w_down)]
-    me = dist.get_rank(group)
-    per_rank = counts.view(ranks, -1)
-    sizes = per_rank.sum(1).tolist()  # rows run by each rank, known everywhere: the counts are the same
-    SENT["bytes"] += sizes[me] * (ranks - 1) * rows.shape[1] * rows.element_size()  # my outputs to every other rank
-    mine = _RowsOfRank.apply(rows, sizes, group)
-    return _GatherRows.apply(_local(ffn)(mine, per_rank[me], *local), sizes, group)
+def _split_replicated(x: Tensor, weights: Tensor, plan: Dispatch, run, group) -> Tensor:
+    """Every rank holds the same tokens (ep is not a batch axis): each runs the rows of its own experts, then an
+    all-gather gives every rank all the combined rows. Backward mirrors it: a rank's rows and weights get their
+    gradient from the rank that ran them (each rank's gradient of the output is the same)."""
+    mine = _RowsOfRank.apply(x[plan.row_token], plan.row_sizes, group)
+    my_weights = _RowsOfRank.apply(weights.reshape(-1)[plan.pair_order], plan.pair_sizes, group)
+    ints = plan.pair_ints[_own_rows(plan.pair_sizes, group)]
+    return _GatherRows.apply(run(mine, ints[:, 1].long(), ints[:, 0].long(), my_weights), plan.row_sizes, group)
+
+
+def _count(plan: Dispatch, x: Tensor, weights: Tensor, me: int, replicated: bool) -> None:
+    """SENT, forward and backward: rows (and their gradients) there and back; the pairs' weights there (their
+    gradients back) and integers there; against one row per (token, choice) there and back."""
+    row_bytes = x.shape[1] * x.element_size()
+    pair_bytes = 2 * weights.element_size() + PAIR_INTS * 4
+    if replicated:  # nothing travels to the experts; my combined rows go to every other rank, their gradients come back
+        others = len(plan.row_sizes) - 1
+        rows, pairs = others * plan.row_sizes[me], others * plan.pair_sizes[me]
+        SENT["bytes"] += 2 * rows * row_bytes + pairs * weights.element_size()
+        SENT["undeduplicated"] += 2 * pairs * row_bytes
+    else:  # my rows and pairs that leave this rank
+        rows, pairs = sum(plan.row_sizes) - plan.row_sizes[me], sum(plan.pair_sizes) - plan.pair_sizes[me]
+        SENT["bytes"] += 4 * rows * row_bytes + pairs * pair_bytes
+        SENT["undeduplicated"] += 4 * pairs * row_bytes
+    SENT["destinations"] = max(SENT["destinations"], plan.destinations)
 
 
 def _all_gather_rows(part: Tensor, sizes: list[int], group) -> Tensor:
