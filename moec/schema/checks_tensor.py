@@ -5,7 +5,7 @@ moec splits the Megatron pairs: a column group (split output features) feeding i
 end. Refused here, with the field to change: a group in the other list than its pair needs, half
 a pair, and layer options whose weights the split does not cover
 (attention biases, sinks and q/k norms; MLP biases; expert biases, shared experts, capacity and
-kernels other than grouped_mm; mla biases); ``sequence_parallel`` beyond attention, MLA and MLP layers, with FSDP,
+kernels other than grouped_mm); ``sequence_parallel`` beyond attention, MLA and MLP layers, with FSDP,
 or with a sequence length tp does not divide. The vocabulary split (``embed``, ``head``, Megatron's
 vocab-parallel embedding and head) is a column split of token models whose vocabulary tp divides;
 tied embeddings split both or neither. Sizes are checked with the other
@@ -95,8 +95,6 @@ def _layers(spec) -> Iterator[Finding]:
             yield path + ("bias",), f"is not implemented under tensor parallelism (mlp.up split over {tensor.axis})"
         elif layer.kind in ("moe", "spectral_moe") and "experts.up" in tensor.column:
             yield from _experts(spec, layer, path, tensor.axis)
-        elif layer.kind == "mla" and "attention.qkv" in tensor.column and layer.bias:  # wo's bias after a row split
-            yield path + ("bias",), f"is not implemented under tensor parallelism (attention.qkv split over {tensor.axis})"
     kernel = spec.schedule.kernels.moe
     if "experts.up" in tensor.column and kernel not in ("auto", "grouped_mm") and any(
             layer.kind in ("moe", "spectral_moe") for _, _, layer in spec.model.layers()):

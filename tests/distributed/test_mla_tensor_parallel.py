@@ -52,7 +52,7 @@ def test_tp2_mla_forward_and_gradients_equal_one_process(tmp_path):
     done = run_job(command, timeout=240, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
-    for case, params in (("q_lora", 59), ("plain_q", 51), ("sequence_parallel", 27)):
+    for case, params in (("q_lora", 59), ("plain_q", 51), ("bias", 71), ("sequence_parallel", 27)):
         diffs = results[case]
         assert diffs["weights"] == 0.0 and diffs["output"] < 1e-5 and diffs["aux_loss"] < 1e-5, (case, diffs)
         assert len(diffs["grads"]) == params and max(diffs["grads"].values()) < 1e-5, (case, diffs["grads"])
@@ -60,6 +60,7 @@ def test_tp2_mla_forward_and_gradients_equal_one_process(tmp_path):
     shapes = results["q_lora"]["local_shapes"]  # 4 heads -> 2 per rank: (16 + 8) query, (16 + 16) key-value dims each
     assert shapes["blocks.0.mla.wq_b.weight"] == [48, 32] and shapes["blocks.0.mla.wkv_b.weight"] == [64, 32]
     assert shapes["blocks.0.mla.wo.weight"] == [64, 32] and results["plain_q"]["local_shapes"]["blocks.0.mla.wq.weight"] == [48, 64]
+    assert results["bias"]["local_shapes"]["blocks.0.mla.wo.bias"] == [64]  # added once, after the sum over tp
 
 
 def test_the_mla_plan_and_model_lines():
