@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import moec
-from moec.compile import compile_spec
+from moec.compile import build_model, compile_spec
 from moec.train.trainer import Trainer
 from tests.conftest import REPO
 from tests.distributed.mla_tp_worker import TP2, deepseek_text, sequence_parallel
@@ -84,6 +85,9 @@ def test_the_mla_plan_and_model_lines():
                  "        k_pe = copy_to_shards(k_pe, self.wkv_b.weight)",
                  "        attn = mla_attention(q_nope, q_pe, k_nope, k_pe, v, q_nope.shape[-1] // 16, 0.2041241452319315, positions)"):
         assert line in forward, line
+    whole, split = (build_model(moec.load_spec_text(text, file="tp.yaml")) for text in (deepseek_text(), deepseek_text(TP2)))
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(whole(tokens).output, split(tokens).output)  # on one process f is the identity
 
 
 @pytest.fixture(scope="module")
