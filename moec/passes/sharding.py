@@ -69,10 +69,11 @@ def _param_placement(spec: Spec, node: Node, axes: list[str], issues: list, kv: 
     tensor = sharding.tensor
     group = tp_group(node.attr["name"]) if tensor is not None else None
     if group is not None and (group in tensor.column or group in tensor.row) and node.attr["name"] not in kv:
-        # torch weights are [out, in] (experts: [E, out, in]): columns split out, rows split in.
+        # torch weights are [out, in] (experts: [E, out, in]): columns split out, rows split in. A bias has the
+        # out features only: split with a column group's, whole beside a row group's (added after the sum over tp).
         dim = (0 if group in tensor.column else 1) + (1 if is_expert else 0)
-        dim = min(dim, len(shape) - 1)
-        placement[axes.index(tensor.axis)] = f"Shard({dim})"
+        if dim < len(shape):
+            placement[axes.index(tensor.axis)] = f"Shard({dim})"
     for axis in sharding.fsdp:
         if is_expert and axis in sharding.experts:
             continue  # an ep axis that is also an FSDP axis: the experts are split over it already

@@ -111,6 +111,8 @@ def _parallel_divisibility(spec: Spec) -> Iterator[Finding]:
                                                       f"(each KV head then replicated on tp / kv_heads ranks), got {layer.kv_heads}")
             if layer.rope is not None and layer.head_dim % 2:
                 yield _layer_path(b, i, "head_dim"), f"must be even for RoPE, got {layer.head_dim}"
+        elif layer.kind == "mla":  # its heads split over tp (the latents stay whole)
+            checks.append((("heads",), layer.heads, tp, "tensor-parallel"))
         elif layer.kind == "mlp":
             checks.append((("hidden",), layer.hidden, tp, "tensor-parallel"))
         elif layer.kind in ("moe", "spectral_moe"):

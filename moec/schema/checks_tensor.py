@@ -5,11 +5,11 @@ moec splits the Megatron pairs: a column group (split output features) feeding i
 end. Refused here, with the field to change: a group in the other list than its pair needs, half
 a pair, and layer options whose weights the split does not cover
 (attention biases, sinks and q/k norms; MLP biases; expert biases, shared experts, capacity and
-kernels other than grouped_mm; any mla layer); ``sequence_parallel`` beyond attention and MLP layers, with FSDP,
+kernels other than grouped_mm); ``sequence_parallel`` beyond attention, MLA and MLP layers, with FSDP,
 or with a sequence length tp does not divide. The vocabulary split (``embed``, ``head``, Megatron's
 vocab-parallel embedding and head) is a column split of token models whose vocabulary tp divides;
 tied embeddings split both or neither. Sizes are checked with the other
-parallel sizes (``checks._parallel_divisibility``): heads and hidden sizes divisible by tp, kv_heads
+parallel sizes (``checks._parallel_divisibility``): heads (attention's and MLA's) and hidden sizes divisible by tp, kv_heads
 divisible by tp or dividing it (each KV head then replicated on tp / kv_heads ranks,
 ``moec.passes.sharding.replicated_kv``).
 Tensor with expert parallelism (experts
@@ -95,8 +95,6 @@ def _layers(spec) -> Iterator[Finding]:
             yield path + ("bias",), f"is not implemented under tensor parallelism (mlp.up split over {tensor.axis})"
         elif layer.kind in ("moe", "spectral_moe") and "experts.up" in tensor.column:
             yield from _experts(spec, layer, path, tensor.axis)
-        elif layer.kind == "mla":  # heads split, latent projections and norms whole: not written yet
-            yield path + ("kind",), f"mla is not implemented under tensor parallelism (sharding.tensor over {tensor.axis})"
     kernel = spec.schedule.kernels.moe
     if "experts.up" in tensor.column and kernel not in ("auto", "grouped_mm") and any(
             layer.kind in ("moe", "spectral_moe") for _, _, layer in spec.model.layers()):
@@ -118,16 +116,17 @@ def _experts(spec, layer, path: tuple, axis: str) -> Iterator[Finding]:
 
 
 def _sequence_parallel(spec) -> Iterator[Finding]:
-    """Megatron-SP over attention and MLP layers: norms and residuals on S / tp positions between the groups."""
+    """Megatron-SP over attention, MLA and MLP layers: norms and residuals on S / tp positions between the groups;
+    inside an MLA layer the latent projections and norms run on the gathered sequence, whole on every rank."""
     tensor = _split(spec)
     if tensor is None or not tensor.sequence_parallel:
         return
     path, tp = ("sharding", "tensor", "sequence_parallel"), spec.mesh.axes[tensor.axis]
-    kinds = sorted({layer.kind for _, _, layer in spec.model.layers()} - {"attention", "mlp"})
+    kinds = sorted({layer.kind for _, _, layer in spec.model.layers()} - {"attention", "mla", "mlp"})
     if kinds:
-        yield path, (f"is implemented for attention and mlp layers only; the model has {', '.join(kinds)} "
+        yield path, (f"is implemented for attention, mla and mlp layers only; the model has {', '.join(kinds)} "
                      "(its router would see S / tp positions)")
-    if "attention.qkv" not in tensor.column and any(layer.kind == "attention" for _, _, layer in spec.model.layers()):
+    if "attention.qkv" not in tensor.column and any(layer.kind in ("attention", "mla") for _, _, layer in spec.model.layers()):
         yield path, "needs attention.qkv split by columns: attention must see the whole sequence"
     if math.prod(spec.mesh.axes.get(axis, 1) for axis in spec.sharding.fsdp) > 1:
         yield path, "together with FSDP is not implemented; use plain data parallelism (sharding.batch without sharding.fsdp)"

@@ -45,7 +45,7 @@ class TensorParallel(Base):
     )
     sequence_parallel: bool = Field(
         False, description="Megatron-SP: between the split groups each rank holds S / tp positions (norms, residuals); "
-        "attention and MLP layers only.")
+        "attention, MLA and MLP layers only.")
 
     @model_validator(mode="after")
     def _column_row_disjoint(self) -> "TensorParallel":

@@ -187,7 +187,7 @@ AUDIT = {
         or contains(parallel_source(*TP, "sharding.tensor.column=[attention.qkv, mlp.up, experts.up, head]"),
                     "VOCAB_PARALLEL = 'tp'", "'head': ColwiseParallel(),")),
     "sharding.tensor.row": lambda mp: refused("experts.up is split but its pair is not", *TP, "sharding.tensor.row=[attention.out]"),
-    "sharding.tensor.sequence_parallel": lambda mp: refused("is implemented for attention and mlp layers only", *TP,
+    "sharding.tensor.sequence_parallel": lambda mp: refused("is implemented for attention, mla and mlp layers only", *TP,
                                                             "sharding.tensor.sequence_parallel=true"),
     "sharding.pipeline.axis": pipeline_axis_acts,
     "sharding.pipeline.microbatches": pipeline_microbatches_act,

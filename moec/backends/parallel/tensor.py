@@ -115,7 +115,7 @@ def _parallelize(target: str, plan: list[tuple[str, str, str]]) -> list[str]:
     return lines + ["    })"]
 
 
-_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_up", "w_gate", "w_down", "experts")  # plan entries in forward order
+_PROJECTIONS = ("wq", "wq_b", "wkv_b", "wk", "wv", "wo", "w_up", "w_gate", "w_down", "experts")  # plan entries in forward order
 
 
 def _block_plans(spec, splits: dict[str, int], replicated_kv: dict[str, int], cache_input: bool, where) -> dict[int, list]:

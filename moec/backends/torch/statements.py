@@ -126,13 +126,30 @@ class Body:
 
     # --- tensor parallelism (moec.backends.torch.codegen_tp) ----------------------------------------
     def tensor_parallel(self, node: Node, args: list[str]) -> tuple[Node, list[str]]:
-        """The rank-local form of a node that is not a torch module call: attention and RoPE count their heads from
-        the local projections, a linear reading a split table it does not own (a tied head) reads its local rows."""
-        if node.op in ("rope", "attention"):
-            return codegen_tp.local_heads(node, args), args
+        """The rank-local form of a node that is not a torch module call: attention, RoPE and MLA's per-head splits
+        count their heads from the local projections, MLA's shared rope key enters the split heads through f, a
+        linear reading a split table it does not own (a tied head) reads its local rows."""
+        if node.op in ("rope", "attention", "split", "mla_attention"):
+            node = codegen_tp.local_heads(node, args, self.per_head(node))
+        if node.op == "mla_attention" and self.head_split(node.inputs[2]) is not None:  # k_pe: its last reader
+            self.raw(INDENT + codegen_tp.shared_rope_key(args[3], self.name(self.head_split(node.inputs[2]))))
         if node.op == "linear" and self.graph[node.inputs[1].node].attr.get("name") in self.splits:
             return node, codegen_tp.tied_head(args)
         return node, args
+
+    def per_head(self, node: Node) -> int:
+        """The width of one head of ``node``'s first input."""
+        if node.op == "split":
+            return sum(node.attr["sizes"])
+        if node.op == "mla_attention":
+            return self.graph.type_of(node.inputs[0]).shape[-1] // node.attr["heads"]
+        return node.attr["head_dim"]
+
+    def head_split(self, part: Ref) -> Ref | None:
+        """The split weight of the projection that a per-head part (MLA's k_nope: a split of wkv_b's output) comes from."""
+        linear = self.graph[self.graph[part.node].inputs[0].node]
+        weight = linear.inputs[1] if linear.op == "linear" else None
+        return weight if weight is not None and self.graph[weight.node].attr.get("name") in self.splits else None
 
     # --- output -------------------------------------------------------------------------------------
     def lines(self, returned: list[str]) -> list[str]:
