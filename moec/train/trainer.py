@@ -339,7 +339,7 @@ class Trainer:
         held = held_bytes(self.model, self.optimizer, self.dist.distributed) if step == self.start_step else None
         self.optimizer.zero_grad(set_to_none=True)
         layers = [self._global(mean_stats(layer)) for layer in zip(*stats)]  # mean over micro-batches, then ranks
-        health = moe_health(self.model.MOE_LAYERS, layers)
+        health = moe_health(self.model.MOE_LAYERS + getattr(self.model, "MTP_MOE_LAYERS", ()), layers)
         self.update_selection_bias(health)
         elapsed = time.perf_counter() - start
         row = {

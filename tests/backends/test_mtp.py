@@ -151,13 +151,21 @@ def test_parameters_and_flops_count_the_mtp_modules_exactly(case):
     assert extra == pytest.approx(depth * (2 * 2 * D * D + last_block + 2 * V * D), rel=1e-12)
 
 
-def test_training_logs_each_depths_loss(tmp_path):
+def test_training_logs_each_depths_loss_and_balances_the_mtp_experts(tmp_path):
+    """Each depth's loss is logged; the MTP blocks' MoE layers are reported and their selection biases move too."""
     from moec.train.trainer import Trainer
 
-    Trainer(mtp_spec(2, steps=3), run_dir=tmp_path / "run", device="cpu").run()
+    biased = MOE + "          router: {kind: sigmoid_bias, bias_update_rate: 0.01}\n"
+    trainer = Trainer(mtp_spec(2, last=biased, steps=3), run_dir=tmp_path / "run", device="cpu")
+    trainer.run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [row for row in rows if row["kind"] == "train"]
     assert len(train) == 3
+    assert list(train[0]["moe"]) == ["blocks.1.moe", "mtp.0.block.moe", "mtp.1.block.moe"]
+    buffers = dict(trainer.model.named_buffers())
+    for layer in ("blocks.1.moe", "mtp.0.block.moe", "mtp.1.block.moe"):  # 3 updates of at most 0.01 per expert
+        bias = buffers[f"{layer}.router.selection_bias"]
+        assert 0 < bias.abs().sum() and bias.abs().max() <= 0.03 + 1e-6
     for row in train:
         depths = [row["mtp_loss_1"], row["mtp_loss_2"]]
         assert all(4.0 < loss < 7.0 for loss in depths)  # about ln(256) = 5.55 at the start

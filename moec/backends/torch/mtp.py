@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moec.backends.torch.blocks import moe_layers
 from moec.backends.torch.modules import INIT_ARGS, declarations, standard_modules
 from moec.ir.graph import Graph
 from moec.passes.cleanup import dce
@@ -23,6 +24,7 @@ class MtpPart:
     where: str  # the spec line of head.mtp
     init: list[str]  # the first module's __init__ lines for its norms and eh_proj (relative names)
     norm: list[str]  # the same for its final norm
+    moe_layers: tuple[str, ...]  # the MoE layers of the MTP blocks (mtp.0.block.moe, ...), in forward order
 
 
 def main_graph(graph: Graph) -> tuple[Graph, MtpPart | None]:
@@ -36,7 +38,8 @@ def main_graph(graph: Graph) -> tuple[Graph, MtpPart | None]:
     where = f"{origin.file}:{origin.line} model.head.mtp" if origin and origin.file and origin.line else "model.head.mtp"
     init = declarations(graph, ["mtp.0.enorm.weight", "mtp.0.hnorm.weight", "mtp.0.eh_proj.weight"], "mtp.0", modules)
     norm = declarations(graph, ["mtp.0.norm.weight"], "mtp.0", modules)
-    return main, MtpPart(depth=len(graph.outputs) - 3, where=where, init=init, norm=norm)
+    mtp_moe = tuple(name for name in moe_layers(graph) if name.startswith("mtp."))
+    return main, MtpPart(depth=len(graph.outputs) - 3, where=where, init=init, norm=norm, moe_layers=mtp_moe)
 
 
 def mtp_class(part: MtpPart, block_class: str, slot: bool, contract) -> list[str]:
@@ -63,7 +66,7 @@ def mtp_class(part: MtpPart, block_class: str, slot: bool, contract) -> list[str
 
 def root_lines(arg: str, head: str, aux: str, stats: str, contract) -> list[str]:
     """The end of the root's ``forward``: in training each depth runs on the previous one's hidden state ``x``."""
-    outputs = ["x"] + (["block_aux", "_"] if contract.aux else [])
+    outputs = ["x"] + (["block_aux", "block_stats"] if contract.aux else [])
     lines = [
         "        output = self.predict(x)",
         "        if not self.training:  # multi-token prediction trains the model; generation and evaluation skip it",
@@ -73,6 +76,8 @@ def root_lines(arg: str, head: str, aux: str, stats: str, contract) -> list[str]
         f"            {', '.join(outputs)} = mtp(x, self.embed(F.pad({arg}[:, k:], (0, k))))  # token i+k; id 0 past the end",
         f"            mtp_logits.append({head.format('mtp.norm(x)')})",
     ]
-    if contract.aux:
-        lines.append("            mtp_aux = mtp_aux + block_aux  # the MTP blocks' aux losses join the model's (their stats do not)")
+    if not contract.aux:
+        return lines + [f"        return ModelOutput(output=output, aux_loss={aux}, moe_stats={stats}, mtp_logits=tuple(mtp_logits))"]
+    lines += ["            mtp_aux = mtp_aux + block_aux  # the MTP blocks' aux losses join the model's",
+              "            stats += block_stats  # and their MoE statistics follow the model's (MTP_MOE_LAYERS)"]
     return lines + [f"        return ModelOutput(output=output, aux_loss={aux} + mtp_aux, moe_stats={stats}, mtp_logits=tuple(mtp_logits))"]

@@ -69,6 +69,8 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
         f'{", mtp_logits in training" if emitter.mtp else ""})."""',
         "",
         f"    MOE_LAYERS = {_layer_names(_moe_layers(emitter))}  # the layers of ModelOutput.moe_stats, in order",
+        *([f"    MTP_MOE_LAYERS = {emitter.mtp.moe_layers!r}  # in training, moe_stats continues with these"]
+          if emitter.mtp is not None and emitter.mtp.moe_layers else []),
         "",
         *init,
         "",
