@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from moec.backends.torch.grouped import grouped_linear
+from moec.backends.torch.phases import phase
 from moec.backends.torch.snippets import clamped_glu
 
 # Bytes this process sent in the forward all-to-alls since the trainer last read it (rows there
@@ -115,18 +116,21 @@ def _exchange(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None,
     local = [w.to_local() if w is not None else None for w in (w_up, w_gate, w_down)]
     send = counts.view(ranks, -1)  # (P, E/P): rows for each destination rank, per its local expert
     received_counts = torch.empty_like(send)
-    dist.all_to_all_single(received_counts, send, group=group)  # (P, E/P): rows from each source, per my expert
-    send_sizes, receive_sizes = send.sum(1).tolist(), received_counts.sum(1).tolist()
-    received = funcol.all_to_all_single_autograd(rows, receive_sizes, send_sizes, group)  # differentiable: the reverse in backward
+    with phase("moe.all_to_all"):
+        dist.all_to_all_single(received_counts, send, group=group)  # (P, E/P): rows from each source, per my expert
+        send_sizes, receive_sizes = send.sum(1).tolist(), received_counts.sum(1).tolist()
+        received = funcol.all_to_all_single_autograd(rows, receive_sizes, send_sizes, group)  # differentiable: the reverse in backward
     me = dist.get_rank(group)
     SENT["bytes"] += 2 * (sum(send_sizes) - send_sizes[me]) * rows.shape[1] * rows.element_size()  # rows leaving this rank
     # Received rows come by source rank, then local expert; group them by local expert (stable).
     local_experts = torch.arange(send.shape[1], device=rows.device).repeat(ranks)
     expert_of_row = torch.repeat_interleave(local_experts, received_counts.reshape(-1))
     order = torch.argsort(expert_of_row, stable=True)
-    out = _local(ffn)(received[order], received_counts.sum(0), *local)
+    with phase("moe.experts"):
+        out = _local(ffn)(received[order], received_counts.sum(0), *local)
     back = torch.empty_like(out).index_copy(0, order, out)  # undo the grouping
-    return funcol.all_to_all_single_autograd(back, send_sizes, receive_sizes, group)
+    with phase("moe.all_to_all"):
+        return funcol.all_to_all_single_autograd(back, send_sizes, receive_sizes, group)
 
 
 def _split_replicated(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, ffn) -> Tensor:
@@ -141,14 +145,17 @@ def _split_replicated(rows: Tensor, counts: Tensor, w_up: Tensor, w_gate: Tensor
     sizes = per_rank.sum(1).tolist()  # rows run by each rank, known everywhere: the counts are the same
     SENT["bytes"] += sizes[me] * (ranks - 1) * rows.shape[1] * rows.element_size()  # my outputs to every other rank
     mine = _RowsOfRank.apply(rows, sizes, group)
-    return _GatherRows.apply(_local(ffn)(mine, per_rank[me], *local), sizes, group)
+    with phase("moe.experts"):
+        out = _local(ffn)(mine, per_rank[me], *local)
+    return _GatherRows.apply(out, sizes, group)
 
 
 def _all_gather_rows(part: Tensor, sizes: list[int], group) -> Tensor:
     """Every rank's ``part`` (``sizes[r]`` rows from rank r), concatenated in rank order, on every rank."""
     ranks = len(sizes)
     out = part.new_empty(sum(sizes), *part.shape[1:])
-    dist.all_to_all_single(out, part.repeat(ranks, *([1] * (part.dim() - 1))), sizes, [part.shape[0]] * ranks, group=group)
+    with phase("moe.all_to_all"):  # forward and backward
+        dist.all_to_all_single(out, part.repeat(ranks, *([1] * (part.dim() - 1))), sizes, [part.shape[0]] * ranks, group=group)
     return out
 
 
