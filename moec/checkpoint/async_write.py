@@ -17,6 +17,7 @@ process group at all; DCP saves "on a single rank" from its thread, as torch doc
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from moec.checkpoint.dcp import begin_checkpoint, commit_checkpoint, removed_on_error, seal_checkpoint, tensor_state
+
+# DCP's thread warns "assuming the intent is to save in a single process" on every one-process save: it is. A
+# catch_warnings around async_save cannot reach that thread (the filters are the process's), so the filter stays.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 class AsyncCheckpointWriter:
