@@ -21,7 +21,7 @@ import torch
 from moec.backends.torch.phases import MOE_PHASES
 
 TOP_OPERATORS = 15
-REST = "rest of the step"
+REST = "rest of the step"  # attention, backward, optimizer, data, logging
 
 
 @dataclass
@@ -153,9 +153,10 @@ def summary_tables(summary: ProfileSummary, title: str):
     """Two rich tables: the MoE phases (with the rest of the step) and the top operators by self time."""
     from rich.table import Table
 
-    phases = Table(title=f"{title}: MoE phases over {summary.steps} steps ({summary.step_seconds * 1e3:.1f} ms"
-                   + (f", {summary.flops / 1e9:.2f} GFLOP counted, {summary.flops_per_s / 1e9:.2f} GFLOP/s)" if summary.flops else ")"),
-                   title_justify="left")
+    counted = (f"{summary.flops / 1e9:.2f} GFLOP counted by the profiler, {summary.flops_per_s / 1e9:.2f} GFLOP/s achieved"
+               if summary.flops else "no FLOPs counted")
+    phases = Table(title=f"{title}: MoE phases (forward) in {summary.steps} profiled steps of {summary.step_seconds * 1e3:.1f} ms",
+                   caption=counted, title_justify="left", caption_justify="left")
     for column in ("phase", "calls", "ms", "share of the steps"):
         phases.add_column(column, justify="left" if column == "phase" else "right")
     for row in summary.section("phase"):

@@ -8,6 +8,7 @@ import pytest
 
 from moec.backends.torch.phases import MOE_PHASES
 from moec.observe.metrics import read_metrics
+from moec.observe.plots import plot_run
 from moec.observe.profile import parse_window
 from moec.observe.step_time import PARTS
 from moec.train.trainer import Trainer, TrainingError
@@ -61,3 +62,4 @@ def test_every_train_row_breaks_its_time_down_and_the_parts_cover_the_steps(tmp_
     step_total = sum(row["time_s"]["step"] for row in rows)
     parts_total = sum(row["time_s"][part] for row in rows for part in PARTS)
     assert parts_total == pytest.approx(step_total, rel=0.10)
+    assert tmp_path / "step_time.png" in plot_run(tmp_path)
