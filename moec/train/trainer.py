@@ -44,12 +44,9 @@ from moec.train.mtp import mtp_loss, mtp_losses
 from moec.train.vocab_loss import cross_entropy, loss_context
 from moec.train.pipeline_step import PipelineError, make_pipeline, pipeline_axis
 from moec.train.precision import apply_accumulation
+from moec.train.resume import check_init_from, check_spec, find_checkpoint
 from moec.train.saving import RunCheckpoints
 from moec.train.stopping import StopRequest
-
-# Spec fields that change how a run is observed or saved, not what it computes: a resume may change them freely.
-NOT_A_CHANGE = ("train.profile", "train.checkpoint.async")
-
 
 @dataclass
 class RunResult:
@@ -79,7 +76,7 @@ class Trainer:
         self.profile_window = window
         self.run_dir = checked_run_dir(spec.train.checkpoint.dir if run_dir is None else run_dir)
         if init_from is not None and resume is None:
-            self._check_init_from(Path(init_from))
+            check_init_from(Path(init_from))
         self.program = compile_spec(spec)
         try:
             self.parallel = parallel_module(self.program)  # the generated parallel.py, loaded once
@@ -179,18 +176,6 @@ class Trainer:
             display.log(lock.note)
         return lock
 
-    @staticmethod
-    def _check_init_from(path: Path) -> None:
-        """Before the run directory is claimed: a missing, damaged or forged source is refused in one line."""
-        from moec.interop.weights import WeightsError, tensor_shapes, weight_files
-
-        if not path.exists():
-            raise TrainingError(f"--init-from {path}: no such file or checkpoint")
-        try:
-            ckpt.verify_checkpoint(path) if path.is_dir() else tensor_shapes(weight_files(path))
-        except (ckpt.CheckpointError, WeightsError) as err:
-            raise TrainingError(f"--init-from: {err}") from None
-
     def _init_from(self, path: Path) -> None:
         if path.is_dir():
             ckpt.load_model_state(path, self.model)
@@ -201,8 +186,8 @@ class Trainer:
 
     def _resume(self, resume: str, allow_spec_change: bool, allow_data_change: bool) -> None:
         ckpt.remove_partial(self.run_dir)
-        info = self._find_checkpoint(resume)
-        self._check_spec(info.meta["spec"], allow_spec_change, info.meta.get("overrides", []))
+        info = find_checkpoint(self.run_dir, resume, self.display.log if self.display else None)
+        check_spec(info.meta, self.spec, self.program.manifest["spec"]["overrides"], allow_spec_change)
         saved_data = info.manifest.get("data_fingerprint")
         if saved_data != self.data.fingerprint and not allow_data_change:
             raise TrainingError(f"cannot resume from {info.path}: the training data changed since the checkpoint (fingerprint "
@@ -221,45 +206,6 @@ class Trainer:
         self.best_val, self.best_step = (math.inf if best is None else best), info.meta.get("best_step")
         self.val_at = {int(step): val for step, val in info.meta.get("val_at", {}).items()}
         self.resumed_from = info.path
-
-    def _find_checkpoint(self, resume: str) -> ckpt.CheckpointInfo:
-        """``latest``: the newest checkpoint, verified (a damaged one is refused); ``latest-valid``: the
-        newest one that verifies, skipping damaged ones with a note; anything else: that path, verified."""
-        if resume not in ("latest", "latest-valid"):
-            try:
-                return ckpt.verify_checkpoint(Path(resume))
-            except ckpt.CheckpointError as err:
-                raise TrainingError(f"cannot resume: {err}") from None
-        try:
-            candidates = ckpt.checkpoint_dirs(self.run_dir)
-        except ckpt.CheckpointError as err:
-            raise TrainingError(f"cannot resume: {err}") from None
-        if not candidates:
-            raise TrainingError(f"nothing to resume: no complete checkpoint under {ckpt.checkpoint_root(self.run_dir)}")
-        for path in reversed(candidates):
-            try:
-                return ckpt.verify_checkpoint(path)
-            except ckpt.CheckpointError as err:
-                if resume == "latest":
-                    raise TrainingError(f"cannot resume: {err}; --resume-from latest-valid resumes from the newest checkpoint "
-                                        "that verifies") from None
-                if self.display:
-                    self.display.log(f"skipping a damaged checkpoint: {err}")
-        raise TrainingError(f"nothing to resume: no checkpoint under {ckpt.checkpoint_root(self.run_dir)} verifies")
-
-    def _check_spec(self, saved: dict, allow_spec_change: bool, saved_overrides: list) -> None:
-        current = self.spec.model_dump(mode="json")
-        overrides = self.program.manifest["spec"]["overrides"]
-        note = "" if saved_overrides == overrides else (  # a different command line is a spec change: the rules below apply
-            f"\n  (command-line overrides then: {' '.join(saved_overrides) or 'none'}; now: {' '.join(overrides) or 'none'})")
-        model_diff = ckpt.spec_differences(saved["model"], current["model"], "model")
-        if model_diff:
-            raise TrainingError("cannot resume: the model section changed since the checkpoint:\n  " + "\n  ".join(model_diff) + note)
-        other = [d for key in ("train", "schedule", "mesh", "sharding") for d in ckpt.spec_differences(saved[key], current[key], key)
-                 if not d.startswith(NOT_A_CHANGE)]
-        if other and not allow_spec_change:
-            raise TrainingError("cannot resume: the spec changed since the checkpoint (pass --allow-spec-change to accept):\n  "
-                                + "\n  ".join(other) + note)
 
     # --- the loop --------------------------------------------------------------------------
 

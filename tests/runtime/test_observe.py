@@ -6,13 +6,14 @@ import json
 
 import pytest
 
+import moec
 from moec.backends.torch.phases import MOE_PHASES
 from moec.observe.metrics import read_metrics
 from moec.observe.plots import plot_run
 from moec.observe.profile import parse_window
 from moec.observe.step_time import PARTS
 from moec.train.trainer import Trainer, TrainingError
-from tests.runtime.helpers import quick_spec
+from tests.runtime.helpers import quick_spec, quick_text
 
 
 def test_a_profiled_run_writes_a_trace_with_the_moe_phases_and_a_summary_of_the_whole_step(tmp_path):
@@ -63,3 +64,9 @@ def test_every_train_row_breaks_its_time_down_and_the_parts_cover_the_steps(tmp_
     parts_total = sum(row["time_s"][part] for row in rows for part in PARTS)
     assert parts_total == pytest.approx(step_total, rel=0.10)
     assert tmp_path / "step_time.png" in plot_run(tmp_path)
+
+
+def test_train_profile_in_the_spec_is_the_window_unless_the_command_line_gives_one(tmp_path):
+    spec = moec.load_spec_text(quick_text(steps=4, every=100), file="q.yaml", overrides=["train.profile={start: 2, end: 3}"])
+    assert Trainer(spec, run_dir=tmp_path / "a").profile_window == (2, 3)
+    assert Trainer(spec, run_dir=tmp_path / "b", profile=(1, 1)).profile_window == (1, 1)
