@@ -4,7 +4,7 @@ wall time of a run that checkpoints every ``EVERY`` steps.
     python benchmarks/async_checkpoints.py [STEPS] [EVERY]      # default 100 steps, a checkpoint every 10
 
 The model is token_routed_tiny widened until its checkpoint (weights + AdamW moments, fp32) passes
-300 MB: d_model 512, 8 experts of hidden 2048, one block (about 26.6 M parameters, 320 MB of
+300 MB: d_model 512, 8 experts of hidden 2048, one block (26.2 M parameters, 315 MB of
 state), trained on random tokens with a small batch so the checkpoints, not the steps, dominate.
 Each mode runs in a process of its own; the stall is the ``time_s.checkpoint`` moec writes into
 metrics.jsonl (the whole write, or staging the copy), the wall time is the run's.
