@@ -19,6 +19,7 @@ everything else is JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -57,7 +58,7 @@ from moec.checkpoint.verify import (  # noqa: F401 - the checkpoint API is used 
 
 # --- saving --------------------------------------------------------------------------------
 
-def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Model, AdamW moments (flat: ``<param>.<slot>``) and RNG; DTensors under FSDP2, so DCP can reshard them."""
     if hasattr(model, "reshard"):  # FSDP2 leaves the root unsharded after a step: register the sharded params again
         model.reshard()
@@ -76,30 +77,60 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict, data
     """Write ``step_NNNNNNNN`` atomically; an OSError (a full disk) leaves no partial directory behind.
 
     Every rank calls this (DCP writes each rank's shards into one directory); rank 0 writes
-    meta.json and the manifest and commits.
+    meta.json and the manifest and commits. ``moec.checkpoint.async_write`` does the same with the
+    tensors written in the background.
     """
     main = dist_ctx is None or dist_ctx.is_main
+    tmp, final = begin_checkpoint(run_dir, step, dist_ctx)
+    with removed_on_error(tmp, final):
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(tensor_state(model, optimizer), checkpoint_id=str(tmp))
+        _barrier(dist_ctx)  # every rank's shards are on disk before rank 0 hashes them
+        if main:
+            seal_checkpoint(tmp, step, meta, data_fingerprint)
+    if main:
+        commit_checkpoint(tmp, final)
+    _barrier(dist_ctx)
+    return final
+
+
+def begin_checkpoint(run_dir: Path, step: int, dist_ctx) -> tuple[Path, Path]:
+    """The hidden directory the ranks write ``step`` into (emptied by rank 0) and the name it gets when complete."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     # One directory for all ranks: named by the step alone when several processes write it.
     distributed = dist_ctx is not None and dist_ctx.distributed
     tmp = root / (f".tmp-step_{step:08d}" if distributed else f".tmp-step_{step:08d}-{os.getpid()}")
-    if main:
+    if dist_ctx is None or dist_ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier(dist_ctx)
+    return tmp, final
+
+
+def seal_checkpoint(tmp: Path, step: int, meta: dict, data_fingerprint: str) -> None:
+    """Rank 0, once every rank's tensors are on disk: meta.json, then the manifest that vouches for the rest."""
+    meta = meta | {"step": step}
+    _write_synced(tmp / META, json.dumps(meta, indent=1))
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "spec_sha256": meta.get("spec_sha256"),
+                "data_fingerprint": data_fingerprint, "files": file_table(tmp)}
+    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1))  # last: it vouches for the rest
+    _fsync_dir(tmp)
+
+
+def commit_checkpoint(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    _commit(tmp, final)
+    _fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def removed_on_error(tmp: Path, final: Path):
+    """A failed write removes ``tmp``; a full disk becomes an OSError naming ``final``; interrupts stay themselves."""
     try:
-        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(_tensor_state(model, optimizer), checkpoint_id=str(tmp))
-        _barrier(dist_ctx)  # every rank's shards are on disk before rank 0 hashes them
-        if main:
-            meta = meta | {"step": step}
-            _write_synced(tmp / META, json.dumps(meta, indent=1))
-            manifest = {"format": MANIFEST_FORMAT, "step": step, "spec_sha256": meta.get("spec_sha256"),
-                        "data_fingerprint": data_fingerprint, "files": file_table(tmp)}
-            _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1))  # last: it vouches for the rest
-            _fsync_dir(tmp)
+        yield
     except BaseException as err:  # DCP wraps what went wrong in its CheckpointException (a BaseException)
         shutil.rmtree(tmp, ignore_errors=True)
         cause = root_oserror(err)
@@ -109,13 +140,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict, data
         if inner is not err:  # e.g. a second SIGINT's abort raised inside torch.save: let it be itself
             raise inner from None
         raise
-    if main:
-        if final.exists():
-            shutil.rmtree(final)
-        _commit(tmp, final)
-        _fsync_dir(root)
-    _barrier(dist_ctx)
-    return final
 
 
 def _barrier(dist_ctx) -> None:
@@ -173,10 +197,10 @@ def remove_partial(run_dir: Path) -> list[Path]:
 def load_checkpoint(path: Path, model, optimizer) -> None:
     """Restore model, optimizer moments and RNG in place; call :func:`verify_checkpoint` first."""
     path = Path(path)
-    state = _tensor_state(model, optimizer)
+    state = tensor_state(model, optimizer)
     if not state["optim"]:  # a fresh optimizer has no moments yet: make the slots to load into
         _init_optimizer_state(optimizer)
-        state = _tensor_state(model, optimizer)
+        state = tensor_state(model, optimizer)
     _dcp_load(state, path)
     from_id_order(state, model)
     set_model_state_dict(model, state["model"])

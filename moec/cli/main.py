@@ -110,16 +110,28 @@ def train(
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", help="Start from these weights: a safetensors file (moec import hf) or a checkpoint directory.",
     ),
+    profile: Optional[str] = typer.Option(
+        None, "--profile", metavar="START:END", help="torch.profiler over steps START..END (from 1, both included; overrides "
+        "train.profile): a trace and a summary per rank in <run>/profile."),
+    memory_snapshot: Optional[int] = typer.Option(
+        None, "--memory-snapshot", min=1, metavar="STEP", help="CUDA: record the allocator's history and dump a snapshot "
+        "after this step to <run>/memory (PyTorch's memory_viz opens it)."),
 ) -> None:
     """Train a spec: metrics.jsonl, checkpoints and plots under the run directory."""
     from moec.cli.train import run_train
+    from moec.observe.profile import parse_window
 
+    try:
+        window = parse_window(profile) if profile is not None else None
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--profile") from None
     if overwrite and (resume or resume_from):
         raise typer.BadParameter("--overwrite starts afresh; it cannot be combined with --resume / --resume-from",
                                  param_hint="--overwrite")
     run_train(spec, overrides=tuple(overrides or ()), resume=resume_from or ("latest" if resume else None), overwrite=overwrite,
               allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
-              stop_at=stop_at, nproc=nproc, init_from=init_from, allow_data_change=allow_data_change)
+              stop_at=stop_at, nproc=nproc, init_from=init_from, allow_data_change=allow_data_change, profile=window,
+              memory_snapshot=memory_snapshot)
 
 
 @app.command()

@@ -43,7 +43,8 @@ def _exit_cleanly_on_signals():
 
 
 def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at=None, nproc=None,
-              init_from=None, allow_data_change: bool = False, overrides: tuple[str, ...] = (), overwrite: bool = False) -> None:
+              init_from=None, allow_data_change: bool = False, overrides: tuple[str, ...] = (), overwrite: bool = False,
+              profile: tuple[int, int] | None = None, memory_snapshot: int | None = None) -> None:
     """The training loop handles signals itself (finish the step, save); around it a signal exits 130 / 143."""
     from moec.distributed.processes import JobStopped, LaunchError, launch, launched_world_size
 
@@ -54,7 +55,7 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
             raise typer.Exit(1)
         options = dict(resume=resume, allow_spec_change=allow_spec_change, run_dir=run_dir, device=device, plots=plots,
                        stop_at=stop_at, init_from=init_from, allow_data_change=allow_data_change, overrides=overrides,
-                       overwrite=overwrite)
+                       overwrite=overwrite, profile=profile, memory_snapshot=memory_snapshot)
         try:
             launch(nproc, launch_argv(spec_path, **options), shutdown_timeout_s=spec.train.collective_timeout_s)
         except JobStopped as stopped:  # rank 0 said at which step and how to resume
@@ -65,11 +66,11 @@ def run_train(spec_path: Path, resume, allow_spec_change: bool, run_dir, device,
         return
     with _exit_cleanly_on_signals():
         _run_train(spec, spec_path, resume, allow_spec_change, run_dir, device, plots, stop_at, init_from, allow_data_change,
-                   overwrite)
+                   overwrite, profile, memory_snapshot)
 
 
 def _run_train(spec, spec_path: Path, resume, allow_spec_change: bool, run_dir, device, plots: bool, stop_at, init_from,
-               allow_data_change: bool, overwrite: bool = False) -> None:
+               allow_data_change: bool, overwrite: bool = False, profile=None, memory_snapshot=None) -> None:
     from moec.observe.display import Display
     from moec.observe.plots import plot_run
     from moec.train.errors import Aborted, TrainingError
@@ -80,7 +81,8 @@ def _run_train(spec, spec_path: Path, resume, allow_spec_change: bool, run_dir, 
     trainer = None
     try:
         trainer = Trainer(spec, run_dir=run_dir, resume=resume, allow_spec_change=allow_spec_change, device=device, display=display,
-                          init_from=init_from, allow_data_change=allow_data_change, overwrite=overwrite)
+                          init_from=init_from, allow_data_change=allow_data_change, overwrite=overwrite, profile=profile,
+                          memory_snapshot=memory_snapshot)
         if resume is not None and main:
             display.log(f"resuming from {trainer.resumed_from} (step {trainer.start_step})")
         result = trainer.run(stop_at=stop_at)
@@ -96,6 +98,8 @@ def _run_train(spec, spec_path: Path, resume, allow_spec_change: bool, run_dir, 
         raise typer.Exit(1) from None
     finally:
         if trainer is not None:
+            with contextlib.suppress(Exception):  # a write still in flight (an error stopped the run) completes first
+                trainer.checkpoints.close()
             trainer.dist.close()
             if trainer.run_lock is not None:
                 trainer.run_lock.release()
@@ -118,7 +122,7 @@ def _run_train(spec, spec_path: Path, resume, allow_spec_change: bool, run_dir, 
 
 
 def launch_argv(spec_path: Path, resume, allow_spec_change, run_dir, device, plots, stop_at, init_from, allow_data_change,
-                overrides=(), overwrite=False) -> list[str]:
+                overrides=(), overwrite=False, profile=None, memory_snapshot=None) -> list[str]:
     """The ``moec`` arguments each launched process runs: this command without ``--nproc``."""
     argv = ["train", str(spec_path), *overrides]
     argv += ["--resume-from", resume] if resume is not None else []
@@ -129,6 +133,8 @@ def launch_argv(spec_path: Path, resume, allow_spec_change, run_dir, device, plo
     argv += ["--device", device] if device is not None else []
     argv += ["--stop-at", str(stop_at)] if stop_at is not None else []
     argv += ["--init-from", str(init_from)] if init_from is not None else []
+    argv += ["--profile", f"{profile[0]}:{profile[1]}"] if profile is not None else []
+    argv += ["--memory-snapshot", str(memory_snapshot)] if memory_snapshot is not None else []
     return argv + ([] if plots else ["--no-plots"])
 
 

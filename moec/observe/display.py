@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from moec.observe.metrics import summarize_health
+from moec.observe.step_time import progress_text
 
 
 class Display:
@@ -39,6 +40,15 @@ class Display:
                  else f"bits/token {row['val_bits_per_token']:.3f}" if "val_bits_per_token" in row
                  else f"mse {row['val_mse']:.5f} ({row['val_mse_over_last_value']:.3f} x last-value baseline)")
         log_line(self.console, f"eval step {row['step']}: val loss {row['val_loss']:.4f}, {extra}")
+
+    def profile(self, profiler, name: str) -> None:
+        """The profiled steps' summary tables (rank 0's) and where each rank's trace is."""
+        from moec.observe.profile import summary_tables
+
+        for table in summary_tables(profiler.summary, escape(name)):
+            self.console.print(table)
+        self.log(f"profile: {profiler.trace_path} (Perfetto, chrome://tracing or TensorBoard's profiler plugin), "
+                 f"{profiler.trace_path.with_name(f'rank{profiler.rank}.summary.csv').name}; one of each per rank in {profiler.out_dir}")
 
     def summary(self, trainer, result) -> None:
         table = Table(title=f"moec train {escape(trainer.spec.name)}", show_header=False, title_justify="left")
@@ -112,6 +122,8 @@ class _Bar:
     def update(self, row: dict, last_eval: dict) -> None:
         health = summarize_health(row["moe"])
         info = f"loss {row['task_loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:,.0f} tok/s"
+        if "time_s" in row:
+            info += f"  time: {progress_text(row['time_s'])}"
         if row["moe"]:
             info += f"  drop {health['dropped']:.1%}  load max {health['max_load']:.2f} min {health['min_load']:.2f}"
         self.progress.update(self.task, description="train", completed=row["step"], info=info)

@@ -3,7 +3,8 @@
 ``metrics.jsonl`` (:class:`moec.observe.metrics.MetricsWriter`) is always first: plots, resume
 and the summary read it. ``tensorboard`` writes the same numbers as TensorBoard scalars under
 ``<run>/tensorboard`` with torch's ``SummaryWriter`` (the optional ``tensorboard`` package):
-``train/<field>``, ``eval/<field>`` and ``moe/<layer>/<field>``, at the row's step and wall time.
+``train/<field>``, ``eval/<field>``, ``moe/<layer>/<field>``, ``time/<part>_s`` and ``memory/<field>``, at the
+row's step and wall time.
 ``wandb`` logs the same keys to Weights & Biases in offline mode (nothing leaves the machine; the
 run lands in ``<run>/wandb/offline-run-*``, ``wandb sync`` uploads it later), with the resolved
 spec as the run's config.
@@ -25,6 +26,8 @@ def scalars(row: dict) -> dict[str, float]:
     out |= {f"train/{name}": value for name, value in row.items() if name.startswith("mtp_loss_")}  # per MTP depth
     for layer, health in row.get("moe", {}).items():
         out |= {f"moe/{layer}/{name}": health[name] for name in MOE_SCALARS}
+    out |= {f"time/{part}_s": seconds for part, seconds in row.get("time_s", {}).items()}  # the step-time breakdown
+    out |= {f"memory/{name}": value for name, value in row.get("memory", {}).items()}
     return out
 
 

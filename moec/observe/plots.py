@@ -1,4 +1,4 @@
-"""PNG plots of a run from its metrics.jsonl: loss curves, expert utilisation, throughput.
+"""PNG plots of a run from its metrics.jsonl: loss curves, expert utilisation, throughput, step time.
 
 Titles name the spec (from the run's spec.yaml) and the run directory. Noisy per-step curves
 are drawn faint with an exponential moving average on top. The expert heat maps average
@@ -32,6 +32,8 @@ def plot_run(run_dir: Path, notes: list | None = None) -> list[Path]:
     written = [_loss(plt, run_dir, train, evals), _throughput(plt, run_dir, train)]
     if train[0].get("moe"):
         written.append(_utilisation(plt, run_dir, train))
+    if "time_s" in train[-1]:
+        written.append(_step_time(plt, run_dir, [r for r in train if "time_s" in r]))
     return written
 
 
@@ -75,6 +77,23 @@ def _throughput(plt, run_dir, train) -> Path:
     ax.set_title(f"{_title(run_dir)}: throughput")
     ax.grid(True, alpha=0.3)
     return _save(plt, fig, run_dir / "throughput.png")
+
+
+def _step_time(plt, run_dir, train) -> Path:
+    """The parts of each step's wall time (metrics.jsonl's time_s), stacked, under the step's own time."""
+    from moec.observe.step_time import PARTS
+
+    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=110)
+    steps = [r["step"] for r in train]
+    parts = [part for part in PARTS if any(r["time_s"].get(part, 0.0) > 0 for r in train)]
+    ax.stackplot(steps, *[[r["time_s"].get(part, 0.0) for r in train] for part in parts], labels=parts, alpha=0.8)
+    ax.plot(steps, [r["time_s"]["step"] for r in train], color="black", lw=0.8, label="step (wall)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"{_title(run_dir)}: step time")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=4, loc="upper right")
+    return _save(plt, fig, run_dir / "step_time.png")
 
 
 def _utilisation(plt, run_dir, train) -> Path:

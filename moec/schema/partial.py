@@ -78,7 +78,7 @@ def _refused_together(errors: list[dict]) -> set[str]:
 def _partial_model(cls: type[BaseModel], value: dict, refused: set[str]):
     fields = {}
     for name, info in cls.model_fields.items():
-        given = value.get(name, _MISSING)
+        given = value.get(info.alias or name, _MISSING)  # the spec's spelling (checkpoint.async)
         if name in refused:
             fields[name] = UNKNOWN
         elif given is not _MISSING:

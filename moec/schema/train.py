@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from moec.schema.base import MAX_STEPS, Base, Dim, NonNegFloat, NonNegInt, PosFloat, PosInt, field_error
 
@@ -121,6 +121,11 @@ class CheckpointPolicy(Base):
     keep_best: bool | Annotated[int, Field(ge=0, le=1000)] = Field(
         True, description="Also keep the N checkpoints with the lowest validation loss (true: 1, false: 0).")
     dir: str | None = Field(None, description="Default: runs/<name>.")
+    async_: bool = Field(False, alias="async", description="Write checkpoints in the background (DCP's async_save; pinned-memory "
+                         "staging on CUDA): training waits only while the state is copied. manifest.json is written when the "
+                         "write completes; at most one write is in flight; a signal or the end of training waits for it.")
+
+    model_config = ConfigDict(**Base.model_config, serialize_by_alias=True)  # `async` is a Python keyword: the field is async_
 
     @model_validator(mode="after")
     def _dir_of_its_own(self):
@@ -128,6 +133,23 @@ class CheckpointPolicy(Base):
         # write them among unrelated files, "/" or "~" over a whole tree.
         if self.dir is not None and _root_like(self.dir):
             raise field_error("dir", f"{self.dir!r} is not a directory of its own; use e.g. runs/<name>")
+        return self
+
+
+StepNumber = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+
+
+class Profile(Base):
+    """torch.profiler over steps ``start``..``end`` (numbered from 1 as in metrics.jsonl, both included) on every rank:
+    a Chrome / Perfetto trace and a summary table per rank in ``<run>/profile``."""
+
+    start: StepNumber
+    end: StepNumber
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Profile":
+        if self.end < self.start:
+            raise field_error("end", f"must be >= start ({self.start}), got {self.end}")
         return self
 
 
@@ -159,6 +181,8 @@ class Train(Base):
         default_factory=lambda: ["jsonl"], description="Where metrics go: 'jsonl' (metrics.jsonl, the run's record: "
         "plots and resume read it; always first), 'tensorboard' (<run>/tensorboard, needs the tensorboard package) and "
         "'wandb' (Weights & Biases offline, <run>/wandb; needs the wandb package; upload later with wandb sync).")
+    profile: Profile | None = Field(None, description="Profile these steps (moec train --profile START:END overrides it); "
+                                    "null: no profiling.")
     collective_timeout_s: Annotated[float, Field(gt=0, le=86400)] = Field(
         DEFAULT_COLLECTIVE_TIMEOUT_S, description="Multi-process runs: how long a rank waits for the others in a collective "
         "before the job fails (a dead or hung rank ends the job instead of hanging it).")
@@ -172,6 +196,8 @@ class Train(Base):
         if self.log[0] != "jsonl" or len(set(self.log)) != len(self.log):
             raise field_error("log", "must start with 'jsonl' (metrics.jsonl is the run's record) and name each logger once, "
                               f"got {self.log}")
+        if self.profile is not None and self.profile.end > self.steps:
+            raise field_error("profile.end", f"must be <= steps ({self.steps}), got {self.profile.end}")
         # checkpoint.every / eval.every beyond steps are not errors: the last step always evaluates and
         # saves, so `train.steps=20` on the command line runs a short trial without further edits.
         return self

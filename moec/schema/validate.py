@@ -170,7 +170,7 @@ def _fields_at(loc: tuple) -> list[str]:
             return []
     tp = _unwrap(tp)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return list(tp.model_fields)
+        return [info.alias or name for name, info in tp.model_fields.items()]  # as a spec spells them (async)
     return []
 
 

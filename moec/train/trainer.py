@@ -29,9 +29,12 @@ from moec.distributed.processes import LaunchError, clip_grad_norm, init_distrib
 from moec.dtypes import autocast
 from moec.moe import ROUTERS, SELECTION_BIAS
 from moec.observe.loggers import run_loggers
+from moec.observe.memory import MemorySnapshots, step_memory
 from moec.observe.memory_plan import held_bytes, plan_check
 from moec.observe.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes,
                                   steady_tokens_per_s)
+from moec.observe.profile import StepProfiler
+from moec.observe.step_time import StepClock
 from moec.train.annealing import anneal_buffers, set_annealed
 from moec.train.diagnose import describe_nonfinite
 from moec.train.errors import Aborted, TrainingError
@@ -41,6 +44,8 @@ from moec.train.mtp import mtp_loss, mtp_losses
 from moec.train.vocab_loss import cross_entropy, loss_context
 from moec.train.pipeline_step import PipelineError, make_pipeline, pipeline_axis
 from moec.train.precision import apply_accumulation
+from moec.train.resume import check_init_from, check_spec, find_checkpoint
+from moec.train.saving import RunCheckpoints
 from moec.train.stopping import StopRequest
 
 @dataclass
@@ -57,16 +62,21 @@ class RunResult:
     first_step_s: float = 0.0
     compile_s: float | None = None  # the first step's seconds when torch.compile ran in it
     plots: list = field(default_factory=list)
+    profile: object = None  # the StepProfiler of a --profile run (its summary and trace path)
 
 
 class Trainer:
     def __init__(self, spec, run_dir: Path | None = None, resume: str | None = None, allow_spec_change: bool = False,
                  device: str | None = None, display=None, init_from: Path | None = None, allow_data_change: bool = False,
-                 overwrite: bool = False):
+                 overwrite: bool = False, profile: tuple[int, int] | None = None, memory_snapshot: int | None = None):
         self.spec, self.train = spec, spec.train
+        window = profile or (spec.train.profile and (spec.train.profile.start, spec.train.profile.end))
+        if window and window[1] > spec.train.steps:
+            raise TrainingError(f"--profile {window[0]}:{window[1]}: the run has {spec.train.steps} steps")
+        self.profile_window = window
         self.run_dir = checked_run_dir(spec.train.checkpoint.dir if run_dir is None else run_dir)
         if init_from is not None and resume is None:
-            self._check_init_from(Path(init_from))
+            check_init_from(Path(init_from))
         self.program = compile_spec(spec)
         try:
             self.parallel = parallel_module(self.program)  # the generated parallel.py, loaded once
@@ -74,6 +84,10 @@ class Trainer:
         except LaunchError as err:
             raise TrainingError(str(err)) from None
         self.device = self.dist.device
+        try:
+            self.snapshots = MemorySnapshots(self.run_dir, self.dist.rank, self.device, memory_snapshot)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
         self.run_lock = self._claim_run_dir(resume is not None, overwrite, display)
         self.expert_parallel = hasattr(self.parallel, "EXPERT_PLACEMENT")
         vocab_axis = getattr(self.parallel, "VOCAB_PARALLEL", None)  # the head's logits split along the vocabulary
@@ -112,6 +126,8 @@ class Trainer:
         self.selection_biases = {layer: (buffers[f"{layer}.{SELECTION_BIAS}"], moe.router.bias_update_rate)
                                  for layer, moe in self.program.moe_layers() if ROUTERS[moe.router.kind].selection_bias
                                  and f"{layer}.{SELECTION_BIAS}" in buffers}  # under a pipeline: this rank's layers
+        self.checkpoints = RunCheckpoints(self.run_dir, self.train.checkpoint, self.dist)
+        self.clock = StepClock()  # the step-time breakdown of each train row
         self.start_step, self.best_val, self.best_step = 0, math.inf, None
         self.val_at: dict[int, float] = {}  # validation loss per evaluated step (checkpoint.keep_best)
         if resume is not None:
@@ -160,18 +176,6 @@ class Trainer:
             display.log(lock.note)
         return lock
 
-    @staticmethod
-    def _check_init_from(path: Path) -> None:
-        """Before the run directory is claimed: a missing, damaged or forged source is refused in one line."""
-        from moec.interop.weights import WeightsError, tensor_shapes, weight_files
-
-        if not path.exists():
-            raise TrainingError(f"--init-from {path}: no such file or checkpoint")
-        try:
-            ckpt.verify_checkpoint(path) if path.is_dir() else tensor_shapes(weight_files(path))
-        except (ckpt.CheckpointError, WeightsError) as err:
-            raise TrainingError(f"--init-from: {err}") from None
-
     def _init_from(self, path: Path) -> None:
         if path.is_dir():
             ckpt.load_model_state(path, self.model)
@@ -182,8 +186,8 @@ class Trainer:
 
     def _resume(self, resume: str, allow_spec_change: bool, allow_data_change: bool) -> None:
         ckpt.remove_partial(self.run_dir)
-        info = self._find_checkpoint(resume)
-        self._check_spec(info.meta["spec"], allow_spec_change, info.meta.get("overrides", []))
+        info = find_checkpoint(self.run_dir, resume, self.display.log if self.display else None)
+        check_spec(info.meta, self.spec, self.program.manifest["spec"]["overrides"], allow_spec_change)
         saved_data = info.manifest.get("data_fingerprint")
         if saved_data != self.data.fingerprint and not allow_data_change:
             raise TrainingError(f"cannot resume from {info.path}: the training data changed since the checkpoint (fingerprint "
@@ -203,44 +207,6 @@ class Trainer:
         self.val_at = {int(step): val for step, val in info.meta.get("val_at", {}).items()}
         self.resumed_from = info.path
 
-    def _find_checkpoint(self, resume: str) -> ckpt.CheckpointInfo:
-        """``latest``: the newest checkpoint, verified (a damaged one is refused); ``latest-valid``: the
-        newest one that verifies, skipping damaged ones with a note; anything else: that path, verified."""
-        if resume not in ("latest", "latest-valid"):
-            try:
-                return ckpt.verify_checkpoint(Path(resume))
-            except ckpt.CheckpointError as err:
-                raise TrainingError(f"cannot resume: {err}") from None
-        try:
-            candidates = ckpt.checkpoint_dirs(self.run_dir)
-        except ckpt.CheckpointError as err:
-            raise TrainingError(f"cannot resume: {err}") from None
-        if not candidates:
-            raise TrainingError(f"nothing to resume: no complete checkpoint under {ckpt.checkpoint_root(self.run_dir)}")
-        for path in reversed(candidates):
-            try:
-                return ckpt.verify_checkpoint(path)
-            except ckpt.CheckpointError as err:
-                if resume == "latest":
-                    raise TrainingError(f"cannot resume: {err}; --resume-from latest-valid resumes from the newest checkpoint "
-                                        "that verifies") from None
-                if self.display:
-                    self.display.log(f"skipping a damaged checkpoint: {err}")
-        raise TrainingError(f"nothing to resume: no checkpoint under {ckpt.checkpoint_root(self.run_dir)} verifies")
-
-    def _check_spec(self, saved: dict, allow_spec_change: bool, saved_overrides: list) -> None:
-        current = self.spec.model_dump(mode="json")
-        overrides = self.program.manifest["spec"]["overrides"]
-        note = "" if saved_overrides == overrides else (  # a different command line is a spec change: the rules below apply
-            f"\n  (command-line overrides then: {' '.join(saved_overrides) or 'none'}; now: {' '.join(overrides) or 'none'})")
-        model_diff = ckpt.spec_differences(saved["model"], current["model"], "model")
-        if model_diff:
-            raise TrainingError("cannot resume: the model section changed since the checkpoint:\n  " + "\n  ".join(model_diff) + note)
-        other = [d for key in ("train", "schedule", "mesh", "sharding") for d in ckpt.spec_differences(saved[key], current[key], key)]
-        if other and not allow_spec_change:
-            raise TrainingError("cannot resume: the spec changed since the checkpoint (pass --allow-spec-change to accept):\n  "
-                                + "\n  ".join(other) + note)
-
     # --- the loop --------------------------------------------------------------------------
 
     def run(self, stop_at: int | None = None) -> RunResult:
@@ -250,12 +216,15 @@ class Trainer:
             result.baseline_mse = last_value_baseline(self.data, self.train.eval.batches, self.train.batch)
         started, tokens_seen = time.perf_counter(), 0
         self.stop = StopRequest()
-        with self.stop.handlers(self._aborted), self._collective_timeouts(result), \
+        profiler = result.profile = self._profiler()
+        self.snapshots.start()
+        self.clock = StepClock()
+        with self.stop.handlers(self._aborted), self._collective_timeouts(result), profiler, \
                 (self.display.progress(self) if self.display else contextlib.nullcontext()) as bar:
             for step in range(self.start_step, self.train.steps):
                 if stop_at is not None and step + 1 == stop_at:
                     self.stop.plan()
-                row = self._train_step(step)
+                row = self._timed_step(step)
                 if step == self.start_step:  # this process's first step: under torch.compile it compiles
                     self._save_compile_cache()
                     result.first_step_s = time.perf_counter() - started
@@ -269,13 +238,18 @@ class Trainer:
                         result.last_eval = self._evaluate(step + 1, result) or result.last_eval
                     if self._due(self.train.checkpoint.every, step) or self.stop.reason:
                         self._save(step + 1)
+                    self._written(self.checkpoints.poll())
                 except OSError as err:  # a full disk or a run directory gone read-only: stop cleanly
                     raise TrainingError(self._write_failed(err)) from None
                 if bar is not None:
                     bar.update(row, result.last_eval)
+                with self.clock.part("profiler"):
+                    profiler.step()
+                self._snapshot_after(step + 1)
                 if self.stop.reason:
                     result.interrupted = self.stop.reason
                     break
+            self._wait_for_checkpoint()  # inside the signal handlers: a second SIGINT stops the wait
         self._save_compile_cache()  # again: evaluation compiled the model in eval mode too
         result.seconds = time.perf_counter() - started
         result.tokens_per_s = steady_tokens_per_s(result, tokens_seen, self.train.batch * self.train.seq_len,
@@ -291,6 +265,40 @@ class Trainer:
         """The signal (or ``--stop-at``) this run stopped on."""
         return self.stop.reason or self.stop.pending
 
+    def _profiler(self) -> StepProfiler:
+        """torch.profiler over --profile's steps (or train.profile's); inactive without a window."""
+        window = self.profile_window or (0, -1)
+        return StepProfiler(window, self.start_step, self.run_dir, self.dist.rank, self.device, self._profiled)
+
+    def _profiled(self, profiler: StepProfiler) -> None:
+        if self.display:
+            self.display.profile(profiler, self.spec.name)
+
+    def _timed_step(self, step: int) -> dict:
+        """The step's row with its time breakdown and memory; an out-of-memory error is one line naming the snapshot."""
+        try:
+            row = self._train_step(step)
+        except torch.OutOfMemoryError as err:
+            raise TrainingError(f"out of memory in step {step + 1} ({str(err).splitlines()[0]}); "
+                                f"{self.snapshots.on_out_of_memory(step + 1)}; {self.last_checkpoint()}") from None
+        return row | {"time_s": self.clock.row(), "memory": step_memory(self.device)}
+
+    def _snapshot_after(self, step: int) -> None:
+        path = self.snapshots.after_step(step)
+        if path is not None and self.display:
+            self.display.log(f"memory snapshot {path} (open it in PyTorch's memory_viz)")
+
+    def _written(self, path: Path | None) -> None:
+        """A background checkpoint write completed."""
+        if path is not None and self.display:
+            self.display.log(f"checkpoint {path} written")
+
+    def _wait_for_checkpoint(self) -> None:
+        try:
+            self._written(self.checkpoints.wait())
+        except OSError as err:
+            raise TrainingError(self._write_failed(err)) from None
+
     def _due(self, every: int, step: int) -> bool:
         last = step + 1 == self.train.steps
         return last or (every > 0 and (step + 1) % every == 0)
@@ -301,7 +309,8 @@ class Trainer:
 
     def _train_step(self, step: int) -> dict:
         if self.pipeline is not None:
-            return self.pipeline.train_step(self, step)
+            with self.clock.part("forward_backward"):  # the schedule's step, optimizer included
+                return self.pipeline.train_step(self, step)
         set_learning_rates(self.optimizer, self.base_lrs, lr_factor(step, self.spec))
         set_annealed(self.annealed, step)
         accum, micro_batch = self.train.grad_accum, self.train.batch // self.train.grad_accum
@@ -311,36 +320,40 @@ class Trainer:
         mtp_totals = [0.0] * self.mtp.depth if self.mtp else []  # head.mtp: each depth's cross-entropy
         stats = []
         for micro in range(accum):
-            batch = self.data.batch("train", step * accum + micro, micro_batch)
-            inputs, targets = (local_slice(t, self.dist).to(self.device) for t in (batch.inputs, batch.targets))
-            with self.autocast():
-                out = self.step_fn(inputs)
-
-            task = self._task_loss(out.output, targets)
-            loss = task + out.aux_loss.float()
-            if self.mtp:  # lambda x the mean of the depths' cross-entropies (DeepSeek-V3's MTP loss)
-                depths = mtp_losses(out.mtp_logits, targets, self.vocab_mesh)
-                loss = loss + mtp_loss(depths, self.mtp.weight)
-                mtp_totals = [total + depth.item() / accum for total, depth in zip(mtp_totals, depths)]
-            if not torch.isfinite(loss):
-                raise TrainingError(self._diverged_message(step, loss, inputs))
-            with loss_context(self.vocab_mesh):  # a vocab-parallel loss's backward reduces over tp
-                self.scaler.scale(loss / accum).backward()
-            task_total += task.item() / accum
-            aux_total += out.aux_loss.item() / accum
+            with self.clock.part("data"):
+                batch = self.data.batch("train", step * accum + micro, micro_batch)
+                inputs, targets = (local_slice(t, self.dist).to(self.device) for t in (batch.inputs, batch.targets))
+            with self.clock.part("forward_backward"):
+                with self.autocast():
+                    out = self.step_fn(inputs)
+                task = self._task_loss(out.output, targets)
+                loss = task + out.aux_loss.float()
+                if self.mtp:  # lambda x the mean of the depths' cross-entropies (DeepSeek-V3's MTP loss)
+                    depths = mtp_losses(out.mtp_logits, targets, self.vocab_mesh)
+                    loss = loss + mtp_loss(depths, self.mtp.weight)
+                    mtp_totals = [total + depth.item() / accum for total, depth in zip(mtp_totals, depths)]
+                if not torch.isfinite(loss):
+                    raise TrainingError(self._diverged_message(step, loss, inputs))
+                with loss_context(self.vocab_mesh):  # a vocab-parallel loss's backward reduces over tp
+                    self.scaler.scale(loss / accum).backward()
+                task_total += task.item() / accum
+                aux_total += out.aux_loss.item() / accum
             stats.append(out.moe_stats)
         if self.dist.distributed:
-            self.parallel.reduce_gradients(self.model, self.dist.mesh)
-        clip = self.train.grad_clip if self.train.grad_clip is not None else math.inf
-        self.scaler.unscale_(self.optimizer)  # clip and report the true gradient norm (no-op unless fp16)
-        grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
-        self.optimizer_step()
-        # the memory plan, checked on the first step: what this rank holds against the manifest
-        held = held_bytes(self.model, self.optimizer, self.dist.distributed) if step == self.start_step else None
-        self.optimizer.zero_grad(set_to_none=True)
-        layers = [self._global(mean_stats(layer)) for layer in zip(*stats)]  # mean over micro-batches, then ranks
-        health = moe_health(self.model.MOE_LAYERS + getattr(self.model, "MTP_MOE_LAYERS", ()), layers)
-        self.update_selection_bias(health)
+            with self.clock.part("collectives"):
+                self.parallel.reduce_gradients(self.model, self.dist.mesh)
+        with self.clock.part("optimizer"):
+            clip = self.train.grad_clip if self.train.grad_clip is not None else math.inf
+            self.scaler.unscale_(self.optimizer)  # clip and report the true gradient norm (no-op unless fp16)
+            grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
+            self.optimizer_step()
+            # the memory plan, checked on the first step: what this rank holds against the manifest
+            held = held_bytes(self.model, self.optimizer, self.dist.distributed) if step == self.start_step else None
+            self.optimizer.zero_grad(set_to_none=True)
+        with self.clock.part("stats"):
+            layers = [self._global(mean_stats(layer)) for layer in zip(*stats)]  # mean over micro-batches, then ranks
+            health = moe_health(self.model.MOE_LAYERS + getattr(self.model, "MTP_MOE_LAYERS", ()), layers)
+            self.update_selection_bias(health)
         elapsed = time.perf_counter() - start
         row = {
             "kind": "train", "step": step + 1, "loss": self.dist.mean(task_total + aux_total),
@@ -435,6 +448,10 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, step: int, result: RunResult) -> dict | None:
         """The validation row, or None when a signal arrived mid-way (a partial mean is not written)."""
+        with self.clock.part("eval"):
+            return self._validation(step, result)
+
+    def _validation(self, step: int, result: RunResult) -> dict | None:
         self.model.eval()
         losses = []
         for index in range(self.train.eval.batches):
@@ -475,16 +492,10 @@ class Trainer:
                 "val_at": {str(s): v for s, v in self.val_at.items()}}
         if self.scaler.is_enabled():
             meta["grad_scaler"] = self.scaler.state_dict() | {"skipped_steps": self.skipped_steps}
-        policy = self.train.checkpoint
-        best = set()
-        if self.dist.is_main:
-            best = ckpt.best_steps(self.val_at, ckpt.checkpoint_steps(self.run_dir) | {step}, int(policy.keep_best))
-            ckpt.prune_before_save(self.run_dir, policy.keep_last, best)
-        path = ckpt.save_checkpoint(self.run_dir, step, self.model, self.optimizer, meta, self.data.fingerprint, self.dist)
-        if self.dist.is_main:
-            ckpt.prune(self.run_dir, policy.keep_last, best)
+        with self.clock.part("checkpoint"):  # the stall: the whole write, or (async) staging the state
+            path, writing = self.checkpoints.save(step, self.model, self.optimizer, meta, self.data.fingerprint, self.val_at)
         if self.display:
-            self.display.log(f"checkpoint {path}")
+            self.display.log(f"checkpoint {path}" + (" (writing in the background)" if writing else ""))
 
     @contextlib.contextmanager
     def _collective_timeouts(self, result: RunResult):

@@ -8,7 +8,7 @@ from moec.cli.main import app
 from moec.schema.overrides import is_override, parse_path
 from tests.runtime.helpers import quick_text
 
-ALLOWED_TRAIN_KEYS = ("seed, steps, batch, seq_len, grad_accum, optimizer, lr_schedule, grad_clip, data, checkpoint, eval, log, "
+ALLOWED_TRAIN_KEYS = ("seed, steps, batch, seq_len, grad_accum, optimizer, lr_schedule, grad_clip, data, checkpoint, eval, log, profile, "
                       "collective_timeout_s")
 
 

@@ -69,12 +69,14 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
     ]
     triton = kernel == "triton" and not expert_parallel
     fused_router = triton and codegen_triton.fuses_router(moe)
+    lines.append(_phase("router"))
     if ROUTERS[moe.router.kind].learned:
         lines.append(f"    logits = F.linear({_router_input(moe)}, router_weight{', router_bias' if ROUTER_BIAS in slots else ''})  # (N, E)")
         lines += _router(moe, SELECTION_BIAS in slots, fused_router, tiles)
     else:
         lines += _fixed_router(moe)
     lines += [
+        _phase("permute"),
         "    flat_expert = chosen.reshape(-1)  # (N*k,) the expert of each (token, choice)",
         codegen_triton.counts_line() if fused_router else
         f"    counts = torch.zeros({E}, dtype=torch.int64, device=h.device).scatter_add_(0, flat_expert, torch.ones_like(flat_expert))",
@@ -91,10 +93,11 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
     else:
         lines += {"grouped_mm": _grouped, "bmm": _bmm, "eager": _dense}[kernel](moe)
     if triton:
-        lines.append(codegen_triton.combine_line(tiles))
+        lines += [_phase("combine"), codegen_triton.combine_line(tiles)]
     elif not expert_parallel:  # dispatch_experts combines on the experts' ranks
         lines.append("    out = weights[:, 0, None] * y[:, 0]  # combine: choices summed in order")
         lines += [f"    out = out + weights[:, {j}, None] * y[:, {j}]" for j in range(1, k)]
+    lines.append(_phase(None))
     if moe.capacity.fallback_weight:
         lines += _fallback(moe)
     if moe.shared:
@@ -112,7 +115,32 @@ def moe_function(name: str, slots: tuple[str, ...], moe: MoeAttrs, kernel: str, 
         ]
     else:
         lines.append("    return out.view(batch, seq, width), aux, stats")
-    return with_batch_group(lines)
+    return with_batch_group(with_phases(lines))
+
+
+PHASE_MARK = "#phase "  # a line of its own, between moe_function's builders and with_phases
+
+
+def _phase(name: str | None) -> str:
+    """A marker: the lines after it, up to the next marker, run in the profiler range ``moe.<name>`` (None: in none)."""
+    return PHASE_MARK + (name or "")
+
+
+def with_phases(lines: list[str]) -> list[str]:
+    """Markers -> ``with phase("moe.<name>"):`` blocks (moec.backends.torch.phases) holding the lines up to the next
+    marker; a phase without lines is left out."""
+    out, current, opened = [], None, False
+    for line in lines:
+        if line.startswith(PHASE_MARK):
+            current, opened = line[len(PHASE_MARK):] or None, False
+        elif current is None:
+            out.append(line)
+        else:
+            if not opened:
+                out.append(f'    with phase("moe.{current}"):')
+                opened = True
+            out.append("    " + line)
+    return out
 
 
 def uses_batch_group(lines: list[str]) -> bool:
@@ -265,9 +293,10 @@ def _grouped(moe: MoeAttrs) -> list[str]:
     if moe.expert.bias:
         lines += ["    row_expert = flat_expert[order]"] + [f"    bias_{p} = experts_b_{p}[row_expert]" for p in _bias_parts(moe)]
         bias = "bias_"
+    lines.append(_phase("experts"))
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_sorted",
                   lambda a, w: f"grouped_linear({a}, {w}, offsets)", bias, moe.expert.clamp)
-    lines.append(f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)")
+    lines += [_phase("combine"), f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)"]
     return lines
 
 
@@ -288,7 +317,7 @@ _EXPERT_WEIGHT = re.compile(r"(?<![\w.])experts_[wb]_(up|gate|down)\b")
 
 
 def _triton(moe: MoeAttrs, tiles: tuple[int, ...], fused_router: bool) -> list[str]:
-    return codegen_triton.permutation_lines(moe, fused_router, tiles) + codegen_triton.ffn_lines(moe, tiles)
+    return [*codegen_triton.permutation_lines(moe, fused_router, tiles), _phase("experts"), *codegen_triton.ffn_lines(moe, tiles)]
 
 
 def _expert_parallel(moe: MoeAttrs, tensor_parallel: bool = False) -> list[str]:
@@ -304,6 +333,7 @@ def _expert_parallel(moe: MoeAttrs, tensor_parallel: bool = False) -> list[str]:
     fn = "clamped_glu" if kind.clamped else kind.fn
     x = "copy_to_shards(x, experts_w_up)" if tensor_parallel else "x"
     return [
+        _phase(None),  # dispatch_experts names its own phases: the all-to-alls and the local experts
         f"    out = dispatch_experts({x}, chosen, weights, experts_w_up, {gate}, experts_w_down, {fn!r}{extra})"
         "  # a token travels once to each rank of its experts, combined there (experts.py)",
     ]
@@ -319,9 +349,11 @@ def _bmm(moe: MoeAttrs) -> list[str]:
     if moe.expert.bias:
         lines += [f"    bias_{p} = experts_b_{p}[:, None, :]" for p in _bias_parts(moe)]
         bias = "bias_"
+    lines.append(_phase("experts"))
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_ecd", lambda a, w: f"torch.bmm({a}, {w}.transpose(1, 2))", bias,
                   moe.expert.clamp)
     lines += [
+        _phase("combine"),
         f"    y = y_ecd.new_zeros(tokens * {k} + 1, width).index_put((slots.reshape(-1),), y_ecd.reshape(-1, width))  # y_ecd's dtype (autocast)",
         f"    y = y[:-1].view(tokens, {k}, width)  # each kept slot written once; the sentinel row dropped",
     ]
@@ -335,8 +367,10 @@ def _dense(moe: MoeAttrs) -> list[str]:
     if moe.expert.bias:
         lines += [f"    bias_{p} = experts_b_{p}[:, None, :]" for p in _bias_parts(moe)]
         bias = "bias_"
+    lines.append(_phase("experts"))
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_all", lambda a, w: f"torch.bmm({a}, {w}.transpose(1, 2))", bias,
                   moe.expert.clamp)
+    lines.append(_phase("combine"))
     lines.append("    y = y_all.permute(1, 0, 2).gather(1, chosen.unsqueeze(-1).expand(-1, -1, width))  # (N, k, D)")
     return lines
 

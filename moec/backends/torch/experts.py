@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from moec.backends.torch.grouped import grouped_linear
+from moec.backends.torch.phases import phase
 from moec.backends.torch.snippets import clamped_glu
 from moec.backends.torch.tp_support import sum_over_shards
 
@@ -203,14 +204,17 @@ def _exchange(x: Tensor, weights: Tensor, plan: Dispatch, run, group) -> Tensor:
     received = torch.empty_like(sizes)
     dist.all_to_all_single(received, sizes, group=group)  # (P, 2) rows and pairs from each rank
     rows_in, pairs_in = received[:, 0].tolist(), received[:, 1].tolist()
-    rows = funcol.all_to_all_single_autograd(x[plan.row_token], rows_in, plan.row_sizes, group)  # the reverse in backward
-    pair_weights = funcol.all_to_all_single_autograd(weights.reshape(-1)[plan.pair_order], pairs_in, plan.pair_sizes, group)
-    ints = plan.pair_ints.new_empty(sum(pairs_in), plan.pair_ints.shape[1])
-    dist.all_to_all_single(ints, plan.pair_ints, pairs_in, plan.pair_sizes, group=group)
+    with phase("moe.all_to_all"):
+        rows = funcol.all_to_all_single_autograd(x[plan.row_token], rows_in, plan.row_sizes, group)  # the reverse in backward
+        pair_weights = funcol.all_to_all_single_autograd(weights.reshape(-1)[plan.pair_order], pairs_in, plan.pair_sizes, group)
+        ints = plan.pair_ints.new_empty(sum(pairs_in), plan.pair_ints.shape[1])
+        dist.all_to_all_single(ints, plan.pair_ints, pairs_in, plan.pair_sizes, group=group)
     first_row = received.new_tensor([sum(rows_in[:source]) for source in range(len(rows_in))])  # of each source's message
     row_of_pair = ints[:, 1].long() + first_row.repeat_interleave(received[:, 1])
-    combined = run(rows, row_of_pair, ints[:, 0].long(), pair_weights)
-    return funcol.all_to_all_single_autograd(combined, plan.row_sizes, rows_in, group)
+    with phase("moe.experts"):
+        combined = run(rows, row_of_pair, ints[:, 0].long(), pair_weights)
+    with phase("moe.all_to_all"):
+        return funcol.all_to_all_single_autograd(combined, plan.row_sizes, rows_in, group)
 
 
 def _split_replicated(x: Tensor, weights: Tensor, plan: Dispatch, run, group) -> Tensor:
@@ -220,7 +224,9 @@ def _split_replicated(x: Tensor, weights: Tensor, plan: Dispatch, run, group) ->
     mine = _RowsOfRank.apply(x[plan.row_token], plan.row_sizes, group)
     my_weights = _RowsOfRank.apply(weights.reshape(-1)[plan.pair_order], plan.pair_sizes, group)
     ints = plan.pair_ints[_own_rows(plan.pair_sizes, group)]
-    return _GatherRows.apply(run(mine, ints[:, 1].long(), ints[:, 0].long(), my_weights), plan.row_sizes, group)
+    with phase("moe.experts"):
+        combined = run(mine, ints[:, 1].long(), ints[:, 0].long(), my_weights)
+    return _GatherRows.apply(combined, plan.row_sizes, group)
 
 
 def _count(plan: Dispatch, x: Tensor, weights: Tensor, me: int, replicated: bool) -> None:
@@ -244,7 +250,8 @@ def _all_gather_rows(part: Tensor, sizes: list[int], group) -> Tensor:
     """Every rank's ``part`` (``sizes[r]`` rows from rank r), concatenated in rank order, on every rank."""
     ranks = len(sizes)
     out = part.new_empty(sum(sizes), *part.shape[1:])
-    dist.all_to_all_single(out, part.repeat(ranks, *([1] * (part.dim() - 1))), sizes, [part.shape[0]] * ranks, group=group)
+    with phase("moe.all_to_all"):  # forward and backward
+        dist.all_to_all_single(out, part.repeat(ranks, *([1] * (part.dim() - 1))), sizes, [part.shape[0]] * ranks, group=group)
     return out
 
 
