@@ -111,7 +111,8 @@ class Trainer:
         buffers = dict(self.model.named_buffers())
         self.selection_biases = {layer: (buffers[f"{layer}.{SELECTION_BIAS}"], moe.router.bias_update_rate)
                                  for layer, moe in self.program.moe_layers() if ROUTERS[moe.router.kind].selection_bias
-                                 and f"{layer}.{SELECTION_BIAS}" in buffers}  # under a pipeline: this rank's layers
+                                 and f"{layer}.{SELECTION_BIAS}" in buffers  # under a pipeline: this rank's layers
+                                 and moe.router.bias_update_rate > 0}  # at 0 the update is a no-op
         self.start_step, self.best_val, self.best_step = 0, math.inf, None
         self.val_at: dict[int, float] = {}  # validation loss per evaluated step (checkpoint.keep_best)
         if resume is not None:
