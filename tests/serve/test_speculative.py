@@ -138,6 +138,9 @@ def test_generate_speculative_refusals_are_one_line(trained_run):
     sampled = runner.invoke(app, ["generate", str(run_dir), "--prompt", "x", "--speculative", "--temperature", "0.7"])
     assert sampled.exit_code == 2
     assert sampled.stderr.strip() == "error: --speculative is greedy only: drop --temperature 0.7 or give --temperature 0"
+    pytest.importorskip("uvicorn")
+    served = runner.invoke(app, ["serve", str(run_dir), "--speculative", "--no-compile", "--port", "0"])
+    assert served.exit_code == 1 and served.stderr.strip() == no_mtp.stderr.strip()
 
 
 def test_the_speculative_engine_drafts_greedy_requests_and_samples_the_others():
