@@ -79,18 +79,23 @@ def speculative_stream(generator, prompt: list[int], max_new_tokens: int,
             tokens = tokens[:, -(window // 2):]
             hidden, token = _read(model, tokens, cache)
             continue
-        room = min(depth, window - 1 - position, max_new_tokens - produced - 1)
-        drafts = model.draft(hidden, tokens)[:, :room] if room else tokens[:, :0]
-        out = model.decode_steps(torch.cat([tokens[:, -1:], drafts], 1), cache, position)
-        choices = out.output[0].float().argmax(-1)  # the model's greedy choice after each fed token
-        kept = accepted_length(drafts[0].tolist(), choices[:room].tolist())
-        stats.drafted, stats.accepted, stats.rounds = stats.drafted + room, stats.accepted + kept, stats.rounds + 1
-        hidden = torch.cat([hidden, out.hidden[:, : kept + 1]], 1)
-        for draft in drafts[0, :kept]:
-            tokens = torch.cat([tokens, draft.view(1, 1)], 1)
-            produced += 1
-            yield int(draft)
-        token = choices[kept]
+        room = min(depth, window - 1 - position, max_new_tokens - produced - 1)  # drafts worth verifying
+        kept, token, hidden = _draft_and_verify(model, tokens, hidden, cache, room, stats)
+        tokens = torch.cat([tokens, kept], 1)
+        produced += kept.shape[1]
+        yield from kept[0].tolist()
+
+
+def _draft_and_verify(model, tokens: torch.Tensor, hidden: torch.Tensor, cache, room: int, stats: SpeculationStats):
+    """One round from ``tokens`` [1,S+1] (the last one chosen, not yet read) and the hidden states [1,S,D] of the
+    others: (the kept drafts [1,a], the model's greedy token after them, the hidden states [1,S+a+1,D])."""
+    position = tokens.shape[1] - 1
+    drafts = model.draft(hidden, tokens)[:, :room] if room else tokens[:, :0]
+    out = model.decode_steps(torch.cat([tokens[:, -1:], drafts], 1), cache, position)
+    choices = out.output[0].float().argmax(-1)  # the model's greedy choice after each token it read
+    kept = accepted_length(drafts[0].tolist(), choices[:room].tolist())
+    stats.drafted, stats.accepted, stats.rounds = stats.drafted + room, stats.accepted + kept, stats.rounds + 1
+    return drafts[:, :kept], choices[kept], torch.cat([hidden, out.hidden[:, : kept + 1]], 1)
 
 
 def _read(model, tokens: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
