@@ -64,6 +64,7 @@ def independent_acceptance(generator: Generator, prompt: list[int], greedy: list
     return drafted, accepted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [1, 2])
 def test_speculative_greedy_equals_plain_greedy_and_its_acceptance_is_recounted(depth):
     generator = tiny_generator(depth)
@@ -75,6 +76,7 @@ def test_speculative_greedy_equals_plain_greedy_and_its_acceptance_is_recounted(
         assert stats.drafted > 0 and (stats.drafted, stats.accepted) == independent_acceptance(generator, prompt, greedy)
 
 
+@pytest.mark.slow
 def test_speculation_slides_the_window_as_plain_decoding_does():
     """Past model.max_seq_len the cache keeps the last half window, as plain decoding does, with the same tokens."""
     generator = tiny_generator(2)
@@ -114,6 +116,7 @@ def train_on_repetition(model, period: list[int], steps: int = 25) -> None:
     model.eval()
 
 
+@pytest.mark.slow
 def test_after_learning_a_repeating_sequence_every_draft_is_accepted():
     generator = tiny_generator(2)
     period = [17, 200, 3, 99, 45, 120, 7, 250, 64, 31, 180]
