@@ -54,7 +54,8 @@ def trained(depth: int, steps: int, files: str):
     run_dir = Path(tempfile.mkdtemp(prefix="moec-speculative-bench-")) / "run"
     started = time.perf_counter()
     result = Trainer(spec, run_dir=run_dir).run()
-    print(f"trained {steps} steps in {time.perf_counter() - started:.0f} s: train loss {result.final_train_loss:.3f}, validation {result.best_val:.3f}")
+    print(f"trained {steps} steps in {time.perf_counter() - started:.0f} s: train loss {result.final_train_loss:.3f}, "
+          f"validation {result.best_val:.3f}")
     return moec.load_trained(run_dir)
 
 

@@ -31,7 +31,8 @@ def tiny_spec(depth: int | None = 1, steps: int = 1):
         moe["aux"]["load_balance_scope"] = "layer"
         moe["router"]["bias_update_rate"] = 0.0  # the trainer finds no load statistics for the MTP blocks' MoE layers
     data["schedule"] = {"compile": {"enabled": False}}
-    data["train"].update(steps=steps, lr_schedule={"warmup_steps": 0}, batch=2, seq_len=16, data={"kind": "text", "files": ["stdlib:json/*.py"]},
+    data["train"].update(steps=steps, lr_schedule={"warmup_steps": 0}, batch=2, seq_len=16,
+                         data={"kind": "text", "files": ["stdlib:json/*.py"]},
                          checkpoint={"every": steps}, eval={"every": steps, "batches": 1})
     return moec.load_spec_text(yaml.safe_dump(data), file=f"deepseek_v3_tiny_mtp{depth}.yaml")
 
