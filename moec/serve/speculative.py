@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from moec.backends.torch.decode_snippets import length_bucket
 from moec.serve.sampling import Sampling
 
 
@@ -99,6 +101,10 @@ def _draft_and_verify(model, tokens: torch.Tensor, hidden: torch.Tensor, cache, 
 
 
 def _read(model, tokens: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [1,S] from position 0 into the cache: (their hidden states [1,S,D], the greedy next token)."""
-    out = model.decode_steps(tokens, cache, 0)
-    return out.hidden, out.output[0, -1].float().argmax(-1)
+    """Tokens [1,S] from position 0 into the cache: (their hidden states [1,S,D], the greedy next token). Padded to a
+    power-of-two length as ``prefill`` pads (one compiled graph per length bucket, not per prompt length); the
+    padding's keys lie past the prompt, where the next rounds write before any query reads."""
+    seq = tokens.shape[1]
+    padded = length_bucket(seq, cache[0][0].shape[2])
+    out = model.decode_steps(F.pad(tokens, (0, padded - seq)), cache, 0)
+    return out.hidden[:, :seq], out.output[0, seq - 1].float().argmax(-1)
