@@ -38,3 +38,6 @@ class ModelOutput:
     moe_stats: tuple[MoeStats, ...] = ()
     # Multi-token prediction (head.mtp; training only): depth k's logits [B,S,V], position i predicting token i+k+1.
     mtp_logits: tuple[torch.Tensor, ...] = ()
+    # Multi-token prediction, outside training: the last block's hidden state [B,S,D] before the final norm (what the
+    # MTP modules read when they draft tokens for self-speculative decoding).
+    hidden: torch.Tensor | None = None

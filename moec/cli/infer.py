@@ -29,13 +29,16 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text to continue (token ids for models without text data)."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", min=0, help="Tokens to generate."),
-    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature; 0 is greedy."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, show_default=False,
+                                                help="Sampling temperature; 0 is greedy. [default: 1, 0 with --speculative]"),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely tokens; 0: all."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling: the smallest set reaching this probability."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampler: same seed, same output."),
     steps: int = typer.Option(64, "--steps", min=1, help="Continuous models: values to roll out."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Continuous models: the rollout PNG (default RUN/rollout.png)."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Run the decode path eagerly (no torch.compile)."),
+    speculative: bool = typer.Option(False, "--speculative", help="Greedy self-speculative decoding: the head.mtp modules "
+                                     "draft, the model verifies; prints the acceptance rate and tokens/s at the end."),
 ) -> None:
     """Continue a prompt (token models, streamed to stdout) or roll out a continuous model (PNG + MSE)."""
     model, spec = _load(source)
@@ -49,21 +52,58 @@ def generate(
     if (prompt is None) == (prompt_file is None):
         raise typer.BadParameter("give exactly one of --prompt and --prompt-file", param_hint="--prompt")
     text = prompt if prompt is not None else prompt_file.read_text(encoding="utf-8")
+    if speculative and temperature not in (None, 0):
+        typer.echo(f"error: --speculative is greedy only: drop --temperature {temperature:g} or give --temperature 0", err=True)
+        raise typer.Exit(2)
     generator = Generator(model, spec, compile=not no_compile)
-    if not generator.cached:
+    if speculative:
+        _refuse_speculation(generator)
+    elif not generator.cached:
         typer.echo(f"note: no KV cache for this model ({generator.uncached_reason}): every token recomputes the window", err=True)
     codec = codec_for(spec)
     try:
         ids = codec.encode(text)
         generator.check_prompt(ids)
-        sampling = Sampling(temperature, top_k, top_p if top_p > 0 else 1.0)
+        default = 0.0 if speculative else 1.0
+        sampling = Sampling(default if temperature is None else temperature, top_k, top_p if top_p > 0 else 1.0)
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+    if speculative:
+        _stream_speculative(generator, codec, ids, max_new_tokens)
+        return
     decode = codec.decoder()
     for token in generator.stream(ids, max_new_tokens, sampling, seed):
         typer.echo(decode(token), nl=False)
     typer.echo("")
+
+
+def _refuse_speculation(generator) -> None:
+    """Exit 1 with one line when the model cannot draft (no head.mtp) or verify (no KV cache)."""
+    from moec.serve.speculative import speculation_refusal
+
+    refusal = speculation_refusal(generator)
+    if refusal:
+        typer.echo(f"error: --speculative: {refusal}", err=True)
+        raise typer.Exit(1)
+
+
+def _stream_speculative(generator, codec, ids: list[int], max_new_tokens: int) -> None:
+    """Stream the greedy continuation drafted by the MTP modules; its acceptance rate and speed go to stderr."""
+    import time
+
+    from moec.serve.speculative import SpeculationStats, speculative_stream
+
+    stats, decode = SpeculationStats(), codec.decoder()
+    started, produced = time.perf_counter(), 0
+    for token in speculative_stream(generator, ids, max_new_tokens, stats):
+        typer.echo(decode(token), nl=False)
+        produced += 1
+    elapsed = time.perf_counter() - started
+    typer.echo("")
+    typer.echo(f"speculative: acceptance {stats.acceptance:.3f} ({stats.accepted} of {stats.drafted} drafted tokens), "
+               f"{produced} tokens from {stats.rounds + 1} forwards of the model (the prompt's included), "
+               f"{produced / elapsed:.1f} tokens/s", err=True)
 
 
 def _run_dir(source: Path) -> Path:
@@ -125,6 +165,8 @@ def serve(
     queue: int = typer.Option(64, "--queue", min=1, help="Requests that may wait for a slot; more get 503."),
     prefix_cache_tokens: int = typer.Option(8192, "--prefix-cache-tokens", min=0, help="Prompt tokens whose KV the LRU prefix cache keeps."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Run the decode path eagerly (no torch.compile)."),
+    speculative: bool = typer.Option(False, "--speculative", help="One request at a time; greedy ones without "
+                                     "log-probabilities are drafted by the head.mtp modules and verified by the model."),
 ) -> None:
     """Serve generation over HTTP: the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models), POST /generate,
     GET /health, GET /stats."""
@@ -144,10 +186,14 @@ def serve(
                    "moec generate --steps)", err=True)
         raise typer.Exit(1)
     generator = Generator(model, spec, compile=not no_compile)
-    if not generator.cached:
+    if speculative:
+        _refuse_speculation(generator)
+        typer.echo("note: --speculative serves one request at a time (--slots is 1); sampled requests and those asking "
+                   "for log-probabilities decode as without it", err=True)
+    elif not generator.cached:
         typer.echo(f"note: no KV cache for this model ({generator.uncached_reason}): requests run one at a time, "
                    "recomputing the window per token", err=True)
-    engine = Engine(generator, slots=slots, queue_limit=queue, prefix_cache_tokens=prefix_cache_tokens)
+    engine = Engine(generator, slots=slots, queue_limit=queue, prefix_cache_tokens=prefix_cache_tokens, speculative=speculative)
     try:
         uvicorn.run(create_app(engine, codec, spec, model.checkpoint), host=host, port=port, log_level="warning")
     finally:

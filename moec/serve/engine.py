@@ -10,6 +10,11 @@ one of its stop tokens, when its row reaches the model's window, or when its cal
 it. Models without a decode path are served one request at a time, recomputing the window
 per token. Log-probabilities, where a request asks for them, come from the same logits that
 sample (:mod:`moec.serve.request`).
+
+With ``speculative`` (``moec serve --speculative``, models with ``head.mtp``) the engine serves one request at a
+time: a greedy one (temperature 0) that asks for no log-probabilities is drafted by the MTP modules and verified by
+the model (:mod:`moec.serve.speculative`: the same tokens as plain greedy decoding); every other request decodes as
+without the flag. ``stats()["speculative"]`` counts the drafts and the accepted ones.
 """
 
 from __future__ import annotations
@@ -24,12 +29,18 @@ from moec.serve.generate import Generator
 from moec.serve.prefix_cache import PrefixCache
 from moec.serve.request import DONE, QueueFull, Request, Sampled, prompt_scores, scores
 from moec.serve.sampling import next_tokens
+from moec.serve.speculative import SpeculationStats, speculation_refusal, speculative_stream
 
 
 class Engine:
-    def __init__(self, generator: Generator, slots: int = 8, queue_limit: int = 64, prefix_cache_tokens: int = 8192):
+    def __init__(self, generator: Generator, slots: int = 8, queue_limit: int = 64, prefix_cache_tokens: int = 8192,
+                 speculative: bool = False):
+        refusal = speculation_refusal(generator) if speculative else None
+        if refusal:
+            raise ValueError(refusal)
         self.generator, self.model, self.window = generator, generator.model, generator.window
-        self.slots, self.queue_limit = slots if generator.cached else 1, queue_limit
+        self.slots, self.queue_limit = slots if generator.cached and not speculative else 1, queue_limit
+        self.speculation = SpeculationStats() if speculative else None
         self.pending: deque[Request] = deque()
         self.rows: list[Request | None] = [None] * self.slots
         self.prefix = PrefixCache(prefix_cache_tokens)
@@ -61,7 +72,8 @@ class Engine:
             queued, active = len(self.pending), sum(row is not None for row in self.rows)
         return {**self.counts, "queue_depth": queued, "active": active, "slots": self.slots, "kv_cache": self.generator.cached,
                 "tokens_per_s": self.counts["tokens"] / self.busy_s if self.busy_s else 0.0,
-                "uptime_s": time.time() - self.started, "prefix_cache": self.prefix.stats()}
+                "uptime_s": time.time() - self.started, "prefix_cache": self.prefix.stats(),
+                **({"speculative": self.speculation.as_dict()} if self.speculation else {})}
 
     # --- the engine thread ------------------------------------------------------------------
 
@@ -74,7 +86,10 @@ class Engine:
                     continue
                 started = time.perf_counter()
                 try:
-                    self._step() if self.generator.cached else self._recompute_one()
+                    if self._speculates(self.rows[0]):
+                        self._speculate_one()
+                    else:
+                        self._step() if self.generator.cached else self._recompute_one()
                 except Exception as err:  # noqa: BLE001 - a failed step ends its requests with the error, not the engine
                     self._fail_active(f"{type(err).__name__}: {err}")
                 self.busy_s += time.perf_counter() - started
@@ -99,6 +114,8 @@ class Engine:
             admitted = True
             if request.cancelled:
                 self._finish(row, request, "cancelled")
+            elif self._speculates(request):
+                continue  # _speculate_one reads its prompt
             elif self.generator.cached:
                 started = time.perf_counter()
                 try:
@@ -160,6 +177,11 @@ class Engine:
             self._finish(row, request, "length")
             return False
         token = int(next_tokens(logits, request.sampling, request.generator)[0])
+        return self._take(row, request, token, logits)
+
+    def _take(self, row: int, request: Request, token: int, logits: torch.Tensor | None = None) -> bool:
+        """Send the chosen ``token`` (with log-probabilities from its [1, V] ``logits`` where asked); False when the
+        request has ended."""
         if token in request.stop_tokens:
             self._finish(row, request, "stop")
             return False
@@ -197,3 +219,23 @@ class Engine:
             every = self.model(tokens[:, -self.window:]).output[0]
         if request.cancelled and self.rows[0] is request:
             self._finish(0, request, "cancelled")
+
+    def _speculates(self, request: Request | None) -> bool:
+        """Whether the request is drafted and verified: a speculative engine's greedy requests without log-probabilities."""
+        return (self.speculation is not None and request is not None and request.sampling.temperature == 0
+                and request.logprobs is None and not request.echo_logprobs)
+
+    def _speculate_one(self) -> None:
+        """The request in row 0, whole: drafts verified over its own cache, each token sent as plain decoding would."""
+        request = self.rows[0]
+        request.position = len(request.prompt)
+        if request.max_new_tokens == 0:
+            self._finish(0, request, "length")
+            return
+        for token in speculative_stream(self.generator, request.prompt, request.max_new_tokens, self.speculation):
+            if request.cancelled:
+                self._finish(0, request, "cancelled")
+                return
+            if not self._take(0, request, token):
+                return
+            request.position += 1

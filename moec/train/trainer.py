@@ -125,7 +125,8 @@ class Trainer:
         buffers = dict(self.model.named_buffers())
         self.selection_biases = {layer: (buffers[f"{layer}.{SELECTION_BIAS}"], moe.router.bias_update_rate)
                                  for layer, moe in self.program.moe_layers() if ROUTERS[moe.router.kind].selection_bias
-                                 and f"{layer}.{SELECTION_BIAS}" in buffers}  # under a pipeline: this rank's layers
+                                 and f"{layer}.{SELECTION_BIAS}" in buffers  # under a pipeline: this rank's layers
+                                 and moe.router.bias_update_rate > 0}  # at 0 the update is a no-op
         self.checkpoints = RunCheckpoints(self.run_dir, self.train.checkpoint, self.dist)
         self.clock = StepClock()  # the step-time breakdown of each train row
         self.start_step, self.best_val, self.best_step = 0, math.inf, None

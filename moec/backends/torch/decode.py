@@ -11,7 +11,8 @@ when training). These ops read it and nothing else does:
 - ``pos_embed`` (learned positions) reads the table at ``cache.positions``.
 
 The MoE layers run as in training on the step's tokens. The root class also gets ``decode``,
-``new_cache``, ``prefill``, ``decode_step`` and ``compile_decode``.
+``new_cache``, ``prefill``, ``decode_step``, ``decode_steps`` (several tokens per row, unpadded) and
+``compile_decode``.
 
 Models whose output at a position depends on later positions or on the other tokens of the
 batch cannot reuse a cache; :func:`decode_support` names the reason and no decode path is
@@ -114,4 +115,15 @@ def root_methods(graph: Graph, arg: str) -> list[str]:
         "        last = int(position) if isinstance(position, int) else int(max(position))",
         "        out = getattr(self, '_decode', self.decode)(" + arg + ", cache, positions, length_bucket(last + 1, length))",
         "        return out.output[:, 0]",
+        "",
+        f"    def decode_steps(self, {arg}, cache, position: int) -> ModelOutput:",
+        f'        """Several new inputs per row ({arg} [B,S]) at positions position..position+S-1 in one forward, unpadded',
+        "        (speculative decoding verifies its drafts with it); returns the whole ModelOutput, outputs [B,S,...].",
+        "",
+        "        Nothing truncates the cache afterwards: a query sees the keys at its own position and before only, and the",
+        '        next call writes its positions first, so the keys of rejected tokens past it are never read."""',
+        f"        batch, seq = {arg}.shape[:2]",
+        f"        positions = torch.arange(position, position + seq, device={arg}.device).expand(batch, seq)",
+        "        bucket = length_bucket(position + seq, cache[0][0].shape[2])",
+        f"        return getattr(self, '_decode', self.decode)({arg}, cache, positions, bucket)",
     ]

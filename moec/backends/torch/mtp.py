@@ -69,8 +69,8 @@ def root_lines(arg: str, head: str, aux: str, stats: str, contract) -> list[str]
     outputs = ["x"] + (["block_aux", "block_stats"] if contract.aux else [])
     lines = [
         "        output = self.predict(x)",
-        "        if not self.training:  # multi-token prediction trains the model; generation and evaluation skip it",
-        f"            return ModelOutput(output=output, aux_loss={aux}, moe_stats={stats})",
+        "        if not self.training:  # the MTP modules train the model; generation drafts with them from the hidden state",
+        f"            return ModelOutput(output=output, aux_loss={aux}, moe_stats={stats}, hidden=x)",
         "        mtp_logits, mtp_aux = [], 0.0",
         "        for k, mtp in enumerate(self.mtp, 1):  # depth k: position i predicts token i+k+1; the last k have no target",
         f"            {', '.join(outputs)} = mtp(x, self.embed(F.pad({arg}[:, k:], (0, k))))  # token i+k; id 0 past the end",
@@ -81,3 +81,25 @@ def root_lines(arg: str, head: str, aux: str, stats: str, contract) -> list[str]
     lines += ["            mtp_aux = mtp_aux + block_aux  # the MTP blocks' aux losses join the model's",
               "            stats += block_stats  # and their MoE statistics follow the model's (MTP_MOE_LAYERS)"]
     return lines + [f"        return ModelOutput(output=output, aux_loss={aux} + mtp_aux, moe_stats={stats}, mtp_logits=tuple(mtp_logits))"]
+
+
+def draft_method(arg: str, head: str, depth: int, contract) -> list[str]:
+    """``draft``: self-speculative decoding's greedy drafts, depth k's module drafting the k-th next token."""
+    outputs = ["hidden"] + (["_", "_"] if contract.aux else [])
+    return [
+        "",
+        f"    def draft(self, hidden: torch.Tensor, {arg}: torch.Tensor) -> torch.Tensor:",
+        f'        """Greedy drafts of the next {depth} tokens: hidden [B,S,D] is the model\'s hidden state (ModelOutput.hidden) at',
+        f"        positions 0..S-1, {arg} [B,S+1] the tokens 0..S (token S chosen, not yet fed); depth k drafts token S+k.",
+        "",
+        "        The MTP blocks recompute over the whole window (no KV cache of their own): depth k at position i reads",
+        "        token i+k, which is a draft for the last k-1 positions, so a cache would need rolling back per depth after",
+        "        every verification. The price: each round runs every depth's block over the whole window.",
+        '        Returns the drafted tokens [B, depth]."""',
+        "        drafts = []",
+        "        for k, mtp in enumerate(self.mtp, 1):",
+        f"            following = torch.cat([{arg}[:, k:], *drafts], dim=1)  # token i+k of each position i",
+        f"            {', '.join(outputs)} = mtp(hidden, self.embed(following))",
+        f"            drafts.append({head.format('mtp.norm(hidden[:, -1:])')}.argmax(-1))",
+        "        return torch.cat(drafts, dim=1)",
+    ]

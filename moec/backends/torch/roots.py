@@ -47,10 +47,10 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
             body.node(index)
     aux = body.name(graph.outputs[1])
     stats = "tuple(stats)" if contract.aux else "()"
+    shared_head = "self.head({})" if emitter.modules.get("head") == "Linear" else "F.linear({}, self.embed.weight)"
     if emitter.mtp is None:
         body.call([], f"return ModelOutput(output=self.predict(x), aux_loss={aux}, moe_stats={stats})")
     else:
-        shared_head = "self.head({})" if emitter.modules.get("head") == "Linear" else "F.linear({}, self.embed.weight)"
         body.statements.append(_raw(mtp.root_lines(arg, shared_head, aux, stats, contract)))
     names = [n.attr["name"] for n in graph.params() if not str(n.attr["name"]).startswith("blocks.")]
     prologue_params = [p for p in names if _read_in(graph, prologue, p)]
@@ -61,7 +61,7 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
     init += declarations(graph, [p for p in names if p not in prologue_params], "", emitter.modules)
     if emitter.mtp is not None:
         init.append(f"        self.mtp = nn.ModuleList([{mtp.MTP_CLASS}(device, dtype) for _ in range({emitter.mtp.depth})])  "
-                    "# multi-token prediction (training only)")
+                    "# multi-token prediction (training; generation drafts with it)")
     out_type, aux_type = (graph.type_of(ref) for ref in graph.outputs)
     lines = [
         f"class {name}(nn.Module):",
@@ -90,6 +90,8 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
     ]
     if emitter.decoding:
         lines += decode.root_methods(graph, arg)
+    if emitter.mtp is not None:
+        lines += mtp.draft_method(arg, shared_head, emitter.mtp.depth, contract)
     return lines
 
 
