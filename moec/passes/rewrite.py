@@ -33,7 +33,7 @@ def replace_subgraphs(graph: Graph, replacements: list[tuple[set[str], Node, dic
     for node in graph.nodes:
         new_node = new_at.get(node.name)
         if new_node is not None and new_node.name not in placed:
-            nodes.append(new_node)  # where its first root was; the sort below fixes any order
+            nodes.append(renamed_inputs(new_node, mapping))  # where its first root was (it may read another's root)
             placed.add(new_node.name)
         if node.name not in absorbed:
             nodes.append(renamed_inputs(node, mapping))

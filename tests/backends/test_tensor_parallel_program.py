@@ -57,10 +57,10 @@ def test_model_py_differs_from_one_process_only_where_no_plan_reaches():
     assert _method(source, "Attention")[-1] == _method(whole, "Attention")[-1] == "        return self.wo(attn)"
     assert _method(source, "FeedForward") == _method(whole, "FeedForward")
     moe = _method(source, "MoE")
-    assert "        rows = copy_to_shards(x, self.experts.w_up)[order // 2]" in moe
-    assert "        up = grouped_linear(rows, local(self.experts.w_up), offsets)" in moe
-    down = moe.index("        y_sorted = grouped_linear(hidden, local(self.experts.w_down), offsets)")
-    assert moe[down + 1] == "        y_sorted = sum_over_shards(y_sorted, self.experts.w_down)"
+    assert "            rows = copy_to_shards(x, self.experts.w_up)[order // 2]" in moe  # inside `with phase(...)`
+    assert "            up = grouped_linear(rows, local(self.experts.w_up), offsets)" in moe
+    down = moe.index("            y_sorted = grouped_linear(hidden, local(self.experts.w_down), offsets)")
+    assert moe[down + 1] == "            y_sorted = sum_over_shards(y_sorted, self.experts.w_down)"
 
 
 def test_a_replicated_kv_head_stays_whole_and_each_rank_keeps_its_head():
