@@ -110,10 +110,15 @@ def _device(requested: str | None, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+# What gloo's RuntimeError says when a collective waited past the group's timeout: a receive ("Timed out
+# waiting ..."), or an all-to-all whose peer stopped answering ("Application timeout caused pair closure").
+GLOO_TIMEOUTS = ("Timed out waiting", "Application timeout caused pair closure")
+
+
 def timed_out(err: BaseException) -> bool:
     """Whether ``err`` is a collective that waited past the process group's timeout (gloo raises a
     RuntimeError naming it; NCCL's watchdog a DistBackendError)."""
-    return isinstance(err, dist.DistBackendError) or (isinstance(err, RuntimeError) and "Timed out waiting" in str(err))
+    return isinstance(err, dist.DistBackendError) or (isinstance(err, RuntimeError) and any(text in str(err) for text in GLOO_TIMEOUTS))
 
 
 def local_slice(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -95,3 +95,13 @@ def test_a_dead_or_hung_rank_ends_the_job_naming_a_rank(tmp_path, fault):
     else:  # rank 0 waits train.collective_timeout_s in the exchange with rank 1, then fails and the launcher ends rank 1
         assert "error: a collective did not finish within train.collective_timeout_s (10 s)" in err, err[-3000:]
         assert last.startswith("error: rank 0 failed first (exit code 1); the launcher stopped rank(s) 1"), err[-3000:]
+
+
+def test_both_of_gloos_timeout_messages_read_as_a_collective_timeout():
+    """Which collective a hung peer leaves waiting decides gloo's words: a receive's, or an all-to-all's pair closure
+    (the deduplicated dispatch's integer exchange); both must give the one-line collective_timeout_s error."""
+    from moec.distributed.processes import timed_out
+
+    assert timed_out(RuntimeError("[gloo/transport/tcp/pair.cc:534] Timed out waiting 10000ms for recv operation to complete"))
+    assert timed_out(RuntimeError("Application timeout caused pair closure"))
+    assert not timed_out(RuntimeError("Tensors must have the same number of dimensions"))
