@@ -8,8 +8,6 @@ sequence parallelism (the dense blocks only: SP runs no MoE layer).
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import torch
@@ -17,7 +15,7 @@ import torch.distributed as dist
 import yaml
 
 from tests.conftest import REPO
-from tests.distributed.tp_worker import compare
+from tests.distributed.tp_worker import compare, write_and_exit
 
 # The MoE layers stay whole: tensor parallelism of experts refuses shared experts (moec.schema.checks_tensor).
 TP2 = {"mesh": {"world_size": 2, "axes": {"tp": 2}},
@@ -54,15 +52,8 @@ def main(out_path: str) -> None:
              "plain_q": compare(deepseek_text(q_lora_rank=0), deepseek_text(TP2, q_lora_rank=0), tokens),
              "bias": compare(deepseek_text(bias=True), deepseek_text(TP2, bias=True), tokens),
              "sequence_parallel": compare(deepseek_text(dense=True), deepseek_text(sequence_parallel(), dense=True), tokens)}
-    if dist.get_rank() == 0:
-        with open(out_path, "w") as file:
-            json.dump(diffs, file)
-    dist.barrier()  # both ranks are done with every collective before either tears down
-    dist.destroy_process_group()
+    write_and_exit(out_path, diffs)
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    sys.stdout.flush()  # skip the interpreter's teardown, as tp_worker does
-    sys.stderr.flush()
-    os._exit(0)

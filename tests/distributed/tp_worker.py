@@ -156,17 +156,22 @@ def main(out_path: str) -> None:
              "vocab": compare(spec_text(), spec_text(TP2_VOCAB), tokens),
              "tied": compare(tied(spec_text()), tied(spec_text(TP2_VOCAB)), tokens),
              "compiled_kv_head": compiled_kv_head()}
+    write_and_exit(out_path, diffs)
+
+
+def write_and_exit(out_path: str, diffs: dict) -> None:
+    """Rank 0 writes ``diffs``; every rank leaves the group, then exits without the interpreter's teardown: once (of
+    many runs, under a loaded 2-core CI) a rank aborted there ("terminate called without an active exception", after
+    its work was done), failing the job."""
     if dist.get_rank() == 0:
         with open(out_path, "w") as file:
             json.dump(diffs, file)
     dist.barrier()  # both ranks are done with every collective before either tears down
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # Skip the interpreter's teardown: once (of many runs, under a loaded 2-core CI) a rank aborted there
-    # ("terminate called without an active exception", after its work was done), failing the job.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
