@@ -104,3 +104,22 @@ def test_the_fused_layer_equals_the_split_form_by_hand(expert):
     clamp = (0.5, 1.702) if "clamped" in expert else (None, None)
     expected = split_moe(x.reshape(12, 16), state, "experts.", expert.removesuffix("_bias"), 2, clamp)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_hf_gate_up_proj_is_w_gate_up_as_a_view_and_per_expert_halves_are_joined():
+    from moec.interop.families.experts import MLP_EXPERTS
+    from moec.interop.families.qwen3_moe import FAMILY
+    from moec.interop.hf_weights import Converter, to_hf
+
+    fused = torch.randn(2, 2 * 3, 5)  # transformers v5 in memory: [E, 2I, H], gate rows first
+    ((name, expert, piece),) = MLP_EXPERTS.to_moec("mlp.experts.gate_up_proj", fused)
+    assert (name, expert, piece.shape) == ("w_gate_up", None, (2, 2, 3, 5)) and piece.data_ptr() == fused.data_ptr()
+    convert, got = Converter(FAMILY, [True], experts=2), {}
+    for e in range(2):  # save_pretrained's per-expert tensors, in any order
+        for proj, half in (("up_proj", 3), ("gate_proj", 0)):
+            got.update(convert(f"model.layers.0.mlp.experts.{e}.{proj}.weight", fused[e, half:half + 3]))
+    convert.finish()
+    assert list(got) == ["blocks.0.moe.experts.w_gate_up"] and torch.equal(got["blocks.0.moe.experts.w_gate_up"], piece)
+    back = dict(to_hf(FAMILY, [True], {"blocks.0.moe.experts.w_gate_up": piece}))
+    assert torch.equal(back["model.layers.0.mlp.experts.1.gate_proj.weight"], fused[1, :3])
+    assert torch.equal(back["model.layers.0.mlp.experts.1.up_proj.weight"], fused[1, 3:])
