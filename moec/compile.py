@@ -94,7 +94,8 @@ def expert_owners(graph: Graph) -> dict[str, int]:
     owners = {}
     for node in graph.nodes:
         if node.op in ("moe", "spectral_moe"):
-            up = graph[node.inputs[node.attr["slots"].index(EXPERT_PREFIX + "w_up")].node]
+            slot = next(s for s in node.attr["slots"] if s.startswith(EXPERT_PREFIX))  # w_gate_up or w_up
+            up = graph[node.inputs[node.attr["slots"].index(slot)].node]
             owners[up.attr["name"].rsplit(".", 1)[0]] = node.attr["moe"].experts
     return owners
 

@@ -219,6 +219,9 @@ def load_model_state(path: Path, model) -> None:
 
 # State-dict keys of checkpoints written before attention and MLP projections became nn.Linear modules.
 _OLD_NAMES = re.compile(r"^model\.blocks\.\d+\.(attention\.[wb][qkvo]|mlp\.[wb]_(up|gate|down))$")
+# ... and before gated experts held gate and up in one weight (a model's own DCP state is loaded in place, weights and
+# AdamW moments on any mesh: refused with the way across rather than reshaped here).
+_SPLIT_EXPERTS = re.compile(r"^model\.blocks\.\d+\..*\bexperts\.[wb]_gate$")
 
 
 def _refuse_old_names(path: Path) -> None:
@@ -232,6 +235,12 @@ def _refuse_old_names(path: Path) -> None:
         raise CheckpointError(f"{path}: written by an older moec, whose state-dict names ({old[0][len('model.'):]}) predate "
                               "the nn.Linear ones (attention.wq.weight, mlp.w_up.weight); export it to Hugging Face with "
                               "that moec and import it here (moec export hf / moec import hf), or retrain")
+    split = sorted(key for key in keys if _SPLIT_EXPERTS.match(key))
+    if split:
+        raise CheckpointError(f"{path}: written by an older moec, whose gated experts keep gate and up apart "
+                              f"({split[0][len('model.'):]}); this one holds them in one experts.w_gate_up [E, 2, H, D]: "
+                              "export it to Hugging Face with that moec and import it here (moec export hf / moec import hf), "
+                              "or retrain")
 
 
 def _dcp_load(state: dict, path: Path) -> None:

@@ -3,7 +3,8 @@
 HF layer ``i`` is moec block ``i``. Each family gives its names (``Family.layer_names``: the
 shared Llama-style table of ``families/base.py`` plus its own) and its expert layout
 (``families/experts.py``; GPT-OSS's interleaved one in ``families/gpt_oss.py``). Per-expert
-pieces are stacked into moec's [E, out, in] weights once all E have been read.
+pieces are stacked into moec's [E, out, in] weights once all E have been read, and a gate stack and an
+up stack joined into the layer's ``w_gate_up`` [E, 2, I, H] once both are there.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from moec.interop.families import Family
 from moec.interop.families.base import EXPERTS, GLOBAL
+from moec.interop.families.experts import FUSED_HALVES
 from moec.interop.weights import WeightsError, index_files
 from moec.ir.names import split_block_name
 
@@ -28,7 +30,7 @@ class Converter:
     def __init__(self, family: Family, moe_layers: list[bool], experts: int, tied: bool = False):
         self.family, self.moe_layers, self.experts, self.tied = family, moe_layers, experts, tied
         self.tables = {has: family.layer_names(has) | family.import_aliases(has) for has in (False, True)}
-        self.pending: dict[str, dict[int, torch.Tensor]] = {}
+        self.pending: dict[str, dict[int, torch.Tensor]] = {}  # key -> expert -> piece; fused key -> half -> stack
 
     def __call__(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         if name == "lm_head.weight" and self.tied:  # some checkpoints store the tied head too: it is embed.weight
@@ -50,21 +52,34 @@ class Converter:
             raise KeyError(f"tensor {name!r} has no place in the moec model")
         for ours, expert, piece in pieces:
             if expert is None:
-                yield prefix + EXPERTS + ours, piece
+                yield from self._join(prefix + EXPERTS, ours, piece)
             else:
-                yield from self._stack(prefix + EXPERTS + ours, expert, piece)
+                yield from self._stack(prefix + EXPERTS, ours, expert, piece)
 
-    def _stack(self, key: str, expert: int, piece: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        pieces = self.pending.setdefault(key, {})
+    def _stack(self, prefix: str, ours: str, expert: int, piece: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        pieces = self.pending.setdefault(prefix + ours, {})
         pieces[expert] = piece
         if len(pieces) == self.experts:
-            yield key, torch.stack([pieces[e] for e in range(self.experts)])
-            del self.pending[key]
+            del self.pending[prefix + ours]
+            yield from self._join(prefix, ours, torch.stack([pieces[e] for e in range(self.experts)]))
+
+    def _join(self, prefix: str, ours: str, stack: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """A whole stack as it is, or (a gate or up half) into its fused weight once the other half is there."""
+        if ours not in FUSED_HALVES:
+            yield prefix + ours, stack
+            return
+        fused, index = FUSED_HALVES[ours]
+        halves = self.pending.setdefault(prefix + fused, {})
+        halves[index] = stack
+        if len(halves) == 2:
+            del self.pending[prefix + fused]
+            yield prefix + fused, torch.stack([halves[0], halves[1]], dim=1)
 
     def finish(self) -> None:
         if self.pending:
-            missing = {key: sorted(set(range(self.experts)) - set(pieces)) for key, pieces in self.pending.items()}
-            raise KeyError(f"experts missing from the checkpoint: {missing}")
+            missing = {key: sorted(set(range(2 if key.endswith("_gate_up") else self.experts)) - set(pieces))
+                       for key, pieces in self.pending.items()}
+            raise KeyError(f"experts missing from the checkpoint (a fused gate_up's half 0 is the gate, 1 the up): {missing}")
 
 
 def to_hf(family: Family, moe_layers: list[bool], state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:

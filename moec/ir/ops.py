@@ -332,9 +332,9 @@ def _dispatch(types, attrs):
 def _expert_ffn(types, attrs):
     x, indices = types[0], types[1]
     weights = types[3:] if attrs["masked"] else types[2:]
-    w_up = weights[0]
-    _expect(w_up.rank == 3 and w_up.shape[0] == attrs["experts"], f"expert weights are [E,H,D], got {w_up}")
-    _last(x, w_up.shape[2], "expert_ffn input")
+    w_up = weights[0]  # [E,H,D], or gated [E,2,H,D]: gate and up in one weight
+    _expect(w_up.rank in (3, 4) and w_up.shape[0] == attrs["experts"], f"expert weights are [E,H,D] or [E,2,H,D], got {w_up}")
+    _last(x, w_up.shape[-1], "expert_ffn input")
     _expect(x.shape[:-1] == indices.shape, f"expert_ffn: rows {x} and indices {indices} disagree")
     return _same(x)
 
@@ -443,7 +443,7 @@ def _band_index(types, attrs):
 
 # `slots` names the role of each input in order (h, router_in, router.weight, ...); `moe` is
 # the layer's typed attributes (moec.moe.MoeAttrs), the same for every step of a spectral MoE.
-@op("moe", (5, 32), required="slots moe", fused=True)
+@op("moe", (4, 32), required="slots moe", fused=True)  # h, router_in, w_gate_up, w_down at the least
 def _moe(types, attrs):
     h = types[0]
     _float(h, "moe input")

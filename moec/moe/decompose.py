@@ -19,7 +19,7 @@ drift apart. The ops (each one node; semantics in docs/semantics.md)::
     w       = weight_scale(w)                         # router.scale != 1
     w, kept = capacity(scores, idx, w [, anneal])     # capacity mode only; factor router.anneal[2] if annealed
     xd      = dispatch(h, idx)                        # [B,S,k,D]
-    yd      = expert_ffn(xd, idx [, kept], experts.*) # [B,S,k,D]
+    yd      = expert_ffn(xd, idx [, kept], experts.*) # [B,S,k,D]; gated: one w_gate_up [E,2,H,D], gate half first
     out     = combine(yd, w)                          # [B,S,D]
     out     = fallback_add(out, ffn(h, fallback.*), kept)  # capacity.fallback 'dense': tokens every expert dropped
     out     = out (+ shared experts' FFN [* sigmoid(h @ shared_gate.T)])
@@ -42,7 +42,7 @@ from moec.moe.activations import ACTIVATIONS
 from moec.moe.anneal import ANNEAL
 from moec.moe.attrs import MoeAttrs
 from moec.moe.params import (EXPERT_PREFIX, FALLBACK_PREFIX, ROUTER_BIAS, ROUTER_NORM_BIAS, ROUTER_NORM_WEIGHT, ROUTER_WEIGHT, SELECTION_BIAS,
-                              SHARED_GATE, ffn_slots)
+                              SHARED_GATE, expert_slots, ffn_slots)
 from moec.moe.routers import ROUTERS
 
 PLACEHOLDER = "@"  # prefix of the names that stand for a decomposition's inputs
@@ -124,7 +124,7 @@ def _route_and_combine(b, attrs: MoeAttrs, h: Ref, params: Mapping[str, Ref], pa
         kept = [mask]
     dispatched = b.add("dispatch", [h, indices], path)
     expert = attrs.expert
-    expert_params = [params[slot] for slot in ffn_slots(EXPERT_PREFIX, expert.activation, expert.bias)]
+    expert_params = [params[slot] for slot in expert_slots(expert.activation, expert.bias)]
     expert_out = b.add("expert_ffn", [dispatched, indices, *kept, *expert_params], path + ("expert",),
                        experts=attrs.experts, activation=expert.activation, masked=bool(kept), bias=expert.bias, **expert.clamp)
     out = b.add("combine", [expert_out, weights], path)

@@ -4,6 +4,15 @@ A slot is a parameter's role in the layer and the suffix of its name
 (``blocks.3.moe.experts.w_up`` fills slot ``experts.w_up``). The fused ``moe`` node lists its
 inputs by slot (``h``, ``router_in``, then :func:`moe_slots` in order); lowering creates the
 parameters from :func:`moe_params`. Weights are torch-style ``[out, in]``, experts ``[E, out, in]``.
+
+Gated routed experts (swiglu, geglu, reglu, clamped_swiglu) keep gate and up in one weight,
+``experts.w_gate_up`` ``[E, 2, H, D]`` (gate first), and one bias ``experts.b_gate_up`` ``[E, 2, H]``:
+its ``flatten(1, 2)`` is HF transformers v5's ``gate_up_proj`` ``[E, 2H, D]`` (same bytes, a view), the
+one grouped GEMM's weight. The separate ``2`` dim lets tensor parallelism split each expert's hidden
+size with torch's plain ``Shard(2)`` (every rank keeps its gate rows and the matching up rows; a
+``Shard(1)`` of ``[E, 2H, D]`` would hand one rank all the gate rows, and DCP writes strided shards
+wrongly), and keeps each half's init fans those of one ``[H, D]`` matrix. Shared experts and the
+dense fallback are single FFNs and keep ``w_up`` / ``w_gate``.
 """
 
 from __future__ import annotations
@@ -39,12 +48,21 @@ class ParamDecl:
     trainable: bool = True
 
 
-def ffn_slots(prefix: str, activation: str, bias: bool) -> tuple[str, ...]:
-    """``w_up [, w_gate], w_down [, b_up [, b_gate], b_down]`` under ``prefix``."""
+def ffn_slots(prefix: str, activation: str, bias: bool, fused: bool = False) -> tuple[str, ...]:
+    """``w_up [, w_gate], w_down [, b_up [, b_gate], b_down]`` under ``prefix``; ``fused`` (the routed experts) and
+    gated: ``w_gate_up, w_down [, b_gate_up, b_down]``."""
     gated = is_gated(activation)
-    names = ["w_up"] + (["w_gate"] if gated else []) + ["w_down"]
-    names += (["b_up"] + (["b_gate"] if gated else []) + ["b_down"]) if bias else []
+    if gated and fused:
+        names = ["w_gate_up", "w_down"] + (["b_gate_up", "b_down"] if bias else [])
+    else:
+        names = ["w_up"] + (["w_gate"] if gated else []) + ["w_down"]
+        names += (["b_up"] + (["b_gate"] if gated else []) + ["b_down"]) if bias else []
     return tuple(f"{prefix}{name}" for name in names)
+
+
+def expert_slots(activation: str, bias: bool) -> tuple[str, ...]:
+    """The routed experts' slots under ``experts.`` (gate and up fused when gated)."""
+    return ffn_slots(EXPERT_PREFIX, activation, bias, fused=True)
 
 
 def moe_slots(attrs: MoeAttrs) -> tuple[str, ...]:
@@ -52,7 +70,7 @@ def moe_slots(attrs: MoeAttrs) -> tuple[str, ...]:
     slots = [ROUTER_WEIGHT] if ROUTERS[attrs.router.kind].learned else []  # token_id: no router weight
     slots += ([ROUTER_BIAS] if attrs.router.bias else []) + router_norm_slots(attrs)
     slots += [SELECTION_BIAS] if ROUTERS[attrs.router.kind].selection_bias else []
-    slots += ffn_slots(EXPERT_PREFIX, attrs.expert.activation, attrs.expert.bias)
+    slots += expert_slots(attrs.expert.activation, attrs.expert.bias)
     if attrs.shared:
         slots += ffn_slots("shared.", attrs.expert.activation, False)
     if attrs.shared_gate:
@@ -89,12 +107,12 @@ def router_norm_slots(attrs: MoeAttrs) -> list[str]:
 
 def ffn_params(prefix: str, width: int, hidden: int, activation: str, bias: bool, part: str, group: str,
                experts: int | None = None) -> list[ParamDecl]:
-    """An FFN's weights (``experts`` of them stacked when given); biases go to the ``bias`` group."""
+    """An FFN's weights (``experts`` of them stacked when given, gate and up fused then); biases go to the ``bias`` group."""
     lead = (experts,) if experts else ()
     shapes = {"w_up": (hidden, width), "w_gate": (hidden, width), "w_down": (width, hidden), "b_up": (hidden,), "b_gate": (hidden,),
-              "b_down": (width,)}
+              "b_down": (width,), "w_gate_up": (2, hidden, width), "b_gate_up": (2, hidden)}
     decls = []
-    for name in ffn_slots("", activation, bias):
+    for name in ffn_slots("", activation, bias, fused=bool(experts)):
         is_bias = name.startswith("b_")
         decls.append(ParamDecl(prefix + name, lead + shapes[name], part, "bias" if is_bias else group,
                                init="zeros" if is_bias else "normal", output_projection=name == "w_down"))

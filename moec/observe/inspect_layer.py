@@ -100,8 +100,8 @@ def inspect_layer(spec, layer: str | None = None, tokens: int | None = None, che
             layer_module(*args)
             times.append((time.perf_counter() - start) * 1e3)
     moe = node.attr["moe"]
-    w_up = layer_module.get_parameter("experts.w_up")
-    return LayerReport(name=name, width=args[0].shape[-1], hidden=w_up.shape[1], experts=moe.experts, top_k=moe.top_k, batch=batch,
+    w_down = layer_module.get_parameter("experts.w_down")  # [E, D, H]
+    return LayerReport(name=name, width=args[0].shape[-1], hidden=w_down.shape[2], experts=moe.experts, top_k=moe.top_k, batch=batch,
                        seq=seq, output_shape=tuple(out.shape), time_ms=statistics.median(times), counts=[int(count) for count in stats.counts.tolist()],
                        load_balance=stats.load_balance.item(), load_balance_weight=0.0 if moe.aux.pooled else moe.aux.load_balance)
 

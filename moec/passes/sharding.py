@@ -71,14 +71,16 @@ def _param_placement(spec: Spec, node: Node, axes: list[str], issues: list, kv: 
     if group is not None and (group in tensor.column or group in tensor.row) and node.attr["name"] not in kv:
         # torch weights are [out, in] (experts: [E, out, in]): columns split out, rows split in. A bias has the
         # out features only: split with a column group's, whole beside a row group's (added after the sum over tp).
-        dim = (0 if group in tensor.column else 1) + (1 if is_expert else 0)
+        # Fused gate + up experts [E, 2, H, D]: their out features are dim 2 (each half split alike).
+        dim = (0 if group in tensor.column else 1) + (1 if is_expert else 0) + (1 if node.attr["name"].endswith("_gate_up") else 0)
         if dim < len(shape):
             placement[axes.index(tensor.axis)] = f"Shard({dim})"
     for axis in sharding.fsdp:
         if is_expert and axis in sharding.experts:
             continue  # an ep axis that is also an FSDP axis: the experts are split over it already
         taken = {p for p in placement if p.startswith("Shard")}
-        placement[axes.index(axis)] = "Shard(1)" if "Shard(0)" in taken and len(shape) > 1 else "Shard(0)"
+        second = 2 if node.attr["name"].endswith("_gate_up") else 1  # [E, 2, H, D]: not the halves' dim
+        placement[axes.index(axis)] = f"Shard({second})" if "Shard(0)" in taken and len(shape) > 1 else "Shard(0)"
     _check_divisible(spec, node, axes, placement, issues)
     return placement
 

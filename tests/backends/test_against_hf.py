@@ -30,8 +30,8 @@ def test_generated_moe_matches_hf_mixtral_sparse_moe_block():
             param.normal_(0, 0.2)
     compiled = compile_spec(spec_with(LAYER, name="mixtral"))
     moe = load_program(compiled.source, support=compiled.support_source).MoE().eval()  # the generated MoE layer class
-    gate, up = block.experts.gate_up_proj.detach().chunk(2, dim=1)  # HF: [E, 2I, D], gate first
-    moe.load_state_dict({"router.weight": block.gate.weight.detach(), "experts.w_up": up, "experts.w_gate": gate,
+    gate_up = block.experts.gate_up_proj.detach().unflatten(1, (2, -1))  # HF: [E, 2I, D], gate first; moec [E, 2, I, D]
+    moe.load_state_dict({"router.weight": block.gate.weight.detach(), "experts.w_gate_up": gate_up,
                          "experts.w_down": block.experts.down_proj.detach()})
     h = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

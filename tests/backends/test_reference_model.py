@@ -48,7 +48,7 @@ def test_weights_come_from_the_seed_alone():
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     other = moec.reference_model(spec_with("        - kind: mlp\n", seed=1)).state_dict()
     assert not torch.equal(other["embed.weight"], moec.reference_model(spec_with("        - kind: mlp\n", seed=0)).state_dict()["embed.weight"])
-    assert a["blocks.0.moe.experts.w_up"].shape == (4, 128, 64)
+    assert a["blocks.0.moe.experts.w_gate_up"].shape == (4, 2, 128, 64)  # gate and up of each expert, HF's gate_up_proj
     # Output projections are scaled by depth: std 0.02 / sqrt(2 * 2 layers) = 0.01.
     assert a["blocks.1.moe.experts.w_down"].std().item() == pytest.approx(0.01, rel=0.05)
 
@@ -67,8 +67,9 @@ def test_one_expert_top_1_equals_a_dense_ffn():
 """)).eval()
     mlp = moec.reference_model(spec_with("        - kind: mlp\n          hidden: 24\n          activation: swiglu\n")).eval()
     state = mlp.state_dict()
-    for name in ("w_up", "w_gate", "w_down"):
-        state[f"blocks.0.mlp.{name}.weight"] = moe.state_dict()[f"blocks.0.moe.experts.{name}"][0]
+    experts = moe.state_dict()
+    state["blocks.0.mlp.w_gate.weight"], state["blocks.0.mlp.w_up.weight"] = experts["blocks.0.moe.experts.w_gate_up"][0]
+    state["blocks.0.mlp.w_down.weight"] = experts["blocks.0.moe.experts.w_down"][0]
     state["blocks.0.mlp_norm.weight"] = moe.state_dict()["blocks.0.moe_norm.weight"]
     mlp.load_state_dict(state)
     inputs = mlp.example_inputs(batch=2, seq=8)

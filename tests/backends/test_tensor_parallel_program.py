@@ -57,8 +57,9 @@ def test_model_py_differs_from_one_process_only_where_no_plan_reaches():
     assert _method(source, "Attention")[-1] == _method(whole, "Attention")[-1] == "        return self.wo(attn)"
     assert _method(source, "FeedForward") == _method(whole, "FeedForward")
     moe = _method(source, "MoE")
-    assert "            rows = copy_to_shards(x, self.experts.w_up)[order // 2]" in moe  # inside `with phase(...)`
-    assert "            up = grouped_linear(rows, local(self.experts.w_up), offsets)" in moe
+    assert "            rows = copy_to_shards(x, self.experts.w_gate_up)[order // 2]" in moe  # inside `with phase(...)`
+    # each rank's slice of both halves [E, 2, H / tp, D]: one GEMM, then the GLU on the rank's own columns
+    assert "            gate_up = grouped_linear(rows, local(self.experts.w_gate_up).flatten(1, 2), offsets)" in moe
     down = moe.index("            y_sorted = grouped_linear(hidden, local(self.experts.w_down), offsets)")
     assert moe[down + 1] == "            y_sorted = sum_over_shards(y_sorted, self.experts.w_down)"
 
@@ -113,7 +114,7 @@ def test_a_moe_whose_experts_are_not_split_stays_whole():
     compiled = moec.compile_spec(moec.load_spec_text(text, file="tp.yaml"))
     moe = "\n".join(_method(compiled.source, "MoE"))
     assert "shards" not in moe and "local(" not in moe
-    assert "grouped_linear(rows, self.experts.w_up, offsets)" in moe and "self.shared.w_up" in moe
+    assert "grouped_linear(rows, self.experts.w_gate_up.flatten(1, 2), offsets)" in moe and "self.shared.w_up" in moe
     plan = _plan(compiled.parallel_source)
     assert "            'mlp.w_up': ColwiseParallel()," in plan and not any("moe" in line for line in plan)
     assert "model_support" not in compiled.parallel_source  # no style of moec's own is needed

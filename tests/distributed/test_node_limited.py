@@ -100,7 +100,7 @@ def test_dispatch_experts_on_one_process_sums_each_tokens_experts_in_choice_orde
     x, weights = torch.randn(5, 8), torch.rand(5, 3)
     chosen = torch.tensor([[0, 1, 2], [3, 0, 1], [2, 3, 0], [1, 2, 3], [0, 2, 1]])
     w_up, w_gate, w_down = torch.randn(4, 6, 8), torch.randn(4, 6, 8), torch.randn(4, 8, 6)
-    out = dispatch_experts(x, chosen, weights, w_up, w_gate, w_down, "silu")
+    out = dispatch_experts(x, chosen, weights, torch.stack([w_gate, w_up], 1), w_down, "silu")  # w_gate_up [E, 2, H, D]
     for n in range(5):
         expected = sum(weights[n, j] * w_down[e] @ (F.silu(w_gate[e] @ x[n]) * (w_up[e] @ x[n]))
                        for j, e in enumerate(chosen[n].tolist()))

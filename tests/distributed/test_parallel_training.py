@@ -111,8 +111,8 @@ def test_gpt_oss_experts_under_expert_parallelism_give_the_single_process_losses
     text = gpt_oss_experts(spec_text(MESHES["ep"]))
     run_dir = run_processes(tmp_path / "ep", "ep", text)
     source = moec.compile_spec(moec.load_spec_text(text, file="ep.yaml")).source
-    assert ("dispatch_experts(x, chosen, weights, self.experts.w_up, self.experts.w_gate, self.experts.w_down, 'clamped_glu', "
-            "biases=(self.experts.b_up, self.experts.b_gate, self.experts.b_down), clamp=(7.0, 1.702))") in source
+    assert ("dispatch_experts(x, chosen, weights, self.experts.w_gate_up, self.experts.w_down, 'clamped_glu', "
+            "biases=(self.experts.b_gate_up, self.experts.b_down), clamp=(7.0, 1.702))") in source
     for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss")):
         got, expected = ([r[key] for r in read_metrics(d / "metrics.jsonl") if r["kind"] == kind] for d in (run_dir, single))
         assert len(got) == len(expected) > 0 and got == pytest.approx(expected, rel=1e-5), (key, got, expected)
@@ -161,7 +161,7 @@ def test_parallel_py_applies_the_plan_with_spec_lines(tmp_path):
                 "        shard_experts(experts, ep_mesh)  # this rank keeps its experts of EXPERT_PLACEMENT",
             ]
             assert "EXPERT_PLACEMENT = {0: (0, 1), 1: (2, 3)}  # ep rank -> its experts, contiguous" in program.parallel_source
-            assert ("dispatch_experts(x, chosen, weights, self.experts.w_up, self.experts.w_gate, self.experts.w_down, 'silu')"
+            assert ("dispatch_experts(x, chosen, weights, self.experts.w_gate_up, self.experts.w_down, 'silu')"
                     in program.source)
         elif kind == "fsdp_ep":  # experts over ep, then FSDP over fsdp; everything else FSDP over fsdp x ep
             assert body[6:16] == [

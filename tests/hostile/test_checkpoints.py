@@ -181,3 +181,24 @@ def test_a_checkpoint_with_the_names_from_before_nn_linear_is_refused_in_one_lin
                        "(blocks.0.attention.wk) predate the nn.Linear ones (attention.wq.weight, mlp.w_up.weight); export "
                        "it to Hugging Face with that moec and import it here (moec export hf / moec import hf), or retrain")
     assert "\n" not in message
+
+
+def test_a_checkpoint_with_split_gate_and_up_experts_is_refused_in_one_line(tmp_path):
+    """experts.w_gate / experts.w_up became one experts.w_gate_up [E, 2, H, D]: an old checkpoint is refused with one
+    line naming a key and the way over (its HF export, which the importer joins), not DCP's missing-key error."""
+    import torch.distributed.checkpoint as dcp
+
+    import moec
+
+    model = moec.build_model(moec.load_spec("specs/token_routed_tiny.yaml"))
+    old = dict(model.state_dict())
+    gate, up = old.pop("blocks.0.moe.experts.w_gate_up").unbind(1)
+    old |= {"blocks.0.moe.experts.w_gate": gate.contiguous(), "blocks.0.moe.experts.w_up": up.contiguous()}
+    dcp.save({"model": old}, checkpoint_id=str(tmp_path / "step_00000001"))
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        ckpt.load_model_state(tmp_path / "step_00000001", model)
+    message = str(refused.value)
+    assert message == (f"{tmp_path / 'step_00000001'}: written by an older moec, whose gated experts keep gate and up apart "
+                       "(blocks.0.moe.experts.w_gate); this one holds them in one experts.w_gate_up [E, 2, H, D]: export it "
+                       "to Hugging Face with that moec and import it here (moec export hf / moec import hf), or retrain")
+    assert "\n" not in message

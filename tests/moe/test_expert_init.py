@@ -30,10 +30,10 @@ EXPECTED = {
 def test_expert_weights_follow_the_scheme(init):
     spec = experts_spec(init)
     built, ref = moec.build_model(spec).state_dict(), moec.reference_model(spec).state_dict()
-    for name in ("w_up", "w_gate", "w_down"):
+    for name in ("w_gate_up", "w_down"):
         weight = built[f"blocks.1.moe.experts.{name}"]
         assert torch.equal(weight, ref[f"blocks.1.moe.experts.{name}"])
-        std, bound = EXPECTED[init](*weight.shape[1:])
+        std, bound = EXPECTED[init](*weight.shape[-2:])  # fans of one [out, in] matrix: gate and up each [H, D]
         assert weight.std().item() == pytest.approx(std, rel=0.03), name
         if bound is not None:
             assert weight.abs().max().item() <= bound and weight.abs().max().item() > 0.99 * bound

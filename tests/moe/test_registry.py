@@ -54,8 +54,8 @@ def test_router_kinds_and_activations_are_named_only_in_the_registries_and_the_s
 def test_slots_follow_the_router_and_activation_entries():
     attrs = MoeAttrs(experts=4, top_k=2, router=RouterAttrs(kind="sigmoid_bias"), expert=ExpertAttrs(activation="geglu", bias=True),
                      shared=True)
-    assert moe_slots(attrs) == ("router.weight", "router.selection_bias", "experts.w_up", "experts.w_gate", "experts.w_down",
-                                "experts.b_up", "experts.b_gate", "experts.b_down", "shared.w_up", "shared.w_gate", "shared.w_down")
+    assert moe_slots(attrs) == ("router.weight", "router.selection_bias", "experts.w_gate_up", "experts.w_down",
+                                "experts.b_gate_up", "experts.b_down", "shared.w_up", "shared.w_gate", "shared.w_down")
     assert MoeAttrs(experts=8, top_k=2, router=RouterAttrs(kind="expert_choice"), expert=ExpertAttrs("gelu")).choices == 8
 
 

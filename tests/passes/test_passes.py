@@ -54,7 +54,7 @@ def test_fuse_moe_turns_each_routing_chain_into_one_node():
     for gone in ("topk", "softmax", "dispatch", "expert_ffn", "combine", "load_balance_loss", "z_loss"):
         assert gone not in ops(fused)
     moe = next(node for node in fused.nodes if node.op == "moe")
-    assert moe.attr["slots"] == ("h", "router_in", "router.weight", "experts.w_up", "experts.w_gate", "experts.w_down")
+    assert moe.attr["slots"] == ("h", "router_in", "router.weight", "experts.w_gate_up", "experts.w_down")
     attrs = moe.attr["moe"]
     assert (attrs.experts, attrs.top_k, attrs.router.kind, attrs.expert.activation) == (4, 2, "topk", "swiglu")
     assert (attrs.capacity.mode, attrs.aux.load_balance, attrs.router.normalize) == ("dropless", 0.01, True)

@@ -156,7 +156,7 @@ def tensor_axis_acts(mp) -> None:
     tp_ep = ("mesh.world_size=4", "mesh.axes={ep: 2, tp: 2}", "sharding.batch=[ep]", "sharding.experts=[ep]",
              "sharding.tensor={axis: tp}")
     assert parallel_module(moec.compile_spec(spec(*tp_ep))).UNSUPPORTED == ()
-    contains(parallel_source(*tp_ep), "    ep_mesh = mesh[('ep', 'tp')]", "EXPERT_TP_SPLITS = {'w_up': 1, 'w_gate': 1, 'w_down': 2}")
+    contains(parallel_source(*tp_ep), "    ep_mesh = mesh[('ep', 'tp')]", "EXPERT_TP_SPLITS = {'w_gate_up': 2, 'w_down': 2}")
     refused_at_launch(mp, "tensor parallelism with expert parallelism and FSDP", *tp_ep, "sharding.fsdp=[ep]")
     refused_at_launch(mp, "tensor parallelism with expert parallelism over an axis that does not split the batch",
                       *tp_ep, "sharding.batch=[]")

@@ -119,14 +119,14 @@ def test_a_nan_stops_the_run_naming_the_step_and_layer(tmp_path):
     trainer = Trainer(quick_spec(steps=8, every=2), run_dir=tmp_path)
     trainer.run(stop_at=2)
     with torch.no_grad():
-        dict(trainer.model.named_parameters())["blocks.1.moe.experts.w_up"].fill_(float("nan"))
+        dict(trainer.model.named_parameters())["blocks.1.moe.experts.w_down"].fill_(float("nan"))
     trainer.start_step = 2
     with pytest.raises(TrainingError) as caught:
         trainer.run()
     message = str(caught.value)
     assert message.startswith("loss is nan at step 3: the first non-finite activation is %expert_ffn_")
     assert "from quick.yaml:15 model.blocks[0].layers[1].expert" in message  # the spec entry unrolled into blocks 0 and 1
-    assert "non-finite parameters: blocks.1.moe.experts.w_up" in message
+    assert "non-finite parameters: blocks.1.moe.experts.w_down" in message
     assert message.endswith(f"the last good checkpoint is {tmp_path / 'checkpoints' / 'step_00000002'} (step 2)")
 
 

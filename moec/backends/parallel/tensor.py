@@ -2,7 +2,8 @@
 
 ``tensor_splits`` reads the placements ``annotate_sharding`` gave the parameters on the
 tensor-parallel axis: ``Shard(0)`` for column groups (``Shard(1)`` for the experts' [E, out, in]
-weights), ``Shard(1)`` for row groups (experts ``Shard(2)``). ``parallel.py``'s
+weights, ``Shard(2)`` for the gated experts' [E, 2, H, D] ``w_gate_up``: each rank keeps its slice of
+the gate half and the same slice of the up half), ``Shard(1)`` for row groups (experts ``Shard(2)``). ``parallel.py``'s
 ``tensor_parallel(model, mesh)`` applies them with ``parallelize_module``: ``ColwiseParallel`` /
 ``RowwiseParallel`` for attention and MLP projections, ``RowwiseParallel`` / ``ColwiseParallel`` for
 the vocabulary-split embedding and head, ``SequenceParallel`` and ``PrepareModuleInput`` for
@@ -60,7 +61,8 @@ def _moe_inputs(graph: Graph) -> set[str]:
 
 def split_kind(name: str, dim: int) -> str:
     """``column`` (output features) or ``row`` (input features) for a weight split on ``dim``."""
-    return "column" if dim == (1 if ".experts." in name else 0) else "row"
+    column = 2 if name.endswith("_gate_up") else 1 if ".experts." in name else 0  # experts [E, out, in], gate_up [E, 2, H, D]
+    return "column" if dim == column else "row"
 
 
 def tensor_parallel_source(spec, splits: dict[str, int], where, replicated_kv: dict[str, int] | None = None,

@@ -172,7 +172,7 @@ def expert_ffn(ctx, attrs, x, indices, *rest):
     """Row (b, s, j) goes through expert indices[b, s, j]; a dropped row gives 0."""
     kept = rest[0] if attrs["masked"] else None
     params = list(rest[1:] if attrs["masked"] else rest)
-    weights = unpack_expert_params(params, attrs["activation"], attrs["bias"])
+    weights = unpack_expert_params(params, attrs["activation"], attrs["bias"], fused=True)
     clamp = (attrs.get("limit"), attrs.get("alpha"))
     out = torch.zeros_like(x)
     for expert in range(attrs["experts"]):
@@ -183,9 +183,13 @@ def expert_ffn(ctx, attrs, x, indices, *rest):
     return out
 
 
-def unpack_expert_params(params: list, activation: str, bias: bool) -> tuple:
-    """(w_up, w_gate, w_down, b_up, b_down, b_gate) with None for what the expert does not have."""
-    named = dict(zip(ffn_slots("", activation, bias), params))
+def unpack_expert_params(params: list, activation: str, bias: bool, fused: bool = False) -> tuple:
+    """(w_up, w_gate, w_down, b_up, b_down, b_gate) with None for what the expert does not have; ``fused`` (routed
+    experts): a gated expert's ``w_gate_up`` [E, 2, H, D] and ``b_gate_up`` [E, 2, H] give gate (index 0) and up."""
+    named = dict(zip(ffn_slots("", activation, bias, fused=fused), params))
+    for stem in ("w", "b"):
+        if f"{stem}_gate_up" in named:
+            named[f"{stem}_gate"], named[f"{stem}_up"] = named.pop(f"{stem}_gate_up").unbind(1)
     return tuple(named.get(name) for name in ("w_up", "w_gate", "w_down", "b_up", "b_down", "b_gate"))
 
 

@@ -81,7 +81,8 @@ def moe_layers(graph: Graph) -> tuple[str, ...]:
     names = []
     for node in graph.nodes:
         if node.op in ("moe", "spectral_moe"):
-            slot = ROUTER_WEIGHT if ROUTER_WEIGHT in node.attr["slots"] else EXPERT_PREFIX + "w_up"  # token_id: no router weight
+            slots = node.attr["slots"]  # token_id: no router weight, the first expert weight then
+            slot = ROUTER_WEIGHT if ROUTER_WEIGHT in slots else next(s for s in slots if s.startswith(EXPERT_PREFIX))
             param = node.inputs[node.attr["slots"].index(slot)]
             names.append(graph[param.node].attr["name"].removesuffix("." + slot))
     return tuple(names)

@@ -3,7 +3,8 @@
 Each function is built from lines chosen by the node's ``MoeAttrs`` and the kernel:
 
 - ``grouped_mm`` (dropless default): (token, choice) rows sorted by expert with a stable
-  argsort, one grouped GEMM per projection over the expert groups, put back by index_copy.
+  argsort, one grouped GEMM per projection over the expert groups (a gated expert's gate and
+  up in one, from ``experts_w_gate_up``), put back by index_copy.
 - ``bmm`` (capacity default): each expert's C best slots gathered into [E, C, D], batched
   GEMMs, results put back by slot index (each slot is written once).
 - ``eager``: every expert on every token ([E, N, D] bmm), outputs gathered per choice.
@@ -257,13 +258,20 @@ def _capacity(moe: MoeAttrs) -> list[str]:
     return lines
 
 
-def _ffn(rows: str, prefix: str, activation: str, param: str, out: str, gemm=None, bias: str = "", clamp: dict | None = None) -> list[str]:
-    """Lines computing ``out = down(act(...up(rows)))`` with the given GEMM wrapper."""
+def _ffn(rows: str, prefix: str, activation: str, param: str, out: str, gemm=None, bias: str = "", clamp: dict | None = None,
+         fused: bool = False) -> list[str]:
+    """Lines computing ``out = down(act(...up(rows)))`` with the given GEMM wrapper. ``fused`` (the routed experts):
+    a gated FFN's gate and up come from one GEMM with ``{param}_w_gate_up`` [E, 2, H, D] seen as [E, 2H, D]."""
     kind = ACTIVATIONS[activation]
     gemm = gemm or (lambda a, w: f"F.linear({a}, {w})")
-    lines = [f"    {prefix}up = {gemm(rows, f'{param}_w_up')}{bias and f' + {bias}up'}"]
-    if kind.gated:
-        lines.append(f"    {prefix}gate = {gemm(rows, f'{param}_w_gate')}{bias and f' + {bias}gate'}")
+    if kind.gated and fused:
+        lines = [f"    {prefix}gate_up = {gemm(rows, f'{param}_w_gate_up.flatten(1, 2)')}{bias and f' + {bias}gate_up'}"
+                 "  # one GEMM for both halves",
+                 f"    {prefix}gate, {prefix}up = {prefix}gate_up.chunk(2, dim=-1)"]
+    else:
+        lines = [f"    {prefix}up = {gemm(rows, f'{param}_w_up')}{bias and f' + {bias}up'}"]
+        if kind.gated:
+            lines.append(f"    {prefix}gate = {gemm(rows, f'{param}_w_gate')}{bias and f' + {bias}gate'}")
     if kind.clamped:
         lines.append(f"    {prefix}hidden = clamped_glu({prefix}gate, {prefix}up, {clamp['limit']!r}, {clamp['alpha']!r})")
     elif kind.gated:
@@ -275,7 +283,17 @@ def _ffn(rows: str, prefix: str, activation: str, param: str, out: str, gemm=Non
 
 
 def _bias_parts(moe: MoeAttrs) -> list[str]:
-    return ["up"] + (["gate"] if ACTIVATIONS[moe.expert.activation].gated else []) + ["down"]
+    """The routed experts' biases, each [E, out] after ``flatten(1)`` (b_gate_up [E, 2, H] -> [E, 2H])."""
+    return (["gate_up"] if ACTIVATIONS[moe.expert.activation].gated else ["up"]) + ["down"]
+
+
+def _bias_rows(part: str) -> str:
+    return f"experts_b_{part}.flatten(1)" if part == "gate_up" else f"experts_b_{part}"
+
+
+def up_weight(moe: MoeAttrs) -> str:
+    """The routed experts' first weight: ``experts_w_gate_up`` when gated, else ``experts_w_up``."""
+    return "experts_w_gate_up" if ACTIVATIONS[moe.expert.activation].gated else "experts_w_up"
 
 
 # Rows back to (token, choice) order by writing each to its slot (no second argsort; each row once).
@@ -291,11 +309,11 @@ def _grouped(moe: MoeAttrs) -> list[str]:
     ]
     bias = ""
     if moe.expert.bias:
-        lines += ["    row_expert = flat_expert[order]"] + [f"    bias_{p} = experts_b_{p}[row_expert]" for p in _bias_parts(moe)]
+        lines += ["    row_expert = flat_expert[order]"] + [f"    bias_{p} = {_bias_rows(p)}[row_expert]" for p in _bias_parts(moe)]
         bias = "bias_"
     lines.append(_phase("experts"))
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_sorted",
-                  lambda a, w: f"grouped_linear({a}, {w}, offsets)", bias, moe.expert.clamp)
+                  lambda a, w: f"grouped_linear({a}, {w}, offsets)", bias, moe.expert.clamp, fused=True)
     lines += [_phase("combine"), f"    y = {_UNSORT}.view(tokens, {k}, width)  # back to (token, choice)"]
     return lines
 
@@ -307,13 +325,14 @@ def _tensor_parallel_ends(lines: list[str]) -> list[str]:
     lines = [_EXPERT_WEIGHT.sub(lambda m: f"local({m.group(0)})", line) for line in lines]
     rows = next(i for i, line in enumerate(lines) if line.startswith("    rows = "))
     # f on (N, D), not the k-fold rows
-    lines[rows] = lines[rows].replace("    rows = x[", "    rows = copy_to_shards(x, experts_w_up)[")
+    first = "experts_w_gate_up" if any("experts_w_gate_up" in line for line in lines) else "experts_w_up"
+    lines[rows] = lines[rows].replace("    rows = x[", f"    rows = copy_to_shards(x, {first})[")
     down = next(i for i, line in enumerate(lines) if line.startswith("    y_sorted = "))
     lines.insert(down + 1, "    y_sorted = sum_over_shards(y_sorted, experts_w_down)  # g: partial sums over the expert hidden slices")
     return lines
 
 
-_EXPERT_WEIGHT = re.compile(r"(?<![\w.])experts_[wb]_(up|gate|down)\b")
+_EXPERT_WEIGHT = re.compile(r"(?<![\w.])experts_[wb]_(gate_up|up|gate|down)\b")
 
 
 def _triton(moe: MoeAttrs, tiles: tuple[int, ...], fused_router: bool) -> list[str]:
@@ -324,17 +343,17 @@ def _expert_parallel(moe: MoeAttrs, tensor_parallel: bool = False) -> list[str]:
     """The experts across the expert-parallel group (moec.backends.torch.experts), combined there: one row per
     (token, rank holding its experts). Under tp too, Megatron's f on the tokens (dispatch_experts applies g)."""
     kind = ACTIVATIONS[moe.expert.activation]
-    gate = "experts_w_gate" if kind.gated else "None"
     extra = ""
     if moe.expert.bias:
-        extra += ", biases=(experts_b_up, {}, experts_b_down)".format("experts_b_gate" if kind.gated else "None")
+        extra += ", biases=({}, experts_b_down)".format("experts_b_gate_up" if kind.gated else "experts_b_up")
     if kind.clamped:
         extra += f", clamp=({moe.expert.clamp['limit']!r}, {moe.expert.clamp['alpha']!r})"
     fn = "clamped_glu" if kind.clamped else kind.fn
-    x = "copy_to_shards(x, experts_w_up)" if tensor_parallel else "x"
+    first = up_weight(moe)
+    x = f"copy_to_shards(x, {first})" if tensor_parallel else "x"
     return [
         _phase(None),  # dispatch_experts names its own phases: the all-to-alls and the local experts
-        f"    out = dispatch_experts({x}, chosen, weights, experts_w_up, {gate}, experts_w_down, {fn!r}{extra})"
+        f"    out = dispatch_experts({x}, chosen, weights, {first}, experts_w_down, {fn!r}{extra})"
         "  # a token travels once to each rank of its experts, combined there (experts.py)",
     ]
 
@@ -347,11 +366,11 @@ def _bmm(moe: MoeAttrs) -> list[str]:
     ]
     bias = ""
     if moe.expert.bias:
-        lines += [f"    bias_{p} = experts_b_{p}[:, None, :]" for p in _bias_parts(moe)]
+        lines += [f"    bias_{p} = {_bias_rows(p)}[:, None, :]" for p in _bias_parts(moe)]
         bias = "bias_"
     lines.append(_phase("experts"))
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_ecd", lambda a, w: f"torch.bmm({a}, {w}.transpose(1, 2))", bias,
-                  moe.expert.clamp)
+                  moe.expert.clamp, fused=True)
     lines += [
         _phase("combine"),
         f"    y = y_ecd.new_zeros(tokens * {k} + 1, width).index_put((slots.reshape(-1),), y_ecd.reshape(-1, width))  # y_ecd's dtype (autocast)",
@@ -365,11 +384,11 @@ def _dense(moe: MoeAttrs) -> list[str]:
     lines = [f"    rows = x.unsqueeze(0).expand({E}, tokens, width)  # (E, N, D): every expert sees every token"]
     bias = ""
     if moe.expert.bias:
-        lines += [f"    bias_{p} = experts_b_{p}[:, None, :]" for p in _bias_parts(moe)]
+        lines += [f"    bias_{p} = {_bias_rows(p)}[:, None, :]" for p in _bias_parts(moe)]
         bias = "bias_"
     lines.append(_phase("experts"))
     lines += _ffn("rows", "", moe.expert.activation, "experts", "y_all", lambda a, w: f"torch.bmm({a}, {w}.transpose(1, 2))", bias,
-                  moe.expert.clamp)
+                  moe.expert.clamp, fused=True)
     lines.append(_phase("combine"))
     lines.append("    y = y_all.permute(1, 0, 2).gather(1, chosen.unsqueeze(-1).expand(-1, -1, width))  # (N, k, D)")
     return lines

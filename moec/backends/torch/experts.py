@@ -1,10 +1,11 @@
 """Routed experts, combined, on this rank or across an expert-parallel group.
 
-``dispatch_experts(x, chosen, weights, w_up, w_gate, w_down, fn, biases=(), clamp=None)``: ``x`` (N, D) the tokens,
+``dispatch_experts(x, chosen, weights, w_in, w_down, fn, biases=(), clamp=None)``: ``x`` (N, D) the tokens,
 ``chosen`` / ``weights`` (N, k) each token's experts and their weights; returns (N, D), the sum over each token's
-choices of ``weight * expert(x)``, in choice order. ``fn`` is the activation (a ``torch.nn.functional`` name, or
-``clamped_glu`` with ``clamp = (limit, alpha)``, GPT-OSS's), ``biases`` the experts' ``(b_up, b_gate or None, b_down)``
-[E, ...], split like the weights. With plain tensors every expert is local: (token, choice) rows sorted by expert,
+choices of ``weight * expert(x)``, in choice order. ``w_in`` is a gated expert's ``w_gate_up`` [E, 2, H, D] (gate
+half first: one grouped GEMM gives both, the GLU follows) or a plain one's ``w_up`` [E, H, D]. ``fn`` is the
+activation (a ``torch.nn.functional`` name, or ``clamped_glu`` with ``clamp = (limit, alpha)``, GPT-OSS's), ``biases``
+the experts' ``(b_gate_up or b_up, b_down)`` [E, ...], split like the weights. With plain tensors every expert is local: (token, choice) rows sorted by expert,
 one grouped GEMM per projection. With DTensor weights sharded ``Shard(0)`` over an expert-parallel mesh (rank r
 holds weight rows [r*E/P, (r+1)*E/P): experts in id order, or in the weights' ``expert_order`` when
 ``sharding.placement`` is consistent_hash), the dispatch is deduplicated:
@@ -56,27 +57,31 @@ SENT = {"bytes": 0, "undeduplicated": 0, "destinations": 0}
 PAIR_INTS = 2  # a pair's local expert and the place of its row in the message (int32 each)
 
 
-def local_ffn(rows: Tensor, group_sizes: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor, fn: str,
-              biases: tuple = (), clamp: tuple[float, float] | None = None) -> Tensor:
-    """down(fn(gate(x)) * up(x)) (or down(fn(up(x)))) per expert group of consecutive rows, with each
-    expert's biases when given."""
+def local_ffn(rows: Tensor, group_sizes: Tensor, w_in: Tensor, w_down: Tensor, fn: str, biases: tuple = (),
+              clamp: tuple[float, float] | None = None) -> Tensor:
+    """down(fn(gate(x)) * up(x)) (gate and up from one grouped GEMM with ``w_gate_up`` [E, 2, H, D]), or
+    down(fn(up(x))), per expert group of consecutive rows, with each expert's biases when given."""
     offsets = torch.cumsum(group_sizes, 0).to(torch.int32)
-    b_up, b_gate, b_down = _row_biases(biases, group_sizes, rows.shape[0])
-    up = grouped_linear(rows, w_up, offsets) + b_up
-    if fn == "clamped_glu":
-        hidden = clamped_glu(grouped_linear(rows, w_gate, offsets) + b_gate, up, *clamp)
+    b_in, b_down = _row_biases(biases, group_sizes, rows.shape[0])
+    gated = w_in.ndim == 4
+    projected = grouped_linear(rows, w_in.flatten(1, 2) if gated else w_in, offsets) + b_in  # (M, 2H) gate | up, or (M, H)
+    if not gated:
+        hidden = getattr(F, fn)(projected)
+    elif fn == "clamped_glu":
+        hidden = clamped_glu(*projected.chunk(2, dim=-1), *clamp)
     else:
-        act = getattr(F, fn)
-        hidden = act(grouped_linear(rows, w_gate, offsets) + b_gate) * up if w_gate is not None else act(up)
+        gate, up = projected.chunk(2, dim=-1)
+        hidden = getattr(F, fn)(gate) * up
     return grouped_linear(hidden, w_down, offsets) + b_down
 
 
 def _row_biases(biases: tuple, group_sizes: Tensor, rows: int) -> tuple:
-    """Each row's expert's (b_up, b_gate, b_down) rows; zeros (added as 0) without biases."""
+    """Each row's expert's (b_gate_up or b_up, b_down) rows, [E, 2, H] flattened to [E, 2H]; zeros (added as 0)
+    without biases."""
     if not biases:
-        return 0, 0, 0
+        return 0, 0
     expert = torch.repeat_interleave(torch.arange(len(group_sizes), device=group_sizes.device), group_sizes, output_size=rows)
-    return tuple(0 if bias is None else bias[expert] for bias in biases)
+    return tuple(bias.flatten(1)[expert] for bias in biases)
 
 
 def expert_group(weight) -> tuple:
@@ -88,22 +93,22 @@ def expert_group(weight) -> tuple:
     return mesh.get_group(dim), mesh.size(dim)
 
 
-def dispatch_experts(x: Tensor, chosen: Tensor, weights: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
-                     fn: str, biases: tuple = (), clamp: tuple[float, float] | None = None) -> Tensor:
+def dispatch_experts(x: Tensor, chosen: Tensor, weights: Tensor, w_in: Tensor, w_down: Tensor, fn: str, biases: tuple = (),
+                     clamp: tuple[float, float] | None = None) -> Tensor:
     """(N, D): each token's routed experts' outputs, weighted and summed in choice order."""
     ffn = functools.partial(local_ffn, fn=fn, biases=biases, clamp=clamp)
-    if not isinstance(w_up, DTensor):  # one process: traced by torch.compile like any grouped GEMM, no graph break
-        return _combine(_choice_outputs(x, chosen, ffn, w_up, w_gate, w_down), weights)
-    return _expert_parallel(x, chosen, weights, w_up, w_gate, w_down, ffn)
+    if not isinstance(w_in, DTensor):  # one process: traced by torch.compile like any grouped GEMM, no graph break
+        return _combine(_choice_outputs(x, chosen, ffn, w_in, w_down), weights)
+    return _expert_parallel(x, chosen, weights, w_in, w_down, ffn)
 
 
-def _choice_outputs(x: Tensor, chosen: Tensor, ffn, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor) -> Tensor:
+def _choice_outputs(x: Tensor, chosen: Tensor, ffn, w_in: Tensor, w_down: Tensor) -> Tensor:
     """(N, k, D): the expert output of each (token, choice), every expert local."""
     tokens, k = chosen.shape
     flat_expert = chosen.reshape(-1)
     order = torch.argsort(flat_expert, stable=True)  # sort-by-expert permutation
-    counts = torch.zeros(w_up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
-    y_sorted = ffn(x[order // k], counts, w_up, w_gate, w_down)
+    counts = torch.zeros(w_in.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
+    y_sorted = ffn(x[order // k], counts, w_in, w_down)
     return torch.empty_like(y_sorted).index_copy(0, order, y_sorted).view(tokens, k, -1)
 
 
@@ -157,11 +162,11 @@ def sum_into(values: Tensor, row_of: Tensor, place: Tensor, rows: int, width: in
     return slots.sum(1)
 
 
-def run_rows(rows: Tensor, row_of_pair: Tensor, local_expert: Tensor, pair_weights: Tensor, ffn, w_up: Tensor,
-             w_gate: Tensor | None, w_down: Tensor) -> Tensor:
+def run_rows(rows: Tensor, row_of_pair: Tensor, local_expert: Tensor, pair_weights: Tensor, ffn, w_in: Tensor,
+             w_down: Tensor) -> Tensor:
     """One row per received row: its pairs' local experts run (grouped GEMMs, pairs sorted by expert), their
     outputs weighted and summed. ``row_of_pair`` is nondecreasing: a row's pairs arrive together, in choice order."""
-    local = [w.to_local() if w is not None else None for w in (w_up, w_gate, w_down)]
+    local = [w.to_local() for w in (w_in, w_down)]
     order = torch.argsort(local_expert, stable=True)
     counts = torch.bincount(local_expert, minlength=local[0].shape[0])
     y_sorted = _local(ffn)(rows[row_of_pair[order]], counts, *local)
@@ -175,16 +180,15 @@ def run_rows(rows: Tensor, row_of_pair: Tensor, local_expert: Tensor, pair_weigh
 
 
 @torch.compiler.disable
-def _expert_parallel(x: Tensor, chosen: Tensor, weights: Tensor, w_up: Tensor, w_gate: Tensor | None, w_down: Tensor,
-                     ffn) -> Tensor:
+def _expert_parallel(x: Tensor, chosen: Tensor, weights: Tensor, w_in: Tensor, w_down: Tensor, ffn) -> Tensor:
     """The deduplicated dispatch: plan the rows, send them (or take this rank's), run and combine, sum per token."""
-    group, ranks = expert_group(w_up)
-    per_rank = w_up.shape[0] // ranks
-    row = _weight_row(chosen, getattr(w_up, "expert_order", None))
+    group, ranks = expert_group(w_in)
+    per_rank = w_in.shape[0] // ranks
+    row = _weight_row(chosen, getattr(w_in, "expert_order", None))
     plan = plan_dispatch(row // per_rank, row % per_rank, ranks)
-    replicated = getattr(w_up, "replicated_rows", False)  # every rank of the group holds the same tokens
+    replicated = getattr(w_in, "replicated_rows", False)  # every rank of the group holds the same tokens
     _count(plan, x, weights, dist.get_rank(group), replicated)
-    run = functools.partial(run_rows, ffn=ffn, w_up=w_up, w_gate=w_gate, w_down=w_down)
+    run = functools.partial(run_rows, ffn=ffn, w_in=w_in, w_down=w_down)
     back = (_split_replicated if replicated else _exchange)(x, weights, plan, run, group)  # (R, D) in row order
     return sum_into(back, plan.row_token, plan.row_place, x.shape[0], plan.destinations)
 

@@ -100,8 +100,9 @@ class ReplicatedKvHead(ParallelStyle):
 
 class ExpertHiddenSplit(ParallelStyle):
     """Stacked expert weights [E, out, in] split along each expert's hidden size (Megatron's expert layout): ``dims``
-    names each weight's split dim (up / gate: 1, their output features; down: 2, its input features). The MoE layer
-    reads its slices (``local``) between ``copy_to_shards`` and ``sum_over_shards``."""
+    names each weight's split dim (up: 1, its output features; a gated expert's gate + up [E, 2, H, D]: 2, so each
+    rank keeps the same rows of both halves and applies the GLU on its own; down: 2, its input features). The MoE
+    layer reads its slices (``local``) between ``copy_to_shards`` and ``sum_over_shards``."""
 
     def __init__(self, dims: dict[str, int]) -> None:
         super().__init__()

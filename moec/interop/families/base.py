@@ -26,7 +26,7 @@ SWIGLU = {"gate_proj.weight": "w_gate.weight", "up_proj.weight": "w_up.weight", 
 SHARED_SWIGLU = {"gate_proj.weight": "w_gate", "up_proj.weight": "w_up", "down_proj.weight": "w_down"}
 QK_NORM = {"q_norm.weight": "q_norm.weight", "k_norm.weight": "k_norm.weight"}
 ROUTER = "moe.router."
-EXPERTS = "moe.experts."  # moec's stacked [E, out, in] expert weights: EXPERTS + w_gate, w_up, w_down (+ b_* with biases)
+EXPERTS = "moe.experts."  # moec's stacked expert weights: EXPERTS + w_gate_up [E, 2, I, H], w_down (+ b_* with biases)
 
 # Config fields (beyond ``hf_config.INERT``) every family reads, and every MoE family.
 COMMON_READS = ("vocab_size hidden_size num_hidden_layers num_attention_heads num_key_value_heads head_dim "

@@ -1,7 +1,8 @@
 """GPT-OSS (``GptOssForCausalLM``): attention sinks and biases, full and sliding-window layers,
 YaRN RoPE, clamped-SwiGLU experts with biases, a router with a bias.
 
-Its experts are stored fused and interleaved (``InterleavedLayout``); its router takes the
+Its experts are stored fused and interleaved (``InterleavedLayout``: gate and up alternate along the
+last dim, where moec's ``w_gate_up`` holds the gate half, then the up half); its router takes the
 softmax of the top-k logits, which is the renormalised top-k of the full softmax.
 """
 
@@ -32,17 +33,18 @@ class InterleavedLayout:
         bias = bool(m.group(2))
         if m.group(1) == "down_proj":
             return [("b_down", None, tensor)] if bias else [("w_down", None, tensor.transpose(1, 2).contiguous())]
-        gate, up = tensor[..., ::2], tensor[..., 1::2]
+        gate, up = tensor[..., ::2], tensor[..., 1::2]  # de-interleaved into moec's [gate; up] halves
         if bias:
-            return [("b_gate", None, gate.contiguous()), ("b_up", None, up.contiguous())]
-        return [("w_gate", None, gate.transpose(1, 2).contiguous()), ("w_up", None, up.transpose(1, 2).contiguous())]
+            return [("b_gate_up", None, torch.stack([gate, up], dim=1))]  # [E, 2, I]
+        return [("w_gate_up", None, torch.stack([gate.transpose(1, 2), up.transpose(1, 2)], dim=1))]  # [E, 2, I, H]
 
     def to_hf(self, prefix: str, name: str, experts: ExpertLookup) -> Iterator[tuple[str, torch.Tensor]]:
-        """Four HF tensors from six of ours: all written when ``w_up`` comes, nothing for the others."""
-        if name != "w_up":
+        """Four HF tensors from four of ours: all written when ``w_gate_up`` comes, nothing for the others."""
+        if name != "w_gate_up":
             return
         for bias, suffix in ((False, ""), (True, "_bias")):
-            gate, up = experts("b_gate" if bias else "w_gate"), experts("b_up" if bias else "w_up")
+            fused = experts("b_gate_up" if bias else "w_gate_up")
+            gate, up = fused[:, 0], fused[:, 1]
             if not bias:
                 gate, up = gate.transpose(1, 2), up.transpose(1, 2)
             yield f"{prefix}mlp.experts.gate_up_proj{suffix}", torch.stack([gate, up], dim=-1).flatten(-2).contiguous()

@@ -7,7 +7,7 @@ from moec.layers.moe.spec import Moe, resolve_moe
 
 # The stacked [E, ...] expert weights; a spectral_moe layer's MoE has the same.
 EXPERT_TP_GROUPS = {
-    "experts.up": TpWeights(("experts.w_up", "experts.w_gate", "experts.b_up"), split="column"),
+    "experts.up": TpWeights(("experts.w_gate_up", "experts.w_up", "experts.b_gate_up", "experts.b_up"), split="column"),
     "experts.down": TpWeights(("experts.w_down", "experts.b_down"), split="row"),
 }
 
