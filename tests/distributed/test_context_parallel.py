@@ -110,3 +110,12 @@ def test_context_parallel_training_gives_the_single_process_numbers(kind, single
         worst = max(abs(a - b) for a, b in zip(got, expected))
         print(f"{kind} {key}: max |difference| {worst:.2e} over {len(got)} rows")
         assert worst <= 1e-5, (key, got, expected)
+    if kind == "fsdp2_cp2":  # its checkpoint (FSDP2's DTensors over dp x cp) resumes on one process: the same steps 4-5
+        (run_dir / "checkpoints" / "step_00000005").rename(tmp_path / "later")
+        resumed = tmp_path / "resumed"
+        run_dir.rename(resumed)
+        spec = moec.load_spec_text(spec_text(balance="global"), file="single.yaml")
+        Trainer(spec, run_dir=resumed, resume="latest", allow_spec_change=True).run()
+        got, expected = rows(resumed, "train", "loss"), rows(reference, "train", "loss")
+        print(f"{kind} resumed on one process: max |difference| {max(abs(a - b) for a, b in zip(got, expected)):.2e}")
+        assert got == pytest.approx(expected, abs=1e-5)
