@@ -119,3 +119,85 @@ def test_context_parallel_training_gives_the_single_process_numbers(kind, single
         got, expected = rows(resumed, "train", "loss"), rows(reference, "train", "loss")
         print(f"{kind} resumed on one process: max |difference| {max(abs(a - b) for a, b in zip(got, expected)):.2e}")
         assert got == pytest.approx(expected, abs=1e-5)
+
+
+# --- the attention alone: 2 gloo processes against attention over the whole sequence ---------------------------------
+
+HEADS, KV_HEADS, HEAD_DIM, SEQ = 4, 2, 8, 16
+CASES = {"causal": (True, None), "window 5": (True, 5), "not causal": (False, None)}
+
+
+def qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(2, SEQ, heads * HEAD_DIM, generator=generator) for heads in (HEADS, KV_HEADS, KV_HEADS))
+
+
+def whole_attention(causal: bool, window: int | None) -> list[torch.Tensor]:
+    """The output and the q, k, v gradients of one process's attention over the whole sequence."""
+    from moec.backends.torch.snippets import attention, attention_local
+
+    q, k, v = (t.clone().requires_grad_() for t in qkv())
+    if window is not None:
+        out = attention_local(q, k, v, HEADS, KV_HEADS, HEAD_DIM, window, None)
+    else:
+        out = attention(q, k, v, HEADS, KV_HEADS, HEAD_DIM, causal)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def attention_worker(rank: int, port: int, results) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from moec.backends.torch.context_parallel import SequenceShards, context_attention
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        shards, mine = SequenceShards(dist.group.WORLD), load_balanced_positions(SEQ // 2, rank, 2)
+        weights = torch.linspace(-1, 1, 2 * SEQ * HEADS * HEAD_DIM).view(2, SEQ, -1)[:, mine]
+        for name, (causal, window) in CASES.items():
+            q, k, v = (t[:, mine].clone().requires_grad_() for t in qkv())
+            out = context_attention(q, k, v, HEADS, KV_HEADS, HEAD_DIM, causal, window, shards)
+            (out * weights).sum().backward()  # this rank's share of the whole sequence's sum
+            parts = [torch.cat(gathered, 1) for gathered in zip(*[
+                [p.contiguous() for p in pieces] for pieces in _all_gathered([out.detach(), q.grad, k.grad, v.grad])])]
+            if rank == 0:
+                order = torch.cat([load_balanced_positions(SEQ // 2, r, 2) for r in range(2)]).argsort()
+                results[name] = [part[:, order] for part in parts]
+    finally:
+        dist.destroy_process_group()
+
+
+def _all_gathered(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Per rank, its ``tensors`` (gathered from the group)."""
+    import torch.distributed as dist
+
+    per_rank = [[torch.empty_like(t) for t in tensors] for _ in range(dist.get_world_size())]
+    for i, tensor in enumerate(tensors):
+        gathered = [torch.empty_like(tensor) for _ in per_rank]
+        dist.all_gather(gathered, tensor.contiguous())
+        for rank, value in enumerate(gathered):
+            per_rank[rank][i] = value
+    return per_rank
+
+
+@pytest.mark.slow
+def test_context_attention_gives_whole_sequence_outputs_and_gradients():
+    """Causal, sliding-window and non-causal attention over 2 ranks' load-balanced chunks: outputs and the q, k, v
+    gradients (k and v through the all-gather's backward) equal one process's over the whole sequence."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(attention_worker, args=(port, results), nprocs=2, start_method="spawn", join=True)
+        results = dict(results)
+    for name, (causal, window) in CASES.items():
+        for what, got, expected in zip(("output", "q grad", "k grad", "v grad"), results[name], whole_attention(causal, window)):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=f"{name} {what}")
