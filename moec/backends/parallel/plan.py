@@ -13,8 +13,9 @@ first, then data parallelism applies; with expert parallelism too, ``shard_exper
 expert weight one 2-D DTensor, experts over ep and each expert's hidden size over tp (Megatron's
 layout). Pipeline parallelism runs in ``moec.train.pipeline_step`` (stages of this model, FSDP2
 or gradient averaging per stage over the batch axes). ``unsupported`` names what a spec asks for
-that this plan cannot run (``moec train`` refuses it at launch; context parallelism and options
-no engine reads are refused at validation, ``moec.schema.checks_schedule``). Context parallelism
+that this plan cannot run (``moec train`` refuses it at launch; options no engine reads are refused
+at validation, ``moec.schema.checks_schedule``, and what context parallelism cannot run,
+``moec.schema.checks_context``). Context parallelism
 (``sharding.sequence``) splits every sequence over its axis (``moec.backends.torch.context_parallel``): the
 attention layers gather keys and values over it, the MoE layers sum their expert counts over it, and
 its ranks are data ranks for the gradients (DDP or FSDP over the batch axes x cp, as torchtitan).
