@@ -70,7 +70,7 @@ def compile_spec(spec, disable: tuple[str, ...] = ()) -> Program:
                           spectral_kernel=kernels.spectral_moe, attention_kernel=kernels.attention,
                           expert_parallel=plan.experts is not None and not plan.unsupported, tiles=_tiles(spec),
                           tensor_splits={name: split_kind(name, dim) for name, dim in splits.items()},
-                          parallel_names=support_names(plan))
+                          parallel_names=support_names(plan), context_parallel=plan.context is not None)
     # Parameters, FLOPs and memory are facts of the model: counted on the full pipeline's graph even
     # when passes were disabled (an unfused graph has no moe node to say which weights are experts).
     facts = compiled.graph if not disable else run_pipeline(spec).graph

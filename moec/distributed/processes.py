@@ -19,6 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moec.backends.torch.context_parallel import load_balanced_positions  # the split model.py's attention assumes
+
 
 class LaunchError(RuntimeError):
     """The job cannot start or a rank failed: one line for the user."""
@@ -43,6 +45,8 @@ class DistContext:
     mesh: object = None  # DeviceMesh, when world_size > 1
     dp_rank: int = 0  # position among the data-parallel ranks
     dp_size: int = 1
+    cp_rank: int = 0  # position in the context-parallel group (sharding.sequence): which chunks of each sequence
+    cp_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -97,7 +101,9 @@ def init_distributed(spec, parallel, device: str | None, timeout_s: float = 120.
     for axis in dp_axes:  # row-major over the data-parallel axes, in mesh order
         size = mesh[axis].size()
         dp_rank, dp_size = dp_rank * size + mesh[axis].get_local_rank(), dp_size * size
-    return DistContext(dist.get_rank(), world, dev, mesh, dp_rank, dp_size)
+    cp_axes = tuple(getattr(parallel, "CONTEXT_PARALLEL", ()))  # one axis at most (validated)
+    cp_rank, cp_size = (mesh[cp_axes[0]].get_local_rank(), mesh[cp_axes[0]].size()) if cp_axes else (0, 1)
+    return DistContext(dist.get_rank(), world, dev, mesh, dp_rank, dp_size, cp_rank, cp_size)
 
 
 def _device(requested: str | None, local_rank: int) -> torch.device:
@@ -122,11 +128,15 @@ def timed_out(err: BaseException) -> bool:
 
 
 def local_slice(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """This rank's rows of a global batch (the batch divides by the data-parallel size: validated)."""
-    if ctx.dp_size == 1:
-        return batch
-    rows = batch.shape[0] // ctx.dp_size
-    return batch[ctx.dp_rank * rows:(ctx.dp_rank + 1) * rows]
+    """This rank's rows of a global batch (the batch divides by the data-parallel size: validated), and under
+    context parallelism its positions of each row: chunks cp_rank and 2*cp-1-cp_rank of 2*cp (the sequence divides)."""
+    if ctx.dp_size > 1:
+        rows = batch.shape[0] // ctx.dp_size
+        batch = batch[ctx.dp_rank * rows:(ctx.dp_rank + 1) * rows]
+    if ctx.cp_size > 1:
+        positions = load_balanced_positions(batch.shape[1] // ctx.cp_size, ctx.cp_rank, ctx.cp_size)
+        batch = batch.index_select(1, positions.to(batch.device))
+    return batch
 
 
 def launch(nproc: int, argv: list[str], shutdown_timeout_s: float = 120.0) -> None:

@@ -101,8 +101,8 @@ def _activation_placement(spec: Spec, node: Node, axes: list[str]) -> list[str]:
     placement = ["Replicate()"] * len(axes)
     types = node.types or ()
     if not types or types[0].rank == 0:
-        # A scalar (aux loss) is a per-rank partial value until it is reduced.
-        return ["Partial()" if axis in spec.sharding.batch else "Replicate()" for axis in axes]
+        # A scalar (aux loss) is a per-rank partial value until it is reduced (over the batch and sequence ranks).
+        return ["Partial()" if axis in spec.sharding.batch or axis in spec.sharding.sequence else "Replicate()" for axis in axes]
     for axis in spec.sharding.batch:
         placement[axes.index(axis)] = "Shard(0)"
     for axis in spec.sharding.sequence:

@@ -11,6 +11,7 @@ import math
 from typing import Iterator
 
 from moec.layers import LAYER_KINDS
+from moec.schema.checks_context import context_checks
 from moec.schema.checks_schedule import schedule_checks
 from moec.schema.checks_tensor import tensor_checks
 from moec.schema.errors import format_path
@@ -35,6 +36,7 @@ def run_checks(spec: Spec) -> list[Finding]:
         _options_are_used,
         *schedule_checks(),
         *tensor_checks(),
+        *context_checks(),
         _expert_placement,
         _kernels_serve_spec,
         _pooled_load_balance,
@@ -162,8 +164,8 @@ def _sequence_fits(spec: Spec) -> Iterator[Finding]:
     if seq > spec.model.max_seq_len:
         yield ("train", "seq_len"), f"must be <= model.max_seq_len ({spec.model.max_seq_len}), got {seq}"
     cp = axis_size(spec, spec.sharding.sequence)
-    if seq % cp:
-        yield ("train", "seq_len"), f"must be divisible by the context-parallel size ({cp}), got {seq}"
+    if cp > 1 and seq % (2 * cp):  # the load-balanced split: 2 x cp equal chunks (moec.backends.torch.context_parallel)
+        yield ("train", "seq_len"), f"must be divisible by 2 x the context-parallel size ({2 * cp}: 2 chunks per rank), got {seq}"
     for b, i, layer in spec.model.layers():
         if layer.kind != "spectral_moe":
             continue

@@ -16,7 +16,7 @@ Finding = tuple[tuple, str]
 
 
 def schedule_checks() -> tuple:
-    return (_activation_checkpointing, _context_parallel, _accumulation, _gradient_reduction, _pipeline_schedule)
+    return (_activation_checkpointing, _accumulation, _gradient_reduction, _pipeline_schedule)
 
 
 def _axis_size(spec, axes) -> int:
@@ -30,12 +30,6 @@ def _activation_checkpointing(spec) -> Iterator[Finding]:
     elif ac.every > blocks:
         yield ("schedule", "activation_checkpointing", "every"), (f"checkpoints every {ac.every}th block, but the model has "
                                                                    f"{blocks} block(s): none would be checkpointed")
-
-
-def _context_parallel(spec) -> Iterator[Finding]:
-    if spec.sharding.sequence:
-        yield ("sharding", "sequence"), ("context parallelism (splitting the sequence over ranks) is not implemented; "
-                                         "remove sharding.sequence and split the batch instead")
 
 
 def _accumulation(spec) -> Iterator[Finding]:

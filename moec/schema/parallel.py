@@ -67,7 +67,8 @@ class Sharding(Base):
     """What each mesh axis splits. Every mesh axis larger than 1 must split something."""
 
     batch: AxisList = Field(default_factory=list, description="Axes that split the batch (data parallel).")
-    sequence: AxisList = Field(default_factory=list, description="Axes that split the sequence (context parallel): not implemented, refused when set.")
+    sequence: AxisList = Field(default_factory=list, description="The axis that splits every sequence (context parallel): rank r holds chunks r and 2cp-1-r of 2cp; "
+        "attention gathers keys and values over it. Token models of attention, mlp and dropless moe layers.")
     experts: AxisList = Field(default_factory=list, description="Axes that split the expert dimension (expert parallel).")
     fsdp: AxisList = Field(default_factory=list, description="Axes over which FSDP2 shards parameters; each must also split the batch.")
     placement: Literal["contiguous", "consistent_hash"] = Field(

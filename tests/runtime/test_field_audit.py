@@ -97,7 +97,8 @@ def pipeline_run(*overrides) -> PipelineRun:
     """What pipeline rank 0 of this spec builds: its stage(s), the split, the schedule's settings."""
     s = spec(*overrides)
     program = moec.compile_spec(s)
-    ctx = types.SimpleNamespace(mesh=_Mesh(*s.mesh.axes), device=torch.device("cpu"), dp_rank=0, dp_size=1, distributed=True)
+    ctx = types.SimpleNamespace(mesh=_Mesh(*s.mesh.axes), device=torch.device("cpu"), dp_rank=0, dp_size=1, cp_rank=0, cp_size=1,
+                                distributed=True)
     return PipelineRun(s, program, build_model(s, program=program), ctx)
 
 
@@ -176,8 +177,8 @@ AUDIT = {
                                                           "sharding.batch=[fsdp]")),
     "sharding.batch": lambda mp: contains(parallel_source(*DDP), "DATA_PARALLEL = ('dp',)",
                                           "replicate(model, device_mesh=dp_mesh)"),
-    "sharding.sequence": lambda mp: refused("context parallelism", "mesh.world_size=2", "mesh.axes={cp: 2}",
-                                            "sharding.sequence=[cp]"),
+    "sharding.sequence": lambda mp: contains(parallel_source("mesh.world_size=2", "mesh.axes={cp: 2}", "sharding.sequence=[cp]"),
+                                             "CONTEXT_PARALLEL = ('cp',)", "use_context_parallel(model, mesh['cp'].get_group())"),
     "sharding.experts": lambda mp: differs(parallel_source, DDP, DDP + ("sharding.experts=[dp]",)),
     "sharding.fsdp": lambda mp: differs(parallel_source, DDP, FSDP),
     "sharding.placement": lambda mp: differs(parallel_source, EP, EP + ("sharding.placement=consistent_hash",)),

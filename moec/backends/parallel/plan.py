@@ -13,8 +13,12 @@ first, then data parallelism applies; with expert parallelism too, ``shard_exper
 expert weight one 2-D DTensor, experts over ep and each expert's hidden size over tp (Megatron's
 layout). Pipeline parallelism runs in ``moec.train.pipeline_step`` (stages of this model, FSDP2
 or gradient averaging per stage over the batch axes). ``unsupported`` names what a spec asks for
-that this plan cannot run (``moec train`` refuses it at launch; context parallelism and options
-no engine reads are refused at validation, ``moec.schema.checks_schedule``).
+that this plan cannot run (``moec train`` refuses it at launch; options no engine reads are refused
+at validation, ``moec.schema.checks_schedule``, and what context parallelism cannot run,
+``moec.schema.checks_context``). Context parallelism
+(``sharding.sequence``) splits every sequence over its axis (``moec.backends.torch.context_parallel``): the
+attention layers gather keys and values over it, the MoE layers sum their expert counts over it, and
+its ranks are data ranks for the gradients (DDP or FSDP over the batch axes x cp, as torchtitan).
 """
 
 from __future__ import annotations
@@ -50,6 +54,12 @@ class ParallelPlan:
     tensor_splits: tuple[tuple[str, int], ...] = ()  # (parameter name, dim split over tensor)
     sequence_parallel: bool = False  # the blocks' hidden state split along the sequence over tensor
     replicated_kv: tuple[tuple[str, int], ...] = ()  # (k / v projection kept whole on every tp rank, its kv_heads)
+    context: str | None = None  # the context-parallel axis (larger than 1): it splits every sequence
+
+    @property
+    def gradient_axes(self) -> tuple[str, ...]:
+        """The axes gradients are averaged over: the batch axes, and the cp axis, whose ranks hold other tokens."""
+        return _in_mesh_order(self, self.data_parallel + ((self.context,) if self.context else ()))
 
     @property
     def mismatched_gradients(self) -> bool:
@@ -91,12 +101,29 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dic
         unsupported += _pipeline_limits(spec, experts, bool(replicate and shard), shard)
     if replicate and shard and (len(replicate) > 1 or len(shard) > 1):
         unsupported.append("HSDP over more than one replicate or shard axis")
-    precision = spec.schedule.precision  # context parallelism and a reduce dtype DDP cannot use: refused at validation
+    context = next((axis for axis in sharding.sequence if axis in active), None)
+    if context is not None:
+        unsupported += _context_parallel_limits(spec, experts, replicate, shard)
+    precision = spec.schedule.precision  # a reduce dtype DDP cannot use: refused at validation
     return ParallelPlan(dict(mesh), replicate, shard, DTYPE_NAMES[precision.compute], DTYPE_NAMES[precision.reduce],
                         tuple(unsupported), experts[0] if experts else None, expert_modules if experts else (),
                         tensor.tensor_axis(spec), tuple((tensor_splits or {}).items()),
                         tensor.tensor_axis(spec) is not None and sharding.tensor.sequence_parallel,
-                        tuple((replicated_kv or {}).items()) if tensor.tensor_axis(spec) is not None else ())
+                        tuple((replicated_kv or {}).items()) if tensor.tensor_axis(spec) is not None else (), context)
+
+
+def _context_parallel_limits(spec, experts: list[str], replicate: tuple, shard: tuple) -> list[str]:
+    """What of the spec's context parallelism this plan cannot run yet (validation refuses these first)."""
+    limits = []
+    if experts:
+        limits.append("context parallelism with expert parallelism")
+    if tensor.tensor_axis(spec) is not None:
+        limits.append("context parallelism with tensor parallelism")
+    if spec.sharding.pipeline is not None and spec.mesh.axes.get(spec.sharding.pipeline.axis, 1) > 1:
+        limits.append("context parallelism with pipeline parallelism")
+    if replicate and shard:
+        limits.append("context parallelism with HSDP")
+    return limits
 
 
 def _expert_parallel_limits(spec, experts: list[str], replicate: tuple, shard: tuple) -> list[str]:
@@ -166,6 +193,8 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         f"UNSUPPORTED = {plan.unsupported!r}  # asked for by the spec, not executed yet",
         *([(f"VOCAB_PARALLEL = {plan.tensor!r}  {where('sharding', 'tensor', 'column')}: the head's logits stay split "
             "along the vocabulary; the loss reduces over it")] if tensor.vocab_parallel_output(spec) else []),
+        *([f"CONTEXT_PARALLEL = {(plan.context,)!r}  {where('sharding', 'sequence')}: each rank holds chunks r and "
+            f"2*{plan.context}-1-r of every sequence cut in 2*{plan.context}"] if plan.context else []),
         *_placement(spec, plan, experts, where),
         *_stages(stages, where),
         "",
@@ -179,14 +208,16 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         *(hsdp_mesh_source() + ["", ""] if plan.replicate and plan.shard else []),
         *(_tensor_parallel_source(spec, plan, where, cache_input) if plan.tensor is not None else []),
         *(use_batch_group_source() + ["", ""] if _sets_batch_group(spec, plan) else []),
+        *(use_context_parallel_source() + ["", ""] if plan.context else []),
         *checkpointing.checkpointing_source(ac, blocks, where), "", "",
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
         '    """Data parallelism over the batch axes (FSDP2 per block, then the root; or DDP)'
         + ('.\n    The routed experts are split over the expert-parallel axis first."""' if plan.experts is not None else
            '.\n    Tensor parallelism splits the weights first (torchtitan\'s order)."""' if plan.tensor is not None else '."""'),
         *(["    tensor_parallel(model, mesh)"] if plan.tensor is not None else []),
+        *_context_lines(plan, where),
         *_batch_group_lines(spec, plan, where),
-        *_apply(plan, blocks, where),
+        *(_apply_context(plan, blocks, where) if plan.context else _apply(plan, blocks, where)),
         "    return model",
         *_expert_functions(plan),
     ]
@@ -510,7 +541,7 @@ def support_names(plan: ParallelPlan) -> tuple[str, ...]:
               and any(".experts." in name for name, _ in plan.tensor_splits) else ()) \
         + (("ReplicatedKvHead",) if plan.replicated_kv else ())
     reduces = (plan.experts is not None and not plan.expert_fsdp) or _tensor_without_fsdp(plan)
-    return styles + (("all_reduce_flat",) if reduces else ())
+    return styles + (("all_reduce_flat",) if reduces else ()) + (("SequenceShards",) if plan.context else ())
 
 
 def _support_imports(plan: ParallelPlan) -> list[str]:
@@ -545,15 +576,58 @@ def global_balance(spec) -> bool:
 
 
 def _sets_batch_group(spec, plan: ParallelPlan) -> bool:
+    if plan.context:  # the cp ranks hold one micro-batch's tokens between them (codegen_moe.counted_over_group)
+        return any(True for _ in _moe_configs(spec))
     return bool(plan.data_parallel) and global_balance(spec)
 
 
 def _batch_group_lines(spec, plan: ParallelPlan, where) -> list[str]:
     if not _sets_batch_group(spec, plan):
         return []
-    axes = _in_mesh_order(plan, plan.data_parallel)
+    if plan.context and not global_balance(spec):
+        return [f"    use_batch_group(model, mesh[{plan.context!r}].get_group())  # MoE expert counts summed over "
+                f"{plan.context}: one micro-batch's tokens  {where('sharding', 'sequence')}"]
+    axes = plan.gradient_axes if plan.context else _in_mesh_order(plan, plan.data_parallel)
     return [f"    use_batch_group(model, {_flat(axes)}.get_group())  # aux.load_balance_batch 'global': "
             f"expert counts summed over {' x '.join(axes)}  {where('sharding', 'batch')}"]
+
+
+def _context_lines(plan: ParallelPlan, where) -> list[str]:
+    if not plan.context:
+        return []
+    return [f"    use_context_parallel(model, mesh[{plan.context!r}].get_group())  # attention gathers keys and values "
+            f"over {plan.context}  {where('sharding', 'sequence')}"]
+
+
+def use_context_parallel_source() -> list[str]:
+    return [
+        "def use_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup) -> None:",
+        "    \"\"\"The attention layers see the whole sequence: RoPE at this rank's global positions, keys and values",
+        "    all-gathered over ``group`` (autograd-aware: the backward reduce-scatters), a mask by global position.\"\"\"",
+        "    shards = SequenceShards(group)",
+        "    for layer in model.modules():",
+        "        if hasattr(layer, 'context'):",
+        "            layer.context = shards",
+    ]
+
+
+def _apply_context(plan: ParallelPlan, blocks: int, where) -> list[str]:
+    """Data parallelism over the batch axes x cp: the cp ranks' gradients are of other tokens, so they are averaged
+    too (torchtitan's dp_shard_cp); every rank's loss is a mean over as many tokens, so the average is one process's."""
+    axes = plan.gradient_axes
+    if not plan.shard:
+        return [
+            f"    dp_mesh = {_flat(axes)}  # replicate over {' x '.join(axes)}: cp ranks are data ranks for the gradients",
+            f"    replicate(model, device_mesh=dp_mesh)  # DDP: gradients all-reduced, averaged  {where('sharding', 'sequence')}",
+        ]
+    return [
+        f"    policy = MixedPrecisionPolicy(param_dtype={plan.param_dtype}, reduce_dtype={plan.reduce_dtype})  "
+        f"{where('schedule', 'precision')}",
+        f"    dp_mesh = {_flat(axes)}  # FSDP over {' x '.join(axes)}: cp ranks are data ranks for the gradients",
+        f"    for block in model.blocks:  # blocks.0 .. blocks.{blocks - 1}, one unit each",
+        f"        fully_shard(block, mesh=dp_mesh, mp_policy=policy)  {where('sharding', 'fsdp')}",
+        "    fully_shard(model, mesh=dp_mesh, mp_policy=policy)  # the root: embeddings, final norm, head",
+    ]
 
 
 def use_batch_group_source() -> list[str]:

@@ -21,6 +21,7 @@ in order (deterministic; no atomic scatter-add).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from moec.backends.torch import codegen_triton
@@ -142,6 +143,13 @@ def with_phases(lines: list[str]) -> list[str]:
                 opened = True
             out.append("    " + line)
     return out
+
+
+def counted_over_group(moe: MoeAttrs) -> MoeAttrs:
+    """Under context parallelism the ranks of a cp group hold one micro-batch's tokens between them: the layer sums its
+    expert counts over ``batch_group`` (the cp group, or dp x cp for aux.load_balance_batch 'global'; parallel.py sets
+    it) as the global load balance does over the data-parallel ranks, so the loss is one process's."""
+    return dataclasses.replace(moe, aux=dataclasses.replace(moe.aux, load_balance_batch="global"))
 
 
 def uses_batch_group(lines: list[str]) -> bool:

@@ -56,12 +56,14 @@ def comment_safe(text: str) -> str:
 
 def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
                  attention_kernel: str = "auto", expert_parallel: bool = False, tiles: tuple[int, ...] = (),
-                 tensor_splits: dict[str, str] | None = None, parallel_names: tuple[str, ...] = ()) -> tuple[str, str]:
+                 tensor_splits: dict[str, str] | None = None, parallel_names: tuple[str, ...] = (),
+                 context_parallel: bool = False) -> tuple[str, str]:
     """(model.py, model_support.py). ``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism;
-    ``parallel_names``: what parallel.py imports from model_support.py (``moec.backends.parallel.plan.support_names``)."""
+    ``parallel_names``: what parallel.py imports from model_support.py (``moec.backends.parallel.plan.support_names``);
+    ``context_parallel``: the spec splits the sequence (attention layers take a ``context``, parallel.py sets it)."""
     graph, mtp_part = main_graph(graph)  # the main model; head.mtp's modules are written around its last block
     emitter = Emitter(graph, FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles,
-                                            dict(tensor_splits or {})), parallel_names, mtp_part)
+                                            dict(tensor_splits or {}), context_parallel), parallel_names, mtp_part)
     return emitter.program(spec_name, header)
 
 
@@ -100,10 +102,14 @@ class Emitter:
         init += [f"        self.slot = slot  # this layer's {'(latent, rope key)' if any(n.op == 'latent_cache' for n in nodes) else '(k, v)'} "
                  "in the KV cache"] if has_cache else []
         init += declarations(self.graph, list(dict.fromkeys(names)), part.prefix, self.modules)
+        if self.fused.context_parallel and any(node.op == "attention" for node in nodes):
+            init.append("        self.context = None  # context parallelism (parallel.py sets it): this rank's part of the sequence")
         if len(nodes) == 1 and is_fused(nodes[0]):
             forward, doc = fused_method(self, part, nodes[0])
             if any("self.batch_group" in line for line in forward):
-                init.append("        self.batch_group = None  # the data-parallel ranks' group (parallel.py sets it): "
+                ranks = "the group of the ranks holding the batch's tokens" if self.fused.context_parallel else \
+                    "the data-parallel ranks' group"
+                init.append(f"        self.batch_group = None  # {ranks} (parallel.py sets it): "
                             "expert counts over the whole batch")
         elif len(nodes) == 1 and nodes[0].op == "dynamics":
             forward, doc = self.dynamics_forward(part, nodes[0]), "INL dynamics: (x, v) -> (x', v'); v None: the first layer."
@@ -123,8 +129,14 @@ class Emitter:
     def layer_forward(self, part: LayerPart, has_cache: bool) -> list[str]:
         body = Body(self, part.prefix, part.nodes, part.outputs)
         args = [_argument_name(self.graph, ref, body) for ref in part.inputs]
-        if has_cache and any(self.graph.nodes[i].op == "rope" for i in part.nodes):
+        ropes = any(self.graph.nodes[i].op == "rope" for i in part.nodes)
+        if has_cache and ropes:
             body.raw("        positions = None if cache is None else cache.positions")
+        if self.fused.context_parallel and ropes:
+            if not has_cache:
+                body.raw("        positions = None")
+            body.raw("        if self.context is not None:  # context parallel: RoPE at this rank's global positions")
+            body.raw(f"            positions = self.context.positions({args[0]})")
         for index in part.nodes:
             body.node(index)
         returned = [body.name(ref) for ref in part.outputs]
@@ -184,7 +196,7 @@ class Emitter:
             return f"{self.fused.spectral(node.attr)}({', '.join(args)}, self.training)"
         if node.op == "attention":
             return self.attention(node, args)
-        if node.op == "rope" and self.decoding:
+        if node.op == "rope" and (self.decoding or self.fused.context_parallel):
             return EXPRESSIONS["rope"](node, *args, positions="positions")
         if node.op == "mla_attention":
             fn = "mla_attention_eager" if self.fused.attention == "attention_eager" else "mla_attention"
@@ -211,12 +223,28 @@ class Emitter:
                     f"{a.get('window')!r}, {sinks})")
         else:
             full = EXPRESSIONS["attention"](node, *args[:3], fn=self.fused.attention_fn(node))
+        if self.fused.context_parallel:
+            return self.context_attention(node, args, full)
         if not self.decoding:
             return full
         cached = (f"attention_cached({', '.join(args[:3])}, {a['heads']}, {a['kv_heads']}, {a['head_dim']}, cache.kv[self.slot], "
                   f"cache.positions, cache.bucket, {a.get('window')!r}, {sinks})")
         return ["        if cache is None:", f"            @TARGET@ = {full}", "        else:  # decoding: this step's keys and values go into the cache first",
                 f"            @TARGET@ = {cached}"]
+
+    def context_attention(self, node: Node, args: list[str], full: str) -> list[str]:
+        """Under context parallelism: the queries of this rank's positions against the whole sequence's keys and values."""
+        a = node.attr
+        gathered = (f"context_attention({', '.join(args[:3])}, {a['heads']}, {a['kv_heads']}, {a['head_dim']}, {a['causal']}, "
+                    f"{a.get('window')!r}, self.context)")
+        lines = ["        if self.context is not None:  # context parallel: keys and values of the whole sequence from the cp group",
+                 f"            @TARGET@ = {gathered}"]
+        if not self.decoding:
+            return lines + ["        else:", f"            @TARGET@ = {full}"]
+        cached = (f"attention_cached({', '.join(args[:3])}, {a['heads']}, {a['kv_heads']}, {a['head_dim']}, cache.kv[self.slot], "
+                  f"cache.positions, cache.bucket, {a.get('window')!r}, {args[3] if len(args) == 4 else 'None'})")
+        return lines + ["        elif cache is None:", f"            @TARGET@ = {full}",
+                        "        else:  # decoding: this step's keys and values go into the cache first", f"            @TARGET@ = {cached}"]
 
     # --- the program --------------------------------------------------------------------------------
     def program(self, spec_name: str, header: list[str]) -> tuple[str, str]:

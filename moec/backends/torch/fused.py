@@ -20,8 +20,9 @@ class FusedFunctions:
     """One fused function per distinct MoE / spectral configuration: routed_experts, routed_experts2, spectral_mixer, ..."""
 
     def __init__(self, moe_kernel: str, spectral_kernel: str, attention_kernel: str = "auto", expert_parallel: bool = False,
-                 tiles: tuple[int, ...] = (), splits: dict[str, str] | None = None):
+                 tiles: tuple[int, ...] = (), splits: dict[str, str] | None = None, context_parallel: bool = False):
         self.moe_kernel, self.spectral_kernel, self.expert_parallel = moe_kernel, spectral_kernel, expert_parallel
+        self.context_parallel = context_parallel  # sharding.sequence: attention gathers K/V, MoE counts sum over cp
         self.splits = splits or {}  # tensor parallelism: parameter name -> column / row
         self.split_experts = any(EXPERT_PREFIX in name for name in self.splits)
         self.tiles, self.triton = tiles, False  # triton: some function calls moec.backends.triton
@@ -37,7 +38,8 @@ class FusedFunctions:
             self.names[key] = name
             kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs["moe"], self.expert_parallel)
             self.triton |= codegen_moe.uses_triton(kernel) and not self.expert_parallel
-            self.sources[name] = codegen_moe.moe_function(name, attrs["slots"], attrs["moe"], kernel, self.expert_parallel, self.tiles,
+            moe = codegen_moe.counted_over_group(attrs["moe"]) if self.context_parallel else attrs["moe"]
+            self.sources[name] = codegen_moe.moe_function(name, attrs["slots"], moe, kernel, self.expert_parallel, self.tiles,
                                                           tensor_parallel=self.split_experts)
         return self.names[key]
 

@@ -17,7 +17,7 @@ import re
 
 from moec.backends import output
 from moec.backends.parallel import buckets
-from moec.backends.torch import data_parallel, decode_snippets, experts, grouped, phases, snippets, tp_support
+from moec.backends.torch import context_parallel, data_parallel, decode_snippets, experts, grouped, phases, snippets, tp_support
 
 MODULE = "model_support"
 HEADER = [
@@ -79,6 +79,7 @@ def _blocks() -> dict[str, list[str]]:
     blocks.update(_functions(snippets))
     blocks.update(_functions(decode_snippets))
     blocks.update(_functions(data_parallel))
+    blocks.update(_functions(context_parallel, classes=True))
     blocks.update(_constants(experts) | _functions(experts, classes=True))
     blocks.update(_functions(tp_support, classes=True))
     blocks.update(_constants(buckets) | _functions(buckets))
@@ -103,7 +104,7 @@ def support(program_text: str, parallel_names: tuple[str, ...] = ()) -> tuple[li
         pending = "\n".join(line for name in new for line in blocks[name][1:])
     imported = sorted((name for name in chosen if _used(name, program_text)), key=str.lower)
     lines = list(HEADER)
-    for module in (phases, data_parallel, experts, tp_support, buckets):  # their imports, when one of theirs is copied
+    for module in (phases, data_parallel, context_parallel, experts, tp_support, buckets):  # their imports, when one of theirs is copied
         if set(_functions(module, classes=True)) & set(chosen):
             lines += [line for line in _imports(module) if line not in lines]
     for name in blocks:

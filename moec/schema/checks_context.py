@@ -1,0 +1,94 @@
+"""What context parallelism (``sharding.sequence``) runs: each rank holds 2 of the 2 x cp chunks of every
+sequence (``moec.backends.torch.context_parallel``), so every layer must compute a position's output from
+that position alone or, for attention, from the keys and values the cp group gathers.
+
+Runs today: token models (lm head, pool none) of attention (no sinks), mlp and dropless token-routed moe
+layers, with data parallelism (DDP) or FSDP over the batch axes. Refused here, each by name: the layer
+kinds that mix the sequence otherwise (spectral_moe, mla, dynamics: not yet), what needs the whole
+sequence on one rank (learned positions, pooling, multi-token prediction), routing that depends on the
+rank's token set (capacity, sinkhorn, per-sequence or pooled balance), and the combinations with tensor,
+pipeline and expert parallelism and HSDP that parallel.py does not build yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+Finding = tuple[tuple, str]
+LAYER_KINDS = ("attention", "mlp", "moe")  # what runs on a rank's part of the sequence
+
+
+def context_checks() -> tuple:
+    return (_one_axis, _model_fits, _layers_fit, _parallel_combinations)
+
+
+def _cp(spec) -> int:
+    return math.prod(spec.mesh.axes.get(axis, 1) for axis in spec.sharding.sequence)
+
+
+def _one_axis(spec) -> Iterator[Finding]:
+    if len(spec.sharding.sequence) > 1:
+        yield ("sharding", "sequence", 1), "context parallelism splits the sequence over one axis only"
+
+
+def _model_fits(spec) -> Iterator[Finding]:
+    if _cp(spec) == 1:
+        return
+    model, why = spec.model, "context parallelism (sharding.sequence) "
+    if model.inputs.kind != "tokens":
+        yield ("model", "inputs", "kind"), why + f"runs token models only, got '{model.inputs.kind}' inputs"
+    if model.position == "learned":
+        yield ("model", "position"), why + "does not read learned position embeddings at the ranks' global positions yet"
+    if getattr(model.head, "pool", "none") != "none":
+        yield ("model", "head", "pool"), why + "needs a prediction at every position (pooling the last one needs the whole sequence)"
+    if getattr(model.head, "mtp", None) is not None:
+        yield ("model", "head", "mtp"), why + "does not shift the multi-token targets across the ranks' chunks yet"
+
+
+def _layers_fit(spec) -> Iterator[Finding]:
+    if _cp(spec) == 1:
+        return
+    scopes = set()
+    for b, i, layer in spec.model.layers():
+        path = ("model", "blocks", b, "layers", i)
+        if layer.kind not in LAYER_KINDS:
+            yield path + ("kind",), (f"'{layer.kind}' cannot run with the sequence split over ranks yet (context parallelism "
+                                     f"runs {', '.join(LAYER_KINDS)} layers)")
+        elif layer.kind == "attention" and layer.sinks:
+            yield path + ("sinks",), "attention sinks are not implemented with context parallelism yet"
+        elif layer.kind == "moe":
+            yield from _moe_fits(layer, path)
+            if layer.aux.load_balance > 0:
+                scopes.add(layer.aux.load_balance_batch)
+    if len(scopes) > 1:  # one group per program: the cp group, or dp x cp (parallel.py's use_batch_group)
+        yield ("sharding", "sequence"), ("with context parallelism every MoE layer's aux.load_balance_batch must agree "
+                                         "(local: counts over the cp group, global: over dp x cp)")
+
+
+def _moe_fits(layer, path: tuple) -> Iterator[Finding]:
+    """The routing of a token must not depend on which tokens share its rank."""
+    if layer.capacity.mode != "dropless":
+        yield path + ("capacity", "mode",), "capacity is counted per rank's tokens; context parallelism needs dropless"
+    if layer.router.kind in ("sinkhorn", "expert_choice"):
+        yield path + ("router", "kind"), (f"'{layer.router.kind}' routes over the rank's tokens together; context "
+                                          "parallelism needs a per-token router")
+    if layer.aux.load_balance_scope != "layer":
+        yield path + ("aux", "load_balance_scope"), (f"'{layer.aux.load_balance_scope}' balance is not summed over the "
+                                                     "context-parallel ranks yet; use 'layer'")
+
+
+def _parallel_combinations(spec) -> Iterator[Finding]:
+    if _cp(spec) == 1:
+        return
+    sharding, axes = spec.sharding, spec.mesh.axes
+    path = ("sharding", "sequence")
+    if sharding.tensor is not None and axes.get(sharding.tensor.axis, 1) > 1:
+        yield path, "context parallelism with tensor parallelism (sharding.tensor) is not implemented yet"
+    if sharding.pipeline is not None and axes.get(sharding.pipeline.axis, 1) > 1:
+        yield path, "context parallelism with pipeline parallelism (sharding.pipeline) is not implemented yet"
+    if any(axes.get(axis, 1) > 1 for axis in sharding.experts):
+        yield path, "context parallelism with expert parallelism (sharding.experts) is not implemented yet"
+    fsdp = {axis for axis in sharding.fsdp if axes.get(axis, 1) > 1}
+    if fsdp and any(axes.get(axis, 1) > 1 and axis not in fsdp for axis in sharding.batch):
+        yield path, "context parallelism with HSDP (a batch axis outside sharding.fsdp next to one inside) is not implemented yet"
