@@ -53,6 +53,7 @@ from moec.dtypes import DTYPES
 from moec.observe.memory_plan import held_bytes, plan_check
 from moec.observe.metrics import compiled_graphs, moe_health, peak_memory_bytes
 from moec.passes.stages import stage_split
+from moec.train import expert_traffic
 from moec.train.annealing import set_annealed
 from moec.train.errors import TrainingError
 from moec.train.optim import lr_factor, set_learning_rates
@@ -268,7 +269,7 @@ class PipelineRun:
         set_learning_rates(trainer.optimizer, trainer.base_lrs, lr_factor(step, self.spec))
         set_annealed(trainer.annealed, step)
         start = time.perf_counter()
-        trainer.reset_expert_rows_sent()
+        expert_traffic.reset(trainer.program)
         self.pieces.clear()
         for stage in self.stages:
             stage.recorded.clear()
@@ -304,7 +305,7 @@ class PipelineRun:
         if self.spec.schedule.compile.enabled:
             row["compiled_graphs"] = compiled_graphs()
         if self.expert_axis is not None:
-            row |= trainer.all_to_all_bytes()
+            row |= expert_traffic.step_bytes(trainer.program)
         return row
 
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:

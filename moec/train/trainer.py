@@ -17,36 +17,33 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moec.backends.output import mean_stats
-from moec.backends.torch.loader import support_module
 from moec.checkpoint import compile_cache
 from moec.checkpoint import dcp as ckpt
 from moec.checkpoint.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
 from moec.compile import build_model, compile_spec, parallel_module
 from moec.data.datasets import last_value_baseline
 from moec.data.kinds import make_dataset
-from moec.distributed.processes import LaunchError, clip_grad_norm, init_distributed, local_slice, timed_out
+from moec.distributed.processes import LaunchError, init_distributed, timed_out
 from moec.dtypes import autocast
 from moec.moe import ROUTERS, SELECTION_BIAS
 from moec.observe.loggers import run_loggers
 from moec.observe.memory import MemorySnapshots, step_memory
-from moec.observe.memory_plan import held_bytes, plan_check
-from moec.observe.metrics import (NO_METRICS, MetricsWriter, bits_per_byte, compiled_graphs, moe_health, peak_memory_bytes,
-                                  steady_tokens_per_s)
+from moec.observe.metrics import (NO_METRICS, MetricsWriter, steady_tokens_per_s)
 from moec.observe.profile import StepProfiler
 from moec.observe.step_time import StepClock
-from moec.train.annealing import anneal_buffers, set_annealed
+from moec.train.annealing import anneal_buffers
 from moec.train.diagnose import describe_nonfinite
 from moec.train.errors import Aborted, TrainingError
 from moec.train.fit import check_fit
-from moec.train.optim import lr_factor, make_optimizer, set_learning_rates
-from moec.train.mtp import mtp_loss, mtp_losses
+from moec.train.optim import make_optimizer
 from moec.train.vocab_loss import cross_entropy, loss_context
 from moec.train.pipeline_step import PipelineError, make_pipeline, pipeline_axis
 from moec.train.precision import apply_accumulation
 from moec.train.resume import check_init_from, check_spec, find_checkpoint
 from moec.train.saving import RunCheckpoints
+from moec.train.step import train_step
 from moec.train.stopping import StopRequest
+from moec.train.validation import validation_losses, validation_row
 
 @dataclass
 class RunResult:
@@ -312,72 +309,7 @@ class Trainer:
         if self.pipeline is not None:
             with self.clock.part("forward_backward"):  # the schedule's step, optimizer included
                 return self.pipeline.train_step(self, step)
-        set_learning_rates(self.optimizer, self.base_lrs, lr_factor(step, self.spec))
-        set_annealed(self.annealed, step)
-        accum, micro_batch = self.train.grad_accum, self.train.batch // self.train.grad_accum
-        start = time.perf_counter()
-        self.reset_expert_rows_sent()
-        task_total = aux_total = 0.0
-        mtp_totals = [0.0] * self.mtp.depth if self.mtp else []  # head.mtp: each depth's cross-entropy
-        stats = []
-        for micro in range(accum):
-            with self.clock.part("data"):
-                batch = self.data.batch("train", step * accum + micro, micro_batch)
-                inputs, targets = (local_slice(t, self.dist).to(self.device) for t in (batch.inputs, batch.targets))
-            with self.clock.part("forward_backward"):
-                with self.autocast():
-                    out = self.step_fn(inputs)
-                task = self._task_loss(out.output, targets)
-                loss = task + out.aux_loss.float()
-                if self.mtp:  # lambda x the mean of the depths' cross-entropies (DeepSeek-V3's MTP loss)
-                    depths = mtp_losses(out.mtp_logits, targets, self.vocab_mesh)
-                    loss = loss + mtp_loss(depths, self.mtp.weight)
-                    mtp_totals = [total + depth.item() / accum for total, depth in zip(mtp_totals, depths)]
-                if not torch.isfinite(loss):
-                    raise TrainingError(self._diverged_message(step, loss, inputs))
-                with loss_context(self.vocab_mesh):  # a vocab-parallel loss's backward reduces over tp
-                    self.scaler.scale(loss / accum).backward()
-                task_total += task.item() / accum
-                aux_total += out.aux_loss.item() / accum
-            stats.append(out.moe_stats)
-        if self.dist.distributed:
-            with self.clock.part("collectives"):
-                self.parallel.reduce_gradients(self.model, self.dist.mesh)
-        with self.clock.part("optimizer"):
-            clip = self.train.grad_clip if self.train.grad_clip is not None else math.inf
-            self.scaler.unscale_(self.optimizer)  # clip and report the true gradient norm (no-op unless fp16)
-            grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
-            self.optimizer_step()
-            # the memory plan, checked on the first step: what this rank holds against the manifest
-            held = held_bytes(self.model, self.optimizer, self.dist.distributed) if step == self.start_step else None
-            self.optimizer.zero_grad(set_to_none=True)
-        with self.clock.part("stats"):
-            layers = [self._global(mean_stats(layer)) for layer in zip(*stats)]  # mean over micro-batches, then ranks
-            health = moe_health(self.model.MOE_LAYERS + getattr(self.model, "MTP_MOE_LAYERS", ()), layers)
-            self.update_selection_bias(health)
-        elapsed = time.perf_counter() - start
-        row = {
-            "kind": "train", "step": step + 1, "loss": self.dist.mean(task_total + aux_total),
-            "task_loss": self.dist.mean(task_total), "aux_loss": self.dist.mean(aux_total),
-            "aux_load_balance": sum(layer.pop("aux_load_balance") for layer in health.values()),
-            "aux_z": sum(layer.pop("aux_z") for layer in health.values()),
-            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-            "tokens_per_s": self.train.batch * self.train.seq_len / max(elapsed, 1e-9),
-            "peak_memory_bytes": peak_memory_bytes(self.device), "moe": health,
-        }
-        if self.mtp:  # the weighted term the loss adds, then each depth's cross-entropy
-            row["mtp_loss"] = self.dist.mean(self.mtp.weight * sum(mtp_totals) / len(mtp_totals))
-            row |= {f"mtp_loss_{k}": self.dist.mean(total) for k, total in enumerate(mtp_totals, 1)}
-            row["loss"] = self.dist.mean(task_total + aux_total) + row["mtp_loss"]
-        if held is not None:
-            row["memory_plan"] = plan_check(held, self.program.manifest)
-        if self.spec.schedule.compile.enabled:
-            row["compiled_graphs"] = compiled_graphs()
-        if self.scaler.is_enabled():
-            row |= {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
-        if self.dist.distributed and self.expert_parallel:
-            row |= self.all_to_all_bytes()
-        return row
+        return train_step(self, step)
 
     def optimizer_step(self) -> None:
         """optimizer.step(), through the fp16 GradScaler: it skips the step when a gradient is inf / NaN and
@@ -388,45 +320,16 @@ class Trainer:
         if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
             self.skipped_steps += 1
 
-    def expert_rows_sent(self) -> dict:
-        """The counters of the program's dispatch_experts (its copy in the build's model_support.py); fresh ones
-        when the program has none."""
-        module = support_module(self.program.source, self.program.support_source)
-        return getattr(module, "SENT", {"bytes": 0, "undeduplicated": 0, "destinations": 0})
-
-    def reset_expert_rows_sent(self) -> None:
-        """Evaluation's all-to-alls are not this step's."""
-        self.expert_rows_sent().update(bytes=0, undeduplicated=0, destinations=0)
-
-    def all_to_all_bytes(self) -> dict:
-        """This step's expert-parallel exchange, over all ranks (forward and backward): the bytes sent off-rank,
-        what one row per (token, choice) would have sent, and the most ranks one token's rows reached."""
-        sent = self.expert_rows_sent()
-        totals = torch.tensor([sent["bytes"], sent["undeduplicated"]], dtype=torch.float64)
-        torch.distributed.all_reduce(totals)
-        destinations = torch.tensor([sent["destinations"]])
-        torch.distributed.all_reduce(destinations, op=torch.distributed.ReduceOp.MAX)
-        return {"expert_parallel_bytes_sent": int(totals[0]), "expert_parallel_bytes_undeduplicated": int(totals[1]),
-                "expert_parallel_destinations": int(destinations)}
-
-    def _global(self, stats):
-        """A layer's stats averaged over the data-parallel ranks (each saw its slice of the batch)."""
-        if self.dist.distributed:
-            for value in stats:
-                if value is not None:  # MoeStats' reward fields are None unless aux.entropy / aux.margin is set
-                    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
-        return stats
-
     def autocast(self):
         """The forward's autocast (``schedule.precision.compute``) on this rank's device."""
         return autocast(self.spec.schedule.precision.compute, self.device.type)
 
-    def _task_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def task_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.token_model:
             return cross_entropy(output, targets, self.vocab_mesh)
         return F.mse_loss(output.float(), targets)
 
-    def _diverged_message(self, step: int, loss: torch.Tensor, inputs: torch.Tensor) -> str:
+    def diverged_message(self, step: int, loss: torch.Tensor, inputs: torch.Tensor) -> str:
         where = describe_nonfinite(self.program, self.model, inputs, self.train.seed)
         return f"loss is {loss.item()} at step {step + 1}: {where}; {self.last_checkpoint('good')}"
 
@@ -453,29 +356,11 @@ class Trainer:
             return self._validation(step, result)
 
     def _validation(self, step: int, result: RunResult) -> dict | None:
-        self.model.eval()
-        losses = []
-        for index in range(self.train.eval.batches):
-            if self.stop.poll(self.dist.distributed, self.device):  # SIGINT during a long evaluation: stop within one batch
-                self.model.train()
-                return None
-            batch = self.data.batch("val", index, self.train.batch)
-            inputs, targets = (local_slice(t, self.dist).to(self.device) for t in (batch.inputs, batch.targets))
-            with self.autocast():
-                if self.pipeline is not None:  # forward only through the stages
-                    losses.append(self.pipeline.eval_loss(inputs, targets))
-                    continue
-                out = self.model(inputs)
-            losses.append(self._task_loss(out.output, targets).item())
-        self.model.train()
+        losses = validation_losses(self)
+        if losses is None:
+            return None
         val = self.dist.mean(sum(losses) / len(losses))
-        row = {"kind": "eval", "step": step, "val_loss": val}
-        if self.token_model:  # bits per byte where the bytes behind a token are known (text), else per token
-            per_token = self.data.bytes_per_token
-            row |= {"val_bits_per_byte": bits_per_byte(val) / per_token} if per_token else {"val_bits_per_token": bits_per_byte(val)}
-        else:
-            row["val_mse"] = val
-            row["val_mse_over_last_value"] = val / result.baseline_mse if result.baseline_mse else math.nan
+        row = validation_row(step, val, self.token_model, self.data.bytes_per_token, result.baseline_mse)
         if math.isfinite(val):
             self.val_at[step] = val
         if val < self.best_val:
