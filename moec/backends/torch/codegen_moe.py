@@ -427,8 +427,8 @@ def _pooled_stats(moe: MoeAttrs) -> list[str]:
     probs = "(scores / scores.sum(-1, keepdim=True)).mean(0)"
     if moe.aux.load_balance_batch != "global":
         return [f"    balance_stats = torch.stack([counts.to(scores.dtype) / tokens, {probs}])"]
-    return ["    total, ranks = batch_counts(counts, batch_group)  # summed over the data-parallel ranks",
-            f"    balance_stats = torch.stack([total.to(scores.dtype) / (tokens * ranks), {probs}])"]
+    return ["    total, all_tokens = batch_counts(counts, batch_group, tokens)  # summed over the data-parallel ranks",
+            f"    balance_stats = torch.stack([total.to(scores.dtype) / all_tokens, {probs}])"]
 
 
 DFT_MAX_SEQ = 64  # kernels.spectral_moe 'auto': a DFT matmul up to this length, torch.fft above

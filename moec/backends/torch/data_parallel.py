@@ -17,16 +17,18 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 
-def batch_counts(counts: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, int]:
-    """``counts`` summed over the data-parallel ranks of ``group``, and how many ranks there are."""
+def batch_counts(counts: torch.Tensor, group: dist.ProcessGroup | None, tokens: int) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """``counts`` and this rank's ``tokens`` summed over the ranks of ``group`` (one all-reduce). The ranks of a
+    context-parallel group can hold unequal token counts (a spectral MoE's rfft bins), so N is summed, not multiplied."""
     if group is None:
-        return counts, 1
-    return funcol.all_reduce(counts, "sum", group), dist.get_world_size(group)
+        return counts, tokens
+    total = funcol.all_reduce(torch.cat([counts, counts.new_tensor([tokens])]), "sum", group)
+    return total[:-1], total[-1]
 
 
 def global_load_balance_loss(scores: torch.Tensor, counts: torch.Tensor, experts: int,
                              group: dist.ProcessGroup | None) -> torch.Tensor:
     """load_balance_loss with c_e and N over every data-parallel rank's tokens (aux.load_balance_batch 'global')."""
-    total, ranks = batch_counts(counts, group)
+    total, tokens = batch_counts(counts, group, scores.shape[0])
     probs = scores / scores.sum(-1, keepdim=True)
-    return experts * torch.sum(total.to(probs.dtype) / (scores.shape[0] * ranks) * probs.mean(0))
+    return experts * torch.sum(total.to(probs.dtype) / tokens * probs.mean(0))
