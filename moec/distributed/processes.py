@@ -127,13 +127,14 @@ def timed_out(err: BaseException) -> bool:
     return isinstance(err, dist.DistBackendError) or (isinstance(err, RuntimeError) and any(text in str(err) for text in GLOO_TIMEOUTS))
 
 
-def local_slice(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+def local_slice(batch: torch.Tensor, ctx: DistContext, by_position: bool = True) -> torch.Tensor:
     """This rank's rows of a global batch (the batch divides by the data-parallel size: validated), and under
-    context parallelism its positions of each row: chunks cp_rank and 2*cp-1-cp_rank of 2*cp (the sequence divides)."""
+    context parallelism its positions of each row: chunks cp_rank and 2*cp-1-cp_rank of 2*cp (the sequence divides).
+    ``by_position`` False: one target per row (head.pool 'last'), which every cp rank reads whole."""
     if ctx.dp_size > 1:
         rows = batch.shape[0] // ctx.dp_size
         batch = batch[ctx.dp_rank * rows:(ctx.dp_rank + 1) * rows]
-    if ctx.cp_size > 1:
+    if ctx.cp_size > 1 and by_position:
         positions = load_balanced_positions(batch.shape[1] // ctx.cp_size, ctx.cp_rank, ctx.cp_size)
         batch = batch.index_select(1, positions.to(batch.device))
     return batch

@@ -2,12 +2,15 @@
 sequence (``moec.backends.torch.context_parallel``), so every layer must compute a position's output from
 that position alone or, for attention, from the keys and values the cp group gathers.
 
-Runs today: token models (lm head, pool none) of attention (no sinks), mlp and dropless token-routed moe
-layers, with data parallelism (DDP) or FSDP over the batch axes. Refused here, each by name: the layer
-kinds that mix the sequence otherwise (spectral_moe, mla, dynamics: not yet), what needs the whole
-sequence on one rank (learned positions, pooling, multi-token prediction), routing that depends on the
-rank's token set (capacity, sinkhorn, per-sequence or pooled balance), and the combinations with tensor,
-pipeline and expert parallelism and HSDP that parallel.py does not build yet.
+Runs today: token or continuous models (every position predicted, or head.pool 'last': cp rank 0
+holds the last position) of attention (no sinks), mlp, dropless token-routed moe and spectral_moe
+layers (the distributed rfft: each rank transforms the whole sequence for d_model / cp channels, so
+cp divides d_model), with data parallelism (DDP) or FSDP over the batch axes. Refused here, each by
+name: the layer kinds that mix the sequence otherwise (mla, dynamics: not yet), what needs the whole
+sequence on one rank (learned positions, multi-token prediction), routing that depends on the rank's
+token set (capacity, sinkhorn, per-sequence or pooled balance, a spectral layer's per-band experts),
+and the combinations with tensor, pipeline and expert parallelism and HSDP that parallel.py does not
+build yet.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import math
 from collections.abc import Iterator
 
 Finding = tuple[tuple, str]
-LAYER_KINDS = ("attention", "mlp", "moe")  # what runs on a rank's part of the sequence
+LAYER_KINDS = ("attention", "mlp", "moe", "spectral_moe")  # what runs on a rank's part of the sequence
 
 
 def context_checks() -> tuple:
-    return (_one_axis, _model_fits, _layers_fit, _parallel_combinations)
+    return (_one_axis, _model_fits, _layers_fit, _channels_split, _parallel_combinations)
 
 
 def _cp(spec) -> int:
@@ -36,12 +39,8 @@ def _model_fits(spec) -> Iterator[Finding]:
     if _cp(spec) == 1:
         return
     model, why = spec.model, "context parallelism (sharding.sequence) "
-    if model.inputs.kind != "tokens":
-        yield ("model", "inputs", "kind"), why + f"runs token models only, got '{model.inputs.kind}' inputs"
     if model.position == "learned":
         yield ("model", "position"), why + "does not read learned position embeddings at the ranks' global positions yet"
-    if getattr(model.head, "pool", "none") != "none":
-        yield ("model", "head", "pool"), why + "needs a prediction at every position (pooling the last one needs the whole sequence)"
     if getattr(model.head, "mtp", None) is not None:
         yield ("model", "head", "mtp"), why + "does not shift the multi-token targets across the ranks' chunks yet"
 
@@ -57,10 +56,13 @@ def _layers_fit(spec) -> Iterator[Finding]:
                                      f"runs {', '.join(LAYER_KINDS)} layers)")
         elif layer.kind == "attention" and layer.sinks:
             yield path + ("sinks",), "attention sinks are not implemented with context parallelism yet"
-        elif layer.kind == "moe":
-            yield from _moe_fits(layer, path)
-            if layer.aux.load_balance > 0:
-                scopes.add(layer.aux.load_balance_batch)
+        elif layer.kind in ("moe", "spectral_moe"):
+            moe = layer if layer.kind == "moe" else layer.moe
+            yield from _moe_fits(moe, path if layer.kind == "moe" else path + ("moe",))
+            if layer.kind == "spectral_moe":
+                yield from _spectral_fits(layer, path)
+            if moe.aux.load_balance > 0:
+                scopes.add(moe.aux.load_balance_batch)
     if len(scopes) > 1:  # one group per program: the cp group, or dp x cp (parallel.py's use_batch_group)
         yield ("sharding", "sequence"), ("with context parallelism every MoE layer's aux.load_balance_batch must agree "
                                          "(local: counts over the cp group, global: over dp x cp)")
@@ -76,6 +78,21 @@ def _moe_fits(layer, path: tuple) -> Iterator[Finding]:
     if layer.aux.load_balance_scope != "layer":
         yield path + ("aux", "load_balance_scope"), (f"'{layer.aux.load_balance_scope}' balance is not summed over the "
                                                      "context-parallel ranks yet; use 'layer'")
+
+
+def _spectral_fits(layer, path: tuple) -> Iterator[Finding]:
+    if layer.bands is not None:
+        yield path + ("bands",), "per-band experts are not implemented with context parallelism yet (each rank holds some bins)"
+
+
+def _channels_split(spec) -> Iterator[Finding]:
+    """The distributed rfft gives each rank the whole sequence of d_model / cp channels, then some of the bins."""
+    cp = _cp(spec)
+    spectral = next(((b, i) for b, i, layer in spec.model.layers() if layer.kind == "spectral_moe"), None)
+    if cp > 1 and spectral is not None and spec.model.d_model % cp:
+        yield ("model", "d_model"), (f"must be divisible by the context-parallel size ({cp}): the spectral_moe layer's rfft "
+                                     f"(model.blocks[{spectral[0]}].layers[{spectral[1]}]) runs on d_model / cp channels "
+                                     f"per rank, got {spec.model.d_model}")
 
 
 def _parallel_combinations(spec) -> Iterator[Finding]:

@@ -67,7 +67,8 @@ def forward_backward(trainer, step: int) -> tuple[StepLosses, list]:
     for micro in range(accum):
         with trainer.clock.part("data"):
             batch = trainer.data.batch("train", step * accum + micro, micro_batch)
-            inputs, targets = (local_slice(t, trainer.dist).to(trainer.device) for t in (batch.inputs, batch.targets))
+            inputs = local_slice(batch.inputs, trainer.dist).to(trainer.device)
+            targets = local_slice(batch.targets, trainer.dist, trainer.per_position).to(trainer.device)
         with trainer.clock.part("forward_backward"):
             with trainer.autocast():
                 out = trainer.step_fn(inputs)

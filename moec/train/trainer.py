@@ -119,6 +119,7 @@ class Trainer:
         self.annealed = anneal_buffers(self.model, self.program)  # MoE settings annealed over the steps
         self.data = make_dataset(spec)
         self.token_model = spec.model.inputs.kind == "tokens"
+        self.per_position = spec.model.head.pool == "none"  # a target per position (else one per row: head.pool 'last')
         buffers = dict(self.model.named_buffers())
         self.selection_biases = {layer: (buffers[f"{layer}.{SELECTION_BIAS}"], moe.router.bias_update_rate)
                                  for layer, moe in self.program.moe_layers() if ROUTERS[moe.router.kind].selection_bias

@@ -21,7 +21,8 @@ def validation_losses(trainer) -> list[float] | None:
             if trainer.stop.poll(trainer.dist.distributed, trainer.device):  # SIGINT: stop within one batch
                 return None
             batch = trainer.data.batch("val", index, trainer.train.batch)
-            inputs, targets = (local_slice(t, trainer.dist).to(trainer.device) for t in (batch.inputs, batch.targets))
+            inputs = local_slice(batch.inputs, trainer.dist).to(trainer.device)
+            targets = local_slice(batch.targets, trainer.dist, trainer.per_position).to(trainer.device)
             with trainer.autocast():
                 if trainer.pipeline is not None:  # forward only through the stages
                     losses.append(trainer.pipeline.eval_loss(inputs, targets))

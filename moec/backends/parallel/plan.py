@@ -595,15 +595,16 @@ def _batch_group_lines(spec, plan: ParallelPlan, where) -> list[str]:
 def _context_lines(plan: ParallelPlan, where) -> list[str]:
     if not plan.context:
         return []
-    return [f"    use_context_parallel(model, mesh[{plan.context!r}].get_group())  # attention gathers keys and values "
-            f"over {plan.context}  {where('sharding', 'sequence')}"]
+    return [f"    use_context_parallel(model, mesh[{plan.context!r}].get_group())  # attention gathers keys and values, "
+            f"spectral MoE layers all-to-all the rfft over {plan.context}  {where('sharding', 'sequence')}"]
 
 
 def use_context_parallel_source() -> list[str]:
     return [
         "def use_context_parallel(model: torch.nn.Module, group: dist.ProcessGroup) -> None:",
-        "    \"\"\"The attention layers see the whole sequence: RoPE at this rank's global positions, keys and values",
-        "    all-gathered over ``group`` (autograd-aware: the backward reduce-scatters), a mask by global position.\"\"\"",
+        "    \"\"\"The layers see the whole sequence: attention with RoPE at this rank's global positions, keys and values",
+        "    all-gathered over ``group`` (autograd-aware: the backward reduce-scatters), a mask by global position; a spectral",
+        "    MoE's rfft through all-to-alls over ``group`` (sequence -> channels -> bins and back); the last position from rank 0.\"\"\"",
         "    shards = SequenceShards(group)",
         "    for layer in model.modules():",
         "        if hasattr(layer, 'context'):",

@@ -1,4 +1,4 @@
-"""Source of the fused ``moe`` and ``spectral_moe`` functions in a generated program.
+"""Source of the fused ``moe`` functions in a generated program (the ``spectral_moe`` function around them: ``codegen_spectral``).
 
 Each function is built from lines chosen by the node's ``MoeAttrs`` and the kernel:
 
@@ -25,7 +25,7 @@ import dataclasses
 import re
 
 from moec.backends.torch import codegen_triton
-from moec.moe import ACTIVATIONS, BAND_TABLE, ROUTERS, SELECTION_BIAS, MoeAttrs
+from moec.moe import ACTIVATIONS, ROUTERS, SELECTION_BIAS, MoeAttrs
 from moec.moe.decompose import ROUTER_NORM_EPS
 from moec.moe.params import ROUTER_BIAS
 
@@ -161,7 +161,7 @@ def with_batch_group(lines: list[str]) -> list[str]:
     """``batch_group`` (None: one process) after ``training`` in the signature when the body reads it."""
     if not uses_batch_group(lines):
         return lines
-    return [lines[0].replace(", training: bool):", ", training: bool, batch_group=None):"), *lines[1:]]
+    return [lines[0].replace(", training: bool", ", training: bool, batch_group=None", 1), *lines[1:]]
 
 
 def _router_input(moe: MoeAttrs) -> str:
@@ -432,33 +432,3 @@ def _pooled_stats(moe: MoeAttrs) -> list[str]:
 
 
 DFT_MAX_SEQ = 64  # kernels.spectral_moe 'auto': a DFT matmul up to this length, torch.fft above
-
-
-def spectral_function(name: str, moe_name: str, attrs: dict, kernel: str, batch_group: bool = False) -> list[str]:
-    """``batch_group``: the inner MoE function sums its expert counts over the data-parallel group."""
-    slots = list(attrs["slots"])
-    args = ", ".join(slot_arg(s) for s in slots)
-    moe_args = ", ".join(slot_arg(s) for s in inner_slots(slots)[2:])
-    norm = attrs["fft_norm"]
-    residual = attrs.get("residual", True)
-    use_dft = {"auto": f"seq <= {DFT_MAX_SEQ}", "dft": "True", "fft": "False"}[kernel]
-    router_in = {"embedding": f"z + {slot_arg(BAND_TABLE)}[: z.shape[1]]", "index_feature": "band_index(z)", "none": "z"}[attrs["band"]]
-    return [
-        f"def {name}({args}, training: bool):",
-        f'    """rfft over the sequence, {attrs["depth"]} x ({"z + moe(z)" if residual else "moe(z)"}) with one set of weights, irfft."""',
-        "    seq = x.shape[1]",
-        f"    use_dft = {use_dft}  # DFT as matmuls for short sequences, else torch.fft",
-        f"    z = rfft_real(x, {norm!r}, use_dft)  # (B, F, 2D): real parts, then imaginary parts",
-        "    aux, stats = None, []",
-        f"    for _ in range({attrs['depth']}):",
-        f"        y, step_aux, step_stats = {moe_name}(z, {router_in}, {moe_args}, training{', batch_group' if batch_group else ''})",
-        "        z = z + y" if residual else "        z = y  # residual: false",
-        "        aux = step_aux if aux is None else aux + step_aux",
-        "        stats.append(step_stats)",
-        f"    return irfft_real(z, seq, {norm!r}, use_dft), aux, mean_stats(stats)  # stats: mean over steps",
-    ]
-
-
-def inner_slots(slots) -> tuple[str, ...]:
-    """The slots of the ``moe`` inside a spectral node: ``h``, ``router_in``, then its parameters."""
-    return ("h", "router_in", *[slot for slot in slots[1:] if slot != BAND_TABLE])

@@ -8,7 +8,16 @@ positions; attention gathers the keys and values of the whole sequence from the 
 autograd-aware all-gather (its backward reduce-scatters the gradients back to their owners) and
 masks by global position. torch's own ``context_parallel`` (torch.distributed.tensor.experimental)
 is not used: it hooks the CUDA SDPA kernels (flash / efficient / cuDNN) and has no CPU path under
-gloo. Copied into a build's ``model_support.py`` when the spec splits the sequence.
+gloo.
+
+A spectral MoE layer's rfft over the sequence becomes a distributed transform (``to_channels``,
+``to_bins`` and back): an all-to-all from the sequence split to a channel split (every rank the
+whole sequence, in global order, for D/cp channels), the local rfft, an all-to-all to a bin split
+(every rank F_r of the F = S/2+1 bins with all channels), the routed experts on those bins, and
+the inverse path. F = cp*S/(2cp) + 1 never divides evenly: the bins are split unevenly, the first
+F mod cp ranks holding one more (``torch.tensor_split``'s rule), so no padding is routed. The
+all-to-alls are torch's autograd-aware ``all_to_all_single_autograd`` (the backward is the reverse
+exchange). Copied into a build's ``model_support.py`` when the spec splits the sequence.
 """
 
 from __future__ import annotations
@@ -44,6 +53,67 @@ class SequenceShards:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, S / cp, ...) of every rank along the sequence, in rank order: (B, S, ...); backward sums the gradients."""
         return funcol.all_gather_tensor_autograd(x.contiguous(), gather_dim=1, group=self.group)
+
+    def last_position(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D): the sequence's last position on every rank (head.pool 'last'). It is the last of cp rank 0's
+        (chunk 2cp-1); the all-gather's backward sums every rank's gradient into it, and the gradients are averaged
+        over cp, so each rank's identical loss counts once."""
+        every = funcol.all_gather_tensor_autograd(x[:, -1:].contiguous(), gather_dim=1, group=self.group)  # (B, cp, D)
+        return every[:, :1]
+
+    # --- the spectral MoE's distributed rfft ---------------------------------------------------------
+
+    def bin_sizes(self, seq: int) -> list[int]:
+        """How many of the S/2+1 rfft bins of a sequence of ``seq`` each rank holds: the first F mod cp one more."""
+        bins = seq // 2 + 1
+        return [bins // self.size + (rank < bins % self.size) for rank in range(self.size)]
+
+    def bins(self, seq: int) -> slice:
+        """The global rfft bins this rank holds (contiguous, in rank order)."""
+        sizes = self.bin_sizes(seq)
+        first = sum(sizes[:self.rank])
+        return slice(first, first + sizes[self.rank])
+
+    def bin_share(self, seq: int) -> float:
+        """cp x this rank's fraction of the bins: a per-token mean times it, averaged over the cp ranks (as the
+        gradients are), is the mean over every bin."""
+        return self.size * self.bin_sizes(seq)[self.rank] / (seq // 2 + 1)
+
+    def to_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """All-to-all: this rank's positions of every channel (B, S/cp, D) -> the whole sequence in global order
+        for this rank's D/cp channels (B, S, D/cp)."""
+        batch, seq, width = x.shape
+        parts = x.view(batch, seq, self.size, width // self.size).permute(2, 0, 1, 3)  # (cp, B, S/cp, D/cp): one per rank
+        got = funcol.all_to_all_single_autograd(parts.contiguous(), None, None, self.group)  # (cp, B, S/cp, D/cp): one from each rank
+        chunks = got.view(self.size, batch, 2, seq // 2, -1)  # rank r's chunks r and 2cp-1-r
+        ordered = torch.cat([chunks[:, :, 0], chunks[:, :, 1].flip(0)])  # (2cp, B, S/2cp, D/cp): chunks 0 .. 2cp-1
+        return ordered.permute(1, 0, 2, 3).reshape(batch, 2 * self.size * (seq // 2), -1)
+
+    def from_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``to_channels``: (B, S, D/cp) -> (B, S/cp, D), this rank's positions again."""
+        batch, seq, part = x.shape
+        chunks = x.view(batch, 2 * self.size, seq // (2 * self.size), part).transpose(0, 1)  # (2cp, B, S/2cp, D/cp)
+        mine = torch.stack([chunks[:self.size], chunks[self.size:].flip(0)], dim=2)  # (cp, B, 2, S/2cp, D/cp): rank r's
+        got = funcol.all_to_all_single_autograd(mine.contiguous(), None, None, self.group)  # (cp, B, 2, S/2cp, D/cp)
+        return got.view(self.size, batch, seq // self.size, part).permute(1, 2, 0, 3).reshape(batch, seq // self.size, -1)
+
+    def to_bins(self, z: torch.Tensor, seq: int) -> torch.Tensor:
+        """All-to-all: every bin of this rank's channels (B, F, 2D/cp), real parts then imaginary -> this rank's bins
+        of every channel (B, F_r, 2D), all real parts (in channel order) then all imaginary parts."""
+        batch, _, part = z.shape
+        sizes = self.bin_sizes(seq)
+        mine = sizes[self.rank]
+        got = funcol.all_to_all_single_autograd(z.transpose(0, 1).contiguous(), [mine] * self.size, sizes, self.group)
+        got = got.view(self.size, mine, batch, 2, part // 2)  # (cp, F_r, B, re / im, D/cp): one from each rank
+        return got.permute(2, 1, 3, 0, 4).reshape(batch, mine, -1)
+
+    def from_bins(self, z: torch.Tensor, seq: int) -> torch.Tensor:
+        """The inverse of ``to_bins``: (B, F_r, 2D) -> (B, F, 2D/cp)."""
+        batch, mine, width = z.shape
+        parts = z.view(batch, mine, 2, self.size, width // (2 * self.size)).permute(3, 1, 0, 2, 4)  # (cp, F_r, B, 2, D/cp)
+        got = funcol.all_to_all_single_autograd(parts.reshape(self.size * mine, batch, -1).contiguous(),
+                                                self.bin_sizes(seq), [mine] * self.size, self.group)  # (F, B, 2D/cp)
+        return got.transpose(0, 1)
 
 
 def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, head_dim: int, causal: bool,

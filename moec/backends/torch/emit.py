@@ -102,7 +102,7 @@ class Emitter:
         init += [f"        self.slot = slot  # this layer's {'(latent, rope key)' if any(n.op == 'latent_cache' for n in nodes) else '(k, v)'} "
                  "in the KV cache"] if has_cache else []
         init += declarations(self.graph, list(dict.fromkeys(names)), part.prefix, self.modules)
-        if self.fused.context_parallel and any(node.op == "attention" for node in nodes):
+        if self.fused.context_parallel and any(node.op in ("attention", "spectral_moe") for node in nodes):
             init.append("        self.context = None  # context parallelism (parallel.py sets it): this rank's part of the sequence")
         if len(nodes) == 1 and is_fused(nodes[0]):
             forward, doc = fused_method(self, part, nodes[0])
@@ -196,6 +196,10 @@ class Emitter:
             return f"{self.fused.spectral(node.attr)}({', '.join(args)}, self.training)"
         if node.op == "attention":
             return self.attention(node, args)
+        if node.op == "select_last" and self.fused.context_parallel:
+            return ["        if self.context is not None:  # context parallel: the whole sequence's last position, from cp rank 0",
+                    f"            @TARGET@ = self.context.last_position({args[0]})", "        else:",
+                    f"            @TARGET@ = {EXPRESSIONS['select_last'](node, args[0])}"]
         if node.op == "rope" and (self.decoding or self.fused.context_parallel):
             return EXPRESSIONS["rope"](node, *args, positions="positions")
         if node.op == "mla_attention":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from moec.backends.torch import codegen_moe
+from moec.backends.torch import codegen_moe, codegen_spectral
 from moec.backends.torch.codegen_moe import slot_arg
 from moec.backends.torch.statements import param_expr
 from moec.ir.graph import Node
@@ -46,12 +46,13 @@ class FusedFunctions:
     def spectral(self, attrs: dict) -> str:
         key = ("spectral", tuple(sorted(attrs.items())))
         if key not in self.names:
-            moe_name = self.moe({"slots": codegen_moe.inner_slots(attrs["slots"]), "moe": attrs["moe"]})
+            moe_name = self.moe({"slots": codegen_spectral.inner_slots(attrs["slots"]), "moe": attrs["moe"]})
             count = sum(k[0] == "spectral" for k in self.names)
             name = f"spectral_mixer{count + 1 if count else ''}"
             self.names[key] = name
             inner = codegen_moe.uses_batch_group(self.sources[moe_name])
-            self.sources[name] = codegen_moe.with_batch_group(codegen_moe.spectral_function(name, moe_name, attrs, self.spectral_kernel, inner))
+            source = codegen_spectral.spectral_function(name, moe_name, attrs, self.spectral_kernel, inner, self.context_parallel)
+            self.sources[name] = codegen_moe.with_batch_group(source)
         return self.names[key]
 
     def attention_fn(self, node: Node) -> str:
@@ -64,7 +65,7 @@ def fused_method(emitter, part, node: Node) -> tuple[list[str], str]:
     graph = emitter.graph
     name = emitter.fused.moe(node.attr) if node.op == "moe" else emitter.fused.spectral(node.attr)
     lines = emitter.fused.sources[name]
-    mapping, signature = {"training": "self.training", "batch_group": "self.batch_group"}, []
+    mapping, signature = {"training": "self.training", "batch_group": "self.batch_group", "context": "self.context"}, []
     for slot, ref in zip(node.attr["slots"], node.inputs):
         source, arg = graph[ref.node], slot_arg(slot)
         if source.op == "param":

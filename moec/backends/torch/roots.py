@@ -59,6 +59,8 @@ def root_class(emitter, name: str, blocks: list[tuple[str, int]]) -> list[str]:
     if blocks:
         init.append(f"        self.blocks = nn.ModuleList({_block_list(blocks, emitter.decoding)})")
     init += declarations(graph, [p for p in names if p not in prologue_params], "", emitter.modules)
+    if emitter.fused.context_parallel and any(graph.nodes[i].op == "select_last" for i in predict):
+        init.append("        self.context = None  # context parallelism (parallel.py sets it): the last position is on cp rank 0")
     if emitter.mtp is not None:
         init.append(f"        self.mtp = nn.ModuleList([{mtp.MTP_CLASS}(device, dtype) for _ in range({emitter.mtp.depth})])  "
                     "# multi-token prediction (training; generation drafts with it)")

@@ -359,10 +359,11 @@ def irfft_real(z: torch.Tensor, seq: int, norm: str, use_dft: bool) -> torch.Ten
     return (real - imag) * scale
 
 
-def band_index(z: torch.Tensor) -> torch.Tensor:
-    """Append the frequency index f / (F - 1) as one more channel: (B,F,C) -> (B,F,C+1)."""
-    bins = z.shape[1]
-    index = torch.arange(bins, dtype=z.dtype, device=z.device) / max(bins - 1, 1)
+def band_index(z: torch.Tensor, first: int = 0, total: int | None = None) -> torch.Tensor:
+    """Append the frequency index f / (F - 1) as one more channel: (B,F,C) -> (B,F,C+1). Under context parallelism
+    z holds bins ``first`` .. of ``total``."""
+    bins, total = z.shape[1], z.shape[1] if total is None else total
+    index = torch.arange(first, first + bins, dtype=z.dtype, device=z.device) / max(total - 1, 1)
     return torch.cat([z, index[None, :, None].expand(z.shape[0], bins, 1)], dim=-1)
 
 
