@@ -7,6 +7,8 @@ for full-size models without allocating them.
   ``top_k / experts`` of their weights (embeddings included, as in Mixtral's 12.9B).
 - FLOPs per token (forward): ``moec.passes.flops`` (every matmul, attention, FFTs). Training is
   counted as 3 x forward.
+- Context parallelism (``sharding.sequence``): the collectives of one forward and the bytes one
+  rank sends per sequence (``moec.passes.context_traffic``).
 - Memory per device: parameters (precision.params), gradients (same dtype) and AdamW's two
   fp32 moments, divided by the mesh sizes of the axes each tensor is sharded on; with
   pipelining, the stage holding the most. Activations are not included.
@@ -21,6 +23,7 @@ from moec.dtypes import BYTES
 from moec.ir.graph import Graph
 from moec.moe.params import EXPERT_PREFIX
 from moec.layers.kind import numel
+from moec.passes.context_traffic import context_record
 from moec.passes.flops import flops_per_token
 
 
@@ -30,6 +33,7 @@ def build_manifest(spec, compiled, versions: dict[str, str], graph: Graph | None
     fused, annotated graph of the same model, so that disabling a pass does not change them."""
     graph = compiled.graph if graph is None else graph
     total = sum(numel(node) for node in graph.params())
+    context = context_record(spec, graph)  # sharding.sequence: what the cp group exchanges
     return {
         "versions": versions | {"python": platform.python_version()},
         "spec": spec_record(spec),
@@ -42,6 +46,7 @@ def build_manifest(spec, compiled, versions: dict[str, str], graph: Graph | None
         "flops_per_token": _flops_record(spec, graph),
         "memory_per_device": memory_per_device(spec, graph),
         "pipeline_stages": pipeline_stages(spec, graph),
+        **({"context_parallel": context} if context else {}),
     }
 
 

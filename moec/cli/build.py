@@ -158,6 +158,12 @@ def _facts_table(manifest: dict, graph):
         (f"FLOPs/token fwd (S={flops['seq_len']})", f"{human(flops['forward'], 2)}"),
         (f"memory/device, {mesh}", f"{memory['total_gib']:.2f} GiB (params + grads + AdamW)"),
     ]
+    context = manifest.get("context_parallel")
+    if context:  # sharding.sequence: what one rank sends over the cp group per sequence, forward and backward
+        sent = context["bytes_sent_per_rank_per_sequence"]["training"]
+        calls = ", ".join(f"{count} {kind}" for kind, count in context["collectives_per_forward"].items())
+        size = f"{sent / 2**20:.2f} MiB" if sent >= 2**20 else f"{sent / 2**10:.1f} KiB"
+        rows.append((f"cp {context['size']} sent/rank/sequence", f"{size} (forward: {calls})"))
     for row in rows:
         table.add_row(*row)
     return table

@@ -2,7 +2,8 @@
 
 Every parameter and activation gets ``placement``: one entry per mesh axis, in mesh order,
 each ``Replicate()``, ``Shard(d)`` or ``Partial()``. Nodes also get their pipeline ``stage``
-when the spec pipelines. Tensor-parallel groups follow the spec's column / row lists, except the
+when the spec pipelines, and under context parallelism the collectives they run over the cp group
+(``exchange``, ``moec.passes.context_traffic``). Tensor-parallel groups follow the spec's column / row lists, except the
 k / v projections of an attention layer with fewer KV heads than tensor-parallel ranks
 (``replicated_kv``): they stay whole (``Replicate()``) on every tp rank, and each rank reads the
 rows of the one KV head its query heads use (``moec.backends.torch.tensor_parallel.kv_shard``).
@@ -15,6 +16,7 @@ from moec.ir.names import block_of
 from moec.layers import TP_GROUPS
 from moec.layers.attention import KV_PROJECTIONS
 from moec.passes.builder import origin_issue
+from moec.passes.context_traffic import context_axis, exchange
 from moec.passes.stages import stage_split
 from moec.schema.errors import SpecError
 from moec.schema.spec import Spec
@@ -25,10 +27,13 @@ def annotate_sharding(spec: Spec, graph: Graph) -> tuple[Graph, bool]:
     axes = list(spec.mesh.axes)
     stages = _stage_of(spec, graph)
     kv = replicated_kv(spec, graph)
+    context = context_axis(spec)
     nodes, issues = [], []
     for node in graph.nodes:
         placement = _param_placement(spec, node, axes, issues, kv) if node.op == "param" else _activation_placement(spec, node, axes)
         meta = dict(node.meta) | {"placement": tuple(placement)}
+        if context is not None and exchange(node, context[0]):
+            meta["exchange"] = exchange(node, context[0])  # the collectives it runs over the cp group
         if stages is not None:
             meta["stage"] = stages[node.name]
         nodes.append(node.with_(meta=meta))
@@ -106,7 +111,7 @@ def _activation_placement(spec: Spec, node: Node, axes: list[str]) -> list[str]:
     for axis in spec.sharding.batch:
         placement[axes.index(axis)] = "Shard(0)"
     for axis in spec.sharding.sequence:
-        if types[0].rank >= 2:
+        if types[0].rank >= 2 and types[0].shape[1] != 1:  # a pooled [B, 1, ...] is every rank's
             placement[axes.index(axis)] = "Shard(1)"
     return placement
 

@@ -19,6 +19,7 @@ import torch
 
 import moec
 from moec.backends.torch.context_parallel import load_balanced_positions
+from moec.ir.printer import print_graph
 from moec.observe.metrics import read_metrics
 from moec.train.trainer import Trainer
 from tests.conftest import REPO
@@ -151,8 +152,17 @@ def test_the_program_shows_the_exchanges():
     assert "z = self.context.to_bins(rfft_real(self.context.to_channels(x), 'ortho', use_dft), seq)" in program.source
     assert "x = self.context.from_channels(irfft_real(self.context.from_bins(z, seq), seq, 'ortho', use_dft))" in program.source
     assert "x = self.context.last_position(h)" in program.source
+    ir = print_graph(program.graph)
+    assert 'exchange="all_to_all over cp: sequence -> channels, rfft, -> bins; experts; bins -> channels' in ir
+    assert ir.count('exchange="all_gather(k, v) over cp"') == 2
+    # per sequence of 32, fp32: k and v (16 wide) of 16 positions to the other rank in 2 layers (1024 elements), 4
+    # all-to-alls keeping half in 2 spectral layers (2 x 2 x (128 + 136)), the last position (16): 8384 bytes
+    traffic = program.manifest["context_parallel"]
+    assert traffic["collectives_per_forward"] == {"all_gather": 5, "all_reduce": 4, "all_to_all": 8}
+    assert traffic["bytes_sent_per_rank_per_sequence"] == {"forward": 8384, "training": 16768}
     one = moec.compile_spec(moec.load_spec_text(spec_text(), file="one.yaml")).source
     assert "context" not in one
+    assert "context_parallel" not in moec.compile_spec(moec.load_spec_text(spec_text(), file="one.yaml")).manifest
 
 
 @pytest.mark.slow
