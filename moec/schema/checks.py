@@ -72,8 +72,11 @@ def _axis_roles(spec: Spec) -> Iterator[tuple[tuple, str, str]]:
 
 # Roles that may share an axis: FSDP shards over data-parallel ranks; expert-parallel
 # ranks may also take different slices of the batch, and shard the other parameters with
-# FSDP (the experts are split over that axis already: torchtitan's dp-shard-in-ep).
-_COMPATIBLE = {frozenset({"batch", "fsdp"}), frozenset({"batch", "experts"}), frozenset({"fsdp", "experts"})}
+# FSDP (the experts are split over that axis already: torchtitan's dp-shard-in-ep). Context-parallel
+# ranks hold other positions of the sequences, so they may be expert-parallel ranks too (torchtitan's
+# ep over dp-shard x cp).
+_COMPATIBLE = {frozenset({"batch", "fsdp"}), frozenset({"batch", "experts"}), frozenset({"fsdp", "experts"}),
+               frozenset({"sequence", "experts"})}
 
 
 def _sharding_axes(spec: Spec) -> Iterator[Finding]:

@@ -5,12 +5,13 @@ that position alone or, for attention, from the keys and values the cp group gat
 Runs today: token or continuous models (every position predicted, or head.pool 'last': cp rank 0
 holds the last position) of attention (no sinks), mlp, dropless token-routed moe and spectral_moe
 layers (the distributed rfft: each rank transforms the whole sequence for d_model / cp channels, so
-cp divides d_model), with data parallelism (DDP) or FSDP over the batch axes. Refused here, each by
+cp divides d_model), with data parallelism (DDP) or FSDP over the batch axes, or expert parallelism
+(over a batch axis or the cp axis: cp ranks are data ranks for it, as in torchtitan). Refused here, each by
 name: the layer kinds that mix the sequence otherwise (mla, dynamics: not yet), what needs the whole
 sequence on one rank (learned positions, multi-token prediction), routing that depends on the rank's
 token set (capacity, sinkhorn, per-sequence or pooled balance, a spectral layer's per-band experts),
-and the combinations with tensor, pipeline and expert parallelism and HSDP that parallel.py does not
-build yet.
+and the combinations with tensor and pipeline parallelism, expert parallelism with FSDP, and HSDP
+that parallel.py does not build yet.
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ def _parallel_combinations(spec) -> Iterator[Finding]:
         yield path, "context parallelism with tensor parallelism (sharding.tensor) is not implemented yet"
     if sharding.pipeline is not None and axes.get(sharding.pipeline.axis, 1) > 1:
         yield path, "context parallelism with pipeline parallelism (sharding.pipeline) is not implemented yet"
-    if any(axes.get(axis, 1) > 1 for axis in sharding.experts):
-        yield path, "context parallelism with expert parallelism (sharding.experts) is not implemented yet"
     fsdp = {axis for axis in sharding.fsdp if axes.get(axis, 1) > 1}
+    if fsdp and any(axes.get(axis, 1) > 1 for axis in sharding.experts):
+        yield path, "context parallelism with expert parallelism and FSDP (sharding.experts with sharding.fsdp) is not implemented yet"
     if fsdp and any(axes.get(axis, 1) > 1 and axis not in fsdp for axis in sharding.batch):
         yield path, "context parallelism with HSDP (a batch axis outside sharding.fsdp next to one inside) is not implemented yet"

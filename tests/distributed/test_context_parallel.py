@@ -26,8 +26,11 @@ MESHES = {
     "cp4": ("mesh: {world_size: 4, axes: {cp: 4}}\nsharding: {sequence: [cp]}\n", 4),
     "dp2_cp2": ("mesh: {world_size: 4, axes: {dp: 2, cp: 2}}\nsharding: {batch: [dp], sequence: [cp]}\n", 4),
     "fsdp2_cp2": ("mesh: {world_size: 4, axes: {dp: 2, cp: 2}}\nsharding: {batch: [dp], fsdp: [dp], sequence: [cp]}\n", 4),
+    # expert parallelism over a batch axis, and over the cp axis itself (its ranks hold other tokens: data ranks for it)
+    "cp2_ep2": ("mesh: {world_size: 4, axes: {ep: 2, cp: 2}}\nsharding: {batch: [ep], experts: [ep], sequence: [cp]}\n", 4),
+    "cp2_experts_over_cp": ("mesh: {world_size: 2, axes: {cp: 2}}\nsharding: {experts: [cp], sequence: [cp]}\n", 2),
 }
-GLOBAL_BALANCE = ("dp2_cp2", "fsdp2_cp2")  # dp ranks differ from one process unless the counts span the batch
+GLOBAL_BALANCE = ("dp2_cp2", "fsdp2_cp2", "cp2_ep2")  # dp ranks differ from one process unless the counts span the batch
 
 
 def spec_text(mesh: str = "", balance: str = "local") -> str:

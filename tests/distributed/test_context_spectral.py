@@ -6,7 +6,7 @@ channels, transforms, exchanges to its share of the S/2+1 bins (unequal: 17 bins
 and goes back. Its output, its aux loss (averaged over the ranks, as the gradients are) and every gradient must
 be one process's, for the band embedding with the DFT kernel and the band index feature with torch.fft. A model
 of attention and spectral MoE layers (head.pool 'last': cp rank 0 holds the last position) trains 5 steps as one
-process does.
+process does, also with its experts split over a batch axis (cp 2 x ep 2).
 """
 
 import os
@@ -46,7 +46,7 @@ model:
             experts: 4
             top_k: 2
             expert: {{hidden: 32, activation: swiglu}}
-            aux: {{load_balance: 0.01, z_loss: 0.001}}
+            aux: {{load_balance: 0.01, z_loss: 0.001, load_balance_batch: global}}
         - kind: mlp
           hidden: 32
   head: {{kind: lm, pool: last}}
@@ -66,8 +66,16 @@ train:
 """
 
 
-def spec_text(band: str = "embedding", kernel: str = "auto", cp: int = 1) -> str:
-    mesh = f"mesh: {{world_size: {cp}, axes: {{cp: {cp}}}}}\nsharding: {{sequence: [cp]}}\n" if cp > 1 else ""
+MESHES = {  # the expert counts summed over every rank holding the batch's tokens (load_balance_batch global)
+    "cp2": ("mesh: {world_size: 2, axes: {cp: 2}}\nsharding: {sequence: [cp]}\n", 2),
+    "cp4": ("mesh: {world_size: 4, axes: {cp: 4}}\nsharding: {sequence: [cp]}\n", 4),
+    "cp2_ep2": ("mesh: {world_size: 4, axes: {ep: 2, cp: 2}}\nsharding: {batch: [ep], experts: [ep], sequence: [cp]}\n", 4),
+}
+
+
+def spec_text(band: str = "embedding", kernel: str = "auto", cp: int = 1, mesh: str | None = None) -> str:
+    if mesh is None:
+        mesh = f"mesh: {{world_size: {cp}, axes: {{cp: {cp}}}}}\nsharding: {{sequence: [cp]}}\n" if cp > 1 else ""
     return SPEC.format(band=band, kernel=kernel, mesh=mesh)
 
 
@@ -195,16 +203,17 @@ def single(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cp", [2, 4])
-def test_context_parallel_spectral_training_gives_the_single_process_numbers(cp, single, tmp_path):
-    spec = tmp_path / f"cp{cp}.yaml"
-    spec.write_text(spec_text(cp=cp))
-    done = run_job([sys.executable, "-m", "moec.cli.main", "train", str(spec), "--nproc", str(cp), "--run-dir", str(tmp_path / "run"),
+@pytest.mark.parametrize("kind", list(MESHES))
+def test_context_parallel_spectral_training_gives_the_single_process_numbers(kind, single, tmp_path):
+    mesh, nproc = MESHES[kind]
+    spec = tmp_path / f"{kind}.yaml"
+    spec.write_text(spec_text(mesh=mesh))
+    done = run_job([sys.executable, "-m", "moec.cli.main", "train", str(spec), "--nproc", str(nproc), "--run-dir", str(tmp_path / "run"),
                     "--no-plots"], timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     for what, key in (("train", "loss"), ("train", "aux_loss"), ("train", "grad_norm"), ("eval", "val_loss")):
         got, expected = rows(tmp_path / "run", what, key), rows(single, what, key)
         assert len(got) == len(expected) > 0, (key, got, expected)
         worst = max(abs(a - b) for a, b in zip(got, expected))
-        print(f"cp {cp} {key}: max |difference| {worst:.2e} over {len(got)} rows")
+        print(f"{kind} {key}: max |difference| {worst:.2e} over {len(got)} rows")
         assert worst <= 1e-5, (key, got, expected)

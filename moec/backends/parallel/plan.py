@@ -78,8 +78,8 @@ class ParallelPlan:
 
     @property
     def replicated_rows(self) -> bool:
-        """Expert parallelism over an axis that does not split the batch: its ranks hold the same tokens."""
-        return self.experts is not None and self.experts not in self.data_parallel
+        """Expert parallelism over an axis that does not split the batch or the sequence: its ranks hold the same tokens."""
+        return self.experts is not None and self.experts not in self.gradient_axes
 
     @property
     def expert_fsdp(self) -> tuple[str, ...]:
@@ -115,8 +115,8 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dic
 def _context_parallel_limits(spec, experts: list[str], replicate: tuple, shard: tuple) -> list[str]:
     """What of the spec's context parallelism this plan cannot run yet (validation refuses these first)."""
     limits = []
-    if experts:
-        limits.append("context parallelism with expert parallelism")
+    if experts and shard:
+        limits.append("context parallelism with expert parallelism and FSDP")
     if tensor.tensor_axis(spec) is not None:
         limits.append("context parallelism with tensor parallelism")
     if spec.sharding.pipeline is not None and spec.mesh.axes.get(spec.sharding.pipeline.axis, 1) > 1:
@@ -320,21 +320,22 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
             "        if param.grad is not None:",
             f"            param.grad.to_local().div_({plan.axes[plan.experts]})  # ep",
         ]
-    if not plan.data_parallel:
+    ranks = plan.gradient_axes  # the batch axes, and cp: its ranks hold other positions of the sequences
+    if not ranks:
         return lines + ['    """Nothing to reduce: every rank ran the whole batch, and each expert\'s gradient is complete on its rank."""']
-    other = _in_mesh_order(plan, tuple(axis for axis in plan.data_parallel if axis != plan.experts))
-    size = " * ".join(str(plan.axes[a]) for a in plan.data_parallel)
+    other = _in_mesh_order(plan, tuple(axis for axis in ranks if axis != plan.experts))
+    size = " * ".join(str(plan.axes[a]) for a in ranks)
     lines += [
         '    """Average over the data-parallel ranks. An expert\'s owner already holds the sum over its',
         "    expert-parallel group (the all-to-all's backward brings every rank's rows), so experts are",
-        '    summed over the other batch axes only, then divided by all data-parallel ranks: averaging',
+        '    summed over the other batch (and cp) axes only, then divided by all data-parallel ranks: averaging',
         '    over ep as well would scale expert gradients by the ep size. One flat all-reduce per',
         '    bucket, not one per parameter; both lists follow model.parameters(), the same on every rank."""',
         "    experts = expert_parameters(model)",
         "    grads = [param for param in model.parameters() if param.grad is not None]",
     ]
     if not plan.shard:
-        axes = _in_mesh_order(plan, plan.data_parallel)
+        axes = _in_mesh_order(plan, ranks)
         lines.append(f"    data_parallel = {_flat(axes)}.get_group()  # {' x '.join(axes)}")
         if plan.tensor is not None:
             lines += ["    others = [p.grad for p in grads if p not in experts]",
@@ -349,7 +350,7 @@ def _expert_functions(plan: ParallelPlan) -> list[str]:
         lines.append(f"    all_reduce_flat(expert_grads, {_flat(other)}.get_group())  # sum over {' x '.join(other)}")
     return lines + [
         "    for grad in expert_grads:",
-        f"        grad.div_({size})  # data-parallel ranks: {' x '.join(plan.data_parallel)}",
+        f"        grad.div_({size})  # data-parallel ranks: {' x '.join(ranks)}",
     ]
 
 
@@ -616,6 +617,8 @@ def _apply_context(plan: ParallelPlan, blocks: int, where) -> list[str]:
     """Data parallelism over the batch axes x cp: the cp ranks' gradients are of other tokens, so they are averaged
     too (torchtitan's dp_shard_cp); every rank's loss is a mean over as many tokens, so the average is one process's."""
     axes = plan.gradient_axes
+    if plan.experts is not None:  # no DDP (see _apply): reduce_gradients averages over the batch axes x cp
+        return _shard_experts_lines(plan, where)
     if not plan.shard:
         return [
             f"    dp_mesh = {_flat(axes)}  # replicate over {' x '.join(axes)}: cp ranks are data ranks for the gradients",
