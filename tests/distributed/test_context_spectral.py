@@ -217,3 +217,26 @@ def test_context_parallel_spectral_training_gives_the_single_process_numbers(kin
         worst = max(abs(a - b) for a, b in zip(got, expected))
         print(f"{kind} {key}: max |difference| {worst:.2e} over {len(got)} rows")
         assert worst <= 1e-5, (key, got, expected)
+
+
+BUNDLED = REPO / "specs" / "spectral_moe_cp.yaml"
+SHORT = ["train.steps=5", "train.lr_schedule.warmup_steps=2", "train.eval.every=5", "train.eval.batches=2",
+         "train.checkpoint.every=5"]
+
+
+@pytest.mark.slow
+def test_the_bundled_spec_trains_on_4_processes_as_on_one(tmp_path):
+    """specs/spectral_moe_cp.yaml (signals, head.pool 'last', cp 2 x ep 2), 5 steps as the README launches it,
+    against the same spec without its mesh on one process."""
+    text = BUNDLED.read_text()
+    one = text[:text.index("mesh:")] + text[text.index("schedule:"):]
+    Trainer(moec.load_spec_text(one, file="one.yaml", overrides=SHORT), run_dir=tmp_path / "one").run()
+    done = run_job([sys.executable, "-m", "moec.cli.main", "train", str(BUNDLED), "--nproc", "4", "--run-dir",
+                    str(tmp_path / "run"), "--no-plots", *SHORT], timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for what, key in (("train", "loss"), ("train", "aux_loss"), ("train", "grad_norm"), ("eval", "val_loss")):
+        got, expected = rows(tmp_path / "run", what, key), rows(tmp_path / "one", what, key)
+        assert len(got) == len(expected) > 0, (key, got, expected)
+        worst = max(abs(a - b) for a, b in zip(got, expected))
+        print(f"spectral_moe_cp.yaml {key}: max |difference| {worst:.2e} over {len(got)} rows")
+        assert worst <= 1e-5, (key, got, expected)
