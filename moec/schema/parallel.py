@@ -68,7 +68,8 @@ class Sharding(Base):
 
     batch: AxisList = Field(default_factory=list, description="Axes that split the batch (data parallel).")
     sequence: AxisList = Field(default_factory=list, description="The axis that splits every sequence (context parallel): rank r holds chunks r and 2cp-1-r of 2cp; "
-        "attention gathers keys and values over it. Token models of attention, mlp and dropless moe layers.")
+        "attention gathers keys and values over it, a spectral_moe layer's rfft runs distributed (all-to-alls over it). "
+        "Models of attention, mlp, dropless moe and spectral_moe layers; it may also split the experts.")
     experts: AxisList = Field(default_factory=list, description="Axes that split the expert dimension (expert parallel).")
     fsdp: AxisList = Field(default_factory=list, description="Axes over which FSDP2 shards parameters; each must also split the batch.")
     placement: Literal["contiguous", "consistent_hash"] = Field(
