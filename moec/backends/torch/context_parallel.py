@@ -58,8 +58,8 @@ class SequenceShards:
         """(B, 1, D): the sequence's last position on every rank (head.pool 'last'). It is the last of cp rank 0's
         (chunk 2cp-1); the all-gather's backward sums every rank's gradient into it, and the gradients are averaged
         over cp, so each rank's identical loss counts once."""
-        every = funcol.all_gather_tensor_autograd(x[:, -1:].contiguous(), gather_dim=1, group=self.group)  # (B, cp, D)
-        return every[:, :1]
+        every = funcol.all_gather_single_autograd(x[None, :, -1].contiguous(), 0, self.group)  # (cp, B, D)
+        return every[0, :, None]
 
     # --- the spectral MoE's distributed rfft ---------------------------------------------------------
 
