@@ -20,6 +20,7 @@ and cp 4, and reports the longest that fits. On a shared machine the times are n
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -76,6 +77,13 @@ model:
 """
 
 
+def forward_backward(model, tokens) -> None:
+    """One step's forward and backward (parallel.py's DDP reduces the gradients in it); the gradients dropped."""
+    out = model(tokens)
+    (out.output.float().square().mean() + out.aux_loss).backward()
+    model.zero_grad(set_to_none=True)
+
+
 def worker(rank: int, kind: str, cp: int, seqs: list[int], reps: int, port: int, results) -> None:
     import torch
     import torch.distributed as dist
@@ -98,12 +106,7 @@ def worker(rank: int, kind: str, cp: int, seqs: list[int], reps: int, port: int,
     try:
         for seq in seqs:
             tokens = local_slice(torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(seq)), where)
-
-            def step() -> None:
-                out = model(tokens)
-                (out.output.float().square().mean() + out.aux_loss).backward()
-                model.zero_grad(set_to_none=True)
-
+            step = functools.partial(forward_backward, model, tokens)
             step()  # warm-up
             peak = peak_allocated_bytes(step)
             times = []
