@@ -3,7 +3,8 @@
 Each rank holds chunks r and 2cp-1-r of every sequence; attention gathers the keys and values of
 the whole sequence; the MoE layers sum their expert counts over the cp ranks. A token model with
 GQA attention and MoE layers must train as one process does: the same losses, gradient norms and
-validation losses over 5 steps.
+validation losses over 5 steps, also with the experts split over a batch axis (cp 2 x ep 2) or over
+the cp axis itself (its ranks are data ranks for expert parallelism).
 """
 
 import sys
