@@ -155,6 +155,17 @@ def test_each_rank_holds_a_contiguous_share_of_the_bins():
     assert sum(SequenceShards.bin_share(shards, 32) for shards.rank in range(4)) == pytest.approx(4.0)
 
 
+def test_the_context_parallel_program_runs_on_one_process():
+    """Without parallel.py (generation, evaluation on one process) the layers' context is None: the plain program."""
+    model = moec.build_model(moec.load_spec_text(spec_text(cp=2), file="cp.yaml"))
+    plain = moec.build_model(moec.load_spec_text(spec_text(), file="one.yaml"))
+    plain.load_state_dict(model.state_dict())
+    inputs = model.example_inputs(batch=2, seq=32)
+    got, expected = model(*inputs), plain(*inputs)
+    torch.testing.assert_close(got.output, expected.output, rtol=0, atol=0)
+    torch.testing.assert_close(got.aux_loss, expected.aux_loss, rtol=0, atol=0)
+
+
 def test_the_program_shows_the_exchanges():
     program = moec.compile_spec(moec.load_spec_text(spec_text(cp=2), file="cp.yaml"))
     assert "z = self.context.to_bins(rfft_real(self.context.to_channels(x), 'ortho', use_dft), seq)" in program.source
