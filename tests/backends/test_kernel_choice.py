@@ -1,0 +1,135 @@
+"""kernels.moe auto by measurement (moec.bench.kernel_choice): the table is written, read back without
+timing, refused when damaged; a forced kernel or the fixed rule times nothing; the choice runs."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import moec
+from moec.bench import kernel_choice
+from moec.cli.main import app
+from moec.compile import build_model, compile_spec
+
+TINY = ("train.batch=2", "train.seq_len=16")  # 32 tokens per step: a measurement in well under a second
+
+
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """Measurement on (conftest turns it off), one repetition, an empty cache directory."""
+    monkeypatch.delenv(kernel_choice.ENV, raising=False)
+    monkeypatch.setenv("MOEC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernel_choice, "REPS", 1)
+    return tmp_path / "cache" / kernel_choice.CACHE_NAME
+
+
+def _spec(*overrides, path="specs/token_routed_tiny.yaml"):
+    return moec.load_spec(path, overrides=TINY + overrides)
+
+
+def _no_timing(*args, **kwargs):
+    raise AssertionError("measured, but the table (or the spec) should have decided")
+
+
+def test_first_choice_is_timed_and_written_then_read_back_without_timing(measuring, monkeypatch):
+    spec = _spec()
+    first = kernel_choice.choose_moe_kernels(spec, "cpu")
+    (layer,) = first.layers
+    assert layer.source == "measured" and set(layer.timings_ms) == {"grouped_mm", "eager"}  # dropless: no bmm, no triton on cpu
+    assert all(ms > 0 for ms in layer.timings_ms.values())
+    assert layer.kernel == min(layer.timings_ms, key=layer.timings_ms.get)
+    assert "N=32 " in layer.key and "D=64 H=128 E=4 top-2" in layer.key and "swiglu dropless" in layer.key
+    table = json.loads(measuring.read_text())
+    assert table["entries"][layer.key] == {"kernel": layer.kernel, "timings_ms": layer.timings_ms}
+
+    monkeypatch.setattr(kernel_choice, "measure_layer", _no_timing)
+    second = kernel_choice.choose_moe_kernels(spec, "cpu")
+    assert [(c.kernel, c.timings_ms, c.source) for c in second.layers] == [(layer.kernel, layer.timings_ms, "cached")]
+    assert compile_spec(spec, kernel_choice=first).source == compile_spec(spec, kernel_choice=second).source
+    for ms in layer.timings_ms.values():
+        assert f"{ms:.3g} ms" in second.line()
+
+
+def test_the_program_runs_the_table_s_kernel(measuring):
+    spec = _spec()
+    key = kernel_choice.table_key(spec, spec.model.blocks[0].layers[1], kernel_choice._moe_layers(spec)[0][2], "cpu")
+    kernel_choice.write_entry(measuring, key, {"kernel": "eager", "timings_ms": {"eager": 1.0, "grouped_mm": 2.0}})
+    choice = kernel_choice.choose_moe_kernels(spec, "cpu")
+    program = compile_spec(spec, kernel_choice=choice)
+    assert "# kernels: moe=auto (measured: eager)," in program.source and "experts via eager" in program.source
+    assert program.manifest["kernel_choice"]["layers"][0]["timings_ms"] == {"eager": 1.0, "grouped_mm": 2.0}
+    fixed = compile_spec(spec)
+    assert "experts via grouped_mm" in fixed.source and "kernel_choice" not in fixed.manifest
+    # both programs compute the same layer
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 256, (2, 16))
+    measured_out = build_model(spec, program=program)(tokens).output
+    fixed_out = build_model(spec, program=fixed)(tokens).output
+    torch.testing.assert_close(measured_out, fixed_out, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_layers_choose_among_kernels_that_serve_capacity(measuring):
+    spec = _spec("model.blocks[0].layers[1].capacity.mode=capacity", "model.blocks[0].layers[1].capacity.factor=1.25")
+    (layer,) = kernel_choice.choose_moe_kernels(spec, "cpu").layers
+    assert set(layer.timings_ms) == {"grouped_mm", "eager", "bmm"} and "capacity" in layer.key
+    assert kernel_choice.candidate_kernels(True, "cpu") == ("grouped_mm", "eager")
+
+
+def test_a_forced_kernel_reads_and_writes_no_table(measuring, monkeypatch):
+    monkeypatch.setattr(kernel_choice, "measure_layer", _no_timing)
+    choice = kernel_choice.choose_moe_kernels(_spec("schedule.kernels.moe=grouped_mm"), "cpu")
+    assert choice.layers == () and choice.line() == "kernels.moe grouped_mm (forced by the spec)"
+    assert not measuring.exists()
+
+
+@pytest.mark.parametrize("how, note", [
+    ("spec", "schedule.kernels.measure is false"),
+    ("env", "MOEC_KERNEL_CHOICE=fixed in the environment"),
+])
+def test_the_fixed_rule_when_measurement_is_off(measuring, monkeypatch, how, note):
+    monkeypatch.setattr(kernel_choice, "measure_layer", _no_timing)
+    if how == "env":
+        monkeypatch.setenv(kernel_choice.ENV, "fixed")
+    choice = kernel_choice.choose_moe_kernels(_spec(*(["schedule.kernels.measure=false"] if how == "spec" else [])), "cpu")
+    assert choice.line() == f"kernels.moe auto -> fixed rule, not measured ({note})"
+    assert not measuring.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: it would measure")
+def test_building_for_cuda_without_one_says_it_did_not_measure(measuring, monkeypatch):
+    monkeypatch.setattr(kernel_choice, "measure_layer", _no_timing)
+    choice = kernel_choice.choose_moe_kernels(_spec(), "cuda")
+    assert choice.note == "building for cuda on a machine without a CUDA device"
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"version": 1, "entries": {"k": {"kernel": "fastest", "timings_ms": {}}}}',
+                                    '{"version": 99, "entries": {}}'])
+def test_a_damaged_table_is_ignored_in_one_line_and_rewritten(measuring, damage):
+    measuring.parent.mkdir(parents=True)
+    measuring.write_text(damage)
+    lines = []
+    choice = kernel_choice.choose_moe_kernels(_spec(), "cpu", log=lines.append)
+    assert lines == [f"warning: ignoring {measuring}: not a moec kernel-choice table (version 1); measuring again"]
+    assert choice.layers[0].source == "measured"
+    assert list(json.loads(measuring.read_text())["entries"]) == [choice.layers[0].key]
+
+
+def test_build_prints_the_choice_and_bench_shows_its_table(measuring, tmp_path):
+    runner = CliRunner()
+    built = runner.invoke(app, ["build", "specs/token_routed_tiny.yaml", *TINY, "-o", str(tmp_path / "out"), "--device", "cpu"])
+    assert built.exit_code == 0, built.output
+    line = built.stdout.splitlines()[0]
+    assert line.startswith("kernels.moe auto -> ") and "(measured: " in line and str(measuring) in line
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (layer,) = manifest["kernel_choice"]["layers"]
+    assert layer["source"] == "measured" and layer["kernel"] in ("grouped_mm", "eager")
+
+    shown = runner.invoke(app, ["bench", "specs/token_routed_tiny.yaml", *TINY, "--kernels", "--json"])
+    assert shown.exit_code == 0, shown.output
+    record = json.loads(shown.stdout)
+    assert record["layers"][0] | {"source": "measured"} == layer  # read from the table, not timed again
+    assert record["layers"][0]["source"] == "cached"
+    table = runner.invoke(app, ["bench", "specs/token_routed_tiny.yaml", *TINY, "--kernels"])
+    for kernel, ms in layer["timings_ms"].items():
+        assert kernel in table.stdout and f"{ms:.3f}" in table.stdout
