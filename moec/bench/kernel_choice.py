@@ -201,7 +201,7 @@ def measure_layer(spec, cfg, layer_yaml: str, device: str, reps: int | None = No
     for kernel in candidate_kernels(cfg.capacity.mode == "dropless", dev.type):
         layer = MoecLayer(layer_spec_text(shape, layer_yaml, kernel), dev, dtype).train()
         steps[kernel] = step_of(layer, x, grad, autocast)
-    timings = interleaved(steps, dev, reps or REPS, warmup=1)
+    timings = interleaved(steps, dev, reps or REPS, warmup=2)
     return {t.name: round(t.median_s * 1e3, 4) for t in timings}
 
 
