@@ -125,7 +125,7 @@ def choose_moe_kernels(spec, device: str, log=None) -> KernelChoice:
         key = table_key(spec, cfg, layer_yaml, device)
         entry = table.get(key)
         if entry is None:
-            timings = measure_layer(spec, cfg, layer_yaml, device)
+            timings = measure_layer(spec, cfg, layer_yaml, device, log=log)
             entry = {"kernel": min(timings, key=timings.get), "timings_ms": timings}
             table = write_entry(path, key, entry)
             choices.append(LayerChoice(where, key, entry["kernel"], timings, "measured"))
@@ -183,7 +183,7 @@ def table_key(spec, cfg, layer_yaml: str, device: str) -> str:
             f"{cfg.expert.activation} {capacity} | layer {digest}")
 
 
-def measure_layer(spec, cfg, layer_yaml: str, device: str, reps: int | None = None) -> dict[str, float]:
+def measure_layer(spec, cfg, layer_yaml: str, device: str, reps: int | None = None, log=None) -> dict[str, float]:
     """Median ms of forward + backward of this one layer with each candidate kernel, interleaved."""
     from moec.bench.layers import LayerShape, MoecLayer, layer_spec_text, step_of
     from moec.bench.timing import interleaved
@@ -199,8 +199,13 @@ def measure_layer(spec, cfg, layer_yaml: str, device: str, reps: int | None = No
     grad = torch.randn(1, shape.tokens, shape.width, device=dev)
     steps = {}
     for kernel in candidate_kernels(cfg.capacity.mode == "dropless", dev.type):
-        layer = MoecLayer(layer_spec_text(shape, layer_yaml, kernel), dev, dtype).train()
-        steps[kernel] = step_of(layer, x, grad, autocast)
+        try:  # a candidate that fails here (e.g. a Triton kernel this GPU cannot compile) is no candidate
+            steps[kernel] = step_of(MoecLayer(layer_spec_text(shape, layer_yaml, kernel), dev, dtype).train(), x, grad, autocast)
+            steps[kernel]()
+        except Exception as err:  # noqa: BLE001 - whatever it raised, the others still run
+            steps.pop(kernel, None)
+            if log:
+                log(f"warning: kernels.moe auto: {kernel} failed on {device} ({type(err).__name__}: {str(err)[:120]}); not a candidate")
     timings = interleaved(steps, dev, reps or REPS, warmup=2)
     return {t.name: round(t.median_s * 1e3, 4) for t in timings}
 

@@ -133,3 +133,11 @@ def test_build_prints_the_choice_and_bench_shows_its_table(measuring, tmp_path):
     table = runner.invoke(app, ["bench", "specs/token_routed_tiny.yaml", *TINY, "--kernels"])
     for kernel, ms in layer["timings_ms"].items():
         assert kernel in table.stdout and f"{ms:.3f}" in table.stdout
+
+
+def test_a_candidate_that_fails_is_dropped_in_one_line(measuring, monkeypatch):
+    monkeypatch.setattr(kernel_choice, "candidate_kernels", lambda dropless, device: ("grouped_mm", "bmm"))  # bmm: dropless refuses it
+    lines = []
+    (layer,) = kernel_choice.choose_moe_kernels(_spec(), "cpu", log=lines.append).layers
+    assert layer.kernel == "grouped_mm" and list(layer.timings_ms) == ["grouped_mm"]
+    assert len(lines) == 1 and lines[0].startswith("warning: kernels.moe auto: bmm failed on cpu (SpecError: ")
