@@ -34,6 +34,7 @@ CACHE_NAME = "kernel-choice.json"
 TABLE_VERSION = 1
 REPS = 5
 ENV = "MOEC_KERNEL_CHOICE"  # "fixed": never measure (tests, CI)
+NO_MOE_LAYER = "no moe layer"
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class KernelChoice:
     note: str = ""  # why nothing was measured
     cache: Path | None = None
     by_attrs: dict = field(default_factory=dict, compare=False)  # MoeAttrs -> kernel, for the code generator
+
+    @property
+    def worth_saying(self) -> bool:
+        """Whether build / train print ``line()``: the spec has a token-routed moe layer."""
+        return self.note != NO_MOE_LAYER
 
     def line(self) -> str:
         """One line for the build / train log."""
@@ -103,8 +109,10 @@ def not_measured_reason(spec, device: str) -> str | None:
         return "schedule.kernels.measure is false"
     if os.environ.get(ENV) == "fixed":
         return f"{ENV}=fixed in the environment"
-    if spec.mesh.world_size > 1 or spec.sharding.experts or spec.sharding.tensor is not None:
-        return f"{spec.mesh.world_size} processes or split experts: they run grouped_mm"
+    if spec.mesh.world_size > 1:
+        return f"{spec.mesh.world_size} processes would each time alone and could disagree"
+    if spec.sharding.experts or spec.sharding.tensor is not None:
+        return "experts split by sharding run grouped_mm"
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         return "building for cuda on a machine without a CUDA device"
     return None
@@ -112,19 +120,20 @@ def not_measured_reason(spec, device: str) -> str | None:
 
 def choose_moe_kernels(spec, device: str, log=None) -> KernelChoice:
     """The kernel of each distinct ``moe`` layer for ``kernels.moe: auto`` (forced or fixed: no timing)."""
-    requested = spec.schedule.kernels.moe
+    requested, layers = spec.schedule.kernels.moe, _moe_layers(spec)
+    if not layers:
+        return KernelChoice(requested, note=NO_MOE_LAYER)
     if requested != "auto":
         return KernelChoice(requested)
     reason = not_measured_reason(spec, device)
-    layers = _moe_layers(spec)
-    if reason is not None or not layers:
-        return KernelChoice(requested, note=reason or "no moe layer")
+    if reason is not None:
+        return KernelChoice(requested, note=reason)
     table, path = read_table(log), cache_path()
     choices, by_attrs = [], {}
     for where, cfg, layer_yaml in layers:
         key = table_key(spec, cfg, layer_yaml, device)
         entry = table.get(key)
-        if entry is None:
+        if entry is None or entry["kernel"] not in candidate_kernels(cfg.capacity.mode == "dropless", torch.device(device).type):
             timings = measure_layer(spec, cfg, layer_yaml, device, log=log)
             entry = {"kernel": min(timings, key=timings.get), "timings_ms": timings}
             table = write_entry(path, key, entry)

@@ -23,7 +23,7 @@ def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: b
         raise typer.BadParameter(f"unknown device {device!r}; use cpu or cuda", param_hint="--device")
     spec = load_spec_or_exit(spec_path, overrides)
     choice = choose_moe_kernels(spec, device or default_device(), log=lambda line: typer.echo(line, err=True))
-    if choice.layers or choice.note not in ("", "no moe layer"):
+    if choice.worth_saying:
         typer.echo(choice.line())
     try:
         program = compile_spec(spec, disable=disable, kernel_choice=choice)

@@ -94,7 +94,7 @@ class Trainer:
         self.vocab_mesh = self.dist.mesh[vocab_axis] if vocab_axis and self.dist.distributed else None
         self.mtp = getattr(spec.model.head, "mtp", None)  # multi-token prediction: its loss joins the training loss
         self.display = display if self.dist.is_main else None
-        if self.display and self.kernel_choice.note != "no moe layer":
+        if self.display and self.kernel_choice.worth_saying:
             self.display.log(self.kernel_choice.line())
         self.stop = StopRequest()
         torch.manual_seed(self.train.seed)

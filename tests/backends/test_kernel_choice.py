@@ -76,6 +76,14 @@ def test_capacity_layers_choose_among_kernels_that_serve_capacity(measuring):
     assert kernel_choice.candidate_kernels(True, "cpu") == ("grouped_mm", "eager")
 
 
+def test_a_table_entry_the_layer_cannot_run_is_measured_again(measuring):
+    spec = _spec()
+    key = kernel_choice.table_key(spec, spec.model.blocks[0].layers[1], kernel_choice._moe_layers(spec)[0][2], "cpu")
+    kernel_choice.write_entry(measuring, key, {"kernel": "bmm", "timings_ms": {"bmm": 0.1}})  # bmm cannot serve dropless
+    (layer,) = kernel_choice.choose_moe_kernels(spec, "cpu").layers
+    assert layer.source == "measured" and layer.kernel in ("grouped_mm", "eager")
+
+
 def test_a_forced_kernel_reads_and_writes_no_table(measuring, monkeypatch):
     monkeypatch.setattr(kernel_choice, "measure_layer", _no_timing)
     choice = kernel_choice.choose_moe_kernels(_spec("schedule.kernels.moe=grouped_mm"), "cpu")

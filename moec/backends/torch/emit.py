@@ -58,7 +58,8 @@ def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel:
                  attention_kernel: str = "auto", expert_parallel: bool = False, tiles: tuple[int, ...] = (),
                  tensor_splits: dict[str, str] | None = None, parallel_names: tuple[str, ...] = (),
                  context_parallel: bool = False, measured_kernels: dict | None = None) -> tuple[str, str]:
-    """(model.py, model_support.py). ``measured_kernels``: kernels.moe auto's measured choice, MoeAttrs -> kernel; ``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism;
+    """(model.py, model_support.py). ``measured_kernels``: kernels.moe auto's measured choice, MoeAttrs -> kernel;
+    ``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism;
     ``parallel_names``: what parallel.py imports from model_support.py (``moec.backends.parallel.plan.support_names``);
     ``context_parallel``: the spec splits the sequence (attention layers take a ``context``, parallel.py sets it)."""
     graph, mtp_part = main_graph(graph)  # the main model; head.mtp's modules are written around its last block
