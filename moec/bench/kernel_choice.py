@@ -42,8 +42,8 @@ class LayerChoice:
     layer: str  # "model.blocks[0].layers[1]"
     key: str  # the table's key: device, dtypes, torch, shape
     kernel: str
-    timings_ms: dict[str, float]  # each candidate's median; empty when fixed by the rule
-    source: str  # measured | cached | fixed
+    timings_ms: dict[str, float]  # each candidate's median
+    source: str  # measured (timed now) | cached (read from the table)
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,8 @@ class KernelChoice:
 
 def _layer_part(choice: LayerChoice, named: bool) -> str:
     label = f"{choice.layer}: " if named else ""
-    if not choice.timings_ms:
-        return f"{label}{choice.kernel} (fixed rule)"
     times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(choice.timings_ms.items(), key=lambda item: item[1]))
-    how = "measured" if choice.source == "measured" else "cached"
-    return f"{label}{choice.kernel} ({how}: {times})"
+    return f"{label}{choice.kernel} ({choice.source}: {times})"
 
 
 def cache_path() -> Path:
