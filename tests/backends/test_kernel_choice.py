@@ -149,3 +149,30 @@ def test_a_candidate_that_fails_is_dropped_in_one_line(measuring, monkeypatch):
     (layer,) = kernel_choice.choose_moe_kernels(_spec(), "cpu", log=lines.append).layers
     assert layer.kernel == "grouped_mm" and list(layer.timings_ms) == ["grouped_mm"]
     assert len(lines) == 1 and lines[0].startswith("warning: kernels.moe auto: bmm failed on cpu (SpecError: ")
+
+
+def test_each_distinct_layer_gets_its_own_choice_and_the_program_runs_each(measuring):
+    from tests.passes.helpers import MOE, spec_with
+
+    def named(name, layer=MOE):
+        return layer.replace("- kind: moe\n", f"- kind: moe\n          name: {name}\n")
+
+    # the third layer repeats the first: one function, one choice
+    spec = spec_with(named("first") + named("second", MOE.replace("top_k: 2", "top_k: 1")) + named("third"), name="two_moe")
+    table = {}
+    for where, cfg, layer_yaml in kernel_choice._moe_layers(spec):
+        kernel = "eager" if cfg.top_k == 1 else "grouped_mm"
+        table[where] = kernel
+        kernel_choice.write_entry(measuring, kernel_choice.table_key(spec, cfg, layer_yaml, "cpu"),
+                                  {"kernel": kernel, "timings_ms": {"eager": 2.0, "grouped_mm": 1.0} if kernel == "grouped_mm"
+                                   else {"eager": 1.0, "grouped_mm": 2.0}})
+    assert table == {"model.blocks[0].layers[0]": "grouped_mm", "model.blocks[0].layers[1]": "eager"}
+    choice = kernel_choice.choose_moe_kernels(spec, "cpu")
+    assert choice.line().startswith("kernels.moe auto -> model.blocks[0].layers[0]: grouped_mm (cached: grouped_mm 1 ms, eager 2 ms); "
+                                    "model.blocks[0].layers[1]: eager (cached: eager 1 ms, grouped_mm 2 ms); table in ")
+    program = compile_spec(spec, kernel_choice=choice)
+    assert "# kernels: moe=auto (measured: grouped_mm, eager)," in program.source
+    assert "top-2 of 4 experts, dropless, swiglu experts via grouped_mm" in program.source
+    assert "top-1 of 4 experts, dropless, swiglu experts via eager" in program.source
+    out = build_model(spec, program=program)(torch.randint(0, 256, (2, 8))).output
+    assert torch.isfinite(out).all()
