@@ -176,3 +176,23 @@ def test_each_distinct_layer_gets_its_own_choice_and_the_program_runs_each(measu
     assert "top-1 of 4 experts, dropless, swiglu experts via eager" in program.source
     out = build_model(spec, program=program)(torch.randint(0, 256, (2, 8))).output
     assert torch.isfinite(out).all()
+
+
+def test_training_starts_with_the_choice_line_and_runs_the_chosen_kernel(measuring, tmp_path):
+    from moec.train.trainer import Trainer
+
+    spec = _spec("train.steps=2", "train.lr_schedule.warmup_steps=1")
+    key = kernel_choice.table_key(spec, spec.model.blocks[0].layers[1], kernel_choice._moe_layers(spec)[0][2], "cpu")
+    kernel_choice.write_entry(measuring, key, {"kernel": "eager", "timings_ms": {"eager": 1.0, "grouped_mm": 2.0}})
+
+    class Display:
+        def __init__(self):
+            self.lines = []
+
+        def log(self, line):
+            self.lines.append(line)
+
+    display = Display()
+    trainer = Trainer(spec, run_dir=tmp_path / "run", device="cpu", display=display)
+    assert f"kernels.moe auto -> eager (cached: eager 1 ms, grouped_mm 2 ms); table in {measuring}" in display.lines
+    assert "experts via eager" in trainer.program.source and trainer.program.manifest["kernel_choice"]["layers"][0]["kernel"] == "eager"
