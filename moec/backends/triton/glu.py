@@ -40,6 +40,11 @@ def _pre_layout(rows: int, w: Tensor) -> tuple[int, ...]:
     return (rows, *w.shape[1:3]) if w.dim() == 4 else (rows, w.shape[1])
 
 
+def _pre_width(w: Tensor) -> int:
+    """Elements per row of the pre-activations: 2H gated, else H (explicit: a view of 0 rows cannot infer it)."""
+    return w.shape[1] * w.shape[2] if w.dim() == 4 else w.shape[1]
+
+
 @torch.library.custom_op("moec::triton_grouped_glu", mutates_args=())
 def _grouped_glu(x: Tensor, w: Tensor, bias: Tensor | None, counts: Tensor, order: Tensor | None, top_k: int, activation: int,
                  limit: float, alpha: float, save: bool, tiles: list[int]) -> tuple[Tensor, Tensor]:
@@ -53,7 +58,7 @@ def _grouped_glu(x: Tensor, w: Tensor, bias: Tensor | None, counts: Tensor, orde
     tile = tile_for(x, half, rows, tiles)
     h = x.new_zeros(rows, hidden)
     pre = x.new_zeros(_pre_layout(rows, w)) if save else x.new_empty(0)
-    pre_rows = pre.view(rows, -1) if save else h
+    pre_rows = pre.view(rows, _pre_width(w)) if save else h
     grid = (triton.cdiv(rows, tile.BM) + experts, triton.cdiv(hidden, tile.BN))
     args = (x, w, bias if bias is not None else w, h, pre_rows, counts, order if order is not None else counts, experts, width, hidden,
             x.stride(0), x.stride(1), w.stride(0), w.stride(-1), w.stride(-2), up_weight,
@@ -92,10 +97,10 @@ def _grouped_glu_backward(grad: Tensor, x: Tensor, w: Tensor, has_bias: bool, co
     rows, hidden, width = grad.shape[0], half.shape[1], half.shape[2]
     grad_pre = torch.empty_like(pre)
     glu_backward_kernel[(triton.cdiv(grad.numel(), ELEMENTWISE_BLOCK),)](
-        grad, pre, grad_pre, grad.numel(), hidden, pre.view(rows, -1).stride(0), hidden if gated else 0, limit, alpha, GATED=gated,
+        grad, pre, grad_pre, grad.numel(), hidden, _pre_width(w), hidden if gated else 0, limit, alpha, GATED=gated,
         ACTIVATION=activation, BLOCK=ELEMENTWISE_BLOCK)
     # gate and up as one operand: [M, 2H] rows against each expert's [2H, D] weight, in one GEMM each way
-    grad_pre_rows, w_rows = grad_pre.view(rows, -1), w.view(w.shape[0], -1, width)
+    grad_pre_rows, w_rows = grad_pre.view(rows, _pre_width(w)), w.view(w.shape[0], _pre_width(w), width)
     tile = tile_for(x, half, rows, tiles)
     grad_rows = launch_grouped_gemm(grad_pre_rows, (w_rows, w_rows.stride(0), w_rows.stride(1), w_rows.stride(2)), counts, None, 1,
                                     rows, width, tile)
