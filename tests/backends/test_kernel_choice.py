@@ -28,6 +28,12 @@ def _spec(*overrides, path="specs/token_routed_tiny.yaml"):
     return moec.load_spec(path, overrides=TINY + overrides)
 
 
+def _seed_table(path, spec, entry):
+    """The table's row for the spec's one moe layer on the CPU, as if timed before."""
+    (_, cfg, layer_yaml), = kernel_choice._moe_layers(spec)
+    kernel_choice.write_entry(path, kernel_choice.table_key(spec, cfg, layer_yaml, "cpu"), entry)
+
+
 def _no_timing(*args, **kwargs):
     raise AssertionError("measured, but the table (or the spec) should have decided")
 
@@ -53,8 +59,7 @@ def test_first_choice_is_timed_and_written_then_read_back_without_timing(measuri
 
 def test_the_program_runs_the_table_s_kernel(measuring):
     spec = _spec()
-    key = kernel_choice.table_key(spec, spec.model.blocks[0].layers[1], kernel_choice._moe_layers(spec)[0][2], "cpu")
-    kernel_choice.write_entry(measuring, key, {"kernel": "eager", "timings_ms": {"eager": 1.0, "grouped_mm": 2.0}})
+    _seed_table(measuring, spec, {"kernel": "eager", "timings_ms": {"eager": 1.0, "grouped_mm": 2.0}})
     choice = kernel_choice.choose_moe_kernels(spec, "cpu")
     program = compile_spec(spec, kernel_choice=choice)
     assert "# kernels: moe=auto (measured: eager)," in program.source and "experts via eager" in program.source
@@ -78,8 +83,7 @@ def test_capacity_layers_choose_among_kernels_that_serve_capacity(measuring):
 
 def test_a_table_entry_the_layer_cannot_run_is_measured_again(measuring):
     spec = _spec()
-    key = kernel_choice.table_key(spec, spec.model.blocks[0].layers[1], kernel_choice._moe_layers(spec)[0][2], "cpu")
-    kernel_choice.write_entry(measuring, key, {"kernel": "bmm", "timings_ms": {"bmm": 0.1}})  # bmm cannot serve dropless
+    _seed_table(measuring, spec, {"kernel": "bmm", "timings_ms": {"bmm": 0.1}})  # bmm cannot serve dropless
     (layer,) = kernel_choice.choose_moe_kernels(spec, "cpu").layers
     assert layer.source == "measured" and layer.kernel in ("grouped_mm", "eager")
 
@@ -182,8 +186,7 @@ def test_training_starts_with_the_choice_line_and_runs_the_chosen_kernel(measuri
     from moec.train.trainer import Trainer
 
     spec = _spec("train.steps=2", "train.lr_schedule.warmup_steps=1")
-    key = kernel_choice.table_key(spec, spec.model.blocks[0].layers[1], kernel_choice._moe_layers(spec)[0][2], "cpu")
-    kernel_choice.write_entry(measuring, key, {"kernel": "eager", "timings_ms": {"eager": 1.0, "grouped_mm": 2.0}})
+    _seed_table(measuring, spec, {"kernel": "eager", "timings_ms": {"eager": 1.0, "grouped_mm": 2.0}})
 
     class Display:
         def __init__(self):
