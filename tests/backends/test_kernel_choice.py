@@ -199,3 +199,13 @@ def test_training_starts_with_the_choice_line_and_runs_the_chosen_kernel(measuri
     trainer = Trainer(spec, run_dir=tmp_path / "run", device="cpu", display=display)
     assert f"kernels.moe auto -> eager (cached: eager 1 ms, grouped_mm 2 ms); table in {measuring}" in display.lines
     assert "experts via eager" in trainer.program.source and trainer.program.manifest["kernel_choice"]["layers"][0]["kernel"] == "eager"
+
+
+def test_build_refuses_an_unknown_device_and_says_when_it_did_not_measure(tmp_path):
+    runner = CliRunner()
+    refused = runner.invoke(app, ["build", "specs/token_routed_tiny.yaml", "-o", str(tmp_path / "a"), "--device", "tpu"])
+    assert refused.exit_code == 2 and "unknown device 'tpu'; use cpu or cuda" in refused.output
+    fixed = runner.invoke(app, ["build", "specs/token_routed_tiny.yaml", "-o", str(tmp_path / "b"), "--device", "cpu"])  # conftest: fixed
+    assert fixed.exit_code == 0, fixed.output
+    assert fixed.stdout.splitlines()[0] == "kernels.moe auto -> fixed rule, not measured (MOEC_KERNEL_CHOICE=fixed in the environment)"
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["kernel_choice"]["note"].startswith("MOEC_KERNEL_CHOICE")
