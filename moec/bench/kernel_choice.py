@@ -78,8 +78,13 @@ class KernelChoice:
 
 def _layer_part(choice: LayerChoice, named: bool) -> str:
     label = f"{choice.layer}: " if named else ""
-    times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(choice.timings_ms.items(), key=lambda item: item[1]))
+    times = ", ".join(f"{name} {format_ms(ms)} ms" for name, ms in sorted(choice.timings_ms.items(), key=lambda item: item[1]))
     return f"{label}{choice.kernel} ({choice.source}: {times})"
+
+
+def format_ms(ms: float) -> str:
+    """Three significant digits, never in exponent form: 0.0412, 3.1, 1260."""
+    return f"{ms:.3g}" if ms < 1000 else f"{ms:.0f}"
 
 
 def cache_path() -> Path:

@@ -54,7 +54,8 @@ def test_first_choice_is_timed_and_written_then_read_back_without_timing(measuri
     assert [(c.kernel, c.timings_ms, c.source) for c in second.layers] == [(layer.kernel, layer.timings_ms, "cached")]
     assert compile_spec(spec, kernel_choice=first).source == compile_spec(spec, kernel_choice=second).source
     for ms in layer.timings_ms.values():
-        assert f"{ms:.3g} ms" in second.line()
+        assert f"{kernel_choice.format_ms(ms)} ms" in second.line()
+    assert [kernel_choice.format_ms(ms) for ms in (0.04123, 3.14159, 1263.7)] == ["0.0412", "3.14", "1264"]
 
 
 def test_the_program_runs_the_table_s_kernel(measuring):
