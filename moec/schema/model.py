@@ -160,7 +160,7 @@ class Model(Base):
             if layer.kind == "moe" and layer.router.kind == "token_id":
                 raise field_error("head.mtp", f"copies the last block (blocks.{last}) into each MTP module, whose layer {i} routes "
                                               "by token id; multi-token prediction supports the learned routers")
-            if layer.kind == "moe" and layer.aux.load_balance_scope == "model":
+            if layer.kind == "moe" and layer.aux.load_balance_scope == "model" and layer.aux.load_balance > 0:
                 raise field_error("head.mtp", f"copies the last block (blocks.{last}) into each MTP module, whose layer {i} pools "
                                               "its load balance over the model (load_balance_scope 'model'); use 'layer' or 'sequence'")
 
