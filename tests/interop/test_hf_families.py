@@ -195,12 +195,13 @@ def test_unsupported_fields_are_refused_by_name(tmp_path):
 
 
 def test_deepseek_v3_import_says_it_leaves_out_multi_token_prediction(tmp_path):
-    """HF's DeepseekV3ForCausalLM builds no MTP layers: the spec gets none, and the import says so."""
+    """A directory without the MTP layer's tensors (HF's DeepseekV3ForCausalLM builds none): the spec gets no MTP,
+    and the import says so (tests/interop/test_deepseek_v3_mtp.py imports a checkpoint that holds one)."""
     config = FAMILIES["deepseek_v3-q_lora-groups"]()
     config.architectures = ["DeepseekV3ForCausalLM"]
     config.save_pretrained(tmp_path)
     result = import_hf(tmp_path, tmp_path / "spec.yaml")
-    assert result.notes == ["1 multi-token prediction layer(s) (num_nextn_predict_layers; DeepseekV3ForCausalLM builds none)"]
+    assert result.notes == ["1 multi-token prediction layer(s) (num_nextn_predict_layers; the checkpoint holds none)"]
     assert "# Not imported: 1 multi-token prediction layer(s)" in result.spec.read_text()
     spec = moec.load_spec(result.spec)
     assert [block.layers[1].kind for block in spec.model.blocks] == ["mlp", "moe"]  # first_k_dense_replace 1
@@ -237,12 +238,12 @@ def test_sharded_weights_round_trip(tmp_path):
 def test_deepseek_v3_tiny_exports_and_transformers_computes_the_same_logits(tmp_path):
     """The bundled CPU spec (MLA, dense-first, 16 experts in 4 groups, a shared expert) as DeepseekV3ForCausalLM.
 
-    HF's DeepseekV3ForCausalLM has no MTP module and no balance loss, so export refuses head.mtp and a
-    non-zero load_balance; the test drops both.
+    HF's DeepseekV3ForCausalLM has no balance loss, so export refuses a non-zero load_balance; the test drops it.
+    head.mtp is written as DeepSeek-V3's checkpoints hold it, a layer after the model's, which transformers ignores.
     """
-    with pytest.raises(NotExportable, match="mtp"):
+    with pytest.raises(NotExportable, match="load_balance"):
         export_hf(moec.load_spec("specs/deepseek_v3_tiny.yaml"), {}, tmp_path / "refused")
-    spec = moec.load_spec("specs/deepseek_v3_tiny.yaml", overrides=["model.head.mtp=null", "model.blocks[1].layers[1].aux={load_balance: 0, load_balance_scope: model}"])
+    spec = moec.load_spec("specs/deepseek_v3_tiny.yaml", overrides=["model.blocks[1].layers[1].aux={load_balance: 0, load_balance_scope: model}"])
     model = moec.build_model(spec).eval()
     with torch.no_grad():
         for name, buffer in model.named_buffers():
@@ -251,6 +252,7 @@ def test_deepseek_v3_tiny_exports_and_transformers_computes_the_same_logits(tmp_
     export_hf(spec, model.state_dict(), tmp_path)
     hf = T.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
     assert type(hf).__name__ == "DeepseekV3ForCausalLM" and hf.config.first_k_dense_replace == 2
+    assert hf.config.num_nextn_predict_layers == 1 and hf.config.num_hidden_layers == 4
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, theirs = model(ids).output, hf(ids).logits
