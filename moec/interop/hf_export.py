@@ -91,6 +91,8 @@ def _check_attention(decoder: Decoder, family: Family, refuse) -> None:
     attention, path = decoder.attention, f"{decoder.layers[0][0]}.layers[0]"
     if attention.rope is None or not attention.causal or attention.dropout:
         refuse(path, "HF attention is causal, with RoPE and no dropout")
+    if attention.rope.fraction != 1.0 and not family.partial_rotary:
+        refuse(f"{path}.rope.fraction", "partial rotary (partial_rotary_factor) exports only as GLM-4.5-MoE")
     if family.attention_bias is not None and attention.bias not in _values(family.attention_bias):
         refuse(f"{path}.bias", f"must be {' or '.join(map(repr, _values(family.attention_bias)))}")
     if family.attention_bias is None and attention.bias is not False and attention.bias is not True:

@@ -121,6 +121,7 @@ class Family:
     group_routing = False  # router groups / top_groups / scale (DeepSeek's n_group, topk_group, routed_scaling_factor)
     aux_loss = True  # HF adds router_aux_loss_coef * its load-balance loss (config field router_aux_loss_coef)
     mtp_layers = False  # the checkpoint's multi-token prediction layers map to head.mtp (moec.interop.mtp_layers)
+    partial_rotary = False  # rope.fraction < 1 (HF's partial_rotary_factor)
 
     # --- config.json -> spec ---
 
