@@ -4,9 +4,9 @@ devices. Nothing is allocated."""
 
 import torch
 import transformers as T
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
 
 import moec
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
 from moec.interop import import_hf
 from moec.train.fit import needed_bytes
 

@@ -76,7 +76,7 @@ def imported(tmp_path_factory):
 
 
 def test_mtp_layer_imports_as_head_mtp_and_computes_deepseeks_module(imported):
-    root, hf4, own, result = imported
+    _, hf4, own, result = imported
     spec = moec.load_spec(result.spec)
     assert spec.model.head.mtp.depth == 1 and spec.model.head.mtp.weight == 0.3 and result.notes == []
     model = moec.build_model(spec, weights=result.weights).train()  # the MTP modules run in training
