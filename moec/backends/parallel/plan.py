@@ -428,13 +428,14 @@ def _fsdp_experts_lines(plan: ParallelPlan) -> list[str]:
     """Experts under FSDP too: sharded over the FSDP axes other than ep, or left to reduce_gradients."""
     if not plan.expert_fsdp:
         return ["    # no FSDP axis besides ep: the experts stay out of FSDP; reduce_gradients averages them"]
-    owners = [path.split(".")[1] for path in plan.expert_modules]  # blocks.<i>.moe.experts
+    # blocks.<i>.moe.experts around blocks.<i>; head.mtp's mtp.<k>.block.moe.experts around mtp.<k>.block
+    owners = [path.rsplit(".", 2)[0] for path in plan.expert_modules]
     return [
         f"    expert_mesh = {_flat(plan.expert_fsdp)}  # experts: FSDP over {' x '.join(plan.expert_fsdp)}, sharded over ep already",
         "    for experts in expert_modules(model):",
         "        fully_shard(experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=False)",
-        *[f"    gather_experts_around(model.blocks[{i}], model.blocks[{i}].{path.split('.', 2)[2]})"
-          for i, path in zip(owners, plan.expert_modules)],
+        *[f"    gather_experts_around({attribute_expr(owner, 'model')}, {attribute_expr(path, 'model')})"
+          for owner, path in zip(owners, plan.expert_modules)],
     ]
 
 
