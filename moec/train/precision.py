@@ -1,4 +1,4 @@
-"""``schedule.precision.accumulate``: the matmul accumulators torch may use.
+"""``schedule.precision.accumulate``: the matmul accumulators torch may use; where ``compute: fp8`` runs.
 
 fp32 accumulation is the only value validation accepts (torch cannot be asked for bf16
 accumulators). The CPU's bf16 / fp16 matmuls accumulate in fp32 already; CUDA's cuBLAS may reduce
@@ -9,9 +9,23 @@ from __future__ import annotations
 
 import torch
 
+FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first with fp8 tensor cores
+
 
 def apply_accumulation(precision) -> None:
     """Keep fp32 accumulation in bf16 / fp16 GEMMs (``precision.accumulate: fp32``)."""
     reduced = precision.accumulate != "fp32"
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
+
+
+def fp8_emulated(device: torch.device) -> bool:
+    """``compute: fp8`` on ``device``: False for real fp8 GEMMs (CUDA, compute capability >= 8.9), True for torchao's
+    emulation on the CPU (the same casts and scales, high-precision GEMMs: numerics, not speed); ValueError otherwise."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY:
+        return False
+    found = f"sm{''.join(map(str, torch.cuda.get_device_capability(device)))}" if device.type == "cuda" else device.type
+    raise ValueError(f"schedule.precision.compute fp8 needs a CUDA device of compute capability >= 8.9 (Ada, Hopper) "
+                   f"or the CPU's emulation; this device is {found}: use bf16")
