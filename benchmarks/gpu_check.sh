@@ -16,9 +16,9 @@ export PYTHONUNBUFFERED=1
 if "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
   "$py" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
-  timeout 70 "$py" "$here/gpu_check.py" "$out" --small 2>&1 | tee "$out/checks.log"
-  timeout 230 "$py" "$here/gpu_layers.py" --json "$out/layers_bf16.json" 2>&1 | tee "$out/layers.log"
-  timeout 150 "$py" "$here/gpu_model.py" --json "$out/model_step.json" 2>&1 | tee "$out/model.log"
+  timeout 60 "$py" "$here/gpu_check.py" "$out" --small 2>&1 | tee "$out/checks.log"
+  timeout 200 "$py" "$here/gpu_layers.py" --json "$out/layers_bf16.json" 2>&1 | tee "$out/layers.log"
+  timeout 190 "$py" "$here/gpu_model.py" --json "$out/model_step.json" 2>&1 | tee "$out/model.log"
   gpu=$("$py" -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
   for name in checks layers_bf16 model_step; do
     [ -f "$out/$name.json" ] && cp "$out/$name.json" "$here/results/${gpu}_$name.json"

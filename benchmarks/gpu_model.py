@@ -1,12 +1,12 @@
 """A whole training step of a 1.9B-parameter MoE (benchmarks/olmoe_shape.yaml): moec compiled against HF
-transformers' MixtralForCausalLM on the same weights, both bf16, then moec with ``compute: fp8`` (its projections
+transformers' MixtralForCausalLM on the same weights, both bf16, then the same moec module with ``compute: fp8`` (its projections
 through torchao's rowwise float8 training; the experts stay bf16); tokens/s, MFU and peak memory.
 
     python benchmarks/gpu_model.py --json OUT.json [--smoke] [--steps 10]
 
 One step: zero the gradients, forward on batch x seq_len random token ids, next-token cross-entropy + the
-load-balance loss (HF's: labels = inputs, ``output_router_logits``), backward, AdamW. The models run one after
-another (three 1.9B models with AdamW state do not fit together), each compiled, warmed up, then timed over
+load-balance loss (HF's: labels = inputs, ``output_router_logits``), backward, AdamW. The steps run one after
+another (each with its own AdamW state; HF's model is freed before fp8), each compiled, warmed up, then timed over
 ``--steps`` steps between CUDA synchronizations; peak memory is ``torch.cuda.max_memory_allocated`` over the timed
 steps. MFU: the manifest's training FLOPs per token (the same model for all three) x tokens/s over the device's
 dense bf16 peak (``moec.observe.mfu``; fp8 too, as torchtitan reports it). Rows are written after every model.
@@ -29,7 +29,7 @@ from moec.compile import build_model, compile_spec, parallel_module
 from moec.interop.hf_export import export_hf
 from moec.observe.mfu import device_peak
 
-from model_step import hf_step, moec_step  # noqa: I001 (beside this script)
+from model_step import hf_step, lm_loss, moec_step  # noqa: I001 (beside this script)
 
 SPEC = Path(__file__).with_name("olmoe_shape.yaml")
 SMOKE = ["model.d_model=64", "model.inputs.vocab=256", "model.blocks[0].repeat=2", "model.blocks[0].layers[0].heads=4",
@@ -65,15 +65,6 @@ def timed(step, device: torch.device, warmup: int, steps: int) -> tuple[float, i
     return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def moec_model(spec, device, fp8: bool):
-    """moec's model (the spec's seed: the same weights every time); with fp8 its projections converted by parallel.py."""
-    program = compile_spec(spec)
-    model = build_model(spec, device=device, program=program).train()
-    if fp8:
-        model = parallel_module(program).float8_training(model, emulate=device.type != "cuda")
-    return model, program.manifest["flops_per_token"]["training"]
-
-
 def row(name, spec, seconds, peak, flops_per_token, device_name) -> dict:
     tokens = spec.train.batch * spec.train.seq_len
     peak_flops = device_peak(device_name, "bf16")
@@ -100,22 +91,29 @@ def main() -> None:
     result = {"device": name, "spec": str(SPEC.name), "overrides": overrides if args.smoke else [], "torch": torch.__version__,
               "compiled": compiled, "rows": []}
     print(f"# {name}, torch {torch.__version__}, {SPEC.name}, batch {spec.train.batch} x {spec.train.seq_len}", flush=True)
-    warmup = 3 if compiled else 1
-    for label, which in (("moec", spec), ("hf mixtral", spec), ("moec fp8", fp8_spec)):
-        model, flops = moec_model(which, device, fp8=label == "moec fp8")
-        if label == "hf mixtral":
-            model = hf_twin(spec, model, device)
-        params = sum(p.numel() for p in model.parameters())
+    program = compile_spec(spec)
+    model = build_model(spec, device=device, program=program).train()  # the spec's seed: HF gets these weights
+    flops = program.manifest["flops_per_token"]["training"]
+    hf = hf_twin(spec, model, device)
+    with torch.no_grad():  # the same weights: the same first loss (CE + load balance), bf16 rounding apart
+        first = {"moec": lm_loss(model(tokens), tokens).item(), "hf mixtral": hf(input_ids=tokens, labels=tokens).loss.item()}
+    float8_training = parallel_module(compile_spec(fp8_spec)).float8_training
+    for label in ("moec", "hf mixtral", "moec fp8"):
+        if label == "moec fp8":  # the same module (its weights a few AdamW steps on), projections converted
+            model = float8_training(model, emulate=device.type != "cuda")
+        runs = hf if label == "hf mixtral" else model
+        params = sum(p.numel() for p in runs.parameters())
         if compiled:
-            model = torch.compile(model, fullgraph=label != "hf mixtral")
-        step = hf_step(model, tokens) if label == "hf mixtral" else moec_step(which, model, tokens)
-        seconds, peak = timed(step, device, warmup, args.steps)
-        result["rows"].append(row(label, spec, seconds, peak, flops, name) | {"parameters": params})
+            runs = torch.compile(runs, fullgraph=label != "hf mixtral")
+        step = hf_step(runs, tokens) if label == "hf mixtral" else moec_step(spec, runs, tokens)
+        seconds, peak = timed(step, device, 3 if compiled else 1, args.steps)
+        result["rows"].append(row(label, spec, seconds, peak, flops, name) | {"parameters": params, "first_loss": first.get(label)})
         args.json.write_text(json.dumps(result, indent=1))
-        del model, step
+        del runs, step
+        if label == "hf mixtral":
+            del hf
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
 
 if __name__ == "__main__":
     main()

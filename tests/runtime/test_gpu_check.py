@@ -38,4 +38,6 @@ def test_the_cpu_smoke_mode_writes_every_row(tmp_path):
     for row in model["rows"]:
         assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0 and row["flops_per_token"] > 0
         assert row["parameters"] == model["rows"][0]["parameters"]  # the same model three times
+    moec, hf = model["rows"][0]["first_loss"], model["rows"][1]["first_loss"]
+    assert hf == pytest.approx(moec, rel=2e-3)  # HF runs moec's weights (bf16 parameters; measured 5e-5 apart)
     assert sorted((REPO / "benchmarks" / "results").iterdir()) == results_before  # the smoke run copies nothing there
