@@ -29,3 +29,14 @@ def fp8_emulated(device: torch.device) -> bool:
     found = f"sm{''.join(map(str, torch.cuda.get_device_capability(device)))}" if device.type == "cuda" else device.type
     raise ValueError(f"schedule.precision.compute fp8 needs a CUDA device of compute capability >= 8.9 (Ada, Hopper) "
                    f"or the CPU's emulation; this device is {found}: use bf16")
+
+
+def float8_model(parallel, model: torch.nn.Module, device: torch.device, log=None) -> torch.nn.Module:
+    """``compute: fp8``: the generated parallel.py's ``float8_training`` on ``model`` (its projections become torchao
+    Float8Linear), real on CUDA sm89+, emulated on the CPU; ValueError on other devices. ``log``: one line saying so."""
+    emulate = fp8_emulated(device)
+    if log:
+        kept = ", ".join(parallel.FLOAT8_KEPT) or "none"
+        log(f"fp8 ({'emulated on the CPU' if emulate else 'rowwise, torchao'}): {len(parallel.FLOAT8_LINEARS)} projection "
+            f"roles; bf16: {kept}, routers, experts")
+    return parallel.float8_training(model, emulate=emulate)

@@ -38,7 +38,7 @@ from moec.train.fit import check_fit
 from moec.train.optim import make_optimizer
 from moec.train.vocab_loss import cross_entropy, loss_context
 from moec.train.pipeline_step import PipelineError, make_pipeline, pipeline_axis
-from moec.train.precision import apply_accumulation, fp8_emulated
+from moec.train.precision import apply_accumulation, float8_model
 from moec.train.resume import check_init_from, check_spec, find_checkpoint
 from moec.train.saving import RunCheckpoints
 from moec.train.step import train_step
@@ -104,7 +104,10 @@ class Trainer:
         if init_from is not None and resume is None:  # weights only (moec import hf, or another run's checkpoint)
             self._init_from(Path(init_from))
         if hasattr(self.parallel, "float8_training"):  # compute: fp8, before AC, compile and FSDP (torchtitan's order)
-            self.model = self._float8(self.model)
+            try:
+                self.model = float8_model(self.parallel, self.model, self.device, self.display and self.display.log)
+            except ValueError as err:
+                raise TrainingError(str(err)) from None
         try:  # sharding.pipeline over more than one rank: this rank keeps its stage(s) (moec.train.pipeline_step)
             self.pipeline = make_pipeline(spec, self.program, self.model, self.dist, self.parallel)
         except PipelineError as err:
@@ -165,18 +168,6 @@ class Trainer:
                 block.forward = compile_(block.forward, **({"fullgraph": False} if expert_parallel else {}))
         self.model = self.parallel.parallelize(model, self.dist.mesh)
         return self.model
-
-    def _float8(self, model):
-        """The generated parallel.py's projections in fp8: real on CUDA (sm89+), torchao's emulation on the CPU."""
-        try:
-            emulate = fp8_emulated(self.device)
-        except ValueError as err:
-            raise TrainingError(str(err)) from None
-        if self.display:
-            kept = ", ".join(self.parallel.FLOAT8_KEPT) or "none"
-            self.display.log(f"fp8 ({'emulated on the CPU' if emulate else 'rowwise, torchao'}): "
-                             f"{len(self.parallel.FLOAT8_LINEARS)} projection roles; bf16: {kept}, routers, experts")
-        return self.parallel.float8_training(model, emulate=emulate)
 
     def _claim_run_dir(self, resume: bool, overwrite: bool, display):
         """The run directory's lock and fresh-run rule (moec.checkpoint.rundir), decided on rank 0 for all ranks."""

@@ -103,9 +103,9 @@ def test_fp8_runs_on_sm89_and_newer_and_emulates_on_the_cpu(monkeypatch):
 
 
 def test_an_a100_is_refused_at_launch_in_one_line(monkeypatch, tmp_path):
-    import moec.train.trainer as trainer_module
+    import moec.train.precision as precision
 
-    monkeypatch.setattr(trainer_module, "fp8_emulated", lambda device: (_ for _ in ()).throw(ValueError("needs sm89")))
+    monkeypatch.setattr(precision, "fp8_emulated", lambda device: (_ for _ in ()).throw(ValueError("needs sm89")))
     with pytest.raises(TrainingError, match="^needs sm89$"):
         Trainer(fp8_spec(), run_dir=tmp_path)
 
