@@ -21,7 +21,8 @@ def apply_accumulation(precision) -> None:
 
 def fp8_emulated(device: torch.device) -> bool:
     """``compute: fp8`` on ``device``: False for real fp8 GEMMs (CUDA, compute capability >= 8.9), True for torchao's
-    emulation on the CPU (the same casts and scales, high-precision GEMMs: numerics, not speed); ValueError otherwise."""
+    emulation on the CPU (the same casts and scales, high-precision GEMMs: numerics, not speed); ValueError otherwise.
+    Rowwise scales on sm89 (Ada) need torch >= 2.7, whose RowwiseScaledMM kernel is built for it (sm90 before)."""
     if device.type == "cpu":
         return True
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY:
@@ -33,7 +34,11 @@ def fp8_emulated(device: torch.device) -> bool:
 
 def float8_model(parallel, model: torch.nn.Module, device: torch.device, log=None) -> torch.nn.Module:
     """``compute: fp8``: the generated parallel.py's ``float8_training`` on ``model`` (its projections become torchao
-    Float8Linear), real on CUDA sm89+, emulated on the CPU; ValueError on other devices. ``log``: one line saying so."""
+    Float8Linear), real on CUDA sm89+, emulated on the CPU; ValueError on other devices, or when the model has no
+    projection to convert (the field would do nothing). ``log``: one line saying what runs in fp8."""
+    if not parallel.FLOAT8_LINEARS:
+        raise ValueError(f"schedule.precision.compute fp8 converts no projection of this model (kept bf16: "
+                         f"{', '.join(parallel.FLOAT8_KEPT) or 'no nn.Linear'}; routers and experts stay bf16): use bf16")
     emulate = fp8_emulated(device)
     if log:
         kept = ", ".join(parallel.FLOAT8_KEPT) or "none"

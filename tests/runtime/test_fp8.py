@@ -134,3 +134,10 @@ def test_fp8_without_torchao_is_refused_at_the_compute_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
     with pytest.raises(moec.SpecError, match=r"fp8.yaml:\d+:\d+: schedule.precision.compute: 'fp8' needs torchao"):
         fp8_spec()
+
+
+def test_a_model_without_a_projection_to_convert_is_refused_at_launch(tmp_path):
+    text = quick_text().replace("        - kind: attention\n          heads: 2\n", "")  # MoE layers only: no nn.Linear to convert
+    spec = moec.load_spec_text(text.replace("schedule:\n", "schedule:\n  precision: {compute: fp8}\n"), file="moe_only.yaml")
+    with pytest.raises(TrainingError, match=r"^schedule.precision.compute fp8 converts no projection of this model \(kept bf16: head;"):
+        Trainer(spec, run_dir=tmp_path)
