@@ -1,6 +1,7 @@
 """MoE layers at the issue's real shapes, bf16, forward + backward, interleaved in one process per shape:
 moec's kernels (grouped_mm, Triton, grouped_mm compiled), HF transformers' grouped_mm block, a torchtitan-style
-GroupedExperts, the dense equal-FLOP limit, and that limit's GEMMs in fp8 (torchao rowwise) next to bf16.
+GroupedExperts, the dense equal-FLOP limit, and in fp8 (torchao rowwise) that limit's GEMMs and, on sm90, the
+torchtitan-style experts (torchtitan's fp8 MoE recipe; moec's experts stay bf16 under compute: fp8).
 
     python benchmarks/gpu_layers.py --json OUT.json [--smoke] [--only mixtral-8x7b ...] [--reps 5]
 
@@ -55,7 +56,23 @@ def candidates(real: RealShape, device: torch.device, dtype: torch.dtype, smoke:
     fp8 = fp8_dense(dense, device)
     if fp8 is not None:
         modules["dense fp8 (torchao rowwise)"] = fp8
+    if gpu and not real.clamped and torch.cuda.get_device_capability(device) >= (9, 0):
+        modules[TITAN + " fp8 experts"] = TorchtitanStyle(real, device, dtype, fp8=True)
+        modules[TITAN + " fp8 experts"].load_state_dict(modules[TITAN].state_dict())  # the same layer
     return modules
+
+
+def runnable(modules: dict, x, grad) -> dict:
+    """The candidates whose first step runs; one that fails (a kernel this GPU or torchao build lacks) is named and
+    left out, so the shape's other rows are still measured."""
+    kept = {}
+    for name, module in modules.items():
+        try:
+            step_of(module, x, grad)()
+            kept[name] = module
+        except Exception as err:  # noqa: BLE001 (reported, not hidden)
+            print(f"  {name}: left out, its step failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+    return kept
 
 
 def measure(real: RealShape, device: torch.device, reps: int, smoke: bool) -> list[dict]:
@@ -63,7 +80,7 @@ def measure(real: RealShape, device: torch.device, reps: int, smoke: bool) -> li
     torch.manual_seed(0)
     x = torch.randn(1, shape.tokens, shape.width, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(1, shape.tokens, shape.width, device=device)
-    modules = candidates(real, device, dtype, smoke)
+    modules = runnable(candidates(real, device, dtype, smoke), x, grad)
     timings = {t.name: t for t in interleaved({name: step_of(m, x, grad) for name, m in modules.items()}, device, reps,
                                               warmup=1 if smoke else 2)}
     dense, hf, titan = timings[DENSE], timings.get(HF), timings[TITAN]

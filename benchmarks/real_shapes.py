@@ -6,6 +6,10 @@
   imports ``spmd_types`` and its distributed package): softmax top-k router, renormalized; tokens sorted by
   expert; ``GroupedExperts._run_experts_grouped_mm`` (three ``grouped_mm`` with separate w1 / w3 / w2, bf16);
   scores applied after the experts, then a scatter-add back to the tokens. GPT-OSS: biases and the clamped SwiGLU.
+- ``TorchtitanStyle(..., fp8=True)``: the same with torchtitan's fp8 MoE recipe (CUDA sm90 only): every expert's
+  token group padded to a multiple of 16 (torchtitan's ``TOKEN_GROUP_ALIGN_SIZE_M``), then torchao's rowwise fp8
+  grouped GEMM (``_to_fp8_rowwise_then_scaled_grouped_mm``). moec's experts do not run this yet: the row says what
+  fp8 experts would give at the shape.
 - ``hf_block``: HF transformers' MoE block of the family (Mixtral, Qwen3-MoE, GPT-OSS) on its grouped_mm experts.
 
 Legend: N tokens, D model width, H expert hidden width, E experts, k choices per token.
@@ -71,9 +75,9 @@ class DenseSwiGLU(nn.Module):
 class TorchtitanStyle(nn.Module):
     """torchtitan's MoE forward (router, sort by expert, GroupedExperts' three grouped GEMMs, scatter-add)."""
 
-    def __init__(self, real: RealShape, device, dtype) -> None:
+    def __init__(self, real: RealShape, device, dtype, fp8: bool = False) -> None:
         super().__init__()
-        s, self.real = real.shape, real
+        s, self.real, self.fp8 = real.shape, real, fp8
         param = lambda *size: nn.Parameter(torch.randn(*size, device=device, dtype=dtype) * size[-1] ** -0.5)  # noqa: E731
         self.router = param(s.experts, s.width)
         self.w1, self.w3, self.w2 = param(s.experts, s.hidden, s.width), param(s.experts, s.hidden, s.width), param(s.experts, s.width, s.hidden)
@@ -97,7 +101,9 @@ class TorchtitanStyle(nn.Module):
         return combined.view_as(x), None
 
     def _experts(self, rows, offsets, counts):
-        """GroupedExperts._run_experts_grouped_mm: w1 / w3 / w2 as three grouped GEMMs in bf16."""
+        """GroupedExperts._run_experts_grouped_mm: w1 / w3 / w2 as three grouped GEMMs in bf16 (or fp8)."""
+        if self.fp8:
+            return _fp8_experts(rows, counts, self.w1, self.w3, self.w2)
         gate = F.grouped_mm(rows.bfloat16(), self.w1.bfloat16().transpose(-2, -1), offs=offsets)
         up = F.grouped_mm(rows.bfloat16(), self.w3.bfloat16().transpose(-2, -1), offs=offsets)
         if self.real.clamped:  # GPT-OSS: biases and the clamped SwiGLU
@@ -109,6 +115,24 @@ class TorchtitanStyle(nn.Module):
             hidden = F.silu(gate) * up
         out = F.grouped_mm(hidden, self.w2.bfloat16().transpose(-2, -1), offs=offsets)
         return out + self.b2.repeat_interleave(counts, dim=0, output_size=rows.shape[0]) if self.real.clamped else out
+
+
+def _fp8_experts(rows, counts, w1, w3, w2, align: int = 16):
+    """SwiGLU experts through torchao's rowwise fp8 grouped GEMM: rows copied into groups padded to ``align`` (a
+    static buffer of M + align * E rows), the three GEMMs, the real rows read back."""
+    from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm as fp8_gmm
+
+    experts = counts.shape[0]
+    aligned = (counts + align - 1) // align * align
+    padded_ends = torch.cumsum(aligned, 0)
+    expert = torch.repeat_interleave(torch.arange(experts, device=rows.device), counts, output_size=rows.shape[0])
+    start, padded_start = torch.cumsum(counts, 0) - counts, padded_ends - aligned
+    dest = padded_start[expert] + torch.arange(rows.shape[0], device=rows.device) - start[expert]
+    padded = rows.new_zeros(rows.shape[0] + align * experts, rows.shape[1]).index_copy(0, dest, rows)
+    offsets = padded_ends.to(torch.int32)
+    gemm = lambda a, w: fp8_gmm(a, w.transpose(-2, -1), offsets, torch.bfloat16, pad_token_groups_for_grouped_mm=False)  # noqa: E731
+    hidden = F.silu(gemm(padded, w1)) * gemm(padded, w3)
+    return gemm(hidden, w2)[dest]
 
 
 def hf_block(real: RealShape, device, dtype) -> nn.Module | None:
