@@ -20,11 +20,10 @@ import platform
 from pathlib import Path
 
 import torch
+from real_shapes import REAL, SMOKE, DenseSwiGLU, RealShape, TorchtitanStyle, hf_block
 
 from moec.bench.layers import MoecLayer, layer_spec_text, step_of
 from moec.bench.timing import interleaved
-
-from real_shapes import REAL, SMOKE, DenseSwiGLU, RealShape, TorchtitanStyle, hf_block  # noqa: I001 (beside this script)
 
 DENSE, HF, TITAN = "dense (limit)", "hf grouped_mm", "torchtitan-style"
 

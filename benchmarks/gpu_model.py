@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 import torch
+from model_step import hf_step, lm_loss, moec_step
 
 import moec
 from moec.compile import build_model, compile_spec, parallel_module
 from moec.interop.hf_export import export_hf
 from moec.observe.mfu import device_peak
-
-from model_step import hf_step, lm_loss, moec_step  # noqa: I001 (beside this script)
 
 SPEC = Path(__file__).with_name("olmoe_shape.yaml")
 SMOKE = ["model.d_model=64", "model.inputs.vocab=256", "model.blocks[0].repeat=2", "model.blocks[0].layers[0].heads=4",

@@ -64,7 +64,7 @@ class DenseSwiGLU(nn.Module):
     def __init__(self, shape: LayerShape, device, dtype) -> None:
         super().__init__()
         self.k = shape.top_k
-        make = lambda i, o: nn.Linear(i, o, bias=False, device=device, dtype=dtype)  # noqa: E731
+        make = lambda i, o: nn.Linear(i, o, bias=False, device=device, dtype=dtype)
         self.w_gate, self.w_up, self.w_down = make(shape.width, shape.hidden), make(shape.width, shape.hidden), make(shape.hidden, shape.width)
 
     def forward(self, x):  # (1, N, D) -> (k, N, D): the upstream gradient broadcasts
@@ -78,7 +78,7 @@ class TorchtitanStyle(nn.Module):
     def __init__(self, real: RealShape, device, dtype, fp8: bool = False) -> None:
         super().__init__()
         s, self.real, self.fp8 = real.shape, real, fp8
-        param = lambda *size: nn.Parameter(torch.randn(*size, device=device, dtype=dtype) * size[-1] ** -0.5)  # noqa: E731
+        param = lambda *size: nn.Parameter(torch.randn(*size, device=device, dtype=dtype) * size[-1] ** -0.5)
         self.router = param(s.experts, s.width)
         self.w1, self.w3, self.w2 = param(s.experts, s.hidden, s.width), param(s.experts, s.hidden, s.width), param(s.experts, s.width, s.hidden)
         if real.clamped:
@@ -120,7 +120,9 @@ class TorchtitanStyle(nn.Module):
 def _fp8_experts(rows, counts, w1, w3, w2, align: int = 16):
     """SwiGLU experts through torchao's rowwise fp8 grouped GEMM: rows copied into groups padded to ``align`` (a
     static buffer of M + align * E rows), the three GEMMs, the real rows read back."""
-    from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm as fp8_gmm
+    from torchao.prototype.moe_training import (
+        _to_fp8_rowwise_then_scaled_grouped_mm as fp8_gmm,
+    )
 
     experts = counts.shape[0]
     aligned = (counts + align - 1) // align * align
@@ -130,7 +132,7 @@ def _fp8_experts(rows, counts, w1, w3, w2, align: int = 16):
     dest = padded_start[expert] + torch.arange(rows.shape[0], device=rows.device) - start[expert]
     padded = rows.new_zeros(rows.shape[0] + align * experts, rows.shape[1]).index_copy(0, dest, rows)
     offsets = padded_ends.to(torch.int32)
-    gemm = lambda a, w: fp8_gmm(a, w.transpose(-2, -1), offsets, torch.bfloat16, pad_token_groups_for_grouped_mm=False)  # noqa: E731
+    gemm = lambda a, w: fp8_gmm(a, w.transpose(-2, -1), offsets, torch.bfloat16, pad_token_groups_for_grouped_mm=False)
     hidden = F.silu(gemm(padded, w1)) * gemm(padded, w3)
     return gemm(hidden, w2)[dest]
 
@@ -142,7 +144,9 @@ def hf_block(real: RealShape, device, dtype) -> nn.Module | None:
         from transformers import GptOssConfig, MixtralConfig, Qwen3MoeConfig
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+            Qwen3MoeSparseMoeBlock,
+        )
     except ImportError:
         return None
     s = real.shape

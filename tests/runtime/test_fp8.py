@@ -20,7 +20,7 @@ from moec.train.trainer import Trainer, TrainingError
 from tests.runtime.helpers import quick_text
 
 torchao = pytest.importorskip("torchao")
-from torchao.float8.float8_linear import Float8Linear  # noqa: E402
+from torchao.float8.float8_linear import Float8Linear
 
 LOGITS_TOLERANCE = 0.06  # measured 0.029
 PROJECTION_GRAD_TOLERANCE = 0.15  # measured 0.06 - 0.085
@@ -103,7 +103,7 @@ def test_fp8_runs_on_sm89_and_newer_and_emulates_on_the_cpu(monkeypatch):
 
 
 def test_an_a100_is_refused_at_launch_in_one_line(monkeypatch, tmp_path):
-    import moec.train.precision as precision
+    from moec.train import precision
 
     monkeypatch.setattr(precision, "fp8_emulated", lambda device: (_ for _ in ()).throw(ValueError("needs sm89")))
     with pytest.raises(TrainingError, match="^needs sm89$"):

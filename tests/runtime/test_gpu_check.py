@@ -21,7 +21,7 @@ def test_the_cpu_smoke_mode_writes_every_row(tmp_path):
     env = os.environ | {"PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
     results_before = sorted((REPO / "benchmarks" / "results").iterdir())
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "CPU smoke mode" in (tmp_path / "gpu.txt").read_text()
     layers = json.loads((tmp_path / "layers_bf16.json").read_text())
