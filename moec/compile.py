@@ -14,6 +14,7 @@ import torch
 
 from moec.backends.init import init_parameter
 from moec.backends.parallel import emit_parallel, parallel_plan
+from moec.backends.parallel.float8 import float8_linears
 from moec.backends.parallel.plan import support_names
 from moec.backends.parallel.tensor import split_kind, tensor_axis, tensor_splits
 from moec.backends.reference import ReferenceModel
@@ -85,7 +86,8 @@ def compile_spec(spec, disable: tuple[str, ...] = (), kernel_choice=None) -> Pro
     blocks = sum(block.repeat for block in spec.model.blocks)
     stages = tuple(tuple(row["blocks"]) for row in manifest["pipeline_stages"])
     parallel = emit_parallel(spec, plan, blocks, header[:3], experts=max(experts.values(), default=0), stages=stages,
-                             cache_input=decode_support(compiled.graph) is None)
+                             cache_input=decode_support(compiled.graph) is None,
+                             float8=float8_linears(compiled.graph) if spec.schedule.precision.compute == "fp8" else None)
     return Program(spec=spec, graph=compiled.graph, source=source, manifest=manifest, log=compiled.log, parallel_source=parallel,
                    support_source=support)
 

@@ -12,6 +12,7 @@ from typing import Iterator
 
 from moec.layers import LAYER_KINDS
 from moec.schema.checks_context import context_checks
+from moec.schema.checks_precision import precision_checks
 from moec.schema.checks_schedule import schedule_checks
 from moec.schema.checks_tensor import tensor_checks
 from moec.schema.errors import format_path
@@ -35,6 +36,7 @@ def run_checks(spec: Spec) -> list[Finding]:
         _data_matches_model,
         _options_are_used,
         *schedule_checks(),
+        *precision_checks(),
         *tensor_checks(),
         *context_checks(),
         _expert_placement,

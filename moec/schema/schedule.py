@@ -9,13 +9,17 @@ from pydantic import Field, model_validator
 from moec.schema.base import Base, PosInt, field_error
 
 DType = Literal["fp32", "bf16", "fp16"]
+Compute = Literal["fp32", "bf16", "fp16", "fp8"]
 
 
 class Precision(Base):
     """Storage and arithmetic dtypes."""
 
     params: DType = Field("fp32", description="Master weights.")
-    compute: DType = Field("fp32", description="Matmuls and activations (autocast).")
+    compute: Compute = Field("fp32", description=(
+        "Matmuls and activations (autocast). fp8: the attention and MLP projections (nn.Linear) run rowwise-scaled "
+        "fp8 GEMMs through torchao's float8 training (torchtitan's H100 recipe; CUDA compute capability >= 8.9, "
+        "emulated on the CPU; needs moec[fp8]); everything else, routed experts included, runs in bf16 autocast."))
     accumulate: Literal["fp32", "bf16"] = Field(
         "fp32", description="Matmul accumulators: fp32 also turns off cuBLAS's reduced-precision split-K reductions; "
         "bf16 is refused (torch cannot be asked for bf16 accumulators).")

@@ -39,7 +39,7 @@ from moec.train.fit import check_fit
 from moec.train.optim import make_optimizer
 from moec.train.vocab_loss import cross_entropy, loss_context
 from moec.train.pipeline_step import PipelineError, make_pipeline, pipeline_axis
-from moec.train.precision import apply_accumulation
+from moec.train.precision import apply_accumulation, float8_model
 from moec.train.resume import check_init_from, check_spec, find_checkpoint
 from moec.train.saving import RunCheckpoints
 from moec.train.step import train_step
@@ -108,6 +108,11 @@ class Trainer:
         self.model = build_model(spec, device="meta" if on_meta else self.device, program=self.program).train()
         if init_from is not None and resume is None:  # weights only (moec import hf, or another run's checkpoint)
             self._init_from(Path(init_from))
+        if hasattr(self.parallel, "float8_training"):  # compute: fp8, before AC, compile and FSDP (torchtitan's order)
+            try:
+                self.model = float8_model(self.parallel, self.model, self.device, self.display and self.display.log)
+            except ValueError as err:
+                raise TrainingError(str(err)) from None
         try:  # sharding.pipeline over more than one rank: this rank keeps its stage(s) (moec.train.pipeline_step)
             self.pipeline = make_pipeline(spec, self.program, self.model, self.dist, self.parallel)
         except PipelineError as err:
