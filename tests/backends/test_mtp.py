@@ -179,5 +179,5 @@ def test_hf_export_refuses_the_mtp_modules():
     from moec.interop.errors import NotExportable
     from moec.interop.hf_export import hf_config
 
-    with pytest.raises(NotExportable, match=r"^model\.head\.mtp: HF transformers' causal LMs have no multi-token prediction"):
+    with pytest.raises(NotExportable, match=r"^model\.head\.mtp: this family's checkpoints have no multi-token prediction layers moec writes; remove head\.mtp"):
         hf_config(mtp_spec(1, last=DENSE))
