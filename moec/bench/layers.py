@@ -55,10 +55,13 @@ def layer_spec_text(shape: LayerShape, layer_yaml: str | None = None, kernel: st
 class MoecLayer(torch.nn.Module):
     """The fused ``moe`` function of a one-layer generated program, with that layer's parameters."""
 
-    def __init__(self, spec_text: str, device, dtype) -> None:
+    def __init__(self, spec_text: str, device, dtype, kernel_choice=None) -> None:
+        """``kernel_choice``: kernels.moe auto's measured choice (moec.bench.kernel_choice); None: the fixed rule."""
         super().__init__()
+        from moec.compile import build_model, compile_spec
+
         spec = moec.load_spec_text(spec_text, "<bench layer>")
-        model = moec.build_model(spec, device=device, dtype=dtype)
+        model = build_model(spec, device=device, dtype=dtype, program=compile_spec(spec, kernel_choice=kernel_choice))
         self.moe = model.blocks[0].moe  # the generated MoE class: forward(h), or forward(h, token ids)
         (_, attrs), = model.program.moe_layers()
         self.routes_by_id = not ROUTERS[attrs.router.kind].learned  # token_id: the router reads token ids

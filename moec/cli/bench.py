@@ -50,6 +50,33 @@ def run_bench(spec_path: Path, tokens: list[int] | None, reps: int, device: str,
          "startup": _startup_table}[name](spec, rows, reps, device)
 
 
+def run_kernel_table(spec_path: Path, overrides: tuple[str, ...], device: str, as_json: bool) -> None:
+    """``moec bench --kernels``: the kernel-choice table of the spec's MoE layers on ``device`` and what auto picks."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moec.bench.kernel_choice import choose_moe_kernels
+
+    spec = load_spec_or_exit(spec_path, overrides)
+    choice = choose_moe_kernels(spec, device, log=lambda line: typer.echo(line, err=True))
+    if as_json:
+        typer.echo(json.dumps(choice.record(), indent=1))
+        return
+    typer.echo(choice.line())
+    if not choice.layers:
+        return
+    table = Table(title=f"{spec.name}: kernels.moe auto, forward + backward of one layer, median ms on {device}")
+    for column in ("layer", "kernel", "median ms", "vs chosen", "chosen", "source"):
+        table.add_column(column, justify="left" if column in ("layer", "kernel", "source") else "right")
+    for layer in choice.layers:
+        best = layer.timings_ms[layer.kernel]
+        for kernel, ms in sorted(layer.timings_ms.items(), key=lambda item: item[1]):
+            table.add_row(layer.layer, kernel, f"{ms:.3f}", f"{ms / best:.2f}x", "*" if kernel == layer.kernel else "", layer.source)
+    Console().print(table)
+    for layer in choice.layers:
+        typer.echo(f"{layer.layer}: {layer.key}")
+
+
 def _moe_table(spec, rows, reps: int, device: str) -> None:
     from rich.console import Console
     from rich.table import Table

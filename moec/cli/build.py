@@ -12,15 +12,21 @@ from moec.cli.output import human, load_spec_or_exit, print_spec_error
 
 
 def run_build(spec_path: Path, output: Path | None, dump_ir: bool, render_svg: bool, disable: tuple[str, ...],
-              overrides: tuple[str, ...] = ()) -> None:
+              overrides: tuple[str, ...] = (), device: str | None = None) -> None:
     from moec import SpecError
+    from moec.bench.kernel_choice import choose_moe_kernels, default_device
     from moec.compile import compile_spec
     from moec.passes import PipelineUsageError
     from moec.schema.spec import path_safe
 
+    if device not in (None, "cpu", "cuda"):
+        raise typer.BadParameter(f"unknown device {device!r}; use cpu or cuda", param_hint="--device")
     spec = load_spec_or_exit(spec_path, overrides)
+    choice = choose_moe_kernels(spec, device or default_device(), log=lambda line: typer.echo(line, err=True))
+    if choice.worth_saying:
+        typer.echo(choice.line())
     try:
-        program = compile_spec(spec, disable=disable)
+        program = compile_spec(spec, disable=disable, kernel_choice=choice)
     except SpecError as err:
         print_spec_error(err)
         raise typer.Exit(1) from None

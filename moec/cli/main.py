@@ -78,11 +78,14 @@ def build(
     dump_ir: bool = typer.Option(False, "--dump-ir", help="Print the graph after every pass, with its time and op changes."),
     graph: bool = typer.Option(False, "--graph", help="Also render graph.dot to graph.svg (needs Graphviz's dot)."),
     disable_pass: List[str] = typer.Option([], "--disable-pass", help="Skip a pass by name (repeatable)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where kernels.moe auto times its candidates: cpu or cuda "
+                                         "(default: cuda when torch sees one, else cpu)."),
 ) -> None:
     """Compile a spec: write model.py, manifest.json, ir.txt and graph.dot; print a summary."""
     from moec.cli.build import run_build
 
-    run_build(spec, output, dump_ir=dump_ir, render_svg=graph, disable=tuple(disable_pass), overrides=tuple(overrides or ()))
+    run_build(spec, output, dump_ir=dump_ir, render_svg=graph, disable=tuple(disable_pass), overrides=tuple(overrides or ()),
+              device=device)
 
 
 @app.command()
@@ -195,12 +198,18 @@ def bench(
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
     startup: bool = typer.Option(False, "--startup", help="Also time building the program and the whole model's first "
                                  "training step in new processes, with cold and then warm compile caches."),
+    kernels: bool = typer.Option(False, "--kernels", help="Only show the table kernels.moe auto chooses from on --device: "
+                                 "each candidate kernel's time per MoE layer and the choice (timed now where the table "
+                                 "lacks the spec's shapes)."),
 ) -> None:
     """Time each MoE layer of a spec against dense GEMMs, HF grouped_mm experts and a per-expert loop; each spectral
     MoE layer against attention as the sequence grows, and with the DFT against torch.fft; with --startup, the build
-    and the first step's compile, cold and warm."""
-    from moec.cli.bench import run_bench
+    and the first step's compile, cold and warm; with --kernels, kernels.moe auto's table."""
+    from moec.cli.bench import run_bench, run_kernel_table
 
+    if kernels:
+        run_kernel_table(spec, tuple(overrides or ()), device, json_out)
+        return
     run_bench(spec, tokens, reps, device, compiled, json_out, tuple(overrides or ()), seqs, crossover_seqs, startup)
 
 

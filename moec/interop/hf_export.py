@@ -68,8 +68,8 @@ def _check(model, decoder: Decoder, family: Family) -> None:
 
     if model.inputs.kind != "tokens" or model.head.kind != "lm" or model.head.pool != "none":
         refuse("model.head", "HF causal LMs take token ids and predict every position")
-    if model.head.mtp is not None:
-        refuse("model.head.mtp", "HF transformers' causal LMs have no multi-token prediction modules; remove head.mtp")
+    if model.head.mtp is not None and not family.mtp_layers:  # DeepSeek-V3's checkpoints hold them after the model's layers
+        refuse("model.head.mtp", "this family's checkpoints have no multi-token prediction layers moec writes; remove head.mtp")
     if model.position != "none":
         refuse("model.position", "HF families use RoPE only")
     if model.final_norm is None or model.final_norm.kind != "rmsnorm":
@@ -91,6 +91,8 @@ def _check_attention(decoder: Decoder, family: Family, refuse) -> None:
     attention, path = decoder.attention, f"{decoder.layers[0][0]}.layers[0]"
     if attention.rope is None or not attention.causal or attention.dropout:
         refuse(path, "HF attention is causal, with RoPE and no dropout")
+    if attention.rope.fraction != 1.0 and not family.partial_rotary:
+        refuse(f"{path}.rope.fraction", "partial rotary (partial_rotary_factor) exports only as GLM-4.5-MoE")
     if family.attention_bias is not None and attention.bias not in _values(family.attention_bias):
         refuse(f"{path}.bias", f"must be {' or '.join(map(repr, _values(family.attention_bias)))}")
     if family.attention_bias is None and attention.bias is not False and attention.bias is not True:
@@ -153,6 +155,8 @@ def hf_config(spec) -> tuple[dict, Family, list[bool]]:
         elif moe.aux.load_balance:
             raise NotExportable(f"model.blocks: {family.architecture} has no auxiliary load-balance loss; set aux.load_balance: 0")
         config |= family.moe_config_fields(moe, decoder)
+    if model.head.mtp is not None:  # its layers follow the model's (moec.interop.mtp_layers); HF has no field for its weight
+        config["num_nextn_predict_layers"] = model.head.mtp.depth
     if len({ffn.hidden for ffn in dense}) > 1:
         raise NotExportable("model.blocks: HF configs have one intermediate_size for every dense layer")
     return config, family, decoder.moe_layers

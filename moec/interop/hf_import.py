@@ -7,7 +7,9 @@ Tokenizer files, when present, are copied to ``<stem>.tokenizer/`` beside the sp
 
 What cannot be imported faithfully is refused before anything is written: pickled weights
 (never unpickled), damaged safetensors files, a config whose sizes the tensors contradict,
-one that makes an invalid spec. Tensors holding NaN or inf are imported and listed.
+one that makes an invalid spec. Tensors holding NaN or inf are imported and listed. A DeepSeek-V3
+checkpoint's multi-token prediction layers, when it holds them, become the spec's ``head.mtp``
+(``moec.interop.mtp_layers``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from moec.interop.errors import UnsupportedConfig
 from moec.interop.families import Family
 from moec.interop.families.base import expert_count
 from moec.interop.hf_config import check_fields, family_of, model_section, moe_layer_indices, safe_name
+from moec.interop.mtp_layers import IMPORTED_WEIGHT, checkpoint_depth
 from moec.interop.weights import SHARD_BYTES, ShardWriter, WeightsError, open_safetensors, tensor_shapes
 from moec.schema.errors import format_path
 
@@ -92,11 +95,14 @@ def import_hf(directory: Path, spec_path: Path, shard_bytes: int = SHARD_BYTES) 
     spec, family = spec_from_config(config, spec_path.stem, directory.name)
     files = source_files(directory)
     found = tensor_shapes(files)
+    mtp_depth = checkpoint_depth(config, found, family)
+    if mtp_depth:  # the checkpoint holds DeepSeek-V3's multi-token prediction layers: moec's head.mtp modules
+        spec["model"]["head"]["mtp"] = {"depth": mtp_depth, "weight": IMPORTED_WEIGHT}
     check_embedding(config, found)
     check_shapes(found, config, family, validated(spec))
     spec_path.parent.mkdir(parents=True, exist_ok=True)
-    weights, count, nonfinite = _write_weights(files, config, family, spec_path, directory.name, shard_bytes)
-    notes = family.import_notes(config)
+    weights, count, nonfinite = _write_weights(files, config, family, spec_path, directory.name, shard_bytes, mtp_depth)
+    notes = family.import_notes(config, mtp_imported=bool(mtp_depth))
     spec_path.write_text(render_spec(spec, weights, notes))
     _copy_tokenizer(directory, spec_path)
     return Imported(spec=spec_path, weights=weights, family=family.name, tensors=count, nonfinite=nonfinite, notes=notes)
@@ -145,13 +151,15 @@ def _agree(file: Path, name: str, shape: tuple, expected: tuple, fields: str = "
         raise WeightsError(f"{file}: tensor {name} has shape {list(shape)}, but config.json implies {list(expected)}{fields}")
 
 
-def _write_weights(files: list[Path], config: dict, family: Family, spec_path: Path, source: str, shard_bytes: int):
+def _write_weights(files: list[Path], config: dict, family: Family, spec_path: Path, source: str, shard_bytes: int,
+                   mtp_depth: int = 0):
     """(weights file or None, tensors written, names of source tensors holding NaN / inf); on any error no shard is left."""
     from moec.interop.hf_weights import Converter
 
     if not files:
         return None, 0, []
-    convert = Converter(family, moe_layer_indices(config, family), expert_count(config), tied=bool(config.get("tie_word_embeddings", False)))
+    convert = Converter(family, moe_layer_indices(config, family), expert_count(config), tied=bool(config.get("tie_word_embeddings", False)),
+                        mtp_depth=mtp_depth)
     writer = ShardWriter(spec_path.with_suffix(""), shard_bytes, metadata={"source": source, "family": family.name})
     count, nonfinite = 0, []
     try:

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from moec.interop import mtp_layers
 from moec.interop.families import Family
 from moec.interop.families.base import EXPERTS, GLOBAL
 from moec.interop.families.experts import FUSED_HALVES
@@ -27,12 +28,17 @@ HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 class Converter:
     """HF tensors in, moec tensors out; per-expert pieces are held until a layer's stack is complete."""
 
-    def __init__(self, family: Family, moe_layers: list[bool], experts: int, tied: bool = False):
+    def __init__(self, family: Family, moe_layers: list[bool], experts: int, tied: bool = False, mtp_depth: int = 0):
         self.family, self.moe_layers, self.experts, self.tied = family, moe_layers, experts, tied
+        self.mtp_depth = mtp_depth  # the checkpoint's multi-token prediction layers, after the model's (moec.interop.mtp_layers)
         self.tables = {has: family.layer_names(has) | family.import_aliases(has) for has in (False, True)}
         self.pending: dict[str, dict[int, torch.Tensor]] = {}  # key -> expert -> piece; fused key -> half -> stack
+        self.originals: dict[str, torch.Tensor] = {}  # with MTP layers: the embedding and head their copies must equal
+        self.copies: dict[str, tuple[str, torch.Tensor]] = {}  # the MTP layers' copies: hf name -> (moec name, tensor)
 
     def __call__(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.mtp_depth and name in GLOBAL:
+            self.originals[GLOBAL[name]] = tensor
         if name == "lm_head.weight" and self.tied:  # some checkpoints store the tied head too: it is embed.weight
             return
         if name in GLOBAL:
@@ -42,12 +48,29 @@ class Converter:
         if not found:
             raise KeyError(f"tensor {name!r} has no place in the moec model")
         index, rest = int(found.group(1)), found.group(2)
-        prefix = f"blocks.{index}."
-        table = self.tables[self.moe_layers[index]]
+        if index >= len(self.moe_layers):
+            yield from self._mtp(name, index - len(self.moe_layers), rest, tensor)
+            return
+        yield from self._layer(name, f"blocks.{index}.", self.moe_layers[index], rest, tensor)
+
+    def _mtp(self, name: str, depth: int, rest: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """A multi-token prediction layer's tensor: its own, a copy of the model's (checked in ``finish``), or its
+        block's (shaped like the model's last layer, as moec's MTP block copies the last block)."""
+        if depth >= self.mtp_depth:
+            raise KeyError(f"tensor {name!r} has no place in the moec model")
+        if rest in mtp_layers.OWN:
+            yield f"mtp.{depth}.{mtp_layers.OWN[rest]}", tensor
+        elif rest in mtp_layers.COPIES:
+            self.copies[name] = (mtp_layers.COPIES[rest], tensor)
+        else:
+            yield from self._layer(name, f"mtp.{depth}.block.", self.moe_layers[-1], rest, tensor)
+
+    def _layer(self, name: str, prefix: str, moe: bool, rest: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        table = self.tables[moe]
         if rest in table:
             yield prefix + table[rest], tensor
             return
-        pieces = self.family.expert_layout.to_moec(rest, tensor) if self.moe_layers[index] else []
+        pieces = self.family.expert_layout.to_moec(rest, tensor) if moe else []
         if not pieces:
             raise KeyError(f"tensor {name!r} has no place in the moec model")
         for ours, expert, piece in pieces:
@@ -76,6 +99,7 @@ class Converter:
             yield prefix + fused, torch.stack([halves[0], halves[1]], dim=1)
 
     def finish(self) -> None:
+        mtp_layers.check_copies(self.copies, self.originals, self.tied)
         if self.pending:
             missing = {key: sorted(set(range(2 if key.endswith("_gate_up") else self.experts)) - set(pieces))
                        for key, pieces in self.pending.items()}
@@ -86,22 +110,41 @@ def to_hf(family: Family, moe_layers: list[bool], state: dict[str, torch.Tensor]
     """moec state -> HF tensors (the family's expert layout), one at a time."""
     inverse = {has: {ours: hf for hf, ours in family.layer_names(has).items()} for has in (False, True)}
     glob = {ours: hf for hf, ours in GLOBAL.items()}
+    layers, depths = len(moe_layers), set()
     for name, tensor in state.items():
         if name in glob:
             yield glob[name], tensor
+            continue
+        if (mtp := mtp_layers.MTP_NAME.match(name)) is not None:  # a multi-token prediction layer, after the model's
+            depth, rest = int(mtp.group(1)), mtp.group(2)
+            depths.add(depth)
+            own = mtp_layers.to_hf_names(depth, layers, rest)
+            if own is not None:
+                yield own, tensor
+            elif rest.startswith("block."):
+                yield from _layer_to_hf(family, inverse[moe_layers[-1]], f"model.layers.{layers + depth}.",
+                                        f"mtp.{depth}.block.", rest.removeprefix("block."), state, name, tensor)
+            else:
+                raise KeyError(f"parameter {name!r} has no Hugging Face name")
             continue
         found = split_block_name(name)
         if found is None:
             raise KeyError(f"parameter {name!r} has no Hugging Face name")
         index, rest = found
-        prefix = f"model.layers.{index}."
-        if rest.startswith(EXPERTS) and family.expert_layout is not None:
-            experts = f"blocks.{index}.{EXPERTS}"
-            yield from family.expert_layout.to_hf(prefix, rest.removeprefix(EXPERTS), lambda ours: state[experts + ours])
-        elif rest in inverse[moe_layers[index]]:
-            yield prefix + inverse[moe_layers[index]][rest], tensor
-        else:
-            raise KeyError(f"parameter {name!r} has no Hugging Face name")
+        yield from _layer_to_hf(family, inverse[moe_layers[index]], f"model.layers.{index}.", f"blocks.{index}.", rest, state,
+                                name, tensor)
+    yield from mtp_layers.copies_to_hf(depths, layers, state)
+
+
+def _layer_to_hf(family: Family, inverse: dict, prefix: str, owner: str, rest: str, state: dict, name: str, tensor):
+    """One decoder layer's moec tensor (``owner`` + ``rest``) under HF's ``prefix``."""
+    if rest.startswith(EXPERTS) and family.expert_layout is not None:
+        experts = owner + EXPERTS
+        yield from family.expert_layout.to_hf(prefix, rest.removeprefix(EXPERTS), lambda ours: state[experts + ours])
+    elif rest in inverse:
+        yield prefix + inverse[rest], tensor
+    else:
+        raise KeyError(f"parameter {name!r} has no Hugging Face name")
 
 
 def hf_shapes(family: Family, moe_layers: list[bool], model: torch.nn.Module) -> dict[str, tuple[int, ...]]:

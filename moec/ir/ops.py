@@ -140,11 +140,13 @@ def _layernorm(types, attrs):
 
 # YaRN (rope.scaling): factor, original, beta_fast, beta_slow, truncate are all set or none; ``scale`` (DeepSeek's mscale)
 # replaces YaRN's cos / sin scale. ``interleave``: dims (2i, 2i+1) pair up (HF's rope_interleave), else i and i + head_dim/2.
-@op("rope", 1, required="heads head_dim theta", optional="factor original beta_fast beta_slow truncate scale interleave")
+# ``rotary_dim`` (partial rotary): only each head's first rotary_dim dims rotate, as if head_dim were rotary_dim.
+@op("rope", 1, required="heads head_dim theta", optional="factor original beta_fast beta_slow truncate scale interleave rotary_dim")
 def _rope(types, attrs):
     (x,) = types
     _last(x, attrs["heads"] * attrs["head_dim"], "rope input")
-    _expect(attrs["head_dim"] % 2 == 0, f"rope needs an even head_dim, got {attrs['head_dim']}")
+    rotated = attrs.get("rotary_dim", attrs["head_dim"])
+    _expect(rotated % 2 == 0 and 0 < rotated <= attrs["head_dim"], f"rope needs an even rotary_dim within head_dim, got {rotated}")
     return _same(x)
 
 

@@ -86,11 +86,12 @@ def _mfu(trainer, result) -> str | None:
     """The MFU line where the device's peak is known (CUDA devices in moec.observe.mfu.PEAKS)."""
     import torch
 
+    from moec.dtypes import compute_name
     from moec.observe.mfu import mfu
 
     if trainer.device.type != "cuda":
         return None
-    precision = trainer.spec.schedule.precision.compute
+    precision = compute_name(trainer.spec.schedule.precision.compute)  # fp8: against the bf16 peak, as torchtitan
     found = mfu(result.tokens_per_s / max(trainer.dist.world_size, 1), trainer.program.manifest["flops_per_token"]["training"],
                 torch.cuda.get_device_name(trainer.device), precision)
     return None if found is None else f"{found[1]:.1%} of one {found[0]}'s dense {precision} peak per device"

@@ -134,6 +134,8 @@ def _lower_mtp(cx: Lowering, hidden: Ref) -> tuple[Ref, ...]:
         proj = b.param(f"{owner}.eh_proj.weight", (d, 2 * d), path, std=init_std(spec), group="mtp")
         hidden = _lower_block(cx, last, len(model.blocks) - 1, f"{owner}.block", b.add("linear", [b.add("concat", [e, h], path), proj], path))
         logits.append(b.add("linear", [_norm(b, hidden, norm, f"{owner}.norm", path, d), head], path))
+    if cx.balance:  # load_balance_scope 'model' with load_balance 0 (HF's DeepSeek-V3): a zero term, as the model's
+        cx.aux_terms.append(_pooled_load_balance(b, cx.balance))
     return (*logits, _sum(b, cx.aux_terms, path))
 
 

@@ -12,6 +12,7 @@ from typing import Iterator
 
 from moec.layers import LAYER_KINDS
 from moec.schema.checks_context import context_checks
+from moec.schema.checks_precision import precision_checks
 from moec.schema.checks_schedule import schedule_checks
 from moec.schema.checks_tensor import tensor_checks
 from moec.schema.errors import format_path
@@ -35,6 +36,7 @@ def run_checks(spec: Spec) -> list[Finding]:
         _data_matches_model,
         _options_are_used,
         *schedule_checks(),
+        *precision_checks(),
         *tensor_checks(),
         *context_checks(),
         _expert_placement,
@@ -134,7 +136,8 @@ def _parallel_divisibility(spec: Spec) -> Iterator[Finding]:
 
 
 def _mtp_parallelism(spec: Spec) -> Iterator[Finding]:
-    """What multi-token prediction (head.mtp) runs under: one process, data parallelism and FSDP."""
+    """What multi-token prediction (head.mtp) runs under: every parallelism but pipeline and sequence parallelism.
+    Under ep its blocks' MoE layers dispatch as the model's do, under tp its blocks split as the last block does."""
     mtp = getattr(spec.model.head, "mtp", None)
     if mtp is None:
         return
@@ -142,13 +145,14 @@ def _mtp_parallelism(spec: Spec) -> Iterator[Finding]:
     if sharding.pipeline is not None and axis_size(spec, [sharding.pipeline.axis]) > 1:
         # as torchtitan's deepseek_v3 refuses it: the MTP modules read the embedding (the first stage's) and the last
         # block's hidden state and the head (the last stage's), and their loss is not the last stage's logits alone
-        yield path, ("multi-token prediction is not supported with pipeline parallelism: its modules need the first stage's "
-                     "embedding and the last stage's hidden state and head; remove head.mtp or sharding.pipeline")
-    for role, size in (("tensor", axis_size(spec, [sharding.tensor.axis]) if sharding.tensor else 1),
-                       ("expert", axis_size(spec, sharding.experts))):
-        if size > 1:
-            yield path, (f"multi-token prediction is not supported with {role} parallelism yet: parallel.py's plan covers "
-                         "model.blocks, not the MTP modules' blocks; use data parallelism or FSDP")
+        yield path, ("multi-token prediction is not supported with pipeline parallelism (torchtitan's DeepSeek-V3 "
+                     "refuses it too): its modules need the first stage's embedding and the last stage's hidden state "
+                     "and head; remove head.mtp or sharding.pipeline")
+    tensor = sharding.tensor
+    if tensor is not None and tensor.sequence_parallel and axis_size(spec, [tensor.axis]) > 1:
+        yield path, ("multi-token prediction is not supported with sequence parallelism yet: parallel.py splits the "
+                     "model's blocks over S / tp positions, not the MTP modules' blocks; remove "
+                     "sharding.tensor.sequence_parallel")
     if spec.train.seq_len <= mtp.depth:
         yield path, f"depth {mtp.depth} leaves no position with a target at train.seq_len {spec.train.seq_len}"
 

@@ -146,9 +146,19 @@ class Model(Base):
                 raise field_error(f"{where}.heads", f"must divide d_model ({self.d_model}), got {layer.heads}; or set head_dim")
             if layer.kv_heads is not None and layer.heads % layer.kv_heads:
                 raise field_error(f"{where}.kv_heads", f"must divide heads ({layer.heads}), got {layer.kv_heads}")
+            if layer.rope is not None and layer.rope.fraction < 1.0:
+                self._rotary_dims_fit(layer, where)
         if self.head.kind == "lm" and self.head.mtp is not None:
             self._mtp_block_fits()
         return self
+
+    def _rotary_dims_fit(self, layer, where: str) -> None:
+        """Partial rotary rotates a whole, even number of each head's dims (HF: int(head_dim * partial_rotary_factor))."""
+        head_dim = layer.head_dim or self.d_model // layer.heads
+        dims = head_dim * layer.rope.fraction
+        if abs(dims - round(dims)) > 1e-9 or round(dims) % 2 or round(dims) < 2:
+            raise field_error(f"{where}.rope.fraction", f"rotates head_dim ({head_dim}) x {layer.rope.fraction} = {dims:g} dims of "
+                                                        "each head, which must be an even whole number of at least 2")
 
     def _mtp_block_fits(self) -> None:
         """An MTP module's block copies the last block: a decoder layer (attention / mla, mlp / moe), as DeepSeek-V3's."""
@@ -160,7 +170,7 @@ class Model(Base):
             if layer.kind == "moe" and layer.router.kind == "token_id":
                 raise field_error("head.mtp", f"copies the last block (blocks.{last}) into each MTP module, whose layer {i} routes "
                                               "by token id; multi-token prediction supports the learned routers")
-            if layer.kind == "moe" and layer.aux.load_balance_scope == "model":
+            if layer.kind == "moe" and layer.aux.load_balance_scope == "model" and layer.aux.load_balance > 0:
                 raise field_error("head.mtp", f"copies the last block (blocks.{last}) into each MTP module, whose layer {i} pools "
                                               "its load balance over the model (load_balance_scope 'model'); use 'layer' or 'sequence'")
 

@@ -9,13 +9,17 @@ from pydantic import Field, model_validator
 from moec.schema.base import Base, PosInt, field_error
 
 DType = Literal["fp32", "bf16", "fp16"]
+Compute = Literal["fp32", "bf16", "fp16", "fp8"]
 
 
 class Precision(Base):
     """Storage and arithmetic dtypes."""
 
     params: DType = Field("fp32", description="Master weights.")
-    compute: DType = Field("fp32", description="Matmuls and activations (autocast).")
+    compute: Compute = Field("fp32", description=(
+        "Matmuls and activations (autocast). fp8: the attention and MLP projections (nn.Linear) run rowwise-scaled "
+        "fp8 GEMMs through torchao's float8 training (torchtitan's H100 recipe; CUDA compute capability >= 8.9, "
+        "emulated on the CPU; needs moec[fp8]); everything else, routed experts included, runs in bf16 autocast."))
     accumulate: Literal["fp32", "bf16"] = Field(
         "fp32", description="Matmul accumulators: fp32 also turns off cuBLAS's reduced-precision split-K reductions; "
         "bf16 is refused (torch cannot be asked for bf16 accumulators).")
@@ -53,10 +57,21 @@ class Kernels(Base):
     """Implementation choice per fused op; ``auto`` picks the best one the device supports."""
 
     moe: Literal["auto", "eager", "grouped_mm", "bmm", "triton"] = Field(
-        "auto", description=("auto: grouped_mm when dropless, bmm with capacity. bmm needs capacity mode; triton: moec's Triton "
-                             "grouped GEMMs (CUDA, or the Triton interpreter), needs the triton package."))
+        "auto", description=("auto: the fastest of the kernels that can serve each MoE layer, timed once on the device, dtype "
+                             "and shapes of the run and cached on disk (see measure); bmm needs capacity mode; triton: moec's "
+                             "Triton grouped GEMMs (CUDA, or the Triton interpreter), needs the triton package."))
+    measure: bool = Field(
+        True, description=("kernels.moe auto only. true: time the candidate kernels once per device, dtype and layer shape and "
+                           "keep the fastest (cached beside the compile artifacts; a second build reads it); false: the fixed "
+                           "rule, the same program on every machine: grouped_mm when dropless, bmm with capacity."))
     spectral_moe: Literal["auto", "fft", "dft"] = Field("auto", description="dft: a matmul with the DFT matrix (short sequences).")
     attention: Literal["auto", "sdpa", "eager"] = Field("auto", description="auto and sdpa: torch SDPA; eager: written out.")
+
+    @model_validator(mode="after")
+    def _measure_needs_auto(self) -> "Kernels":
+        if not self.measure and self.moe != "auto":
+            raise field_error("measure", f"is read only by kernels.moe auto (moe is {self.moe!r}); remove it")
+        return self
 
 
 def _power_of_two(low: int, high: int):

@@ -20,7 +20,9 @@ def needed_bytes(spec, manifest: dict, dp_size: int) -> tuple[int, int]:
     """(params + grads + optimizer, activations) in bytes for one device."""
     train, model = spec.train, spec.model
     rows = train.batch // train.grad_accum // max(dp_size, 1) * train.seq_len
-    activations = rows * model.d_model * model.num_layers * ACTIVATION_VALUES_PER_TOKEN_AND_WIDTH * 4
+    mtp = getattr(model.head, "mtp", None)
+    blocks = model.num_layers + (mtp.depth if mtp is not None else 0)  # each MTP depth runs one more block in training
+    activations = rows * model.d_model * blocks * ACTIVATION_VALUES_PER_TOKEN_AND_WIDTH * 4
     return manifest["memory_per_device"]["total_bytes"], activations
 
 

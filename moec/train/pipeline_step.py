@@ -49,7 +49,7 @@ from moec.backends.parallel.pipeline import (
 from moec.backends.parallel.plan import global_balance
 from moec.backends.parallel.tensor import tensor_axis
 from moec.distributed.processes import local_slice
-from moec.dtypes import DTYPES
+from moec.dtypes import DTYPES, compute_dtype
 from moec.observe.memory_plan import held_bytes, plan_check
 from moec.observe.metrics import compiled_graphs, moe_health, peak_memory_bytes
 from moec.passes.stages import stage_split
@@ -216,7 +216,7 @@ class PipelineRun:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         precision = self.spec.schedule.precision
-        policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision.compute], reduce_dtype=DTYPES[precision.reduce])
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype(precision.compute), reduce_dtype=DTYPES[precision.reduce])
         mesh = self._dp_mesh
         for stage in self.stages:
             for block in stage.blocks.values():

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moec.bench.kernel_choice import choose_moe_kernels, default_device
 from moec.checkpoint import compile_cache
 from moec.checkpoint import dcp as ckpt
 from moec.checkpoint.rundir import RunDirError, checked_run_dir, claim_on_rank0, write_run_spec
@@ -38,7 +39,7 @@ from moec.train.fit import check_fit
 from moec.train.optim import make_optimizer
 from moec.train.vocab_loss import cross_entropy, loss_context
 from moec.train.pipeline_step import PipelineError, make_pipeline, pipeline_axis
-from moec.train.precision import apply_accumulation
+from moec.train.precision import apply_accumulation, float8_model
 from moec.train.resume import check_init_from, check_spec, find_checkpoint
 from moec.train.saving import RunCheckpoints
 from moec.train.step import train_step
@@ -74,7 +75,9 @@ class Trainer:
         self.run_dir = checked_run_dir(spec.train.checkpoint.dir if run_dir is None else run_dir)
         if init_from is not None and resume is None:
             check_init_from(Path(init_from))
-        self.program = compile_spec(spec)
+        # kernels.moe auto: timed here once per device and shape (single process), then read from the table
+        self.kernel_choice = choose_moe_kernels(spec, device or default_device(), log=display.log if display else None)
+        self.program = compile_spec(spec, kernel_choice=self.kernel_choice)
         try:
             self.parallel = parallel_module(self.program)  # the generated parallel.py, loaded once
             self.dist = init_distributed(spec, self.parallel, device, spec.train.collective_timeout_s)
@@ -91,6 +94,8 @@ class Trainer:
         self.vocab_mesh = self.dist.mesh[vocab_axis] if vocab_axis and self.dist.distributed else None
         self.mtp = getattr(spec.model.head, "mtp", None)  # multi-token prediction: its loss joins the training loss
         self.display = display if self.dist.is_main else None
+        if self.display and self.kernel_choice.worth_saying:
+            self.display.log(self.kernel_choice.line())
         self.stop = StopRequest()
         torch.manual_seed(self.train.seed)
         torch.use_deterministic_algorithms(spec.schedule.deterministic)  # both ways: an earlier run in this process may have set it
@@ -103,6 +108,11 @@ class Trainer:
         self.model = build_model(spec, device="meta" if on_meta else self.device, program=self.program).train()
         if init_from is not None and resume is None:  # weights only (moec import hf, or another run's checkpoint)
             self._init_from(Path(init_from))
+        if hasattr(self.parallel, "float8_training"):  # compute: fp8, before AC, compile and FSDP (torchtitan's order)
+            try:
+                self.model = float8_model(self.parallel, self.model, self.device, self.display and self.display.log)
+            except ValueError as err:
+                raise TrainingError(str(err)) from None
         try:  # sharding.pipeline over more than one rank: this rank keeps its stage(s) (moec.train.pipeline_step)
             self.pipeline = make_pipeline(spec, self.program, self.model, self.dist, self.parallel)
         except PipelineError as err:

@@ -1,7 +1,7 @@
 """The spec features HF families need, generated program against the reference interpreter.
 
-q/k/v-only bias, q/k RMSNorm (per head and whole projection), the embedding padding row,
-the gated shared expert and the model-scope (pooled) load-balance loss.
+q/k/v-only bias, q/k RMSNorm (per head and whole projection), partial rotary (GLM-4.5), the embedding
+padding row, the gated shared expert and the model-scope (pooled) load-balance loss.
 """
 
 import pytest
@@ -16,7 +16,7 @@ ATTENTION = """        - kind: attention
           kv_heads: 1
           bias: {bias}
           qk_norm: {{scope: {scope}}}
-"""
+{rope}"""
 MOE = """        - kind: moe
           experts: 4
           top_k: 2
@@ -30,12 +30,15 @@ VARIANTS = {  # Qwen2-MoE, Qwen3-MoE, OLMoE shaped
     "qkv_bias_gated_shared_pooled": dict(bias="qkv", scope="head", normalize="false", shared=SHARED, lb="model"),
     "head_norm_pooled": dict(bias="false", scope="head", normalize="true", shared="", lb="model"),
     "projection_norm_layer_scope": dict(bias="true", scope="projection", normalize="false", shared=SHARED, lb="layer"),
+    # GLM-4.5 shaped: q/k/v bias, per-head q/k norm, half of each head rotated
+    "qkv_bias_head_norm_partial_rotary": dict(bias="qkv", scope="head", normalize="true", shared="", lb="model",
+                                              rope="          rope: {fraction: 0.5}\n"),
 }
 
 
 def feature_spec(variant: str, pad_id: int | None = 3):
     v = VARIANTS[variant]
-    layers = ATTENTION.format(bias=v["bias"], scope=v["scope"]) + MOE.format(normalize=v["normalize"], shared=v["shared"], scope=v["lb"])
+    layers = ATTENTION.format(bias=v["bias"], scope=v["scope"], rope=v.get("rope", "")) + MOE.format(normalize=v["normalize"], shared=v["shared"], scope=v["lb"])
     text = spec_with(layers, name=variant, repeat=3).source.text
     if pad_id is not None:
         text = text.replace("vocab: 256}", f"vocab: 256, pad_id: {pad_id}}}")

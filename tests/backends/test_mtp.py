@@ -57,7 +57,9 @@ def mtp_spec(depth: int | None, **kwargs):
     return moec.load_spec_text(mtp_text(depth, **kwargs), file=f"mtp_{depth}.yaml")
 
 
-CASES = {"depth1_dense_tied": (1, DENSE, True), "depth2_moe": (2, MOE, False)}
+# HF's DeepSeek-V3 import (deepseek_v3_671b.yaml): no balance loss, so its 'model' scope pools nothing the MTP block adds to
+HF_MOE = MOE + "          aux: {load_balance: 0.0, load_balance_scope: model, z_loss: 0.0}\n"
+CASES = {"depth1_dense_tied": (1, DENSE, True), "depth2_moe": (2, MOE, False), "depth1_moe_no_balance_loss": (1, HF_MOE, False)}
 
 
 def _tokens(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
@@ -142,7 +144,7 @@ def test_parameters_and_flops_count_the_mtp_modules_exactly(case):
     assert program.manifest["parameters"]["total"] == estimate_params(spec) == total
     block = sum(p.numel() for p in model.mtp[0].block.parameters())
     assert total - estimate_params(plain) == depth * (3 * D + 2 * D * D + block)
-    routed = 4 * 3 * D * 8 if last == MOE else 0  # 4 swiglu experts [8, 16]: top 2 of 4 active per token
+    routed = 4 * 3 * D * 8 if last != DENSE else 0  # 4 swiglu experts [8, 16]: top 2 of 4 active per token
     active = program.manifest["parameters"]["active_per_token"] - plain_program.manifest["parameters"]["active_per_token"]
     assert active == depth * (3 * D + 2 * D * D + block - routed // 2)
     # per depth: eh_proj [D, 2D], a copy of the last block, the shared head [V, D] (2 FLOPs per multiply-add)
@@ -177,5 +179,5 @@ def test_hf_export_refuses_the_mtp_modules():
     from moec.interop.errors import NotExportable
     from moec.interop.hf_export import hf_config
 
-    with pytest.raises(NotExportable, match=r"^model\.head\.mtp: HF transformers' causal LMs have no multi-token prediction"):
+    with pytest.raises(NotExportable, match=r"^model\.head\.mtp: this family's checkpoints have no multi-token prediction layers moec writes; remove head\.mtp"):
         hf_config(mtp_spec(1, last=DENSE))

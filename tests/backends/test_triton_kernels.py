@@ -65,7 +65,11 @@ def test_programs_with_triton_kernels_agree_with_the_reference(variant):
     program = moec.compile_spec(spec)
     assert ("triton_moe.route(logits, " in program.source) == ("sinkhorn" not in variant) and "argsort" not in program.source
     assert "triton_moe.permute(" in program.source and "triton_moe.combine(y_sorted, weights, dest" in program.source
-    assert "triton_moe.grouped_glu(x, self.experts.w_gate_up[:, 1], self.experts.w_gate_up[:, 0]" in program.source  # the activation (and biases) in the GEMM's epilogue
+    # the activation (and biases) in the GEMM's epilogue; a gated one reads w_gate_up [E, 2, H, D] in place
+    gated = any(f"activation: {name}" in rest for name in ("swiglu", "geglu", "clamped_swiglu"))
+    weight, bias = ("w_gate_up", "b_gate_up") if gated else ("w_up", "b_up")
+    assert f"triton_moe.grouped_glu(x, self.experts.{weight}, group_sizes, order, " in program.source
+    assert (f"bias=self.experts.{bias}" in program.source) == ("bias: true" in rest)
     assert "tiles=(16, 32, 16, 4, 3)" in program.source and ("block=16)" in program.source or "sinkhorn" in variant)  # BM: the router's tokens per program
     # (1, 3): three tokens over four experts, so at least one expert is empty
     assert_agree(spec, seeds=(0,), shapes=((2, 16), (1, 3)), kernel_program=program)

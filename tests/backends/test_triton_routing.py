@@ -103,16 +103,17 @@ def test_activation_epilogue_forward_and_backward_match_a_loop(fn, gated, top_k,
     torch.manual_seed(4)
     tokens, width, hidden, experts = 10, 40, 24, 4
     x = torch.randn(tokens, width, requires_grad=True)
-    w_up = (0.2 * torch.randn(experts, hidden, width)).requires_grad_()
-    w_gate = (0.2 * torch.randn(experts, hidden, width)).requires_grad_() if gated else None
-    b_up = torch.randn(experts, hidden).requires_grad_() if bias else None
-    b_gate = torch.randn(experts, hidden).requires_grad_() if bias and gated else None
+    halves = (2,) if gated else ()  # gated: one [E, 2, H, D] weight, gate half first, as experts.w_gate_up
+    w = (0.2 * torch.randn(experts, *halves, hidden, width)).requires_grad_()
+    b = torch.randn(experts, *halves, hidden).requires_grad_() if bias else None
+    w_gate, w_up = (w[:, 0], w[:, 1]) if gated else (None, w)
+    b_gate, b_up = ((b[:, 0], b[:, 1]) if gated else (None, b)) if bias else (None, None)
     expert_of_choice = torch.tensor([0, 0, 2, 2, 2, 0, 3, 3, 0, 2, 0, 0, 2, 3, 3, 2, 0, 0, 2, 2])[: tokens * top_k]  # 1: empty
     order = torch.argsort(expert_of_choice, stable=True)
     sorted_experts = expert_of_choice[order]
     dropped = torch.arange(tokens * top_k) >= kept  # the last rows as if capacity dropped them
     counts = torch.stack([((sorted_experts == e) & ~dropped).sum() for e in range(experts)]).to(torch.int32)
-    h = triton_moe.grouped_glu(x, w_up, w_gate, counts, order, top_k, fn, limit=0.5, alpha=1.702, b_up=b_up, b_gate=b_gate)
+    h = triton_moe.grouped_glu(x, w, counts, order, top_k, fn, limit=0.5, alpha=1.702, bias=b)
     rows = x[order // top_k]
     up = torch.einsum("md,mhd->mh", rows, w_up[sorted_experts]) + (b_up[sorted_experts] if bias else 0)
     gate = torch.einsum("md,mhd->mh", rows, w_gate[sorted_experts]) + (b_gate[sorted_experts] if bias else 0) if gated else None
@@ -124,14 +125,32 @@ def test_activation_epilogue_forward_and_backward_match_a_loop(fn, gated, top_k,
     want = want * (~dropped)[:, None]
     assert (h[dropped] == 0).all()
     torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)
-    params = tuple(t for t in (x, w_up, w_gate, b_up, b_gate) if t is not None)
+    params = tuple(t for t in (x, w, b) if t is not None)
     grad = torch.randn_like(h)
     got, expected = torch.autograd.grad(h, params, grad), torch.autograd.grad(want, params, grad)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert (got[1][1] == 0).all()  # the empty expert's weight gradient
+    for a, b_ in zip(got, expected):
+        assert a.shape == b_.shape
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+    assert (got[1][1] == 0).all()  # the empty expert's weight gradient (both halves)
     if bias:
         assert (got[-1][1] == 0).all()  # and bias gradient
+
+
+def test_the_gated_kernel_reads_w_gate_up_in_place(monkeypatch):
+    """No copy of either half: the custom op gets the [E, 2, H, D] parameter's own storage, and its backward one
+    gradient in that layout."""
+    from moec.backends.triton import glu
+
+    seen = []
+    op = glu._grouped_glu
+    monkeypatch.setattr(glu, "_grouped_glu", lambda x, w, *rest: seen.append(w) or op(x, w, *rest))
+    torch.manual_seed(1)
+    w = torch.randn(3, 2, 8, 16, requires_grad=True)
+    x = torch.randn(5, 16)
+    counts = torch.tensor([2, 0, 3], dtype=torch.int32)
+    triton_moe.grouped_glu(x, w, counts, None, 1, "swiglu").sum().backward()
+    assert seen[0].data_ptr() == w.data_ptr() and seen[0].shape == (3, 2, 8, 16)
+    assert w.grad.shape == w.shape and (w.grad[1] == 0).all() and (w.grad[0] != 0).all()
 
 
 def test_down_projection_bias_forward_and_backward_match_a_loop():
@@ -149,22 +168,21 @@ def test_down_projection_bias_forward_and_backward_match_a_loop():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def moe_chain(x, router_w, w_up, w_gate, w_down, top_k):
+def moe_chain(x, router_w, w_gate_up, w_down, top_k):
     """The kernels as a generated program chains them: router, permutation, epilogue GEMM, down GEMM, combine."""
     _, weights, chosen, block_counts = triton_moe.route(x @ router_w.T, top_k, True, 1.0, True, None, block=16)
     dest, order, sizes = triton_moe.permute(chosen.reshape(-1), router_w.shape[0], block_counts, 16 * top_k)
-    hidden = triton_moe.grouped_glu(x, w_up, w_gate, sizes, order, top_k, "swiglu")
+    hidden = triton_moe.grouped_glu(x, w_gate_up, sizes, order, top_k, "swiglu")
     return triton_moe.combine(triton_moe.grouped_linear(hidden, w_down, sizes), weights, dest)
 
 
 def test_the_kernel_chain_in_bf16_matches_fp32_to_bf16_precision():
     torch.manual_seed(5)
     x, router_w = torch.randn(TOKENS, 32), torch.randn(EXPERTS, 32)
-    w_up, w_gate, w_down = (0.2 * torch.randn(EXPERTS, 16, 32) for _ in range(3))
-    w_down = w_down.transpose(1, 2).contiguous()  # [E, D, H]
+    w_gate_up, w_down = 0.2 * torch.randn(EXPERTS, 2, 16, 32), 0.2 * torch.randn(EXPERTS, 32, 16)  # [E, 2, H, D], [E, D, H]
     results = []
     for dtype in (torch.float32, torch.bfloat16):  # the same bf16-rounded inputs: only the kernels' roundings differ
-        tensors = [t.bfloat16().to(dtype).requires_grad_() for t in (x, router_w, w_up, w_gate, w_down)]
+        tensors = [t.bfloat16().to(dtype).requires_grad_() for t in (x, router_w, w_gate_up, w_down)]
         out = moe_chain(*tensors, top_k=2)
         assert out.dtype == dtype
         out.float().square().sum().backward()

@@ -24,12 +24,12 @@ TP2 = {"mesh": {"world_size": 2, "axes": {"tp": 2}},
 
 def deepseek_text(parallel: dict | None = None, q_lora_rank: int | None = None, dense: bool = False, bias: bool = False) -> str:
     """deepseek_v3_tiny at test size (5 steps of 8 x 32 tokens, eager, deterministic) with ``parallel``'s mesh and
-    sharding; ``q_lora_rank`` 0: one plain wq; ``dense``: its two dense blocks only; ``bias``: HF's attention_bias
-    (on wq_a, wkv_a and wo). Without the spec's head.mtp: multi-token prediction is refused under tp."""
+    sharding; ``q_lora_rank`` 0: one plain wq; ``dense``: its two dense blocks only, no head.mtp; ``bias``: HF's attention_bias
+    (on wq_a, wkv_a and wo). With the spec's head.mtp: its block splits as the last block does."""
     spec = yaml.safe_load((REPO / "specs" / "deepseek_v3_tiny.yaml").read_text())
-    del spec["model"]["head"]["mtp"]
-    if dense:
+    if dense:  # for sequence parallelism, which refuses head.mtp (moec.schema.checks._mtp_parallelism)
         spec["model"]["blocks"] = spec["model"]["blocks"][:1]
+        del spec["model"]["head"]["mtp"]
     for block in spec["model"]["blocks"]:
         block["layers"][0]["bias"] = bias
         if q_lora_rank is not None:
@@ -38,6 +38,13 @@ def deepseek_text(parallel: dict | None = None, q_lora_rank: int | None = None, 
                          checkpoint={"every": 3, "keep_last": 2}, data={"kind": "text", "files": ["stdlib:json/*.py"]})
     spec["schedule"] = {"compile": {"enabled": False}, "deterministic": True}
     return yaml.safe_dump(spec | (parallel or {}), sort_keys=False)
+
+
+def vocabulary() -> dict:
+    """TP2 with the head split along the vocabulary: the MTP depths' logits through the shared head stay split too,
+    and their loss reduces over tp (moec.train.vocab_loss)."""
+    tensor = TP2["sharding"]["tensor"]
+    return TP2 | {"sharding": {"tensor": tensor | {"column": tensor["column"] + ["head"]}}}
 
 
 def sequence_parallel() -> dict:
@@ -51,6 +58,7 @@ def main(out_path: str) -> None:
     diffs = {"q_lora": compare(deepseek_text(), deepseek_text(TP2), tokens),
              "plain_q": compare(deepseek_text(q_lora_rank=0), deepseek_text(TP2, q_lora_rank=0), tokens),
              "bias": compare(deepseek_text(bias=True), deepseek_text(TP2, bias=True), tokens),
+             "vocab": compare(deepseek_text(), deepseek_text(vocabulary()), tokens),
              "sequence_parallel": compare(deepseek_text(dense=True), deepseek_text(sequence_parallel(), dense=True), tokens)}
     write_and_exit(out_path, diffs)
 

@@ -2,8 +2,9 @@
 
 The heads split over tp as in torchtitan's deepseek_v3: wq_b (wq with q_lora_rank 0) and wkv_b by columns, wo by
 rows; the latent projections and norms (wq_a, q_norm, wkv_a, kv_norm) whole on every rank. The MoE blocks stay whole
-(experts.up is not in the column list: tensor parallelism of experts refuses shared experts). The tiny spec has no
-head.mtp, which tp refuses anyway (``moec.schema.checks._mtp_parallelism``).
+(experts.up is not in the column list: tensor parallelism of experts refuses shared experts). The spec's head.mtp
+module runs too: its block splits as the last block does (parallel.py's plan on ``model.mtp[0].block``), its
+norms and eh_proj stay whole, and with the head split along the vocabulary its logits' loss reduces over tp.
 """
 
 import json
@@ -15,6 +16,7 @@ import torch
 
 import moec
 from moec.compile import build_model, compile_spec
+from moec.observe.metrics import read_metrics
 from moec.train.trainer import Trainer
 from tests.conftest import REPO
 from tests.distributed.mla_tp_worker import TP2, deepseek_text, sequence_parallel
@@ -38,10 +40,14 @@ def train(run_dir: Path, text: str, nproc: int = 1) -> Path:
 
 
 def assert_same_as_one_process(run_dir: Path, single: Path) -> None:
-    """``assert_same_run`` (losses, gradient norms, validation losses within 1e-5; the memory plan), printing the
-    largest relative differences."""
+    """``assert_same_run`` (losses, gradient norms, validation losses within 1e-5; the memory plan) and with head.mtp
+    its loss term, printing the largest relative differences."""
     assert_same_run(run_dir, single)
-    for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss")):
+    keys = [("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss")]
+    if "mtp_loss" in read_metrics(single / "metrics.jsonl")[0]:  # head.mtp's weighted term, which loss includes
+        assert rows(run_dir, "train", "mtp_loss") == pytest.approx(rows(single, "train", "mtp_loss"), rel=1e-5)
+        keys.append(("train", "mtp_loss"))
+    for kind, key in keys:
         worst = max(abs(a - b) / abs(b) for a, b in zip(rows(run_dir, kind, key), rows(single, kind, key)))
         print(f"{run_dir.parent.name} {key}: largest relative difference {worst:.2g}")
 
@@ -53,15 +59,20 @@ def test_tp2_mla_forward_and_gradients_equal_one_process(tmp_path):
     done = run_job(command, timeout=240, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
-    for case, params in (("q_lora", 59), ("plain_q", 51), ("bias", 71), ("sequence_parallel", 27)):
+    # head.mtp adds 17 parameters (q_lora, vocab), 15 (plain_q), 20 (bias): its norms, eh_proj and block
+    for case, params in (("q_lora", 76), ("plain_q", 66), ("bias", 91), ("vocab", 76), ("sequence_parallel", 27)):
         diffs = results[case]
         assert diffs["weights"] == 0.0 and diffs["output"] < 1e-5 and diffs["aux_loss"] < 1e-5, (case, diffs)
+        assert len(diffs["mtp_logits"]) == (0 if case == "sequence_parallel" else 1) and max(diffs["mtp_logits"], default=0) < 1e-5
         assert len(diffs["grads"]) == params and max(diffs["grads"].values()) < 1e-5, (case, diffs["grads"])
         assert not any(part in name for name in diffs["split"] for part in ("wq_a", "q_norm", "wkv_a", "kv_norm"))
     shapes = results["q_lora"]["local_shapes"]  # 4 heads -> 2 per rank: (16 + 8) query, (16 + 16) key-value dims each
     assert shapes["blocks.0.mla.wq_b.weight"] == [48, 32] and shapes["blocks.0.mla.wkv_b.weight"] == [64, 32]
     assert shapes["blocks.0.mla.wo.weight"] == [64, 32] and results["plain_q"]["local_shapes"]["blocks.0.mla.wq.weight"] == [48, 64]
     assert results["bias"]["local_shapes"]["blocks.0.mla.wo.bias"] == [64]  # added once, after the sum over tp
+    assert shapes["mtp.0.block.mla.wq_b.weight"] == [48, 32] and shapes["mtp.0.block.mla.wo.weight"] == [64, 32]
+    assert not any(name.startswith("mtp.0.") and ".block." not in name for name in results["q_lora"]["split"])
+    assert results["vocab"]["local_shapes"]["head.weight"] == [128, 64]  # the shared head: this rank's 128 of 256 tokens
 
 
 def test_the_mla_plan_and_model_lines():
@@ -69,14 +80,14 @@ def test_the_mla_plan_and_model_lines():
     into them through f, and still runs whole on one process."""
     program = compile_spec(moec.load_spec_text(deepseek_text(TP2), file="tp.yaml"))
     plan = [line.split("  # ")[0] for line in program.parallel_source.split("def tensor_parallel(")[1].splitlines()]
-    start = plan.index("    parallelize_module(model.blocks[2], tp_mesh, {")
-    assert plan[start:start + 5] == [
-        "    parallelize_module(model.blocks[2], tp_mesh, {",
-        "        'mla.wq_b': ColwiseParallel(),",
-        "        'mla.wkv_b': ColwiseParallel(),",
-        "        'mla.wo': RowwiseParallel(),",
-        "    })",
-    ]
+    for target in ("model.blocks[2]", "model.mtp[0].block"):  # the MTP block splits as the last block does
+        start = plan.index(f"    parallelize_module({target}, tp_mesh, {{")
+        assert plan[start + 1:start + 5] == [
+            "        'mla.wq_b': ColwiseParallel(),",
+            "        'mla.wkv_b': ColwiseParallel(),",
+            "        'mla.wo': RowwiseParallel(),",
+            "    })",
+        ]
     forward = [line.split("  # ")[0] for line in program.source.split("\nclass MLA(nn.Module):\n")[1].split("\n\n\n")[0].splitlines()]
     for line in ("        q_nope, q_pe = split_heads(q, q.shape[-1] // 24, (16, 8))",
                  "        q_pe = rope(q_pe, q_pe.shape[-1] // 8, 8, 10000.0, positions, interleaved=True)",

@@ -200,10 +200,13 @@ def mtp_rows(run_dir: Path) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_multi_token_prediction_under_fsdp_gives_the_single_process_losses(tmp_path):
-    """head.mtp (depth 2): the MTP modules are sharded with the root; losses per depth and gradient norms as on one process."""
-    text = spec_text(MESHES["fsdp"]).replace("head: {kind: lm}", "head: {kind: lm, mtp: {depth: 2, weight: 0.3}}")
+@pytest.mark.parametrize("kind", ["fsdp", "fsdp_ep"])
+def test_multi_token_prediction_under_fsdp_gives_the_single_process_losses(kind, tmp_path):
+    """head.mtp (depth 2): the MTP modules are sharded with the root; losses per depth and gradient norms as on one process.
+    fsdp_ep (deepseek_v3_671b.yaml's layout): the MTP blocks' experts split over ep and FSDP-sharded over fsdp, gathered
+    around their block as the model's are."""
+    text = spec_text(MESHES[kind]).replace("head: {kind: lm}", "head: {kind: lm, mtp: {depth: 2, weight: 0.3}}")
     single = tmp_path / "single"
-    Trainer(moec.load_spec_text(text.replace(MESHES["fsdp"], ""), file="single.yaml"), run_dir=single).run()
-    expected, got = mtp_rows(single), mtp_rows(run_processes(tmp_path, "fsdp", text))
+    Trainer(moec.load_spec_text(text.replace(MESHES[kind], ""), file="single.yaml"), run_dir=single).run()
+    expected, got = mtp_rows(single), mtp_rows(run_processes(tmp_path, kind, text))
     assert len(got) == 5 and [v for row in got for v in row] == pytest.approx([v for row in expected for v in row], rel=1e-5)

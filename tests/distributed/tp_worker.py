@@ -24,6 +24,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 import moec
 from moec.backends.torch.tp_support import ReplicatedKvHead
 from moec.compile import build_model, compile_spec, parallel_module
+from moec.train.mtp import mtp_loss, mtp_losses
 from moec.train.vocab_loss import cross_entropy, loss_context
 
 SPEC = """version: 1
@@ -91,11 +92,14 @@ def tied(text: str) -> str:
     return text.replace("head: {kind: lm}", "head: {kind: lm, tie_embeddings: true}")
 
 
-def loss_of(model, tokens, vocab_mesh=None):
+def loss_of(model, tokens, vocab_mesh=None, mtp=None):
+    """The training loss's backward: the task loss, the aux losses and, with ``mtp`` (head.mtp), its weighted term."""
     out = model(tokens[:, :-1])
-    task = cross_entropy(out.output, tokens[:, 1:], vocab_mesh)
+    loss = cross_entropy(out.output, tokens[:, 1:], vocab_mesh) + out.aux_loss
+    if mtp is not None:
+        loss = loss + mtp_loss(mtp_losses(out.mtp_logits, tokens[:, 1:], vocab_mesh), mtp.weight)
     with loss_context(vocab_mesh):
-        (task + out.aux_loss).backward()
+        loss.backward()
     return out
 
 
@@ -104,20 +108,24 @@ def whole(tensor):
 
 
 def compare(single_text: str, tp_text: str, tokens: torch.Tensor) -> dict:
-    single = build_model(moec.load_spec_text(single_text, file="single.yaml")).train()
-    expected = loss_of(single, tokens)
     spec = moec.load_spec_text(tp_text, file="tp2.yaml")
+    mtp = getattr(spec.model.head, "mtp", None)
+    single = build_model(moec.load_spec_text(single_text, file="single.yaml")).train()
+    expected = loss_of(single, tokens, mtp=mtp)
     program = compile_spec(spec)
     parallel = parallel_module(program)
     mesh = parallel.make_mesh("cpu")
     model = build_model(spec, program=program, mesh=mesh).train()  # parallel.py's tensor_parallel splits it
-    got = loss_of(model, tokens, mesh["tp"] if hasattr(parallel, "VOCAB_PARALLEL") else None)
+    got = loss_of(model, tokens, mesh["tp"] if hasattr(parallel, "VOCAB_PARALLEL") else None, mtp)
     reference = dict(single.named_parameters())
     split = sorted(name for name, p in model.named_parameters() if hasattr(p, "to_local"))
-    expected_output = expected.output.chunk(dist.get_world_size(), -1)[dist.get_rank()] if hasattr(
-        parallel, "VOCAB_PARALLEL") else expected.output  # logits split along the vocabulary: this rank's columns
+
+    def columns(logits):  # logits split along the vocabulary: this rank's columns
+        return logits.chunk(dist.get_world_size(), -1)[dist.get_rank()] if hasattr(parallel, "VOCAB_PARALLEL") else logits
+
     return {
-        "output": (got.output - expected_output).abs().max().item(),
+        "output": (got.output - columns(expected.output)).abs().max().item(),
+        "mtp_logits": [(a - columns(b)).abs().max().item() for a, b in zip(got.mtp_logits, expected.mtp_logits, strict=True)],
         "aux_loss": abs(got.aux_loss.item() - expected.aux_loss.item()),
         "weights": max((whole(p.detach()) - reference[name]).abs().max().item() for name, p in model.named_parameters()),
         "grads": {name: ((whole(p.grad) - reference[name].grad).abs().max() / reference[name].grad.abs().max()).item()

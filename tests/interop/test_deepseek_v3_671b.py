@@ -4,6 +4,7 @@ devices. Nothing is allocated."""
 
 import torch
 import transformers as T
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
 
 import moec
 from moec.interop import import_hf
@@ -21,22 +22,31 @@ def released_config() -> T.DeepseekV3Config:
 
 
 def test_bundled_spec_is_the_importers_output_with_hf_parameter_count_and_fits_80_gb(tmp_path):
-    """The built model's parameters are HF's; both hold the selection bias (e_score_correction_bias) as a buffer, which the
-    manifest's total counts too. No MTP on either side."""
+    """The built model's parameters are HF's plus DeepSeek-V3's MTP module (HF builds none: counted here as HF's MoE
+    decoder layer, enorm, hnorm, eh_proj [d, 2d] and the module's final norm; the embedding and head are shared);
+    both hold the selection bias (e_score_correction_bias) as a buffer, which the manifest's total counts too. The
+    import of a config without MTP weights gives the bundled model section without head.mtp."""
     config = released_config()
     config.save_pretrained(tmp_path)
     result = import_hf(tmp_path, tmp_path / "deepseek_v3_671b.yaml")
-    assert moec.load_spec(result.spec).model == moec.load_spec(SPEC).model
+    spec = moec.load_spec(SPEC)
+    without_mtp = spec.model.model_copy(update={"head": spec.model.head.model_copy(update={"mtp": None})})
+    assert moec.load_spec(result.spec).model == without_mtp and spec.model.head.mtp.depth == 1
     with torch.device("meta"):
         hf = T.DeepseekV3ForCausalLM(config)
+        mtp_layer = DeepseekV3DecoderLayer(config, layer_idx=config.num_hidden_layers)  # an MoE layer, as DeepSeek's MTP layer
     parameters = sum(p.numel() for p in hf.parameters())
     biases = sum(b.numel() for name, b in hf.named_buffers() if name.endswith("e_score_correction_bias"))
     assert (parameters, biases) == (671_026_404_352, 58 * 256)
-    spec = moec.load_spec(SPEC)
+    d = config.hidden_size
+    mtp = sum(p.numel() for p in mtp_layer.parameters()) + 3 * d + 2 * d * d
+    assert mtp == 11_610_067_968
     manifest = moec.compile_spec(spec).manifest
-    assert manifest["parameters"]["total"] == parameters + biases
+    assert manifest["parameters"]["total"] == parameters + mtp + biases + 256
     model = moec.build_model(spec, device="meta")
-    assert sum(p.numel() for p in model.parameters()) == parameters
-    assert sum(b.numel() for name, b in model.named_buffers() if name.endswith("selection_bias")) == biases
+    assert sum(p.numel() for p in model.parameters()) == parameters + mtp
+    assert sum(p.numel() for p in model.mtp.parameters()) == mtp
+    assert sum(b.numel() for name, b in model.named_buffers() if name.endswith("selection_bias")) == biases + 256
     state, activations = needed_bytes(spec, manifest, spec.mesh.world_size)  # the trainer's fit check, per device
+    print(f"per device: {state / 1e9:.1f} GB state, {activations / 1e9:.1f} GB activations")
     assert state + activations < 80e9

@@ -51,8 +51,10 @@ FAMILIES = {  # name -> config; renormalisation on and off where the family has 
     "deepseek_v3-q_lora-groups": lambda: T.DeepseekV3Config(**DSV3, q_lora_rank=24, n_group=4, topk_group=2, norm_topk_prob=True),
     "deepseek_v3-plain_q-yarn": lambda: T.DeepseekV3Config(**DSV3, q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False,
                                                            rope_interleave=False, rope_parameters=DSV3_YARN, attention_bias=True),
-    "glm4_moe-groups-qk_norm": lambda: T.Glm4MoeConfig(**GLM, n_group=4, topk_group=2, norm_topk_prob=True, use_qk_norm=True,
-                                                       attention_bias=True, routed_scaling_factor=2.5),
+    # GLM-4.5's partial rotary: the first half of each head (4 of 8 dims) rotates
+    "glm4_moe-groups-qk_norm-partial_rotary": lambda: T.Glm4MoeConfig(
+        **GLM | {"rope_parameters": GLM["rope_parameters"] | {"partial_rotary_factor": 0.5}}, n_group=4, topk_group=2,
+        norm_topk_prob=True, use_qk_norm=True, attention_bias=True, routed_scaling_factor=2.5),
     "glm4_moe": lambda: T.Glm4MoeConfig(**GLM, n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.5),
     "llama": lambda: T.LlamaConfig(**{k: v for k, v in SMALL.items() if k != "router_aux_loss_coef"}, tie_word_embeddings=True),
     "qwen2": lambda: T.Qwen2Config(**{k: v for k, v in SMALL.items() if k != "router_aux_loss_coef"}),
@@ -122,7 +124,10 @@ def test_logits_aux_and_gradients_match_transformers(imported):
     name, hf, spec, result, root = imported
     config = json.loads((root / "hf" / "config.json").read_text())
     model = moec.build_model(spec, weights=result.weights).train()  # no dropout, no router noise: train == eval here
+    if "partial_rotary" in name:
+        assert spec.model.blocks[0].layers[0].rope.fraction == 0.5
     compare(name, hf.train(), model, spec, config)
+    print(name, MEASURED[name])
 
 
 def test_round_trip_gives_the_same_state_dict_and_logits(imported):
@@ -184,9 +189,9 @@ def test_unsupported_fields_are_refused_by_name(tmp_path):
     with pytest.raises(UnsupportedConfig, match="DeepseekV2ForCausalLM"):
         import_hf(tmp_path, tmp_path / "out" / "spec.yaml")
     config = FAMILIES["glm4_moe"]().to_dict() | {"architectures": ["Glm4MoeForCausalLM"]}
-    config["rope_parameters"]["partial_rotary_factor"] = 0.5  # GLM-4.5's own value: moec rotates whole heads
+    config["rope_parameters"]["partial_rotary_factor"] = 0.3  # 2.4 of head_dim 8: no whole number of dims rotates
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedConfig, match="'partial_rotary_factor' = 0.5"):
+    with pytest.raises(UnsupportedConfig, match=r"rope.fraction: rotates head_dim \(8\) x 0.3 = 2.4 dims"):
         import_hf(tmp_path, tmp_path / "out" / "spec.yaml")
     config = FAMILIES["deepseek_v3-q_lora-groups"]().to_dict() | {"architectures": ["DeepseekV3ForCausalLM"], "topk_method": "noaux_tc"}
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -195,12 +200,13 @@ def test_unsupported_fields_are_refused_by_name(tmp_path):
 
 
 def test_deepseek_v3_import_says_it_leaves_out_multi_token_prediction(tmp_path):
-    """HF's DeepseekV3ForCausalLM builds no MTP layers: the spec gets none, and the import says so."""
+    """A directory without the MTP layer's tensors (HF's DeepseekV3ForCausalLM builds none): the spec gets no MTP,
+    and the import says so (tests/interop/test_deepseek_v3_mtp.py imports a checkpoint that holds one)."""
     config = FAMILIES["deepseek_v3-q_lora-groups"]()
     config.architectures = ["DeepseekV3ForCausalLM"]
     config.save_pretrained(tmp_path)
     result = import_hf(tmp_path, tmp_path / "spec.yaml")
-    assert result.notes == ["1 multi-token prediction layer(s) (num_nextn_predict_layers; DeepseekV3ForCausalLM builds none)"]
+    assert result.notes == ["1 multi-token prediction layer(s) (num_nextn_predict_layers; the checkpoint holds none)"]
     assert "# Not imported: 1 multi-token prediction layer(s)" in result.spec.read_text()
     spec = moec.load_spec(result.spec)
     assert [block.layers[1].kind for block in spec.model.blocks] == ["mlp", "moe"]  # first_k_dense_replace 1
@@ -237,12 +243,12 @@ def test_sharded_weights_round_trip(tmp_path):
 def test_deepseek_v3_tiny_exports_and_transformers_computes_the_same_logits(tmp_path):
     """The bundled CPU spec (MLA, dense-first, 16 experts in 4 groups, a shared expert) as DeepseekV3ForCausalLM.
 
-    HF's DeepseekV3ForCausalLM has no MTP module and no balance loss, so export refuses head.mtp and a
-    non-zero load_balance; the test drops both.
+    HF's DeepseekV3ForCausalLM has no balance loss, so export refuses a non-zero load_balance; the test drops it.
+    head.mtp is written as DeepSeek-V3's checkpoints hold it, a layer after the model's, which transformers ignores.
     """
-    with pytest.raises(NotExportable, match="mtp"):
+    with pytest.raises(NotExportable, match="load_balance"):
         export_hf(moec.load_spec("specs/deepseek_v3_tiny.yaml"), {}, tmp_path / "refused")
-    spec = moec.load_spec("specs/deepseek_v3_tiny.yaml", overrides=["model.head.mtp=null", "model.blocks[1].layers[1].aux={load_balance: 0, load_balance_scope: model}"])
+    spec = moec.load_spec("specs/deepseek_v3_tiny.yaml", overrides=["model.blocks[1].layers[1].aux={load_balance: 0, load_balance_scope: model}"])
     model = moec.build_model(spec).eval()
     with torch.no_grad():
         for name, buffer in model.named_buffers():
@@ -251,6 +257,7 @@ def test_deepseek_v3_tiny_exports_and_transformers_computes_the_same_logits(tmp_
     export_hf(spec, model.state_dict(), tmp_path)
     hf = T.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
     assert type(hf).__name__ == "DeepseekV3ForCausalLM" and hf.config.first_k_dense_replace == 2
+    assert hf.config.num_nextn_predict_layers == 1 and hf.config.num_hidden_layers == 4
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, theirs = model(ids).output, hf(ids).logits

@@ -21,6 +21,7 @@ VARIANTS = {
     "window_sinks_yarn": ATTENTION + "          window: 8\n          sinks: true\n"
                          "          rope: {theta: 10000, scaling: {kind: yarn, factor: 4.0, original_max_seq_len: 16}}\n" + MOE,
     "learned_positions": "        - kind: attention\n          heads: 2\n          rope: null\n" + MOE,
+    "partial_rotary": ATTENTION + "          rope: {theta: 10000, fraction: 0.5}\n" + MOE,  # GLM-4.5: half of each head rotates
     # the complexity seed: routing by token id (the new token's id reaches the MoE) and INL dynamics (per position)
     "token_id_dynamics": ATTENTION + "        - kind: moe\n          experts: 4\n          top_k: 1\n"
                          "          expert: {hidden: 16, activation: swiglu}\n          router: {kind: token_id}\n"

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 from moec.backends.parallel import checkpointing, tensor
+from moec.backends.parallel.float8 import Float8Linears, float8_source
 from moec.backends.parallel.placement import (
     experts_of,
     moves_when_growing,
@@ -35,7 +36,7 @@ from moec.backends.parallel.placement import (
     placement,
 )
 from moec.backends.torch.blocks import attribute_expr
-from moec.dtypes import DTYPES
+from moec.dtypes import DTYPES, compute_name
 
 DTYPE_NAMES = {name: str(dtype) for name, dtype in DTYPES.items()}  # as the generated parallel.py spells them
 
@@ -105,7 +106,7 @@ def parallel_plan(spec, expert_modules: tuple[str, ...] = (), tensor_splits: dic
     if context is not None:
         unsupported += _context_parallel_limits(spec, experts, replicate, shard)
     precision = spec.schedule.precision  # a reduce dtype DDP cannot use: refused at validation
-    return ParallelPlan(dict(mesh), replicate, shard, DTYPE_NAMES[precision.compute], DTYPE_NAMES[precision.reduce],
+    return ParallelPlan(dict(mesh), replicate, shard, DTYPE_NAMES[compute_name(precision.compute)], DTYPE_NAMES[precision.reduce],
                         tuple(unsupported), experts[0] if experts else None, expert_modules if experts else (),
                         tensor.tensor_axis(spec), tuple((tensor_splits or {}).items()),
                         tensor.tensor_axis(spec) is not None and sharding.tensor.sequence_parallel,
@@ -168,14 +169,16 @@ def _moe_configs(spec):
 
 
 def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], experts: int = 0,
-                  stages: tuple[tuple[int, int], ...] = (), cache_input: bool = True) -> str:
-    """``cache_input``: the model's attention layers take the KV cache as their second input (a decoding model)."""
+                  stages: tuple[tuple[int, int], ...] = (), cache_input: bool = True, float8: Float8Linears | None = None) -> str:
+    """``cache_input``: the model's attention layers take the KV cache as their second input (a decoding model);
+    ``float8``: the projections ``compute: fp8`` converts (``moec.backends.parallel.float8``), None otherwise."""
     where, ac = _locator(spec), spec.schedule.activation_checkpointing
     shape, names = tuple(plan.axes.values()), tuple(plan.axes)
     lines = [f"# {line}" if line else "#" for line in header] + [
         "",
         "from __future__ import annotations",
         "",
+        *(["import dataclasses", *([""] if ac.mode == "none" else [])] if float8 is not None else []),
         *checkpointing.stdlib_imports(ac.mode),
         "import torch",
         "import torch.distributed as dist",
@@ -209,6 +212,7 @@ def emit_parallel(spec, plan: ParallelPlan, blocks: int, header: list[str], expe
         *(_tensor_parallel_source(spec, plan, where, cache_input) if plan.tensor is not None else []),
         *(use_batch_group_source() + ["", ""] if _sets_batch_group(spec, plan) else []),
         *(use_context_parallel_source() + ["", ""] if plan.context else []),
+        *(float8_source(float8, where) if float8 is not None else []),
         *checkpointing.checkpointing_source(ac, blocks, where), "", "",
         "def parallelize(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:",
         '    """Data parallelism over the batch axes (FSDP2 per block, then the root; or DDP)'
@@ -429,13 +433,14 @@ def _fsdp_experts_lines(plan: ParallelPlan) -> list[str]:
     """Experts under FSDP too: sharded over the FSDP axes other than ep, or left to reduce_gradients."""
     if not plan.expert_fsdp:
         return ["    # no FSDP axis besides ep: the experts stay out of FSDP; reduce_gradients averages them"]
-    owners = [path.split(".")[1] for path in plan.expert_modules]  # blocks.<i>.moe.experts
+    # blocks.<i>.moe.experts around blocks.<i>; head.mtp's mtp.<k>.block.moe.experts around mtp.<k>.block
+    owners = [path.rsplit(".", 2)[0] for path in plan.expert_modules]
     return [
         f"    expert_mesh = {_flat(plan.expert_fsdp)}  # experts: FSDP over {' x '.join(plan.expert_fsdp)}, sharded over ep already",
         "    for experts in expert_modules(model):",
         "        fully_shard(experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=False)",
-        *[f"    gather_experts_around(model.blocks[{i}], model.blocks[{i}].{path.split('.', 2)[2]})"
-          for i, path in zip(owners, plan.expert_modules)],
+        *[f"    gather_experts_around({attribute_expr(owner, 'model')}, {attribute_expr(path, 'model')})"
+          for owner, path in zip(owners, plan.expert_modules)],
     ]
 
 

@@ -17,6 +17,8 @@ reshards them for any mesh) and the memory plan counts their local shards.
 """
 from __future__ import annotations
 
+import re
+
 from moec.ir.graph import Graph
 from moec.ir.names import split_block_name
 from moec.passes.sharding import tp_group
@@ -85,6 +87,10 @@ def tensor_parallel_source(spec, splits: dict[str, int], where, replicated_kv: d
     else:
         for block, plan in plans.items():
             lines += _parallelize(f"model.blocks[{block}]", plan)
+    for depth, plan in _block_plans(spec, _mtp_block_splits(splits), _mtp_block_splits(replicated_kv or {}),
+                                    cache_input, where).items():
+        # head.mtp: each depth's block splits as the model's last block; enorm, hnorm, eh_proj and norm stay whole
+        lines += _parallelize(f"model.mtp[{depth}].block", plan)
     root = _root_plan(spec, splits, where)
     if root:
         lines += _parallelize("model", root)
@@ -147,6 +153,13 @@ def _block_plans(spec, splits: dict[str, int], replicated_kv: dict[str, int], ca
             if sequence_parallel:
                 entries.update(_sequence_parallel_entries(layer, cache_input and tp_group(name).startswith("attention")))
     return {block: _entries(plans[block], where) for block in sorted(plans)}
+
+
+def _mtp_block_splits(splits: dict[str, int]) -> dict[str, int]:
+    """The MTP modules' block weights renamed as blocks (``mtp.0.block.mla.wo.weight`` -> ``blocks.0.mla.wo.weight``),
+    so ``_block_plans`` reads them by depth."""
+    prefix = re.compile(r"mtp\.(\d+)\.block\.")
+    return {prefix.sub(r"blocks.\1.", name): dim for name, dim in splits.items() if prefix.match(name)}
 
 
 def _sequence_parallel_entries(layer: str, takes_cache: bool) -> dict[str, tuple[str, str]]:

@@ -49,6 +49,9 @@ def rope(ctx, attrs, x):
     ``interleave`` (HF's rope_interleave): pairs (2i, 2i+1), written here as a de-interleave of each head
     ([evens, odds]) followed by the rotate-half rotation, which is what HF's interleaved RoPE computes."""
     heads, head_dim, theta = attrs["heads"], attrs["head_dim"], attrs["theta"]
+    if attrs.get("rotary_dim") is not None:  # partial rotary: each head's first rotary_dim dims, as a RoPE of that size
+        whole = {key: value for key, value in attrs.items() if key != "rotary_dim"} | {"head_dim": attrs["rotary_dim"]}
+        return snippets.rotate_part(x, heads, head_dim, attrs["rotary_dim"], lambda part: rope(ctx, whole, part))
     batch, seq, _ = x.shape
     if attrs.get("interleave"):
         xh = x.view(batch, seq, heads, head_dim)

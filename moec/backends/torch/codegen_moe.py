@@ -37,14 +37,17 @@ def slot_arg(slot: str) -> str:
     return slot.replace(".", "_")
 
 
-def choose_kernel(requested: str, moe: MoeAttrs, expert_parallel: bool = False) -> str:
-    """``auto``: bmm for capacity, grouped_mm for dropless (and under expert parallelism).
+def choose_kernel(requested: str, moe: MoeAttrs, expert_parallel: bool = False, measured: dict | None = None) -> str:
+    """``auto``: the measured choice for this layer (``measured``: MoeAttrs -> kernel, moec.bench.kernel_choice),
+    else the fixed rule: bmm for capacity, grouped_mm for dropless (and under expert parallelism).
 
     The schema refuses what cannot serve a spec; the parallel plan what cannot run distributed.
     """
     if requested == "auto" and expert_parallel:
         return "grouped_mm"
-    if requested == "auto":
+    if requested == "auto" and measured and moe in measured:
+        requested = measured[moe]
+    elif requested == "auto":
         return "grouped_mm" if moe.dropless else "bmm"
     assert requested in KERNELS and not (requested == "bmm" and moe.dropless), f"kernel {requested} reached the backend"
     return requested

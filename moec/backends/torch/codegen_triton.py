@@ -75,15 +75,14 @@ def permutation_lines(moe: MoeAttrs, fused_router: bool, tiles: tuple[int, ...])
 def ffn_lines(moe: MoeAttrs, tiles: tuple[int, ...]) -> list[str]:
     kind = ACTIVATIONS[moe.expert.activation]
     triton_epilogue(kind.name)  # every registry entry has one (a KeyError names the one that does not)
-    # The kernel reads gate and up as two [E, H, D] weights: the halves of w_gate_up [E, 2, H, D] (views; the
-    # wrapper makes them contiguous, a copy per call: the kernel's own fused read is not written yet).
-    up, gate = ("experts_w_gate_up[:, 1]", "experts_w_gate_up[:, 0]") if kind.gated else ("experts_w_up", "None")
+    # A gated kernel reads w_gate_up [E, 2, H, D] in place, gate half first (glu.py)
+    weight, bias = ("experts_w_gate_up", "experts_b_gate_up") if kind.gated else ("experts_w_up", "experts_b_up")
     tile = _tile_arg(tiles)
     act = f"{kind.name!r}{tile}" + (f", limit={moe.expert.limit!r}, alpha={moe.expert.alpha!r}" if kind.clamped else "")
     if moe.expert.bias:
-        act += ", b_up=experts_b_gate_up[:, 1], b_gate=experts_b_gate_up[:, 0]" if kind.gated else ", b_up=experts_b_up"
+        act += f", bias={bias}"
     return [
-        (f"    hidden = triton_moe.grouped_glu(x, {up}, {gate}, group_sizes, order, {moe.choices}, {act})"
+        (f"    hidden = triton_moe.grouped_glu(x, {weight}, group_sizes, order, {moe.choices}, {act})"
          f"  # {moe.expert.activation} in the GEMM's epilogue"),
         f"    y_sorted = triton_moe.grouped_linear(hidden, experts_w_down, group_sizes{tile}{', bias=experts_b_down' if moe.expert.bias else ''})",
     ]

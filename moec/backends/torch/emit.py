@@ -57,13 +57,14 @@ def comment_safe(text: str) -> str:
 def emit_program(graph: Graph, *, spec_name: str, header: list[str], moe_kernel: str = "auto", spectral_kernel: str = "auto",
                  attention_kernel: str = "auto", expert_parallel: bool = False, tiles: tuple[int, ...] = (),
                  tensor_splits: dict[str, str] | None = None, parallel_names: tuple[str, ...] = (),
-                 context_parallel: bool = False) -> tuple[str, str]:
-    """(model.py, model_support.py). ``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism;
+                 context_parallel: bool = False, measured_kernels: dict | None = None) -> tuple[str, str]:
+    """(model.py, model_support.py). ``measured_kernels``: kernels.moe auto's measured choice, MoeAttrs -> kernel;
+    ``tensor_splits``: parameter name -> ``column`` / ``row`` under tensor parallelism;
     ``parallel_names``: what parallel.py imports from model_support.py (``moec.backends.parallel.plan.support_names``);
     ``context_parallel``: the spec splits the sequence (attention layers take a ``context``, parallel.py sets it)."""
     graph, mtp_part = main_graph(graph)  # the main model; head.mtp's modules are written around its last block
     emitter = Emitter(graph, FusedFunctions(moe_kernel, spectral_kernel, attention_kernel, expert_parallel, tiles,
-                                            dict(tensor_splits or {}), context_parallel), parallel_names, mtp_part)
+                                            dict(tensor_splits or {}), context_parallel, measured_kernels), parallel_names, mtp_part)
     return emitter.program(spec_name, header)
 
 

@@ -20,8 +20,10 @@ class FusedFunctions:
     """One fused function per distinct MoE / spectral configuration: routed_experts, routed_experts2, spectral_mixer, ..."""
 
     def __init__(self, moe_kernel: str, spectral_kernel: str, attention_kernel: str = "auto", expert_parallel: bool = False,
-                 tiles: tuple[int, ...] = (), splits: dict[str, str] | None = None, context_parallel: bool = False):
+                 tiles: tuple[int, ...] = (), splits: dict[str, str] | None = None, context_parallel: bool = False,
+                 measured_kernels: dict | None = None):
         self.moe_kernel, self.spectral_kernel, self.expert_parallel = moe_kernel, spectral_kernel, expert_parallel
+        self.measured_kernels = measured_kernels or {}  # kernels.moe auto, measured: MoeAttrs -> kernel
         self.context_parallel = context_parallel  # sharding.sequence: attention gathers K/V, MoE counts sum over cp
         self.splits = splits or {}  # tensor parallelism: parameter name -> column / row
         self.split_experts = any(EXPERT_PREFIX in name for name in self.splits)
@@ -36,7 +38,7 @@ class FusedFunctions:
             count = sum(k[0] == "moe" for k in self.names)
             name = f"routed_experts{count + 1 if count else ''}"  # a spectral layer's inner MoE, called once per step
             self.names[key] = name
-            kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs["moe"], self.expert_parallel)
+            kernel = codegen_moe.choose_kernel(self.moe_kernel, attrs["moe"], self.expert_parallel, self.measured_kernels)
             self.triton |= codegen_moe.uses_triton(kernel) and not self.expert_parallel
             moe = codegen_moe.counted_over_group(attrs["moe"]) if self.context_parallel else attrs["moe"]
             self.sources[name] = codegen_moe.moe_function(name, attrs["slots"], moe, kernel, self.expert_parallel, self.tiles,

@@ -64,9 +64,17 @@ def mtp_class(part: MtpPart, block_class: str, slot: bool, contract) -> list[str
     ]
 
 
+def _block_outputs(contract, x: str, aux: str, stats: str) -> list[str]:
+    """The names an MTP block's outputs unpack into. A block's statistics for a model-pooled balance loss are dropped:
+    validation admits load_balance_scope 'model' in the last block only with load_balance 0 (HF's DeepSeek-V3)."""
+    if not contract.aux:
+        return [x]
+    return [x, aux] + (["_"] if contract.balance else []) + [stats]
+
+
 def root_lines(arg: str, head: str, aux: str, stats: str, contract) -> list[str]:
     """The end of the root's ``forward``: in training each depth runs on the previous one's hidden state ``x``."""
-    outputs = ["x"] + (["block_aux", "block_stats"] if contract.aux else [])
+    outputs = _block_outputs(contract, "x", "block_aux", "block_stats")
     lines = [
         "        output = self.predict(x)",
         "        if not self.training:  # the MTP modules train the model; generation drafts with them from the hidden state",
@@ -85,7 +93,7 @@ def root_lines(arg: str, head: str, aux: str, stats: str, contract) -> list[str]
 
 def draft_method(arg: str, head: str, depth: int, contract) -> list[str]:
     """``draft``: self-speculative decoding's greedy drafts, depth k's module drafting the k-th next token."""
-    outputs = ["hidden"] + (["_", "_"] if contract.aux else [])
+    outputs = _block_outputs(contract, "hidden", "_", "_")
     return [
         "",
         f"    def draft(self, hidden: torch.Tensor, {arg}: torch.Tensor) -> torch.Tensor:",

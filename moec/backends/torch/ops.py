@@ -25,6 +25,7 @@ def _rope(node, x: str, positions: str | None) -> str:
     args += [positions] if positions else []
     args += ["interleaved=True"] if a.get("interleave") else []
     args += [f"scale={a['scale']!r}"] if "scale" in a else []
+    args += [f"rotary_dim={a['rotary_dim']}"] if "rotary_dim" in a else []
     return f"{'rope_yarn' if 'factor' in a else 'rope'}({', '.join(args)})"
 
 

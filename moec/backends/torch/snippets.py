@@ -39,9 +39,19 @@ def rotate(x: torch.Tensor, heads: int, head_dim: int, inv_freq: torch.Tensor, s
     return (xh * cos + rotated * sin).reshape(batch, seq, heads * head_dim)
 
 
+def rotate_part(x: torch.Tensor, heads: int, head_dim: int, rotary_dim: int, rotate) -> torch.Tensor:
+    """Partial rotary: ``rotate`` (a RoPE over heads of rotary_dim) on each head's first rotary_dim dims; the rest pass."""
+    xh = x.unflatten(-1, (heads, head_dim))
+    part = rotate(xh[..., :rotary_dim].flatten(-2)).unflatten(-1, (heads, rotary_dim))
+    return torch.cat([part, xh[..., rotary_dim:]], -1).flatten(-2)
+
+
 def rope(x: torch.Tensor, heads: int, head_dim: int, theta: float, positions: torch.Tensor | None = None,
-         interleaved: bool = False) -> torch.Tensor:
-    """Rotary embedding with inverse frequencies theta^(-2i/head_dim)."""
+         interleaved: bool = False, rotary_dim: int | None = None) -> torch.Tensor:
+    """Rotary embedding with inverse frequencies theta^(-2i/head_dim); with ``rotary_dim``, of each head's first
+    rotary_dim dims only, at theta^(-2i/rotary_dim) (HF's partial_rotary_factor)."""
+    if rotary_dim is not None:
+        return rotate_part(x, heads, head_dim, rotary_dim, lambda part: rope(part, heads, rotary_dim, theta, positions, interleaved))
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim)
     return rotate(x, heads, head_dim, inv_freq, 1.0, positions, interleaved)
 
@@ -66,8 +76,12 @@ def yarn_frequencies(head_dim: int, theta: float, factor: float, original: int, 
 
 def rope_yarn(x: torch.Tensor, heads: int, head_dim: int, theta: float, factor: float, original: int, beta_fast: float,
               beta_slow: float, truncate: bool, positions: torch.Tensor | None = None, interleaved: bool = False,
-              scale: float | None = None) -> torch.Tensor:
-    """Rotary embedding with YaRN frequencies; cos and sin are scaled by 0.1 * ln(factor) + 1, or by ``scale`` (DeepSeek's mscale)."""
+              scale: float | None = None, rotary_dim: int | None = None) -> torch.Tensor:
+    """Rotary embedding with YaRN frequencies; cos and sin are scaled by 0.1 * ln(factor) + 1, or by ``scale`` (DeepSeek's mscale);
+    ``rotary_dim``: of each head's first rotary_dim dims only."""
+    if rotary_dim is not None:
+        return rotate_part(x, heads, head_dim, rotary_dim, lambda part: rope_yarn(
+            part, heads, rotary_dim, theta, factor, original, beta_fast, beta_slow, truncate, positions, interleaved, scale))
     inv_freq, yarn_scale = yarn_frequencies(head_dim, theta, factor, original, beta_fast, beta_slow, truncate)
     return rotate(x, heads, head_dim, inv_freq, yarn_scale if scale is None else scale, positions, interleaved)
 

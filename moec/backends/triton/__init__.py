@@ -44,16 +44,16 @@ def grouped_linear(x, w, counts, order=None, top_k: int = 1, tiles=None, bias=No
     return run(x, w, counts, order, top_k, tiles, bias)
 
 
-def grouped_glu(x, w_up, w_gate, counts, order, top_k: int, activation: str, tiles=None, limit: float = 0.0, alpha: float = 0.0,
-                b_up=None, b_gate=None):
+def grouped_glu(x, w, counts, order, top_k: int, activation: str, tiles=None, limit: float = 0.0, alpha: float = 0.0, bias=None):
     """The first expert projection with ``activation`` (a name of ``moec.moe.ACTIVATIONS``) in its epilogue:
-    ``act(x @ w_gate.T) * (x @ w_up.T)`` for a gated one, else ``act(x @ w_up.T)``; a clamped one reads
-    ``limit`` and ``alpha`` (glu.py)."""
+    ``act(x @ w[:, 0].T) * (x @ w[:, 1].T)`` for a gated one, ``w`` the experts' [E, 2, H, D] ``w_gate_up`` read
+    in place (``bias`` [E, 2, H]), else ``act(x @ w.T)`` with ``w`` [E, H, D]; a clamped one reads ``limit`` and
+    ``alpha`` (glu.py)."""
     _require(x)
     from moec.backends.triton.glu import grouped_glu as run
 
-    x, w_up, w_gate, b_up, b_gate = _autocast(x, w_up, w_gate, b_up, b_gate)
-    return run(x, w_up, w_gate, counts, order, top_k, activation, tiles, limit, alpha, b_up, b_gate)
+    x, w, bias = _autocast(x, w, bias)
+    return run(x, w, counts, order, top_k, activation, tiles, limit, alpha, bias)
 
 
 def route(logits, top_k: int, sigmoid: bool, temperature: float, normalize: bool, bias=None, block: int = 0):

@@ -167,15 +167,18 @@ def _clamped_glu_grads(grad, gate, up, limit, alpha):
 
 
 @triton.jit
-def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, bias_up_ptr, bias_gate_ptr, h_ptr, pre_up_ptr, pre_gate_ptr, counts_ptr, order_ptr,
-                    E, K, N, stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_hm, stride_hn, limit, alpha,
-                    TOP_K: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE: tl.constexpr,
-                    BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr):
+def glu_gemm_kernel(a_ptr, w_ptr, bias_ptr, h_ptr, pre_ptr, counts_ptr, order_ptr, E, K, N, stride_am, stride_ak, stride_we, stride_wk,
+                    stride_wn, up_weight, stride_bias_e, up_bias, stride_hm, stride_hn, stride_pm, up_pre, limit, alpha,
+                    TOP_K: tl.constexpr, GATHER: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ACTIVATION: tl.constexpr, SAVE: tl.constexpr, BLOCK_E: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """The first expert projection with its activation as epilogue: ``h = act(A @ Wgate) * (A @ Wup)``
     (``GATED``; both accumulated from the same A tile; ACTIVATION CLAMPED: ``_clamped_glu`` with
-    ``limit`` and ``alpha``) or ``h = act(A @ Wup)``. Tiles and the row
-    gather as ``grouped_gemm_kernel``; ``SAVE`` also stores the pre-activations for backward."""
+    ``limit`` and ``alpha``) or ``h = act(A @ Wup)``. Tiles and the row gather as ``grouped_gemm_kernel``.
+
+    A gated weight is one [E, 2, N, K] tensor, gate half first: the up half starts ``up_weight``
+    elements after the gate half (the bias's ``up_bias`` after its gate half; 0 when not gated).
+    ``SAVE`` stores the pre-activations for backward in rows of ``stride_pm``: gate at 0, up at ``up_pre``."""
     expert, rows, row_ok, src, cols, col_ok = _tile(counts_ptr, order_ptr, E, N, TOP_K, GATHER, BLOCK_E, BM, BN)
     if expert < E:
         up = tl.zeros((BM, BN), dtype=tl.float32)
@@ -184,15 +187,16 @@ def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, bias_up_ptr, bias_gate_ptr, h_ptr, 
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < K
             a = tl.load(a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b_off = expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+            b_off = expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
             b_ok = k_ok[:, None] & col_ok[None, :]
-            up = _dot(a, tl.load(up_ptr + b_off, mask=b_ok, other=0.0), up, PRECISION, UPCAST)
+            up = _dot(a, tl.load(w_ptr + up_weight + b_off, mask=b_ok, other=0.0), up, PRECISION, UPCAST)
             if GATED:
-                gate = _dot(a, tl.load(gate_ptr + b_off, mask=b_ok, other=0.0), gate, PRECISION, UPCAST)
+                gate = _dot(a, tl.load(w_ptr + b_off, mask=b_ok, other=0.0), gate, PRECISION, UPCAST)
         if HAS_BIAS:
-            up += tl.load(bias_up_ptr + expert * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            bias_row = bias_ptr + expert * stride_bias_e + cols
+            up += tl.load(bias_row + up_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if GATED:
-                gate += tl.load(bias_gate_ptr + expert * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                gate += tl.load(bias_row, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         # round the pre-activations to the output dtype first, as the unfused GEMM + activation would
         up = up.to(h_ptr.dtype.element_ty).to(tl.float32)
         if GATED:
@@ -203,33 +207,35 @@ def glu_gemm_kernel(a_ptr, up_ptr, gate_ptr, bias_up_ptr, bias_gate_ptr, h_ptr, 
                 h = _activate(gate, ACTIVATION) * up
         else:
             h = _activate(up, ACTIVATION)
-        offsets = rows[:, None] * stride_hm + cols[None, :] * stride_hn
         ok = row_ok[:, None] & col_ok[None, :]
-        tl.store(h_ptr + offsets, h.to(h_ptr.dtype.element_ty), mask=ok)
+        tl.store(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hn, h.to(h_ptr.dtype.element_ty), mask=ok)
         if SAVE:
-            tl.store(pre_up_ptr + offsets, up.to(h_ptr.dtype.element_ty), mask=ok)
+            pre = pre_ptr + rows[:, None] * stride_pm + cols[None, :]
+            tl.store(pre + up_pre, up.to(h_ptr.dtype.element_ty), mask=ok)
             if GATED:
-                tl.store(pre_gate_ptr + offsets, gate.to(h_ptr.dtype.element_ty), mask=ok)
+                tl.store(pre, gate.to(h_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def glu_backward_kernel(grad_ptr, up_ptr, gate_ptr, grad_up_ptr, grad_gate_ptr, numel, limit, alpha, GATED: tl.constexpr,
+def glu_backward_kernel(grad_ptr, pre_ptr, grad_pre_ptr, numel, N, stride_pm, up_pre, limit, alpha, GATED: tl.constexpr,
                         ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
-    """Elementwise: the gradients of the pre-activations from the gradient of ``h`` (contiguous [M, N])."""
+    """Elementwise over the gradient of ``h`` (contiguous [M, N]): the gradients of the pre-activations, in their
+    layout (rows of ``stride_pm``: gate at 0, up at ``up_pre``), so one GEMM takes both halves back."""
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < numel
+    pre_offsets = (offsets // N) * stride_pm + offsets % N
     grad = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(pre_ptr + pre_offsets + up_pre, mask=ok, other=0.0).to(tl.float32)
     if GATED:
-        gate = tl.load(gate_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        gate = tl.load(pre_ptr + pre_offsets, mask=ok, other=0.0).to(tl.float32)
         if ACTIVATION == CLAMPED:
             grad_up, grad_gate = _clamped_glu_grads(grad, gate, up, limit, alpha)
         else:
             grad_up, grad_gate = grad * _activate(gate, ACTIVATION), grad * up * _activate_grad(gate, ACTIVATION)
-        tl.store(grad_up_ptr + offsets, grad_up.to(grad_up_ptr.dtype.element_ty), mask=ok)
-        tl.store(grad_gate_ptr + offsets, grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=ok)
+        tl.store(grad_pre_ptr + pre_offsets + up_pre, grad_up.to(grad_pre_ptr.dtype.element_ty), mask=ok)
+        tl.store(grad_pre_ptr + pre_offsets, grad_gate.to(grad_pre_ptr.dtype.element_ty), mask=ok)
     else:
-        tl.store(grad_up_ptr + offsets, (grad * _activate_grad(up, ACTIVATION)).to(grad_up_ptr.dtype.element_ty), mask=ok)
+        tl.store(grad_pre_ptr + pre_offsets, (grad * _activate_grad(up, ACTIVATION)).to(grad_pre_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

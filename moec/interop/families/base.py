@@ -120,6 +120,8 @@ class Family:
     router_kind = "topk"
     group_routing = False  # router groups / top_groups / scale (DeepSeek's n_group, topk_group, routed_scaling_factor)
     aux_loss = True  # HF adds router_aux_loss_coef * its load-balance loss (config field router_aux_loss_coef)
+    mtp_layers = False  # the checkpoint's multi-token prediction layers map to head.mtp (moec.interop.mtp_layers)
+    partial_rotary = False  # rope.fraction < 1 (HF's partial_rotary_factor)
 
     # --- config.json -> spec ---
 
@@ -145,8 +147,9 @@ class Family:
         step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
         return [i not in dense and (i + 1) % step == 0 for i in range(layers)]
 
-    def import_notes(self, config: dict) -> list[str]:
-        """What the import leaves out on purpose (written into the spec's header and the import's report)."""
+    def import_notes(self, config: dict, mtp_imported: bool = False) -> list[str]:
+        """What the import leaves out on purpose (written into the spec's header and the import's report);
+        ``mtp_imported``: the checkpoint's multi-token prediction layers became head.mtp."""
         return []
 
     def attention_fields(self, config: dict) -> dict:

@@ -4,8 +4,10 @@ layer kind), ``first_k_dense_replace`` dense layers, then MoE layers with a sigm
 shared expert of ``n_shared_experts * moe_intermediate_size``. HF computes no auxiliary loss.
 
 ``GROUP_ROUTED_READS``, ``group_routed_moe`` and the MoE tensor names are shared with GLM-4.5-MoE (``glm4_moe.py``).
-Multi-token prediction layers (``num_nextn_predict_layers``) are not built by HF's ``DeepseekV3ForCausalLM``:
-the import leaves them out and says so.
+Multi-token prediction layers (``num_nextn_predict_layers``) are not built by HF's ``DeepseekV3ForCausalLM``,
+but DeepSeek-V3's checkpoints hold them after the model's layers: the import maps them to ``head.mtp`` when the
+checkpoint has them (``moec.interop.mtp_layers``), else leaves them out and says so; the export writes them back.
+GLM-4.5's are left out.
 """
 
 from moec.interop.families.base import COMMON_READS, MOE_READS, ROUTER, SHARED_SWIGLU, Family, need, prefixed, rope_section
@@ -38,9 +40,12 @@ class GroupRouted(Family):
         first = config.get("first_k_dense_replace") or 0
         return [i >= first for i in range(config["num_hidden_layers"])]
 
-    def import_notes(self, config: dict) -> list[str]:
+    def import_notes(self, config: dict, mtp_imported: bool = False) -> list[str]:
         depth = mtp_depth(config)
-        return [f"{depth} multi-token prediction layer(s) (num_nextn_predict_layers; {self.architecture} builds none)"] if depth else []
+        if not depth or mtp_imported:
+            return []
+        where = "the checkpoint holds none" if self.mtp_layers else f"{self.architecture} builds none"
+        return [f"{depth} multi-token prediction layer(s) (num_nextn_predict_layers; {where})"]
 
     def moe_layer(self, config: dict) -> dict:
         return super().moe_layer(config) | {"aux": {"load_balance": 0.0, "load_balance_scope": "model", "z_loss": 0.0}}
@@ -84,7 +89,7 @@ class DeepseekV3(GroupRouted):
     name, architecture = "deepseek_v3", "DeepseekV3ForCausalLM"
     reads = frozenset(GROUP_ROUTED_READS + "q_lora_rank kv_lora_rank qk_nope_head_dim qk_rope_head_dim v_head_dim qk_head_dim "
                                            "rope_interleave".split())
-    attention_kind, windows_and_yarn = "mla", True
+    attention_kind, windows_and_yarn, mtp_layers = "mla", True, True
 
     def check_config(self, config: dict) -> None:
         super().check_config(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from moec.ir.graph import Ref
+from moec.layers.attention.spec import rotary_dim
 from moec.layers.kind import Lowering
 from moec.passes.builder import init_std
 
@@ -20,6 +21,8 @@ def lower_attention(cx: Lowering, layer, prefix: str, path: tuple, h: Ref) -> Re
         q, k = _qk_norm(b, layer, prefix, path + ("qk_norm",), q, k)
     if layer.rope is not None:
         yarn = _yarn_attrs(layer.rope.scaling)
+        partial = rotary_dim(layer.rope, hd)
+        yarn |= {} if partial is None else {"rotary_dim": partial}  # GLM-4.5's partial rotary
         q = b.add("rope", [q], path + ("rope",), heads=layer.heads, head_dim=hd, theta=layer.rope.theta, **yarn)
         k = b.add("rope", [k], path + ("rope",), heads=layer.kv_heads, head_dim=hd, theta=layer.rope.theta, **yarn)
     sinks = [b.param(f"{prefix}.sinks", (layer.heads,), path + ("sinks",), std=std, group="bias")] if layer.sinks else []

@@ -26,6 +26,14 @@ class Rope(Base):
 
     theta: PosFloat = 10000.0
     scaling: Yarn | None = Field(None, description="null: plain RoPE.")
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        1.0, description="Partial rotary (HF's partial_rotary_factor; GLM-4.5: 0.5): the first head_dim x fraction dims of "
+                         "each q / k head rotate (pairs i and i + rotary_dim / 2), the rest pass unchanged.")
+
+
+def rotary_dim(rope: Rope, head_dim: int) -> int | None:
+    """The rotated dims of each head under partial rotary (``rope.fraction`` < 1); None: the whole head."""
+    return None if rope.fraction == 1.0 else round(head_dim * rope.fraction)
 
 
 class QkNorm(Base):
