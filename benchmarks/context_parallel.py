@@ -15,8 +15,8 @@ the load-balanced causal split). One global sequence of ``--seq`` tokens per ste
 
 Models (d_model 64, 2 blocks): ``attention`` is GQA attention (4 heads, 2 KV heads) + MoE
 (4 experts, top-2); ``spectral`` is a spectral MoE layer (rfft over the sequence, 4 experts,
-top-2) + MoE, whose FFT under cp is the distributed transform (all-to-all to channel-split,
-local rfft, all-to-all to frequency-split).
+top-2) + MoE with ``head.pool: last``, whose FFT under cp is the distributed transform
+(all-to-all to channel-split, local rfft, all-to-all to frequency-split).
 """
 
 from __future__ import annotations
@@ -39,13 +39,16 @@ MIXERS = {
                  "            expert: {hidden: 64, activation: gelu}\n"),
 }
 
+# a spectral layer mixes the whole sequence: it predicts from the last position only (per-position targets would leak)
+HEADS = {"attention": "{kind: lm}", "spectral": "{kind: lm, pool: last}"}
+
 
 def spec_text(model: str, seq: int, cp: int) -> str:
     mesh = f"mesh: {{world_size: {cp}, axes: {{cp: {cp}}}}}\nsharding: {{sequence: [cp]}}\n" if cp > 1 else ""
     return (f"version: 1\nname: cp_{model}\nmodel:\n  d_model: 64\n  max_seq_len: {seq}\n"
             f"  inputs: {{kind: tokens, vocab: 256}}\n  blocks:\n    - repeat: 2\n      layers:\n{MIXERS[model]}"
             f"        - kind: moe\n          experts: 4\n          top_k: 2\n          expert: {{hidden: 64, activation: swiglu}}\n"
-            f"  head: {{kind: lm}}\n{mesh}schedule:\n  compile: {{enabled: false}}\n  deterministic: true\n"
+            f"  head: {HEADS[model]}\n{mesh}schedule:\n  compile: {{enabled: false}}\n  deterministic: true\n"
             f"train:\n  seed: 0\n  steps: 100\n  batch: 1\n  seq_len: {seq}\n  optimizer: {{lr: 1.0e-3}}\n"
             f"  data: {{kind: text, files: [\"stdlib:**/*.py\"]}}\n  checkpoint: {{every: 0}}\n  eval: {{every: 0, batches: 1}}\n")
 
@@ -87,7 +90,7 @@ def measure(model: str, seq: int, cp: int, steps: int, work: Path) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cp),
                    *command[1:]]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{model} cp {cp} seq {seq} failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
