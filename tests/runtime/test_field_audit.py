@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import moec
+from moec.bench.kernel_choice import ENV, not_measured_reason
 from moec.checkpoint import compile_cache
 from moec.compile import build_model, parallel_module
 from moec.distributed.processes import LaunchError, init_distributed
@@ -208,6 +209,8 @@ AUDIT = {
     "schedule.kernels.moe": lambda mp: differs(model_source, (), ("schedule.kernels.moe=eager",)),
     "schedule.kernels.spectral_moe": lambda mp: refused("but the model has no spectral_moe layer",
                                                         "schedule.kernels.spectral_moe=fft"),
+    "schedule.kernels.measure": lambda mp: (mp.delenv(ENV, raising=False), differs(  # off: the fixed rule, not timed
+        lambda *o: not_measured_reason(spec(*o), "cpu"), (), ("schedule.kernels.measure=false",))),
     "schedule.kernels.attention": lambda mp: differs(model_source, (), ("schedule.kernels.attention=eager",)),
     **{f"schedule.tiles.{name}": (lambda name, value: lambda mp: differs(
         model_source, TRITON + ("schedule.tiles={}",), TRITON + (f"schedule.tiles={{{name}: {value}}}",)))(name, value)
