@@ -61,6 +61,28 @@ class SequenceShards:
         every = funcol.all_gather_single_autograd(x[None, :, -1].contiguous(), 0, self.group)  # (cp, B, D)
         return every[0, :, None]
 
+    def chunked_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of this rank's chunks r and 2cp-1-r (q: B, H, S/cp, hd) over the gathered keys and
+        values (B, H, S, hd, in rank order): each chunk attends to the chunks before it whole and to itself
+        causally, without a mask (``PrefixCausalAttention``)."""
+        chunk = q.shape[2] // 2
+        ordered = [self._chunk(t, chunk) for t in (k, v)]  # 2cp chunks of keys / values in global order
+        outs = []
+        for local, index in ((0, self.rank), (1, 2 * self.size - 1 - self.rank)):
+            q_chunk = q[:, :, local * chunk:(local + 1) * chunk]
+            k_own, v_own = ordered[0][index], ordered[1][index]
+            if index == 0:  # the sequence's first chunk sees only itself
+                outs.append(F.scaled_dot_product_attention(q_chunk, k_own, v_own, is_causal=True))
+                continue
+            k_before, v_before = (torch.cat(chunks[:index], dim=2) for chunks in ordered)
+            outs.append(PrefixCausalAttention.apply(q_chunk.contiguous(), k_before, v_before, k_own.contiguous(), v_own.contiguous()))
+        return torch.cat(outs, dim=2)
+
+    def _chunk(self, x: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+        """(B, H, S, hd) in rank order (rank r's chunks r, 2cp-1-r) -> the 2cp chunks in global order."""
+        parts = x.split(chunk, dim=2)  # rank 0's two chunks, rank 1's, ...
+        return [parts[2 * c] for c in range(self.size)] + [parts[2 * r + 1] for r in reversed(range(self.size))]
+
     # --- the spectral MoE's distributed rfft ---------------------------------------------------------
 
     def bin_sizes(self, seq: int) -> list[int]:
@@ -121,15 +143,48 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     """Attention of this rank's queries (B, S/cp, H*hd) over the keys and values of the whole sequence, gathered from
     the cp group; key j is visible to query i when pos(j) <= pos(i) (causal) and pos(i) - pos(j) < window."""
     batch, seq, _ = q.shape
-    query_pos, key_pos = shards.positions(q)[0], shards.all_positions(q)  # (S/cp,), (S,)
+    tokens = q
     k, v = shards.gather(k), shards.gather(v)  # (B, S, KV*hd)
     q = q.view(batch, seq, heads, head_dim).transpose(1, 2)
     k = k.view(batch, -1, kv_heads, head_dim).transpose(1, 2)
     v = v.view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-    visible = torch.ones(seq, key_pos.shape[0], dtype=torch.bool, device=q.device)
-    if causal:
-        visible = visible & (key_pos[None, :] <= query_pos[:, None])
-    if window is not None:
-        visible = visible & (key_pos[None, :] > query_pos[:, None] - window)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=heads != kv_heads)
+    if causal and window is None and q.device.type == "cpu":  # no mask: each chunk's flash attention, merged
+        out = shards.chunked_causal(q, k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1))
+    elif not causal and window is None:  # every key visible: the gathered order does not matter
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=heads != kv_heads)
+    else:  # masked by global position: an (S/cp, S) mask
+        query_pos, key_pos = shards.positions(tokens)[0], shards.all_positions(tokens)  # (S/cp,), (S,)
+        visible = torch.ones(seq, key_pos.shape[0], dtype=torch.bool, device=q.device)
+        if causal:
+            visible = visible & (key_pos[None, :] <= query_pos[:, None])
+        if window is not None:
+            visible = visible & (key_pos[None, :] > query_pos[:, None] - window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=heads != kv_heads)
     return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+class PrefixCausalAttention(torch.autograd.Function):
+    """Queries of one chunk over every earlier position (all visible) and their own chunk (causal): two flash
+    attentions, merged by their log-sum-exps, so no (queries x keys) mask or score matrix is ever held. The
+    backward runs each part's flash backward with the merged output and log-sum-exp (ring attention's rule:
+    the softmax over all keys restricted to each part). CPU flash kernels (``aten._scaled_dot_product_flash_attention_for_cpu``)."""
+
+    @staticmethod
+    def forward(ctx, q, k_before, v_before, k_own, v_own):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_before, lse_before = flash(q, k_before, v_before, 0.0, False)
+        out_own, lse_own = flash(q, k_own, v_own, 0.0, True)
+        lse = torch.logaddexp(lse_before, lse_own)
+        out = (out_before * (lse_before - lse).exp().unsqueeze(-1).to(q.dtype)
+               + out_own * (lse_own - lse).exp().unsqueeze(-1).to(q.dtype))
+        ctx.save_for_backward(q, k_before, v_before, k_own, v_own, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k_before, v_before, k_own, v_own, out, lse = ctx.saved_tensors
+        flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad = grad.contiguous()
+        dq_before, dk_before, dv_before = flash_backward(grad, q, k_before, v_before, out, lse, 0.0, False)
+        dq_own, dk_own, dv_own = flash_backward(grad, q, k_own, v_own, out, lse, 0.0, True)
+        return dq_before + dq_own, dk_before, dv_before, dk_own, dv_own
