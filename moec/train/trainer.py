@@ -161,7 +161,7 @@ class Trainer:
         compile_ = compile_cache.compiler(options)
         self.parallel.checkpoint_activations(model)  # schedule.activation_checkpointing, before compile (torchtitan's order)
         if self.pipeline is not None:
-            self.model = self.pipeline.parallelize(compile_ if options.enabled else None, self._task_loss,
+            self.model = self.pipeline.parallelize(compile_ if options.enabled else None, self.task_loss,
                                                    lambda: loss_context(self.vocab_mesh))
             return self.model
         if not self.dist.distributed:
