@@ -25,13 +25,14 @@ from tests.runtime.helpers import quick_text
 MESHES = {
     "cp2": ("mesh: {world_size: 2, axes: {cp: 2}}\nsharding: {sequence: [cp]}\n", 2),
     "cp4": ("mesh: {world_size: 4, axes: {cp: 4}}\nsharding: {sequence: [cp]}\n", 4),
-    "dp2_cp2": ("mesh: {world_size: 4, axes: {dp: 2, cp: 2}}\nsharding: {batch: [dp], sequence: [cp]}\n", 4),
+    # dp 2 x cp 2 (the flattened (dp, cp) data mesh) with FSDP2; plain DDP over cp ranks is cp2's
     "fsdp2_cp2": ("mesh: {world_size: 4, axes: {dp: 2, cp: 2}}\nsharding: {batch: [dp], fsdp: [dp], sequence: [cp]}\n", 4),
     # expert parallelism over a batch axis, and over the cp axis itself (its ranks hold other tokens: data ranks for it)
     "cp2_ep2": ("mesh: {world_size: 4, axes: {ep: 2, cp: 2}}\nsharding: {batch: [ep], experts: [ep], sequence: [cp]}\n", 4),
     "cp2_experts_over_cp": ("mesh: {world_size: 2, axes: {cp: 2}}\nsharding: {experts: [cp], sequence: [cp]}\n", 2),
 }
-GLOBAL_BALANCE = ("dp2_cp2", "fsdp2_cp2", "cp2_ep2")  # dp ranks differ from one process unless the counts span the batch
+DP2_CP2 = "mesh: {world_size: 4, axes: {dp: 2, cp: 2}}\nsharding: {batch: [dp], sequence: [cp]}\n"  # the program text test's
+GLOBAL_BALANCE = ("fsdp2_cp2", "cp2_ep2")  # dp ranks differ from one process unless the counts span the batch
 
 
 def spec_text(mesh: str = "", balance: str = "local") -> str:
@@ -68,7 +69,7 @@ def test_each_rank_holds_chunks_r_and_2cp_minus_1_minus_r():
 
 
 def test_the_program_shows_the_split():
-    spec = moec.load_spec_text(spec_text(MESHES["dp2_cp2"][0]), file="cp.yaml")
+    spec = moec.load_spec_text(spec_text(DP2_CP2), file="cp.yaml")
     program = moec.compile_spec(spec)
     assert "attn = context_attention(q, k, v, 4, 2, 8, True, None, self.context)" in program.source
     assert "positions = self.context.positions(x)" in program.source

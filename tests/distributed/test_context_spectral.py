@@ -66,10 +66,10 @@ train:
 """
 
 
+# cp 2 x ep 2 of the spectral MoE is the bundled spec's layout: test_the_bundled_spec_trains_on_4_processes_as_on_one
 MESHES = {  # the expert counts summed over every rank holding the batch's tokens (load_balance_batch global)
     "cp2": ("mesh: {world_size: 2, axes: {cp: 2}}\nsharding: {sequence: [cp]}\n", 2),
     "cp4": ("mesh: {world_size: 4, axes: {cp: 4}}\nsharding: {sequence: [cp]}\n", 4),
-    "cp2_ep2": ("mesh: {world_size: 4, axes: {ep: 2, cp: 2}}\nsharding: {batch: [ep], experts: [ep], sequence: [cp]}\n", 4),
 }
 
 
