@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 GRACE_S = 20  # for the launcher to stop its workers after SIGTERM
 
@@ -29,3 +31,14 @@ def run_job(command: list[str], timeout: float, **kwargs) -> subprocess.Complete
                 out, err = process.communicate()
             raise subprocess.TimeoutExpired(command, timeout, out, err) from None
     return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def train_on_processes(spec: Path, nproc: int, run_dir: Path, *overrides: str, timeout: float = 300) -> Path:
+    """``moec train SPEC --nproc N`` as a user runs it (python -m from the repository root: this checkout's moec,
+    also where the venv's moec script is another's); fails the test with the ranks' stderr. Returns the run dir."""
+    from tests.conftest import REPO
+
+    done = run_job([sys.executable, "-m", "moec.cli.main", "train", str(spec), "--nproc", str(nproc), "--run-dir", str(run_dir),
+                    "--no-plots", *overrides], timeout=timeout, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir

@@ -7,7 +7,6 @@ validation losses over 5 steps, also with the experts split over a batch axis (c
 the cp axis itself (its ranks are data ranks for expert parallelism).
 """
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,7 @@ from moec.backends.torch.context_parallel import load_balanced_positions
 from moec.distributed.processes import DistContext, local_slice
 from moec.observe.metrics import read_metrics
 from moec.train.trainer import Trainer
-from tests.conftest import REPO
-from tests.distributed.processes import run_job
+from tests.distributed.processes import train_on_processes
 from tests.runtime.helpers import quick_text
 
 MESHES = {
@@ -97,11 +95,7 @@ def run_processes(tmp_path: Path, kind: str) -> Path:
     mesh, nproc = MESHES[kind]
     spec = tmp_path / f"{kind}.yaml"
     spec.write_text(spec_text(mesh, "global" if kind in GLOBAL_BALANCE else "local"))
-    # python -m from the repository root: this checkout's moec, also where the venv's moec script is another's
-    done = run_job([sys.executable, "-m", "moec.cli.main", "train", str(spec), "--nproc", str(nproc), "--run-dir", str(tmp_path / "run"),
-                    "--no-plots"], timeout=300, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return tmp_path / "run"
+    return train_on_processes(spec, nproc, tmp_path / "run")
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ process does, also with its experts split over a batch axis (cp 2 x ep 2).
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from moec.ir.printer import print_graph
 from moec.observe.metrics import read_metrics
 from moec.train.trainer import Trainer
 from tests.conftest import REPO
-from tests.distributed.processes import run_job
+from tests.distributed.processes import train_on_processes
 
 BATCH, SEQ, WIDTH = 2, 32, 16
 VARIANTS = {"band embedding, dft": ("embedding", "auto"), "band index, fft": ("index_feature", "fft")}
@@ -219,9 +218,7 @@ def test_context_parallel_spectral_training_gives_the_single_process_numbers(kin
     mesh, nproc = MESHES[kind]
     spec = tmp_path / f"{kind}.yaml"
     spec.write_text(spec_text(mesh=mesh))
-    done = run_job([sys.executable, "-m", "moec.cli.main", "train", str(spec), "--nproc", str(nproc), "--run-dir", str(tmp_path / "run"),
-                    "--no-plots"], timeout=300, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_on_processes(spec, nproc, tmp_path / "run")
     for what, key in (("train", "loss"), ("train", "aux_loss"), ("train", "grad_norm"), ("eval", "val_loss")):
         got, expected = rows(tmp_path / "run", what, key), rows(single, what, key)
         assert len(got) == len(expected) > 0, (key, got, expected)
@@ -242,9 +239,7 @@ def test_the_bundled_spec_trains_on_4_processes_as_on_one(tmp_path):
     text = BUNDLED.read_text()
     one = text[:text.index("mesh:")] + text[text.index("schedule:"):]
     Trainer(moec.load_spec_text(one, file="one.yaml", overrides=SHORT), run_dir=tmp_path / "one").run()
-    done = run_job([sys.executable, "-m", "moec.cli.main", "train", str(BUNDLED), "--nproc", "4", "--run-dir",
-                    str(tmp_path / "run"), "--no-plots", *SHORT], timeout=300, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_on_processes(BUNDLED, 4, tmp_path / "run", *SHORT)
     for what, key in (("train", "loss"), ("train", "aux_loss"), ("train", "grad_norm"), ("eval", "val_loss")):
         got, expected = rows(tmp_path / "run", what, key), rows(tmp_path / "one", what, key)
         assert len(got) == len(expected) > 0, (key, got, expected)
